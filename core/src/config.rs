@@ -1,0 +1,211 @@
+//! Protocol choice and timings.
+
+use std::time::Duration;
+
+/// Which lock protocol a lock speaks. Both are described operation by operation in
+/// [`DbOp`](crate::DbOp).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum Protocol {
+    /// The `@imqueue/pg-pubsub` protocol: a row per channel in `pgip_lock.lock`, taken over only
+    /// when the holder's session is gone from `pg_stat_activity`. Compatible with Node processes.
+    Classic,
+    /// Leases on the database clock with fencing tokens and self-fencing (the default).
+    #[default]
+    Lease,
+}
+
+impl Protocol {
+    /// `"classic"` or `"lease"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Classic => "classic",
+            Protocol::Lease => "lease",
+        }
+    }
+}
+
+impl std::str::FromStr for Protocol {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        match s.to_ascii_lowercase().as_str() {
+            "classic" => Ok(Protocol::Classic),
+            "lease" => Ok(Protocol::Lease),
+            _ => Err(ConfigError::UnknownProtocol(s.to_owned())),
+        }
+    }
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An invalid setting.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A duration that must be positive is zero.
+    #[error("{0} must be greater than zero")]
+    Zero(&'static str),
+    /// A duration beyond any sensible value.
+    #[error("{name} of {value:?} exceeds the maximum of {max:?}")]
+    TooLarge {
+        /// The setting.
+        name: &'static str,
+        /// Its value.
+        value: Duration,
+        /// The maximum allowed.
+        max: Duration,
+    },
+    /// Lease timings that cannot keep a lease alive.
+    #[error("lease timings are inconsistent: {0}")]
+    Inconsistent(&'static str),
+    /// A protocol name that is neither `classic` nor `lease`.
+    #[error("unknown protocol {0:?} (expected \"classic\" or \"lease\")")]
+    UnknownProtocol(String),
+    /// The handover buffer must hold at least one message.
+    #[error("handover buffer must hold at least one message")]
+    EmptyBuffer,
+}
+
+/// Longest accepted duration for any setting: one day.
+pub const MAX_SETTING: Duration = Duration::from_secs(24 * 3600);
+
+/// Timings and limits of one lock. Build with [`LockConfig::new`] and adjust fields; check with
+/// [`LockConfig::validate`].
+///
+/// Defaults (justified in the README's "Choosing timings"):
+///
+/// | setting | Lease | Classic |
+/// |---|---|---|
+/// | `acquire_interval` (standby retry bound) | 30 s | 30 s |
+/// | `lease_ttl` | 10 s | unused |
+/// | `renew_interval` (holder renew / ownership check) | 2 s | 30 s |
+/// | `fence_margin` | 1 s | unused |
+/// | `request_timeout` | 5 s | 5 s |
+/// | `wake_jitter` (spread of standbys woken by a release) | 20 ms | 20 ms |
+/// | `shutdown_timeout` | 1 s | 1 s |
+///
+/// ```
+/// use pgiplock_core::{LockConfig, Protocol};
+/// use std::time::Duration;
+/// let mut c = LockConfig::new(Protocol::Lease);
+/// c.lease_ttl = Duration::from_secs(4);
+/// c.renew_interval = Duration::from_secs(1);
+/// c.fence_margin = Duration::from_millis(400);
+/// assert!(c.validate().is_ok());
+/// c.renew_interval = Duration::from_secs(4);
+/// assert!(c.validate().is_err());
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct LockConfig {
+    /// The protocol.
+    pub protocol: Protocol,
+    /// Longest time a standby waits between acquisition attempts. Under `Lease` a standby also
+    /// retries as soon as the current lease would expire, so the effective retry bound is
+    /// `min(acquire_interval, lease_ttl)` plus jitter.
+    pub acquire_interval: Duration,
+    /// Fraction of `acquire_interval` drawn as jitter below it (0.0..=0.9): retries fall uniformly
+    /// in `[interval * (1 - retry_jitter), interval]`.
+    pub retry_jitter: f64,
+    /// Lease length on the database clock (`Lease` only).
+    pub lease_ttl: Duration,
+    /// How often the holder renews its lease (`Lease`) or confirms it still owns its row
+    /// (`Classic`).
+    pub renew_interval: Duration,
+    /// Safety margin of self-fencing: the holder steps down at `sent + lease_ttl - fence_margin`
+    /// of its last confirmed renewal. Covers clock-rate drift and delivery of the last messages.
+    pub fence_margin: Duration,
+    /// A database request without a reply after this long makes the lock ask for a new session.
+    pub request_timeout: Duration,
+    /// Standbys woken by a release notification attempt after a uniform delay in
+    /// `[0, wake_jitter]`, so that one of them wins before the others write.
+    pub wake_jitter: Duration,
+    /// How long a stop (destroy or signal) waits for the release to be confirmed.
+    pub shutdown_timeout: Duration,
+    /// How long a releasing holder keeps delivering while it waits for its own release
+    /// notification, the marker that ends its tenure in the message stream.
+    pub marker_wait: Duration,
+    /// Most messages a standby buffers after a release notification for a lossless handover.
+    pub handover_buffer: usize,
+}
+
+impl LockConfig {
+    /// The defaults of `protocol`.
+    pub fn new(protocol: Protocol) -> Self {
+        let renew_interval = match protocol {
+            Protocol::Lease => Duration::from_secs(2),
+            Protocol::Classic => Duration::from_secs(30),
+        };
+        LockConfig {
+            protocol,
+            acquire_interval: Duration::from_secs(30),
+            retry_jitter: 0.2,
+            lease_ttl: Duration::from_secs(10),
+            renew_interval,
+            fence_margin: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(5),
+            wake_jitter: Duration::from_millis(20),
+            shutdown_timeout: Duration::from_secs(1),
+            marker_wait: Duration::from_millis(500),
+            handover_buffer: 10_000,
+        }
+    }
+
+    /// Checks every setting; the first problem found is returned.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let positive = [
+            ("acquire_interval", self.acquire_interval),
+            ("renew_interval", self.renew_interval),
+            ("request_timeout", self.request_timeout),
+            ("shutdown_timeout", self.shutdown_timeout),
+            ("marker_wait", self.marker_wait),
+            ("lease_ttl", self.lease_ttl),
+        ];
+        for (name, value) in positive {
+            if value.is_zero() {
+                return Err(ConfigError::Zero(name));
+            }
+        }
+        let bounded = positive
+            .into_iter()
+            .chain([("wake_jitter", self.wake_jitter), ("fence_margin", self.fence_margin)]);
+        for (name, value) in bounded {
+            if value > MAX_SETTING {
+                return Err(ConfigError::TooLarge {
+                    name,
+                    value,
+                    max: MAX_SETTING,
+                });
+            }
+        }
+        if !(0.0..=0.9).contains(&self.retry_jitter) {
+            return Err(ConfigError::Inconsistent("retry_jitter must be within 0.0..=0.9"));
+        }
+        if self.handover_buffer == 0 {
+            return Err(ConfigError::EmptyBuffer);
+        }
+        if self.protocol == Protocol::Lease {
+            if self.fence_margin >= self.lease_ttl {
+                return Err(ConfigError::Inconsistent("fence_margin must be shorter than lease_ttl"));
+            }
+            if self.renew_interval >= self.lease_ttl - self.fence_margin {
+                return Err(ConfigError::Inconsistent(
+                    "renew_interval must be shorter than lease_ttl - fence_margin, or the holder fences itself between renewals",
+                ));
+            }
+            if self.lease_ttl < Duration::from_millis(10) {
+                return Err(ConfigError::Inconsistent("lease_ttl must be at least 10 ms"));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Default for LockConfig {
+    fn default() -> Self {
+        LockConfig::new(Protocol::default())
+    }
+}

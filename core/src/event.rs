@@ -1,0 +1,157 @@
+//! Inputs a lock consumes and outputs it produces.
+
+use crate::proto::{DbError, DbRequest, FenceToken, Reply, RequestId, SessionId};
+
+/// An OS signal that asks the process to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SignalKind {
+    /// SIGINT.
+    Interrupt,
+    /// SIGTERM.
+    Terminate,
+    /// SIGABRT.
+    Abort,
+}
+
+/// Everything that can happen to a lock. Time arrives beside it in
+/// [`Lock::handle_input`](crate::Lock::handle_input).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Input {
+    /// Time passed; due timers fire.
+    Tick,
+    /// API `init`: start competing for the lock (retrying on its own).
+    Start,
+    /// API `acquire`: attempt now; answered by [`Output::AttemptDone`].
+    TryAcquire,
+    /// API `release`: give the lock up and stay a standby.
+    Release,
+    /// API `destroy`: release if held, then stop for good (bounded by `shutdown_timeout`).
+    Stop,
+    /// An OS signal: same as `Stop`, logged with the signal.
+    Signal(SignalKind),
+    /// A database session is ready: connected, schema present, listening on the data and lock
+    /// channels.
+    SessionUp(SessionId),
+    /// The session ended (closed, reset, or server gone).
+    SessionDown(SessionId),
+    /// The reply to a [`DbRequest`].
+    DbResult {
+        /// The request's id.
+        id: RequestId,
+        /// Its outcome.
+        result: Result<Reply, DbError>,
+    },
+    /// A notification received on the lock's session (data channel or lock channel; others
+    /// are ignored).
+    Notification {
+        /// The session it arrived on.
+        session: SessionId,
+        /// Channel name.
+        channel: String,
+        /// Payload.
+        payload: String,
+    },
+}
+
+/// Why a holder stopped holding without being asked to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LostReason {
+    /// The database session ended.
+    SessionLost,
+    /// No renewal was confirmed in time: the holder fenced itself before the lease could expire.
+    LeaseExpired,
+    /// The row names another holder or a newer term.
+    Superseded,
+    /// A database request went unanswered for `request_timeout`.
+    RequestTimeout,
+    /// A release was asked for but could not be confirmed.
+    ReleaseUnconfirmed,
+}
+
+impl LostReason {
+    /// A stable snake_case name (used in the worker's JSON).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            LostReason::SessionLost => "session_lost",
+            LostReason::LeaseExpired => "lease_expired",
+            LostReason::Superseded => "superseded",
+            LostReason::RequestTimeout => "request_timeout",
+            LostReason::ReleaseUnconfirmed => "release_unconfirmed",
+        }
+    }
+}
+
+/// Something the application may want to know; worth logging.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Warning {
+    /// A stale holder's backend could not be terminated (reported once per lock).
+    TerminateNotPermitted {
+        /// Its backend pid.
+        pid: i32,
+    },
+    /// The handover buffer overflowed; the oldest messages were dropped.
+    HandoverBufferOverflow {
+        /// Messages dropped so far in this wait.
+        dropped: u64,
+    },
+    /// A database request failed; the lock carries on.
+    RequestFailed {
+        /// The operation's name.
+        op: &'static str,
+        /// The error.
+        error: DbError,
+    },
+}
+
+/// A change of the lock's state, reported to the application.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LockEvent {
+    /// This process holds the lock and receives the channel's notifications.
+    Acquired {
+        /// The term's fencing token (`Lease`).
+        token: Option<FenceToken>,
+    },
+    /// This process stopped holding involuntarily.
+    Lost {
+        /// Why.
+        reason: LostReason,
+    },
+    /// A voluntary release completed.
+    Released,
+    /// Another holder released the lock (its release notification arrived).
+    PeerReleased,
+    /// The lock stopped for good (after `Stop` or a signal).
+    Stopped {
+        /// Whether a held lock was released before stopping (`true` when none was held).
+        released: bool,
+    },
+    /// Advisory.
+    Warning(Warning),
+}
+
+/// What the driver must do or report. Drain with
+/// [`Lock::poll_output`](crate::Lock::poll_output) after every input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Output {
+    /// Execute a database request.
+    Request(DbRequest),
+    /// Report a state change.
+    Event(LockEvent),
+    /// Hand this notification of the data channel to the application.
+    Deliver {
+        /// Its payload.
+        payload: String,
+    },
+    /// The session looks dead (a request went unanswered): close it and open a new one.
+    ResetSession(SessionId),
+    /// Answer to [`Input::TryAcquire`].
+    AttemptDone {
+        /// Whether the lock is held now.
+        acquired: bool,
+    },
+}

@@ -1,0 +1,803 @@
+//! The lock state machine.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use crate::config::{LockConfig, Protocol};
+use crate::event::{Input, LockEvent, LostReason, Output, SignalKind, Warning};
+use crate::name::ChannelName;
+use crate::proto::{
+    AcquireReply, DbError, DbOp, DbRequest, FenceToken, Marker, Reply, RequestId, SessionId, TerminateOutcome,
+};
+use crate::rng::SplitMix64;
+use crate::time::{duration_micros, Timestamp};
+
+/// Where a lock stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Phase {
+    /// Not holding: waiting for a session, a release notification or the retry timer (or not
+    /// started at all).
+    Standby,
+    /// Holding: delivering the channel's notifications.
+    Holding,
+    /// Holding and asked to release: delivering up to its own drain marker.
+    Draining,
+    /// Reported `Released`; the release statement is in flight. Delivers nothing.
+    Releasing,
+    /// Stopped for good.
+    Stopped,
+}
+
+impl Phase {
+    /// Whether the lock believes it holds the channel (and may deliver).
+    pub fn is_holder(self) -> bool {
+        matches!(self, Phase::Holding | Phase::Draining)
+    }
+}
+
+/// The timers a lock may arm; at most one deadline each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum TimerKind {
+    /// Standby: next acquisition attempt.
+    Retry,
+    /// Holder: next renewal (Lease) or ownership check (Classic).
+    Renew,
+    /// Holder (Lease): self-fence unless a renewal is confirmed first.
+    Fence,
+    /// A request went unanswered for too long.
+    RequestTimeout,
+    /// Draining holder: stop waiting for its own drain marker.
+    MarkerWait,
+    /// Stop: give up waiting for the release.
+    Shutdown,
+}
+
+const TIMERS: [TimerKind; 6] = [
+    TimerKind::Retry,
+    TimerKind::Renew,
+    TimerKind::Fence,
+    TimerKind::RequestTimeout,
+    TimerKind::MarkerWait,
+    TimerKind::Shutdown,
+];
+
+/// A read-only view for checkers and status displays.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockState {
+    /// The phase.
+    pub phase: Phase,
+    /// The current term's token, while holding (Lease).
+    pub token: Option<FenceToken>,
+    /// The session the lock is using, if one is up.
+    pub session: Option<SessionId>,
+    /// Whether the lock competes on its own (after `Start`, until `Stop`).
+    pub started: bool,
+    /// Whether a stop is in progress or done.
+    pub stopping: bool,
+    /// The operation of the request in flight.
+    pub pending: Option<&'static str>,
+    /// Messages buffered for a handover.
+    pub buffered: usize,
+}
+
+#[derive(Debug, Clone)]
+struct Pending {
+    id: RequestId,
+    op: DbOp,
+    sent_at: Timestamp,
+}
+
+#[derive(Debug, Clone)]
+struct Term {
+    token: Option<FenceToken>,
+    /// Send time of the newest confirmed acquisition or renewal: the lease runs from here.
+    confirmed_sent: Timestamp,
+}
+
+/// One lock on one channel: a deterministic state machine.
+///
+/// Feed inputs with [`handle_input`](Lock::handle_input), then drain
+/// [`poll_output`](Lock::poll_output) to `None`, then sleep until
+/// [`poll_timeout`](Lock::poll_timeout) and feed [`Input::Tick`].
+///
+/// ```
+/// use pgiplock_core::*;
+///
+/// let channel = ChannelName::new("jobs").unwrap();
+/// let mut lock = Lock::new(channel, LockConfig::new(Protocol::Lease), 42);
+/// let t0 = Timestamp::from_millis(0);
+/// lock.handle_input(t0, Input::SessionUp(SessionId(1)));
+/// lock.handle_input(t0, Input::Start);
+/// let Some(Output::Request(req)) = lock.poll_output() else { panic!() };
+/// assert_eq!(req.op, DbOp::Acquire);
+/// let reply = AcquireReply { acquired: true, token: Some(FenceToken(1)), lease_remaining: None, stale_holder: None };
+/// lock.handle_input(Timestamp::from_millis(2), Input::DbResult { id: req.id, result: Ok(Reply::Acquire(reply)) });
+/// assert_eq!(lock.poll_output(), Some(Output::Event(LockEvent::Acquired { token: Some(FenceToken(1)) })));
+/// assert!(lock.state().phase.is_holder());
+/// // The next thing to do is to renew, two seconds after the acquisition was sent.
+/// assert_eq!(lock.poll_timeout(), Some((Timestamp::from_millis(2_000), TimerKind::Renew)));
+/// ```
+#[derive(Debug, Clone)]
+pub struct Lock {
+    channel: ChannelName,
+    config: LockConfig,
+    rng: SplitMix64,
+    now: Timestamp,
+    phase: Phase,
+    started: bool,
+    stopping: bool,
+    session: Option<SessionId>,
+    pending: Option<Pending>,
+    next_request: u64,
+    timers: [Option<Timestamp>; TIMERS.len()],
+    outputs: VecDeque<Output>,
+    term: Option<Term>,
+    /// Messages received after a drain or release marker, kept for a handover; `None` when the
+    /// stream since then belongs to someone else.
+    buffer: Option<VecDeque<String>>,
+    dropped: u64,
+    /// `TryAcquire` calls waiting for an answer.
+    attempt_waiters: u32,
+    /// A release notification arrived while an acquisition was in flight.
+    woken: bool,
+    release_requested: bool,
+    marker_seen: bool,
+    drain_confirmed: bool,
+    warned_terminate: bool,
+}
+
+impl Lock {
+    /// A lock for `channel` with `config`; `seed` drives its jitter. The config should have
+    /// passed [`LockConfig::validate`]; out-of-range values are clamped, never a panic.
+    pub fn new(channel: ChannelName, config: LockConfig, seed: u64) -> Self {
+        Lock {
+            channel,
+            config,
+            rng: SplitMix64::new(seed),
+            now: Timestamp::ZERO,
+            phase: Phase::Standby,
+            started: false,
+            stopping: false,
+            session: None,
+            pending: None,
+            next_request: 1,
+            timers: [None; TIMERS.len()],
+            outputs: VecDeque::new(),
+            term: None,
+            buffer: None,
+            dropped: 0,
+            attempt_waiters: 0,
+            woken: false,
+            release_requested: false,
+            marker_seen: false,
+            drain_confirmed: false,
+            warned_terminate: false,
+        }
+    }
+
+    /// The channel.
+    pub fn channel(&self) -> &ChannelName {
+        &self.channel
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &LockConfig {
+        &self.config
+    }
+
+    /// A snapshot of the state.
+    pub fn state(&self) -> LockState {
+        LockState {
+            phase: self.phase,
+            token: self.term.as_ref().and_then(|t| t.token),
+            session: self.session,
+            started: self.started,
+            stopping: self.stopping,
+            pending: self.pending.as_ref().map(|p| p.op.name()),
+            buffered: self.buffer.as_ref().map_or(0, VecDeque::len),
+        }
+    }
+
+    /// The next deadline and what it is for; `None` when nothing is scheduled.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<(Timestamp, TimerKind)> {
+        TIMERS
+            .iter()
+            .zip(self.timers.iter())
+            .filter_map(|(k, t)| t.map(|t| (t, *k)))
+            .min()
+    }
+
+    /// The next output, or `None` when all are drained.
+    #[must_use]
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
+    }
+
+    /// Feeds one input at time `now`. Never fails; time that goes backwards is clamped.
+    pub fn handle_input(&mut self, now: Timestamp, input: Input) {
+        self.now = self.now.max(now);
+        // Deadlines are checked against the input's time, not only on ticks: a notification
+        // that arrives after the fence deadline must not be delivered.
+        self.fire_due_timers();
+        match input {
+            Input::Tick => {}
+            Input::Start => self.on_start(),
+            Input::TryAcquire => self.on_try_acquire(),
+            Input::Release => self.on_release(),
+            Input::Stop => self.on_stop(None),
+            Input::Signal(kind) => self.on_stop(Some(kind)),
+            Input::SessionUp(session) => self.on_session_up(session),
+            Input::SessionDown(session) => {
+                if self.session == Some(session) {
+                    self.on_session_down(LostReason::SessionLost);
+                }
+            }
+            Input::DbResult { id, result } => self.on_db_result(id, result),
+            Input::Notification {
+                session,
+                channel,
+                payload,
+            } => {
+                if self.session == Some(session) {
+                    self.on_notification(&channel, payload);
+                }
+            }
+        }
+        self.after_input();
+    }
+
+    // ----- timers -----
+
+    fn timer(&self, kind: TimerKind) -> Option<Timestamp> {
+        self.timers[kind as usize]
+    }
+
+    fn arm(&mut self, kind: TimerKind, at: Timestamp) {
+        self.timers[kind as usize] = Some(at);
+    }
+
+    fn arm_earlier(&mut self, kind: TimerKind, at: Timestamp) {
+        let at = self.timer(kind).map_or(at, |t| t.min(at));
+        self.arm(kind, at);
+    }
+
+    fn disarm(&mut self, kind: TimerKind) {
+        self.timers[kind as usize] = None;
+    }
+
+    fn fire_due_timers(&mut self) {
+        // Each firing disarms its timer; handlers re-arm strictly later than `now` or not at all,
+        // so this terminates; the bound is a guard, not a expected path.
+        for _ in 0..64 {
+            let Some((at, kind)) = self.poll_timeout() else { return };
+            if at > self.now {
+                return;
+            }
+            self.disarm(kind);
+            self.on_timer(kind);
+        }
+    }
+
+    fn on_timer(&mut self, kind: TimerKind) {
+        match kind {
+            TimerKind::Retry => {
+                if self.phase == Phase::Standby && self.can_compete() {
+                    if self.pending.is_none() {
+                        self.send(DbOp::Acquire);
+                    } else {
+                        let at = self.now + self.config.request_timeout.min(self.config.acquire_interval);
+                        self.arm(TimerKind::Retry, at);
+                    }
+                }
+            }
+            TimerKind::Renew => {
+                if self.phase == Phase::Holding {
+                    if self.pending.is_none() {
+                        let token = self.token();
+                        self.send(DbOp::Renew { token });
+                    } else {
+                        self.arm(TimerKind::Renew, self.now + self.config.renew_interval);
+                    }
+                }
+            }
+            TimerKind::Fence => {
+                if self.phase.is_holder() {
+                    self.lose(LostReason::LeaseExpired);
+                }
+            }
+            TimerKind::RequestTimeout => {
+                if let (Some(_), Some(session)) = (self.pending.take(), self.session) {
+                    self.outputs.push_back(Output::ResetSession(session));
+                    self.on_session_down(LostReason::RequestTimeout);
+                }
+            }
+            TimerKind::MarkerWait => {
+                if self.phase == Phase::Draining {
+                    self.end_drain();
+                }
+            }
+            TimerKind::Shutdown => {
+                if self.phase != Phase::Stopped {
+                    let was_holder = self.phase.is_holder();
+                    self.finish_stop(!was_holder && self.phase != Phase::Releasing);
+                }
+            }
+        }
+    }
+
+    // ----- helpers -----
+
+    fn can_compete(&self) -> bool {
+        self.started && !self.stopping && self.session.is_some()
+    }
+
+    fn token(&self) -> Option<FenceToken> {
+        self.term.as_ref().and_then(|t| t.token)
+    }
+
+    fn send(&mut self, op: DbOp) {
+        let Some(session) = self.session else { return };
+        debug_assert!(self.pending.is_none(), "one request at a time");
+        let id = RequestId(self.next_request);
+        self.next_request += 1;
+        self.pending = Some(Pending {
+            id,
+            op: op.clone(),
+            sent_at: self.now,
+        });
+        self.arm(TimerKind::RequestTimeout, self.now + self.config.request_timeout);
+        self.outputs.push_back(Output::Request(DbRequest { id, session, op }));
+    }
+
+    fn emit(&mut self, event: LockEvent) {
+        self.outputs.push_back(Output::Event(event));
+    }
+
+    fn answer_waiters(&mut self, acquired: bool) {
+        for _ in 0..std::mem::take(&mut self.attempt_waiters) {
+            self.outputs.push_back(Output::AttemptDone { acquired });
+        }
+    }
+
+    /// A uniform delay in `[0, max]`.
+    fn jitter(&mut self, max: Duration) -> Duration {
+        Duration::from_micros(self.rng.below_inclusive(duration_micros(max)))
+    }
+
+    /// Delay until the next attempt of a standby.
+    fn retry_delay(&mut self, lease_remaining: Option<Duration>) -> Duration {
+        let interval = duration_micros(self.config.acquire_interval);
+        let spread = (interval as f64 * self.config.retry_jitter.clamp(0.0, 0.9)) as u64;
+        let base = Duration::from_micros(interval - self.rng.below_inclusive(spread));
+        match (self.config.protocol, lease_remaining) {
+            (Protocol::Lease, Some(remaining)) => {
+                // Retry right after the current lease would expire: the server measured
+                // `remaining` before replying, so local now + remaining is at or after expiry.
+                let at_expiry = remaining + self.jitter(self.config.wake_jitter) + Duration::from_millis(1);
+                base.min(at_expiry)
+            }
+            _ => base,
+        }
+    }
+
+    fn schedule_retry(&mut self, lease_remaining: Option<Duration>) {
+        if self.started && !self.stopping {
+            let delay = self.retry_delay(lease_remaining);
+            self.arm(TimerKind::Retry, self.now + delay);
+        }
+    }
+
+    fn schedule_wake(&mut self) {
+        if self.started && !self.stopping {
+            let delay = self.jitter(self.config.wake_jitter);
+            self.arm_earlier(TimerKind::Retry, self.now + delay);
+        }
+    }
+
+    fn fence_deadline(&self, sent: Timestamp) -> Timestamp {
+        sent + self.config.lease_ttl.saturating_sub(self.config.fence_margin)
+    }
+
+    fn clear_holder_timers(&mut self) {
+        self.disarm(TimerKind::Renew);
+        self.disarm(TimerKind::Fence);
+        self.disarm(TimerKind::MarkerWait);
+    }
+
+    /// Involuntary end of a term.
+    fn lose(&mut self, reason: LostReason) {
+        if !self.phase.is_holder() {
+            return;
+        }
+        self.emit(LockEvent::Lost { reason });
+        self.term = None;
+        self.buffer = None;
+        self.release_requested = false;
+        self.clear_holder_timers();
+        if self.stopping {
+            self.finish_stop(false);
+        } else {
+            self.phase = Phase::Standby;
+            self.schedule_retry(None);
+        }
+    }
+
+    fn finish_stop(&mut self, released: bool) {
+        self.phase = Phase::Stopped;
+        self.started = false;
+        self.stopping = true;
+        self.term = None;
+        self.buffer = None;
+        self.timers = [None; TIMERS.len()];
+        self.answer_waiters(false);
+        self.emit(LockEvent::Stopped { released });
+    }
+
+    fn become_holder(&mut self, token: Option<FenceToken>, sent_at: Timestamp) {
+        self.phase = Phase::Holding;
+        self.term = Some(Term {
+            token,
+            confirmed_sent: sent_at,
+        });
+        self.woken = false;
+        self.marker_seen = false;
+        self.drain_confirmed = false;
+        self.disarm(TimerKind::Retry);
+        self.emit(LockEvent::Acquired { token });
+        // Messages after the previous holder's marker are this term's: hand them over first.
+        for payload in self.buffer.take().unwrap_or_default() {
+            self.outputs.push_back(Output::Deliver { payload });
+        }
+        self.dropped = 0;
+        self.arm(TimerKind::Renew, (sent_at + self.config.renew_interval).max(self.now));
+        if self.config.protocol == Protocol::Lease {
+            self.arm(TimerKind::Fence, self.fence_deadline(sent_at));
+        }
+        self.answer_waiters(true);
+    }
+
+    fn start_drain(&mut self) {
+        self.release_requested = false;
+        self.phase = Phase::Draining;
+        self.marker_seen = false;
+        self.drain_confirmed = false;
+        self.disarm(TimerKind::Renew);
+        let token = self.token();
+        self.send(DbOp::Drain { token });
+    }
+
+    /// The drain marker arrived (or waiting for it timed out): stop delivering, report the
+    /// release, then release.
+    fn end_drain(&mut self) {
+        self.disarm(TimerKind::MarkerWait);
+        self.disarm(TimerKind::Fence);
+        self.phase = Phase::Releasing;
+        self.emit(LockEvent::Released);
+        if self.pending.is_none() {
+            let token = self.token();
+            self.send(DbOp::Release { token });
+        }
+    }
+
+    fn release_done(&mut self, released: bool) {
+        self.term = None;
+        if self.stopping {
+            self.finish_stop(released);
+        } else {
+            self.phase = Phase::Standby;
+            // Our own release notification must not wake us: wait a full interval.
+            self.schedule_retry(None);
+        }
+    }
+
+    // ----- inputs -----
+
+    fn on_start(&mut self) {
+        if self.stopping || self.started {
+            return;
+        }
+        self.started = true;
+        if self.phase == Phase::Standby && self.session.is_some() && self.pending.is_none() {
+            self.send(DbOp::Acquire);
+        }
+    }
+
+    fn on_try_acquire(&mut self) {
+        if self.phase.is_holder() {
+            self.outputs.push_back(Output::AttemptDone { acquired: true });
+            return;
+        }
+        if self.stopping || self.session.is_none() || self.phase != Phase::Standby {
+            self.outputs.push_back(Output::AttemptDone { acquired: false });
+            return;
+        }
+        self.attempt_waiters += 1;
+        if self.pending.is_none() {
+            self.send(DbOp::Acquire);
+        }
+    }
+
+    fn on_release(&mut self) {
+        match self.phase {
+            Phase::Holding if self.pending.is_none() => self.start_drain(),
+            Phase::Holding => self.release_requested = true,
+            _ => {}
+        }
+    }
+
+    fn on_stop(&mut self, _signal: Option<SignalKind>) {
+        if self.stopping {
+            return;
+        }
+        self.stopping = true;
+        self.started = false;
+        self.disarm(TimerKind::Retry);
+        match self.phase {
+            Phase::Holding | Phase::Draining | Phase::Releasing if self.session.is_some() => {
+                self.arm(TimerKind::Shutdown, self.now + self.config.shutdown_timeout);
+                if self.phase == Phase::Holding {
+                    self.on_release();
+                }
+            }
+            Phase::Holding | Phase::Draining => self.lose(LostReason::SessionLost),
+            Phase::Stopped => {}
+            Phase::Standby | Phase::Releasing => self.finish_stop(true),
+        }
+    }
+
+    fn on_session_up(&mut self, session: SessionId) {
+        if self.phase == Phase::Stopped {
+            return;
+        }
+        if let Some(old) = self.session {
+            if old >= session {
+                return;
+            }
+            self.on_session_down(LostReason::SessionLost);
+        }
+        self.session = Some(session);
+        if self.started && self.phase == Phase::Standby {
+            // After a server restart every process reconnects at once: spread the attempts.
+            let delay = self.jitter(self.config.wake_jitter);
+            self.arm(TimerKind::Retry, self.now + delay);
+        }
+    }
+
+    fn on_session_down(&mut self, reason: LostReason) {
+        self.session = None;
+        self.pending = None;
+        self.disarm(TimerKind::RequestTimeout);
+        self.disarm(TimerKind::Retry);
+        self.buffer = None;
+        self.woken = false;
+        self.answer_waiters(false);
+        match self.phase {
+            Phase::Holding | Phase::Draining => self.lose(reason),
+            Phase::Releasing => self.release_done(false),
+            Phase::Standby | Phase::Stopped => {}
+        }
+    }
+
+    fn on_db_result(&mut self, id: RequestId, result: Result<Reply, DbError>) {
+        if self.pending.as_ref().map(|p| p.id) != Some(id) {
+            return; // a late reply of an earlier request or session
+        }
+        let Some(pending) = self.pending.take() else { return };
+        self.disarm(TimerKind::RequestTimeout);
+        if let Err(DbError::SessionLost) = result {
+            // The driver follows with SessionDown; nothing to decide before it.
+            return;
+        }
+        match (pending.op, result) {
+            (DbOp::Acquire, Ok(Reply::Acquire(reply))) => self.on_acquire_reply(reply, pending.sent_at),
+            (DbOp::Renew { .. }, Ok(Reply::Renew { owned })) => self.on_renew_reply(owned, pending.sent_at),
+            (DbOp::Drain { .. }, Ok(Reply::Drained)) => {
+                if self.phase == Phase::Draining {
+                    self.drain_confirmed = true;
+                    if self.marker_seen {
+                        self.end_drain();
+                    } else {
+                        self.arm(TimerKind::MarkerWait, self.now + self.config.marker_wait);
+                    }
+                }
+            }
+            (DbOp::Release { .. }, Ok(Reply::Release { released })) => {
+                if self.phase == Phase::Releasing {
+                    self.release_done(released);
+                }
+            }
+            (DbOp::TerminateStale { pid, .. }, Ok(Reply::Terminate(outcome))) => {
+                if outcome == TerminateOutcome::NotPermitted {
+                    self.warn_terminate(pid);
+                }
+            }
+            (DbOp::TerminateStale { pid, .. }, Err(DbError::PermissionDenied(_))) => self.warn_terminate(pid),
+            (op, Ok(reply)) => {
+                let error = DbError::Failed(format!("reply {reply:?} does not answer {}", op.name()));
+                self.on_request_failed(op, error);
+            }
+            (op, Err(error)) => self.on_request_failed(op, error),
+        }
+    }
+
+    fn warn_terminate(&mut self, pid: i32) {
+        if !std::mem::replace(&mut self.warned_terminate, true) {
+            self.emit(LockEvent::Warning(Warning::TerminateNotPermitted { pid }));
+        }
+    }
+
+    fn on_request_failed(&mut self, op: DbOp, error: DbError) {
+        let name = op.name();
+        self.emit(LockEvent::Warning(Warning::RequestFailed { op: name, error }));
+        match op {
+            DbOp::Acquire => {
+                self.answer_waiters(false);
+                self.buffer = None;
+                self.schedule_retry(None);
+            }
+            DbOp::Renew { .. } => {
+                // Lease: the fence deadline decides; Classic: check again next period.
+                if self.phase == Phase::Holding {
+                    self.arm(TimerKind::Renew, self.now + self.config.renew_interval);
+                }
+            }
+            DbOp::Drain { .. } => {
+                if self.phase == Phase::Draining {
+                    self.end_drain();
+                }
+            }
+            DbOp::Release { .. } => {
+                if self.phase == Phase::Releasing {
+                    self.release_done(false);
+                }
+            }
+            DbOp::TerminateStale { .. } => {}
+        }
+    }
+
+    fn on_acquire_reply(&mut self, reply: AcquireReply, sent_at: Timestamp) {
+        let usable = self.config.protocol == Protocol::Classic || self.fence_deadline(sent_at) > self.now;
+        if reply.acquired && self.phase == Phase::Standby && usable {
+            self.become_holder(reply.token, sent_at);
+            if let Some(stale) = reply.stale_holder {
+                self.send(DbOp::TerminateStale {
+                    pid: stale.pid,
+                    app: stale.app,
+                });
+            }
+            return;
+        }
+        // Not acquired, or acquired too late to be of use (the lease would already be fenced):
+        // leave it to expire.
+        self.answer_waiters(false);
+        if std::mem::take(&mut self.woken) {
+            self.schedule_wake();
+        } else {
+            self.buffer = None;
+            self.schedule_retry(reply.lease_remaining);
+        }
+    }
+
+    fn on_renew_reply(&mut self, owned: bool, sent_at: Timestamp) {
+        if !self.phase.is_holder() {
+            return;
+        }
+        if !owned {
+            self.lose(LostReason::Superseded);
+            return;
+        }
+        if let Some(term) = self.term.as_mut() {
+            term.confirmed_sent = term.confirmed_sent.max(sent_at);
+            let sent = term.confirmed_sent;
+            if self.config.protocol == Protocol::Lease {
+                self.arm(TimerKind::Fence, self.fence_deadline(sent));
+            }
+        }
+        if self.phase == Phase::Holding && !self.release_requested {
+            self.arm(TimerKind::Renew, (sent_at + self.config.renew_interval).max(self.now));
+        }
+    }
+
+    fn on_notification(&mut self, channel: &str, payload: String) {
+        if channel == self.channel.as_str() {
+            self.on_data(payload);
+        } else if channel == self.channel.lock_channel() {
+            if let Some(marker) = Marker::parse(&payload) {
+                self.on_marker(marker);
+            }
+        }
+    }
+
+    fn on_data(&mut self, payload: String) {
+        match self.phase {
+            Phase::Holding => self.outputs.push_back(Output::Deliver { payload }),
+            Phase::Draining if !self.marker_seen => self.outputs.push_back(Output::Deliver { payload }),
+            Phase::Standby => {
+                let limit = self.config.handover_buffer.max(1);
+                if let Some(buffer) = self.buffer.as_mut() {
+                    if buffer.len() >= limit {
+                        buffer.pop_front();
+                        self.dropped += 1;
+                        if self.dropped.is_power_of_two() {
+                            let dropped = self.dropped;
+                            self.emit(LockEvent::Warning(Warning::HandoverBufferOverflow { dropped }));
+                        }
+                    }
+                    if let Some(buffer) = self.buffer.as_mut() {
+                        buffer.push_back(payload);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn is_own(&self, token: Option<FenceToken>) -> bool {
+        match self.config.protocol {
+            Protocol::Classic => true,
+            Protocol::Lease => token.is_some() && token == self.token(),
+        }
+    }
+
+    fn on_marker(&mut self, marker: Marker) {
+        match (self.phase, marker) {
+            (Phase::Draining, Marker::Draining(token)) if self.is_own(token) => {
+                self.marker_seen = true;
+                if self.drain_confirmed {
+                    self.end_drain();
+                }
+            }
+            (Phase::Holding | Phase::Draining, Marker::Acquired(token)) => {
+                if self.token().is_some_and(|own| own < token) {
+                    self.lose(LostReason::Superseded);
+                }
+            }
+            (Phase::Standby, Marker::Draining(_)) => {
+                // Everything after this point belongs to the next holder.
+                self.buffer = Some(VecDeque::new());
+                self.dropped = 0;
+            }
+            (Phase::Standby, Marker::Released(_)) => {
+                if self.buffer.is_none() {
+                    self.buffer = Some(VecDeque::new());
+                    self.dropped = 0;
+                }
+                self.emit(LockEvent::PeerReleased);
+                if self.pending.as_ref().is_some_and(|p| p.op == DbOp::Acquire) {
+                    self.woken = true;
+                } else {
+                    self.schedule_wake();
+                }
+            }
+            (Phase::Standby, Marker::Acquired(_)) => {
+                // Someone won: no point in attempting now, and the stream is theirs.
+                self.buffer = None;
+                self.woken = false;
+                if self.can_compete() && self.pending.is_none() {
+                    let ttl = self.config.lease_ttl;
+                    self.schedule_retry(Some(ttl));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn after_input(&mut self) {
+        if self.pending.is_none() {
+            if self.phase == Phase::Holding && self.release_requested {
+                self.start_drain();
+            } else if self.phase == Phase::Releasing {
+                let token = self.token();
+                self.send(DbOp::Release { token });
+            }
+        }
+        if self.phase == Phase::Standby
+            && self.can_compete()
+            && self.pending.is_none()
+            && self.timer(TimerKind::Retry).is_none()
+        {
+            self.schedule_retry(None);
+        }
+    }
+}

@@ -1,0 +1,265 @@
+//! Validated names: channels, application names (holder identities) and schemas.
+//!
+//! PostgreSQL truncates identifiers longer than 63 bytes in `LISTEN` but refuses them in
+//! `pg_notify`, and truncates `application_name` silently. Every such name is checked here, once,
+//! at construction, so nothing that Postgres would mangle ever reaches SQL.
+
+use std::fmt;
+
+/// Longest identifier PostgreSQL keeps intact (`NAMEDATALEN - 1`).
+pub const MAX_IDENTIFIER_BYTES: usize = 63;
+
+/// Prefix of the lock channel that carries release (and, under `Lease`, acquisition)
+/// notifications. Shared with `@imqueue/pg-pubsub`.
+pub const LOCK_CHANNEL_PREFIX: &str = "__PgIpLock__:";
+
+/// Longest user channel name: the lock channel `__PgIpLock__:<channel>` must fit in 63 bytes.
+pub const MAX_CHANNEL_BYTES: usize = MAX_IDENTIFIER_BYTES - LOCK_CHANNEL_PREFIX.len();
+
+/// Why a name was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum NameError {
+    /// The name is empty.
+    #[error("{kind} name is empty")]
+    Empty {
+        /// Which kind of name.
+        kind: &'static str,
+    },
+    /// The name is longer than PostgreSQL keeps.
+    #[error("{kind} name {name:?} is {len} bytes; at most {max} bytes are allowed{hint}")]
+    TooLong {
+        /// Which kind of name.
+        kind: &'static str,
+        /// The refused name.
+        name: String,
+        /// Its length in bytes.
+        len: usize,
+        /// The limit in bytes.
+        max: usize,
+        /// Extra explanation.
+        hint: &'static str,
+    },
+    /// The name contains a NUL byte, which no PostgreSQL string can hold.
+    #[error("{kind} name contains a NUL byte")]
+    Nul {
+        /// Which kind of name.
+        kind: &'static str,
+    },
+    /// An application name must be printable ASCII.
+    #[error("application name {name:?} must be printable ASCII (0x20..=0x7e)")]
+    NotPrintableAscii {
+        /// The refused name.
+        name: String,
+    },
+    /// The channel already carries the lock-channel prefix.
+    #[error("channel name {name:?} starts with the reserved prefix {LOCK_CHANNEL_PREFIX:?}")]
+    ReservedPrefix {
+        /// The refused name.
+        name: String,
+    },
+}
+
+fn check_identifier(kind: &'static str, name: &str, max: usize, hint: &'static str) -> Result<(), NameError> {
+    if name.is_empty() {
+        return Err(NameError::Empty { kind });
+    }
+    if name.contains('\0') {
+        return Err(NameError::Nul { kind });
+    }
+    if name.len() > max {
+        return Err(NameError::TooLong {
+            kind,
+            name: name.to_owned(),
+            len: name.len(),
+            max,
+            hint,
+        });
+    }
+    Ok(())
+}
+
+/// A `LISTEN` channel whose lock channel fits PostgreSQL's identifier limit.
+///
+/// Any UTF-8 text without NUL works (quotes, spaces, upper case): it is always quoted as an
+/// identifier or bound as a parameter.
+///
+/// ```
+/// use pgiplock_core::ChannelName;
+/// let c = ChannelName::new("Orders \"EU\" ✓").unwrap();
+/// assert_eq!(c.lock_channel(), "__PgIpLock__:Orders \"EU\" ✓");
+/// assert!(ChannelName::new("").is_err());
+/// assert!(ChannelName::new(&"x".repeat(51)).is_err());
+/// ```
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ChannelName {
+    name: String,
+    lock_channel: String,
+}
+
+impl ChannelName {
+    /// Validates `name`.
+    pub fn new(name: &str) -> Result<Self, NameError> {
+        check_identifier(
+            "channel",
+            name,
+            MAX_CHANNEL_BYTES,
+            " (the lock channel \"__PgIpLock__:<channel>\" must fit in 63 bytes)",
+        )?;
+        if name.starts_with(LOCK_CHANNEL_PREFIX) {
+            return Err(NameError::ReservedPrefix { name: name.to_owned() });
+        }
+        Ok(ChannelName {
+            name: name.to_owned(),
+            lock_channel: format!("{LOCK_CHANNEL_PREFIX}{name}"),
+        })
+    }
+
+    /// The user's channel, as given.
+    pub fn as_str(&self) -> &str {
+        &self.name
+    }
+
+    /// The channel that carries this lock's release notifications.
+    pub fn lock_channel(&self) -> &str {
+        &self.lock_channel
+    }
+}
+
+impl fmt::Debug for ChannelName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.name, f)
+    }
+}
+
+impl fmt::Display for ChannelName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name)
+    }
+}
+
+/// A session's `application_name`: the identity a holder writes into the lock table.
+///
+/// ```
+/// use pgiplock_core::AppName;
+/// assert!(AppName::new("worker-1").is_ok());
+/// assert!(AppName::new("wörker").is_err());
+/// assert!(AppName::new(&"a".repeat(64)).is_err());
+/// ```
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct AppName(String);
+
+impl AppName {
+    /// Validates `name`: 1 to 63 bytes of printable ASCII.
+    pub fn new(name: &str) -> Result<Self, NameError> {
+        check_identifier(
+            "application",
+            name,
+            MAX_IDENTIFIER_BYTES,
+            " (PostgreSQL truncates longer application names)",
+        )?;
+        if !name.bytes().all(|b| (0x20..=0x7e).contains(&b)) {
+            return Err(NameError::NotPrintableAscii { name: name.to_owned() });
+        }
+        Ok(AppName(name.to_owned()))
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for AppName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl fmt::Display for AppName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A schema name for the lock tables.
+///
+/// ```
+/// use pgiplock_core::SchemaName;
+/// assert_eq!(SchemaName::new("pgip_lock").unwrap().as_str(), "pgip_lock");
+/// assert!(SchemaName::new("").is_err());
+/// ```
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SchemaName(String);
+
+impl SchemaName {
+    /// Validates `name`: 1 to 63 bytes, no NUL.
+    pub fn new(name: &str) -> Result<Self, NameError> {
+        check_identifier("schema", name, MAX_IDENTIFIER_BYTES, "")?;
+        Ok(SchemaName(name.to_owned()))
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for SchemaName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl fmt::Display for SchemaName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Quotes `ident` as a PostgreSQL identifier (`"a""b"`), for names already validated.
+///
+/// ```
+/// assert_eq!(pgiplock_core::quote_ident("a\"b"), "\"a\"\"b\"");
+/// ```
+pub fn quote_ident(ident: &str) -> String {
+    let mut out = String::with_capacity(ident.len() + 2);
+    out.push('"');
+    for ch in ident.chars() {
+        if ch == '"' {
+            out.push('"');
+        }
+        out.push(ch);
+    }
+    out.push('"');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channel_limits() {
+        assert!(ChannelName::new(&"x".repeat(MAX_CHANNEL_BYTES)).is_ok());
+        assert!(matches!(
+            ChannelName::new(&"x".repeat(MAX_CHANNEL_BYTES + 1)),
+            Err(NameError::TooLong { .. })
+        ));
+        // 17 three-byte characters are 51 bytes although only 17 chars.
+        assert!(ChannelName::new(&"✓".repeat(17)).is_err());
+        assert!(matches!(ChannelName::new("a\0b"), Err(NameError::Nul { .. })));
+        assert!(matches!(
+            ChannelName::new("__PgIpLock__:x"),
+            Err(NameError::ReservedPrefix { .. })
+        ));
+        assert_eq!(MAX_CHANNEL_BYTES, 50);
+    }
+
+    #[test]
+    fn app_limits() {
+        assert!(AppName::new(&"a".repeat(63)).is_ok());
+        assert!(AppName::new("tab\there").is_err());
+        assert!(AppName::new("").is_err());
+    }
+}

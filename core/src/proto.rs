@@ -1,0 +1,253 @@
+//! Typed database operations and their replies: the contract between the core and whatever
+//! executes them (`pgiplock`'s SQL, the simulator's model).
+
+use std::fmt;
+use std::time::Duration;
+
+/// A fencing token: strictly increasing per channel, forever (`Lease` only).
+///
+/// Downstream systems can reject writes carrying a token lower than one they have seen.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FenceToken(pub u64);
+
+impl fmt::Debug for FenceToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "#{}", self.0)
+    }
+}
+
+impl fmt::Display for FenceToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// Identifies one database request of one lock; replies carry it back.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub struct RequestId(pub u64);
+
+/// Identifies one database session (connection) of the driver. A new connection gets a new,
+/// larger id; replies and notifications of an older one are ignored.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub struct SessionId(pub u64);
+
+/// One database operation. The executor knows the lock's channel, protocol and lease ttl
+/// (from [`Lock`](crate::Lock)) and its session's application name and backend pid.
+///
+/// Semantics, which the SQL of `pgiplock` and the simulator's model both implement:
+///
+/// **Classic** (table `lock(channel, app)`, keyed by the *lock channel*):
+/// - `Acquire`: insert `(lock_channel, app)`; on conflict the row is taken over only if no
+///   session in `pg_stat_activity` has `application_name = row.app`, else "locked"
+///   (not acquired). Token: none.
+///   A row that already names `app` (this very session) counts as acquired.
+/// - `Renew`: reads the row; `owned` iff `row.app = app`.
+/// - `Drain`: sends `'draining'` on the lock channel.
+/// - `Release`: deletes the row where `app = app`; at commit the trigger sends `'1'` on the lock
+///   channel. `released` iff a row was deleted.
+///
+/// **Lease** (table `lease(channel, holder, holder_pid, token, expires_at)`, keyed by the user
+/// channel; rows are never deleted, so tokens never go back):
+/// - `Acquire`: the lease is free when there is no row, `holder` is null, `expires_at <= now()`,
+///   no session has both `pid = holder_pid` and `application_name = holder`, or `holder = app`
+///   (this very session). If free:
+///   `holder = app`, `holder_pid = own pid`, `token = token + 1` (1 for a new row),
+///   `expires_at = now() + ttl`, and `'acquired:<token>'` is sent on the lock channel; the reply
+///   names the previous holder as `stale_holder` when its session was still alive. If not free:
+///   nothing is written; the reply gives the remaining lease.
+/// - `Renew { token }`: `expires_at = now() + ttl` where `holder = app and token = token`;
+///   `owned` iff a row matched.
+/// - `Drain { token }`: sends `'draining:<token>'` on the lock channel.
+/// - `Release { token }`: clears `holder`, `holder_pid`, `expires_at` where `holder = app and
+///   token = token`, and sends `'released:<token>'` on the lock channel; `released` iff matched.
+/// - `TerminateStale`: `pg_terminate_backend(pid)` if a session with that pid and application
+///   name still exists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DbOp {
+    /// Try to become the holder.
+    Acquire,
+    /// Extend the lease (`Lease`) or confirm ownership (`Classic`).
+    Renew {
+        /// The term being renewed (`None` under `Classic`).
+        token: Option<FenceToken>,
+    },
+    /// Put the drain marker into every listener's stream: the holder delivers up to it, the next
+    /// holder from it on.
+    Drain {
+        /// The term being ended (`None` under `Classic`).
+        token: Option<FenceToken>,
+    },
+    /// Give the lock up and wake the standbys.
+    Release {
+        /// The term being released (`None` under `Classic`).
+        token: Option<FenceToken>,
+    },
+    /// Terminate the backend of a holder whose lease was taken over while it was alive.
+    TerminateStale {
+        /// Its backend pid.
+        pid: i32,
+        /// Its application name.
+        app: String,
+    },
+}
+
+impl DbOp {
+    /// A short name for logs and metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            DbOp::Acquire => "acquire",
+            DbOp::Renew { .. } => "renew",
+            DbOp::Drain { .. } => "drain",
+            DbOp::Release { .. } => "release",
+            DbOp::TerminateStale { .. } => "terminate_stale",
+        }
+    }
+}
+
+/// A holder whose lease expired while its session was still alive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaleHolder {
+    /// Backend pid.
+    pub pid: i32,
+    /// Application name.
+    pub app: String,
+}
+
+/// Reply to [`DbOp::Acquire`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcquireReply {
+    /// Whether this session is now the holder.
+    pub acquired: bool,
+    /// The new term's token when acquired (`Lease`).
+    pub token: Option<FenceToken>,
+    /// Time left on the current holder's lease when not acquired, measured by the server
+    /// (`Lease`); lets a standby retry at expiry without comparing clocks.
+    pub lease_remaining: Option<Duration>,
+    /// The previous holder, when it was taken over while its session was alive.
+    pub stale_holder: Option<StaleHolder>,
+}
+
+impl AcquireReply {
+    /// "Not acquired", with no lease information (Classic's "locked").
+    pub fn locked() -> Self {
+        AcquireReply {
+            acquired: false,
+            token: None,
+            lease_remaining: None,
+            stale_holder: None,
+        }
+    }
+}
+
+/// What [`DbOp::TerminateStale`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TerminateOutcome {
+    /// The backend was signalled to terminate.
+    Terminated,
+    /// No such session any more.
+    Gone,
+    /// This role may not terminate it.
+    NotPermitted,
+}
+
+/// A successful reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Reply {
+    /// Reply to `Acquire`.
+    Acquire(AcquireReply),
+    /// Reply to `Renew`.
+    Renew {
+        /// Whether the row (and term) is still this session's.
+        owned: bool,
+    },
+    /// Reply to `Drain`: the marker is committed.
+    Drained,
+    /// Reply to `Release`.
+    Release {
+        /// Whether a row of this session's term was released.
+        released: bool,
+    },
+    /// Reply to `TerminateStale`.
+    Terminate(TerminateOutcome),
+}
+
+/// A failed request, as data.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DbError {
+    /// The session ended before the reply arrived.
+    #[error("database session lost")]
+    SessionLost,
+    /// The role lacks a privilege the operation needs.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    /// Any other server or client error.
+    #[error("database error: {0}")]
+    Failed(String),
+}
+
+/// A request the driver must execute and answer with
+/// [`Input::DbResult`](crate::Input::DbResult).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DbRequest {
+    /// Echo this id in the reply.
+    pub id: RequestId,
+    /// Run on this session; if it is gone, reply [`DbError::SessionLost`] or nothing.
+    pub session: SessionId,
+    /// The operation.
+    pub op: DbOp,
+}
+
+/// A notification on the lock channel, as the core understands it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Marker {
+    /// The holder of `token` stops delivering at this point of the stream.
+    Draining(Option<FenceToken>),
+    /// The holder of `token` released the lock.
+    Released(Option<FenceToken>),
+    /// A new term began (`Lease`).
+    Acquired(FenceToken),
+}
+
+impl Marker {
+    /// The payload that carries this marker: `'1'` for a Classic release (the trigger's payload,
+    /// as `@imqueue/pg-pubsub` sends it), `draining[:<token>]`, `released:<token>`,
+    /// `acquired:<token>` otherwise.
+    ///
+    /// ```
+    /// use pgiplock_core::{FenceToken, Marker};
+    /// assert_eq!(Marker::Released(None).payload(), "1");
+    /// assert_eq!(Marker::Released(Some(FenceToken(7))).payload(), "released:7");
+    /// assert_eq!(Marker::parse("draining:7"), Some(Marker::Draining(Some(FenceToken(7)))));
+    /// ```
+    pub fn payload(&self) -> String {
+        match self {
+            Marker::Draining(None) => "draining".to_owned(),
+            Marker::Draining(Some(t)) => format!("draining:{t}"),
+            Marker::Released(None) => "1".to_owned(),
+            Marker::Released(Some(t)) => format!("released:{t}"),
+            Marker::Acquired(t) => format!("acquired:{t}"),
+        }
+    }
+
+    /// Parses a lock-channel payload. Any payload that is not one of ours is a release, as in
+    /// `@imqueue/pg-pubsub`, whose standbys treat every notification as "lock released".
+    pub fn parse(payload: &str) -> Option<Marker> {
+        let token = |s: &str| s.parse::<u64>().ok().map(FenceToken);
+        if payload == "draining" {
+            return Some(Marker::Draining(None));
+        }
+        if let Some(rest) = payload.strip_prefix("draining:") {
+            return token(rest).map(|t| Marker::Draining(Some(t)));
+        }
+        if let Some(rest) = payload.strip_prefix("released:") {
+            return token(rest).map(|t| Marker::Released(Some(t)));
+        }
+        if let Some(rest) = payload.strip_prefix("acquired:") {
+            return token(rest).map(Marker::Acquired);
+        }
+        Some(Marker::Released(None))
+    }
+}
