@@ -748,10 +748,10 @@ impl Lock {
                     self.end_drain();
                 }
             }
-            (Phase::Holding | Phase::Draining, Marker::Acquired(token)) => {
-                if self.token().is_some_and(|own| own < token) {
-                    self.lose(LostReason::Superseded);
-                }
+            (Phase::Holding | Phase::Draining, Marker::Acquired(token))
+                if self.token().is_some_and(|own| own < token) =>
+            {
+                self.lose(LostReason::Superseded);
             }
             (Phase::Standby, Marker::Draining(_)) => {
                 // Everything after this point belongs to the next holder.
