@@ -1,0 +1,272 @@
+//! One `pgiplock worker` OS process whose stdout events feed a [`Timeline`].
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+
+use crate::timeline::{parse_line, Event, EventKind, Timeline};
+use crate::Protocol;
+
+/// The `pgiplock` binary: env `PGIPLOCK_BIN`, else the build artefact next to this test
+/// executable (`target/<profile>/pgiplock`; tests live in `target/<profile>/deps/`).
+///
+/// Panics with instructions when it cannot be found: a test crate cannot depend on another
+/// package's binary, so it must be built first (`cargo build -p pgiplock --bins`).
+pub fn worker_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("PGIPLOCK_BIN") {
+        let path = PathBuf::from(path);
+        assert!(path.is_file(), "PGIPLOCK_BIN={} is not a file", path.display());
+        return path;
+    }
+    let exe = std::env::current_exe().unwrap_or_else(|e| panic!("cannot locate the test executable: {e}"));
+    let mut tried = Vec::new();
+    for dir in exe.ancestors().skip(1).take(3) {
+        let candidate = dir.join(format!("pgiplock{}", std::env::consts::EXE_SUFFIX));
+        if candidate.is_file() {
+            return candidate;
+        }
+        tried.push(candidate);
+    }
+    panic!(
+        "the pgiplock binary was not found (tried {tried:?}); build it first with \
+         `cargo build -p pgiplock --bins` (same profile as the tests) or set PGIPLOCK_BIN"
+    );
+}
+
+/// Command-line settings of one worker.
+#[derive(Debug, Clone)]
+pub struct WorkerOpts {
+    /// `--database-url`.
+    pub database_url: String,
+    /// `--channel`.
+    pub channel: String,
+    /// `--schema`, when set.
+    pub schema: Option<String>,
+    /// `--protocol`.
+    pub protocol: Protocol,
+    /// `--acquire-interval`, when set.
+    pub acquire_interval: Option<Duration>,
+    /// `--lease-ttl`, when set.
+    pub lease_ttl: Option<Duration>,
+    /// `--shutdown-timeout`, when set.
+    pub shutdown_timeout: Option<Duration>,
+    /// More arguments, appended as given.
+    pub extra_args: Vec<String>,
+}
+
+impl WorkerOpts {
+    /// Settings for `channel` on `database_url` under `protocol`, everything else default.
+    pub fn new(database_url: &str, channel: &str, schema: Option<&str>, protocol: Protocol) -> Self {
+        WorkerOpts {
+            database_url: database_url.to_owned(),
+            channel: channel.to_owned(),
+            schema: schema.map(str::to_owned),
+            protocol,
+            acquire_interval: None,
+            lease_ttl: None,
+            shutdown_timeout: None,
+            extra_args: Vec::new(),
+        }
+    }
+
+    /// Sets `--acquire-interval`.
+    pub fn acquire_interval(mut self, d: Duration) -> Self {
+        self.acquire_interval = Some(d);
+        self
+    }
+
+    /// Sets `--lease-ttl`.
+    pub fn lease_ttl(mut self, d: Duration) -> Self {
+        self.lease_ttl = Some(d);
+        self
+    }
+
+    /// Sets `--shutdown-timeout`.
+    pub fn shutdown_timeout(mut self, d: Duration) -> Self {
+        self.shutdown_timeout = Some(d);
+        self
+    }
+
+    /// The argument list after the binary.
+    pub fn args(&self) -> Vec<String> {
+        let mut args = vec![
+            "worker".to_owned(),
+            "--database-url".to_owned(),
+            self.database_url.clone(),
+            "--channel".to_owned(),
+            self.channel.clone(),
+            "--protocol".to_owned(),
+            self.protocol.as_str().to_owned(),
+        ];
+        if let Some(schema) = &self.schema {
+            args.extend(["--schema".to_owned(), schema.clone()]);
+        }
+        let durations = [
+            ("--acquire-interval", self.acquire_interval),
+            ("--lease-ttl", self.lease_ttl),
+            ("--shutdown-timeout", self.shutdown_timeout),
+        ];
+        for (flag, value) in durations {
+            if let Some(d) = value {
+                args.extend([flag.to_owned(), format!("{}ms", d.as_millis())]);
+            }
+        }
+        args.extend(self.extra_args.iter().cloned());
+        args
+    }
+}
+
+/// A running worker process. Killed (SIGKILL) on drop if still running.
+pub struct Worker {
+    /// Index in its fleet (the `worker` of its events).
+    pub index: usize,
+    /// OS pid.
+    pub pid: i32,
+    /// Its settings.
+    pub opts: WorkerOpts,
+    exited: Arc<AtomicBool>,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Worker {
+    /// Spawns a worker whose events go to `timeline` as worker `index`. Its stdout is read by
+    /// a task that also observes the exit (the last event of the worker, `Exited`); its stderr
+    /// is kept (see [`Worker::stderr`]) and echoed when env `PGIPLOCK_TEST_ECHO` is set.
+    pub fn spawn(index: usize, opts: WorkerOpts, timeline: Arc<Timeline>) -> Worker {
+        let mut command = Command::new(worker_binary());
+        command
+            .args(opts.args())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // Second line of defence after our own Drop: the reaping task owns the child, and
+            // dropping it (runtime shut down by a failing test) kills the process.
+            .kill_on_drop(true);
+        if let Ok(filter) = std::env::var("PGIPLOCK_TEST_LOG") {
+            command.env("RUST_LOG", filter);
+        }
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot spawn {:?}: {e}", worker_binary()));
+        let pid = child
+            .id()
+            .and_then(|id| i32::try_from(id).ok())
+            .unwrap_or_else(|| panic!("spawned worker has no pid"));
+        let stdout = child.stdout.take().unwrap_or_else(|| panic!("worker stdout not piped"));
+        let stderr_pipe = child.stderr.take().unwrap_or_else(|| panic!("worker stderr not piped"));
+        let exited = Arc::new(AtomicBool::new(false));
+        let stderr = Arc::new(Mutex::new(String::new()));
+
+        let echo = std::env::var_os("PGIPLOCK_TEST_ECHO").is_some();
+        let stderr_sink = stderr.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr_pipe);
+            let mut buf = Vec::new();
+            // Read raw bytes: a log line need not be UTF-8 and must never stop the collection.
+            while let Ok(n) = lines.read_until(b'\n', &mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                let line = String::from_utf8_lossy(&buf);
+                if echo {
+                    eprint!("[w{index} stderr] {line}");
+                }
+                stderr_sink.lock().unwrap_or_else(|e| e.into_inner()).push_str(&line);
+                buf.clear();
+            }
+        });
+
+        let exited_flag = exited.clone();
+        tokio::spawn(async move {
+            let mut reader = BufReader::new(stdout);
+            let mut buf = Vec::new();
+            while let Ok(n) = reader.read_until(b'\n', &mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                let line = String::from_utf8_lossy(&buf);
+                let line = line.trim_end_matches(['\n', '\r']);
+                if echo {
+                    eprintln!("[w{index} stdout] {line}");
+                }
+                if !line.trim().is_empty() {
+                    timeline.push(parse_line(index, line));
+                }
+                buf.clear();
+            }
+            let status = child.wait().await;
+            exited_flag.store(true, Ordering::SeqCst);
+            let (code, signal) = match status {
+                Ok(status) => {
+                    use std::os::unix::process::ExitStatusExt;
+                    (status.code(), status.signal())
+                }
+                Err(_) => (None, None),
+            };
+            timeline.push(Event {
+                worker: index,
+                t_us: crate::now_us(),
+                kind: EventKind::Exited { code, signal },
+            });
+        });
+
+        Worker {
+            index,
+            pid,
+            opts,
+            exited,
+            stderr,
+        }
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGTERM`) to the process, unless it has exited.
+    pub fn signal(&self, signal: i32) {
+        if self.has_exited() {
+            return;
+        }
+        // SAFETY: kill(2) with a pid we spawned and have not reaped yet; no memory involved.
+        let rc = unsafe { libc::kill(self.pid, signal) };
+        assert!(
+            rc == 0 || self.has_exited(),
+            "kill({}, {signal}) failed: {}",
+            self.pid,
+            std::io::Error::last_os_error()
+        );
+    }
+
+    /// SIGTERM: graceful stop.
+    pub fn terminate(&self) {
+        self.signal(libc::SIGTERM);
+    }
+
+    /// SIGKILL: crash.
+    pub fn kill(&self) {
+        self.signal(libc::SIGKILL);
+    }
+
+    /// Whether the process has exited (and been reaped).
+    pub fn has_exited(&self) -> bool {
+        self.exited.load(Ordering::SeqCst)
+    }
+
+    /// Everything it wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if !self.has_exited() {
+            // SAFETY: as in `signal`.
+            unsafe {
+                libc::kill(self.pid, libc::SIGKILL);
+            }
+        }
+    }
+}
