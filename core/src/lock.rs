@@ -3,7 +3,7 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use crate::config::{LockConfig, Protocol};
+use crate::config::{LockConfig, Protocol, MAX_SETTING};
 use crate::event::{Input, LockEvent, LostReason, Output, SignalKind, Warning};
 use crate::name::ChannelName;
 use crate::proto::{
@@ -144,6 +144,19 @@ pub struct Lock {
     marker_seen: bool,
     drain_confirmed: bool,
     warned_terminate: bool,
+    /// A renewal fell due while another request was in flight: send it as soon as that ends.
+    renew_due: bool,
+    /// Newest session ever seen: a `SessionUp` of an older or equal id is a replay.
+    newest_session: Option<SessionId>,
+    /// Our release statement was sent and its marker (the term's token) has not arrived yet:
+    /// that marker must not wake us as if a peer had released.
+    own_release: Option<Option<FenceToken>>,
+    /// A release marker arrived since the handover buffer began: under `Classic`, a failed
+    /// attempt after it means another standby won, so the buffer is theirs.
+    buffer_released: bool,
+    /// An `acquired:<t>` marker that arrived while our own acquisition was in flight: it may be
+    /// our own (its reply decides) or a peer's.
+    acquired_during_attempt: Option<FenceToken>,
 }
 
 impl Lock {
@@ -152,7 +165,7 @@ impl Lock {
     pub fn new(channel: ChannelName, config: LockConfig, seed: u64) -> Self {
         Lock {
             channel,
-            config,
+            config: clamp_config(config),
             rng: SplitMix64::new(seed),
             now: Timestamp::ZERO,
             phase: Phase::Standby,
@@ -172,6 +185,11 @@ impl Lock {
             marker_seen: false,
             drain_confirmed: false,
             warned_terminate: false,
+            renew_due: false,
+            newest_session: None,
+            own_release: None,
+            buffer_released: false,
+            acquired_during_attempt: None,
         }
     }
 
@@ -180,7 +198,7 @@ impl Lock {
         &self.channel
     }
 
-    /// The configuration.
+    /// The configuration in force (out-of-range values clamped).
     pub fn config(&self) -> &LockConfig {
         &self.config
     }
@@ -245,6 +263,15 @@ impl Lock {
             }
         }
         self.after_input();
+        // Whatever the input made due now (a zero wake jitter, a renewal whose reply came late)
+        // happens now, so that every deadline left is strictly in the future.
+        for _ in 0..8 {
+            if !self.poll_timeout().is_some_and(|(at, _)| at <= self.now) {
+                break;
+            }
+            self.fire_due_timers();
+            self.after_input();
+        }
     }
 
     // ----- timers -----
@@ -297,7 +324,9 @@ impl Lock {
                         let token = self.token();
                         self.send(DbOp::Renew { token });
                     } else {
-                        self.arm(TimerKind::Renew, self.now + self.config.renew_interval);
+                        // Renew as soon as the request in flight ends, not a whole interval
+                        // later: with tight timings that would fence the holder.
+                        self.renew_due = true;
                     }
                 }
             }
@@ -320,6 +349,12 @@ impl Lock {
             TimerKind::Shutdown => {
                 if self.phase != Phase::Stopped {
                     let was_holder = self.phase.is_holder();
+                    if was_holder {
+                        // The application believed it held: its tenure ends here, and says why.
+                        self.emit(LockEvent::Lost {
+                            reason: LostReason::ReleaseUnconfirmed,
+                        });
+                    }
                     self.finish_stop(!was_holder && self.phase != Phase::Releasing);
                 }
             }
@@ -340,7 +375,10 @@ impl Lock {
         let Some(session) = self.session else { return };
         debug_assert!(self.pending.is_none(), "one request at a time");
         let id = RequestId(self.next_request);
-        self.next_request += 1;
+        self.next_request = self.next_request.saturating_add(1);
+        if let DbOp::Release { token } = op {
+            self.own_release = Some(token);
+        }
         self.pending = Some(Pending {
             id,
             op: op.clone(),
@@ -374,7 +412,10 @@ impl Lock {
             (Protocol::Lease, Some(remaining)) => {
                 // Retry right after the current lease would expire: the server measured
                 // `remaining` before replying, so local now + remaining is at or after expiry.
-                let at_expiry = remaining + self.jitter(self.config.wake_jitter) + Duration::from_millis(1);
+                // Saturating: `remaining` comes from the server and may be anything.
+                let at_expiry = remaining
+                    .saturating_add(self.jitter(self.config.wake_jitter))
+                    .saturating_add(Duration::from_millis(1));
                 base.min(at_expiry)
             }
             _ => base,
@@ -414,6 +455,7 @@ impl Lock {
         self.term = None;
         self.buffer = None;
         self.release_requested = false;
+        self.renew_due = false;
         self.clear_holder_timers();
         if self.stopping {
             self.finish_stop(false);
@@ -429,6 +471,8 @@ impl Lock {
         self.stopping = true;
         self.term = None;
         self.buffer = None;
+        self.renew_due = false;
+        self.release_requested = false;
         self.timers = [None; TIMERS.len()];
         self.answer_waiters(false);
         self.emit(LockEvent::Stopped { released });
@@ -443,6 +487,8 @@ impl Lock {
         self.woken = false;
         self.marker_seen = false;
         self.drain_confirmed = false;
+        self.renew_due = false;
+        self.buffer_released = false;
         self.disarm(TimerKind::Retry);
         self.emit(LockEvent::Acquired { token });
         // Messages after the previous holder's marker are this term's: hand them over first.
@@ -462,6 +508,7 @@ impl Lock {
         self.phase = Phase::Draining;
         self.marker_seen = false;
         self.drain_confirmed = false;
+        self.renew_due = false;
         self.disarm(TimerKind::Renew);
         let token = self.token();
         self.send(DbOp::Drain { token });
@@ -473,6 +520,12 @@ impl Lock {
         self.disarm(TimerKind::MarkerWait);
         self.disarm(TimerKind::Fence);
         self.phase = Phase::Releasing;
+        // From our own drain marker on, the stream belongs to the next holder, which may be us
+        // again: buffer it like any standby. When waiting for the marker timed out we do not know
+        // where it is, so we keep nothing rather than risk duplicates.
+        self.buffer = self.marker_seen.then(VecDeque::new);
+        self.buffer_released = false;
+        self.dropped = 0;
         self.emit(LockEvent::Released);
         if self.pending.is_none() {
             let token = self.token();
@@ -482,6 +535,10 @@ impl Lock {
 
     fn release_done(&mut self, released: bool) {
         self.term = None;
+        if !released {
+            // Nothing was deleted or cleared, so no release marker of ours is coming.
+            self.own_release = None;
+        }
         if self.stopping {
             self.finish_stop(released);
         } else {
@@ -542,18 +599,30 @@ impl Lock {
             }
             Phase::Holding | Phase::Draining => self.lose(LostReason::SessionLost),
             Phase::Stopped => {}
+            Phase::Standby if self.session.is_some() && self.acquire_in_flight() => {
+                // The attempt may succeed: wait for its answer so that a row we just won is
+                // released, not left to block the others (forever under Classic while the
+                // session lives).
+                self.arm(TimerKind::Shutdown, self.now + self.config.shutdown_timeout);
+            }
             Phase::Standby | Phase::Releasing => self.finish_stop(true),
         }
+    }
+
+    fn acquire_in_flight(&self) -> bool {
+        self.pending.as_ref().is_some_and(|p| p.op == DbOp::Acquire)
     }
 
     fn on_session_up(&mut self, session: SessionId) {
         if self.phase == Phase::Stopped {
             return;
         }
-        if let Some(old) = self.session {
-            if old >= session {
-                return;
-            }
+        // Ids only grow: an older or equal one is a replay of a session that is gone or current.
+        if self.newest_session.is_some_and(|newest| newest >= session) {
+            return;
+        }
+        self.newest_session = Some(session);
+        if self.session.is_some() {
             self.on_session_down(LostReason::SessionLost);
         }
         self.session = Some(session);
@@ -571,6 +640,9 @@ impl Lock {
         self.disarm(TimerKind::Retry);
         self.buffer = None;
         self.woken = false;
+        self.own_release = None;
+        self.acquired_during_attempt = None;
+        self.renew_due = false;
         self.answer_waiters(false);
         match self.phase {
             Phase::Holding | Phase::Draining => self.lose(reason),
@@ -586,7 +658,9 @@ impl Lock {
         let Some(pending) = self.pending.take() else { return };
         self.disarm(TimerKind::RequestTimeout);
         if let Err(DbError::SessionLost) = result {
-            // The driver follows with SessionDown; nothing to decide before it.
+            // The driver follows with SessionDown, which decides; until then carry on as after
+            // any failure, so that a driver that does not follow cannot leave the lock stuck.
+            self.on_request_failed(pending.op, DbError::SessionLost);
             return;
         }
         match (pending.op, result) {
@@ -629,11 +703,17 @@ impl Lock {
 
     fn on_request_failed(&mut self, op: DbOp, error: DbError) {
         let name = op.name();
-        self.emit(LockEvent::Warning(Warning::RequestFailed { op: name, error }));
+        if error != DbError::SessionLost {
+            self.emit(LockEvent::Warning(Warning::RequestFailed { op: name, error }));
+        }
         match op {
             DbOp::Acquire => {
                 self.answer_waiters(false);
                 self.buffer = None;
+                self.acquired_during_attempt = None;
+                if self.phase == Phase::Stopped {
+                    return;
+                }
                 self.schedule_retry(None);
             }
             DbOp::Renew { .. } => {
@@ -657,8 +737,31 @@ impl Lock {
     }
 
     fn on_acquire_reply(&mut self, reply: AcquireReply, sent_at: Timestamp) {
+        let acquired_marker = self.acquired_during_attempt.take();
+        if reply.acquired && (self.stopping || self.phase == Phase::Stopped) {
+            // Won while stopping: give it back at once, without ever reporting it.
+            self.answer_waiters(false);
+            self.buffer = None;
+            self.term = Some(Term {
+                token: reply.token,
+                confirmed_sent: sent_at,
+            });
+            if self.phase == Phase::Standby {
+                self.phase = Phase::Releasing;
+            }
+            self.send(DbOp::Release { token: reply.token });
+            if self.phase == Phase::Stopped {
+                // Best effort, nobody waits for it: no timeout may reset the shared session.
+                self.disarm(TimerKind::RequestTimeout);
+            }
+            return;
+        }
         let usable = self.config.protocol == Protocol::Classic || self.fence_deadline(sent_at) > self.now;
         if reply.acquired && self.phase == Phase::Standby && usable {
+            if acquired_marker.is_some_and(|marker| Some(marker) != reply.token) {
+                // Another term began after our buffer did: what we buffered was its holder's.
+                self.buffer = None;
+            }
             self.become_holder(reply.token, sent_at);
             if let Some(stale) = reply.stale_holder {
                 self.send(DbOp::TerminateStale {
@@ -671,10 +774,23 @@ impl Lock {
         // Not acquired, or acquired too late to be of use (the lease would already be fenced):
         // leave it to expire.
         self.answer_waiters(false);
-        if std::mem::take(&mut self.woken) {
+        if self.phase != Phase::Standby {
+            return;
+        }
+        if acquired_marker.is_some() {
+            // A peer won while we were asking: its marker cancels any wake, the stream is its.
+            self.woken = false;
+            self.buffer = None;
+            self.schedule_retry(reply.lease_remaining);
+        } else if std::mem::take(&mut self.woken) {
             self.schedule_wake();
         } else {
-            self.buffer = None;
+            // The holder may still be between its drain marker and its release: keep the buffer.
+            // Under `Lease` a winner's `acquired` marker drops it; under `Classic` (no such
+            // marker) a failed attempt after the release marker means another standby won.
+            if self.config.protocol == Protocol::Classic && self.buffer_released {
+                self.buffer = None;
+            }
             self.schedule_retry(reply.lease_remaining);
         }
     }
@@ -694,7 +810,7 @@ impl Lock {
                 self.arm(TimerKind::Fence, self.fence_deadline(sent));
             }
         }
-        if self.phase == Phase::Holding && !self.release_requested {
+        if self.phase == Phase::Holding && !self.release_requested && !self.renew_due {
             self.arm(TimerKind::Renew, (sent_at + self.config.renew_interval).max(self.now));
         }
     }
@@ -713,7 +829,7 @@ impl Lock {
         match self.phase {
             Phase::Holding => self.outputs.push_back(Output::Deliver { payload }),
             Phase::Draining if !self.marker_seen => self.outputs.push_back(Output::Deliver { payload }),
-            Phase::Standby => {
+            Phase::Standby | Phase::Releasing => {
                 let limit = self.config.handover_buffer.max(1);
                 if let Some(buffer) = self.buffer.as_mut() {
                     if buffer.len() >= limit {
@@ -740,7 +856,24 @@ impl Lock {
         }
     }
 
+    fn is_own_release(&self, token: Option<FenceToken>) -> bool {
+        match (self.own_release, self.config.protocol) {
+            (Some(_), Protocol::Classic) => true,
+            (Some(own), Protocol::Lease) => own.is_some() && own == token,
+            (None, _) => false,
+        }
+    }
+
     fn on_marker(&mut self, marker: Marker) {
+        if let Marker::Released(token) = marker {
+            if matches!(self.phase, Phase::Releasing | Phase::Standby) && self.is_own_release(token) {
+                // Our own release: it must not wake us (we just gave the lock up), but it does
+                // end the term in the stream.
+                self.own_release = None;
+                self.buffer_released = true;
+                return;
+            }
+        }
         match (self.phase, marker) {
             (Phase::Draining, Marker::Draining(token)) if self.is_own(token) => {
                 self.marker_seen = true;
@@ -756,19 +889,30 @@ impl Lock {
             (Phase::Standby, Marker::Draining(_)) => {
                 // Everything after this point belongs to the next holder.
                 self.buffer = Some(VecDeque::new());
+                self.buffer_released = false;
+                self.acquired_during_attempt = None;
                 self.dropped = 0;
             }
             (Phase::Standby, Marker::Released(_)) => {
                 if self.buffer.is_none() {
                     self.buffer = Some(VecDeque::new());
+                    self.acquired_during_attempt = None;
                     self.dropped = 0;
                 }
+                self.buffer_released = true;
                 self.emit(LockEvent::PeerReleased);
-                if self.pending.as_ref().is_some_and(|p| p.op == DbOp::Acquire) {
+                if self.acquire_in_flight() {
                     self.woken = true;
                 } else {
                     self.schedule_wake();
                 }
+            }
+            (Phase::Standby, Marker::Acquired(token)) if self.acquire_in_flight() => {
+                // Possibly our own acquisition, committed before its reply reached us: the reply
+                // tells (dropping the buffer now would lose the handover).
+                self.woken = false;
+                let newest = self.acquired_during_attempt.map_or(token, |t| t.max(token));
+                self.acquired_during_attempt = Some(newest);
             }
             (Phase::Standby, Marker::Acquired(_)) => {
                 // Someone won: no point in attempting now, and the stream is theirs.
@@ -787,10 +931,25 @@ impl Lock {
         if self.pending.is_none() {
             if self.phase == Phase::Holding && self.release_requested {
                 self.start_drain();
+            } else if self.phase == Phase::Holding && self.renew_due {
+                self.renew_due = false;
+                let token = self.token();
+                self.send(DbOp::Renew { token });
             } else if self.phase == Phase::Releasing {
                 let token = self.token();
                 self.send(DbOp::Release { token });
+            } else if self.phase == Phase::Standby
+                && self.attempt_waiters > 0
+                && self.session.is_some()
+                && !self.stopping
+            {
+                // A `TryAcquire` that arrived while another request was in flight.
+                self.send(DbOp::Acquire);
             }
+        }
+        if self.phase == Phase::Standby && self.stopping && !self.acquire_in_flight() {
+            // A stop that waited for an attempt's answer: nothing is held, so it is done.
+            self.finish_stop(true);
         }
         if self.phase == Phase::Standby
             && self.can_compete()
@@ -800,4 +959,26 @@ impl Lock {
             self.schedule_retry(None);
         }
     }
+}
+
+/// Clamps every setting into a range the state machine can run with: positive durations of at
+/// least a microsecond (so every re-armed deadline lies strictly in the future), at most
+/// [`MAX_SETTING`], a jitter fraction within `0.0..=0.9` and a buffer of at least one message.
+fn clamp_config(mut config: LockConfig) -> LockConfig {
+    let positive = |d: Duration| d.clamp(Duration::from_micros(1), MAX_SETTING);
+    config.acquire_interval = positive(config.acquire_interval);
+    config.renew_interval = positive(config.renew_interval);
+    config.request_timeout = positive(config.request_timeout);
+    config.shutdown_timeout = positive(config.shutdown_timeout);
+    config.marker_wait = positive(config.marker_wait);
+    config.lease_ttl = positive(config.lease_ttl);
+    config.wake_jitter = config.wake_jitter.min(MAX_SETTING);
+    config.fence_margin = config.fence_margin.min(MAX_SETTING);
+    config.retry_jitter = if config.retry_jitter.is_nan() {
+        0.0
+    } else {
+        config.retry_jitter.clamp(0.0, 0.9)
+    };
+    config.handover_buffer = config.handover_buffer.max(1);
+    config
 }
