@@ -1,2 +1,61 @@
-//! placeholder
+//! `pgiplock`: one active `LISTEN`-er per PostgreSQL channel across a fleet of processes.
+//!
+//! Every process opens a [`Session`] (one connection), creates a [`PgIpLock`] per channel and
+//! subscribes to it. Exactly one process per channel, the holder, receives the channel's
+//! notifications; the others are standbys that take over when the holder releases, stops,
+//! crashes or silently loses its network. The default [`Protocol::Lease`] keeps a lease on the
+//! database clock with strictly increasing [`FenceToken`]s, and the holder fences itself before
+//! its lease can expire; [`Protocol::Classic`] speaks the protocol of `@imqueue/pg-pubsub` so
+//! that Rust and Node processes can share a lock.
+//!
+//! The state machine lives in `pgiplock-core` (pure, deterministic); this crate runs it with
+//! tokio and tokio-postgres: one task per session owns the connection and its locks, executes
+//! their database operations, routes notifications, reconnects with backoff, and emits
+//! `tracing` events for every state change.
+//!
+//! ```no_run
+//! use pgiplock::{LockMessage, LockOptions, Session};
+//!
+//! # async fn run() -> Result<(), pgiplock::Error> {
+//! let config: tokio_postgres::Config = "postgres://postgres@127.0.0.1:5432/test".parse()?;
+//! let session = Session::connect(config).await?;
+//! let lock = session.lock("jobs", LockOptions::new())?;
+//! let mut messages = lock.subscribe();
+//! lock.init().await?; // creates the schema if needed and starts competing
+//! // Opt in to releasing every lock on SIGINT/SIGTERM/SIGABRT.
+//! let stop = tokio_util::sync::CancellationToken::new();
+//! let signals = pgiplock::spawn_signal_handler(stop.clone());
+//! while let Some(message) = messages.next().await {
+//!     match message {
+//!         LockMessage::Acquired { token } => println!("holding, fence token {token:?}"),
+//!         LockMessage::Message { payload } => println!("job: {payload}"),
+//!         LockMessage::Lost { reason } => println!("lost: {}", reason.as_str()),
+//!         LockMessage::Released => println!("released"),
+//!         LockMessage::Stopped => break,
+//!         _ => {}
+//!     }
+//! }
+//! let _ = signals.await;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Not for transaction-pooling proxies (PgBouncer in transaction mode): `LISTEN` and the
+//! session's identity need a real session.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod clock;
 pub mod cluster;
+mod error;
+mod lock;
+mod session;
+mod signal;
+pub mod sql;
+
+pub use error::Error;
+pub use lock::{destroy_all, has_instances, LockMessage, LockOptions, PgIpLock, Subscription};
+pub use pgiplock_core::{FenceToken, LostReason, Protocol, SignalKind};
+pub use session::Session;
+pub use signal::spawn_signal_handler;
+pub use sql::{lock_status, lock_status_on, LockStatus};

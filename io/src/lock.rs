@@ -1,0 +1,394 @@
+//! The lock handle, its options, its subscription, and the process-wide registry of live locks.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use pgiplock_core::{ChannelName, ConfigError, FenceToken, LockConfig, LostReason, Protocol, SchemaName, SignalKind};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::session::{Command, Session};
+use crate::Error;
+
+/// Options of one lock. Start from [`LockOptions::new`] and chain the setters.
+///
+/// ```
+/// use pgiplock::{LockOptions, Protocol};
+/// use std::time::Duration;
+/// let options = LockOptions::new()
+///     .protocol(Protocol::Lease)
+///     .lease_ttl(Duration::from_secs(5))
+///     .acquire_interval(Duration::from_secs(10))
+///     .schema("my_locks");
+/// # let _ = options;
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct LockOptions {
+    protocol: Protocol,
+    acquire_interval: Option<Duration>,
+    lease_ttl: Option<Duration>,
+    renew_interval: Option<Duration>,
+    shutdown_timeout: Option<Duration>,
+    schema: Option<String>,
+    seed: Option<u64>,
+}
+
+impl LockOptions {
+    /// The defaults: [`Protocol::Lease`] and the core's timings.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The lock protocol (`Lease` by default; `Classic` to share locks with `@imqueue/pg-pubsub`).
+    pub fn protocol(mut self, protocol: Protocol) -> Self {
+        self.protocol = protocol;
+        self
+    }
+
+    /// Longest wait of a standby between attempts (default 30 s).
+    pub fn acquire_interval(mut self, interval: Duration) -> Self {
+        self.acquire_interval = Some(interval);
+        self
+    }
+
+    /// Lease length on the database clock (default 10 s). Unless set explicitly, the renew
+    /// interval becomes a fifth of it and the fence margin a tenth.
+    pub fn lease_ttl(mut self, ttl: Duration) -> Self {
+        self.lease_ttl = Some(ttl);
+        self
+    }
+
+    /// How often the holder renews (`Lease`, default 2 s) or checks its row (`Classic`, 30 s).
+    pub fn renew_interval(mut self, interval: Duration) -> Self {
+        self.renew_interval = Some(interval);
+        self
+    }
+
+    /// Bound on the wait of `destroy` (and signal handling) for the release (default 1 s).
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.shutdown_timeout = Some(timeout);
+        self
+    }
+
+    /// Schema of the lock table (default `pgip_lock` for Classic, `pgiplock_lease` for Lease).
+    pub fn schema(mut self, name: &str) -> Self {
+        self.schema = Some(name.to_owned());
+        self
+    }
+
+    /// Seed of the retry jitter (default random).
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = Some(seed);
+        self
+    }
+
+    pub(crate) fn protocol_value(&self) -> Protocol {
+        self.protocol
+    }
+
+    pub(crate) fn schema_name(&self) -> Result<SchemaName, Error> {
+        let name = self
+            .schema
+            .as_deref()
+            .unwrap_or_else(|| crate::sql::default_schema(self.protocol));
+        Ok(SchemaName::new(name)?)
+    }
+
+    pub(crate) fn seed_value(&self) -> u64 {
+        self.seed.unwrap_or_else(random_u64)
+    }
+
+    /// The core configuration these options describe, validated.
+    pub(crate) fn to_config(&self) -> Result<LockConfig, ConfigError> {
+        let mut config = LockConfig::new(self.protocol);
+        if let Some(interval) = self.acquire_interval {
+            config.acquire_interval = interval;
+        }
+        if let (Protocol::Lease, Some(ttl)) = (self.protocol, self.lease_ttl) {
+            config.lease_ttl = ttl;
+            config.fence_margin = ttl / 10;
+            config.renew_interval = ttl / 5;
+            // A request stuck for longer than the lease is worth a new session.
+            config.request_timeout = config.request_timeout.min(ttl);
+        }
+        if let Some(interval) = self.renew_interval {
+            config.renew_interval = interval;
+        }
+        if let Some(timeout) = self.shutdown_timeout {
+            config.shutdown_timeout = timeout;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+pub(crate) fn random_u64() -> u64 {
+    let bits = uuid::Uuid::new_v4().as_u128();
+    (bits as u64) ^ ((bits >> 64) as u64)
+}
+
+/// What a subscription yields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LockMessage {
+    /// This process now holds the lock; messages follow.
+    Acquired {
+        /// The term's fencing token (`Lease`).
+        token: Option<FenceToken>,
+    },
+    /// This process stopped holding involuntarily.
+    Lost {
+        /// Why.
+        reason: LostReason,
+    },
+    /// A voluntary release completed: no more messages of this term.
+    Released,
+    /// A notification of the channel, delivered only while this process holds the lock.
+    Message {
+        /// Its payload.
+        payload: String,
+    },
+    /// The lock was destroyed; the stream ends after this.
+    Stopped,
+}
+
+pub(crate) type ReleaseHandler = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// State shared between a lock's handles and the session task that drives it.
+pub(crate) struct LockShared {
+    pub(crate) key: u64,
+    pub(crate) channel: ChannelName,
+    pub(crate) schema: SchemaName,
+    pub(crate) protocol: Protocol,
+    pub(crate) shutdown_timeout: Duration,
+    acquired: AtomicBool,
+    /// The current token, 0 when none (tokens start at 1).
+    token: AtomicU64,
+    subscribers: Mutex<Vec<mpsc::UnboundedSender<LockMessage>>>,
+    release_handlers: Mutex<Vec<ReleaseHandler>>,
+}
+
+fn guard<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panicking user callback must not wedge the lock: the data stays consistent.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl LockShared {
+    pub(crate) fn new(
+        key: u64,
+        channel: ChannelName,
+        schema: SchemaName,
+        protocol: Protocol,
+        shutdown_timeout: Duration,
+    ) -> Self {
+        LockShared {
+            key,
+            channel,
+            schema,
+            protocol,
+            shutdown_timeout,
+            acquired: AtomicBool::new(false),
+            token: AtomicU64::new(0),
+            subscribers: Mutex::new(Vec::new()),
+            release_handlers: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub(crate) fn set_holding(&self, holding: bool, token: Option<FenceToken>) {
+        self.token.store(token.map_or(0, |t| t.0), Ordering::SeqCst);
+        self.acquired.store(holding, Ordering::SeqCst);
+    }
+
+    pub(crate) fn broadcast(&self, message: LockMessage) {
+        guard(&self.subscribers).retain(|tx| tx.send(message.clone()).is_ok());
+    }
+
+    pub(crate) fn close_subscribers(&self) {
+        guard(&self.subscribers).clear();
+    }
+
+    pub(crate) fn release_handlers(&self) -> Vec<ReleaseHandler> {
+        guard(&self.release_handlers).clone()
+    }
+}
+
+/// A lock on one `LISTEN` channel. Cheap to clone; all clones are the same lock.
+///
+/// Created by [`Session::lock`]; lives until [`destroy`](PgIpLock::destroy) (or
+/// [`destroy_all`], or [`Session::close`]).
+#[derive(Clone)]
+pub struct PgIpLock {
+    pub(crate) shared: Arc<LockShared>,
+    pub(crate) session: Session,
+}
+
+impl std::fmt::Debug for PgIpLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgIpLock")
+            .field("channel", &self.shared.channel)
+            .field("schema", &self.shared.schema)
+            .field("protocol", &self.shared.protocol)
+            .field("acquired", &self.is_acquired())
+            .finish()
+    }
+}
+
+impl PgIpLock {
+    /// The channel.
+    pub fn channel(&self) -> &str {
+        self.shared.channel.as_str()
+    }
+
+    /// The schema of the lock table.
+    pub fn schema_name(&self) -> &str {
+        self.shared.schema.as_str()
+    }
+
+    /// The protocol.
+    pub fn protocol(&self) -> Protocol {
+        self.shared.protocol
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T, Error>>) -> Command) -> Result<T, Error> {
+        let (tx, rx) = oneshot::channel();
+        self.session.send(make(tx))?;
+        rx.await.unwrap_or(Err(Error::Closed))
+    }
+
+    /// Creates the schema if needed and starts competing for the lock (retrying on its own).
+    /// Resolves once the schema is in place on the current connection; a bootstrap failure
+    /// (for example missing privileges) is returned as [`Error::Bootstrap`].
+    pub async fn init(&self) -> Result<(), Error> {
+        let key = self.shared.key;
+        self.call(|reply| Command::Init { key, reply }).await
+    }
+
+    /// Makes one attempt now; `true` when the lock is held afterwards.
+    pub async fn acquire(&self) -> Result<bool, Error> {
+        let key = self.shared.key;
+        self.call(|reply| Command::Acquire { key, reply }).await
+    }
+
+    /// Gives the lock up (after delivering everything up to the release marker) and stays a
+    /// standby. Returns at once when not holding.
+    pub async fn release(&self) -> Result<(), Error> {
+        if !self.is_acquired() {
+            return Ok(());
+        }
+        let key = self.shared.key;
+        self.call(|reply| Command::Release { key, reply }).await
+    }
+
+    /// Releases if held and stops for good, bounded by the shutdown timeout.
+    pub async fn destroy(&self) -> Result<(), Error> {
+        self.destroy_with(None).await
+    }
+
+    pub(crate) async fn destroy_with(&self, signal: Option<SignalKind>) -> Result<(), Error> {
+        let key = self.shared.key;
+        let result = self.call(|reply| Command::Destroy { key, signal, reply }).await;
+        unregister(self);
+        match result {
+            // The session task is gone: the lock is gone with it.
+            Err(Error::Closed) => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Whether this process holds the lock now.
+    pub fn is_acquired(&self) -> bool {
+        self.shared.acquired.load(Ordering::SeqCst)
+    }
+
+    /// The current term's fencing token, while holding (`Lease`).
+    pub fn token(&self) -> Option<FenceToken> {
+        match self.shared.token.load(Ordering::SeqCst) {
+            0 => None,
+            t => Some(FenceToken(t)),
+        }
+    }
+
+    /// Calls `handler` with the channel whenever another holder releases the lock. Runs on the
+    /// session's task: keep it short and non-blocking.
+    pub fn on_release(&self, handler: impl Fn(&str) + Send + Sync + 'static) {
+        guard(&self.shared.release_handlers).push(Arc::new(handler));
+    }
+
+    /// A stream of this lock's state changes and of the channel's notifications, which are
+    /// delivered only while this process holds the lock. Every subscription sees every message;
+    /// nothing is dropped for a slow subscriber (the queue is unbounded).
+    pub fn subscribe(&self) -> Subscription {
+        let (tx, rx) = mpsc::unbounded_channel();
+        guard(&self.shared.subscribers).push(tx);
+        Subscription { rx }
+    }
+}
+
+/// A lock's stream of [`LockMessage`]s; ends after [`LockMessage::Stopped`].
+#[derive(Debug)]
+pub struct Subscription {
+    rx: mpsc::UnboundedReceiver<LockMessage>,
+}
+
+impl Subscription {
+    /// The next message, or `None` once the lock is destroyed.
+    pub async fn next(&mut self) -> Option<LockMessage> {
+        self.rx.recv().await
+    }
+
+    /// The next message if one is queued.
+    pub fn try_next(&mut self) -> Option<LockMessage> {
+        self.rx.try_recv().ok()
+    }
+}
+
+impl futures::Stream for Subscription {
+    type Item = LockMessage;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<LockMessage>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+/// Every lock this process created and has not destroyed.
+static REGISTRY: Mutex<Vec<PgIpLock>> = Mutex::new(Vec::new());
+
+pub(crate) fn register(lock: &PgIpLock) {
+    guard(&REGISTRY).push(lock.clone());
+}
+
+pub(crate) fn unregister(lock: &PgIpLock) {
+    guard(&REGISTRY).retain(|l| !Arc::ptr_eq(&l.shared, &lock.shared));
+}
+
+pub(crate) fn unregister_session(session: &Session) {
+    guard(&REGISTRY).retain(|l| !l.session.same(session));
+}
+
+/// Whether any lock created by this process is still alive.
+pub fn has_instances() -> bool {
+    !guard(&REGISTRY).is_empty()
+}
+
+/// Destroys every lock this process created (concurrently, each bounded by its shutdown
+/// timeout).
+pub async fn destroy_all() {
+    destroy_all_with(None).await;
+}
+
+pub(crate) async fn destroy_all_with(signal: Option<SignalKind>) {
+    let locks: Vec<PgIpLock> = guard(&REGISTRY).clone();
+    let destroys = locks.into_iter().map(|lock| async move {
+        // The core bounds the stop by the shutdown timeout; the slack covers a wedged task.
+        let bound = lock.shared.shutdown_timeout + Duration::from_secs(1);
+        match tokio::time::timeout(bound, lock.destroy_with(signal)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(channel = lock.channel(), error = %e, "destroying lock failed"),
+            Err(_) => {
+                unregister(&lock);
+                tracing::warn!(channel = lock.channel(), "destroying lock timed out");
+            }
+        }
+    });
+    futures::future::join_all(destroys).await;
+}

@@ -1,0 +1,655 @@
+//! The SQL of both protocols: schema bootstrap, the operations of [`DbOp`], and status queries.
+//!
+//! Identifiers are always quoted with [`quote_ident`]; values are always bound parameters. The
+//! only text spliced into statements is validated schema names (quoted) and fixed function
+//! bodies; inside the bootstrap's `DO` block the schema name also appears as a string literal,
+//! escaped by [`quote_literal`], and every dollar-quote tag is chosen so that it does not occur
+//! in the text it encloses.
+
+use std::time::Duration;
+
+use pgiplock_core::{
+    quote_ident, AcquireReply, ChannelName, DbError, DbOp, FenceToken, Marker, Protocol, Reply, SchemaName,
+    StaleHolder, TerminateOutcome, LOCK_CHANNEL_PREFIX,
+};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::Client;
+
+/// The default schema of the `Classic` protocol (shared with `@imqueue/pg-pubsub`).
+pub const DEFAULT_CLASSIC_SCHEMA: &str = "pgip_lock";
+/// The default schema of the `Lease` protocol.
+pub const DEFAULT_LEASE_SCHEMA: &str = "pgiplock_lease";
+
+/// The default schema of `protocol`.
+pub fn default_schema(protocol: Protocol) -> &'static str {
+    match protocol {
+        Protocol::Classic => DEFAULT_CLASSIC_SCHEMA,
+        Protocol::Lease => DEFAULT_LEASE_SCHEMA,
+    }
+}
+
+/// Maps a driver error to the core's error data.
+pub(crate) fn db_error(e: &tokio_postgres::Error) -> DbError {
+    if e.is_closed() {
+        return DbError::SessionLost;
+    }
+    match e.as_db_error() {
+        Some(db) if db.code() == &SqlState::INSUFFICIENT_PRIVILEGE => {
+            DbError::PermissionDenied(db.message().to_owned())
+        }
+        Some(db) => DbError::Failed(format!("{} ({})", db.message(), db.code().code())),
+        None => DbError::Failed(e.to_string()),
+    }
+}
+
+/// Quotes `text` as an escape-string literal (`E'..'`), safe whatever
+/// `standard_conforming_strings` says.
+pub(crate) fn quote_literal(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 3);
+    out.push_str("E'");
+    for ch in text.chars() {
+        match ch {
+            '\'' => out.push_str("''"),
+            '\\' => out.push_str("\\\\"),
+            _ => out.push(ch),
+        }
+    }
+    out.push('\'');
+    out
+}
+
+/// Encloses `body` in dollar quotes with a tag derived from `base` that does not occur in it.
+fn dollar_quote(body: &str, base: &str) -> String {
+    let mut n = 0u32;
+    loop {
+        let tag = if n == 0 {
+            format!("${base}$")
+        } else {
+            format!("${base}{n}$")
+        };
+        if !body.contains(&tag) {
+            return format!("{tag}{body}{tag}");
+        }
+        n += 1;
+    }
+}
+
+/// A stable advisory-lock key for bootstrapping `schema` under `protocol` (FNV-1a).
+fn advisory_key(protocol: Protocol, schema: &SchemaName) -> i64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in "pgiplock bootstrap:"
+        .bytes()
+        .chain(protocol.as_str().bytes())
+        .chain([b':'])
+        .chain(schema.as_str().bytes())
+    {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    i64::from_ne_bytes(hash.to_ne_bytes())
+}
+
+/// `IF NOT EXISTS (function) THEN CREATE ...` for one function; with `replace_if_changed` an
+/// existing function whose body differs from ours is replaced (our own schema), otherwise an
+/// existing one is left alone (the Classic schema may have been created by Node processes).
+fn ensure_function(schema: &SchemaName, name: &str, signature_and_body: &str, body: &str, replace: bool) -> String {
+    let mut check = format!(
+        "SELECT 1 FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
+         WHERE n.nspname = {} AND p.proname = {}",
+        quote_literal(schema.as_str()),
+        quote_literal(name)
+    );
+    if replace {
+        check.push_str(&format!(" AND p.prosrc = {}", quote_literal(body)));
+    }
+    format!(
+        "IF NOT EXISTS ({check}) THEN\n  CREATE OR REPLACE FUNCTION {}.{}{signature_and_body};\nEND IF;\n",
+        quote_ident(schema.as_str()),
+        quote_ident(name)
+    )
+}
+
+fn classic_notify_body() -> String {
+    "BEGIN PERFORM PG_NOTIFY(OLD.channel, '1'); RETURN OLD; END;".to_owned()
+}
+
+fn classic_deadlock_body() -> String {
+    "DECLARE num_apps INTEGER; BEGIN SELECT count(query) INTO num_apps FROM pg_stat_activity \
+     WHERE application_name = old_app; IF num_apps > 0 THEN RAISE EXCEPTION 'Duplicate channel for app %', \
+     new_app USING DETAIL = 'LOCKED'; END IF; RETURN new_app; END;"
+        .to_owned()
+}
+
+fn lease_acquire_body(qs: &str) -> String {
+    format!(
+        r#"
+#variable_conflict use_column
+DECLARE
+  r {qs}.lease%ROWTYPE;
+  row_found boolean;
+  holder_alive boolean := false;
+BEGIN
+  acquired := false;
+  -- Losers cost a read: a live, unexpired holder is reported without writing or locking.
+  SELECT * INTO r FROM {qs}.lease l WHERE l.channel = p_channel;
+  row_found := FOUND;
+  IF row_found AND r.holder IS NOT NULL AND r.holder IS DISTINCT FROM p_app AND r.expires_at > now() THEN
+    SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a
+                   WHERE a.pid = r.holder_pid AND a.application_name = r.holder) INTO holder_alive;
+    IF holder_alive THEN
+      remaining_us := GREATEST(0, (EXTRACT(EPOCH FROM (r.expires_at - now())) * 1000000)::bigint);
+      RETURN;
+    END IF;
+  END IF;
+  IF NOT row_found THEN
+    INSERT INTO {qs}.lease (channel, token) VALUES (p_channel, 0) ON CONFLICT (channel) DO NOTHING;
+  END IF;
+  -- Decide again under the row lock: a concurrent acquirer may have won meanwhile.
+  SELECT * INTO r FROM {qs}.lease l WHERE l.channel = p_channel FOR UPDATE;
+  holder_alive := false;
+  IF r.holder IS NOT NULL AND r.holder IS DISTINCT FROM p_app THEN
+    SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a
+                   WHERE a.pid = r.holder_pid AND a.application_name = r.holder) INTO holder_alive;
+    IF holder_alive AND r.expires_at > now() THEN
+      remaining_us := GREATEST(0, (EXTRACT(EPOCH FROM (r.expires_at - now())) * 1000000)::bigint);
+      RETURN;
+    END IF;
+  END IF;
+  UPDATE {qs}.lease l
+     SET holder = p_app, holder_pid = pg_backend_pid(), token = l.token + 1,
+         expires_at = now() + p_ttl_us * INTERVAL '1 microsecond', acquired_at = now()
+   WHERE l.channel = p_channel
+  RETURNING l.token INTO token;
+  acquired := true;
+  IF holder_alive THEN
+    stale_pid := r.holder_pid;
+    stale_app := r.holder;
+  END IF;
+  PERFORM pg_notify(p_lock_channel, 'acquired:' || token);
+END
+"#
+    )
+}
+
+fn lease_renew_body(qs: &str) -> String {
+    format!(
+        r#"
+BEGIN
+  UPDATE {qs}.lease l SET expires_at = now() + p_ttl_us * INTERVAL '1 microsecond'
+   WHERE l.channel = p_channel AND l.holder = p_app AND l.token = p_token;
+  RETURN FOUND;
+END
+"#
+    )
+}
+
+fn lease_release_body(qs: &str) -> String {
+    format!(
+        r#"
+BEGIN
+  UPDATE {qs}.lease l SET holder = NULL, holder_pid = NULL, expires_at = NULL
+   WHERE l.channel = p_channel AND l.holder = p_app AND l.token = p_token;
+  IF NOT FOUND THEN
+    RETURN false;
+  END IF;
+  PERFORM pg_notify(p_lock_channel, 'released:' || p_token);
+  RETURN true;
+END
+"#
+    )
+}
+
+fn lease_terminate_body() -> String {
+    r#"
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a
+                 WHERE a.pid = p_pid AND a.application_name = p_app) THEN
+    RETURN 'gone';
+  END IF;
+  BEGIN
+    IF pg_terminate_backend(p_pid) THEN
+      RETURN 'terminated';
+    END IF;
+    RETURN 'gone';
+  EXCEPTION WHEN insufficient_privilege THEN
+    RETURN 'not_permitted';
+  END;
+END
+"#
+    .to_owned()
+}
+
+/// The bootstrap statement of `schema` under `protocol`: one `DO` block that serialises
+/// concurrent bootstraps with a transaction-scoped advisory lock and creates only what is
+/// missing, so it needs no privileges at all when everything exists and never takes a table
+/// lock that would stall running lock operations.
+pub(crate) fn bootstrap_sql(protocol: Protocol, schema: &SchemaName) -> String {
+    let qs = quote_ident(schema.as_str());
+    let schema_lit = quote_literal(schema.as_str());
+    let mut body = String::new();
+    body.push_str("BEGIN\n");
+    body.push_str(&format!(
+        "PERFORM pg_advisory_xact_lock({});\n",
+        advisory_key(protocol, schema)
+    ));
+    body.push_str(&format!(
+        "IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = {schema_lit}) THEN\n  CREATE SCHEMA {qs};\nEND IF;\n"
+    ));
+    match protocol {
+        Protocol::Classic => {
+            let table_lit = quote_literal(&format!("{qs}.lock"));
+            body.push_str(&format!(
+                "IF to_regclass({table_lit}) IS NULL THEN\n  CREATE TABLE {qs}.lock (channel CHARACTER VARYING NOT NULL PRIMARY KEY, app CHARACTER VARYING NOT NULL);\nEND IF;\n"
+            ));
+            let notify = classic_notify_body();
+            body.push_str(&ensure_function(
+                schema,
+                "notify_lock",
+                &format!("() RETURNS TRIGGER LANGUAGE plpgsql AS {}", dollar_quote(&notify, "fn")),
+                &notify,
+                false,
+            ));
+            body.push_str(&format!(
+                "IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger WHERE tgrelid = to_regclass({table_lit}) AND tgname = 'notify_release_lock_trigger') THEN\n  \
+                 CREATE CONSTRAINT TRIGGER notify_release_lock_trigger AFTER DELETE ON {qs}.lock DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE PROCEDURE {qs}.notify_lock();\nEND IF;\n"
+            ));
+            let deadlock = classic_deadlock_body();
+            body.push_str(&ensure_function(
+                schema,
+                "deadlock_check",
+                &format!(
+                    "(old_app TEXT, new_app TEXT) RETURNS TEXT LANGUAGE plpgsql AS {}",
+                    dollar_quote(&deadlock, "fn")
+                ),
+                &deadlock,
+                false,
+            ));
+        }
+        Protocol::Lease => {
+            let table_lit = quote_literal(&format!("{qs}.lease"));
+            body.push_str(&format!(
+                "IF to_regclass({table_lit}) IS NULL THEN\n  CREATE TABLE {qs}.lease (channel text PRIMARY KEY, holder text, holder_pid integer, token bigint NOT NULL, expires_at timestamptz, acquired_at timestamptz);\nEND IF;\n"
+            ));
+            let functions = [
+                (
+                    "acquire",
+                    "(p_channel text, p_lock_channel text, p_app text, p_ttl_us bigint, OUT acquired boolean, \
+                     OUT token bigint, OUT remaining_us bigint, OUT stale_pid integer, OUT stale_app text) \
+                     LANGUAGE plpgsql AS ",
+                    lease_acquire_body(&qs),
+                ),
+                (
+                    "renew",
+                    "(p_channel text, p_app text, p_token bigint, p_ttl_us bigint) RETURNS boolean LANGUAGE plpgsql AS ",
+                    lease_renew_body(&qs),
+                ),
+                (
+                    "release",
+                    "(p_channel text, p_lock_channel text, p_app text, p_token bigint) RETURNS boolean \
+                     LANGUAGE plpgsql AS ",
+                    lease_release_body(&qs),
+                ),
+                (
+                    "terminate_stale",
+                    "(p_pid integer, p_app text) RETURNS text LANGUAGE plpgsql AS ",
+                    lease_terminate_body(),
+                ),
+            ];
+            for (name, signature, fn_body) in functions {
+                let def = format!("{signature}{}", dollar_quote(&fn_body, "fn"));
+                body.push_str(&ensure_function(schema, name, &def, &fn_body, true));
+            }
+        }
+    }
+    body.push_str("END\n");
+    format!("DO {}", dollar_quote(&body, "pgiplock_bootstrap"))
+}
+
+/// Creates (or checks) the lock schema of `protocol`. Idempotent and safe to run from many
+/// sessions at once.
+pub(crate) async fn bootstrap(client: &Client, protocol: Protocol, schema: &SchemaName) -> Result<(), DbError> {
+    client
+        .batch_execute(&bootstrap_sql(protocol, schema))
+        .await
+        .map_err(|e| db_error(&e))
+}
+
+/// `LISTEN` on both channels of a lock.
+pub(crate) async fn listen(client: &Client, channel: &ChannelName) -> Result<(), DbError> {
+    let sql = format!(
+        "LISTEN {}; LISTEN {}",
+        quote_ident(channel.as_str()),
+        quote_ident(channel.lock_channel())
+    );
+    client.batch_execute(&sql).await.map_err(|e| db_error(&e))
+}
+
+/// `UNLISTEN` both channels of a lock.
+pub(crate) async fn unlisten(client: &Client, channel: &ChannelName) -> Result<(), DbError> {
+    let sql = format!(
+        "UNLISTEN {}; UNLISTEN {}",
+        quote_ident(channel.as_str()),
+        quote_ident(channel.lock_channel())
+    );
+    client.batch_execute(&sql).await.map_err(|e| db_error(&e))
+}
+
+/// Everything an operation needs to know about its lock and session.
+#[derive(Debug, Clone)]
+pub(crate) struct Target {
+    pub(crate) protocol: Protocol,
+    pub(crate) schema: SchemaName,
+    pub(crate) channel: ChannelName,
+    pub(crate) app: String,
+    pub(crate) lease_ttl: Duration,
+}
+
+fn token_param(token: Option<FenceToken>) -> Result<i64, DbError> {
+    let token = token.ok_or_else(|| DbError::Failed("a Lease operation without a token".to_owned()))?;
+    i64::try_from(token.0).map_err(|_| DbError::Failed(format!("token {token} out of range")))
+}
+
+fn ttl_micros(ttl: Duration) -> i64 {
+    i64::try_from(ttl.as_micros()).unwrap_or(i64::MAX)
+}
+
+/// Runs one operation of `target`'s protocol.
+pub(crate) async fn execute(client: &Client, target: &Target, op: &DbOp) -> Result<Reply, DbError> {
+    let qs = quote_ident(target.schema.as_str());
+    let lock_channel = target.channel.lock_channel();
+    let text = |s: &str| s.to_owned();
+    let result = match (target.protocol, op) {
+        (Protocol::Classic, DbOp::Acquire) => {
+            let sql = format!(
+                "INSERT INTO {qs}.lock AS l (channel, app) VALUES ($1, $2) ON CONFLICT (channel) DO UPDATE \
+                 SET app = CASE WHEN l.app = $2 THEN $2 ELSE {qs}.deadlock_check(l.app, $2) END"
+            );
+            let params: [(&(dyn ToSql + Sync), Type); 2] = [(&lock_channel, Type::TEXT), (&target.app, Type::TEXT)];
+            match client.execute_typed(&sql, &params).await {
+                Ok(_) => Ok(Reply::Acquire(AcquireReply {
+                    acquired: true,
+                    token: None,
+                    lease_remaining: None,
+                    stale_holder: None,
+                })),
+                Err(e) if is_locked(&e) => Ok(Reply::Acquire(AcquireReply::locked())),
+                Err(e) => Err(e),
+            }
+        }
+        (Protocol::Classic, DbOp::Renew { .. }) => {
+            let sql = format!("SELECT app FROM {qs}.lock WHERE channel = $1");
+            let rows = client.query_typed(&sql, &[(&lock_channel, Type::TEXT)]).await;
+            rows.map(|rows| {
+                let owned = rows
+                    .first()
+                    .and_then(|r| r.try_get::<_, String>(0).ok())
+                    .is_some_and(|app| app == target.app);
+                Reply::Renew { owned }
+            })
+        }
+        (Protocol::Classic, DbOp::Drain { .. }) => {
+            let payload = Marker::Draining(None).payload();
+            notify(client, lock_channel, &payload).await
+        }
+        (Protocol::Classic, DbOp::Release { .. }) => {
+            let sql = format!("DELETE FROM {qs}.lock WHERE channel = $1 AND app = $2");
+            let params: [(&(dyn ToSql + Sync), Type); 2] = [(&lock_channel, Type::TEXT), (&target.app, Type::TEXT)];
+            client
+                .execute_typed(&sql, &params)
+                .await
+                .map(|n| Reply::Release { released: n == 1 })
+        }
+        (Protocol::Classic, DbOp::TerminateStale { pid, app }) => {
+            // Classic never reports stale holders; kept for completeness without a function.
+            let sql = "SELECT pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity \
+                       WHERE pid = $1 AND application_name = $2";
+            let params: [(&(dyn ToSql + Sync), Type); 2] = [(pid, Type::INT4), (app, Type::TEXT)];
+            match client.query_typed(sql, &params).await {
+                Ok(rows) if rows.first().and_then(|r| r.try_get::<_, bool>(0).ok()) == Some(true) => {
+                    Ok(Reply::Terminate(TerminateOutcome::Terminated))
+                }
+                Ok(_) => Ok(Reply::Terminate(TerminateOutcome::Gone)),
+                Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {
+                    Ok(Reply::Terminate(TerminateOutcome::NotPermitted))
+                }
+                Err(e) => Err(e),
+            }
+        }
+        (Protocol::Lease, DbOp::Acquire) => {
+            let sql =
+                format!("SELECT acquired, token, remaining_us, stale_pid, stale_app FROM {qs}.acquire($1, $2, $3, $4)");
+            let channel = text(target.channel.as_str());
+            let ttl = ttl_micros(target.lease_ttl);
+            let params: [(&(dyn ToSql + Sync), Type); 4] = [
+                (&channel, Type::TEXT),
+                (&lock_channel, Type::TEXT),
+                (&target.app, Type::TEXT),
+                (&ttl, Type::INT8),
+            ];
+            match client.query_typed(&sql, &params).await {
+                Ok(rows) => return lease_acquire_reply(rows.first()),
+                Err(e) => Err(e),
+            }
+        }
+        (Protocol::Lease, DbOp::Renew { token }) => {
+            let sql = format!("SELECT {qs}.renew($1, $2, $3, $4)");
+            let channel = text(target.channel.as_str());
+            let token = token_param(*token)?;
+            let ttl = ttl_micros(target.lease_ttl);
+            let params: [(&(dyn ToSql + Sync), Type); 4] = [
+                (&channel, Type::TEXT),
+                (&target.app, Type::TEXT),
+                (&token, Type::INT8),
+                (&ttl, Type::INT8),
+            ];
+            match client.query_typed(&sql, &params).await {
+                Ok(rows) => return single_bool(rows.first()).map(|owned| Reply::Renew { owned }),
+                Err(e) => Err(e),
+            }
+        }
+        (Protocol::Lease, DbOp::Drain { token }) => {
+            let payload = Marker::Draining(*token).payload();
+            notify(client, lock_channel, &payload).await
+        }
+        (Protocol::Lease, DbOp::Release { token }) => {
+            let sql = format!("SELECT {qs}.release($1, $2, $3, $4)");
+            let channel = text(target.channel.as_str());
+            let token = token_param(*token)?;
+            let params: [(&(dyn ToSql + Sync), Type); 4] = [
+                (&channel, Type::TEXT),
+                (&lock_channel, Type::TEXT),
+                (&target.app, Type::TEXT),
+                (&token, Type::INT8),
+            ];
+            match client.query_typed(&sql, &params).await {
+                Ok(rows) => return single_bool(rows.first()).map(|released| Reply::Release { released }),
+                Err(e) => Err(e),
+            }
+        }
+        (Protocol::Lease, DbOp::TerminateStale { pid, app }) => {
+            let sql = format!("SELECT {qs}.terminate_stale($1, $2)");
+            let params: [(&(dyn ToSql + Sync), Type); 2] = [(pid, Type::INT4), (app, Type::TEXT)];
+            match client.query_typed(&sql, &params).await {
+                Ok(rows) => {
+                    let outcome = rows.first().and_then(|r| r.try_get::<_, String>(0).ok());
+                    return match outcome.as_deref() {
+                        Some("terminated") => Ok(Reply::Terminate(TerminateOutcome::Terminated)),
+                        Some("not_permitted") => Ok(Reply::Terminate(TerminateOutcome::NotPermitted)),
+                        Some("gone") => Ok(Reply::Terminate(TerminateOutcome::Gone)),
+                        other => Err(DbError::Failed(format!("unexpected terminate_stale result {other:?}"))),
+                    };
+                }
+                Err(e) => Err(e),
+            }
+        }
+        (_, op) => return Err(DbError::Failed(format!("operation {} is not supported", op.name()))),
+    };
+    result.map_err(|e| db_error(&e))
+}
+
+/// Classic's "locked": `deadlock_check` raised P0001 with detail `LOCKED`.
+fn is_locked(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error()
+        .is_some_and(|db| db.code() == &SqlState::RAISE_EXCEPTION && db.detail() == Some("LOCKED"))
+}
+
+async fn notify(client: &Client, channel: &str, payload: &str) -> Result<Reply, tokio_postgres::Error> {
+    let params: [(&(dyn ToSql + Sync), Type); 2] = [(&channel, Type::TEXT), (&payload, Type::TEXT)];
+    client
+        .query_typed("SELECT pg_notify($1, $2)", &params)
+        .await
+        .map(|_| Reply::Drained)
+}
+
+fn single_bool(row: Option<&tokio_postgres::Row>) -> Result<bool, DbError> {
+    let row = row.ok_or_else(|| DbError::Failed("no row returned".to_owned()))?;
+    row.try_get::<_, Option<bool>>(0)
+        .map(|b| b.unwrap_or(false))
+        .map_err(|e| DbError::Failed(e.to_string()))
+}
+
+fn lease_acquire_reply(row: Option<&tokio_postgres::Row>) -> Result<Reply, DbError> {
+    let row = row.ok_or_else(|| DbError::Failed("acquire returned no row".to_owned()))?;
+    let bad = |e: tokio_postgres::Error| DbError::Failed(e.to_string());
+    let acquired: Option<bool> = row.try_get("acquired").map_err(bad)?;
+    let token: Option<i64> = row.try_get("token").map_err(bad)?;
+    let remaining: Option<i64> = row.try_get("remaining_us").map_err(bad)?;
+    let stale_pid: Option<i32> = row.try_get("stale_pid").map_err(bad)?;
+    let stale_app: Option<String> = row.try_get("stale_app").map_err(bad)?;
+    let acquired = acquired.unwrap_or(false);
+    let token = token.and_then(|t| u64::try_from(t).ok()).map(FenceToken);
+    if acquired && token.is_none() {
+        return Err(DbError::Failed("acquired without a token".to_owned()));
+    }
+    Ok(Reply::Acquire(AcquireReply {
+        acquired,
+        token: if acquired { token } else { None },
+        lease_remaining: remaining.map(|us| Duration::from_micros(u64::try_from(us).unwrap_or(0))),
+        stale_holder: match (stale_pid, stale_app) {
+            (Some(pid), Some(app)) => Some(StaleHolder { pid, app }),
+            _ => None,
+        },
+    }))
+}
+
+/// One row of the lock table, as `pgiplock status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockStatus {
+    /// The user's channel (without the lock-channel prefix).
+    pub channel: String,
+    /// The holder's application name (`None` when released, under `Lease`).
+    pub holder: Option<String>,
+    /// The holder's backend pid (`Lease`).
+    pub holder_pid: Option<i32>,
+    /// Whether the holder's session is still in `pg_stat_activity`.
+    pub holder_alive: bool,
+    /// The current or last term's fencing token (`Lease`).
+    pub token: Option<FenceToken>,
+    /// Time left on the lease by the server's clock; zero when expired (`Lease`, held rows).
+    pub lease_remaining: Option<Duration>,
+}
+
+/// Reads every lock row of `schema` (the protocol's default when `None`) over a fresh
+/// connection. Returns an empty list when the schema or its table does not exist.
+pub async fn lock_status(
+    config: tokio_postgres::Config,
+    protocol: Protocol,
+    schema: Option<&str>,
+) -> Result<Vec<LockStatus>, crate::Error> {
+    let schema = SchemaName::new(schema.unwrap_or(default_schema(protocol)))?;
+    let (client, connection) = config
+        .connect(tokio_postgres::NoTls)
+        .await
+        .map_err(crate::Error::Connect)?;
+    let driver = tokio::spawn(async move {
+        // Status reads need no notifications: the ordinary way of driving the connection is fine.
+        let _ = connection.await;
+    });
+    let result = lock_status_on(&client, protocol, &schema).await;
+    drop(client);
+    let _ = driver.await;
+    result
+}
+
+/// [`lock_status`] on an existing client.
+pub async fn lock_status_on(
+    client: &Client,
+    protocol: Protocol,
+    schema: &SchemaName,
+) -> Result<Vec<LockStatus>, crate::Error> {
+    let qs = quote_ident(schema.as_str());
+    let table = match protocol {
+        Protocol::Classic => format!("{qs}.lock"),
+        Protocol::Lease => format!("{qs}.lease"),
+    };
+    let exists = client
+        .query_typed("SELECT to_regclass($1) IS NOT NULL", &[(&table, Type::TEXT)])
+        .await?;
+    if !exists.first().is_some_and(|r| r.get::<_, bool>(0)) {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    match protocol {
+        Protocol::Classic => {
+            let sql = format!(
+                "SELECT l.channel::text, l.app::text, EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a \
+                 WHERE a.application_name = l.app) FROM {table} l ORDER BY l.channel"
+            );
+            for row in client.query(&sql, &[]).await? {
+                let channel: String = row.try_get(0)?;
+                out.push(LockStatus {
+                    channel: channel
+                        .strip_prefix(LOCK_CHANNEL_PREFIX)
+                        .map_or(channel.clone(), str::to_owned),
+                    holder: row.try_get(1)?,
+                    holder_pid: None,
+                    holder_alive: row.try_get(2)?,
+                    token: None,
+                    lease_remaining: None,
+                });
+            }
+        }
+        Protocol::Lease => {
+            let sql = format!(
+                "SELECT l.channel, l.holder, l.holder_pid, l.token, \
+                 EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a WHERE a.pid = l.holder_pid AND a.application_name = l.holder), \
+                 CASE WHEN l.holder IS NULL THEN NULL ELSE GREATEST(0, (EXTRACT(EPOCH FROM (l.expires_at - now())) * 1000000)::bigint) END \
+                 FROM {table} l ORDER BY l.channel"
+            );
+            for row in client.query(&sql, &[]).await? {
+                let token: i64 = row.try_get(3)?;
+                let remaining: Option<i64> = row.try_get(5)?;
+                out.push(LockStatus {
+                    channel: row.try_get(0)?,
+                    holder: row.try_get(1)?,
+                    holder_pid: row.try_get(2)?,
+                    holder_alive: row.try_get(4)?,
+                    token: u64::try_from(token).ok().filter(|t| *t > 0).map(FenceToken),
+                    lease_remaining: remaining.map(|us| Duration::from_micros(u64::try_from(us).unwrap_or(0))),
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn literal_and_dollar_quotes() {
+        assert_eq!(quote_literal("a'b\\c"), "E'a''b\\\\c'");
+        assert_eq!(dollar_quote("x", "fn"), "$fn$x$fn$");
+        assert_eq!(dollar_quote("x $fn$ y", "fn"), "$fn1$x $fn$ y$fn1$");
+    }
+
+    #[test]
+    fn bootstrap_quotes_hostile_schema() {
+        let schema = SchemaName::new("we$pgiplock_bootstrap$ird\"'").unwrap();
+        let sql = bootstrap_sql(Protocol::Lease, &schema);
+        assert!(sql.starts_with("DO $pgiplock_bootstrap1$"));
+        assert!(sql.contains("\"we$pgiplock_bootstrap$ird\"\"'\""));
+    }
+}
