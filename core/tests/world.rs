@@ -27,7 +27,12 @@ fn exactly_one_holder_among_n() {
             let acquired: usize = w
                 .nodes
                 .iter()
-                .map(|n| n.events.iter().filter(|e| matches!(e, LockEvent::Acquired { .. })).count())
+                .map(|n| {
+                    n.events
+                        .iter()
+                        .filter(|e| matches!(e, LockEvent::Acquired { .. }))
+                        .count()
+                })
                 .sum();
             assert_eq!(acquired, 1, "{protocol:?} n={n}: one acquisition, no flapping");
         }
@@ -157,7 +162,10 @@ fn crash_takeover_classic_and_lease() {
         let holder = w.holders()[0];
         w.crash(holder);
         let t0 = w.now;
-        assert!(w.run_until(Duration::from_secs(10), |w| w.holders().len() == 1), "{protocol:?}");
+        assert!(
+            w.run_until(Duration::from_secs(10), |w| w.holders().len() == 1),
+            "{protocol:?}"
+        );
         let took = w.now.saturating_duration_since(t0);
         // Within the standby retry bound (acquire_interval), plus the attempt itself.
         assert!(took <= Duration::from_millis(3_010), "{protocol:?}: {took:?}");
@@ -178,10 +186,12 @@ fn lease_expiry_takeover_terminates_stale_holder() {
     // ttl (2 s) plus at most the lease_remaining retry: about ttl.
     assert!(took <= Duration::from_millis(2_100), "{took:?}");
     // The stale holder fenced itself before anyone took over (S2 checked at every step).
-    assert!(w.nodes[holder]
-        .events
-        .iter()
-        .any(|e| matches!(e, LockEvent::Lost { reason: LostReason::LeaseExpired | LostReason::RequestTimeout })));
+    assert!(w.nodes[holder].events.iter().any(|e| matches!(
+        e,
+        LockEvent::Lost {
+            reason: LostReason::LeaseExpired | LostReason::RequestTimeout
+        }
+    )));
     assert!(w.nodes[standby]
         .requests
         .iter()
@@ -259,7 +269,11 @@ fn tokens_strictly_increase_across_terms() {
         }
     }
     // The world's checker asserted global strict increase at every Acquired; the row agrees.
-    let all: Vec<u64> = (0..w.nodes.len()).flat_map(|i| w.tokens(i)).flatten().map(|t| t.0).collect();
+    let all: Vec<u64> = (0..w.nodes.len())
+        .flat_map(|i| w.tokens(i))
+        .flatten()
+        .map(|t| t.0)
+        .collect();
     assert!(all.len() >= 13);
     let row = &w.db.lease[CHANNEL];
     assert_eq!(row.token, *all.iter().max().unwrap());
@@ -273,20 +287,63 @@ fn old_token_renew_and_release_change_nothing() {
     let ttl = Duration::from_secs(2);
     let t = Timestamp::from_millis(1_000);
     let c = db.execute(t, a, &channel, Protocol::Lease, ttl, &DbOp::Acquire);
-    assert!(matches!(c.reply, Ok(Reply::Acquire(AcquireReply { acquired: true, token: Some(FenceToken(1)), .. }))));
+    assert!(matches!(
+        c.reply,
+        Ok(Reply::Acquire(AcquireReply {
+            acquired: true,
+            token: Some(FenceToken(1)),
+            ..
+        }))
+    ));
     // Release and re-acquire: token 2.
-    db.execute(t, a, &channel, Protocol::Lease, ttl, &DbOp::Release { token: Some(FenceToken(1)) });
+    db.execute(
+        t,
+        a,
+        &channel,
+        Protocol::Lease,
+        ttl,
+        &DbOp::Release {
+            token: Some(FenceToken(1)),
+        },
+    );
     let c = db.execute(t, a, &channel, Protocol::Lease, ttl, &DbOp::Acquire);
-    assert!(matches!(c.reply, Ok(Reply::Acquire(AcquireReply { token: Some(FenceToken(2)), .. }))));
+    assert!(matches!(
+        c.reply,
+        Ok(Reply::Acquire(AcquireReply {
+            token: Some(FenceToken(2)),
+            ..
+        }))
+    ));
     let before = db.lease[CHANNEL].clone();
     let later = t + Duration::from_secs(1);
-    let c = db.execute(later, a, &channel, Protocol::Lease, ttl, &DbOp::Renew { token: Some(FenceToken(1)) });
+    let c = db.execute(
+        later,
+        a,
+        &channel,
+        Protocol::Lease,
+        ttl,
+        &DbOp::Renew {
+            token: Some(FenceToken(1)),
+        },
+    );
     assert_eq!(c.reply, Ok(Reply::Renew { owned: false }));
-    let c = db.execute(later, a, &channel, Protocol::Lease, ttl, &DbOp::Release { token: Some(FenceToken(1)) });
+    let c = db.execute(
+        later,
+        a,
+        &channel,
+        Protocol::Lease,
+        ttl,
+        &DbOp::Release {
+            token: Some(FenceToken(1)),
+        },
+    );
     assert_eq!(c.reply, Ok(Reply::Release { released: false }));
     assert!(c.notifications.is_empty());
     let after = &db.lease[CHANNEL];
-    assert_eq!((after.token, after.expires_at, &after.holder), (before.token, before.expires_at, &before.holder));
+    assert_eq!(
+        (after.token, after.expires_at, &after.holder),
+        (before.token, before.expires_at, &before.holder)
+    );
 
     // And a lock whose renewal comes back "not owned" reports Superseded.
     let mut lock = Lock::new(channel.clone(), fast_config(Protocol::Lease), 1);
@@ -299,17 +356,36 @@ fn old_token_renew_and_release_change_nothing() {
         lease_remaining: None,
         stale_holder: None,
     };
-    lock.handle_input(t, Input::DbResult { id: req.id, result: Ok(Reply::Acquire(reply)) });
+    lock.handle_input(
+        t,
+        Input::DbResult {
+            id: req.id,
+            result: Ok(Reply::Acquire(reply)),
+        },
+    );
     drain(&mut lock);
     let (at, kind) = lock.poll_timeout().unwrap();
     assert_eq!(kind, TimerKind::Renew);
     lock.handle_input(at, Input::Tick);
     let req = request(&drain(&mut lock));
-    assert_eq!(req.op, DbOp::Renew { token: Some(FenceToken(3)) });
-    lock.handle_input(at, Input::DbResult { id: req.id, result: Ok(Reply::Renew { owned: false }) });
+    assert_eq!(
+        req.op,
+        DbOp::Renew {
+            token: Some(FenceToken(3))
+        }
+    );
+    lock.handle_input(
+        at,
+        Input::DbResult {
+            id: req.id,
+            result: Ok(Reply::Renew { owned: false }),
+        },
+    );
     assert_eq!(
         events(&drain(&mut lock)),
-        vec![LockEvent::Lost { reason: LostReason::Superseded }]
+        vec![LockEvent::Lost {
+            reason: LostReason::Superseded
+        }]
     );
 }
 
@@ -323,11 +399,17 @@ fn stop_releases_and_reports_stopped() {
         w.run_for(Duration::from_millis(10));
         w.input(holder, Input::Signal(SignalKind::Terminate));
         w.input(standby, Input::Stop);
-        assert_eq!(w.nodes[standby].events.last(), Some(&LockEvent::Stopped { released: true }));
+        assert_eq!(
+            w.nodes[standby].events.last(),
+            Some(&LockEvent::Stopped { released: true })
+        );
         w.run_for(Duration::from_millis(100));
         let ev = &w.nodes[holder].events;
         let released = ev.iter().position(|e| e == &LockEvent::Released).expect("released");
-        let stopped = ev.iter().position(|e| e == &LockEvent::Stopped { released: true }).expect("stopped");
+        let stopped = ev
+            .iter()
+            .position(|e| e == &LockEvent::Stopped { released: true })
+            .expect("stopped");
         assert!(released < stopped);
         // The remaining process took over.
         let rest = (holder + 2) % 3;
@@ -355,7 +437,9 @@ fn stop_is_bounded_when_the_database_does_not_answer() {
     assert_eq!(
         &ev[ev.len() - 2..],
         &[
-            LockEvent::Lost { reason: LostReason::ReleaseUnconfirmed },
+            LockEvent::Lost {
+                reason: LostReason::ReleaseUnconfirmed
+            },
             LockEvent::Stopped { released: false }
         ]
     );

@@ -203,7 +203,9 @@ impl Db {
             (Protocol::Lease, DbOp::Renew { token }) => {
                 let row = self.lease.get_mut(channel.as_str());
                 let owned = match row {
-                    Some(row) if row.holder.as_deref() == Some(me.app.as_str()) && token.map(|t| t.0) == Some(row.token) => {
+                    Some(row)
+                        if row.holder.as_deref() == Some(me.app.as_str()) && token.map(|t| t.0) == Some(row.token) =>
+                    {
                         row.expires_at = Some(now + ttl);
                         true
                     }
@@ -218,7 +220,9 @@ impl Db {
             (Protocol::Lease, DbOp::Release { token }) => {
                 let row = self.lease.get_mut(channel.as_str());
                 let released = match row {
-                    Some(row) if row.holder.as_deref() == Some(me.app.as_str()) && token.map(|t| t.0) == Some(row.token) => {
+                    Some(row)
+                        if row.holder.as_deref() == Some(me.app.as_str()) && token.map(|t| t.0) == Some(row.token) =>
+                    {
                         row.holder = None;
                         row.holder_pid = None;
                         row.expires_at = None;
@@ -407,7 +411,9 @@ impl World {
     /// Feeds `input` to `node` now, then handles its outputs and runs the checkers.
     pub fn input(&mut self, node: usize, input: Input) {
         let now = self.now;
-        let Some(lock) = self.nodes[node].lock.as_mut() else { return };
+        let Some(lock) = self.nodes[node].lock.as_mut() else {
+            return;
+        };
         lock.handle_input(now, input);
         let mut outputs = Vec::new();
         while let Some(output) = lock.poll_output() {
@@ -516,7 +522,9 @@ impl World {
                 let Some(node) = self.nodes.iter().position(|n| n.session.map(|(_, k)| k) == Some(key)) else {
                     continue;
                 };
-                let Some((session, _)) = self.nodes[node].session else { continue };
+                let Some((session, _)) = self.nodes[node].session else {
+                    continue;
+                };
                 let input = Input::Notification {
                     session,
                     channel: channel.clone(),
@@ -599,13 +607,17 @@ impl World {
             self.input(node, Input::Tick);
             return true;
         }
-        let Some((&k, _)) = self.queue.iter().next() else { return true };
+        let Some((&k, _)) = self.queue.iter().next() else {
+            return true;
+        };
         let event = self.queue.remove(&k).expect("queued");
         match event {
             Event::Execute { node, key, req } => {
                 let lock = self.nodes[node].lock.as_ref();
                 let ttl = lock.map_or(Duration::from_secs(10), |l| l.config().lease_ttl);
-                let commit = self.db.execute(self.now, key, &self.channel, self.protocol, ttl, &req.op);
+                let commit = self
+                    .db
+                    .execute(self.now, key, &self.channel, self.protocol, ttl, &req.op);
                 if let Some(killed) = commit.terminated {
                     self.session_killed(killed);
                 }

@@ -1,0 +1,808 @@
+//! One lock, inputs by hand: every rule of the state machine.
+
+mod harness;
+
+use std::time::Duration;
+
+use harness::*;
+use pgiplock_core::*;
+
+const S1: SessionId = SessionId(1);
+
+/// One lock and a hand-made clock.
+struct Solo {
+    lock: Lock,
+    now: Timestamp,
+}
+
+impl Solo {
+    fn new(protocol: Protocol) -> Solo {
+        Solo::with(fast_config(protocol), 7)
+    }
+
+    fn with(config: LockConfig, seed: u64) -> Solo {
+        let lock = Lock::new(ChannelName::new(CHANNEL).unwrap(), config, seed);
+        Solo {
+            lock,
+            now: Timestamp::from_millis(10_000),
+        }
+    }
+
+    fn at(&mut self, now: Timestamp, input: Input) -> Vec<Output> {
+        self.now = now;
+        self.lock.handle_input(now, input);
+        let out = drain(&mut self.lock);
+        if let Some((at, _)) = self.lock.poll_timeout() {
+            assert!(at > self.now.max(now));
+        }
+        out
+    }
+
+    fn after(&mut self, ms: u64, input: Input) -> Vec<Output> {
+        let now = self.now + Duration::from_millis(ms);
+        self.at(now, input)
+    }
+
+    fn reply(&mut self, ms: u64, req: &DbRequest, reply: Reply) -> Vec<Output> {
+        self.after(
+            ms,
+            Input::DbResult {
+                id: req.id,
+                result: Ok(reply),
+            },
+        )
+    }
+
+    fn data(&mut self, payload: &str) -> Vec<Output> {
+        self.after(
+            0,
+            Input::Notification {
+                session: S1,
+                channel: CHANNEL.to_owned(),
+                payload: payload.to_owned(),
+            },
+        )
+    }
+
+    fn marker(&mut self, marker: Marker) -> Vec<Output> {
+        let channel = self.lock.channel().lock_channel().to_owned();
+        self.after(
+            0,
+            Input::Notification {
+                session: S1,
+                channel,
+                payload: marker.payload(),
+            },
+        )
+    }
+
+    fn timeout(&self) -> (Timestamp, TimerKind) {
+        self.lock.poll_timeout().expect("a deadline")
+    }
+
+    /// Session up, Start, the attempt request (not answered).
+    fn attempt(&mut self) -> DbRequest {
+        self.after(0, Input::SessionUp(S1));
+        request(&self.after(0, Input::Start))
+    }
+
+    /// Session up, Start, acquired with `token`.
+    fn holding(&mut self, token: Option<FenceToken>) -> Vec<Output> {
+        let req = self.attempt();
+        assert_eq!(req.op, DbOp::Acquire);
+        let out = self.reply(1, &req, acquired(token));
+        assert!(self.lock.state().phase.is_holder());
+        out
+    }
+
+    fn phase(&self) -> Phase {
+        self.lock.state().phase
+    }
+}
+
+fn acquired(token: Option<FenceToken>) -> Reply {
+    Reply::Acquire(AcquireReply {
+        acquired: true,
+        token,
+        lease_remaining: None,
+        stale_holder: None,
+    })
+}
+
+fn locked(remaining: Option<Duration>) -> Reply {
+    Reply::Acquire(AcquireReply {
+        acquired: false,
+        token: None,
+        lease_remaining: remaining,
+        stale_holder: None,
+    })
+}
+
+const T1: Option<FenceToken> = Some(FenceToken(1));
+
+#[test]
+fn start_attempts_at_once_or_when_the_session_comes_up() {
+    let mut s = Solo::new(Protocol::Lease);
+    assert!(s.after(0, Input::Start).is_empty(), "no session yet");
+    let out = s.after(5, Input::SessionUp(S1));
+    // Either at once (zero jitter) or within wake_jitter.
+    if out.is_empty() {
+        let (at, kind) = s.timeout();
+        assert_eq!(kind, TimerKind::Retry);
+        assert!(at <= s.now + Duration::from_millis(10));
+        assert_eq!(request(&s.at(at, Input::Tick)).op, DbOp::Acquire);
+    } else {
+        assert_eq!(request(&out).op, DbOp::Acquire);
+    }
+}
+
+#[test]
+fn standby_retries_within_the_interval_jittered_below_it() {
+    for seed in 0..50 {
+        let mut s = Solo::with(fast_config(Protocol::Classic), seed);
+        let req = s.attempt();
+        s.reply(1, &req, locked(None));
+        let (at, kind) = s.timeout();
+        assert_eq!(kind, TimerKind::Retry);
+        let delay = at.saturating_duration_since(s.now);
+        // acquire_interval 3 s, retry_jitter 0.2
+        assert!(
+            delay <= Duration::from_secs(3) && delay >= Duration::from_millis(2_400),
+            "{delay:?}"
+        );
+        let req = request(&s.at(at, Input::Tick));
+        assert_eq!(req.op, DbOp::Acquire);
+    }
+}
+
+#[test]
+fn lease_standby_retries_right_after_the_reported_lease_remaining() {
+    for seed in 0..20 {
+        let mut s = Solo::with(fast_config(Protocol::Lease), seed);
+        let req = s.attempt();
+        s.reply(1, &req, locked(Some(Duration::from_millis(700))));
+        let (at, _) = s.timeout();
+        let delay = at.saturating_duration_since(s.now);
+        assert!(
+            delay > Duration::from_millis(700) && delay <= Duration::from_millis(711),
+            "{delay:?}"
+        );
+    }
+    // An absurd remaining time from the server is capped by the interval, never a panic.
+    let mut s = Solo::new(Protocol::Lease);
+    let req = s.attempt();
+    s.reply(1, &req, locked(Some(Duration::MAX)));
+    assert!(s.timeout().0 <= s.now + Duration::from_secs(3));
+}
+
+#[test]
+fn release_marker_wakes_within_wake_jitter_and_acquired_marker_cancels_it() {
+    for protocol in [Protocol::Lease, Protocol::Classic] {
+        let mut s = Solo::new(protocol);
+        let req = s.attempt();
+        s.reply(1, &req, locked(Some(Duration::from_secs(2))));
+        let out = s.marker(Marker::Released(Some(FenceToken(4))));
+        assert_eq!(events(&out), vec![LockEvent::PeerReleased]);
+        let (at, kind) = s.timeout();
+        assert_eq!(kind, TimerKind::Retry);
+        assert!(at <= s.now + Duration::from_millis(10));
+        if protocol == Protocol::Lease {
+            // A peer won first: no pointless attempt; retry around the new lease's expiry.
+            s.marker(Marker::Acquired(FenceToken(5)));
+            let (later, _) = s.timeout();
+            assert!(later >= s.now + Duration::from_secs(2));
+        }
+    }
+}
+
+#[test]
+fn release_marker_during_an_attempt_wakes_after_it() {
+    let mut s = Solo::new(Protocol::Classic);
+    let req = s.attempt();
+    s.marker(Marker::Released(None));
+    // The attempt may have run before the release: try again soon, not after an interval.
+    s.reply(1, &req, locked(None));
+    assert!(s.timeout().0 <= s.now + Duration::from_millis(10));
+}
+
+#[test]
+fn graceful_release_drains_then_reports_released_before_the_release_statement() {
+    for (protocol, token) in [(Protocol::Lease, T1), (Protocol::Classic, None)] {
+        let mut s = Solo::new(protocol);
+        s.holding(token);
+        let drain_req = request(&s.after(10, Input::Release));
+        assert_eq!(drain_req.op, DbOp::Drain { token });
+        assert_eq!(s.phase(), Phase::Draining);
+        // Still delivering until its own marker.
+        assert_eq!(delivered(&s.data("a")), vec!["a"]);
+        assert!(s.reply(1, &drain_req, Reply::Drained).is_empty());
+        assert_eq!(delivered(&s.data("b")), vec!["b"]);
+        // A marker of another term is not ours.
+        if protocol == Protocol::Lease {
+            s.marker(Marker::Draining(Some(FenceToken(9))));
+            assert_eq!(delivered(&s.data("c")), vec!["c"]);
+        }
+        let out = s.marker(Marker::Draining(token));
+        // Released is reported, then the release statement is sent: the tenure ends first.
+        assert_eq!(out.len(), 2, "{out:?}");
+        assert_eq!(out[0], Output::Event(LockEvent::Released));
+        let Output::Request(release) = &out[1] else {
+            panic!("{out:?}")
+        };
+        assert_eq!(release.op, DbOp::Release { token });
+        assert_eq!(s.phase(), Phase::Releasing);
+        assert!(delivered(&s.data("d")).is_empty());
+        assert_eq!(s.lock.state().buffered, 1, "kept for the next term, maybe ours");
+        let out = s.reply(1, release, Reply::Release { released: true });
+        assert!(out.is_empty(), "{out:?}");
+        assert_eq!(s.phase(), Phase::Standby);
+        // Our own release marker does not wake us: a full interval.
+        let out = s.marker(Marker::Released(token));
+        assert!(events(&out).is_empty(), "{out:?}");
+        assert!(s.timeout().0 >= s.now + Duration::from_millis(2_000));
+    }
+}
+
+#[test]
+fn drain_marker_before_the_drain_reply_and_marker_wait() {
+    let mut s = Solo::new(Protocol::Lease);
+    s.holding(T1);
+    let drain_req = request(&s.after(10, Input::Release));
+    assert!(s.marker(Marker::Draining(T1)).is_empty());
+    assert!(delivered(&s.data("late")).is_empty(), "after its marker: not ours");
+    let out = s.reply(1, &drain_req, Reply::Drained);
+    assert_eq!(out[0], Output::Event(LockEvent::Released));
+
+    // The marker never comes: after marker_wait the release proceeds anyway.
+    let mut s = Solo::new(Protocol::Lease);
+    s.holding(T1);
+    let drain_req = request(&s.after(10, Input::Release));
+    s.reply(1, &drain_req, Reply::Drained);
+    let (at, kind) = s.timeout();
+    assert_eq!(kind, TimerKind::MarkerWait);
+    let out = s.at(at, Input::Tick);
+    assert_eq!(out[0], Output::Event(LockEvent::Released));
+    assert_eq!(
+        s.lock.state().buffered,
+        0,
+        "position of the marker unknown: buffer nothing"
+    );
+}
+
+#[test]
+fn standby_buffers_after_a_drain_marker_and_delivers_first_when_it_wins() {
+    let mut s = Solo::new(Protocol::Lease);
+    let req = s.attempt();
+    s.reply(1, &req, locked(Some(Duration::from_secs(2))));
+    s.data("before"); // the holder's
+    s.marker(Marker::Draining(Some(FenceToken(3))));
+    s.data("x1");
+    // A retry of ours runs before the holder's release: the buffer survives the failure.
+    let (at, _) = s.timeout();
+    let req = request(&s.at(at, Input::Tick));
+    s.reply(1, &req, locked(Some(Duration::from_millis(1_500))));
+    s.data("x2");
+    s.marker(Marker::Released(Some(FenceToken(3))));
+    s.data("x3");
+    assert_eq!(s.lock.state().buffered, 3);
+    let (at, _) = s.timeout();
+    let req = request(&s.at(at, Input::Tick));
+    // Our own `acquired` marker arrives before the reply: it must not drop the buffer.
+    s.marker(Marker::Acquired(FenceToken(4)));
+    s.data("x4");
+    let out = s.reply(1, &req, acquired(Some(FenceToken(4))));
+    assert_eq!(
+        out[0],
+        Output::Event(LockEvent::Acquired {
+            token: Some(FenceToken(4))
+        })
+    );
+    assert_eq!(delivered(&out), vec!["x1", "x2", "x3", "x4"]);
+    assert_eq!(delivered(&s.data("x5")), vec!["x5"]);
+}
+
+#[test]
+fn standby_drops_its_buffer_when_another_wins() {
+    // Lease: the winner's marker.
+    let mut s = Solo::new(Protocol::Lease);
+    let req = s.attempt();
+    s.reply(1, &req, locked(Some(Duration::from_secs(2))));
+    s.marker(Marker::Released(Some(FenceToken(3))));
+    s.data("x1");
+    s.marker(Marker::Acquired(FenceToken(4)));
+    assert_eq!(s.lock.state().buffered, 0);
+    s.data("x2");
+    assert_eq!(s.lock.state().buffered, 0);
+
+    // Lease, the winner's marker arrives while our own attempt is in flight.
+    let mut s = Solo::new(Protocol::Lease);
+    let req = s.attempt();
+    s.reply(1, &req, locked(Some(Duration::from_secs(2))));
+    s.marker(Marker::Released(Some(FenceToken(3))));
+    s.data("x1");
+    let (at, _) = s.timeout();
+    let req = request(&s.at(at, Input::Tick));
+    s.marker(Marker::Acquired(FenceToken(4)));
+    s.reply(1, &req, locked(Some(Duration::from_secs(2))));
+    assert_eq!(s.lock.state().buffered, 0);
+    assert!(
+        s.timeout().0 > s.now + Duration::from_secs(1),
+        "no wake after a peer won"
+    );
+
+    // Lease: we win a later term than the marker seen: the buffer was the peer's.
+    let mut s = Solo::new(Protocol::Lease);
+    let req = s.attempt();
+    s.reply(1, &req, locked(Some(Duration::from_secs(2))));
+    s.marker(Marker::Released(Some(FenceToken(3))));
+    s.data("x1");
+    let (at, _) = s.timeout();
+    let req = request(&s.at(at, Input::Tick));
+    s.marker(Marker::Acquired(FenceToken(4)));
+    let out = s.reply(1, &req, acquired(Some(FenceToken(5))));
+    assert!(delivered(&out).is_empty());
+
+    // Classic: a failed attempt after the release marker.
+    let mut s = Solo::new(Protocol::Classic);
+    let req = s.attempt();
+    s.reply(1, &req, locked(None));
+    s.marker(Marker::Released(None));
+    s.data("x1");
+    let (at, _) = s.timeout();
+    let req = request(&s.at(at, Input::Tick));
+    s.reply(1, &req, locked(None));
+    assert_eq!(s.lock.state().buffered, 0);
+}
+
+/// Ticks through every deadline before `until`, failing every request at once.
+fn fail_requests_until(s: &mut Solo, until: Timestamp) {
+    while let Some((at, _)) = s.lock.poll_timeout() {
+        if at >= until {
+            break;
+        }
+        for o in s.at(at, Input::Tick) {
+            if let Output::Request(r) = o {
+                s.after(
+                    1,
+                    Input::DbResult {
+                        id: r.id,
+                        result: Err(DbError::Failed("boom".into())),
+                    },
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn lease_holder_fences_itself_at_sent_plus_ttl_minus_margin() {
+    for confirmed_renewal in [false, true] {
+        let mut s = Solo::new(Protocol::Lease);
+        let req = s.attempt();
+        let mut sent = s.now;
+        s.reply(5, &req, acquired(T1));
+        if confirmed_renewal {
+            // A renewal answered late still counts from when it was sent.
+            let (at, kind) = s.timeout();
+            assert_eq!(kind, TimerKind::Renew);
+            assert_eq!(at, sent + Duration::from_millis(400));
+            let renew = request(&s.at(at, Input::Tick));
+            sent = at;
+            s.reply(300, &renew, Reply::Renew { owned: true });
+        }
+        // ttl 2 s - margin 300 ms
+        let fence = sent + Duration::from_millis(1_700);
+        fail_requests_until(&mut s, fence - Duration::from_micros(1));
+        assert!(s.at(fence - Duration::from_micros(1), Input::Tick).is_empty());
+        assert!(s.phase().is_holder());
+        let out = s.at(
+            fence,
+            Input::Notification {
+                session: S1,
+                channel: CHANNEL.into(),
+                payload: "too late".into(),
+            },
+        );
+        assert!(
+            delivered(&out).is_empty(),
+            "a notification at the deadline is not delivered"
+        );
+        assert_eq!(
+            events(&out)[0],
+            LockEvent::Lost {
+                reason: LostReason::LeaseExpired
+            }
+        );
+        assert_eq!(s.phase(), Phase::Standby);
+    }
+}
+
+#[test]
+fn acquisition_answered_after_its_fence_deadline_is_not_used() {
+    let mut s = Solo::new(Protocol::Lease);
+    let req = s.attempt();
+    let out = s.reply(1_800, &req, acquired(T1));
+    assert!(events(&out).is_empty());
+    assert!(!s.phase().is_holder());
+}
+
+#[test]
+fn peer_acquired_marker_of_a_newer_term_supersedes_the_holder() {
+    let mut s = Solo::new(Protocol::Lease);
+    s.holding(Some(FenceToken(3)));
+    assert!(s.marker(Marker::Acquired(FenceToken(3))).is_empty(), "our own");
+    assert!(s.marker(Marker::Acquired(FenceToken(2))).is_empty(), "an old one");
+    let out = s.marker(Marker::Acquired(FenceToken(4)));
+    assert_eq!(
+        events(&out),
+        vec![LockEvent::Lost {
+            reason: LostReason::Superseded
+        }]
+    );
+}
+
+#[test]
+fn session_down_loses_and_old_sessions_are_ignored() {
+    let mut s = Solo::new(Protocol::Classic);
+    s.holding(None);
+    // Another session's events do nothing.
+    assert!(s.after(1, Input::SessionDown(SessionId(0))).is_empty());
+    assert!(s.after(1, Input::SessionUp(SessionId(0))).is_empty());
+    let out = s.after(
+        1,
+        Input::Notification {
+            session: SessionId(0),
+            channel: CHANNEL.into(),
+            payload: "old".into(),
+        },
+    );
+    assert!(out.is_empty());
+    let out = s.after(1, Input::SessionDown(S1));
+    assert_eq!(
+        events(&out),
+        vec![LockEvent::Lost {
+            reason: LostReason::SessionLost
+        }]
+    );
+    // The gone session cannot come back; a newer one can.
+    assert!(s.after(1, Input::SessionUp(S1)).is_empty());
+    assert_eq!(s.lock.state().session, None);
+    s.after(1, Input::SessionUp(SessionId(2)));
+    assert_eq!(s.lock.state().session, Some(SessionId(2)));
+}
+
+#[test]
+fn newer_session_replaces_the_current_one() {
+    let mut s = Solo::new(Protocol::Lease);
+    s.holding(T1);
+    let out = s.after(1, Input::SessionUp(SessionId(2)));
+    assert_eq!(
+        events(&out),
+        vec![LockEvent::Lost {
+            reason: LostReason::SessionLost
+        }]
+    );
+    assert_eq!(s.lock.state().session, Some(SessionId(2)));
+}
+
+#[test]
+fn unanswered_request_resets_the_session_and_loses() {
+    let mut s = Solo::new(Protocol::Lease);
+    s.holding(T1);
+    let (at, _) = s.timeout();
+    let renew = request(&s.at(at, Input::Tick));
+    let (at, kind) = s.timeout();
+    assert_eq!(kind, TimerKind::RequestTimeout);
+    assert_eq!(at, s.now + Duration::from_secs(1));
+    let out = s.at(at, Input::Tick);
+    assert_eq!(
+        out,
+        vec![
+            Output::ResetSession(S1),
+            Output::Event(LockEvent::Lost {
+                reason: LostReason::RequestTimeout
+            })
+        ]
+    );
+    // Its late reply is ignored.
+    assert!(s.reply(1, &renew, Reply::Renew { owned: true }).is_empty());
+    assert!(!s.phase().is_holder());
+}
+
+#[test]
+fn late_replies_with_wrong_ids_are_ignored() {
+    let mut s = Solo::new(Protocol::Lease);
+    let req = s.attempt();
+    let out = s.after(
+        1,
+        Input::DbResult {
+            id: RequestId(req.id.0 + 100),
+            result: Ok(acquired(T1)),
+        },
+    );
+    assert!(out.is_empty());
+    assert_eq!(s.lock.state().pending, Some("acquire"));
+    assert_eq!(s.phase(), Phase::Standby);
+}
+
+#[test]
+fn stop_as_standby_and_as_holder() {
+    let mut s = Solo::new(Protocol::Lease);
+    let req = s.attempt();
+    s.reply(1, &req, locked(None));
+    let out = s.after(1, Input::Stop);
+    assert_eq!(events(&out), vec![LockEvent::Stopped { released: true }]);
+    assert_eq!(s.phase(), Phase::Stopped);
+    assert_eq!(s.lock.poll_timeout(), None);
+    // Nothing revives it.
+    assert!(s.after(1, Input::Start).is_empty());
+    assert!(s.after(1, Input::SessionUp(SessionId(5))).is_empty());
+
+    let mut s = Solo::new(Protocol::Lease);
+    s.holding(T1);
+    let drain_req = request(&s.after(1, Input::Signal(SignalKind::Interrupt)));
+    s.reply(1, &drain_req, Reply::Drained);
+    let out = s.marker(Marker::Draining(T1));
+    let release = request(&out);
+    let out = s.reply(1, &release, Reply::Release { released: true });
+    assert_eq!(events(&out), vec![LockEvent::Stopped { released: true }]);
+}
+
+#[test]
+fn stop_during_an_attempt_that_wins_releases_the_row() {
+    for (protocol, token) in [(Protocol::Lease, T1), (Protocol::Classic, None)] {
+        let mut s = Solo::new(protocol);
+        let req = s.attempt();
+        assert!(s.after(1, Input::Stop).is_empty(), "waits for the attempt");
+        let out = s.reply(1, &req, acquired(token));
+        // Never reported as held; released at once.
+        assert!(events(&out).is_empty(), "{out:?}");
+        let release = request(&out);
+        assert_eq!(release.op, DbOp::Release { token });
+        let out = s.reply(1, &release, Reply::Release { released: true });
+        assert_eq!(events(&out), vec![LockEvent::Stopped { released: true }]);
+    }
+    // And when the attempt loses, the stop completes then.
+    let mut s = Solo::new(Protocol::Lease);
+    let req = s.attempt();
+    s.after(1, Input::Stop);
+    let out = s.reply(1, &req, locked(None));
+    assert_eq!(events(&out), vec![LockEvent::Stopped { released: true }]);
+}
+
+#[test]
+fn try_acquire_is_answered() {
+    let mut s = Solo::new(Protocol::Lease);
+    s.after(0, Input::SessionUp(S1));
+    let req = request(&s.after(0, Input::TryAcquire));
+    let out = s.reply(1, &req, acquired(T1));
+    assert!(out.contains(&Output::AttemptDone { acquired: true }));
+    assert!(s
+        .after(0, Input::TryAcquire)
+        .contains(&Output::AttemptDone { acquired: true }));
+
+    // No session: answered false at once.
+    let mut s = Solo::new(Protocol::Lease);
+    assert_eq!(
+        s.after(0, Input::TryAcquire),
+        vec![Output::AttemptDone { acquired: false }]
+    );
+}
+
+#[test]
+fn try_acquire_behind_another_request_is_sent_when_it_ends() {
+    // A holder that took over a live stale holder sends TerminateStale, then loses its term
+    // while that is still in flight: a TryAcquire meanwhile must still get an answer.
+    let mut s = Solo::new(Protocol::Lease);
+    s.after(0, Input::SessionUp(S1));
+    let req = request(&s.after(0, Input::TryAcquire));
+    let reply = Reply::Acquire(AcquireReply {
+        acquired: true,
+        token: T1,
+        lease_remaining: None,
+        stale_holder: Some(StaleHolder {
+            pid: 7,
+            app: "old".into(),
+        }),
+    });
+    let out = s.reply(1, &req, reply);
+    let terminate = request(&out);
+    assert!(matches!(terminate.op, DbOp::TerminateStale { pid: 7, .. }));
+    s.marker(Marker::Acquired(FenceToken(2)));
+    assert!(!s.phase().is_holder());
+    assert!(s.after(0, Input::TryAcquire).is_empty());
+    let out = s.reply(1, &terminate, Reply::Terminate(TerminateOutcome::Gone));
+    let attempt = request(&out);
+    assert_eq!(attempt.op, DbOp::Acquire);
+    let out = s.reply(1, &attempt, locked(Some(Duration::from_secs(1))));
+    assert_eq!(out, vec![Output::AttemptDone { acquired: false }]);
+}
+
+#[test]
+fn renewal_due_behind_another_request_is_sent_when_it_ends() {
+    let mut config = fast_config(Protocol::Lease);
+    // Tight: renew 1.5 s, fence at 1.6 s. Deferring the renewal by a whole interval would fence.
+    config.lease_ttl = Duration::from_secs(2);
+    config.fence_margin = Duration::from_millis(400);
+    config.renew_interval = Duration::from_millis(1_500);
+    config.request_timeout = Duration::from_secs(5);
+    config.validate().unwrap();
+    let mut s = Solo::with(config, 3);
+    let req = s.attempt();
+    let reply = Reply::Acquire(AcquireReply {
+        acquired: true,
+        token: T1,
+        lease_remaining: None,
+        stale_holder: Some(StaleHolder {
+            pid: 7,
+            app: "old".into(),
+        }),
+    });
+    let terminate = request(&s.reply(0, &req, reply));
+    let (at, kind) = s.timeout();
+    assert_eq!(kind, TimerKind::Renew);
+    assert!(s.at(at, Input::Tick).is_empty(), "terminate still in flight");
+    let out = s.reply(50, &terminate, Reply::Terminate(TerminateOutcome::Terminated));
+    let renew = request(&out);
+    assert_eq!(renew.op, DbOp::Renew { token: T1 });
+    s.reply(10, &renew, Reply::Renew { owned: true });
+    assert!(s.phase().is_holder());
+}
+
+#[test]
+fn terminate_not_permitted_is_warned_once_per_lock() {
+    let mut s = Solo::new(Protocol::Lease);
+    let mut warnings = 0;
+    for round in 0..3u64 {
+        if round == 0 {
+            s.after(0, Input::SessionUp(S1));
+        }
+        let req = request(&s.after(0, Input::TryAcquire));
+        let reply = Reply::Acquire(AcquireReply {
+            acquired: true,
+            token: Some(FenceToken(round + 1)),
+            lease_remaining: None,
+            stale_holder: Some(StaleHolder {
+                pid: 7,
+                app: "old".into(),
+            }),
+        });
+        let terminate = request(&s.reply(1, &req, reply));
+        let result = if round == 1 {
+            Err(DbError::PermissionDenied("no".into()))
+        } else {
+            Ok(Reply::Terminate(TerminateOutcome::NotPermitted))
+        };
+        let out = s.after(
+            1,
+            Input::DbResult {
+                id: terminate.id,
+                result,
+            },
+        );
+        warnings += events(&out)
+            .iter()
+            .filter(|e| matches!(e, LockEvent::Warning(Warning::TerminateNotPermitted { pid: 7 })))
+            .count();
+        // End the term so that the next round can acquire.
+        s.marker(Marker::Acquired(FenceToken(round + 10)));
+    }
+    assert_eq!(warnings, 1);
+}
+
+#[test]
+fn tick_with_nothing_due_does_nothing() {
+    let mut s = Solo::new(Protocol::Lease);
+    s.holding(T1);
+    let before = (s.lock.state(), s.lock.poll_timeout());
+    let (at, _) = s.timeout();
+    for ms in [0, 1, 100, 399] {
+        let t = s.now + Duration::from_millis(ms);
+        if t < at {
+            assert!(s.at(t, Input::Tick).is_empty());
+            assert_eq!((s.lock.state(), s.lock.poll_timeout()), before);
+        }
+    }
+    // Idle: nothing at all scheduled, nothing done.
+    let mut idle = Solo::new(Protocol::Lease);
+    assert!(idle.after(1_000, Input::Tick).is_empty());
+    assert_eq!(idle.lock.poll_timeout(), None);
+}
+
+#[test]
+fn time_going_backwards_is_clamped() {
+    let mut s = Solo::new(Protocol::Lease);
+    let req = s.attempt();
+    let t = s.now;
+    // Acquired "before" it was sent: treated as now.
+    s.at(
+        Timestamp::ZERO,
+        Input::DbResult {
+            id: req.id,
+            result: Ok(acquired(T1)),
+        },
+    );
+    assert!(s.phase().is_holder());
+    let (at, kind) = s.lock.poll_timeout().unwrap();
+    assert_eq!((at, kind), (t + Duration::from_millis(400), TimerKind::Renew));
+    // A tick in the past fires nothing.
+    let out = s.at(Timestamp::from_millis(1), Input::Tick);
+    assert!(out.is_empty());
+    assert!(s.phase().is_holder());
+}
+
+#[test]
+fn deadlines_are_strictly_after_every_tick() {
+    for seed in 0..20 {
+        let mut w = World::new(fast_config(Protocol::Lease), 3, seed);
+        w.start_all();
+        // World::input asserts the deadline after every input, ticks included.
+        w.run_for(Duration::from_secs(5));
+        let h = w.holders()[0];
+        w.input(h, Input::Release);
+        w.run_for(Duration::from_secs(5));
+    }
+}
+
+#[test]
+fn zero_and_absurd_settings_are_clamped_not_a_busy_loop() {
+    let mut config = LockConfig::new(Protocol::Lease);
+    config.acquire_interval = Duration::ZERO;
+    config.renew_interval = Duration::ZERO;
+    config.request_timeout = Duration::from_nanos(1);
+    config.lease_ttl = Duration::MAX;
+    config.fence_margin = Duration::MAX;
+    config.wake_jitter = Duration::MAX;
+    config.shutdown_timeout = Duration::ZERO;
+    config.marker_wait = Duration::ZERO;
+    config.retry_jitter = f64::NAN;
+    config.handover_buffer = 0;
+    assert!(config.validate().is_err());
+    let mut s = Solo::with(config, 1);
+    s.attempt();
+    for i in 0..100 {
+        let (at, _) = s.timeout();
+        let out = s.at(at, Input::Tick);
+        for o in out {
+            if let Output::Request(r) = &o {
+                let result = if i % 2 == 0 {
+                    Ok(acquired(Some(FenceToken(i))))
+                } else {
+                    Ok(locked(None))
+                };
+                s.after(0, Input::DbResult { id: r.id, result });
+            }
+            if let Output::ResetSession(_) = o {
+                s.after(0, Input::SessionUp(SessionId(100 + i)));
+            }
+        }
+    }
+}
+
+#[test]
+fn handover_buffer_overflow_drops_the_oldest_and_warns() {
+    let mut config = fast_config(Protocol::Lease);
+    config.handover_buffer = 4;
+    let mut s = Solo::with(config, 1);
+    let req = s.attempt();
+    s.reply(1, &req, locked(Some(Duration::from_secs(2))));
+    s.marker(Marker::Draining(Some(FenceToken(1))));
+    let mut warnings = Vec::new();
+    for i in 0..10 {
+        for e in events(&s.data(&format!("m{i}"))) {
+            warnings.push(e);
+        }
+    }
+    assert_eq!(s.lock.state().buffered, 4);
+    assert_eq!(
+        warnings,
+        [1, 2, 4]
+            .iter()
+            .map(|&dropped| LockEvent::Warning(Warning::HandoverBufferOverflow { dropped }))
+            .collect::<Vec<_>>()
+    );
+    let (at, _) = s.timeout();
+    let req = request(&s.at(at, Input::Tick));
+    let out = s.reply(1, &req, acquired(Some(FenceToken(2))));
+    assert_eq!(delivered(&out), vec!["m6", "m7", "m8", "m9"]);
+}
