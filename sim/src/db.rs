@@ -1,0 +1,471 @@
+//! A model of the PostgreSQL server as the lock sees it: the Classic and Lease tables, sessions
+//! as `pg_stat_activity` shows them, `LISTEN`/`NOTIFY` delivered at commit in commit order, and
+//! statement accounting.
+//!
+//! Every [`SimDb::execute`] is one transaction that commits at once: the caller (the simulator's
+//! event loop, or a conformance test) decides *when* it runs by advancing the server clock first.
+//! The semantics are exactly those documented on [`DbOp`].
+//!
+//! ```
+//! use pgiplock_core::{ChannelName, DbOp, Protocol, Reply};
+//! use pgiplock_sim::db::{DbConfig, SimDb};
+//! use std::time::Duration;
+//!
+//! let mut db = SimDb::new(DbConfig::default());
+//! let channel = ChannelName::new("jobs").unwrap();
+//! let (a, _) = db.open_session("app-a");
+//! let (b, _) = db.open_session("app-b");
+//! db.listen(b, channel.lock_channel()).unwrap();
+//! let ttl = Duration::from_secs(10);
+//! let Ok(Reply::Acquire(r)) = db.execute(a, Protocol::Lease, &channel, ttl, &DbOp::Acquire) else { panic!() };
+//! assert!(r.acquired);
+//! let Ok(Reply::Acquire(r)) = db.execute(b, Protocol::Lease, &channel, ttl, &DbOp::Acquire) else { panic!() };
+//! assert!(!r.acquired);
+//! assert_eq!(r.lease_remaining, Some(ttl));
+//! // b heard a's acquisition at commit.
+//! assert_eq!(db.take_notifications(b)[0].payload, "acquired:1");
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::Duration;
+
+use pgiplock_core::{
+    AcquireReply, ChannelName, DbError, DbOp, FenceToken, Marker, Protocol, Reply, SessionId, StaleHolder,
+    TerminateOutcome, Timestamp,
+};
+
+/// Server-wide settings of the model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DbConfig {
+    /// Whether `pg_terminate_backend` on another lock session is allowed (same role).
+    pub terminate_permitted: bool,
+}
+
+impl Default for DbConfig {
+    fn default() -> Self {
+        DbConfig {
+            terminate_permitted: true,
+        }
+    }
+}
+
+/// A notification as a listening session receives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notification {
+    /// Channel name.
+    pub channel: String,
+    /// Payload.
+    pub payload: String,
+    /// Backend pid of the sending session.
+    pub sender_pid: i32,
+}
+
+/// One row of the Lease table (`lease(channel, holder, holder_pid, token, expires_at)`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseRow {
+    /// Application name of the holder; `None` after a release.
+    pub holder: Option<String>,
+    /// Backend pid of the holder.
+    pub holder_pid: Option<i32>,
+    /// The newest term's token; never goes back.
+    pub token: u64,
+    /// Expiry on the server clock.
+    pub expires_at: Option<Timestamp>,
+}
+
+/// A backend as `pg_stat_activity` shows it, plus its `LISTEN` set and notification inbox.
+#[derive(Debug, Clone)]
+struct Backend {
+    app: String,
+    pid: i32,
+    listening: BTreeSet<String>,
+    inbox: VecDeque<Notification>,
+    statements: u64,
+}
+
+/// The database server model. See the module documentation.
+#[derive(Debug, Clone)]
+pub struct SimDb {
+    config: DbConfig,
+    now: Timestamp,
+    next_session: u64,
+    next_pid: i32,
+    sessions: BTreeMap<SessionId, Backend>,
+    /// Indexes of `pg_stat_activity` (application names may repeat, pids do not).
+    apps: BTreeMap<String, u32>,
+    pids: BTreeMap<i32, SessionId>,
+    listeners: BTreeMap<String, BTreeSet<SessionId>>,
+    /// Classic: lock channel -> app.
+    classic: BTreeMap<String, String>,
+    /// Lease: user channel -> row.
+    lease: BTreeMap<String, LeaseRow>,
+    statements: u64,
+    /// Sessions ended by `pg_terminate_backend`, for the caller to tell their clients.
+    terminated: Vec<SessionId>,
+    /// Sessions whose inbox went from empty to non-empty since the last take.
+    notified: Vec<SessionId>,
+}
+
+impl SimDb {
+    /// An empty server whose clock reads zero.
+    pub fn new(config: DbConfig) -> Self {
+        SimDb {
+            config,
+            now: Timestamp::ZERO,
+            next_session: 1,
+            next_pid: 1000,
+            sessions: BTreeMap::new(),
+            apps: BTreeMap::new(),
+            pids: BTreeMap::new(),
+            listeners: BTreeMap::new(),
+            classic: BTreeMap::new(),
+            lease: BTreeMap::new(),
+            statements: 0,
+            terminated: Vec::new(),
+            notified: Vec::new(),
+        }
+    }
+
+    /// The server clock (`now()` in SQL).
+    pub fn now(&self) -> Timestamp {
+        self.now
+    }
+
+    /// Moves the server clock forward to `t` (never backwards).
+    pub fn advance_to(&mut self, t: Timestamp) {
+        self.now = self.now.max(t);
+    }
+
+    /// Opens a session with `application_name = app`; returns its id and backend pid.
+    pub fn open_session(&mut self, app: &str) -> (SessionId, i32) {
+        let id = SessionId(self.next_session);
+        self.next_session += 1;
+        let pid = self.next_pid;
+        self.next_pid = self.next_pid.wrapping_add(1).max(1);
+        *self.apps.entry(app.to_owned()).or_insert(0) += 1;
+        self.pids.insert(pid, id);
+        self.sessions.insert(
+            id,
+            Backend {
+                app: app.to_owned(),
+                pid,
+                listening: BTreeSet::new(),
+                inbox: VecDeque::new(),
+                statements: 0,
+            },
+        );
+        (id, pid)
+    }
+
+    /// Ends a session (client closed, or the server gave up on it). Returns whether it existed.
+    pub fn close_session(&mut self, session: SessionId) -> bool {
+        let Some(backend) = self.sessions.remove(&session) else {
+            return false;
+        };
+        if let Some(count) = self.apps.get_mut(&backend.app) {
+            *count -= 1;
+            if *count == 0 {
+                self.apps.remove(&backend.app);
+            }
+        }
+        self.pids.remove(&backend.pid);
+        for channel in &backend.listening {
+            if let Some(set) = self.listeners.get_mut(channel) {
+                set.remove(&session);
+            }
+        }
+        true
+    }
+
+    /// Server-side `pg_terminate_backend(pid)` by an administrator; returns the ended session.
+    pub fn terminate_backend(&mut self, pid: i32) -> Option<SessionId> {
+        let id = *self.pids.get(&pid)?;
+        self.close_session(id);
+        Some(id)
+    }
+
+    /// Sessions ended by [`DbOp::TerminateStale`] since the last call; their clients must be told.
+    pub fn take_terminated(&mut self) -> Vec<SessionId> {
+        std::mem::take(&mut self.terminated)
+    }
+
+    /// Whether the session appears in `pg_stat_activity`.
+    pub fn is_alive(&self, session: SessionId) -> bool {
+        self.sessions.contains_key(&session)
+    }
+
+    /// The backend pid of a live session.
+    pub fn pid(&self, session: SessionId) -> Option<i32> {
+        self.sessions.get(&session).map(|b| b.pid)
+    }
+
+    /// The application name of a live session.
+    pub fn app(&self, session: SessionId) -> Option<&str> {
+        self.sessions.get(&session).map(|b| b.app.as_str())
+    }
+
+    /// Live sessions, in id order.
+    pub fn sessions(&self) -> impl Iterator<Item = SessionId> + '_ {
+        self.sessions.keys().copied()
+    }
+
+    /// `LISTEN channel` on a session (one statement).
+    pub fn listen(&mut self, session: SessionId, channel: &str) -> Result<(), DbError> {
+        let backend = self.sessions.get_mut(&session).ok_or(DbError::SessionLost)?;
+        backend.statements += 1;
+        self.statements += 1;
+        backend.listening.insert(channel.to_owned());
+        self.listeners.entry(channel.to_owned()).or_default().insert(session);
+        Ok(())
+    }
+
+    /// `NOTIFY channel, payload` in its own transaction (one statement).
+    pub fn notify(&mut self, session: SessionId, channel: &str, payload: &str) -> Result<(), DbError> {
+        let backend = self.sessions.get_mut(&session).ok_or(DbError::SessionLost)?;
+        backend.statements += 1;
+        self.statements += 1;
+        let pid = backend.pid;
+        self.deliver(pid, channel, payload);
+        Ok(())
+    }
+
+    /// Notifications delivered to `session` and not yet taken, in commit order.
+    pub fn take_notifications(&mut self, session: SessionId) -> Vec<Notification> {
+        self.sessions
+            .get_mut(&session)
+            .map(|b| b.inbox.drain(..).collect())
+            .unwrap_or_default()
+    }
+
+    /// Sessions that received notifications since the last call, in the order of their first one.
+    pub fn take_notified(&mut self) -> Vec<SessionId> {
+        std::mem::take(&mut self.notified)
+    }
+
+    /// Whether `session` has notifications waiting.
+    pub fn has_notifications(&self, session: SessionId) -> bool {
+        self.sessions.get(&session).is_some_and(|b| !b.inbox.is_empty())
+    }
+
+    /// Statements executed so far, all sessions.
+    pub fn statements(&self) -> u64 {
+        self.statements
+    }
+
+    /// Statements executed so far by a live session.
+    pub fn session_statements(&self, session: SessionId) -> u64 {
+        self.sessions.get(&session).map_or(0, |b| b.statements)
+    }
+
+    /// The Lease row of a user channel.
+    pub fn lease_row(&self, channel: &str) -> Option<&LeaseRow> {
+        self.lease.get(channel)
+    }
+
+    /// The Classic row's owner (`app`) of a lock channel.
+    pub fn classic_owner(&self, lock_channel: &str) -> Option<&str> {
+        self.classic.get(lock_channel).map(String::as_str)
+    }
+
+    /// Runs one lock operation for `session` as one committed transaction at the server clock.
+    pub fn execute(
+        &mut self,
+        session: SessionId,
+        protocol: Protocol,
+        channel: &ChannelName,
+        ttl: Duration,
+        op: &DbOp,
+    ) -> Result<Reply, DbError> {
+        let backend = self.sessions.get_mut(&session).ok_or(DbError::SessionLost)?;
+        backend.statements += 1;
+        self.statements += 1;
+        let app = backend.app.clone();
+        let pid = backend.pid;
+        match protocol {
+            Protocol::Classic => Ok(self.execute_classic(pid, &app, channel, op)),
+            Protocol::Lease => self.execute_lease(pid, &app, channel, ttl, op),
+        }
+    }
+
+    fn app_is_live(&self, app: &str) -> bool {
+        self.apps.contains_key(app)
+    }
+
+    fn session_of(&self, pid: i32, app: &str) -> Option<SessionId> {
+        let id = *self.pids.get(&pid)?;
+        (self.sessions.get(&id)?.app == app).then_some(id)
+    }
+
+    fn execute_classic(&mut self, pid: i32, app: &str, channel: &ChannelName, op: &DbOp) -> Reply {
+        let key = channel.lock_channel().to_owned();
+        match op {
+            DbOp::Acquire => {
+                let acquired = match self.classic.get(&key) {
+                    None => true,
+                    Some(owner) if owner == app => true,
+                    // deadlock_check: LOCKED while any session still has the owner's name.
+                    Some(owner) => !self.app_is_live(owner),
+                };
+                if acquired {
+                    self.classic.insert(key, app.to_owned());
+                    Reply::Acquire(AcquireReply {
+                        acquired: true,
+                        token: None,
+                        lease_remaining: None,
+                        stale_holder: None,
+                    })
+                } else {
+                    Reply::Acquire(AcquireReply::locked())
+                }
+            }
+            DbOp::Renew { .. } => Reply::Renew {
+                owned: self.classic.get(&key).is_some_and(|owner| owner == app),
+            },
+            DbOp::Drain { .. } => {
+                self.deliver(pid, &key, &Marker::Draining(None).payload());
+                Reply::Drained
+            }
+            DbOp::Release { .. } => {
+                let released = self.classic.get(&key).is_some_and(|owner| owner == app);
+                if released {
+                    self.classic.remove(&key);
+                    // The deferred trigger fires at commit for the deleted row only.
+                    self.deliver(pid, &key, &Marker::Released(None).payload());
+                }
+                Reply::Release { released }
+            }
+            DbOp::TerminateStale {
+                pid: target,
+                app: target_app,
+            } => Reply::Terminate(self.terminate_stale(*target, target_app)),
+            _ => Reply::Drained,
+        }
+    }
+
+    fn execute_lease(
+        &mut self,
+        pid: i32,
+        app: &str,
+        channel: &ChannelName,
+        ttl: Duration,
+        op: &DbOp,
+    ) -> Result<Reply, DbError> {
+        let key = channel.as_str().to_owned();
+        let lock_channel = channel.lock_channel().to_owned();
+        let now = self.now;
+        match op {
+            DbOp::Acquire => {
+                let row = self.lease.get(&key).cloned();
+                let holder_live = |db: &SimDb, row: &LeaseRow| match (&row.holder, row.holder_pid) {
+                    (Some(h), Some(p)) => db.session_of(p, h).is_some(),
+                    _ => false,
+                };
+                let (free, stale) = match &row {
+                    None => (true, None),
+                    Some(r) if r.holder.is_none() => (true, None),
+                    Some(r) if r.holder.as_deref() == Some(app) => (true, None),
+                    Some(r) if !holder_live(self, r) => (true, None),
+                    Some(r) if r.expires_at.map_or(true, |e| e <= now) => {
+                        let stale = match (&r.holder, r.holder_pid) {
+                            (Some(h), Some(p)) => Some(StaleHolder { pid: p, app: h.clone() }),
+                            _ => None,
+                        };
+                        (true, stale)
+                    }
+                    Some(_) => (false, None),
+                };
+                if !free {
+                    let remaining = row.and_then(|r| r.expires_at).map(|e| e.saturating_duration_since(now));
+                    return Ok(Reply::Acquire(AcquireReply {
+                        acquired: false,
+                        token: None,
+                        lease_remaining: remaining,
+                        stale_holder: None,
+                    }));
+                }
+                let token = row.map_or(0, |r| r.token) + 1;
+                self.lease.insert(
+                    key,
+                    LeaseRow {
+                        holder: Some(app.to_owned()),
+                        holder_pid: Some(pid),
+                        token,
+                        expires_at: Some(now + ttl),
+                    },
+                );
+                self.deliver(pid, &lock_channel, &Marker::Acquired(FenceToken(token)).payload());
+                Ok(Reply::Acquire(AcquireReply {
+                    acquired: true,
+                    token: Some(FenceToken(token)),
+                    lease_remaining: None,
+                    stale_holder: stale,
+                }))
+            }
+            DbOp::Renew { token } => {
+                let owned = match (self.lease.get_mut(&key), token) {
+                    (Some(row), Some(t)) if row.holder.as_deref() == Some(app) && row.token == t.0 => {
+                        row.expires_at = Some(now + ttl);
+                        true
+                    }
+                    _ => false,
+                };
+                Ok(Reply::Renew { owned })
+            }
+            DbOp::Drain { token } => {
+                self.deliver(pid, &lock_channel, &Marker::Draining(*token).payload());
+                Ok(Reply::Drained)
+            }
+            DbOp::Release { token } => {
+                let released = match (self.lease.get_mut(&key), token) {
+                    (Some(row), Some(t)) if row.holder.as_deref() == Some(app) && row.token == t.0 => {
+                        row.holder = None;
+                        row.holder_pid = None;
+                        row.expires_at = None;
+                        true
+                    }
+                    _ => false,
+                };
+                if released {
+                    self.deliver(pid, &lock_channel, &Marker::Released(*token).payload());
+                }
+                Ok(Reply::Release { released })
+            }
+            DbOp::TerminateStale {
+                pid: target,
+                app: target_app,
+            } => Ok(Reply::Terminate(self.terminate_stale(*target, target_app))),
+            _ => Err(DbError::Failed(format!("unsupported operation {}", op.name()))),
+        }
+    }
+
+    fn terminate_stale(&mut self, pid: i32, app: &str) -> TerminateOutcome {
+        let Some(id) = self.session_of(pid, app) else {
+            return TerminateOutcome::Gone;
+        };
+        if !self.config.terminate_permitted {
+            return TerminateOutcome::NotPermitted;
+        }
+        self.close_session(id);
+        self.terminated.push(id);
+        TerminateOutcome::Terminated
+    }
+
+    /// Commit-time delivery to every live session listening on `channel`, the sender included.
+    fn deliver(&mut self, sender_pid: i32, channel: &str, payload: &str) {
+        let Some(listeners) = self.listeners.get(channel) else {
+            return;
+        };
+        for id in listeners {
+            if let Some(backend) = self.sessions.get_mut(id) {
+                if backend.inbox.is_empty() {
+                    self.notified.push(*id);
+                }
+                backend.inbox.push_back(Notification {
+                    channel: channel.to_owned(),
+                    payload: payload.to_owned(),
+                    sender_pid,
+                });
+            }
+        }
+    }
+}

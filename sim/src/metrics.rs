@@ -1,0 +1,325 @@
+//! The metrics of DESIGN.md section 6, accumulated during a run, and the report.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use pgiplock_core::{Protocol, Timestamp};
+use serde::Serialize;
+
+use crate::scenario::{format_duration, FaultKind, Scenario};
+
+/// Accumulates one run's measurements; times before the warmup do not count.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    warmup: Timestamp,
+    end: Timestamp,
+    unavailable_us: u64,
+    outage_run_us: u64,
+    longest_outage_us: u64,
+    split_brain_us: u64,
+    published: Vec<bool>,
+    deliveries: Vec<u8>,
+    statements_total: u64,
+    statements_per_process: Vec<u64>,
+    failovers: BTreeMap<FaultKind, Vec<Duration>>,
+    faults: BTreeMap<FaultKind, u64>,
+    lost_reasons: BTreeMap<&'static str, u64>,
+    /// Acquisitions of the data channel's lock.
+    pub acquisitions: u64,
+    /// Sessions the server dropped through its dead-peer detection.
+    pub dead_peer_drops: u64,
+    /// Stale holders terminated by a taking-over standby.
+    pub stale_terminations: u64,
+    /// Deliveries by a lock that had not reported `Acquired` (S3).
+    pub s3_violations: u64,
+    /// Fencing-token regressions (S4).
+    pub s4_violations: Vec<String>,
+}
+
+impl Metrics {
+    /// Empty metrics for `processes` processes, counting over `[warmup, end]`.
+    pub fn new(processes: usize, warmup: Timestamp, end: Timestamp) -> Self {
+        Metrics {
+            warmup,
+            end,
+            unavailable_us: 0,
+            outage_run_us: 0,
+            longest_outage_us: 0,
+            split_brain_us: 0,
+            published: Vec::new(),
+            deliveries: Vec::new(),
+            statements_total: 0,
+            statements_per_process: vec![0; processes],
+            failovers: BTreeMap::new(),
+            faults: BTreeMap::new(),
+            lost_reasons: BTreeMap::new(),
+            acquisitions: 0,
+            dead_peer_drops: 0,
+            stale_terminations: 0,
+            s3_violations: 0,
+            s4_violations: Vec::new(),
+        }
+    }
+
+    /// The state held from `from` to `to`: whether someone served the channel, how many believed.
+    pub fn advance(&mut self, from: Timestamp, to: Timestamp, available: bool, believers: usize) {
+        let from = from.max(self.warmup);
+        let to = to.min(self.end);
+        if to <= from {
+            return;
+        }
+        let dt = to.as_micros() - from.as_micros();
+        if available {
+            self.longest_outage_us = self.longest_outage_us.max(self.outage_run_us);
+            self.outage_run_us = 0;
+        } else {
+            self.unavailable_us += dt;
+            self.outage_run_us += dt;
+        }
+        if believers >= 2 {
+            self.split_brain_us += dt;
+        }
+    }
+
+    /// Statements executed for process `p` at `at`.
+    pub fn statements(&mut self, p: usize, n: u64, at: Timestamp) {
+        if at >= self.warmup {
+            self.statements_total += n;
+            if let Some(c) = self.statements_per_process.get_mut(p) {
+                *c += n;
+            }
+        }
+    }
+
+    /// Message `id` was committed by the publisher.
+    pub fn published(&mut self, id: u64, _at: Timestamp) {
+        let i = id as usize;
+        if self.published.len() <= i {
+            self.published.resize(i + 1, false);
+            self.deliveries.resize(i + 1, 0);
+        }
+        self.published[i] = true;
+    }
+
+    /// Message `id` was handed to the application of a process.
+    pub fn delivered(&mut self, id: u64, _p: usize) {
+        if let Some(d) = self.deliveries.get_mut(id as usize) {
+            *d = d.saturating_add(1);
+        }
+    }
+
+    /// A fault happened.
+    pub fn fault(&mut self, kind: FaultKind) {
+        *self.faults.entry(kind).or_insert(0) += 1;
+    }
+
+    /// A holder lost the lock involuntarily.
+    pub fn lost(&mut self, reason: &'static str) {
+        *self.lost_reasons.entry(reason).or_insert(0) += 1;
+    }
+
+    /// A failover after a fault of `kind` completed in `latency`.
+    pub fn failover(&mut self, kind: FaultKind, latency: Duration) {
+        self.failovers.entry(kind).or_default().push(latency);
+    }
+
+    /// The final report.
+    pub fn report(&self, scenario: &Scenario, seed: u64, events: u64, unresolved: usize, trace_hash: u64) -> Report {
+        let window_s = (self.end.as_micros().saturating_sub(self.warmup.as_micros())) as f64 / 1e6;
+        let per_s = |n: u64| if window_s > 0.0 { n as f64 / window_s } else { 0.0 };
+        let processes = self.statements_per_process.len().max(1);
+        let max_proc = self.statements_per_process.iter().copied().max().unwrap_or(0);
+        let published = self.published.iter().filter(|p| **p).count() as u64;
+        let lost = self
+            .published
+            .iter()
+            .zip(&self.deliveries)
+            .filter(|(p, d)| **p && **d == 0)
+            .count() as u64;
+        let duplicates = self.deliveries.iter().filter(|d| **d >= 2).count() as u64;
+        let c = scenario.lock_config();
+        Report {
+            seed,
+            protocol: scenario.protocol.as_str().to_owned(),
+            processes: scenario.processes,
+            acquire_interval: format_duration(scenario.acquire_interval),
+            lease_ttl: match scenario.protocol {
+                Protocol::Lease => format_duration(c.lease_ttl),
+                Protocol::Classic => "-".to_owned(),
+            },
+            virtual_time_s: window_s,
+            events,
+            failover: self
+                .failovers
+                .iter()
+                .map(|(k, v)| (k.as_str().to_owned(), LatencyStats::of(v)))
+                .collect(),
+            unresolved_failovers: unresolved,
+            loss_window_s: round3(self.unavailable_us as f64 / 1e6),
+            loss_window_pct: round3(if window_s > 0.0 {
+                100.0 * self.unavailable_us as f64 / 1e6 / window_s
+            } else {
+                0.0
+            }),
+            longest_outage_s: round3(self.longest_outage_us.max(self.outage_run_us) as f64 / 1e6),
+            published,
+            lost_messages: lost,
+            duplicates,
+            split_brain_s: round3(self.split_brain_us as f64 / 1e6),
+            statements_per_s: round3(per_s(self.statements_total)),
+            statements_per_s_per_process_mean: round3(per_s(self.statements_total) / processes as f64),
+            statements_per_s_per_process_max: round3(per_s(max_proc)),
+            faults: self.faults.iter().map(|(k, v)| (k.as_str().to_owned(), *v)).collect(),
+            lost_reasons: self.lost_reasons.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect(),
+            acquisitions: self.acquisitions,
+            dead_peer_drops: self.dead_peer_drops,
+            stale_terminations: self.stale_terminations,
+            trace_hash: format!("{trace_hash:016x}"),
+        }
+    }
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+/// A latency distribution summary.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LatencyStats {
+    /// Samples.
+    pub count: usize,
+    /// Median, seconds.
+    pub p50_s: f64,
+    /// 90th percentile, seconds.
+    pub p90_s: f64,
+    /// Maximum, seconds.
+    pub max_s: f64,
+}
+
+impl LatencyStats {
+    /// Nearest-rank percentiles of `samples`.
+    pub fn of(samples: &[Duration]) -> Self {
+        let mut s = samples.to_vec();
+        s.sort();
+        let pick = |q: f64| {
+            if s.is_empty() {
+                return 0.0;
+            }
+            let rank = ((q * s.len() as f64).ceil() as usize).clamp(1, s.len());
+            round3(s[rank - 1].as_secs_f64())
+        };
+        LatencyStats {
+            count: s.len(),
+            p50_s: pick(0.5),
+            p90_s: pick(0.9),
+            max_s: pick(1.0),
+        }
+    }
+}
+
+/// The outcome of one run.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Report {
+    /// The seed.
+    pub seed: u64,
+    /// `classic` or `lease`.
+    pub protocol: String,
+    /// Fleet size.
+    pub processes: usize,
+    /// Standby retry bound.
+    pub acquire_interval: String,
+    /// Lease ttl (`-` under Classic).
+    pub lease_ttl: String,
+    /// Measured virtual time (after the warmup), seconds.
+    pub virtual_time_s: f64,
+    /// Events processed.
+    pub events: u64,
+    /// Failover latency per fault kind.
+    pub failover: BTreeMap<String, LatencyStats>,
+    /// Failovers still waiting at the end.
+    pub unresolved_failovers: usize,
+    /// Time with no process that both holds and can receive, seconds.
+    pub loss_window_s: f64,
+    /// The same, as a percentage of the measured time.
+    pub loss_window_pct: f64,
+    /// Longest single outage, seconds.
+    pub longest_outage_s: f64,
+    /// Messages the publisher committed.
+    pub published: u64,
+    /// Published messages no holder delivered.
+    pub lost_messages: u64,
+    /// Messages delivered by two or more holders.
+    pub duplicates: u64,
+    /// Time with two or more processes believing they hold, seconds.
+    pub split_brain_s: f64,
+    /// Lock statements per second at the server (publisher excluded).
+    pub statements_per_s: f64,
+    /// Per process, mean.
+    pub statements_per_s_per_process_mean: f64,
+    /// Per process, the busiest.
+    pub statements_per_s_per_process_max: f64,
+    /// Faults injected per kind.
+    pub faults: BTreeMap<String, u64>,
+    /// Involuntary losses per reason.
+    pub lost_reasons: BTreeMap<String, u64>,
+    /// Acquisitions of the data channel.
+    pub acquisitions: u64,
+    /// Sessions dropped by the server's dead-peer detection.
+    pub dead_peer_drops: u64,
+    /// Stale holders terminated on takeover.
+    pub stale_terminations: u64,
+    /// Hash of the event trace (determinism check).
+    pub trace_hash: String,
+}
+
+impl Report {
+    /// A readable multi-line table.
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "protocol {}  processes {}  acquire_interval {}  lease_ttl {}  measured {:.0} s  events {}",
+            self.protocol, self.processes, self.acquire_interval, self.lease_ttl, self.virtual_time_s, self.events
+        );
+        let _ = writeln!(
+            out,
+            "{:<16} {:>6} {:>10} {:>10} {:>10}",
+            "failover", "count", "p50 s", "p90 s", "max s"
+        );
+        for (kind, s) in &self.failover {
+            let _ = writeln!(
+                out,
+                "{:<16} {:>6} {:>10.3} {:>10.3} {:>10.3}",
+                kind, s.count, s.p50_s, s.p90_s, s.max_s
+            );
+        }
+        let _ = writeln!(out, "unresolved failovers   {}", self.unresolved_failovers);
+        let _ = writeln!(
+            out,
+            "loss window            {:.3} s ({:.3} %), longest outage {:.3} s",
+            self.loss_window_s, self.loss_window_pct, self.longest_outage_s
+        );
+        let _ = writeln!(
+            out,
+            "messages               published {}, lost {}, duplicated {}",
+            self.published, self.lost_messages, self.duplicates
+        );
+        let _ = writeln!(out, "split-brain time       {:.3} s", self.split_brain_s);
+        let _ = writeln!(
+            out,
+            "statements/s           total {:.3}, per process mean {:.3}, max {:.3}",
+            self.statements_per_s, self.statements_per_s_per_process_mean, self.statements_per_s_per_process_max
+        );
+        let faults: Vec<String> = self.faults.iter().map(|(k, v)| format!("{k}:{v}")).collect();
+        let lost: Vec<String> = self.lost_reasons.iter().map(|(k, v)| format!("{k}:{v}")).collect();
+        let _ = writeln!(out, "faults                 {}", faults.join(" "));
+        let _ = writeln!(out, "holder losses          {}", lost.join(" "));
+        let _ = writeln!(
+            out,
+            "acquisitions {}, dead-peer drops {}, stale terminations {}, trace {}",
+            self.acquisitions, self.dead_peer_drops, self.stale_terminations, self.trace_hash
+        );
+        out
+    }
+}

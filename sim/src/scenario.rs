@@ -1,0 +1,601 @@
+//! What to simulate: the fleet, its lock timings, the network and server, the publisher and the
+//! faults. Readable from TOML; durations are written like `500ms`, `5s`, `15m`, `2h`.
+
+use std::fmt;
+use std::time::Duration;
+
+use pgiplock_core::{ConfigError, LockConfig, Protocol};
+use serde::{Deserialize, Serialize};
+
+/// A setting that cannot be used.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ScenarioError {
+    /// The lock timings are refused by the core.
+    #[error("invalid lock configuration: {0}")]
+    Lock(#[from] ConfigError),
+    /// A value out of range.
+    #[error("invalid scenario: {0}")]
+    Invalid(String),
+    /// A duration that does not parse.
+    #[error("invalid duration {0:?} (expected e.g. 500ms, 5s, 15m, 2h)")]
+    Duration(String),
+    /// A TOML file that does not parse.
+    #[error("invalid scenario file: {0}")]
+    Toml(String),
+}
+
+/// Parses `250us`, `500ms`, `5s`, `1.5s`, `15m`, `2h`, `1d` (a bare number is seconds).
+pub fn parse_duration(text: &str) -> Result<Duration, ScenarioError> {
+    let t = text.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let value: f64 = number.parse().map_err(|_| ScenarioError::Duration(text.to_owned()))?;
+    let micros_per = match unit.trim() {
+        "us" | "µs" => 1.0,
+        "ms" => 1e3,
+        "" | "s" => 1e6,
+        "m" | "min" => 60e6,
+        "h" => 3600e6,
+        "d" => 86_400e6,
+        _ => return Err(ScenarioError::Duration(text.to_owned())),
+    };
+    let micros = value * micros_per;
+    if !micros.is_finite() || !(0.0..=1e15).contains(&micros) {
+        return Err(ScenarioError::Duration(text.to_owned()));
+    }
+    Ok(Duration::from_micros(micros.round() as u64))
+}
+
+/// Formats a duration in the largest unit that divides it exactly (`90s`, `15m`, `250ms`).
+pub fn format_duration(d: Duration) -> String {
+    let us = d.as_micros();
+    for (unit, per) in [
+        ("d", 86_400_000_000u128),
+        ("h", 3_600_000_000),
+        ("m", 60_000_000),
+        ("s", 1_000_000),
+        ("ms", 1_000),
+    ] {
+        if us >= per && us % per == 0 {
+            return format!("{}{unit}", us / per);
+        }
+    }
+    if us == 0 {
+        return "0s".to_owned();
+    }
+    format!("{us}us")
+}
+
+mod dur {
+    use super::{format_duration, parse_duration};
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format_duration(*d))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        parse_duration(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+mod proto {
+    use pgiplock_core::Protocol;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(p: &Protocol, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(p.as_str())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Protocol, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+mod opt_dur {
+    use super::{format_duration, parse_duration};
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_str(&format_duration(*d)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let text = Option::<String>::deserialize(d)?;
+        text.map(|t| parse_duration(&t).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+/// A kind of fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FaultKind {
+    /// SIGTERM: the process releases and exits; it restarts after `restart_delay`.
+    Stop,
+    /// The process dies at once; the server sees the connection end shortly after; it restarts
+    /// after `restart_delay`.
+    Crash,
+    /// The process's network silently drops everything both ways for `cut_duration`.
+    Cut,
+    /// An administrator terminates the process's backend (`pg_terminate_backend`).
+    Terminate,
+    /// The server restarts: every session ends; it accepts connections again after `server_down`.
+    ServerRestart,
+}
+
+impl FaultKind {
+    /// All kinds, in report order.
+    pub const ALL: [FaultKind; 5] = [
+        FaultKind::Stop,
+        FaultKind::Crash,
+        FaultKind::Cut,
+        FaultKind::Terminate,
+        FaultKind::ServerRestart,
+    ];
+
+    /// The snake_case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FaultKind::Stop => "stop",
+            FaultKind::Crash => "crash",
+            FaultKind::Cut => "cut",
+            FaultKind::Terminate => "terminate",
+            FaultKind::ServerRestart => "server_restart",
+        }
+    }
+}
+
+impl fmt::Display for FaultKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for FaultKind {
+    type Err = ScenarioError;
+    fn from_str(s: &str) -> Result<Self, ScenarioError> {
+        FaultKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| ScenarioError::Invalid(format!("unknown fault kind {s:?}")))
+    }
+}
+
+/// Which process a fault hits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum FaultTarget {
+    /// The process holding the data channel's lock (a random live one when nobody holds).
+    #[default]
+    Holder,
+    /// A random live process.
+    Any,
+}
+
+/// One fault at a given time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FaultSpec {
+    /// When, from the start of the run.
+    #[serde(with = "dur")]
+    pub at: Duration,
+    /// What.
+    pub kind: FaultKind,
+    /// A process index; `None` means the current holder.
+    #[serde(default)]
+    pub process: Option<usize>,
+}
+
+/// Faults per hour of virtual time, each drawn as a Poisson process from the seed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct FaultRates {
+    /// Graceful stops per hour.
+    pub stop: f64,
+    /// Crashes per hour.
+    pub crash: f64,
+    /// Silent disconnects per hour.
+    pub cut: f64,
+    /// Server-side terminations per hour.
+    pub terminate: f64,
+    /// Server restarts per hour.
+    pub server_restart: f64,
+}
+
+impl FaultRates {
+    /// The rate of `kind`.
+    pub fn of(&self, kind: FaultKind) -> f64 {
+        match kind {
+            FaultKind::Stop => self.stop,
+            FaultKind::Crash => self.crash,
+            FaultKind::Cut => self.cut,
+            FaultKind::Terminate => self.terminate,
+            FaultKind::ServerRestart => self.server_restart,
+        }
+    }
+}
+
+/// A whole simulation setting. `Scenario::default()` is the default sweep's base.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Scenario {
+    /// Lock protocol of every process.
+    #[serde(with = "proto")]
+    pub protocol: Protocol,
+    /// Number of processes competing for the lock.
+    pub processes: usize,
+    /// Channels (locks) per process; the publisher and the metrics use the first.
+    pub channels: usize,
+    /// Virtual time simulated.
+    #[serde(with = "dur")]
+    pub duration: Duration,
+    /// Metrics count from here on (the first acquisition is not a failover).
+    #[serde(with = "dur")]
+    pub warmup: Duration,
+    /// Standby retry bound.
+    #[serde(with = "dur")]
+    pub acquire_interval: Duration,
+    /// Retry jitter fraction (see `LockConfig::retry_jitter`).
+    pub retry_jitter: f64,
+    /// Lease length (Lease).
+    #[serde(with = "dur")]
+    pub lease_ttl: Duration,
+    /// Renew / ownership-check interval; default: ttl / 5 (Lease), 30 s (Classic).
+    #[serde(with = "opt_dur")]
+    pub renew_interval: Option<Duration>,
+    /// Self-fencing margin; default ttl / 10.
+    #[serde(with = "opt_dur")]
+    pub fence_margin: Option<Duration>,
+    /// A request unanswered for this long resets the session.
+    #[serde(with = "dur")]
+    pub request_timeout: Duration,
+    /// Notifications per second on the data channel (0 = none).
+    pub publish_rate: f64,
+    /// One-way network delay between any process and the server (constant, so each link is FIFO).
+    #[serde(with = "dur")]
+    pub net_delay: Duration,
+    /// Shortest statement execution time at the server.
+    #[serde(with = "dur")]
+    pub query_min: Duration,
+    /// Mean statement execution time (shifted exponential, cut at `query_max`).
+    #[serde(with = "dur")]
+    pub query_mean: Duration,
+    /// Longest statement execution time.
+    #[serde(with = "dur")]
+    pub query_max: Duration,
+    /// Server: time to drop an idle client that vanished (keepalive: 7200 s + 9 × 75 s on Linux).
+    #[serde(with = "dur")]
+    pub server_keepalive_detect: Duration,
+    /// Server: time to drop a client that vanished while the server was sending to it
+    /// (tcp_retries2 = 15 on Linux: about 15 min).
+    #[serde(with = "dur")]
+    pub server_retransmit_detect: Duration,
+    /// Client `tcp_user_timeout`: a request unacknowledged this long fails the connection.
+    #[serde(with = "dur")]
+    pub client_user_timeout: Duration,
+    /// Client connection attempt timeout.
+    #[serde(with = "dur")]
+    pub connect_timeout: Duration,
+    /// After a crash, time until the server sees the connection end (the OS closes the socket).
+    #[serde(with = "dur")]
+    pub crash_close_delay: Duration,
+    /// Clock rate drift bound: every process's clock runs at a rate drawn in `1 ± drift`.
+    pub drift: f64,
+    /// Whether lock sessions may `pg_terminate_backend` each other.
+    pub terminate_permitted: bool,
+    /// Faults per hour, drawn from the seed.
+    pub fault_rates: FaultRates,
+    /// Whom rate-drawn faults hit.
+    pub fault_target: FaultTarget,
+    /// Faults at given times, in addition to the drawn ones.
+    pub faults: Vec<FaultSpec>,
+    /// A stopped or crashed process starts again after this long (`None`: never).
+    #[serde(with = "opt_dur")]
+    pub restart_delay: Option<Duration>,
+    /// How long a silent disconnect lasts.
+    #[serde(with = "dur")]
+    pub cut_duration: Duration,
+    /// How long a restarting server refuses connections.
+    #[serde(with = "dur")]
+    pub server_down: Duration,
+    /// Extra time the liveness checker allows over the design's bound.
+    #[serde(with = "dur")]
+    pub liveness_slack: Duration,
+    /// Most events one run may process.
+    pub max_steps: u64,
+}
+
+impl Default for Scenario {
+    fn default() -> Self {
+        Scenario {
+            protocol: Protocol::Lease,
+            processes: 10,
+            channels: 1,
+            duration: Duration::from_secs(12 * 3600),
+            warmup: Duration::from_secs(60),
+            acquire_interval: Duration::from_secs(30),
+            retry_jitter: 0.2,
+            lease_ttl: Duration::from_secs(10),
+            renew_interval: None,
+            fence_margin: None,
+            request_timeout: Duration::from_secs(5),
+            publish_rate: 1.0,
+            net_delay: Duration::from_micros(250),
+            query_min: Duration::from_micros(200),
+            query_mean: Duration::from_millis(1),
+            query_max: Duration::from_millis(100),
+            server_keepalive_detect: Duration::from_secs(7200 + 9 * 75),
+            server_retransmit_detect: Duration::from_secs(924),
+            client_user_timeout: Duration::from_secs(15),
+            connect_timeout: Duration::from_secs(5),
+            crash_close_delay: Duration::from_millis(1),
+            drift: 0.0001,
+            terminate_permitted: true,
+            fault_rates: FaultRates {
+                stop: 1.0,
+                crash: 1.0,
+                cut: 0.5,
+                terminate: 0.5,
+                server_restart: 0.0,
+            },
+            fault_target: FaultTarget::Holder,
+            faults: Vec::new(),
+            restart_delay: Some(Duration::from_secs(10)),
+            cut_duration: Duration::from_secs(30 * 60),
+            server_down: Duration::from_secs(5),
+            liveness_slack: Duration::from_secs(10),
+            max_steps: 2_000_000_000,
+        }
+    }
+}
+
+impl Scenario {
+    /// Parses a TOML scenario; missing fields take their defaults.
+    pub fn from_toml(text: &str) -> Result<Scenario, ScenarioError> {
+        let scenario: Scenario = toml::from_str(text).map_err(|e| ScenarioError::Toml(e.to_string()))?;
+        scenario.validate()?;
+        Ok(scenario)
+    }
+
+    /// The scenario as TOML.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_default()
+    }
+
+    /// The core configuration every lock of this scenario uses.
+    pub fn lock_config(&self) -> LockConfig {
+        let mut c = LockConfig::new(self.protocol);
+        c.acquire_interval = self.acquire_interval;
+        c.retry_jitter = self.retry_jitter;
+        c.lease_ttl = self.lease_ttl;
+        c.request_timeout = self.request_timeout;
+        match self.protocol {
+            Protocol::Lease => {
+                c.renew_interval = self.renew_interval.unwrap_or(self.lease_ttl / 5);
+                c.fence_margin = self.fence_margin.unwrap_or(self.lease_ttl / 10);
+            }
+            Protocol::Classic => {
+                if let Some(renew) = self.renew_interval {
+                    c.renew_interval = renew;
+                }
+                if let Some(margin) = self.fence_margin {
+                    c.fence_margin = margin;
+                }
+            }
+        }
+        c
+    }
+
+    /// Checks the scenario and its lock configuration.
+    pub fn validate(&self) -> Result<(), ScenarioError> {
+        self.lock_config().validate()?;
+        let invalid = |m: &str| Err(ScenarioError::Invalid(m.to_owned()));
+        if self.processes == 0 || self.processes > 100_000 {
+            return invalid("processes must be within 1..=100000");
+        }
+        if self.channels == 0 || self.channels > 64 {
+            return invalid("channels must be within 1..=64");
+        }
+        if self.duration.is_zero() || self.duration > Duration::from_secs(366 * 86_400) {
+            return invalid("duration must be within (0, 366 d]");
+        }
+        if !(0.0..=0.5).contains(&self.drift) {
+            return invalid("drift must be within 0.0..=0.5");
+        }
+        if !(0.0..=10_000.0).contains(&self.publish_rate) {
+            return invalid("publish_rate must be within 0..=10000 per second");
+        }
+        for kind in FaultKind::ALL {
+            if !(0.0..=3600.0).contains(&self.fault_rates.of(kind)) {
+                return invalid("fault rates must be within 0..=3600 per hour");
+            }
+        }
+        if self.query_min > self.query_mean || self.query_mean > self.query_max {
+            return invalid("query latencies must satisfy query_min <= query_mean <= query_max");
+        }
+        if self
+            .faults
+            .iter()
+            .any(|f| f.process.is_some_and(|p| p >= self.processes))
+        {
+            return invalid("a fault names a process index beyond the fleet");
+        }
+        if self.max_steps == 0 {
+            return invalid("max_steps must be positive");
+        }
+        Ok(())
+    }
+
+    /// The clock-rate drift the Lease fence margin covers: `fence_margin / lease_ttl`. S2 is
+    /// checked only when `drift` stays below it.
+    pub fn drift_bound(&self) -> f64 {
+        let c = self.lock_config();
+        c.fence_margin.as_secs_f64() / c.lease_ttl.as_secs_f64()
+    }
+
+    /// The retry bound of a standby: `acquire_interval`, or under Lease the lease expiry if that
+    /// comes first, plus jitter.
+    pub fn retry_bound(&self) -> Duration {
+        let c = self.lock_config();
+        let base = match self.protocol {
+            Protocol::Lease => c.acquire_interval.min(c.lease_ttl),
+            Protocol::Classic => c.acquire_interval,
+        };
+        base + c.wake_jitter
+    }
+
+    /// How long after the last fault event a live process must hold the lock again (the design's
+    /// bound plus reconnection and the configured slack).
+    pub fn liveness_bound(&self) -> Duration {
+        let c = self.lock_config();
+        let reconnect = self.client_user_timeout + self.connect_timeout + Duration::from_secs(10) + self.server_down;
+        let detect = match self.protocol {
+            // A silently vanished holder's lease runs out; its zombie session does not matter.
+            Protocol::Lease => c.lease_ttl,
+            // The zombie session keeps the row until the server's dead-peer detection.
+            Protocol::Classic => self.server_keepalive_detect.max(self.server_retransmit_detect) + c.renew_interval,
+        };
+        detect + self.retry_bound() + c.request_timeout * 2 + c.shutdown_timeout + reconnect + self.liveness_slack
+    }
+
+    /// The scenario as command-line flags of `pgiplock-sim run` (only what differs from the
+    /// default); explicit fault schedules are not expressible and are listed as `--fault` flags.
+    pub fn to_cli_args(&self) -> String {
+        let d = Scenario::default();
+        let mut out = Vec::new();
+        let mut flag = |name: &str, value: String, default: String| {
+            if value != default {
+                out.push(format!("--{name} {value}"));
+            }
+        };
+        flag("protocol", self.protocol.to_string(), d.protocol.to_string());
+        flag("processes", self.processes.to_string(), d.processes.to_string());
+        flag("channels", self.channels.to_string(), d.channels.to_string());
+        let fd = |x: Duration| format_duration(x);
+        let fo = |x: Option<Duration>| x.map_or_else(|| "none".to_owned(), format_duration);
+        flag("duration", fd(self.duration), fd(d.duration));
+        flag("warmup", fd(self.warmup), fd(d.warmup));
+        flag("acquire-interval", fd(self.acquire_interval), fd(d.acquire_interval));
+        flag(
+            "retry-jitter",
+            self.retry_jitter.to_string(),
+            d.retry_jitter.to_string(),
+        );
+        flag("lease-ttl", fd(self.lease_ttl), fd(d.lease_ttl));
+        flag("renew-interval", fo(self.renew_interval), fo(d.renew_interval));
+        flag("fence-margin", fo(self.fence_margin), fo(d.fence_margin));
+        flag("request-timeout", fd(self.request_timeout), fd(d.request_timeout));
+        flag(
+            "publish-rate",
+            self.publish_rate.to_string(),
+            d.publish_rate.to_string(),
+        );
+        flag("net-delay", fd(self.net_delay), fd(d.net_delay));
+        flag("query-min", fd(self.query_min), fd(d.query_min));
+        flag("query-mean", fd(self.query_mean), fd(d.query_mean));
+        flag("query-max", fd(self.query_max), fd(d.query_max));
+        flag(
+            "server-keepalive-detect",
+            fd(self.server_keepalive_detect),
+            fd(d.server_keepalive_detect),
+        );
+        flag(
+            "server-retransmit-detect",
+            fd(self.server_retransmit_detect),
+            fd(d.server_retransmit_detect),
+        );
+        flag(
+            "client-user-timeout",
+            fd(self.client_user_timeout),
+            fd(d.client_user_timeout),
+        );
+        flag("connect-timeout", fd(self.connect_timeout), fd(d.connect_timeout));
+        flag("crash-close-delay", fd(self.crash_close_delay), fd(d.crash_close_delay));
+        flag("drift", self.drift.to_string(), d.drift.to_string());
+        flag(
+            "terminate-permitted",
+            self.terminate_permitted.to_string(),
+            d.terminate_permitted.to_string(),
+        );
+        for kind in FaultKind::ALL {
+            let name = format!("{}-rate", kind.as_str().replace('_', "-"));
+            flag(
+                &name,
+                self.fault_rates.of(kind).to_string(),
+                d.fault_rates.of(kind).to_string(),
+            );
+        }
+        let target = |t: FaultTarget| match t {
+            FaultTarget::Holder => "holder".to_owned(),
+            FaultTarget::Any => "any".to_owned(),
+        };
+        flag("fault-target", target(self.fault_target), target(d.fault_target));
+        flag("restart-delay", fo(self.restart_delay), fo(d.restart_delay));
+        flag("cut-duration", fd(self.cut_duration), fd(d.cut_duration));
+        flag("server-down", fd(self.server_down), fd(d.server_down));
+        flag("liveness-slack", fd(self.liveness_slack), fd(d.liveness_slack));
+        flag("max-steps", self.max_steps.to_string(), d.max_steps.to_string());
+        for f in &self.faults {
+            let target = f.process.map_or_else(|| "holder".to_owned(), |p| p.to_string());
+            out.push(format!("--fault {}@{}@{}", f.kind, fd(f.at), target));
+        }
+        out.join(" ")
+    }
+
+    /// A one-line summary for the first line of output.
+    pub fn summary(&self) -> String {
+        let c = self.lock_config();
+        let mut s = format!(
+            "protocol={} processes={} channels={} duration={} acquire_interval={}",
+            self.protocol,
+            self.processes,
+            self.channels,
+            format_duration(self.duration),
+            format_duration(self.acquire_interval),
+        );
+        if self.protocol == Protocol::Lease {
+            s.push_str(&format!(
+                " lease_ttl={} renew={} margin={}",
+                format_duration(c.lease_ttl),
+                format_duration(c.renew_interval),
+                format_duration(c.fence_margin)
+            ));
+        }
+        let r = &self.fault_rates;
+        s.push_str(&format!(
+            " publish_rate={}/s faults/h=stop:{} crash:{} cut:{} terminate:{} server_restart:{} scheduled={} drift={}",
+            self.publish_rate,
+            r.stop,
+            r.crash,
+            r.cut,
+            r.terminate,
+            r.server_restart,
+            self.faults.len(),
+            self.drift
+        ));
+        s
+    }
+}
+
+/// Parses `kind@time@target` (target: `holder` or a process index), as in `--fault cut@2h@holder`.
+pub fn parse_fault(text: &str) -> Result<FaultSpec, ScenarioError> {
+    let mut parts = text.split('@');
+    let kind: FaultKind = parts.next().unwrap_or_default().parse()?;
+    let at = parse_duration(parts.next().unwrap_or_default())?;
+    let process = match parts.next() {
+        None | Some("holder") => None,
+        Some(p) => Some(
+            p.parse::<usize>()
+                .map_err(|_| ScenarioError::Invalid(format!("bad fault target {p:?}")))?,
+        ),
+    };
+    Ok(FaultSpec { at, kind, process })
+}
