@@ -224,7 +224,7 @@ END
 /// concurrent bootstraps with a transaction-scoped advisory lock and creates only what is
 /// missing, so it needs no privileges at all when everything exists and never takes a table
 /// lock that would stall running lock operations.
-pub(crate) fn bootstrap_sql(protocol: Protocol, schema: &SchemaName) -> String {
+pub fn bootstrap_sql(protocol: Protocol, schema: &SchemaName) -> String {
     let qs = quote_ident(schema.as_str());
     let schema_lit = quote_literal(schema.as_str());
     let mut body = String::new();
@@ -308,7 +308,7 @@ pub(crate) fn bootstrap_sql(protocol: Protocol, schema: &SchemaName) -> String {
 
 /// Creates (or checks) the lock schema of `protocol`. Idempotent and safe to run from many
 /// sessions at once.
-pub(crate) async fn bootstrap(client: &Client, protocol: Protocol, schema: &SchemaName) -> Result<(), DbError> {
+pub async fn bootstrap(client: &Client, protocol: Protocol, schema: &SchemaName) -> Result<(), DbError> {
     client
         .batch_execute(&bootstrap_sql(protocol, schema))
         .await
@@ -337,12 +337,17 @@ pub(crate) async fn unlisten(client: &Client, channel: &ChannelName) -> Result<(
 
 /// Everything an operation needs to know about its lock and session.
 #[derive(Debug, Clone)]
-pub(crate) struct Target {
-    pub(crate) protocol: Protocol,
-    pub(crate) schema: SchemaName,
-    pub(crate) channel: ChannelName,
-    pub(crate) app: String,
-    pub(crate) lease_ttl: Duration,
+pub struct Target {
+    /// The lock's protocol.
+    pub protocol: Protocol,
+    /// The schema of the lock table.
+    pub schema: SchemaName,
+    /// The lock's channel.
+    pub channel: ChannelName,
+    /// The session's `application_name` (the holder identity).
+    pub app: String,
+    /// Lease length (`Lease`).
+    pub lease_ttl: Duration,
 }
 
 fn token_param(token: Option<FenceToken>) -> Result<i64, DbError> {
@@ -354,8 +359,9 @@ fn ttl_micros(ttl: Duration) -> i64 {
     i64::try_from(ttl.as_micros()).unwrap_or(i64::MAX)
 }
 
-/// Runs one operation of `target`'s protocol.
-pub(crate) async fn execute(client: &Client, target: &Target, op: &DbOp) -> Result<Reply, DbError> {
+/// Runs one operation of `target`'s protocol on `client`, whose session must have
+/// `application_name = target.app`. Implements the semantics documented on [`DbOp`].
+pub async fn execute(client: &Client, target: &Target, op: &DbOp) -> Result<Reply, DbError> {
     let qs = quote_ident(target.schema.as_str());
     let lock_channel = target.channel.lock_channel();
     let text = |s: &str| s.to_owned();

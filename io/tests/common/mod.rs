@@ -1,0 +1,150 @@
+//! Helpers shared by the io crate's tests: the server, unique names, raw clients that receive
+//! notifications, and bounded waits.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use futures::future::poll_fn;
+use pgiplock::{LockMessage, Subscription};
+use tokio::sync::mpsc;
+use tokio_postgres::{AsyncMessage, Client, Config, NoTls};
+
+/// Upper bound of every wait in these tests (generous: CI machines are slow).
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// The test server.
+pub fn config() -> Config {
+    let url = std::env::var("PGIPLOCK_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+    url.parse()
+        .expect("PGIPLOCK_TEST_DATABASE_URL is not a valid connection string")
+}
+
+/// A name unique to this test run: `<prefix>_<12 hex>`.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}_{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+/// A plain connection with its own application name, whose notifications and end are
+/// forwarded to `notifications` / `closed`.
+pub struct RawClient {
+    pub client: Client,
+    pub app: String,
+    pub pid: i32,
+    pub notifications: mpsc::UnboundedReceiver<(String, String)>,
+    pub closed: tokio::sync::watch::Receiver<bool>,
+}
+
+pub async fn raw_client(app: &str) -> RawClient {
+    let mut config = config();
+    config.application_name(app);
+    let (client, mut connection) = config.connect(NoTls).await.expect("connect to the test server");
+    let (tx, notifications) = mpsc::unbounded_channel();
+    let (closed_tx, closed) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        loop {
+            match poll_fn(|cx| connection.poll_message(cx)).await {
+                Some(Ok(AsyncMessage::Notification(n))) => {
+                    let _ = tx.send((n.channel().to_owned(), n.payload().to_owned()));
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => break,
+            }
+        }
+        let _ = closed_tx.send(true);
+    });
+    let pid = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .expect("backend pid")
+        .get(0);
+    RawClient {
+        client,
+        app: app.to_owned(),
+        pid,
+        notifications,
+        closed,
+    }
+}
+
+impl RawClient {
+    /// The next notification, within [`WAIT`].
+    pub async fn notification(&mut self) -> (String, String) {
+        tokio::time::timeout(WAIT, self.notifications.recv())
+            .await
+            .expect("timed out waiting for a notification")
+            .expect("connection ended")
+    }
+
+    /// Waits until the connection has ended, within [`WAIT`].
+    pub async fn wait_closed(&mut self) {
+        tokio::time::timeout(WAIT, self.closed.wait_for(|c| *c))
+            .await
+            .expect("timed out waiting for the connection to end")
+            .expect("watch closed");
+    }
+}
+
+/// An administrative connection (for publishing, inspecting and cleaning up).
+pub async fn admin() -> RawClient {
+    raw_client(&unique("admin")).await
+}
+
+/// Drops `schema` and everything in it.
+pub async fn drop_schema(schema: &str) {
+    let admin = admin().await;
+    admin
+        .client
+        .batch_execute(&format!(
+            "DROP SCHEMA IF EXISTS {} CASCADE",
+            pgiplock_core::quote_ident(schema)
+        ))
+        .await
+        .expect("drop schema");
+}
+
+/// Waits until no backend has `application_name = app` any more.
+pub async fn wait_backend_gone(admin: &Client, app: &str) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let n: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+                &[&app],
+            )
+            .await
+            .expect("pg_stat_activity")
+            .get(0);
+        if n == 0 {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "backend {app} still alive");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Sends `payload` on `channel` from `admin`.
+pub async fn publish(admin: &Client, channel: &str, payload: &str) {
+    admin
+        .execute("SELECT pg_notify($1, $2)", &[&channel, &payload])
+        .await
+        .expect("pg_notify");
+}
+
+/// The next message of `sub` matching `pred`, skipping others, within [`WAIT`].
+pub async fn next_matching(sub: &mut Subscription, what: &str, pred: impl Fn(&LockMessage) -> bool) -> LockMessage {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match tokio::time::timeout_at(deadline, sub.next()).await {
+            Ok(Some(m)) if pred(&m) => return m,
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("subscription ended while waiting for {what}"),
+            Err(_) => panic!("timed out waiting for {what}"),
+        }
+    }
+}
+
+/// Everything queued on `sub` right now.
+pub fn queued(sub: &mut Subscription) -> Vec<LockMessage> {
+    std::iter::from_fn(|| sub.try_next()).collect()
+}

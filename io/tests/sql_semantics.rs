@@ -1,0 +1,316 @@
+//! The SQL of both protocols against a real server: bootstrap, and every operation of `DbOp`.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use pgiplock::sql::{self, Target};
+use pgiplock_core::{
+    AcquireReply, ChannelName, DbOp, FenceToken, Marker, Protocol, Reply, SchemaName, StaleHolder, TerminateOutcome,
+};
+
+fn target(protocol: Protocol, schema: &str, channel: &str, app: &str, ttl: Duration) -> Target {
+    Target {
+        protocol,
+        schema: SchemaName::new(schema).unwrap(),
+        channel: ChannelName::new(channel).unwrap(),
+        app: app.to_owned(),
+        lease_ttl: ttl,
+    }
+}
+
+async fn acquire(c: &RawClient, t: &Target) -> AcquireReply {
+    match sql::execute(&c.client, t, &DbOp::Acquire).await {
+        Ok(Reply::Acquire(reply)) => reply,
+        other => panic!("acquire: {other:?}"),
+    }
+}
+
+async fn renew(c: &RawClient, t: &Target, token: Option<FenceToken>) -> bool {
+    match sql::execute(&c.client, t, &DbOp::Renew { token }).await {
+        Ok(Reply::Renew { owned }) => owned,
+        other => panic!("renew: {other:?}"),
+    }
+}
+
+async fn release(c: &RawClient, t: &Target, token: Option<FenceToken>) -> bool {
+    match sql::execute(&c.client, t, &DbOp::Release { token }).await {
+        Ok(Reply::Release { released }) => released,
+        other => panic!("release: {other:?}"),
+    }
+}
+
+async fn bootstrap_many(protocol: Protocol) {
+    let schema = unique("t_boot");
+    let name = SchemaName::new(&schema).unwrap();
+    let names: Vec<String> = (0..20).map(|i| format!("boot-{i}")).collect();
+    let clients = futures::future::join_all(names.iter().map(|n| raw_client(n))).await;
+    let results = futures::future::join_all(clients.iter().map(|c| sql::bootstrap(&c.client, protocol, &name))).await;
+    for r in &results {
+        assert!(r.is_ok(), "concurrent bootstrap failed: {r:?}");
+    }
+    // Idempotent: again, sequentially and concurrently.
+    sql::bootstrap(&clients[0].client, protocol, &name).await.unwrap();
+    let again = futures::future::join_all(clients.iter().map(|c| sql::bootstrap(&c.client, protocol, &name))).await;
+    assert!(again.iter().all(Result::is_ok), "{again:?}");
+    let admin = admin().await;
+    let table = match protocol {
+        Protocol::Classic => "lock",
+        Protocol::Lease => "lease",
+    };
+    let qualified = format!("{}.{}", pgiplock_core::quote_ident(&schema), table);
+    let exists: bool = admin
+        .client
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&qualified])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(exists);
+    let functions: i64 = admin
+        .client
+        .query_one(
+            "SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = $1",
+            &[&schema],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(functions, if protocol == Protocol::Classic { 2 } else { 4 });
+    if protocol == Protocol::Classic {
+        let triggers: i64 = admin
+            .client
+            .query_one(
+                "SELECT count(*) FROM pg_trigger WHERE tgrelid = to_regclass($1) AND tgname = 'notify_release_lock_trigger'",
+                &[&qualified],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(triggers, 1);
+    }
+    drop_schema(&schema).await;
+}
+
+#[tokio::test]
+async fn bootstrap_is_idempotent_and_concurrent_classic() {
+    bootstrap_many(Protocol::Classic).await;
+}
+
+#[tokio::test]
+async fn bootstrap_is_idempotent_and_concurrent_lease() {
+    bootstrap_many(Protocol::Lease).await;
+}
+
+#[tokio::test]
+async fn bootstrap_survives_hostile_schema_names() {
+    for schema in [
+        format!("{} \"q\" 'x' $fn$ $pgiplock_bootstrap$", unique("T")),
+        format!("Ünï {}", unique("c")),
+    ] {
+        let name = SchemaName::new(&schema).unwrap();
+        let c = raw_client("boot-hostile").await;
+        for protocol in [Protocol::Classic, Protocol::Lease] {
+            sql::bootstrap(&c.client, protocol, &name).await.unwrap();
+            sql::bootstrap(&c.client, protocol, &name).await.unwrap();
+            let t = target(protocol, &schema, "odd", &c.app, Duration::from_secs(5));
+            assert!(acquire(&c, &t).await.acquired);
+        }
+        drop_schema(&schema).await;
+    }
+}
+
+#[tokio::test]
+async fn classic_acquire_lock_takeover_and_release() {
+    let schema = unique("t_classic");
+    let channel = unique("jobs");
+    let name = SchemaName::new(&schema).unwrap();
+    let a = raw_client(&unique("app-a")).await;
+    let mut b = raw_client(&unique("app-b")).await;
+    sql::bootstrap(&a.client, Protocol::Classic, &name).await.unwrap();
+    let ttl = Duration::from_secs(5);
+    let ta = target(Protocol::Classic, &schema, &channel, &a.app, ttl);
+    let tb = target(Protocol::Classic, &schema, &channel, &b.app, ttl);
+    let lock_channel = ta.channel.lock_channel().to_owned();
+    b.client
+        .batch_execute(&format!("LISTEN {}", pgiplock_core::quote_ident(&lock_channel)))
+        .await
+        .unwrap();
+
+    let first = acquire(&a, &ta).await;
+    assert!(first.acquired && first.token.is_none());
+    assert_eq!(acquire(&b, &tb).await, AcquireReply::locked());
+    assert!(
+        acquire(&a, &ta).await.acquired,
+        "a row naming this session counts as acquired"
+    );
+    assert!(renew(&a, &ta, None).await);
+    assert!(!renew(&b, &tb, None).await);
+    assert!(!release(&b, &tb, None).await, "b cannot release a's row");
+
+    // The row is keyed by the lock channel, as @imqueue/pg-pubsub keys it.
+    let status = pgiplock::lock_status(config(), Protocol::Classic, Some(&schema))
+        .await
+        .unwrap();
+    assert_eq!(status.len(), 1);
+    assert_eq!(status[0].channel, channel);
+    assert_eq!(status[0].holder.as_deref(), Some(a.app.as_str()));
+    assert!(status[0].holder_alive);
+
+    // Release deletes the row; the deferred trigger notifies '1' on the lock channel.
+    assert!(release(&a, &ta, None).await);
+    assert_eq!(b.notification().await, (lock_channel.clone(), "1".to_owned()));
+    assert!(!release(&a, &ta, None).await);
+
+    // Drain marker.
+    assert_eq!(
+        sql::execute(&a.client, &ta, &DbOp::Drain { token: None }).await,
+        Ok(Reply::Drained)
+    );
+    assert_eq!(
+        b.notification().await,
+        (lock_channel.clone(), Marker::Draining(None).payload())
+    );
+
+    // Takeover once the holder's session is gone from pg_stat_activity.
+    assert!(acquire(&a, &ta).await.acquired);
+    assert!(!acquire(&b, &tb).await.acquired);
+    let a_app = a.app.clone();
+    drop(a);
+    let admin = admin().await;
+    wait_backend_gone(&admin.client, &a_app).await;
+    assert!(acquire(&b, &tb).await.acquired);
+    assert!(renew(&b, &tb, None).await);
+    drop_schema(&schema).await;
+}
+
+#[tokio::test]
+async fn lease_tokens_fencing_expiry_and_stale_holders() {
+    let schema = unique("t_lease");
+    let channel = unique("jobs");
+    let name = SchemaName::new(&schema).unwrap();
+    let a = raw_client(&unique("app-a")).await;
+    let mut b = raw_client(&unique("app-b")).await;
+    sql::bootstrap(&a.client, Protocol::Lease, &name).await.unwrap();
+    let long = Duration::from_secs(30);
+    let ta = target(Protocol::Lease, &schema, &channel, &a.app, long);
+    let tb = target(Protocol::Lease, &schema, &channel, &b.app, long);
+    let lock_channel = ta.channel.lock_channel().to_owned();
+    b.client
+        .batch_execute(&format!("LISTEN {}", pgiplock_core::quote_ident(&lock_channel)))
+        .await
+        .unwrap();
+    let mut tokens = Vec::new();
+
+    // A new row starts at token 1 and announces it.
+    let r = acquire(&a, &ta).await;
+    assert!(r.acquired);
+    assert_eq!(r.token, Some(FenceToken(1)));
+    assert_eq!(r.stale_holder, None);
+    tokens.push(r.token.unwrap());
+    assert_eq!(b.notification().await, (lock_channel.clone(), "acquired:1".to_owned()));
+
+    // A loser learns the remaining lease and writes nothing.
+    let r = acquire(&b, &tb).await;
+    assert!(!r.acquired && r.token.is_none());
+    let remaining = r.lease_remaining.expect("remaining lease");
+    assert!(
+        remaining > Duration::from_secs(20) && remaining <= long,
+        "{remaining:?}"
+    );
+
+    // Renew only with the current token and owner.
+    assert!(renew(&a, &ta, Some(FenceToken(1))).await);
+    assert!(!renew(&a, &ta, Some(FenceToken(2))).await);
+    assert!(!renew(&b, &tb, Some(FenceToken(1))).await);
+
+    // Release with the right token notifies; the row stays and tokens go on.
+    assert!(!release(&b, &tb, Some(FenceToken(1))).await);
+    assert!(release(&a, &ta, Some(FenceToken(1))).await);
+    assert_eq!(b.notification().await, (lock_channel.clone(), "released:1".to_owned()));
+    let r = acquire(&b, &tb).await;
+    assert!(r.acquired);
+    tokens.push(r.token.unwrap());
+    // Old terms change nothing.
+    assert!(!renew(&a, &ta, Some(FenceToken(1))).await);
+    assert!(!release(&a, &ta, Some(FenceToken(1))).await);
+    assert!(renew(&b, &tb, tokens.last().copied()).await);
+
+    // An expired lease of a live holder is taken over and the holder reported as stale.
+    let short = Duration::from_millis(200);
+    let tb_short = target(Protocol::Lease, &schema, &channel, &b.app, short);
+    assert!(renew(&b, &tb_short, tokens.last().copied()).await);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let r = loop {
+        let r = acquire(&a, &ta).await;
+        if r.acquired {
+            break r;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "lease never expired");
+        // The server said when the lease ends: wait that long, not a guess.
+        tokio::time::sleep(r.lease_remaining.unwrap_or_default() + Duration::from_millis(5)).await;
+    };
+    tokens.push(r.token.unwrap());
+    assert_eq!(
+        r.stale_holder,
+        Some(StaleHolder {
+            pid: b.pid,
+            app: b.app.clone()
+        })
+    );
+    assert!(!renew(&b, &tb, Some(tokens[1])).await, "a superseded term cannot renew");
+    let outcome = sql::execute(
+        &a.client,
+        &ta,
+        &DbOp::TerminateStale {
+            pid: b.pid,
+            app: b.app.clone(),
+        },
+    )
+    .await;
+    assert_eq!(outcome, Ok(Reply::Terminate(TerminateOutcome::Terminated)));
+    b.wait_closed().await;
+    let outcome = sql::execute(
+        &a.client,
+        &ta,
+        &DbOp::TerminateStale {
+            pid: b.pid,
+            app: b.app.clone(),
+        },
+    )
+    .await;
+    assert_eq!(outcome, Ok(Reply::Terminate(TerminateOutcome::Gone)));
+
+    // A holder whose session ended is taken over at once, before its lease expires.
+    let c = raw_client(&unique("app-c")).await;
+    let tc = target(Protocol::Lease, &schema, &channel, &c.app, long);
+    assert!(!acquire(&c, &tc).await.acquired);
+    let a_app = a.app.clone();
+    drop(a);
+    let admin = admin().await;
+    wait_backend_gone(&admin.client, &a_app).await;
+    let r = acquire(&c, &tc).await;
+    assert!(r.acquired);
+    assert_eq!(r.stale_holder, None);
+    tokens.push(r.token.unwrap());
+    assert!(
+        tokens.windows(2).all(|w| w[0] < w[1]),
+        "tokens must strictly increase: {tokens:?}"
+    );
+
+    let status = pgiplock::lock_status(config(), Protocol::Lease, Some(&schema))
+        .await
+        .unwrap();
+    assert_eq!(status.len(), 1);
+    assert_eq!(status[0].channel, channel);
+    assert_eq!(status[0].holder.as_deref(), Some(c.app.as_str()));
+    assert_eq!(status[0].holder_pid, Some(c.pid));
+    assert!(status[0].holder_alive);
+    assert_eq!(status[0].token, tokens.last().copied());
+    assert!(status[0].lease_remaining.is_some_and(|d| d > Duration::from_secs(20)));
+    drop_schema(&schema).await;
+    assert!(pgiplock::lock_status(config(), Protocol::Lease, Some(&schema))
+        .await
+        .unwrap()
+        .is_empty());
+}
