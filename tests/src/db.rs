@@ -214,3 +214,70 @@ impl Drop for MessageStream {
         self.stop.cancel();
     }
 }
+
+/// A session that `LISTEN`s on channels and hands their notifications over: tokio-postgres
+/// delivers notifications only through `Connection::poll_message`, so this drives the
+/// connection itself.
+pub struct Listener {
+    client: Client,
+    notifications: tokio::sync::mpsc::UnboundedReceiver<(String, String)>,
+}
+
+impl Listener {
+    /// Connects to `url` and listens on every channel of `channels`.
+    pub async fn connect(url: &str, channels: &[&str]) -> Listener {
+        let (client, mut connection) = tokio_postgres::connect(url, NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect to {url}: {e}"));
+        let (tx, notifications) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(Ok(message)) = futures::StreamExt::next(&mut messages).await {
+                if let tokio_postgres::AsyncMessage::Notification(n) = message {
+                    if tx.send((n.channel().to_owned(), n.payload().to_owned())).is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        for channel in channels {
+            client
+                .batch_execute(&format!("LISTEN {}", quote_ident(channel)))
+                .await
+                .unwrap_or_else(|e| panic!("LISTEN {channel:?} failed: {e}"));
+        }
+        Listener { client, notifications }
+    }
+
+    /// The listening session's client (e.g. to send a sentinel notification).
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// The next notification `(channel, payload)`, waiting at most `timeout`.
+    pub async fn next(&mut self, timeout: Duration) -> Option<(String, String)> {
+        tokio::time::timeout(timeout, self.notifications.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Every notification that arrives before `sentinel` (sent on `channel` by this very
+    /// session, so it arrives after anything committed earlier: notifications reach a listener
+    /// in commit order). Panics if the sentinel does not arrive within `timeout`.
+    pub async fn drain_until_sentinel(&mut self, channel: &str, timeout: Duration) -> Vec<(String, String)> {
+        let sentinel = format!("sentinel-{}", crate::unique_hex());
+        self.client
+            .execute("SELECT pg_notify($1, $2)", &[&channel, &sentinel])
+            .await
+            .unwrap_or_else(|e| panic!("sentinel notify failed: {e}"));
+        let mut before = Vec::new();
+        loop {
+            match self.next(timeout).await {
+                Some((c, p)) if c == channel && p == sentinel => return before,
+                Some(other) => before.push(other),
+                None => panic!("sentinel on {channel:?} did not arrive within {timeout:?}; got {before:?}"),
+            }
+        }
+    }
+}

@@ -18,7 +18,7 @@ mod proxy;
 mod timeline;
 mod worker;
 
-pub use db::{backends_of_app, connect, terminate_app, MessageStream, Publisher, TestSchema};
+pub use db::{backends_of_app, connect, terminate_app, Listener, MessageStream, Publisher, TestSchema};
 pub use fleet::{EndKind, Fleet, Interval};
 pub use proxy::BlackholeProxy;
 pub use timeline::{now_us, Event, EventKind, Timeline};
@@ -32,6 +32,11 @@ pub const PROTOCOLS: [Protocol; 2] = [Protocol::Classic, Protocol::Lease];
 /// The server the tests use: env `PGIPLOCK_TEST_DATABASE_URL`, else the local test database.
 pub fn database_url() -> String {
     std::env::var("PGIPLOCK_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+/// Worker settings for a fresh channel in `schema` on [`database_url`], under `protocol`.
+pub fn worker_opts(schema: &TestSchema, protocol: Protocol) -> WorkerOpts {
+    WorkerOpts::new(&database_url(), &unique_channel(), Some(schema.name()), protocol)
 }
 
 /// A short random hex string for unique names.

@@ -1,0 +1,187 @@
+//! Handover and failover of real worker processes: graceful stop (SIGTERM), crash (SIGKILL),
+//! and a backend terminated by the server (`pg_terminate_backend`), under both protocols.
+
+use std::time::Duration;
+
+use pgiplock_tests::*;
+
+const STARTUP: Duration = Duration::from_secs(20);
+
+/// Waits until the fleet has a holder and checks, over a short window, that nobody else
+/// acquires: exactly one holder.
+async fn exactly_one_holder(fleet: &Fleet) -> (usize, i64, Option<u64>) {
+    fleet.wait_all_ready(STARTUP).await;
+    let holder = fleet.wait_holder(STARTUP).await;
+    let second = fleet
+        .timeline()
+        .try_wait_for(Duration::from_millis(500), |events| {
+            let acquired = events
+                .iter()
+                .filter(|e| matches!(e.kind, EventKind::Acquired { .. }))
+                .count();
+            (acquired > 1).then_some(acquired)
+        })
+        .await;
+    assert!(
+        second.is_none(),
+        "more than one acquisition with a stable fleet\n{}",
+        fleet.timeline().dump()
+    );
+    assert_eq!(fleet.holders(), vec![holder.0], "exactly one holder");
+    holder
+}
+
+async fn sigterm_handover(protocol: Protocol) {
+    let schema = TestSchema::new();
+    // A 60 s retry interval (and the 10 s default lease) means any quick takeover was driven
+    // by the release notification, not by a retry.
+    let mut fleet = Fleet::new(worker_opts(&schema, protocol).acquire_interval(Duration::from_secs(60)));
+    fleet.spawn_many(5);
+    let (holder, _, _) = exactly_one_holder(&fleet).await;
+
+    let channel = fleet.base().channel.clone();
+    let stream = Publisher::stream(&database_url(), &channel, Duration::from_millis(10)).await;
+    fleet
+        .wait_event(holder, 0, "a delivered message", STARTUP, |k| {
+            matches!(k, EventKind::Message { .. })
+        })
+        .await;
+
+    let t_stop = now_us();
+    fleet.worker(holder).terminate();
+    let released = fleet
+        .wait_event(holder, t_stop, "released", Duration::from_secs(5), |k| {
+            *k == EventKind::Released
+        })
+        .await;
+    let (next, t_acquired, _) = fleet
+        .wait_acquired_after(t_stop, &[holder], Duration::from_secs(5))
+        .await;
+    let (code, _) = fleet.wait_exit(holder, Duration::from_secs(5)).await;
+    assert_eq!(code, Some(0), "a worker stopped by SIGTERM exits 0");
+    let handover = ms(t_stop, t_acquired);
+    assert!(
+        handover < 3000.0,
+        "graceful handover took {handover} ms: not driven by the release notification"
+    );
+
+    // Let the new holder deliver a message published after its acquisition, then stop.
+    let after = stream.count();
+    fleet
+        .timeline()
+        .wait_for("the new holder delivers", Duration::from_secs(5), |events| {
+            events
+                .iter()
+                .any(|e| {
+                    e.worker == next
+                        && matches!(&e.kind, EventKind::Message { payload } if payload_index(payload) > after as u64)
+                })
+                .then_some(())
+        })
+        .await;
+    let published = stream.stop().await;
+    let last = published.last().map(|(p, _)| p.clone()).unwrap_or_default();
+    fleet.wait_delivered(&last, Duration::from_secs(5)).await;
+    let lost = fleet.lost_messages(&published);
+    eprintln!(
+        "[{protocol}] SIGTERM handover: stop -> acquired {handover:.1} ms, released -> acquired {:.1} ms; \
+         {} published, {} lost {:?}, {} duplicated",
+        ms(released.t_us, t_acquired),
+        published.len(),
+        lost.len(),
+        lost,
+        fleet.duplicates().len()
+    );
+    fleet.assert_invariants();
+    fleet.shutdown(Duration::from_secs(10)).await;
+    fleet.assert_invariants();
+}
+
+fn payload_index(payload: &str) -> u64 {
+    payload.trim_start_matches('m').parse().unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_workers_one_holder_sigterm_hands_over_by_notification_classic() {
+    sigterm_handover(Protocol::Classic).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_workers_one_holder_sigterm_hands_over_by_notification_lease() {
+    sigterm_handover(Protocol::Lease).await;
+}
+
+async fn sigkill_failover(protocol: Protocol) {
+    let schema = TestSchema::new();
+    let interval = Duration::from_secs(1);
+    let mut fleet = Fleet::new(worker_opts(&schema, protocol).acquire_interval(interval));
+    fleet.spawn_many(3);
+    let (holder, _, _) = exactly_one_holder(&fleet).await;
+
+    let t_kill = now_us();
+    fleet.worker(holder).kill();
+    let (_, signal) = fleet.wait_exit(holder, Duration::from_secs(5)).await;
+    assert_eq!(signal, Some(libc::SIGKILL));
+    let bound = interval + Duration::from_secs(3);
+    let (next, t_acquired, _) = fleet.wait_acquired_after(t_kill, &[holder], bound).await;
+    eprintln!(
+        "[{protocol}] SIGKILL failover: kill -> w{next} acquired {:.1} ms (retry interval {interval:?})",
+        ms(t_kill, t_acquired)
+    );
+    fleet.assert_invariants();
+    fleet.shutdown(Duration::from_secs(10)).await;
+    fleet.assert_invariants();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_holder_fails_over_within_interval_classic() {
+    sigkill_failover(Protocol::Classic).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_holder_fails_over_within_interval_lease() {
+    sigkill_failover(Protocol::Lease).await;
+}
+
+async fn terminated_backend_recovers(protocol: Protocol) {
+    let schema = TestSchema::new();
+    let interval = Duration::from_secs(1);
+    let mut fleet = Fleet::new(worker_opts(&schema, protocol).acquire_interval(interval));
+    fleet.spawn_many(3);
+    let (holder, _, _) = exactly_one_holder(&fleet).await;
+    let app = fleet.wait_ready(holder, STARTUP).await;
+
+    let admin = connect(&database_url()).await;
+    let t_term = now_us();
+    let terminated = terminate_app(&admin, &app).await;
+    assert_eq!(terminated, 1, "the holder's session {app:?} is in pg_stat_activity");
+    let lost = fleet
+        .wait_event(holder, t_term, "lost", Duration::from_secs(10), |k| {
+            matches!(k, EventKind::Lost { .. })
+        })
+        .await;
+    let (next, t_acquired, _) = fleet.wait_acquired_after(t_term, &[], Duration::from_secs(15)).await;
+    eprintln!(
+        "[{protocol}] pg_terminate_backend of the holder: lost after {:.1} ms ({:?}), w{next} acquired after {:.1} ms",
+        ms(t_term, lost.t_us),
+        lost.kind,
+        ms(t_term, t_acquired)
+    );
+    // The terminated worker reconnects and competes again: every worker is still alive.
+    for w in fleet.workers() {
+        assert!(!w.has_exited(), "w{} exited after its backend was terminated", w.index);
+    }
+    fleet.assert_invariants();
+    fleet.shutdown(Duration::from_secs(10)).await;
+    fleet.assert_invariants();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_terminate_backend_of_holder_recovers_classic() {
+    terminated_backend_recovers(Protocol::Classic).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_terminate_backend_of_holder_recovers_lease() {
+    terminated_backend_recovers(Protocol::Lease).await;
+}
