@@ -1,1 +1,32 @@
-fn main() {}
+//! `pgiplock`: run a lock worker, inspect the lock tables, or watch a handover and a failover.
+//!
+//! `pgiplock demo` is self-contained: it starts a throwaway PostgreSQL when no database is
+//! given, runs three workers and prints what happened. See `pgiplock --help`.
+
+mod cli;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let args = cli::Cli::parse();
+    cli::init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("pgiplock: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(cli::run(args));
+    // Do not wait for stray blocking tasks (e.g. a stuck stdin read) once the command is done.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pgiplock: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}

@@ -1,0 +1,328 @@
+//! `pgiplock worker`: one lock, its events as JSON lines on stdout.
+//!
+//! The line format is stable (tests and the demo parse it):
+//! `{"event":"ready","app":..,"pid":..,"t_us":..}`, then `acquired` (with `token`), `lost`
+//! (with `reason`), `released`, `message` (with `payload`), each with `channel` and `t_us`.
+
+use std::io::{Read as _, Write as _};
+use std::time::Duration;
+
+use clap::Args;
+use pgiplock::{LockMessage, LockOptions, PgIpLock, Session, Subscription};
+use pgiplock_core::{ChannelName, SchemaName};
+use serde::Serialize;
+use tokio::signal::unix::{signal, Signal, SignalKind};
+
+use super::{now_us, parse_duration, CliError, DatabaseArgs, ProtocolArg};
+
+/// How long, after `destroy()` returned, we still wait for the subscription's last messages.
+const DRAIN_GRACE: Duration = Duration::from_millis(500);
+/// Slack on top of the shutdown timeout before we stop waiting for `destroy()`.
+const SHUTDOWN_SLACK: Duration = Duration::from_secs(2);
+
+/// Options of `pgiplock worker`.
+#[derive(Debug, Args)]
+pub(crate) struct WorkerArgs {
+    #[command(flatten)]
+    database: DatabaseArgs,
+    /// The channel whose lock to compete for (its notifications are printed while holding).
+    #[arg(long, value_name = "NAME")]
+    channel: String,
+    /// How often a standby retries (e.g. 500ms, 5s, 1m).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    acquire_interval: Option<Duration>,
+    /// Bound on the release at shutdown.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    shutdown_timeout: Option<Duration>,
+    /// Lock protocol.
+    #[arg(long, value_enum, default_value_t = ProtocolArg::Lease)]
+    protocol: ProtocolArg,
+    /// Lease time-to-live (lease protocol only).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    lease_ttl: Option<Duration>,
+    /// Schema of the lock table (default: pgiplock_lease for lease, pgip_lock for classic).
+    #[arg(long, value_name = "NAME")]
+    schema: Option<String>,
+    /// Release and exit when stdin reaches end of file (a supervisor that dies closes it).
+    #[arg(long, hide = true)]
+    exit_on_stdin_eof: bool,
+}
+
+impl WorkerArgs {
+    /// Validates everything before connecting, so bad input fails fast with exit code 2.
+    fn options(&self) -> Result<(tokio_postgres::Config, LockOptions), CliError> {
+        let config = self.database.config()?;
+        ChannelName::new(&self.channel).map_err(|e| CliError::Usage(format!("invalid --channel: {e}")))?;
+        let mut options = LockOptions::new().protocol(self.protocol.protocol());
+        if let Some(schema) = &self.schema {
+            SchemaName::new(schema).map_err(|e| CliError::Usage(format!("invalid --schema: {e}")))?;
+            options = options.schema(schema);
+        }
+        if let Some(interval) = self.acquire_interval {
+            options = options.acquire_interval(interval);
+        }
+        if let Some(timeout) = self.shutdown_timeout {
+            options = options.shutdown_timeout(timeout);
+        }
+        if let Some(ttl) = self.lease_ttl {
+            if self.protocol == ProtocolArg::Classic {
+                return Err(CliError::Usage("--lease-ttl applies to --protocol lease only".into()));
+            }
+            options = options.lease_ttl(ttl);
+        }
+        Ok((config, options))
+    }
+
+    fn shutdown_bound(&self) -> Duration {
+        self.shutdown_timeout.unwrap_or(Duration::from_secs(1)) + SHUTDOWN_SLACK
+    }
+}
+
+/// SIGTERM, SIGINT, and optionally the end of stdin: the ways a worker is asked to stop.
+struct StopRequests {
+    terminate: Signal,
+    interrupt: Signal,
+    stdin_closed: Option<tokio::sync::oneshot::Receiver<()>>,
+}
+
+impl StopRequests {
+    fn install(watch_stdin: bool) -> Result<Self, CliError> {
+        let terminate = signal(SignalKind::terminate()).map_err(|e| CliError::io("installing a SIGTERM handler", e))?;
+        let interrupt = signal(SignalKind::interrupt()).map_err(|e| CliError::io("installing a SIGINT handler", e))?;
+        let stdin_closed = watch_stdin.then(|| {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            // A plain thread: a blocking read must not hold up the runtime's shutdown.
+            std::thread::spawn(move || {
+                let mut stdin = std::io::stdin().lock();
+                let mut buf = [0u8; 256];
+                // Anything written to stdin is ignored; only its end matters.
+                while matches!(stdin.read(&mut buf), Ok(n) if n > 0) {}
+                let _ = tx.send(());
+            });
+            rx
+        });
+        Ok(StopRequests {
+            terminate,
+            interrupt,
+            stdin_closed,
+        })
+    }
+
+    /// Completes when a stop is requested.
+    async fn requested(&mut self) {
+        let stdin_closed = async {
+            match self.stdin_closed.as_mut() {
+                Some(rx) => {
+                    let _ = rx.await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = self.terminate.recv() => {}
+            _ = self.interrupt.recv() => {}
+            _ = stdin_closed => {}
+        }
+    }
+}
+
+/// One line of output. Internally tagged, so `"event"` comes first, as documented.
+#[derive(Debug, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+enum Line<'a> {
+    Ready {
+        app: String,
+        pid: u32,
+        t_us: u64,
+    },
+    Acquired {
+        channel: &'a str,
+        token: Option<u64>,
+        t_us: u64,
+    },
+    Lost {
+        channel: &'a str,
+        reason: &'static str,
+        t_us: u64,
+    },
+    Released {
+        channel: &'a str,
+        t_us: u64,
+    },
+    Message {
+        channel: &'a str,
+        payload: &'a str,
+        t_us: u64,
+    },
+}
+
+/// Writes one JSON object as a line and flushes it at once (the reader may be timing it).
+fn emit(line: &Line<'_>) -> Result<(), CliError> {
+    let text = serde_json::to_string(line).map_err(|e| CliError::Failed(format!("encoding a JSON line: {e}")))?;
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{text}")
+        .and_then(|()| stdout.flush())
+        .map_err(|e| CliError::io("writing to stdout", e))
+}
+
+/// The line for a subscription message; `None` for `Stopped`, which has no line.
+fn message_line<'a>(channel: &'a str, message: &'a LockMessage) -> Option<Line<'a>> {
+    let t_us = now_us();
+    Some(match message {
+        LockMessage::Acquired { token } => Line::Acquired {
+            channel,
+            token: token.map(|t| t.0),
+            t_us,
+        },
+        LockMessage::Lost { reason } => Line::Lost {
+            channel,
+            reason: reason.as_str(),
+            t_us,
+        },
+        LockMessage::Released => Line::Released { channel, t_us },
+        LockMessage::Message { payload } => Line::Message { channel, payload, t_us },
+        LockMessage::Stopped => return None,
+    })
+}
+
+/// Runs a worker until SIGTERM/SIGINT (or the lock stops), then releases and exits.
+pub(crate) async fn run(args: WorkerArgs) -> Result<(), CliError> {
+    let (config, options) = args.options()?;
+    let mut stop = StopRequests::install(args.exit_on_stdin_eof)?;
+
+    let session = tokio::select! {
+        session = Session::connect(config) => session?,
+        () = stop.requested() => return Ok(()),
+    };
+    let lock = session.lock(&args.channel, options)?;
+    let mut subscription = lock.subscribe();
+    tracing::info!(channel = %args.channel, schema = lock.schema_name(), app = %session.app_name(), "worker starting");
+    let started = tokio::select! {
+        started = lock.init() => started.map(|()| true),
+        () = stop.requested() => Ok(false),
+    };
+    if let Err(e) = started {
+        let _ = tokio::time::timeout(args.shutdown_bound(), session.close()).await;
+        return Err(e.into());
+    }
+    // Printed once the lock competes, so a reader knows this worker can take over from now on.
+    let mut result = emit(&Line::Ready {
+        app: session.app_name(),
+        pid: std::process::id(),
+        t_us: now_us(),
+    });
+
+    if result.is_ok() && matches!(started, Ok(true)) {
+        result = tokio::select! {
+            printed = print_messages(&lock, &mut subscription) => printed,
+            () = stop.requested() => Ok(()),
+        };
+    }
+    tracing::info!(channel = %args.channel, "worker stopping");
+    let shutdown = shutdown(&lock, &mut subscription, args.shutdown_bound()).await;
+    let _ = tokio::time::timeout(args.shutdown_bound(), session.close()).await;
+    result.and(shutdown)
+}
+
+/// Prints every subscription message until the lock stops.
+async fn print_messages(lock: &PgIpLock, subscription: &mut Subscription) -> Result<(), CliError> {
+    while let Some(message) = subscription.next().await {
+        if let Some(line) = message_line(lock.channel(), &message) {
+            emit(&line)?;
+        }
+        if message == LockMessage::Stopped {
+            tracing::warn!(channel = lock.channel(), "lock stopped");
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Destroys the lock (release, bounded) while printing what the subscription still delivers:
+/// a holder hands over everything that was published before its release, then `released`.
+async fn shutdown(lock: &PgIpLock, subscription: &mut Subscription, bound: Duration) -> Result<(), CliError> {
+    let held = lock.is_acquired();
+    let destroy = tokio::time::timeout(bound, lock.destroy());
+    tokio::pin!(destroy);
+    let mut destroyed: Option<Result<(), CliError>> = None;
+    let mut saw_released = false;
+    let mut grace_end = tokio::time::Instant::now() + bound + DRAIN_GRACE;
+    loop {
+        tokio::select! {
+            outcome = &mut destroy, if destroyed.is_none() => {
+                destroyed = Some(match outcome {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(e.into()),
+                    Err(_) => Err(CliError::Failed(format!("release did not finish within {bound:?}"))),
+                });
+                grace_end = tokio::time::Instant::now() + DRAIN_GRACE;
+            }
+            message = subscription.next() => {
+                let Some(message) = message else { break };
+                saw_released |= message == LockMessage::Released;
+                if let Some(line) = message_line(lock.channel(), &message) {
+                    emit(&line)?;
+                }
+                if message == LockMessage::Stopped {
+                    if destroyed.is_some() {
+                        break;
+                    }
+                    // Let destroy() finish; nothing more will be delivered.
+                    destroyed = Some(match (&mut destroy).await {
+                        Ok(outcome) => outcome.map_err(CliError::from),
+                        Err(_) => Err(CliError::Failed(format!("release did not finish within {bound:?}"))),
+                    });
+                    break;
+                }
+            }
+            () = tokio::time::sleep_until(grace_end) => break,
+        }
+    }
+    let destroyed = destroyed.unwrap_or(Ok(()));
+    if held && !saw_released && destroyed.is_ok() {
+        // destroy() confirmed the release; the subscription just closed before telling us.
+        emit(&Line::Released {
+            channel: lock.channel(),
+            t_us: now_us(),
+        })?;
+    }
+    destroyed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pgiplock::FenceToken;
+
+    fn json(line: Option<Line<'_>>) -> serde_json::Value {
+        serde_json::to_value(line.expect("a line")).expect("serializable")
+    }
+
+    #[test]
+    fn lines_have_the_documented_shape() {
+        let token = LockMessage::Acquired {
+            token: Some(FenceToken(7)),
+        };
+        let acquired = json(message_line("jobs", &token));
+        assert_eq!(acquired["event"], "acquired");
+        assert_eq!(acquired["channel"], "jobs");
+        assert_eq!(acquired["token"], 7);
+        assert!(acquired["t_us"].as_u64().unwrap() > 0);
+        let classic = LockMessage::Acquired { token: None };
+        assert!(json(message_line("jobs", &classic))["token"].is_null());
+        let message = LockMessage::Message {
+            payload: "a \"quoted\"\nline".into(),
+        };
+        let text = serde_json::to_string(&message_line("jobs", &message).unwrap()).unwrap();
+        assert!(
+            text.starts_with(r#"{"event":"message","channel":"jobs","payload":"a \"quoted\"\nline""#),
+            "{text}"
+        );
+        assert!(!text.contains('\n'), "one object per line");
+        let lost = LockMessage::Lost {
+            reason: pgiplock::LostReason::LeaseExpired,
+        };
+        assert_eq!(json(message_line("jobs", &lost))["reason"], "lease_expired");
+        assert!(message_line("jobs", &LockMessage::Stopped).is_none());
+    }
+}
