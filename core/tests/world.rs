@@ -260,12 +260,7 @@ fn tokens_strictly_increase_across_terms() {
             && w.holders()[0] != holder));
         if round % 3 != 0 {
             // Replace the dead process so that there is always a standby.
-            w.nodes[holder].cut = false;
-            w.nodes[holder].lock = Some(Lock::new(w.channel.clone(), fast_config(Protocol::Lease), round));
-            w.nodes[holder].tenure = false;
-            w.nodes[holder].session = None;
-            w.connect(holder);
-            w.input(holder, Input::Start);
+            w.restart(holder, fast_config(Protocol::Lease), round);
         }
     }
     // The world's checker asserted global strict increase at every Acquired; the row agrees.

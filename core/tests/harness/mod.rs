@@ -576,6 +576,36 @@ impl World {
         self.nodes[node].cut = true;
     }
 
+    /// Heals a cut network: a session the server ended meanwhile is reported gone, a missing
+    /// one is reopened.
+    pub fn heal(&mut self, node: usize) {
+        if !self.nodes[node].cut {
+            return;
+        }
+        self.nodes[node].cut = false;
+        if self.nodes[node].lock.is_none() {
+            return;
+        }
+        match self.nodes[node].session {
+            Some((_, key)) if !self.db.sessions.get(&key).is_some_and(|s| s.alive) => self.session_killed(key),
+            Some(_) => {}
+            None => self.connect(node),
+        }
+    }
+
+    /// Replaces a crashed process by a new one with a new session, started.
+    pub fn restart(&mut self, node: usize, config: LockConfig, seed: u64) {
+        if let Some((_, key)) = self.nodes[node].session.take() {
+            self.db.disconnect(key);
+        }
+        let n = &mut self.nodes[node];
+        n.lock = Some(Lock::new(self.channel.clone(), config, seed));
+        n.cut = false;
+        n.tenure = false;
+        self.connect(node);
+        self.input(node, Input::Start);
+    }
+
     /// The earliest moment something happens.
     fn next_at(&self) -> Option<Timestamp> {
         let queued = self.queue.keys().next().map(|(at, _)| *at);
@@ -620,6 +650,10 @@ impl World {
                     .execute(self.now, key, &self.channel, self.protocol, ttl, &req.op);
                 if let Some(killed) = commit.terminated {
                     self.session_killed(killed);
+                }
+                if commit.reply == Err(DbError::SessionLost) {
+                    // The connection is closed under the driver: it tells the lock.
+                    self.session_killed(key);
                 }
                 self.fan_out(commit.notifications);
                 let at = self.now + self.latency.reply;

@@ -1,0 +1,503 @@
+//! Property tests: random input sequences into one lock, and random fleets against the
+//! in-memory database.
+//!
+//! Cases default to 256 per property; set `PROPTEST_CASES` for more.
+
+mod harness;
+
+use std::time::Duration;
+
+use harness::*;
+use pgiplock_core::*;
+use proptest::prelude::*;
+
+// ----- one lock, any input -----
+
+/// Which request id a reply carries: the latest request's, or one near it (late or bogus).
+#[derive(Debug, Clone)]
+enum IdChoice {
+    Latest,
+    Offset(i8),
+}
+
+/// Which session an input names: the latest announced, or a fixed small id (old or future).
+#[derive(Debug, Clone)]
+enum SessionChoice {
+    Latest,
+    Fixed(u64),
+}
+
+#[derive(Debug, Clone)]
+enum Step {
+    Tick,
+    Start,
+    TryAcquire,
+    Release,
+    Stop,
+    Signal,
+    SessionUp(u64),
+    SessionUpNext,
+    SessionDown(SessionChoice),
+    Result(IdChoice, Result<Reply, DbError>),
+    Data(SessionChoice, String),
+    Marker(SessionChoice, String),
+    OtherChannel(SessionChoice),
+}
+
+fn token() -> impl Strategy<Value = Option<FenceToken>> {
+    prop_oneof![Just(None), (0u64..6).prop_map(|t| Some(FenceToken(t)))]
+}
+
+fn reply() -> impl Strategy<Value = Result<Reply, DbError>> {
+    let stale = prop_oneof![
+        3 => Just(None),
+        1 => (0i32..3).prop_map(|pid| Some(StaleHolder { pid, app: format!("app-{pid}") })),
+    ];
+    let remaining = prop_oneof![
+        Just(None),
+        (0u64..5_000).prop_map(|ms| Some(Duration::from_millis(ms))),
+        Just(Some(Duration::MAX)),
+    ];
+    prop_oneof![
+        4 => (any::<bool>(), token(), remaining, stale).prop_map(|(acquired, token, lease_remaining, stale_holder)| {
+            Ok(Reply::Acquire(AcquireReply { acquired, token, lease_remaining, stale_holder }))
+        }),
+        3 => any::<bool>().prop_map(|owned| Ok(Reply::Renew { owned })),
+        2 => Just(Ok(Reply::Drained)),
+        2 => any::<bool>().prop_map(|released| Ok(Reply::Release { released })),
+        1 => prop_oneof![
+            Just(TerminateOutcome::Terminated),
+            Just(TerminateOutcome::Gone),
+            Just(TerminateOutcome::NotPermitted)
+        ]
+        .prop_map(|o| Ok(Reply::Terminate(o))),
+        1 => Just(Err(DbError::SessionLost)),
+        1 => Just(Err(DbError::PermissionDenied("denied".into()))),
+        1 => Just(Err(DbError::Failed("failed".into()))),
+    ]
+}
+
+fn session_choice() -> impl Strategy<Value = SessionChoice> {
+    prop_oneof![4 => Just(SessionChoice::Latest), 1 => (0u64..4).prop_map(SessionChoice::Fixed)]
+}
+
+fn marker_payload() -> impl Strategy<Value = String> {
+    prop_oneof![
+        token().prop_map(|t| Marker::Draining(t).payload()),
+        token().prop_map(|t| Marker::Released(t).payload()),
+        (0u64..6).prop_map(|t| Marker::Acquired(FenceToken(t)).payload()),
+        "[a-z:0-9]{0,12}",
+    ]
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    let id = prop_oneof![4 => Just(IdChoice::Latest), 1 => (-3i8..3).prop_map(IdChoice::Offset)];
+    prop_oneof![
+        4 => Just(Step::Tick),
+        2 => Just(Step::Start),
+        1 => Just(Step::TryAcquire),
+        1 => Just(Step::Release),
+        1 => prop_oneof![Just(Step::Stop), Just(Step::Signal)],
+        1 => (0u64..5).prop_map(Step::SessionUp),
+        1 => Just(Step::SessionUpNext),
+        1 => session_choice().prop_map(Step::SessionDown),
+        6 => (id, reply()).prop_map(|(id, r)| Step::Result(id, r)),
+        3 => (session_choice(), "[a-c]{1,2}").prop_map(|(s, p)| Step::Data(s, p)),
+        3 => (session_choice(), marker_payload()).prop_map(|(s, p)| Step::Marker(s, p)),
+        1 => session_choice().prop_map(Step::OtherChannel),
+    ]
+}
+
+/// Time step in microseconds: mostly small, sometimes seconds, sometimes backwards.
+fn delta() -> impl Strategy<Value = i64> {
+    prop_oneof![
+        4 => 0i64..2_000,
+        3 => 0i64..3_000_000,
+        1 => -1_000_000i64..0,
+    ]
+}
+
+/// Checks the invariants of one lock across inputs; the same rules as the fuzz target's.
+struct Checker {
+    lock: Lock,
+    now: Timestamp,
+    clock: Timestamp,
+    tenure: bool,
+    stopped: bool,
+    latest_request: Option<RequestId>,
+    latest_session: u64,
+    tries: u64,
+    answers: u64,
+}
+
+impl Checker {
+    fn new(config: LockConfig, seed: u64) -> Checker {
+        Checker {
+            lock: Lock::new(ChannelName::new(CHANNEL).unwrap(), config, seed),
+            now: Timestamp::from_millis(5_000),
+            clock: Timestamp::ZERO,
+            tenure: false,
+            stopped: false,
+            latest_request: None,
+            latest_session: 0,
+            tries: 0,
+            answers: 0,
+        }
+    }
+
+    fn session(&self, choice: &SessionChoice) -> SessionId {
+        match choice {
+            SessionChoice::Latest => SessionId(self.latest_session),
+            SessionChoice::Fixed(id) => SessionId(*id),
+        }
+    }
+
+    fn input_of(&mut self, step: &Step) -> Input {
+        let lock_channel = self.lock.channel().lock_channel().to_owned();
+        match step {
+            Step::Tick => Input::Tick,
+            Step::Start => Input::Start,
+            Step::TryAcquire => {
+                self.tries += 1;
+                Input::TryAcquire
+            }
+            Step::Release => Input::Release,
+            Step::Stop => Input::Stop,
+            Step::Signal => Input::Signal(SignalKind::Terminate),
+            Step::SessionUp(id) => Input::SessionUp(SessionId(*id)),
+            Step::SessionUpNext => {
+                self.latest_session += 1;
+                Input::SessionUp(SessionId(self.latest_session))
+            }
+            Step::SessionDown(s) => Input::SessionDown(self.session(s)),
+            Step::Result(id, result) => {
+                let latest = self.latest_request.map_or(0, |r| r.0);
+                let id = match id {
+                    IdChoice::Latest => latest,
+                    IdChoice::Offset(o) => latest.saturating_add_signed(i64::from(*o)),
+                };
+                Input::DbResult {
+                    id: RequestId(id),
+                    result: result.clone(),
+                }
+            }
+            Step::Data(s, payload) => Input::Notification {
+                session: self.session(s),
+                channel: CHANNEL.to_owned(),
+                payload: payload.clone(),
+            },
+            Step::Marker(s, payload) => Input::Notification {
+                session: self.session(s),
+                channel: lock_channel,
+                payload: payload.clone(),
+            },
+            Step::OtherChannel(s) => Input::Notification {
+                session: self.session(s),
+                channel: "elsewhere".to_owned(),
+                payload: "1".to_owned(),
+            },
+        }
+    }
+
+    fn step(&mut self, delta_us: i64, step: &Step) {
+        self.now = Timestamp::from_micros(self.now.as_micros().saturating_add_signed(delta_us));
+        let input = self.input_of(step);
+        // The lock's own clock never goes back: this is the time it acts at.
+        self.clock = self.clock.max(self.now);
+        let before_timeout = self.lock.poll_timeout();
+        let before_state = self.lock.state();
+        let is_tick = input == Input::Tick;
+        self.lock.handle_input(self.now, input);
+        let outputs = drain(&mut self.lock);
+        let after = self.lock.state();
+
+        if let Some((at, kind)) = self.lock.poll_timeout() {
+            assert!(at > self.clock, "deadline {at:?} ({kind:?}) not after {:?}", self.clock);
+        }
+        if is_tick && before_timeout.is_none_or_after(self.clock) {
+            assert!(outputs.is_empty(), "idle tick produced {outputs:?}");
+            assert_eq!(self.lock.poll_timeout(), before_timeout);
+            assert_eq!(after, before_state);
+        }
+        let requests = outputs.iter().filter(|o| matches!(o, Output::Request(_))).count();
+        assert!(requests <= 1, "several requests at once: {outputs:?}");
+        for output in &outputs {
+            match output {
+                Output::Request(req) => {
+                    assert!(
+                        self.latest_request.is_none_or_below(req.id),
+                        "request ids must rise: {req:?}"
+                    );
+                    assert!(
+                        Some(req.session) == after.session || Some(req.session) == before_state.session,
+                        "request on a session that is not the lock's: {req:?}"
+                    );
+                    self.latest_request = Some(req.id);
+                }
+                Output::Deliver { payload } => {
+                    assert!(self.tenure, "S3: delivered {payload:?} outside tenure");
+                }
+                Output::Event(LockEvent::Acquired { .. }) => {
+                    assert!(!self.tenure, "Acquired twice");
+                    assert!(!self.stopped, "Acquired after Stopped");
+                    self.tenure = true;
+                }
+                Output::Event(e @ (LockEvent::Lost { .. } | LockEvent::Released)) => {
+                    assert!(self.tenure, "{e:?} without tenure");
+                    self.tenure = false;
+                }
+                Output::Event(LockEvent::Stopped { .. }) => {
+                    assert!(!self.tenure, "Stopped while holding");
+                    assert!(!self.stopped, "Stopped twice");
+                    self.stopped = true;
+                }
+                Output::AttemptDone { .. } => self.answers += 1,
+                _ => {}
+            }
+        }
+        assert!(self.answers <= self.tries, "more answers than attempts");
+        // The tenure the application sees is the phase.
+        assert_eq!(self.tenure, after.phase.is_holder(), "phase {:?}", after.phase);
+        if self.stopped {
+            assert_eq!(after.phase, Phase::Stopped);
+            assert_eq!(self.lock.poll_timeout(), None);
+        }
+    }
+}
+
+trait DeadlineExt {
+    fn is_none_or_after(&self, t: Timestamp) -> bool;
+}
+
+impl DeadlineExt for Option<(Timestamp, TimerKind)> {
+    fn is_none_or_after(&self, t: Timestamp) -> bool {
+        self.is_none_or_pred(|at| at > t)
+    }
+}
+
+trait OptionPred<T> {
+    fn is_none_or_pred(&self, f: impl FnOnce(T) -> bool) -> bool;
+}
+
+impl OptionPred<Timestamp> for Option<(Timestamp, TimerKind)> {
+    fn is_none_or_pred(&self, f: impl FnOnce(Timestamp) -> bool) -> bool {
+        match self {
+            None => true,
+            Some((at, _)) => f(*at),
+        }
+    }
+}
+
+trait RequestIdExt {
+    fn is_none_or_below(&self, id: RequestId) -> bool;
+}
+
+impl RequestIdExt for Option<RequestId> {
+    fn is_none_or_below(&self, id: RequestId) -> bool {
+        self.is_none_or_pred(|latest| latest < id)
+    }
+}
+
+impl OptionPred<RequestId> for Option<RequestId> {
+    fn is_none_or_pred(&self, f: impl FnOnce(RequestId) -> bool) -> bool {
+        self.map_or(true, f)
+    }
+}
+
+fn config() -> impl Strategy<Value = LockConfig> {
+    (
+        prop_oneof![Just(Protocol::Lease), Just(Protocol::Classic)],
+        any::<bool>(),
+        0u64..4,
+    )
+        .prop_map(|(protocol, fast, weird)| {
+            let mut c = if fast {
+                fast_config(protocol)
+            } else {
+                LockConfig::new(protocol)
+            };
+            match weird {
+                // Settings validate() refuses: clamped, never a panic or a busy loop.
+                1 => {
+                    c.wake_jitter = Duration::ZERO;
+                    c.request_timeout = Duration::ZERO;
+                    c.handover_buffer = 0;
+                }
+                2 => {
+                    c.handover_buffer = 2;
+                    c.fence_margin = c.lease_ttl;
+                }
+                _ => {}
+            }
+            c
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(256), ..ProptestConfig::default() })]
+
+    #[test]
+    fn one_lock_any_input(config in config(), seed in any::<u64>(), steps in prop::collection::vec((delta(), step()), 1..120)) {
+        let mut checker = Checker::new(config, seed);
+        for (delta, step) in &steps {
+            checker.step(*delta, step);
+        }
+    }
+}
+
+fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+// ----- a fleet against the in-memory database -----
+
+#[derive(Debug, Clone)]
+enum Fault {
+    Wait(u64),
+    Release(usize),
+    Stop(usize),
+    TryAcquire(usize),
+    Crash(usize),
+    Cut(usize),
+    Heal(usize),
+    Restart(usize),
+    Publish(u8),
+}
+
+fn fault(graceful_only: bool) -> BoxedStrategy<Fault> {
+    let node = 0usize..5;
+    if graceful_only {
+        prop_oneof![
+            6 => (1u64..3_000).prop_map(Fault::Wait),
+            2 => node.clone().prop_map(Fault::Release),
+            1 => node.clone().prop_map(Fault::TryAcquire),
+            4 => any::<u8>().prop_map(Fault::Publish),
+        ]
+        .boxed()
+    } else {
+        prop_oneof![
+            6 => (1u64..3_000).prop_map(Fault::Wait),
+            2 => node.clone().prop_map(Fault::Release),
+            1 => node.clone().prop_map(Fault::Stop),
+            1 => node.clone().prop_map(Fault::TryAcquire),
+            1 => node.clone().prop_map(Fault::Crash),
+            1 => node.clone().prop_map(Fault::Cut),
+            1 => node.clone().prop_map(Fault::Heal),
+            1 => node.clone().prop_map(Fault::Restart),
+            3 => any::<u8>().prop_map(Fault::Publish),
+        ]
+        .boxed()
+    }
+}
+
+fn latency() -> impl Strategy<Value = Latency> {
+    (1u64..3_000, 1u64..3_000, 1u64..3_000, 1u64..20_000).prop_map(|(req, rep, notify, connect)| Latency {
+        request: Duration::from_micros(req),
+        reply: Duration::from_micros(rep),
+        notify: Duration::from_micros(notify),
+        connect: Duration::from_micros(connect),
+    })
+}
+
+/// Runs a fleet through `faults`; the world checks S2 (when on), S3 and S4 after every step.
+fn run_fleet(protocol: Protocol, n: usize, seed: u64, latency: Latency, faults: &[Fault]) -> World {
+    let config = fast_config(protocol);
+    let mut w = World::new(config.clone(), n, seed);
+    w.latency = latency;
+    w.start_all();
+    let mut published = 0u64;
+    for (i, f) in faults.iter().enumerate() {
+        match *f {
+            Fault::Wait(ms) => w.run_for(Duration::from_millis(ms)),
+            Fault::Release(node) => w.input(node % n, Input::Release),
+            Fault::Stop(node) => w.input(node % n, Input::Stop),
+            Fault::TryAcquire(node) => w.input(node % n, Input::TryAcquire),
+            Fault::Crash(node) => w.crash(node % n),
+            Fault::Cut(node) => w.cut(node % n),
+            Fault::Heal(node) => w.heal(node % n),
+            Fault::Restart(node) => {
+                if w.nodes[node % n].lock.is_none() {
+                    w.restart(node % n, config.clone(), seed ^ i as u64);
+                }
+            }
+            Fault::Publish(burst) => {
+                // A burst of messages spread over a few milliseconds.
+                for k in 0..u64::from(burst % 8) {
+                    let at = w.now + Duration::from_micros(700 * k);
+                    w.publish_at(at, &format!("m{published}"));
+                    published += 1;
+                }
+            }
+        }
+    }
+    w.run_for(Duration::from_secs(10));
+    w
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(64), ..ProptestConfig::default() })]
+
+    /// S2 (one believer), S3, S4 under Lease with any faults; S3 and S4 under Classic.
+    #[test]
+    fn fleet_safety(
+        lease in any::<bool>(),
+        n in 2usize..=5,
+        seed in any::<u64>(),
+        latency in latency(),
+        faults in prop::collection::vec(fault(false), 1..40),
+    ) {
+        let protocol = if lease { Protocol::Lease } else { Protocol::Classic };
+        let w = run_fleet(protocol, n, seed, latency, &faults);
+        // Delivered messages are a subset of the published ones, never invented.
+        for p in w.all_delivered() {
+            prop_assert!(w.published.contains(&p));
+        }
+    }
+
+    /// With graceful releases only and a holder in place before publishing starts, every message
+    /// is delivered exactly once (lossless handover), whatever the latencies.
+    #[test]
+    fn fleet_graceful_handover_is_exactly_once(
+        lease in any::<bool>(),
+        n in 2usize..=5,
+        seed in any::<u64>(),
+        latency in latency(),
+        faults in prop::collection::vec(fault(true), 1..40),
+    ) {
+        let protocol = if lease { Protocol::Lease } else { Protocol::Classic };
+        let config = fast_config(protocol);
+        let mut w = World::new(config, n, seed);
+        w.latency = latency;
+        // Classic has no split brain without faults either.
+        w.check_s2 = true;
+        w.start_all();
+        prop_assert!(w.run_until(Duration::from_secs(1), |w| w.holders().len() == 1));
+        let mut published = 0u64;
+        for f in &faults {
+            match *f {
+                Fault::Wait(ms) => w.run_for(Duration::from_millis(ms)),
+                Fault::Release(node) => w.input(node % n, Input::Release),
+                Fault::TryAcquire(node) => w.input(node % n, Input::TryAcquire),
+                Fault::Publish(burst) => {
+                    for k in 0..u64::from(burst % 8) {
+                        let at = w.now + Duration::from_micros(700 * k);
+                        w.publish_at(at, &format!("m{published}"));
+                        published += 1;
+                    }
+                }
+                _ => {}
+            }
+        }
+        w.run_for(Duration::from_secs(10));
+        prop_assert_eq!(w.holders().len(), 1);
+        let mut all = w.all_delivered();
+        let delivered = all.len();
+        all.sort();
+        all.dedup();
+        prop_assert_eq!(all.len(), delivered, "duplicates");
+        prop_assert_eq!(delivered as u64, published, "lost messages");
+    }
+}
