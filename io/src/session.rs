@@ -461,6 +461,8 @@ impl Driver {
                 Wake::Timer => {}
             }
         }
+        // Refuse further commands before confirming the close.
+        self.commands.close();
         for reply in self.closing.take().unwrap_or_default() {
             let _ = reply.send(());
         }

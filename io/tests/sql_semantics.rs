@@ -270,6 +270,8 @@ async fn lease_tokens_fencing_expiry_and_stale_holders() {
     .await;
     assert_eq!(outcome, Ok(Reply::Terminate(TerminateOutcome::Terminated)));
     b.wait_closed().await;
+    let admin = admin().await;
+    wait_backend_gone(&admin.client, &b.app).await;
     let outcome = sql::execute(
         &a.client,
         &ta,
@@ -287,7 +289,6 @@ async fn lease_tokens_fencing_expiry_and_stale_holders() {
     assert!(!acquire(&c, &tc).await.acquired);
     let a_app = a.app.clone();
     drop(a);
-    let admin = admin().await;
     wait_backend_gone(&admin.client, &a_app).await;
     let r = acquire(&c, &tc).await;
     assert!(r.acquired);
