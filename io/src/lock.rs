@@ -166,6 +166,8 @@ pub(crate) struct LockShared {
     /// The current token, 0 when none (tokens start at 1).
     token: AtomicU64,
     subscribers: Mutex<Vec<mpsc::UnboundedSender<LockMessage>>>,
+    /// Set (under the subscribers' mutex) once the lock is gone.
+    stopped: AtomicBool,
     release_handlers: Mutex<Vec<ReleaseHandler>>,
 }
 
@@ -191,6 +193,7 @@ impl LockShared {
             acquired: AtomicBool::new(false),
             token: AtomicU64::new(0),
             subscribers: Mutex::new(Vec::new()),
+            stopped: AtomicBool::new(false),
             release_handlers: Mutex::new(Vec::new()),
         }
     }
@@ -204,8 +207,11 @@ impl LockShared {
         guard(&self.subscribers).retain(|tx| tx.send(message.clone()).is_ok());
     }
 
-    pub(crate) fn close_subscribers(&self) {
-        guard(&self.subscribers).clear();
+    /// The lock is gone: end every subscription, now and later.
+    pub(crate) fn mark_stopped(&self) {
+        let mut subscribers = guard(&self.subscribers);
+        self.stopped.store(true, Ordering::SeqCst);
+        subscribers.clear();
     }
 
     pub(crate) fn release_handlers(&self) -> Vec<ReleaseHandler> {
@@ -320,7 +326,10 @@ impl PgIpLock {
     /// nothing is dropped for a slow subscriber (the queue is unbounded).
     pub fn subscribe(&self) -> Subscription {
         let (tx, rx) = mpsc::unbounded_channel();
-        guard(&self.shared.subscribers).push(tx);
+        let mut subscribers = guard(&self.shared.subscribers);
+        if !self.shared.stopped.load(Ordering::SeqCst) {
+            subscribers.push(tx);
+        }
         Subscription { rx }
     }
 }

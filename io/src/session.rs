@@ -631,7 +631,7 @@ impl Driver {
         }
         guard(&self.channels).remove(channel.as_str());
         entry.shared.set_holding(false, None);
-        entry.shared.close_subscribers();
+        entry.shared.mark_stopped();
         for reply in entry.init_waiters.drain(..) {
             let _ = reply.send(Err(Error::Closed));
         }
@@ -781,7 +781,14 @@ impl Driver {
             poller: Some(established.poller),
             bootstrapped: BTreeSet::new(),
         });
-        let keys: Vec<u64> = self.locks.keys().copied().collect();
+        // Only locks that were initialised or are waiting to be: a lock nobody has used yet
+        // touches the database only when it is first used.
+        let keys: Vec<u64> = self
+            .locks
+            .iter()
+            .filter(|(_, e)| e.initialised || !e.init_waiters.is_empty() || !e.early_attempts.is_empty())
+            .map(|(k, _)| *k)
+            .collect();
         for key in keys {
             self.start_prepare(key);
         }

@@ -308,3 +308,29 @@ async fn acquire_without_init_and_on_release_handler() {
     s2.close().await;
     drop_schema(&schema).await;
 }
+
+#[tokio::test]
+async fn twenty_sessions_start_at_once_on_a_fresh_schema() {
+    for protocol in [Protocol::Lease, Protocol::Classic] {
+        let schema = unique("t_twenty");
+        let channel = unique("jobs");
+        let sessions = futures::future::try_join_all((0..20).map(|_| Session::connect(config())))
+            .await
+            .unwrap();
+        let locks: Vec<PgIpLock> = sessions
+            .iter()
+            .map(|s| s.lock(&channel, options(protocol, &schema)).unwrap())
+            .collect();
+        let inits = futures::future::join_all(locks.iter().map(PgIpLock::init)).await;
+        assert!(inits.iter().all(Result::is_ok), "{inits:?}");
+        let refs: Vec<&PgIpLock> = locks.iter().collect();
+        let holder = wait_single_holder(&refs).await;
+        // Everyone else's manual attempt fails.
+        let attempts = futures::future::join_all(locks.iter().map(PgIpLock::acquire)).await;
+        for (i, attempt) in attempts.into_iter().enumerate() {
+            assert_eq!(attempt.unwrap(), i == holder, "lock {i}");
+        }
+        futures::future::join_all(sessions.iter().map(Session::close)).await;
+        drop_schema(&schema).await;
+    }
+}
