@@ -3,7 +3,8 @@
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
-use pgiplock_core::{quote_ident, SchemaName, LOCK_CHANNEL_PREFIX};
+use pgiplock::{lock_status_on, Protocol};
+use pgiplock_core::{quote_ident, SchemaName};
 use tokio_postgres::Client;
 
 use super::{CliError, DatabaseArgs};
@@ -42,9 +43,11 @@ pub(crate) struct StatusArgs {
 /// Prints the requested lock tables.
 pub(crate) async fn run(args: StatusArgs) -> Result<(), CliError> {
     let mut config = args.database.config()?;
-    if let Some(schema) = &args.schema {
-        SchemaName::new(schema).map_err(|e| CliError::Usage(format!("invalid --schema: {e}")))?;
-    }
+    let schema = |default: &str| {
+        SchemaName::new(args.schema.as_deref().unwrap_or(default))
+            .map_err(|e| CliError::Usage(format!("invalid --schema: {e}")))
+    };
+    let (lease_schema, classic_schema) = (schema(LEASE_SCHEMA)?, schema(CLASSIC_SCHEMA)?);
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);
     }
@@ -56,15 +59,13 @@ pub(crate) async fn run(args: StatusArgs) -> Result<(), CliError> {
 
     let mut report = String::new();
     if matches!(args.protocol, StatusProtocol::Lease | StatusProtocol::Both) {
-        let schema = args.schema.as_deref().unwrap_or(LEASE_SCHEMA);
-        report.push_str(&lease_table(&client, schema).await?);
+        report.push_str(&lease_table(&client, &lease_schema).await?);
     }
     if matches!(args.protocol, StatusProtocol::Classic | StatusProtocol::Both) {
         if !report.is_empty() {
             report.push('\n');
         }
-        let schema = args.schema.as_deref().unwrap_or(CLASSIC_SCHEMA);
-        report.push_str(&classic_table(&client, schema).await?);
+        report.push_str(&classic_table(&client, &classic_schema).await?);
     }
     print!("{report}");
     drop(client);
@@ -82,27 +83,14 @@ async fn table_exists(client: &Client, schema: &str, table: &str) -> Result<bool
     Ok(row.get(0))
 }
 
-async fn lease_table(client: &Client, schema: &str) -> Result<String, CliError> {
+async fn lease_table(client: &Client, schema: &SchemaName) -> Result<String, CliError> {
     let title = format!("lease locks (schema {schema})\n");
-    if !table_exists(client, schema, "lease").await? {
+    if !table_exists(client, schema.as_str(), "lease").await? {
         return Ok(format!(
             "{title}  no lease table: no lease lock has been initialised here\n"
         ));
     }
-    // Casts keep this query independent of the exact column types; liveness is judged the way
-    // the protocol judges it (same pid and application name).
-    let sql = format!(
-        "SELECT l.channel::text, l.holder::text, l.holder_pid::int4, l.token::int8, \
-                l.holder IS NOT NULL AND EXISTS (SELECT 1 FROM pg_stat_activity a \
-                    WHERE a.pid = l.holder_pid AND a.application_name = l.holder), \
-                extract(epoch FROM (l.expires_at - now()))::float8 \
-         FROM {}.lease l ORDER BY 1",
-        quote_ident(schema)
-    );
-    let rows = client
-        .query(&sql, &[])
-        .await
-        .map_err(|e| CliError::database("reading the lease table", e))?;
+    let rows = lock_status_on(client, Protocol::Lease, schema).await?;
     let mut table = vec![vec![
         "CHANNEL".to_string(),
         "HOLDER".into(),
@@ -112,49 +100,34 @@ async fn lease_table(client: &Client, schema: &str) -> Result<String, CliError> 
         "LEASE".into(),
     ]];
     for row in &rows {
-        let holder: Option<String> = row.get(1);
-        let pid: Option<i32> = row.get(2);
-        let token: Option<i64> = row.get(3);
-        let alive: bool = row.get(4);
-        let remaining: Option<f64> = row.get(5);
-        let held = holder.is_some();
+        let held = row.holder.is_some();
         table.push(vec![
-            row.get(0),
-            holder.unwrap_or_else(|| "-".into()),
-            pid.map_or_else(|| "-".into(), |p| p.to_string()),
-            if held { yes_no(alive) } else { "-".into() },
-            token.map_or_else(|| "-".into(), |t| t.to_string()),
-            lease_text(held, remaining),
+            row.channel.clone(),
+            row.holder.clone().unwrap_or_else(|| "-".into()),
+            row.holder_pid.map_or_else(|| "-".into(), |p| p.to_string()),
+            if held { yes_no(row.holder_alive) } else { "-".into() },
+            row.token.map_or_else(|| "-".into(), |t| t.to_string()),
+            lease_text(held, row.lease_remaining),
         ]);
     }
     Ok(format!("{title}{}", render(&table, rows.is_empty())))
 }
 
-async fn classic_table(client: &Client, schema: &str) -> Result<String, CliError> {
+async fn classic_table(client: &Client, schema: &SchemaName) -> Result<String, CliError> {
     let title = format!("classic locks (schema {schema})\n");
-    if !table_exists(client, schema, "lock").await? {
+    if !table_exists(client, schema.as_str(), "lock").await? {
         return Ok(format!(
             "{title}  no lock table: no classic lock has been initialised here\n"
         ));
     }
-    let sql = format!(
-        "SELECT l.channel::text, l.app::text, \
-                EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.application_name = l.app) \
-         FROM {}.lock l ORDER BY 1",
-        quote_ident(schema)
-    );
-    let rows = client
-        .query(&sql, &[])
-        .await
-        .map_err(|e| CliError::database("reading the classic lock table", e))?;
+    let rows = lock_status_on(client, Protocol::Classic, schema).await?;
     let mut table = vec![vec!["CHANNEL".to_string(), "HOLDER".into(), "ALIVE".into()]];
     for row in &rows {
-        let lock_channel: String = row.get(0);
-        // The table is keyed by the lock channel; show the user's channel.
-        let channel = lock_channel
-            .strip_prefix(LOCK_CHANNEL_PREFIX)
-            .map_or_else(|| lock_channel.clone(), str::to_string);
-        table.push(vec![channel, row.get(1), yes_no(row.get(2))]);
+        table.push(vec![
+            row.channel.clone(),
+            row.holder.clone().unwrap_or_else(|| "-".into()),
+            yes_no(row.holder_alive),
+        ]);
     }
     Ok(format!("{title}{}", render(&table, rows.is_empty())))
 }
@@ -163,13 +136,13 @@ fn yes_no(value: bool) -> String {
     if value { "yes" } else { "no" }.into()
 }
 
-/// "8.2s left", "expired 3.0s ago", or "released".
-fn lease_text(held: bool, remaining_secs: Option<f64>) -> String {
-    match (held, remaining_secs) {
+/// "8.2s left", "expired", or "released".
+fn lease_text(held: bool, remaining: Option<Duration>) -> String {
+    match (held, remaining) {
         (false, _) => "released".into(),
         (true, None) => "-".into(),
-        (true, Some(left)) if left > 0.0 => format!("{left:.1}s left"),
-        (true, Some(left)) => format!("expired {:.1}s ago", -left),
+        (true, Some(left)) if left.is_zero() => "expired".into(),
+        (true, Some(left)) => format!("{:.1}s left", left.as_secs_f64()),
     }
 }
 
@@ -219,8 +192,8 @@ mod tests {
 
     #[test]
     fn lease_remaining_reads_well() {
-        assert_eq!(lease_text(true, Some(8.21)), "8.2s left");
-        assert_eq!(lease_text(true, Some(-3.0)), "expired 3.0s ago");
+        assert_eq!(lease_text(true, Some(Duration::from_millis(8210))), "8.2s left");
+        assert_eq!(lease_text(true, Some(Duration::ZERO)), "expired");
         assert_eq!(lease_text(false, None), "released");
     }
 }
