@@ -103,8 +103,11 @@ impl TempCluster {
     /// Binaries are looked up in `$PGIPLOCK_PG_BIN`, then `PATH`, then the highest version under
     /// `/usr/lib/postgresql/*/bin`. Every wait is bounded (30 s).
     pub fn start() -> Result<TempCluster, ClusterError> {
+        Self::start_as(run_as()?)
+    }
+
+    fn start_as(run_as: RunAs) -> Result<TempCluster, ClusterError> {
         let bin_dir = find_bin_dir().ok_or(ClusterError::BinariesNotFound)?;
-        let run_as = run_as()?;
         let dir = tempfile::Builder::new()
             .prefix("pgiplock-cluster-")
             .tempdir()
@@ -521,6 +524,23 @@ mod tests {
             select_one(&config_for_port(port)).await.is_err(),
             "server still answers after drop"
         );
+    }
+
+    #[test]
+    fn su_works_where_runuser_is_missing() {
+        let (Ok(RunAs::Runuser(_)), Some(su)) = (run_as(), find_in_path("su")) else {
+            eprintln!("skipped: not root, or no su");
+            return;
+        };
+        let cluster = match TempCluster::start_as(RunAs::Su(su)) {
+            Ok(cluster) => cluster,
+            Err(ClusterError::BinariesNotFound) => return eprintln!("skipped: {}", ClusterError::BinariesNotFound),
+            Err(e) => panic!("starting a TempCluster through su: {e}"),
+        };
+        cluster.restart().expect("restart through su");
+        let dir = cluster.dir().to_path_buf();
+        drop(cluster);
+        assert!(!dir.exists(), "{} left behind", dir.display());
     }
 
     fn config_for_port(port: u16) -> tokio_postgres::Config {

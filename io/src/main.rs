@@ -25,8 +25,24 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("pgiplock: {e}");
+            eprintln!("pgiplock: {}", error_chain(&e));
             ExitCode::from(e.exit_code())
         }
     }
+}
+
+/// The error and its causes on one line ("error connecting to server: Connection refused"),
+/// skipping causes whose text the message already contains.
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = cause.source();
+    }
+    message
 }
