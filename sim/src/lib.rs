@@ -21,6 +21,7 @@
 #![warn(missing_docs)]
 
 pub mod db;
+pub mod explore;
 pub mod metrics;
 pub mod scenario;
 pub mod world;

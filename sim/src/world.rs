@@ -429,16 +429,6 @@ impl World {
         Ok(world)
     }
 
-    /// Records a human-readable line per event (for debugging; off by default).
-    pub fn enable_trace(&mut self) {
-        self.trace = Some(Vec::new());
-    }
-
-    /// The recorded trace lines.
-    pub fn trace(&self) -> &[String] {
-        self.trace.as_deref().unwrap_or(&[])
-    }
-
     /// The seed.
     pub fn seed(&self) -> u64 {
         self.seed
@@ -446,6 +436,17 @@ impl World {
 
     /// Runs to the end of the scenario, checking invariants after every event.
     pub fn run(mut self) -> Result<Report, SimError> {
+        self.run_inner()
+    }
+
+    /// Like [`World::run`], also returning one line per event and per lock event (long).
+    pub fn run_traced(mut self) -> (Result<Report, SimError>, Vec<String>) {
+        self.trace = Some(Vec::new());
+        let result = self.run_inner();
+        (result, self.trace.take().unwrap_or_default())
+    }
+
+    fn run_inner(&mut self) -> Result<Report, SimError> {
         while let Some(Reverse(next)) = self.queue.pop() {
             if next.at > self.end {
                 break;

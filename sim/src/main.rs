@@ -1,0 +1,626 @@
+//! `pgiplock-sim`: run, sweep and tune simulated fleets of pgiplock processes.
+//!
+//! Without arguments it runs the default sweep and prints the trade-off table. The first line of
+//! every run names the seed and the scenario; the same seed and scenario give byte-identical
+//! output. Environment: `SIM_SEED` (default seed), `SIM_RUNS` (swarm runs),
+//! `SIM_CHECK_DETERMINISM=1` (run everything twice and compare).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use pgiplock_core::Protocol;
+use pgiplock_sim::explore::{self, ExploreError, SweepPoint, TuneTarget};
+use pgiplock_sim::scenario::{format_duration, parse_duration, parse_fault, FaultSpec, FaultTarget};
+use pgiplock_sim::{Report, Scenario, SimError};
+
+#[derive(Parser, Debug)]
+#[command(name = "pgiplock-sim", version, about = "Deterministic fleet simulator for pgiplock")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run one scenario (from flags and/or a TOML file) and print its metrics.
+    Run {
+        #[command(flatten)]
+        scenario: ScenarioArgs,
+        /// Also print the report as JSON (one line).
+        #[arg(long)]
+        json: bool,
+        /// Print every event (long!).
+        #[arg(long)]
+        trace: bool,
+    },
+    /// Vary timings, print the trade-off table, write CSV and an SVG chart.
+    Sweep {
+        #[command(flatten)]
+        scenario: ScenarioArgs,
+        /// Protocols to sweep.
+        #[arg(long, value_delimiter = ',', default_value = "classic,lease")]
+        protocols: Vec<String>,
+        /// Acquire intervals (default: the default sweep's settings).
+        #[arg(long, value_delimiter = ',', value_parser = dur)]
+        intervals: Vec<Duration>,
+        /// Lease ttls (Lease points only).
+        #[arg(long, value_delimiter = ',', value_parser = dur)]
+        ttls: Vec<Duration>,
+        /// Fleet sizes.
+        #[arg(long = "process-counts", value_delimiter = ',')]
+        process_counts: Vec<usize>,
+        /// CSV output file.
+        #[arg(long, default_value = "sweep.csv")]
+        csv: PathBuf,
+        /// SVG chart output file.
+        #[arg(long, default_value = "sweep.svg")]
+        svg: PathBuf,
+    },
+    /// Recommend timings for a fleet and a target.
+    Tune {
+        #[command(flatten)]
+        scenario: ScenarioArgs,
+        /// Target: at most this much loss window per day (e.g. 5m); minimise load.
+        #[arg(long, value_parser = dur, conflicts_with = "max_load")]
+        max_loss_per_day: Option<Duration>,
+        /// Target: at most this many lock statements per second; minimise the loss window.
+        #[arg(long)]
+        max_load: Option<f64>,
+        /// Consider only this protocol.
+        #[arg(long = "only")]
+        only: Option<String>,
+    },
+    /// Seed-chosen scenarios with every checker (swarm testing).
+    Swarm {
+        /// First seed (default SIM_SEED or 1).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Number of seeds (default SIM_RUNS or 20).
+        #[arg(long)]
+        runs: Option<u64>,
+    },
+    /// Measure the simulator: events per second, and a large fleet over a long virtual time.
+    Bench {
+        /// Fleet size of the large run.
+        #[arg(long, default_value_t = 1000)]
+        processes: usize,
+        /// Virtual time of the large run.
+        #[arg(long, value_parser = dur, default_value = "24h")]
+        duration: Duration,
+        /// Acquire interval of the large run.
+        #[arg(long, value_parser = dur, default_value = "1s")]
+        acquire_interval: Duration,
+        /// Protocol of the large run.
+        #[arg(long, default_value = "classic")]
+        protocol: String,
+    },
+}
+
+fn dur(s: &str) -> Result<Duration, String> {
+    parse_duration(s).map_err(|e| e.to_string())
+}
+
+fn opt_dur(s: &str) -> Result<Option<Duration>, String> {
+    if s == "none" {
+        Ok(None)
+    } else {
+        dur(s).map(Some)
+    }
+}
+
+fn fault(s: &str) -> Result<FaultSpec, String> {
+    parse_fault(s).map_err(|e| e.to_string())
+}
+
+/// Scenario flags; each overrides the TOML file (or the default).
+#[derive(Args, Debug, Default)]
+struct ScenarioArgs {
+    /// A TOML scenario file (fields as in `Scenario`, durations like "5s").
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The seed (default: SIM_SEED, else 1).
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long)]
+    protocol: Option<String>,
+    #[arg(long)]
+    processes: Option<usize>,
+    #[arg(long)]
+    channels: Option<usize>,
+    #[arg(long, value_parser = dur)]
+    duration: Option<Duration>,
+    #[arg(long, value_parser = dur)]
+    warmup: Option<Duration>,
+    #[arg(long, value_parser = dur)]
+    acquire_interval: Option<Duration>,
+    #[arg(long)]
+    retry_jitter: Option<f64>,
+    #[arg(long, value_parser = dur)]
+    lease_ttl: Option<Duration>,
+    #[arg(long, value_parser = opt_dur)]
+    renew_interval: Option<Option<Duration>>,
+    #[arg(long, value_parser = opt_dur)]
+    fence_margin: Option<Option<Duration>>,
+    #[arg(long, value_parser = dur)]
+    request_timeout: Option<Duration>,
+    #[arg(long)]
+    publish_rate: Option<f64>,
+    #[arg(long, value_parser = dur)]
+    net_delay: Option<Duration>,
+    #[arg(long, value_parser = dur)]
+    query_min: Option<Duration>,
+    #[arg(long, value_parser = dur)]
+    query_mean: Option<Duration>,
+    #[arg(long, value_parser = dur)]
+    query_max: Option<Duration>,
+    #[arg(long, value_parser = dur)]
+    server_keepalive_detect: Option<Duration>,
+    #[arg(long, value_parser = dur)]
+    server_retransmit_detect: Option<Duration>,
+    #[arg(long, value_parser = dur)]
+    client_user_timeout: Option<Duration>,
+    #[arg(long, value_parser = dur)]
+    connect_timeout: Option<Duration>,
+    #[arg(long, value_parser = dur)]
+    crash_close_delay: Option<Duration>,
+    #[arg(long)]
+    drift: Option<f64>,
+    #[arg(long)]
+    terminate_permitted: Option<bool>,
+    /// Graceful stops per hour.
+    #[arg(long)]
+    stop_rate: Option<f64>,
+    /// Crashes per hour.
+    #[arg(long)]
+    crash_rate: Option<f64>,
+    /// Silent disconnects per hour.
+    #[arg(long)]
+    cut_rate: Option<f64>,
+    /// Server-side terminations per hour.
+    #[arg(long)]
+    terminate_rate: Option<f64>,
+    /// Server restarts per hour.
+    #[arg(long)]
+    server_restart_rate: Option<f64>,
+    /// Whom drawn faults hit: holder or any.
+    #[arg(long)]
+    fault_target: Option<String>,
+    /// A scheduled fault, `kind@time@target` (target: holder or a process index), repeatable.
+    #[arg(long = "fault", value_parser = fault)]
+    faults: Vec<FaultSpec>,
+    #[arg(long, value_parser = opt_dur)]
+    restart_delay: Option<Option<Duration>>,
+    #[arg(long, value_parser = dur)]
+    cut_duration: Option<Duration>,
+    #[arg(long, value_parser = dur)]
+    server_down: Option<Duration>,
+    #[arg(long, value_parser = dur)]
+    liveness_slack: Option<Duration>,
+    #[arg(long)]
+    max_steps: Option<u64>,
+}
+
+/// A CLI failure with its message.
+#[derive(Debug)]
+struct CliError(String);
+
+impl<E: std::fmt::Display> From<E> for CliError {
+    fn from(e: E) -> Self {
+        CliError(e.to_string())
+    }
+}
+
+impl ScenarioArgs {
+    fn scenario(&self) -> Result<Scenario, CliError> {
+        let mut s = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| CliError(format!("cannot read {}: {e}", path.display())))?;
+                Scenario::from_toml(&text)?
+            }
+            None => Scenario::default(),
+        };
+        macro_rules! set {
+            ($($field:ident),*) => { $( if let Some(v) = self.$field.clone() { s.$field = v; } )* };
+        }
+        set!(
+            processes,
+            channels,
+            duration,
+            warmup,
+            acquire_interval,
+            retry_jitter,
+            lease_ttl,
+            renew_interval,
+            fence_margin,
+            request_timeout,
+            publish_rate,
+            net_delay,
+            query_min,
+            query_mean,
+            query_max,
+            server_keepalive_detect,
+            server_retransmit_detect,
+            client_user_timeout,
+            connect_timeout,
+            crash_close_delay,
+            drift,
+            terminate_permitted,
+            restart_delay,
+            cut_duration,
+            server_down,
+            liveness_slack,
+            max_steps
+        );
+        if let Some(p) = &self.protocol {
+            s.protocol = p.parse()?;
+        }
+        let rates = [
+            (&self.stop_rate, &mut s.fault_rates.stop),
+            (&self.crash_rate, &mut s.fault_rates.crash),
+            (&self.cut_rate, &mut s.fault_rates.cut),
+            (&self.terminate_rate, &mut s.fault_rates.terminate),
+            (&self.server_restart_rate, &mut s.fault_rates.server_restart),
+        ];
+        for (flag, field) in rates {
+            if let Some(v) = flag {
+                *field = *v;
+            }
+        }
+        if let Some(t) = &self.fault_target {
+            s.fault_target = match t.as_str() {
+                "holder" => FaultTarget::Holder,
+                "any" => FaultTarget::Any,
+                other => return Err(CliError(format!("unknown fault target {other:?} (holder or any)"))),
+            };
+        }
+        s.faults.extend(self.faults.iter().cloned());
+        s.validate()?;
+        Ok(s)
+    }
+
+    fn seed(&self) -> Result<u64, CliError> {
+        match self.seed {
+            Some(s) => Ok(s),
+            None => env_seed(),
+        }
+    }
+}
+
+fn env_seed() -> Result<u64, CliError> {
+    match std::env::var("SIM_SEED") {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .map_err(|_| CliError(format!("SIM_SEED={v:?} is not a u64"))),
+        Err(_) => Ok(1),
+    }
+}
+
+fn twice() -> bool {
+    std::env::var("SIM_CHECK_DETERMINISM").is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+fn explain(e: &ExploreError, subcommand: &str) -> String {
+    match e {
+        ExploreError::Run { seed, scenario, error } => {
+            let repro = match (subcommand, error) {
+                ("swarm", _) => format!("pgiplock-sim swarm --seed {seed} --runs 1"),
+                _ => format!("pgiplock-sim run --seed {seed} {}", scenario.to_cli_args()),
+            };
+            let kind = match error {
+                SimError::Check(_) => "checker failure",
+                _ => "error",
+            };
+            format!("{kind}: seed {seed}: {error}\nreproduce with: {repro}")
+        }
+        other => other.to_string(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match real_main(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(CliError(message)) => {
+            eprintln!("{message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main(cli: Cli) -> Result<(), CliError> {
+    match cli.command {
+        None => default_sweep(),
+        Some(Command::Run { scenario, json, trace }) => cmd_run(&scenario, json, trace),
+        Some(Command::Sweep {
+            scenario,
+            protocols,
+            intervals,
+            ttls,
+            process_counts,
+            csv,
+            svg,
+        }) => cmd_sweep(&scenario, &protocols, &intervals, &ttls, &process_counts, &csv, &svg),
+        Some(Command::Tune {
+            scenario,
+            max_loss_per_day,
+            max_load,
+            only,
+        }) => cmd_tune(&scenario, max_loss_per_day, max_load, only.as_deref()),
+        Some(Command::Swarm { seed, runs }) => cmd_swarm(seed, runs),
+        Some(Command::Bench {
+            processes,
+            duration,
+            acquire_interval,
+            protocol,
+        }) => cmd_bench(processes, duration, acquire_interval, &protocol),
+    }
+}
+
+fn default_sweep() -> Result<(), CliError> {
+    let seed = env_seed()?;
+    let base = Scenario::default();
+    println!("seed={seed} scenario=default-sweep base: {}", base.summary());
+    println!(
+        "each point: {} processes for {} with faults on the holder; silent disconnects last {}; server dead-peer detection {} idle / {} while sending",
+        base.processes,
+        format_duration(base.duration),
+        format_duration(base.cut_duration),
+        format_duration(base.server_keepalive_detect),
+        format_duration(base.server_retransmit_detect)
+    );
+    let points =
+        explore::sweep(&explore::default_sweep(&base), seed, twice()).map_err(|e| CliError(explain(&e, "sweep")))?;
+    print!("{}", explore::sweep_table(&points));
+    println!("failover columns: p50/max seconds from the fault to a live holder that can receive.");
+    summarize_cut(&points, &base);
+    Ok(())
+}
+
+fn summarize_cut(points: &[SweepPoint], base: &Scenario) {
+    let worst = |protocol: Protocol| {
+        points
+            .iter()
+            .filter(|p| p.scenario.protocol == protocol)
+            .filter_map(|p| p.report.failover.get("cut").map(|s| (s.max_s, p)))
+            .fold(None::<(f64, &SweepPoint)>, |acc, x| match acc {
+                Some(a) if a.0 >= x.0 => Some(a),
+                _ => Some(x),
+            })
+    };
+    if let Some((max, _)) = worst(Protocol::Classic) {
+        println!(
+            "classic: a silently disconnected holder blocks takeover for up to {:.0} s whatever the interval: the server's dead-peer detection ({} while sending, {} idle) bounds it.",
+            max,
+            format_duration(base.server_retransmit_detect),
+            format_duration(base.server_keepalive_detect)
+        );
+    }
+    if let Some((max, p)) = worst(Protocol::Lease) {
+        println!(
+            "lease: the same fault costs at most {:.1} s (ttl {} + standby retry): bounded by the lease ttl.",
+            max,
+            format_duration(p.scenario.lock_config().lease_ttl)
+        );
+    }
+}
+
+fn cmd_run(args: &ScenarioArgs, json: bool, trace: bool) -> Result<(), CliError> {
+    let scenario = args.scenario()?;
+    let seed = args.seed()?;
+    println!("seed={seed} scenario: {}", scenario.summary());
+    if trace {
+        let (result, lines) = pgiplock_sim::World::new(scenario.clone(), seed)?.run_traced();
+        for line in lines {
+            println!("{line}");
+        }
+        // A checker failure is reported below, with the command that reproduces it.
+        let _ = result;
+    }
+    let report = explore::run_checked(&scenario, seed, twice()).map_err(|e| CliError(explain(&e, "run")))?;
+    print_report(&report, json);
+    Ok(())
+}
+
+fn print_report(report: &Report, json: bool) {
+    print!("{}", report.table());
+    if json {
+        println!("{}", serde_json::to_string(report).unwrap_or_default());
+    }
+}
+
+fn protocols(names: &[String]) -> Result<Vec<Protocol>, CliError> {
+    names
+        .iter()
+        .map(|n| n.parse::<Protocol>().map_err(CliError::from))
+        .collect()
+}
+
+fn cmd_sweep(
+    args: &ScenarioArgs,
+    names: &[String],
+    intervals: &[Duration],
+    ttls: &[Duration],
+    counts: &[usize],
+    csv: &std::path::Path,
+    svg: &std::path::Path,
+) -> Result<(), CliError> {
+    let base = args.scenario()?;
+    let seed = args.seed()?;
+    let protocols = protocols(names)?;
+    let scenarios = if intervals.is_empty() && ttls.is_empty() && counts.is_empty() {
+        explore::default_sweep(&base)
+            .into_iter()
+            .filter(|s| protocols.contains(&s.protocol))
+            .collect()
+    } else {
+        let intervals = if intervals.is_empty() {
+            vec![base.acquire_interval]
+        } else {
+            intervals.to_vec()
+        };
+        let counts = if counts.is_empty() {
+            vec![base.processes]
+        } else {
+            counts.to_vec()
+        };
+        explore::grid(&base, &protocols, &intervals, ttls, &counts)
+    };
+    println!(
+        "seed={seed} scenario=sweep of {} settings, base: {}",
+        scenarios.len(),
+        base.summary()
+    );
+    let points = explore::sweep(&scenarios, seed, twice()).map_err(|e| CliError(explain(&e, "sweep")))?;
+    print!("{}", explore::sweep_table(&points));
+    std::fs::write(csv, explore::sweep_csv(&points))
+        .map_err(|e| CliError(format!("cannot write {}: {e}", csv.display())))?;
+    explore::sweep_svg(&points, svg)?;
+    println!("wrote {} and {}", csv.display(), svg.display());
+    Ok(())
+}
+
+fn cmd_tune(
+    args: &ScenarioArgs,
+    max_loss: Option<Duration>,
+    max_load: Option<f64>,
+    only: Option<&str>,
+) -> Result<(), CliError> {
+    let mut base = args.scenario()?;
+    if args.duration.is_none() && args.config.is_none() {
+        // Shorter runs per candidate keep the tuner quick; fault rates are per hour anyway.
+        base.duration = Duration::from_secs(6 * 3600);
+    }
+    let seed = args.seed()?;
+    let target = match (max_loss, max_load) {
+        (Some(d), _) => TuneTarget::MaxLossPerDay(d),
+        (None, Some(l)) => TuneTarget::MaxLoad(l),
+        (None, None) => TuneTarget::MaxLossPerDay(Duration::from_secs(300)),
+    };
+    let only = only.map(str::parse::<Protocol>).transpose()?;
+    let candidates = explore::tune_candidates(&base, only);
+    let target_text = match target {
+        TuneTarget::MaxLossPerDay(d) => format!("loss window <= {} per day, least load", format_duration(d)),
+        TuneTarget::MaxLoad(l) => format!("<= {l} statements/s, least loss window"),
+    };
+    println!(
+        "seed={seed} scenario=tune ({target_text}) over {} candidates, base: {}",
+        candidates.len(),
+        base.summary()
+    );
+    let result = explore::tune(&candidates, seed, target).map_err(|e| CliError(explain(&e, "tune")))?;
+    print!("{}", explore::sweep_table(&result.candidates));
+    match result.best {
+        Some(i) => {
+            let p = &result.candidates[i];
+            let c = p.scenario.lock_config();
+            let per_day = p.report.loss_window_s * 86_400.0 / p.report.virtual_time_s.max(1.0);
+            println!(
+                "recommended: protocol {} acquire_interval {}{}",
+                p.scenario.protocol,
+                format_duration(c.acquire_interval),
+                match p.scenario.protocol {
+                    Protocol::Lease => format!(
+                        " lease_ttl {} renew_interval {} fence_margin {}",
+                        format_duration(c.lease_ttl),
+                        format_duration(c.renew_interval),
+                        format_duration(c.fence_margin)
+                    ),
+                    Protocol::Classic => String::new(),
+                }
+            );
+            println!(
+                "predicted: {:.3} statements/s ({:.3} per process), loss window {:.1} s per day, {} lost / {} published, split-brain {:.1} s",
+                p.report.statements_per_s,
+                p.report.statements_per_s_per_process_mean,
+                per_day,
+                p.report.lost_messages,
+                p.report.published,
+                p.report.split_brain_s
+            );
+        }
+        None => println!("no candidate meets the target; relax it or reduce the fault rates"),
+    }
+    Ok(())
+}
+
+fn cmd_swarm(seed: Option<u64>, runs: Option<u64>) -> Result<(), CliError> {
+    let seed = match seed {
+        Some(s) => s,
+        None => env_seed()?,
+    };
+    let runs = match runs {
+        Some(r) => r,
+        None => std::env::var("SIM_RUNS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(20),
+    };
+    println!("seed={seed} scenario=swarm of {runs} seed-chosen scenarios");
+    for i in 0..runs {
+        let s = seed.wrapping_add(i);
+        let scenario = explore::swarm_scenario(s);
+        let report = explore::run_checked(&scenario, s, twice()).map_err(|e| CliError(explain(&e, "swarm")))?;
+        println!(
+            "seed {s}: ok  {}  events {} loss {:.1} s split {:.1} s trace {}",
+            scenario.summary(),
+            report.events,
+            report.loss_window_s,
+            report.split_brain_s,
+            report.trace_hash
+        );
+    }
+    Ok(())
+}
+
+/// Wall-clock measurement of the simulator itself; never affects any simulated value.
+#[allow(clippy::disallowed_methods)]
+fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
+    let start = std::time::Instant::now();
+    let value = f();
+    (value, start.elapsed())
+}
+
+fn cmd_bench(processes: usize, duration: Duration, interval: Duration, protocol: &str) -> Result<(), CliError> {
+    let seed = env_seed()?;
+    let base = Scenario::default();
+    println!("seed={seed} scenario=bench: default scenario, then {processes} processes for {} at acquire_interval {} ({protocol})", format_duration(duration), format_duration(interval));
+    let (report, wall) = timed(|| pgiplock_sim::run(&base, seed));
+    let report = report?;
+    println!(
+        "default scenario: {} events in {:.3} s wall = {:.0} events/s ({} virtual)",
+        report.events,
+        wall.as_secs_f64(),
+        report.events as f64 / wall.as_secs_f64().max(1e-9),
+        format_duration(base.duration)
+    );
+    let big = Scenario {
+        protocol: protocol.parse()?,
+        processes,
+        duration,
+        acquire_interval: interval,
+        publish_rate: 0.1,
+        fault_rates: pgiplock_sim::FaultRates {
+            stop: 1.0,
+            crash: 1.0,
+            cut: 0.5,
+            terminate: 0.5,
+            server_restart: 0.0,
+        },
+        ..Scenario::default()
+    };
+    let (report, wall) = timed(|| pgiplock_sim::run(&big, seed));
+    let report = report?;
+    println!(
+        "{processes} processes x {}: {} events in {:.1} s wall = {:.0} events/s; {:.1} lock statements/s simulated",
+        format_duration(duration),
+        report.events,
+        wall.as_secs_f64(),
+        report.events as f64 / wall.as_secs_f64().max(1e-9),
+        report.statements_per_s
+    );
+    Ok(())
+}
