@@ -426,10 +426,16 @@ impl Driver {
                 break;
             }
             let deadline = self.next_deadline();
+            // Biased, connection events first: tokio-postgres completes a request only at
+            // ReadyForQuery, after the notifications the server sent at its commit, so taking
+            // every queued notification before any reply replays the server's order (a lock's
+            // own `acquired:` marker and the messages around it come before its reply). Due
+            // timers cannot starve: every iteration ticks them against the clock first.
             let wake = tokio::select! {
-                command = self.commands.recv(), if self.closing.is_none() => Wake::Command(command),
+                biased;
                 event = recv_event(&mut self.conn) => Wake::Conn(event),
                 Some(done) = self.queries.next(), if !self.queries.is_empty() => Wake::Query(done),
+                command = self.commands.recv(), if self.closing.is_none() => Wake::Command(command),
                 result = poll_connecting(&mut self.connecting), if self.connecting.is_some() => Wake::Connected(result),
                 () = sleep_until(deadline) => Wake::Timer,
             };
@@ -965,7 +971,7 @@ fn on_event(entry: &mut Entry, event: LockEvent) {
         }
         LockEvent::Lost { reason } => {
             entry.shared.set_holding(false, None);
-            tracing::warn!(channel, reason = reason.as_str(), "lock lost");
+            tracing::info!(channel, reason = reason.as_str(), "lock lost");
             entry.shared.broadcast(LockMessage::Lost { reason });
             for reply in entry.release_waiters.drain(..) {
                 let _ = reply.send(Ok(()));

@@ -334,3 +334,104 @@ async fn twenty_sessions_start_at_once_on_a_fresh_schema() {
         drop_schema(&schema).await;
     }
 }
+
+/// Graceful handover under a steady stream of messages: every message is delivered exactly
+/// once, by the old holder up to its release marker and by the new holder after it.
+async fn handover_is_lossless(protocol: Protocol) {
+    const TOTAL: usize = 400;
+    let schema = unique("t_lossless");
+    let channel = unique("stream");
+    let s1 = session().await;
+    let s2 = session().await;
+    let l1 = s1.lock(&channel, options(protocol, &schema)).unwrap();
+    let mut sub1 = l1.subscribe();
+    l1.init().await.unwrap();
+    next_matching(&mut sub1, "first holder", is_acquired).await;
+    let l2 = s2.lock(&channel, options(protocol, &schema)).unwrap();
+    let sub2 = l2.subscribe();
+    l2.init().await.unwrap();
+
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(usize, String)>();
+    let collect =
+        |mut sub: pgiplock::Subscription, who: usize, tx: tokio::sync::mpsc::UnboundedSender<(usize, String)>| {
+            tokio::spawn(async move {
+                while let Some(m) = sub.next().await {
+                    if let LockMessage::Message { payload } = m {
+                        let _ = tx.send((who, payload));
+                    }
+                }
+            })
+        };
+    let c1 = collect(sub1, 1, tx.clone());
+    let c2 = collect(sub2, 2, tx);
+    let admin = admin().await;
+    let publisher = {
+        let channel = channel.clone();
+        tokio::spawn(async move {
+            for i in 0..TOTAL {
+                publish(&admin.client, &channel, &i.to_string()).await;
+                if i % 50 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+        })
+    };
+    // Release once the stream is flowing through the first holder.
+    let mut received: Vec<(usize, String)> = Vec::new();
+    while received.len() < 50 {
+        received.push(tokio::time::timeout(WAIT, rx.recv()).await.unwrap().unwrap());
+    }
+    l1.release().await.unwrap();
+    tokio::time::timeout(WAIT, publisher).await.unwrap().unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while received.len() < TOTAL {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(m)) => received.push(m),
+            _ => break,
+        }
+    }
+    s1.close().await;
+    s2.close().await;
+    c1.await.unwrap();
+    c2.await.unwrap();
+    while let Ok(m) = rx.try_recv() {
+        received.push(m);
+    }
+    let mut numbers: Vec<usize> = received.iter().map(|(_, p)| p.parse().unwrap()).collect();
+    let by_first = received.iter().filter(|(w, _)| *w == 1).count();
+    numbers.sort_unstable();
+    let unique_count = {
+        let mut n = numbers.clone();
+        n.dedup();
+        n.len()
+    };
+    assert_eq!(unique_count, numbers.len(), "duplicates delivered");
+    assert_eq!(numbers, (0..TOTAL).collect::<Vec<_>>(), "lost messages");
+    assert!(
+        by_first >= 50 && by_first < TOTAL,
+        "both holders delivered ({by_first} by the first)"
+    );
+    // Tenures do not interleave: the first holder's messages all precede the second's.
+    let last_first = received
+        .iter()
+        .filter(|(w, _)| *w == 1)
+        .map(|(_, p)| p.parse::<usize>().unwrap())
+        .max();
+    let first_second = received
+        .iter()
+        .filter(|(w, _)| *w == 2)
+        .map(|(_, p)| p.parse::<usize>().unwrap())
+        .min();
+    assert!(last_first < first_second, "{last_first:?} vs {first_second:?}");
+    drop_schema(&schema).await;
+}
+
+#[tokio::test]
+async fn handover_is_lossless_lease() {
+    handover_is_lossless(Protocol::Lease).await;
+}
+
+#[tokio::test]
+async fn handover_is_lossless_classic() {
+    handover_is_lossless(Protocol::Classic).await;
+}
