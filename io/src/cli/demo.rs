@@ -633,7 +633,7 @@ impl Demo {
                     last_t_us,
                 } => {
                     let until = last_t_us.saturating_sub(self.t0_us) as f64 / 1000.0;
-                    format!("delivered messages #{first}..#{last} ({count}), the last at {until:.1}")
+                    format!("delivered messages #{first}..#{last} ({count}), the last at {until:.1} ms")
                 }
             };
             let _ = writeln!(out, "{ms:>9.1}  {who:<4}  {what}");

@@ -25,11 +25,23 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Hold (or stand by for) the lock of one channel and print its events as JSON lines.
+    ///
+    /// One JSON object per line on stdout, flushed at once; `t_us` is microseconds since the Unix
+    /// epoch. `ready` (with `app`, the application_name, and `pid`, the OS pid) once connected and
+    /// competing; then `acquired` (with `token`, null under classic), `lost` (with `reason`),
+    /// `released`, and `message` (with `payload`) for each notification delivered while holding.
+    /// Logs go to stderr (RUST_LOG). On SIGTERM or SIGINT the worker releases the lock, prints
+    /// `released` if it held it, and exits 0. Bad input exits 2.
     Worker(worker::WorkerArgs),
     /// Show the lock tables: channel, holder, whether the holder's backend is alive, lease.
     Status(status::StatusArgs),
     /// Run three workers, stop the holder gracefully, crash the next one, and report
     /// handover and failover times and lost or duplicated messages.
+    ///
+    /// Uses --database-url or $DATABASE_URL, else starts a throwaway PostgreSQL cluster (needs
+    /// the server binaries, e.g. `apt-get install postgresql`). Publishes a numbered message
+    /// every 20 ms, sends SIGTERM to the holder, then SIGKILL to the next holder, and prints a
+    /// timeline and a summary to stdout (progress to stderr). Removes everything it started.
     Demo(demo::DemoArgs),
 }
 

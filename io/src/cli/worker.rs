@@ -28,23 +28,23 @@ pub(crate) struct WorkerArgs {
     /// The channel whose lock to compete for (its notifications are printed while holding).
     #[arg(long, value_name = "NAME")]
     channel: String,
-    /// How often a standby retries (e.g. 500ms, 5s, 1m).
+    /// How often a standby retries (e.g. 500ms, 5s, 1m; default 30s).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     acquire_interval: Option<Duration>,
-    /// Bound on the release at shutdown.
+    /// Bound on the release at shutdown (default 1s).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     shutdown_timeout: Option<Duration>,
     /// Lock protocol.
     #[arg(long, value_enum, default_value_t = ProtocolArg::Lease)]
     protocol: ProtocolArg,
-    /// Lease time-to-live (lease protocol only).
+    /// Lease time-to-live (lease protocol only; default 10s).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     lease_ttl: Option<Duration>,
     /// Schema of the lock table (default: pgiplock_lease for lease, pgip_lock for classic).
     #[arg(long, value_name = "NAME")]
     schema: Option<String>,
-    /// Release and exit when stdin reaches end of file (a supervisor that dies closes it).
-    #[arg(long, hide = true)]
+    /// Also release and exit when stdin reaches end of file (so a supervisor's death stops it).
+    #[arg(long)]
     exit_on_stdin_eof: bool,
 }
 
