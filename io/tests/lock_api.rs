@@ -408,7 +408,7 @@ async fn handover_is_lossless(protocol: Protocol) {
     assert_eq!(unique_count, numbers.len(), "duplicates delivered");
     assert_eq!(numbers, (0..TOTAL).collect::<Vec<_>>(), "lost messages");
     assert!(
-        by_first >= 50 && by_first < TOTAL,
+        (50..TOTAL).contains(&by_first),
         "both holders delivered ({by_first} by the first)"
     );
     // Tenures do not interleave: the first holder's messages all precede the second's.
