@@ -131,6 +131,8 @@ pub struct Worker {
     pub opts: WorkerOpts,
     exited: Arc<AtomicBool>,
     stderr: Arc<Mutex<String>>,
+    /// Held open for the worker's lifetime (see `--exit-on-stdin-eof`).
+    _stdin: Option<tokio::process::ChildStdin>,
 }
 
 impl Worker {
@@ -141,7 +143,10 @@ impl Worker {
         let mut command = Command::new(worker_binary());
         command
             .args(opts.args())
-            .stdin(Stdio::null())
+            // The worker exits when its stdin closes: should this test process die without
+            // running its destructors, no worker outlives it.
+            .arg("--exit-on-stdin-eof")
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             // Second line of defence after our own Drop: the reaping task owns the child, and
@@ -157,6 +162,7 @@ impl Worker {
             .id()
             .and_then(|id| i32::try_from(id).ok())
             .unwrap_or_else(|| panic!("spawned worker has no pid"));
+        let stdin = child.stdin.take();
         let stdout = child.stdout.take().unwrap_or_else(|| panic!("worker stdout not piped"));
         let stderr_pipe = child.stderr.take().unwrap_or_else(|| panic!("worker stderr not piped"));
         let exited = Arc::new(AtomicBool::new(false));
@@ -221,6 +227,7 @@ impl Worker {
             opts,
             exited,
             stderr,
+            _stdin: stdin,
         }
     }
 

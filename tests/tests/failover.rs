@@ -40,10 +40,17 @@ async fn sigterm_handover(protocol: Protocol) {
     let (holder, _, _) = exactly_one_holder(&fleet).await;
 
     let channel = fleet.base().channel.clone();
-    let stream = Publisher::stream(&database_url(), &channel, Duration::from_millis(10)).await;
+    // A steady stream of messages across the handover: the old holder must deliver everything
+    // before its release marker, the new one everything after it.
+    let stream = Publisher::stream(&database_url(), &channel, Duration::from_millis(2)).await;
     fleet
-        .wait_event(holder, 0, "a delivered message", STARTUP, |k| {
-            matches!(k, EventKind::Message { .. })
+        .timeline()
+        .wait_for("the holder delivers 20 messages", STARTUP, |events| {
+            let n = events
+                .iter()
+                .filter(|e| e.worker == holder && matches!(e.kind, EventKind::Message { .. }))
+                .count();
+            (n >= 20).then_some(())
         })
         .await;
 
@@ -66,15 +73,15 @@ async fn sigterm_handover(protocol: Protocol) {
     );
 
     // Let the new holder deliver a message published after its acquisition, then stop.
-    let after = stream.count();
+    let after = stream.count() as u64 + 20;
     fleet
         .timeline()
-        .wait_for("the new holder delivers", Duration::from_secs(5), |events| {
+        .wait_for("the new holder delivers 20 more", Duration::from_secs(5), |events| {
             events
                 .iter()
                 .any(|e| {
                     e.worker == next
-                        && matches!(&e.kind, EventKind::Message { payload } if payload_index(payload) > after as u64)
+                        && matches!(&e.kind, EventKind::Message { payload } if payload_index(payload) > after)
                 })
                 .then_some(())
         })
@@ -91,6 +98,12 @@ async fn sigterm_handover(protocol: Protocol) {
         lost.len(),
         lost,
         fleet.duplicates().len()
+    );
+    // Lossless graceful handover (DESIGN.md section 3): nothing lost, nothing twice.
+    assert!(
+        lost.is_empty(),
+        "messages lost across a graceful handover: {lost:?}\n{}",
+        fleet.timeline().dump()
     );
     fleet.assert_invariants();
     fleet.shutdown(Duration::from_secs(10)).await;

@@ -44,11 +44,12 @@ async fn tokens_strictly_increase_over_fifty_mixed_handovers() {
                 assert!(done.get::<_, bool>(0), "the holder's backend {pid} was terminated");
             }
         }
+        let (next, t_next, next_token) = fleet.wait_acquired_after(t_fault, &[], Duration::from_secs(15)).await;
         if fault != "pg_terminate_backend" {
-            // Keep three workers competing.
+            // Keep three workers competing; started after the handover so that a standby's
+            // retry, not a newcomer's first attempt, is what is measured.
             fleet.spawn();
         }
-        let (next, t_next, next_token) = fleet.wait_acquired_after(t_fault, &[], Duration::from_secs(15)).await;
         assert!(
             next_token > token,
             "handover {i} ({fault}): token {next_token:?} after {token:?}\n{}",
@@ -174,13 +175,10 @@ async fn renew_or_release_with_an_old_token_changes_nothing() {
     let url = database_url();
     let schema = TestSchema::new();
     // Let a worker bootstrap the lease schema (tables and functions), then leave.
-    let bootstrap = Fleet::new(worker_opts(&schema, Protocol::Lease));
-    {
-        let mut fleet = bootstrap;
-        fleet.spawn();
-        fleet.wait_holder(Duration::from_secs(20)).await;
-        fleet.shutdown(Duration::from_secs(10)).await;
-    }
+    let mut bootstrap = Fleet::new(worker_opts(&schema, Protocol::Lease));
+    bootstrap.spawn();
+    bootstrap.wait_holder(Duration::from_secs(20)).await;
+    bootstrap.shutdown(Duration::from_secs(10)).await;
 
     let channel = unique_channel();
     let lease = LeaseSql {
@@ -242,6 +240,10 @@ async fn renew_or_release_with_an_old_token_changes_nothing() {
     assert!(acquired);
     let tc = tc.expect("token of A's second term");
     assert!(tc > tb);
+    let notes = listener
+        .drain_until_sentinel(&lease.lock_channel, Duration::from_secs(5))
+        .await;
+    assert_eq!(notes, vec![(lease.lock_channel.clone(), format!("acquired:{tc}"))]);
     let before = lease.row(&a).await;
     assert!(
         !lease.renew(&a, &app_a, ta, long).await,

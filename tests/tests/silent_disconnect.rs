@@ -176,7 +176,23 @@ async fn lease_silent_disconnect_fences_holder_and_fails_over() {
         fleet.duplicates().len()
     );
     fleet.assert_invariants();
-    eprintln!("[lease] heal at +{:.1} ms", ms(t_cut, t_heal));
+
+    // The healed worker is a working standby again: once the others stop, it acquires, with a
+    // token above every earlier one.
+    let t_others_stop = now_us();
+    for w in fleet.workers().iter().filter(|w| w.index != cut_worker) {
+        w.terminate();
+    }
+    let (again, t_again, again_token) = fleet
+        .wait_acquired_after(t_others_stop, &[], Duration::from_secs(15))
+        .await;
+    assert_eq!(again, cut_worker);
+    assert!(again_token > new_token, "fresh token {again_token:?} > {new_token:?}");
+    eprintln!(
+        "[lease] healed worker re-acquired with token {again_token:?} {:.1} ms after the others stopped (heal at +{:.1} ms)",
+        ms(t_others_stop, t_again),
+        ms(t_cut, t_heal)
+    );
     fleet.shutdown(Duration::from_secs(10)).await;
     fleet.assert_invariants();
 }
@@ -266,6 +282,16 @@ async fn classic_silent_disconnect_has_an_outage_then_split_brain() {
         fleet.wait_delivered(last, Duration::from_secs(10)).await;
     }
     let lost_messages = fleet.lost_messages(&published);
+    // Notifications that reached the cut holder's dead backend before it was terminated sat in
+    // the network; after the heal the stale holder processes them while another worker holds.
+    let stale_deliveries = fleet
+        .events()
+        .iter()
+        .filter(|e| e.worker == cut_worker && e.t_us > t_acquired && matches!(e.kind, EventKind::Message { .. }))
+        .count();
+    eprintln!(
+        "[classic] the stale holder delivered {stale_deliveries} messages during the split brain, after w{next} took over"
+    );
     eprintln!(
         "[classic] silent disconnect (retry {interval:?}): no takeover during {window:?} of cut (the outage lasts as long as the \
          dead backend, up to the server's TCP timeout); after the backend was terminated at +{:.1} ms, w{next} acquired \
