@@ -1,1 +1,26 @@
-//! placeholder
+//! Fuzz targets of `pgiplock`, as plain functions.
+//!
+//! Each target takes the fuzzer's bytes and panics when an invariant breaks. The libFuzzer entry
+//! points in `fuzz_targets/` (built only with the `libfuzzer` feature, on nightly, by
+//! `cargo fuzz`) call these, and so does the ordinary test run, which replays the committed
+//! corpus in `corpus/<target>/` on stable Rust.
+//!
+//! - [`lock_events`]: a sequence of `(delta, input)` decoded from bytes into one
+//!   [`Lock`](pgiplock_core::Lock), with tiny key spaces (request ids near the latest, five
+//!   session ids, tokens up to six) so that replies, sessions and markers collide.
+//! - [`names`]: channel, application and schema name validation, identifier quoting and
+//!   lock-channel payload parsing.
+//!
+//! A whole-scenario target (many locks, the simulator's database model and its checkers) can sit
+//! beside these as another module and another `fuzz_targets/` entry.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod bytes;
+pub mod corpus;
+pub mod lock_events;
+pub mod names;
+
+pub use bytes::Reader;
+pub use lock_events::lock_events;
+pub use names::names;
