@@ -201,41 +201,47 @@ pub(crate) async fn run(args: WorkerArgs) -> Result<(), CliError> {
         started = lock.init() => started.map(|()| true),
         () = stop.requested() => Ok(false),
     };
-    if let Err(e) = started {
-        let _ = tokio::time::timeout(args.shutdown_bound(), session.close()).await;
-        return Err(e.into());
-    }
-    // Printed once the lock competes, so a reader knows this worker can take over from now on.
-    let mut result = emit(&Line::Ready {
-        app: session.app_name(),
-        pid: std::process::id(),
-        t_us: now_us(),
-    });
-
-    if result.is_ok() && matches!(started, Ok(true)) {
-        result = tokio::select! {
-            printed = print_messages(&lock, &mut subscription) => printed,
-            () = stop.requested() => Ok(()),
-        };
-    }
+    let result = match started {
+        Err(e) => {
+            let _ = tokio::time::timeout(args.shutdown_bound(), session.close()).await;
+            return Err(e.into());
+        }
+        // Stopped while starting: release whatever init() may already have taken.
+        Ok(false) => Ok(()),
+        // Printed once the lock competes, so a reader knows this worker can take over from now on.
+        Ok(true) => match emit(&Line::Ready {
+            app: session.app_name(),
+            pid: std::process::id(),
+            t_us: now_us(),
+        }) {
+            Ok(()) => tokio::select! {
+                printed = print_messages(&lock, &mut subscription) => printed,
+                () = stop.requested() => Ok(()),
+            },
+            Err(e) => Err(e),
+        },
+    };
     tracing::info!(channel = %args.channel, "worker stopping");
     let shutdown = shutdown(&lock, &mut subscription, args.shutdown_bound()).await;
     let _ = tokio::time::timeout(args.shutdown_bound(), session.close()).await;
     result.and(shutdown)
 }
 
-/// Prints every subscription message until the lock stops.
+/// Prints every subscription message; returns only when the lock stops by itself (an error:
+/// nobody asked it to) or stdout is gone.
 async fn print_messages(lock: &PgIpLock, subscription: &mut Subscription) -> Result<(), CliError> {
     while let Some(message) = subscription.next().await {
         if let Some(line) = message_line(lock.channel(), &message) {
             emit(&line)?;
         }
         if message == LockMessage::Stopped {
-            tracing::warn!(channel = lock.channel(), "lock stopped");
             break;
         }
     }
-    Ok(())
+    Err(CliError::Failed(format!(
+        "the lock of channel {} stopped unexpectedly",
+        lock.channel()
+    )))
 }
 
 /// Destroys the lock (release, bounded) while printing what the subscription still delivers:
