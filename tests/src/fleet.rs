@@ -305,6 +305,17 @@ impl Fleet {
         out
     }
 
+    /// How many messages each worker delivered.
+    pub fn deliveries_per_worker(&self) -> BTreeMap<usize, usize> {
+        let mut out = BTreeMap::new();
+        for e in self.events() {
+            if matches!(e.kind, EventKind::Message { .. }) {
+                *out.entry(e.worker).or_default() += 1;
+            }
+        }
+        out
+    }
+
     /// Payloads delivered more than once.
     pub fn duplicates(&self) -> Vec<(String, Vec<usize>)> {
         self.deliveries().into_iter().filter(|(_, w)| w.len() > 1).collect()

@@ -92,12 +92,13 @@ async fn sigterm_handover(protocol: Protocol) {
     let lost = fleet.lost_messages(&published);
     eprintln!(
         "[{protocol}] SIGTERM handover: stop -> acquired {handover:.1} ms, released -> acquired {:.1} ms; \
-         {} published, {} lost {:?}, {} duplicated",
+         {} published, {} lost {:?}, {} duplicated; delivered per worker {:?}",
         ms(released.t_us, t_acquired),
         published.len(),
         lost.len(),
         lost,
-        fleet.duplicates().len()
+        fleet.duplicates().len(),
+        fleet.deliveries_per_worker()
     );
     // Lossless graceful handover (DESIGN.md section 3): nothing lost, nothing twice.
     assert!(
@@ -197,4 +198,30 @@ async fn pg_terminate_backend_of_holder_recovers_classic() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pg_terminate_backend_of_holder_recovers_lease() {
     terminated_backend_recovers(Protocol::Lease).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_releases_like_sigterm() {
+    let schema = TestSchema::new();
+    let mut fleet = Fleet::new(worker_opts(&schema, Protocol::Lease).acquire_interval(Duration::from_secs(60)));
+    fleet.spawn_many(2);
+    let (holder, _, token) = exactly_one_holder(&fleet).await;
+    let t_stop = now_us();
+    fleet.worker(holder).signal(libc::SIGINT);
+    fleet
+        .wait_event(holder, t_stop, "released", Duration::from_secs(5), |k| {
+            *k == EventKind::Released
+        })
+        .await;
+    let (_, t_acquired, next_token) = fleet
+        .wait_acquired_after(t_stop, &[holder], Duration::from_secs(3))
+        .await;
+    assert!(next_token > token);
+    assert_eq!(fleet.wait_exit(holder, Duration::from_secs(5)).await, (Some(0), None));
+    eprintln!(
+        "[lease] SIGINT handover: stop -> acquired {:.1} ms",
+        ms(t_stop, t_acquired)
+    );
+    fleet.shutdown(Duration::from_secs(10)).await;
+    fleet.assert_invariants();
 }
