@@ -324,7 +324,7 @@ fn run_demo(args: &[&str], env_url: Option<&str>) -> Option<String> {
     ] {
         assert!(summary.contains(key), "{key} missing: {summary}");
     }
-    assert!(stdout.contains("SIGTERM to w1"), "{stdout}");
+    assert!(stdout.contains("SIGTERM to w"), "{stdout}");
     assert!(stdout.contains("SIGKILL to"), "{stdout}");
     if env_url.is_some() || args.contains(&"--database-url") {
         // The demo's schema is gone.

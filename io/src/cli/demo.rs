@@ -53,8 +53,8 @@ pub(crate) struct DemoArgs {
     /// Lock protocol the workers use.
     #[arg(long, value_enum, default_value_t = ProtocolArg::Lease)]
     protocol: ProtocolArg,
-    /// Publish at least this many messages (one every 20 ms); the handover happens after a
-    /// third of them, the crash after two thirds.
+    /// Publish at least this many messages (one every 20 ms): a third before the handover, a
+    /// third between the handover and the crash, a third after the crash.
     #[arg(long, value_name = "N", default_value_t = 300, value_parser = clap::value_parser!(u64).range(30..=100_000))]
     messages: u64,
 }
@@ -345,23 +345,27 @@ struct Measurements {
 impl Demo {
     /// The scripted run: start, handover, crash, stop. Returns the report to print.
     async fn scenario(&mut self, messages: u64) -> Result<String, CliError> {
-        self.spawn_worker()?;
-        self.wait_until("w1 to acquire the lock", WAIT_BOUND, |r, _| r.holder == Some(0))
-            .await?;
-        for _ in 1..WORKERS {
+        // All at once: they race for the lock (and for the schema's setup), and exactly one wins.
+        for _ in 0..WORKERS {
             self.spawn_worker()?;
         }
-        self.wait_until("all workers to be ready", WAIT_BOUND, |r, _| r.ready.len() == WORKERS)
-            .await?;
-        if self.record.acquisitions.len() != 1 || self.record.holder != Some(0) {
+        self.wait_until(
+            "all workers to be ready and one to acquire the lock",
+            WAIT_BOUND,
+            |r, _| r.ready.len() == WORKERS && r.holder.is_some(),
+        )
+        .await?;
+        if self.record.acquisitions.len() != 1 {
             return Err(CliError::Failed(format!(
-                "expected exactly one holder (w1), saw acquisitions {:?}",
+                "expected exactly one holder, saw acquisitions (worker, t_us) {:?}",
                 self.record.acquisitions
             )));
         }
 
         self.start_publisher();
         let publish_bound = |count: u64| WAIT_BOUND + PUBLISH_EVERY * u32::try_from(count).unwrap_or(u32::MAX);
+        // Each phase lasts a third of the messages, counted from the end of the previous one, so
+        // that every holder gets its share however long a takeover took.
         let third = messages / 3;
         self.wait_until("messages to be published", publish_bound(third), |_, p| p >= third)
             .await?;
@@ -376,7 +380,8 @@ impl Demo {
         let (_, t_handover) = self.record.takeover_since(since, old).unwrap_or((old, t_term));
 
         // Crash failover.
-        self.wait_until("messages to be published", publish_bound(third), |_, p| p >= 2 * third)
+        let target = self.published.load(Ordering::SeqCst) + third;
+        self.wait_until("messages to be published", publish_bound(third), |_, p| p >= target)
             .await?;
         let (victim, since) = self.current_holder()?;
         let t_kill = self.send_signal(victim, UnixSignal::SIGKILL, "crash")?;
@@ -387,10 +392,9 @@ impl Demo {
         let (last_holder, t_failover) = self.record.takeover_since(since, victim).unwrap_or((victim, t_kill));
 
         // Finish publishing, let the last holder catch up, stop the last worker.
-        self.wait_until("messages to be published", publish_bound(messages), |_, p| {
-            p >= messages
-        })
-        .await?;
+        let target = (self.published.load(Ordering::SeqCst) + third).max(messages);
+        self.wait_until("messages to be published", publish_bound(messages), |_, p| p >= target)
+            .await?;
         let published = self.stop_publisher().await?;
         let last = published.last().map_or(0, |(n, _)| *n);
         let caught_up = self
