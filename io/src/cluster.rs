@@ -483,6 +483,13 @@ mod tests {
     }
 
     #[test]
+    fn missing_binaries_name_the_package() {
+        let text = ClusterError::BinariesNotFound.to_string();
+        assert!(text.contains("$PGIPLOCK_PG_BIN"), "{text}");
+        assert!(text.contains("apt-get install postgresql"), "{text}");
+    }
+
+    #[test]
     fn shell_quoting_survives_quotes() {
         assert_eq!(shell_quote("a'b"), r"'a'\''b'");
     }
