@@ -435,3 +435,68 @@ async fn handover_is_lossless_lease() {
 async fn handover_is_lossless_classic() {
     handover_is_lossless(Protocol::Classic).await;
 }
+
+/// A peer speaking `@imqueue/pg-pubsub`'s SQL (as a Node process would) shares a Classic lock
+/// with us: it is refused while we hold, we are refused while it holds, and its release (the
+/// trigger's `'1'`) wakes us at once.
+#[tokio::test]
+async fn classic_interoperates_with_a_pg_pubsub_peer() {
+    let schema = unique("t_node");
+    let channel = unique("jobs");
+    let qs = pgiplock_core::quote_ident(&schema);
+    let node = raw_client(&uuid::Uuid::new_v4().to_string()).await;
+    let lock_channel = format!("__PgIpLock__:{channel}");
+    let node_acquire = format!(
+        "INSERT INTO {qs}.lock (channel, app) VALUES ($1, $2) \
+         ON CONFLICT (channel) DO UPDATE SET app = {qs}.deadlock_check({qs}.lock.app, $2)"
+    );
+    let s = session().await;
+    let lock = s
+        .lock(
+            &channel,
+            options(Protocol::Classic, &schema).acquire_interval(Duration::from_secs(600)),
+        )
+        .unwrap();
+    let mut sub = lock.subscribe();
+    lock.init().await.unwrap();
+    next_matching(&mut sub, "acquired", is_acquired).await;
+    let refused = node
+        .client
+        .execute(&node_acquire, &[&lock_channel, &node.app])
+        .await
+        .expect_err("the node peer must be refused while we hold");
+    let db = refused.as_db_error().expect("a server error");
+    assert_eq!(db.detail(), Some("LOCKED"));
+
+    lock.release().await.unwrap();
+    // Our own release must not wake us for a full interval (10 minutes here), so the node
+    // peer wins.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if node
+            .client
+            .execute(&node_acquire, &[&lock_channel, &node.app])
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the node peer never acquired");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!lock.acquire().await.unwrap(), "refused while the node peer holds");
+    // The node peer releases as pg-pubsub does; the trigger's '1' wakes our standby at once
+    // (its retry interval is ten minutes, so only the notification can explain it).
+    let deleted = node
+        .client
+        .execute(
+            &format!("DELETE FROM {qs}.lock WHERE channel = $1 AND app = $2"),
+            &[&lock_channel, &node.app],
+        )
+        .await
+        .unwrap();
+    assert_eq!(deleted, 1);
+    next_matching(&mut sub, "acquired after the node release", is_acquired).await;
+    s.close().await;
+    drop_schema(&schema).await;
+}
