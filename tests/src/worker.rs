@@ -1,9 +1,9 @@
 //! One `pgiplock worker` OS process whose stdout events feed a [`Timeline`].
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -17,7 +17,15 @@ use crate::Protocol;
 ///
 /// Panics with instructions when it cannot be found: a test crate cannot depend on another
 /// package's binary, so it must be built first (`cargo build -p pgiplock --bins`).
+///
+/// A binary older than the sources it is built from (in this workspace) is refused too: the
+/// tests would otherwise silently exercise old code after `cargo test -p pgiplock-tests`.
 pub fn worker_binary() -> PathBuf {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY.get_or_init(find_worker_binary).clone()
+}
+
+fn find_worker_binary() -> PathBuf {
     if let Some(path) = std::env::var_os("PGIPLOCK_BIN") {
         let path = PathBuf::from(path);
         assert!(path.is_file(), "PGIPLOCK_BIN={} is not a file", path.display());
@@ -28,6 +36,14 @@ pub fn worker_binary() -> PathBuf {
     for dir in exe.ancestors().skip(1).take(3) {
         let candidate = dir.join(format!("pgiplock{}", std::env::consts::EXE_SUFFIX));
         if candidate.is_file() {
+            if let Some(newer) = newer_source(&candidate) {
+                panic!(
+                    "{} is older than {}; rebuild it with `cargo build -p pgiplock --bins` \
+                     (or run `cargo test --workspace`, which builds it)",
+                    candidate.display(),
+                    newer.display()
+                );
+            }
             return candidate;
         }
         tried.push(candidate);
@@ -36,6 +52,27 @@ pub fn worker_binary() -> PathBuf {
         "the pgiplock binary was not found (tried {tried:?}); build it first with \
          `cargo build -p pgiplock --bins` (same profile as the tests) or set PGIPLOCK_BIN"
     );
+}
+
+/// A source file of the binary (io and core crates of this workspace) modified after `binary`.
+fn newer_source(binary: &Path) -> Option<PathBuf> {
+    let built = std::fs::metadata(binary).and_then(|m| m.modified()).ok()?;
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent()?;
+    let mut pending: Vec<PathBuf> = ["io/src", "core/src", "io/Cargo.toml", "core/Cargo.toml"]
+        .iter()
+        .map(|p| workspace.join(p))
+        .collect();
+    while let Some(path) = pending.pop() {
+        let Ok(meta) = std::fs::metadata(&path) else { continue };
+        if meta.is_dir() {
+            if let Ok(entries) = std::fs::read_dir(&path) {
+                pending.extend(entries.filter_map(|e| e.ok()).map(|e| e.path()));
+            }
+        } else if meta.modified().is_ok_and(|m| m > built) {
+            return Some(path);
+        }
+    }
+    None
 }
 
 /// Command-line settings of one worker.
