@@ -263,14 +263,20 @@ impl PgIpLock {
     }
 
     /// Creates the schema if needed and starts competing for the lock (retrying on its own).
-    /// Resolves once the schema is in place on the current connection; a bootstrap failure
-    /// (for example missing privileges) is returned as [`Error::Bootstrap`].
+    /// Resolves once the schema is in place and the channels are listened to on the current
+    /// connection (while the server is unreachable it waits for the next one: bound it with a
+    /// timeout if needed); a bootstrap failure (for example missing privileges) is returned as
+    /// [`Error::Bootstrap`]. Calling it again is harmless.
     pub async fn init(&self) -> Result<(), Error> {
         let key = self.shared.key;
         self.call(|reply| Command::Init { key, reply }).await
     }
 
-    /// Makes one attempt now; `true` when the lock is held afterwards.
+    /// Makes one attempt now; `true` when the lock is held afterwards. Without [`init`]
+    /// the lock only ever competes through such calls; the first one sets
+    /// the schema up like `init` does. `false` at once while the session is disconnected.
+    ///
+    /// [`init`]: PgIpLock::init
     pub async fn acquire(&self) -> Result<bool, Error> {
         let key = self.shared.key;
         self.call(|reply| Command::Acquire { key, reply }).await

@@ -115,7 +115,7 @@ where
 
 /// The connection settings of one attempt: a fresh unique `application_name` (the holder
 /// identity) and keepalive/timeout backstops unless the user chose their own.
-fn attempt_config(user: &Config) -> (Config, String) {
+fn attempt_config(user: &Config) -> Config {
     let app = format!("pgiplock-{}", uuid::Uuid::new_v4().simple());
     debug_assert!(AppName::new(&app).is_ok());
     let mut config = user.clone();
@@ -136,7 +136,7 @@ fn attempt_config(user: &Config) -> (Config, String) {
     if config.get_keepalives_retries().is_none() {
         config.keepalives_retries(3);
     }
-    (config, app)
+    config
 }
 
 /// API calls into the session task.
@@ -189,8 +189,18 @@ fn guard<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// One PostgreSQL connection shared by many locks, reconnected with backoff when lost.
 /// Cheap to clone; all clones are the same session.
 ///
+/// Every connection gets a fresh, unique `application_name` (`pgiplock-<32 hex>`): it is the
+/// holder identity written into the lock tables and checked against `pg_stat_activity`, so a
+/// name set in the configuration is replaced. Unless the configuration sets them, connections
+/// use `connect_timeout` 5 s, TCP keepalives after 10 s idle (every 5 s, 3 probes) and
+/// `tcp_user_timeout` 15 s: a backstop only, the lock's own timers detect a dead session first.
+/// A lost connection is reopened with capped exponential backoff (100 ms doubling to 5 s,
+/// jittered); every lock learns the loss (a holder reports [`LockMessage::Lost`]) and competes
+/// again on the new connection.
+///
 /// Do not point it at a transaction-pooling PgBouncer: `LISTEN` and the session identity need
-/// a real session.
+/// a real session. A server-side `idle_session_timeout` shorter than the renew interval
+/// would end the session between renewals.
 #[derive(Clone)]
 pub struct Session {
     inner: Arc<SessionInner>,
@@ -221,7 +231,7 @@ impl Session {
         <T::TlsConnect as TlsConnect<Socket>>::Future: Send,
     {
         let connector = connector(tls);
-        let (attempt, _) = attempt_config(&config);
+        let attempt = attempt_config(&config);
         let established = connector(attempt).await.map_err(Error::Connect)?;
         let (commands, rx) = mpsc::unbounded_channel();
         let info = Arc::new(Mutex::new(ConnInfo {
@@ -837,7 +847,7 @@ impl Driver {
         if self.connecting.is_some() || self.conn.is_some() || self.closing.is_some() {
             return;
         }
-        let (config, _) = attempt_config(&self.user_config);
+        let config = attempt_config(&self.user_config);
         self.connecting = Some((self.connector)(config));
     }
 
@@ -873,12 +883,9 @@ impl Driver {
 
     fn on_done(&mut self, done: Done) {
         match done {
-            Done::Op { key, id, result } => {
-                if let Err(DbError::SessionLost) = &result {
-                    // The connection's end arrives as its own event; nothing to decide here.
-                }
-                self.feed(key, Input::DbResult { id, result });
-            }
+            // A `SessionLost` reply is ignored by the core: the connection's end arrives as its
+            // own event.
+            Done::Op { key, id, result } => self.feed(key, Input::DbResult { id, result }),
             Done::Prepared { key, session, result } => self.on_prepared(key, session, result),
             Done::Other => {}
         }
@@ -964,14 +971,14 @@ fn on_event(entry: &mut Entry, event: LockEvent) {
         LockEvent::Acquired { token } => {
             entry.shared.set_holding(true, token);
             match token {
-                Some(t) => tracing::info!(channel, token = t.0, "lock acquired"),
-                None => tracing::info!(channel, "lock acquired"),
+                Some(t) => tracing::info!(channel = %channel, token = t.0, "lock acquired"),
+                None => tracing::info!(channel = %channel, "lock acquired"),
             }
             entry.shared.broadcast(LockMessage::Acquired { token });
         }
         LockEvent::Lost { reason } => {
             entry.shared.set_holding(false, None);
-            tracing::info!(channel, reason = reason.as_str(), "lock lost");
+            tracing::info!(channel = %channel, reason = reason.as_str(), "lock lost");
             entry.shared.broadcast(LockMessage::Lost { reason });
             for reply in entry.release_waiters.drain(..) {
                 let _ = reply.send(Ok(()));
@@ -979,21 +986,21 @@ fn on_event(entry: &mut Entry, event: LockEvent) {
         }
         LockEvent::Released => {
             entry.shared.set_holding(false, None);
-            tracing::info!(channel, "lock released");
+            tracing::info!(channel = %channel, "lock released");
             entry.shared.broadcast(LockMessage::Released);
             for reply in entry.release_waiters.drain(..) {
                 let _ = reply.send(Ok(()));
             }
         }
         LockEvent::PeerReleased => {
-            tracing::debug!(channel, "peer released the lock");
+            tracing::debug!(channel = %channel, "peer released the lock");
             for handler in entry.shared.release_handlers() {
                 handler(channel);
             }
         }
         LockEvent::Stopped { released } => {
             entry.shared.set_holding(false, None);
-            tracing::info!(channel, released, "lock stopped");
+            tracing::info!(channel = %channel, released, "lock stopped");
             entry.shared.broadcast(LockMessage::Stopped);
             entry.stopped = true;
             for reply in entry.release_waiters.drain(..) {
@@ -1002,14 +1009,16 @@ fn on_event(entry: &mut Entry, event: LockEvent) {
         }
         LockEvent::Warning(warning) => match warning {
             Warning::TerminateNotPermitted { pid } => {
-                tracing::warn!(channel, pid, "not permitted to terminate the stale holder's backend")
+                tracing::warn!(channel = %channel, pid, "not permitted to terminate the stale holder's backend")
             }
             Warning::HandoverBufferOverflow { dropped } => {
-                tracing::warn!(channel, dropped, "handover buffer overflowed; oldest messages dropped")
+                tracing::warn!(channel = %channel, dropped, "handover buffer overflowed; oldest messages dropped")
             }
-            Warning::RequestFailed { op, error } => tracing::warn!(channel, op, error = %error, "request failed"),
-            other => tracing::warn!(channel, warning = ?other, "lock warning"),
+            Warning::RequestFailed { op, error } => {
+                tracing::warn!(channel = %channel, op, error = %error, "request failed")
+            }
+            other => tracing::warn!(channel = %channel, warning = ?other, "lock warning"),
         },
-        other => tracing::debug!(channel, event = ?other, "lock event"),
+        other => tracing::debug!(channel = %channel, event = ?other, "lock event"),
     }
 }

@@ -3,7 +3,7 @@
 //! Identifiers are always quoted with [`quote_ident`]; values are always bound parameters. The
 //! only text spliced into statements is validated schema names (quoted) and fixed function
 //! bodies; inside the bootstrap's `DO` block the schema name also appears as a string literal,
-//! escaped by [`quote_literal`], and every dollar-quote tag is chosen so that it does not occur
+//! escaped as an `E''` literal, and every dollar-quote tag is chosen so that it does not occur
 //! in the text it encloses.
 
 use std::time::Duration;
