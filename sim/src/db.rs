@@ -267,6 +267,24 @@ impl SimDb {
         self.classic.get(lock_channel).map(String::as_str)
     }
 
+    /// How many live sessions are the owner the channel's row names (S1: at most one).
+    pub fn owner_sessions(&self, protocol: Protocol, channel: &ChannelName) -> usize {
+        match protocol {
+            Protocol::Classic => self
+                .classic
+                .get(channel.lock_channel())
+                .map_or(0, |app| self.apps.get(app).copied().unwrap_or(0) as usize),
+            Protocol::Lease => match self.lease.get(channel.as_str()) {
+                Some(LeaseRow {
+                    holder: Some(h),
+                    holder_pid: Some(p),
+                    ..
+                }) => usize::from(self.session_of(*p, h).is_some()),
+                _ => 0,
+            },
+        }
+    }
+
     /// Runs one lock operation for `session` as one committed transaction at the server clock.
     pub fn execute(
         &mut self,

@@ -427,7 +427,11 @@ pub fn swarm_scenario(seed: u64) -> Scenario {
         ..Scenario::default()
     };
     // Drift stays within the bound the fence margin covers, so S2 is checked under Lease.
-    s.drift = s.drift_bound() * pick(&mut r, &[0, 10, 50]) as f64 / 100.0;
+    let bound = match s.protocol {
+        Protocol::Lease => s.drift_bound().min(0.1),
+        Protocol::Classic => 0.001,
+    };
+    s.drift = bound * pick(&mut r, &[0, 10, 50]) as f64 / 100.0;
     s
 }
 

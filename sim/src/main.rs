@@ -80,6 +80,9 @@ enum Command {
         /// Number of seeds (default SIM_RUNS or 20).
         #[arg(long)]
         runs: Option<u64>,
+        /// Print every event of every run (long!).
+        #[arg(long)]
+        trace: bool,
     },
     /// Measure the simulator: events per second, and a large fleet over a long virtual time.
     Bench {
@@ -200,6 +203,9 @@ struct ScenarioArgs {
     liveness_slack: Option<Duration>,
     #[arg(long)]
     max_steps: Option<u64>,
+    /// Fail S2 also when the extra believer's session had already ended unknown to it.
+    #[arg(long)]
+    strict_s2: Option<bool>,
 }
 
 /// A CLI failure with its message.
@@ -252,7 +258,8 @@ impl ScenarioArgs {
             cut_duration,
             server_down,
             liveness_slack,
-            max_steps
+            max_steps,
+            strict_s2
         );
         if let Some(p) = &self.protocol {
             s.protocol = p.parse()?;
@@ -350,7 +357,7 @@ fn real_main(cli: Cli) -> Result<(), CliError> {
             max_load,
             only,
         }) => cmd_tune(&scenario, max_loss_per_day, max_load, only.as_deref()),
-        Some(Command::Swarm { seed, runs }) => cmd_swarm(seed, runs),
+        Some(Command::Swarm { seed, runs, trace }) => cmd_swarm(seed, runs, trace),
         Some(Command::Bench {
             processes,
             duration,
@@ -547,7 +554,7 @@ fn cmd_tune(
     Ok(())
 }
 
-fn cmd_swarm(seed: Option<u64>, runs: Option<u64>) -> Result<(), CliError> {
+fn cmd_swarm(seed: Option<u64>, runs: Option<u64>, trace: bool) -> Result<(), CliError> {
     let seed = match seed {
         Some(s) => s,
         None => env_seed()?,
@@ -563,6 +570,13 @@ fn cmd_swarm(seed: Option<u64>, runs: Option<u64>) -> Result<(), CliError> {
     for i in 0..runs {
         let s = seed.wrapping_add(i);
         let scenario = explore::swarm_scenario(s);
+        if trace {
+            println!("seed {s}: {}", scenario.summary());
+            let (_, lines) = pgiplock_sim::World::new(scenario.clone(), s)?.run_traced();
+            for line in lines {
+                println!("{line}");
+            }
+        }
         let report = explore::run_checked(&scenario, s, twice()).map_err(|e| CliError(explain(&e, "swarm")))?;
         println!(
             "seed {s}: ok  {}  events {} loss {:.1} s split {:.1} s trace {}",

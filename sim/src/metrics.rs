@@ -18,6 +18,7 @@ pub struct Metrics {
     outage_run_us: u64,
     longest_outage_us: u64,
     split_brain_us: u64,
+    split_brain_gap_us: u64,
     published: Vec<bool>,
     deliveries: Vec<u8>,
     statements_total: u64,
@@ -47,6 +48,7 @@ impl Metrics {
             outage_run_us: 0,
             longest_outage_us: 0,
             split_brain_us: 0,
+            split_brain_gap_us: 0,
             published: Vec::new(),
             deliveries: Vec::new(),
             statements_total: 0,
@@ -63,7 +65,8 @@ impl Metrics {
     }
 
     /// The state held from `from` to `to`: whether someone served the channel, how many believed.
-    pub fn advance(&mut self, from: Timestamp, to: Timestamp, available: bool, believers: usize) {
+    /// `gap`: the second believer's session had ended at the server without it knowing.
+    pub fn advance(&mut self, from: Timestamp, to: Timestamp, available: bool, believers: usize, gap: bool) {
         let from = from.max(self.warmup);
         let to = to.min(self.end);
         if to <= from {
@@ -79,6 +82,9 @@ impl Metrics {
         }
         if believers >= 2 {
             self.split_brain_us += dt;
+            if gap {
+                self.split_brain_gap_us += dt;
+            }
         }
     }
 
@@ -167,6 +173,7 @@ impl Metrics {
             lost_messages: lost,
             duplicates,
             split_brain_s: round3(self.split_brain_us as f64 / 1e6),
+            split_brain_session_ended_s: round3(self.split_brain_gap_us as f64 / 1e6),
             statements_per_s: round3(per_s(self.statements_total)),
             statements_per_s_per_process_mean: round3(per_s(self.statements_total) / processes as f64),
             statements_per_s_per_process_max: round3(per_s(max_proc)),
@@ -253,6 +260,9 @@ pub struct Report {
     pub duplicates: u64,
     /// Time with two or more processes believing they hold, seconds.
     pub split_brain_s: f64,
+    /// Of which: an old holder's session had ended at the server without it knowing (it was
+    /// partitioned when its backend was terminated or dropped as a dead peer).
+    pub split_brain_session_ended_s: f64,
     /// Lock statements per second at the server (publisher excluded).
     pub statements_per_s: f64,
     /// Per process, mean.
@@ -305,7 +315,11 @@ impl Report {
             "messages               published {}, lost {}, duplicated {}",
             self.published, self.lost_messages, self.duplicates
         );
-        let _ = writeln!(out, "split-brain time       {:.3} s", self.split_brain_s);
+        let _ = writeln!(
+            out,
+            "split-brain time       {:.3} s (of which old holder's session ended unknown to it: {:.3} s)",
+            self.split_brain_s, self.split_brain_session_ended_s
+        );
         let _ = writeln!(
             out,
             "statements/s           total {:.3}, per process mean {:.3}, max {:.3}",

@@ -311,6 +311,10 @@ pub struct Scenario {
     pub liveness_slack: Duration,
     /// Most events one run may process.
     pub max_steps: u64,
+    /// Also fail S2 when the extra believer's session was already ended by the server without
+    /// it knowing (a partitioned holder whose backend was terminated or dropped as a dead peer):
+    /// the design lets a standby take over at once then, so only self-fencing bounds it.
+    pub strict_s2: bool,
 }
 
 impl Default for Scenario {
@@ -353,6 +357,7 @@ impl Default for Scenario {
             server_down: Duration::from_secs(5),
             liveness_slack: Duration::from_secs(10),
             max_steps: 2_000_000_000,
+            strict_s2: false,
         }
     }
 }
@@ -543,6 +548,7 @@ impl Scenario {
         flag("server-down", fd(self.server_down), fd(d.server_down));
         flag("liveness-slack", fd(self.liveness_slack), fd(d.liveness_slack));
         flag("max-steps", self.max_steps.to_string(), d.max_steps.to_string());
+        flag("strict-s2", self.strict_s2.to_string(), d.strict_s2.to_string());
         for f in &self.faults {
             let target = f.process.map_or_else(|| "holder".to_owned(), |p| p.to_string());
             out.push(format!("--fault {}@{}@{}", f.kind, fd(f.at), target));
