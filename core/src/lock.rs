@@ -521,11 +521,14 @@ impl Lock {
         self.disarm(TimerKind::Fence);
         self.phase = Phase::Releasing;
         // From our own drain marker on, the stream belongs to the next holder, which may be us
-        // again: buffer it like any standby. When waiting for the marker timed out we do not know
-        // where it is, so we keep nothing rather than risk duplicates.
-        self.buffer = self.marker_seen.then(VecDeque::new);
-        self.buffer_released = false;
-        self.dropped = 0;
+        // again: it is buffered like any standby's (since the marker). When waiting for the
+        // marker timed out we do not know where it is, so we keep nothing rather than risk
+        // duplicates.
+        self.buffer = if self.marker_seen {
+            Some(self.buffer.take().unwrap_or_default())
+        } else {
+            None
+        };
         self.emit(LockEvent::Released);
         if self.pending.is_none() {
             let token = self.token();
@@ -829,7 +832,8 @@ impl Lock {
         match self.phase {
             Phase::Holding => self.outputs.push_back(Output::Deliver { payload }),
             Phase::Draining if !self.marker_seen => self.outputs.push_back(Output::Deliver { payload }),
-            Phase::Standby | Phase::Releasing => {
+            // After a drain marker (a standby's, or our own while draining or releasing).
+            Phase::Standby | Phase::Draining | Phase::Releasing => {
                 let limit = self.config.handover_buffer.max(1);
                 if let Some(buffer) = self.buffer.as_mut() {
                     if buffer.len() >= limit {
@@ -875,8 +879,11 @@ impl Lock {
             }
         }
         match (self.phase, marker) {
-            (Phase::Draining, Marker::Draining(token)) if self.is_own(token) => {
+            (Phase::Draining, Marker::Draining(token)) if self.is_own(token) && !self.marker_seen => {
                 self.marker_seen = true;
+                self.buffer = Some(VecDeque::new());
+                self.buffer_released = false;
+                self.dropped = 0;
                 if self.drain_confirmed {
                     self.end_drain();
                 }

@@ -454,3 +454,33 @@ fn classic_cut_holder_blocks_takeover() {
     assert!(w.holders().is_empty());
     assert!(w.db.classic.contains_key(w.channel.lock_channel()));
 }
+
+/// Found by `fleet_graceful_handover_is_exactly_once`: a message that reached the releasing
+/// holder after its own drain marker but before the drain was confirmed was dropped, and lost
+/// when that same process won the next term (the others dropped theirs on its `acquired`).
+#[test]
+fn message_after_own_drain_marker_is_kept_for_the_next_term() {
+    let mut w = World::new(fast_config(Protocol::Lease), 3, 4520312713436666002);
+    w.latency = Latency {
+        request: Duration::from_micros(12),
+        reply: Duration::from_micros(2964),
+        notify: Duration::from_micros(1092),
+        connect: Duration::from_micros(1),
+    };
+    w.start_all();
+    assert!(w.run_until(Duration::from_secs(1), |w| w.holders().len() == 1));
+    let holder = w.holders()[0];
+    w.run_for(Duration::from_millis(100));
+    w.trace = Some(Vec::new());
+    w.input(holder, Input::Release);
+    w.publish_at(w.now, "m0");
+    w.publish_at(w.now + Duration::from_micros(700), "m1");
+    w.run_for(Duration::from_millis(6));
+    // The releaser asks again at once and wins the next term.
+    w.input(holder, Input::TryAcquire);
+    w.run_for(Duration::from_millis(100));
+    assert_eq!(w.holders(), vec![holder]);
+    let mut all = w.all_delivered();
+    all.sort();
+    assert_eq!(all, vec!["m0", "m1"], "{:#?}", w.trace);
+}

@@ -59,7 +59,7 @@ impl SessionChoice {
 pub enum IdChoice {
     /// The latest request's id.
     Latest,
-    /// The latest id plus this offset (-3..=3).
+    /// An earlier id (-3..=-1: late replies) or one never sent (1..=3).
     Offset(i8),
 }
 
@@ -390,7 +390,10 @@ impl LockChecker {
                 let latest = self.latest_request.map_or(0, |r| r.0);
                 let id = match id {
                     IdChoice::Latest => latest,
-                    IdChoice::Offset(o) => latest.saturating_add_signed(i64::from(*o)),
+                    // Ahead of the latest: an id never sent (far ahead, so that it cannot be
+                    // one the lock emits during this very input).
+                    IdChoice::Offset(o) if *o > 0 => latest.saturating_add(1_000_000 * o.unsigned_abs() as u64),
+                    IdChoice::Offset(o) => latest.saturating_sub(u64::from(o.unsigned_abs())),
                 };
                 Input::DbResult {
                     id: RequestId(id),

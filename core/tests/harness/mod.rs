@@ -349,6 +349,8 @@ pub struct World {
     pub published: Vec<String>,
     /// Steps taken.
     pub steps: u64,
+    /// When set, every input and output, for debugging a failure.
+    pub trace: Option<Vec<String>>,
 }
 
 impl World {
@@ -369,6 +371,7 @@ impl World {
             last_token: 0,
             published: Vec::new(),
             steps: 0,
+            trace: None,
         };
         for i in 0..n {
             let lock = Lock::new(
@@ -411,6 +414,7 @@ impl World {
     /// Feeds `input` to `node` now, then handles its outputs and runs the checkers.
     pub fn input(&mut self, node: usize, input: Input) {
         let now = self.now;
+        let traced = self.trace.is_some().then(|| input.clone());
         let Some(lock) = self.nodes[node].lock.as_mut() else {
             return;
         };
@@ -418,6 +422,12 @@ impl World {
         let mut outputs = Vec::new();
         while let Some(output) = lock.poll_output() {
             outputs.push(output);
+        }
+        if let Some(trace) = self.trace.as_mut() {
+            trace.push(format!("{now:?} node {node} <- {:?}", traced.expect("traced input")));
+            for o in &outputs {
+                trace.push(format!("{now:?} node {node} -> {o:?}"));
+            }
         }
         if let Some((at, kind)) = lock.poll_timeout() {
             assert!(at > now, "node {node}: deadline {at:?} ({kind:?}) not after {now:?}");
