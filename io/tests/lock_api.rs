@@ -500,3 +500,40 @@ async fn classic_interoperates_with_a_pg_pubsub_peer() {
     s.close().await;
     drop_schema(&schema).await;
 }
+
+/// Once the schema exists, a role without CREATE privileges can use it: the bootstrap only
+/// reads the catalogs.
+#[tokio::test]
+async fn existing_schema_needs_no_create_privilege() {
+    let schema = unique("t_shared");
+    let role = unique("r_user");
+    let (qs, qr) = (pgiplock_core::quote_ident(&schema), pgiplock_core::quote_ident(&role));
+    let admin = admin().await;
+    pgiplock::sql::bootstrap(
+        &admin.client,
+        Protocol::Lease,
+        &pgiplock_core::SchemaName::new(&schema).unwrap(),
+    )
+    .await
+    .unwrap();
+    admin
+        .client
+        .batch_execute(&format!(
+            "CREATE ROLE {qr} LOGIN; GRANT USAGE ON SCHEMA {qs} TO {qr}; \
+             GRANT SELECT, INSERT, UPDATE ON {qs}.lease TO {qr};"
+        ))
+        .await
+        .unwrap();
+    let mut config = config();
+    config.user(&role);
+    let s = Session::connect(config).await.unwrap();
+    let lock = s.lock(&unique("jobs"), options(Protocol::Lease, &schema)).unwrap();
+    let mut sub = lock.subscribe();
+    lock.init().await.unwrap();
+    next_matching(&mut sub, "acquired", is_acquired).await;
+    lock.release().await.unwrap();
+    s.close().await;
+    wait_backend_gone(&admin.client, &s.app_name()).await;
+    drop_schema(&schema).await;
+    admin.client.batch_execute(&format!("DROP ROLE {qr}")).await.unwrap();
+}
