@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -167,6 +167,8 @@ pub struct Worker {
     /// Its settings.
     pub opts: WorkerOpts,
     exited: Arc<AtomicBool>,
+    /// `t_us` at which we sent SIGKILL (0: never).
+    killed: Arc<AtomicI64>,
     stderr: Arc<Mutex<String>>,
     /// Held open for the worker's lifetime (see `--exit-on-stdin-eof`).
     _stdin: Option<tokio::process::ChildStdin>,
@@ -225,6 +227,8 @@ impl Worker {
         });
 
         let exited_flag = exited.clone();
+        let killed = Arc::new(AtomicI64::new(0));
+        let killed_flag = killed.clone();
         tokio::spawn(async move {
             let mut reader = BufReader::new(stdout);
             let mut buf = Vec::new();
@@ -251,9 +255,17 @@ impl Worker {
                 }
                 Err(_) => (None, None),
             };
+            // A process killed by our SIGKILL ran no code after it was sent: its tenure ends
+            // then, not when this task got round to reaping it (which a busy machine delays).
+            let killed_at = killed_flag.load(Ordering::SeqCst);
+            let t_us = if signal == Some(libc::SIGKILL) && killed_at > 0 {
+                killed_at
+            } else {
+                crate::now_us()
+            };
             timeline.push(Event {
                 worker: index,
-                t_us: crate::now_us(),
+                t_us,
                 kind: EventKind::Exited { code, signal },
             });
         });
@@ -263,6 +275,7 @@ impl Worker {
             pid,
             opts,
             exited,
+            killed,
             stderr,
             _stdin: stdin,
         }
@@ -272,6 +285,11 @@ impl Worker {
     pub fn signal(&self, signal: i32) {
         if self.has_exited() {
             return;
+        }
+        if signal == libc::SIGKILL {
+            let _ = self
+                .killed
+                .compare_exchange(0, crate::now_us(), Ordering::SeqCst, Ordering::SeqCst);
         }
         // SAFETY: kill(2) with a pid we spawned and have not reaped yet; no memory involved.
         let rc = unsafe { libc::kill(self.pid, signal) };

@@ -179,6 +179,7 @@ async fn renew_or_release_with_an_old_token_changes_nothing() {
     bootstrap.spawn();
     bootstrap.wait_holder(Duration::from_secs(20)).await;
     bootstrap.shutdown(Duration::from_secs(10)).await;
+    bootstrap.assert_invariants();
 
     let channel = unique_channel();
     let lease = LeaseSql {

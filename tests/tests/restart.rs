@@ -50,7 +50,7 @@ async fn survives_restart(protocol: Protocol) {
     assert_eq!(deliverer, next);
     eprintln!(
         "[{protocol}] server restart: pg_ctl restart took {:.1} ms; holder lost after {:.1} ms ({:?}); \
-         w{next} acquired {:.1} ms after the restart began, {:.1} ms after the server was up",
+         w{next} acquired {:.1} ms after the restart began, {:.1} ms after pg_ctl returned",
         ms(t_restart, t_up),
         ms(t_restart, lost.t_us),
         lost.kind,
