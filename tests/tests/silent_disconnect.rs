@@ -107,6 +107,19 @@ async fn lease_silent_disconnect_fences_holder_and_fails_over() {
     );
     let t_gone = now_us();
 
+    // Stay cut for another lease term: the old worker's requests time out and it tries to
+    // reconnect through the blackhole; it must not claim anything meanwhile.
+    let during_cut = fleet
+        .timeline()
+        .try_wait_for(ttl, |events| {
+            events
+                .iter()
+                .find(|e| e.worker == cut_worker && e.t_us > lost.t_us && !matches!(e.kind, EventKind::Ready { .. }))
+                .cloned()
+        })
+        .await;
+    assert!(during_cut.is_none(), "the cut worker reported {during_cut:?} while cut");
+
     // Heal: the old worker learns its session is gone and must not hold again without a fresh
     // acquisition carrying a higher token.
     let t_heal = now_us();
