@@ -29,6 +29,8 @@ use crate::Error;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Connection events handled in a row before an API command gets a turn.
+const EVENT_BURST: u32 = 256;
 
 /// Something the connection reported on its own.
 enum ConnEvent {
@@ -387,6 +389,8 @@ struct Driver {
     queries: FuturesUnordered<BoxFuture<'static, Done>>,
     reset: Option<SessionId>,
     closing: Option<Vec<oneshot::Sender<()>>>,
+    /// Connection events taken in a row (see [`EVENT_BURST`]).
+    event_streak: u32,
 }
 
 enum Wake {
@@ -423,6 +427,7 @@ impl Driver {
             queries: FuturesUnordered::new(),
             reset: None,
             closing: None,
+            event_streak: 0,
         };
         driver.on_connected(established);
         driver
@@ -440,14 +445,31 @@ impl Driver {
             // ReadyForQuery, after the notifications the server sent at its commit, so taking
             // every queued notification before any reply replays the server's order (a lock's
             // own `acquired:` marker and the messages around it come before its reply). Due
-            // timers cannot starve: every iteration ticks them against the clock first.
-            let wake = tokio::select! {
-                biased;
-                event = recv_event(&mut self.conn) => Wake::Conn(event),
-                Some(done) = self.queries.next(), if !self.queries.is_empty() => Wake::Query(done),
-                command = self.commands.recv(), if self.closing.is_none() => Wake::Command(command),
-                result = poll_connecting(&mut self.connecting), if self.connecting.is_some() => Wake::Connected(result),
-                () = sleep_until(deadline) => Wake::Timer,
+            // timers cannot starve: every iteration ticks them against the clock first. After a
+            // long burst of events, API commands get one turn (still before replies), so a
+            // flood of notifications cannot hold up `destroy` or a signal.
+            let wake = if self.event_streak < EVENT_BURST {
+                tokio::select! {
+                    biased;
+                    event = recv_event(&mut self.conn) => Wake::Conn(event),
+                    Some(done) = self.queries.next(), if !self.queries.is_empty() => Wake::Query(done),
+                    command = self.commands.recv(), if self.closing.is_none() => Wake::Command(command),
+                    result = poll_connecting(&mut self.connecting), if self.connecting.is_some() => Wake::Connected(result),
+                    () = sleep_until(deadline) => Wake::Timer,
+                }
+            } else {
+                tokio::select! {
+                    biased;
+                    command = self.commands.recv(), if self.closing.is_none() => Wake::Command(command),
+                    event = recv_event(&mut self.conn) => Wake::Conn(event),
+                    Some(done) = self.queries.next(), if !self.queries.is_empty() => Wake::Query(done),
+                    result = poll_connecting(&mut self.connecting), if self.connecting.is_some() => Wake::Connected(result),
+                    () = sleep_until(deadline) => Wake::Timer,
+                }
+            };
+            self.event_streak = match wake {
+                Wake::Conn(_) => self.event_streak + 1,
+                _ => 0,
             };
             match wake {
                 Wake::Command(Some(command)) => self.on_command(command),
