@@ -113,6 +113,37 @@ pub fn overlapping_pairs(intervals: &[Interval]) -> Vec<(Interval, Interval)> {
     pairs
 }
 
+/// Time, within `[from_us, to_us]`, during which no worker held (`.0`, the loss window when
+/// messages flow) and during which two or more held (`.1`, split brain), in microseconds.
+/// Open intervals count as held until `to_us`.
+pub fn coverage(intervals: &[Interval], from_us: i64, to_us: i64) -> (i64, i64) {
+    // Sweep over +1/-1 edges of the clipped intervals.
+    let mut edges: Vec<(i64, i32)> = Vec::new();
+    for i in intervals {
+        let start = i.start_us.max(from_us);
+        let end = i.end_us.unwrap_or(to_us).min(to_us);
+        if start < end {
+            edges.push((start, 1));
+            edges.push((end, -1));
+        }
+    }
+    edges.sort();
+    let (mut none, mut many, mut depth, mut at) = (0i64, 0i64, 0i32, from_us);
+    for (t, delta) in edges {
+        match depth {
+            0 => none += t - at,
+            1 => {}
+            _ => many += t - at,
+        }
+        depth += delta;
+        at = t;
+    }
+    if depth == 0 {
+        none += to_us - at;
+    }
+    (none, many)
+}
+
 /// Several workers on one channel, their merged [`Timeline`] and its checkers.
 pub struct Fleet {
     timeline: Arc<Timeline>,
@@ -184,6 +215,11 @@ impl Fleet {
             .filter(|i| i.end == EndKind::Open)
             .map(|i| i.worker)
             .collect()
+    }
+
+    /// `(no holder, split brain)` in microseconds within `[from_us, to_us]`, see [`coverage`].
+    pub fn coverage(&self, from_us: i64, to_us: i64) -> (i64, i64) {
+        coverage(&self.intervals(), from_us, to_us)
     }
 
     /// Waits until worker `index` reported `ready`; returns its latest application name.
@@ -434,6 +470,22 @@ mod tests {
         let pairs = overlapping_pairs(&intervals);
         assert_eq!(pairs.len(), 1);
         assert_eq!((pairs[0].0.worker, pairs[0].1.worker), (1, 2));
+    }
+
+    #[test]
+    fn coverage_counts_gaps_and_overlaps() {
+        let events = vec![
+            ev(0, 10, EventKind::Acquired { token: None }),
+            ev(0, 20, EventKind::Released),
+            ev(1, 25, EventKind::Acquired { token: None }),
+            ev(2, 28, EventKind::Acquired { token: None }),
+            ev(1, 30, EventKind::Lost { reason: "x".into() }),
+        ];
+        let (intervals, _) = holding_intervals(&events);
+        // Gaps: 0..10 and 20..25; two holders: 28..30; w2 open until 40.
+        assert_eq!(coverage(&intervals, 0, 40), (15, 2));
+        assert_eq!(coverage(&intervals, 12, 26), (5, 0));
+        assert_eq!(coverage(&[], 0, 7), (7, 0));
     }
 
     #[test]

@@ -111,6 +111,29 @@ async fn sigterm_handover(protocol: Protocol) {
     fleet.assert_invariants();
 }
 
+/// Lets the new holder `next` deliver a message published after this call, stops the stream
+/// and waits until its last message was delivered; returns what was published.
+async fn settle(fleet: &Fleet, stream: MessageStream, next: usize) -> Vec<(String, i64)> {
+    let after = stream.count() as u64 + 5;
+    fleet
+        .timeline()
+        .wait_for("the new holder delivers", Duration::from_secs(10), |events| {
+            events
+                .iter()
+                .any(|e| {
+                    e.worker == next
+                        && matches!(&e.kind, EventKind::Message { payload } if payload_index(payload) > after)
+                })
+                .then_some(())
+        })
+        .await;
+    let published = stream.stop().await;
+    if let Some((last, _)) = published.last() {
+        fleet.wait_delivered(last, Duration::from_secs(10)).await;
+    }
+    published
+}
+
 fn payload_index(payload: &str) -> u64 {
     payload.trim_start_matches('m').parse().unwrap_or(0)
 }
@@ -132,15 +155,29 @@ async fn sigkill_failover(protocol: Protocol) {
     fleet.spawn_many(3);
     let (holder, _, _) = exactly_one_holder(&fleet).await;
 
+    let stream = Publisher::stream(&database_url(), &fleet.base().channel, Duration::from_millis(5)).await;
+    fleet
+        .wait_event(holder, 0, "a delivered message", STARTUP, |k| {
+            matches!(k, EventKind::Message { .. })
+        })
+        .await;
+
     let t_kill = now_us();
     fleet.worker(holder).kill();
     let (_, signal) = fleet.wait_exit(holder, Duration::from_secs(5)).await;
     assert_eq!(signal, Some(libc::SIGKILL));
     let bound = interval + Duration::from_secs(3);
     let (next, t_acquired, _) = fleet.wait_acquired_after(t_kill, &[holder], bound).await;
+    let published = settle(&fleet, stream, next).await;
+    let (no_holder, _) = fleet.coverage(t_kill, t_acquired);
     eprintln!(
-        "[{protocol}] SIGKILL failover: kill -> w{next} acquired {:.1} ms (retry interval {interval:?})",
-        ms(t_kill, t_acquired)
+        "[{protocol}] SIGKILL failover: kill -> w{next} acquired {:.1} ms (retry interval {interval:?}); \
+         no holder for {:.1} ms; {} published, {} lost, {} duplicated",
+        ms(t_kill, t_acquired),
+        no_holder as f64 / 1000.0,
+        published.len(),
+        fleet.lost_messages(&published).len(),
+        fleet.duplicates().len()
     );
     fleet.assert_invariants();
     fleet.shutdown(Duration::from_secs(10)).await;

@@ -175,6 +175,13 @@ async fn lease_silent_disconnect_fences_holder_and_fails_over() {
         fleet.wait_delivered(last, Duration::from_secs(10)).await;
     }
     let lost_messages = fleet.lost_messages(&published);
+    let (no_holder, split_brain) = fleet.coverage(t_cut, now_us());
+    assert_eq!(split_brain, 0, "two workers held at once under Lease");
+    eprintln!(
+        "[lease] since the cut: no holder for {:.1} ms, split brain {:.1} ms (from the workers' events)",
+        no_holder as f64 / 1000.0,
+        split_brain as f64 / 1000.0
+    );
     eprintln!(
         "[lease] silent disconnect (ttl {ttl:?}, retry {interval:?}): holder lost ({:?}) {lost_after:.1} ms after the cut; \
          w{next} acquired {:.1} ms after the cut (failover), {:.1} ms after the old holder stepped down (no holder); \
@@ -321,6 +328,14 @@ async fn classic_silent_disconnect_has_an_outage_then_split_brain() {
         lost_messages.len(),
         fleet.duplicates().len()
     );
+    let (no_holder, split_brain) = fleet.coverage(t_cut, now_us());
+    eprintln!(
+        "[classic] since the cut: no holder for {:.1} ms (the cut holder is counted as holding), \
+         split brain {:.1} ms (from the workers' events)",
+        no_holder as f64 / 1000.0,
+        split_brain as f64 / 1000.0
+    );
+    assert!(split_brain > 0);
     // What the baseline suffers, asserted: two workers' holding intervals overlap.
     let intervals = fleet.intervals();
     let old = intervals
