@@ -90,18 +90,32 @@ fn advisory_key(protocol: Protocol, schema: &SchemaName) -> i64 {
     i64::from_ne_bytes(hash.to_ne_bytes())
 }
 
-/// `IF NOT EXISTS (function) THEN CREATE ...` for one function; with `replace_if_changed` an
-/// existing function whose body differs from ours is replaced (our own schema), otherwise an
-/// existing one is left alone (the Classic schema may have been created by Node processes).
-fn ensure_function(schema: &SchemaName, name: &str, signature_and_body: &str, body: &str, replace: bool) -> String {
+/// `IF NOT EXISTS (function) THEN CREATE ...` for one function. With `replace` (our own schema)
+/// an existing function whose body or `SET` clause (`Some("name=value")`) differs from ours is
+/// replaced; without, an existing one is left alone (the Classic schema may have been created
+/// by Node processes).
+fn ensure_function(
+    schema: &SchemaName,
+    name: &str,
+    signature_and_body: &str,
+    body: &str,
+    replace: Option<Option<&str>>,
+) -> String {
     let mut check = format!(
         "SELECT 1 FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
          WHERE n.nspname = {} AND p.proname = {}",
         quote_literal(schema.as_str()),
         quote_literal(name)
     );
-    if replace {
+    if let Some(setting) = replace {
         check.push_str(&format!(" AND p.prosrc = {}", quote_literal(body)));
+        match setting {
+            Some(setting) => check.push_str(&format!(
+                " AND p.proconfig IS NOT DISTINCT FROM ARRAY[{}]::text[]",
+                quote_literal(setting)
+            )),
+            None => check.push_str(" AND p.proconfig IS NULL"),
+        }
     }
     format!(
         "IF NOT EXISTS ({check}) THEN\n  CREATE OR REPLACE FUNCTION {}.{}{signature_and_body};\nEND IF;\n",
@@ -109,6 +123,10 @@ fn ensure_function(schema: &SchemaName, name: &str, signature_and_body: &str, bo
         quote_ident(name)
     )
 }
+
+/// The `SET` clause of the Lease functions that wait for row locks, as `pg_proc.proconfig`
+/// shows it.
+const LEASE_LOCK_TIMEOUT: &str = "lock_timeout=2s";
 
 fn classic_notify_body() -> String {
     "BEGIN PERFORM PG_NOTIFY(OLD.channel, '1'); RETURN OLD; END;".to_owned()
@@ -229,6 +247,8 @@ pub fn bootstrap_sql(protocol: Protocol, schema: &SchemaName) -> String {
     let schema_lit = quote_literal(schema.as_str());
     let mut body = String::new();
     body.push_str("BEGIN\n");
+    // A bootstrap stuck behind someone's lock fails (and `init` reports it) instead of hanging.
+    body.push_str("PERFORM set_config('lock_timeout', '10s', true);\n");
     body.push_str(&format!(
         "PERFORM pg_advisory_xact_lock({});\n",
         advisory_key(protocol, schema)
@@ -248,7 +268,7 @@ pub fn bootstrap_sql(protocol: Protocol, schema: &SchemaName) -> String {
                 "notify_lock",
                 &format!("() RETURNS TRIGGER LANGUAGE plpgsql AS {}", dollar_quote(&notify, "fn")),
                 &notify,
-                false,
+                None,
             ));
             body.push_str(&format!(
                 "IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger WHERE tgrelid = to_regclass({table_lit}) AND tgname = 'notify_release_lock_trigger') THEN\n  \
@@ -263,7 +283,7 @@ pub fn bootstrap_sql(protocol: Protocol, schema: &SchemaName) -> String {
                     dollar_quote(&deadlock, "fn")
                 ),
                 &deadlock,
-                false,
+                None,
             ));
         }
         Protocol::Lease => {
@@ -271,34 +291,42 @@ pub fn bootstrap_sql(protocol: Protocol, schema: &SchemaName) -> String {
             body.push_str(&format!(
                 "IF to_regclass({table_lit}) IS NULL THEN\n  CREATE TABLE {qs}.lease (channel text PRIMARY KEY, holder text, holder_pid integer, token bigint NOT NULL, expires_at timestamptz, acquired_at timestamptz);\nEND IF;\n"
             ));
+            // Row-lock waits are bounded: an operation stuck behind a foreign transaction fails
+            // and is retried, instead of being abandoned by a session reset and left blocked on
+            // the server.
             let functions = [
                 (
                     "acquire",
                     "(p_channel text, p_lock_channel text, p_app text, p_ttl_us bigint, OUT acquired boolean, \
                      OUT token bigint, OUT remaining_us bigint, OUT stale_pid integer, OUT stale_app text) \
-                     LANGUAGE plpgsql AS ",
+                     LANGUAGE plpgsql SET lock_timeout = '2s' AS ",
                     lease_acquire_body(&qs),
+                    Some(LEASE_LOCK_TIMEOUT),
                 ),
                 (
                     "renew",
-                    "(p_channel text, p_app text, p_token bigint, p_ttl_us bigint) RETURNS boolean LANGUAGE plpgsql AS ",
+                    "(p_channel text, p_app text, p_token bigint, p_ttl_us bigint) RETURNS boolean LANGUAGE plpgsql \
+                     SET lock_timeout = '2s' AS ",
                     lease_renew_body(&qs),
+                    Some(LEASE_LOCK_TIMEOUT),
                 ),
                 (
                     "release",
                     "(p_channel text, p_lock_channel text, p_app text, p_token bigint) RETURNS boolean \
-                     LANGUAGE plpgsql AS ",
+                     LANGUAGE plpgsql SET lock_timeout = '2s' AS ",
                     lease_release_body(&qs),
+                    Some(LEASE_LOCK_TIMEOUT),
                 ),
                 (
                     "terminate_stale",
                     "(p_pid integer, p_app text) RETURNS text LANGUAGE plpgsql AS ",
                     lease_terminate_body(),
+                    None,
                 ),
             ];
-            for (name, signature, fn_body) in functions {
+            for (name, signature, fn_body, setting) in functions {
                 let def = format!("{signature}{}", dollar_quote(&fn_body, "fn"));
-                body.push_str(&ensure_function(schema, name, &def, &fn_body, true));
+                body.push_str(&ensure_function(schema, name, &def, &fn_body, Some(setting)));
             }
         }
     }

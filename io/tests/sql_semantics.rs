@@ -41,6 +41,19 @@ async fn release(c: &RawClient, t: &Target, token: Option<FenceToken>) -> bool {
     }
 }
 
+/// Name, row version and `SET` clauses of every function in `schema`.
+async fn catalog_versions(client: &tokio_postgres::Client, schema: &str) -> Vec<(String, String, Option<Vec<String>>)> {
+    let rows = client
+        .query(
+            "SELECT p.proname::text, p.xmin::text, p.proconfig FROM pg_proc p \
+             JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = $1 ORDER BY 1",
+            &[&schema],
+        )
+        .await
+        .unwrap();
+    rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect()
+}
+
 async fn bootstrap_many(protocol: Protocol) {
     let schema = unique("t_boot");
     let name = SchemaName::new(&schema).unwrap();
@@ -50,10 +63,20 @@ async fn bootstrap_many(protocol: Protocol) {
     for r in &results {
         assert!(r.is_ok(), "concurrent bootstrap failed: {r:?}");
     }
-    // Idempotent: again, sequentially and concurrently.
+    // Idempotent: again, sequentially and concurrently, and without rewriting the catalog.
+    let before = catalog_versions(&clients[0].client, &schema).await;
     sql::bootstrap(&clients[0].client, protocol, &name).await.unwrap();
     let again = futures::future::join_all(clients.iter().map(|c| sql::bootstrap(&c.client, protocol, &name))).await;
     assert!(again.iter().all(Result::is_ok), "{again:?}");
+    assert_eq!(
+        catalog_versions(&clients[0].client, &schema).await,
+        before,
+        "a bootstrap rewrote existing functions"
+    );
+    if protocol == Protocol::Lease {
+        let acquire = before.iter().find(|(n, _, _)| n == "acquire").expect("acquire()");
+        assert_eq!(acquire.2, Some(vec!["lock_timeout=2s".to_owned()]));
+    }
     let admin = admin().await;
     let table = match protocol {
         Protocol::Classic => "lock",
