@@ -537,3 +537,12 @@ async fn existing_schema_needs_no_create_privilege() {
     drop_schema(&schema).await;
     admin.client.batch_execute(&format!("DROP ROLE {qr}")).await.unwrap();
 }
+
+#[tokio::test]
+async fn unreachable_server_is_a_connect_error() {
+    // Port 1 on loopback: nothing listens there, the connection is refused at once.
+    let mut config = tokio_postgres::Config::new();
+    config.host("127.0.0.1").port(1).user("postgres").dbname("test");
+    let error = Session::connect(config).await.expect_err("nothing listens on port 1");
+    assert!(matches!(error, Error::Connect(_)), "{error:?}");
+}
