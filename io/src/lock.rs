@@ -53,8 +53,9 @@ impl LockOptions {
         self
     }
 
-    /// Lease length on the database clock (default 10 s). Unless set explicitly, the renew
-    /// interval becomes a fifth of it and the fence margin a tenth.
+    /// Lease length on the database clock (`Lease` only; default 10 s). Setting it also makes
+    /// the fence margin a tenth of it, the renew interval a fifth (unless set explicitly) and
+    /// caps the request timeout at it.
     pub fn lease_ttl(mut self, ttl: Duration) -> Self {
         self.lease_ttl = Some(ttl);
         self
@@ -100,8 +101,9 @@ impl LockOptions {
         self.seed.unwrap_or_else(random_u64)
     }
 
-    /// The core configuration these options describe, validated.
-    pub(crate) fn to_config(&self) -> Result<LockConfig, ConfigError> {
+    /// The core configuration these options describe, validated (what [`Session::lock`] uses;
+    /// handy for running the same timings in the simulator).
+    pub fn to_config(&self) -> Result<LockConfig, ConfigError> {
         let mut config = LockConfig::new(self.protocol);
         if let Some(interval) = self.acquire_interval {
             config.acquire_interval = interval;
@@ -406,4 +408,40 @@ pub(crate) async fn destroy_all_with(signal: Option<SignalKind>) {
         }
     });
     futures::future::join_all(destroys).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_derive_lease_timings() {
+        let config = LockOptions::new().to_config().unwrap();
+        assert_eq!(config, LockConfig::new(Protocol::Lease));
+        let config = LockOptions::new()
+            .lease_ttl(Duration::from_secs(3))
+            .to_config()
+            .unwrap();
+        assert_eq!(config.lease_ttl, Duration::from_secs(3));
+        assert_eq!(config.renew_interval, Duration::from_millis(600));
+        assert_eq!(config.fence_margin, Duration::from_millis(300));
+        assert_eq!(config.request_timeout, Duration::from_secs(3));
+        let config = LockOptions::new()
+            .lease_ttl(Duration::from_secs(3))
+            .renew_interval(Duration::from_secs(1))
+            .to_config()
+            .unwrap();
+        assert_eq!(config.renew_interval, Duration::from_secs(1));
+        // Classic ignores the lease settings.
+        let classic = LockOptions::new()
+            .protocol(Protocol::Classic)
+            .lease_ttl(Duration::from_millis(1))
+            .to_config()
+            .unwrap();
+        assert_eq!(classic.renew_interval, Duration::from_secs(30));
+        assert!(LockOptions::new()
+            .lease_ttl(Duration::from_millis(5))
+            .to_config()
+            .is_err());
+    }
 }
