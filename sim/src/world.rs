@@ -169,10 +169,11 @@ impl Event {
     }
 }
 
+/// Boxed, so that the heap moves 24-byte entries, not whole events.
 struct Scheduled {
     at: Timestamp,
     seq: u64,
-    event: Event,
+    event: Box<Event>,
 }
 
 impl PartialEq for Scheduled {
@@ -467,7 +468,7 @@ impl World {
             if let Some(trace) = self.trace.as_mut() {
                 trace.push(format!("{:?} {:?}", next.at, next.event));
             }
-            self.handle(next.event);
+            self.handle(*next.event);
             self.run_work();
             self.check()?;
         }
@@ -488,7 +489,7 @@ impl World {
         self.queue.push(Reverse(Scheduled {
             at,
             seq: self.seq,
-            event,
+            event: Box::new(event),
         }));
     }
 
@@ -958,7 +959,7 @@ impl World {
             li as u64,
             u64::from(matches!(result, Ok(Reply::Acquire(ref r)) if r.acquired)),
         ]);
-        if let Some(row) = self.db.lease_row(channel.as_str()) {
+        if let Some(row) = self.db.lease_row(self.channels[li].as_str()) {
             if row.token < self.lease_token[li] {
                 self.metrics.s4_violations.push(format!(
                     "lease row token went back from {} to {}",
