@@ -636,5 +636,14 @@ fn cmd_bench(processes: usize, duration: Duration, interval: Duration, protocol:
         report.events as f64 / wall.as_secs_f64().max(1e-9),
         report.statements_per_s
     );
+    let day = Duration::from_secs(86_400);
+    if duration < day {
+        let factor = day.as_secs_f64() / duration.as_secs_f64();
+        println!(
+            "extrapolated to 24h (linear in virtual time): about {:.0} events, {:.0} s wall",
+            report.events as f64 * factor,
+            wall.as_secs_f64() * factor
+        );
+    }
     Ok(())
 }
