@@ -1,0 +1,599 @@
+//! Conformance of the simulator's database model (`pgiplock_sim::db::SimDb`) with the real SQL
+//! (`pgiplock::sql`) on a real PostgreSQL server.
+//!
+//! Random sequences of lock operations over a tiny key space (two channels, three sessions with
+//! distinct application names, either protocol) are applied step by step to a fresh `SimDb` and
+//! to real tokio-postgres sessions in a fresh schema. After every step both worlds must agree on
+//! the reply (acquired, token, owned, released, the stale holder's identity, the terminate
+//! outcome; `lease_remaining` only as present/absent) and on the notifications every session
+//! received on the lock channels, in order.
+//!
+//! Time: the model's server clock follows the real elapsed time (it is advanced to the moment
+//! each real statement is sent). The real server computes an expiry somewhere between sending
+//! and receiving the statement that set it, so an acquisition never runs within a guard
+//! interval around that uncertain expiry: it waits (really, and the model by the same amount)
+//! until the lease is certainly expired. Leases are short (60–200 ms) so that expiry is reached
+//! by a real wait.
+//!
+//! Cases: env `PROPTEST_CASES` (default 24). Server: env `PGIPLOCK_TEST_DATABASE_URL`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use pgiplock::sql::{bootstrap, execute, Target};
+use pgiplock_core::{ChannelName, DbError, DbOp, FenceToken, Protocol, Reply, SchemaName, SessionId, Timestamp};
+use pgiplock_sim::db::{DbConfig, SimDb};
+use pgiplock_tests::{connect, database_url, unique_hex, Listener, TestSchema};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestCaseError, TestError, TestRunner};
+use tokio::time::Instant;
+use tokio_postgres::Client;
+
+const SLOTS: usize = 3;
+const CHANNELS: usize = 2;
+/// Lease lengths drawn per case.
+const TTLS_MS: [u64; 3] = [60, 120, 200];
+/// Uncertainty allowed around a real expiry (statement latency, scheduling).
+const GUARD: Duration = Duration::from_millis(30);
+/// Bound on every wait for the server (a backend to exit, a sentinel to arrive).
+const WAIT: Duration = Duration::from_secs(10);
+
+/// Which token a Lease renew, drain or release names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tok {
+    /// The token this session last acquired on the channel (1 if none).
+    Mine,
+    /// One below it: an old term.
+    Older,
+    /// One above it: a term that does not exist (yet).
+    Newer,
+    /// The row's current token, whoever holds it.
+    Latest,
+}
+
+/// One step of a sequence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Step {
+    Acquire { s: usize, c: usize },
+    Renew { s: usize, c: usize, tok: Tok },
+    Drain { s: usize, c: usize, tok: Tok },
+    Release { s: usize, c: usize, tok: Tok },
+    /// `TerminateStale` of `target`'s backend; `wrong_app` names it with the caller's
+    /// application name instead of its own (no such session).
+    Terminate { s: usize, target: usize, wrong_app: bool },
+    /// The client closes the connection (session end).
+    Close { s: usize },
+    /// A new connection with the slot's application name (after a close or termination).
+    Reopen { s: usize },
+    /// Server time passes beyond the channel's lease expiry.
+    Expire { c: usize },
+}
+
+#[derive(Debug, Clone)]
+struct Case {
+    protocol: Protocol,
+    ttl: Duration,
+    steps: Vec<Step>,
+}
+
+fn tok() -> impl Strategy<Value = Tok> {
+    prop_oneof![
+        4 => Just(Tok::Mine),
+        2 => Just(Tok::Older),
+        1 => Just(Tok::Newer),
+        1 => Just(Tok::Latest),
+    ]
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    let s = 0..SLOTS;
+    let c = 0..CHANNELS;
+    prop_oneof![
+        6 => (s.clone(), c.clone()).prop_map(|(s, c)| Step::Acquire { s, c }),
+        3 => (s.clone(), c.clone(), tok()).prop_map(|(s, c, tok)| Step::Renew { s, c, tok }),
+        1 => (s.clone(), c.clone(), tok()).prop_map(|(s, c, tok)| Step::Drain { s, c, tok }),
+        3 => (s.clone(), c.clone(), tok()).prop_map(|(s, c, tok)| Step::Release { s, c, tok }),
+        2 => (s.clone(), s.clone(), proptest::bool::weighted(0.2))
+            .prop_map(|(s, target, wrong_app)| Step::Terminate { s, target, wrong_app }),
+        1 => s.clone().prop_map(|s| Step::Close { s }),
+        2 => s.prop_map(|s| Step::Reopen { s }),
+        2 => c.prop_map(|c| Step::Expire { c }),
+    ]
+}
+
+fn case() -> impl Strategy<Value = Case> {
+    (
+        prop_oneof![Just(Protocol::Classic), Just(Protocol::Lease)],
+        0..TTLS_MS.len(),
+        proptest::collection::vec(step(), 4..36),
+    )
+        .prop_map(|(protocol, ttl, steps)| Case {
+            protocol,
+            ttl: Duration::from_millis(TTLS_MS[ttl]),
+            steps,
+        })
+}
+
+/// A session's identity across both worlds: slot and connection generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Who {
+    slot: usize,
+    generation: u32,
+}
+
+/// A reply with pids mapped to [`Who`] and the remaining lease reduced to present/absent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Outcome {
+    Acquire {
+        acquired: bool,
+        token: Option<FenceToken>,
+        remaining: bool,
+        stale: Option<(Option<Who>, String)>,
+    },
+    Renew {
+        owned: bool,
+    },
+    Drained,
+    Release {
+        released: bool,
+    },
+    Terminate(pgiplock_core::TerminateOutcome),
+    Error(String),
+    /// The step did not apply (its session is closed, or nothing to do).
+    Skipped,
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{self:?}")
+    }
+}
+
+fn error_kind(e: &DbError) -> String {
+    match e {
+        DbError::SessionLost => "session lost".to_owned(),
+        DbError::PermissionDenied(_) => "permission denied".to_owned(),
+        other => format!("failed: {other}"),
+    }
+}
+
+fn outcome(result: Result<Reply, DbError>, who_of: impl Fn(i32, &str) -> Option<Who>) -> Outcome {
+    match result {
+        Ok(Reply::Acquire(r)) => Outcome::Acquire {
+            acquired: r.acquired,
+            token: r.token,
+            remaining: r.lease_remaining.is_some(),
+            stale: r.stale_holder.map(|h| (who_of(h.pid, &h.app), h.app)),
+        },
+        Ok(Reply::Renew { owned }) => Outcome::Renew { owned },
+        Ok(Reply::Drained) => Outcome::Drained,
+        Ok(Reply::Release { released }) => Outcome::Release { released },
+        Ok(Reply::Terminate(t)) => Outcome::Terminate(t),
+        Ok(other) => Outcome::Error(format!("unexpected reply {other:?}")),
+        Err(e) => Outcome::Error(error_kind(&e)),
+    }
+}
+
+/// One slot in the real world.
+struct RealSlot {
+    listener: Option<Listener>,
+    pid: i32,
+    generation: u32,
+}
+
+/// One slot in the model.
+struct SimSlot {
+    session: Option<SessionId>,
+    pid: i32,
+}
+
+/// Both worlds of one case.
+struct Worlds {
+    protocol: Protocol,
+    ttl: Duration,
+    url: String,
+    schema: SchemaName,
+    channels: Vec<ChannelName>,
+    apps: Vec<String>,
+    /// Per slot: a private channel for sentinels (see `Listener::drain_until_sentinel`).
+    sentinels: Vec<String>,
+    observer: Client,
+    real: Vec<RealSlot>,
+    real_pids: BTreeMap<(i32, String), Who>,
+    db: SimDb,
+    sim: Vec<SimSlot>,
+    sim_pids: BTreeMap<(i32, String), Who>,
+    start: Instant,
+    /// Per channel: the interval of elapsed time within which the real lease expires.
+    expiry: Vec<Option<(Duration, Duration)>>,
+    /// Per slot and channel: the token it last acquired.
+    tokens: Vec<Vec<Option<u64>>>,
+    log: Vec<String>,
+}
+
+impl Worlds {
+    async fn new(case: &Case, schema: &TestSchema) -> Result<Worlds, String> {
+        let url = database_url();
+        let hex = unique_hex();
+        let channels = (0..CHANNELS)
+            .map(|c| ChannelName::new(&format!("cf{hex}{c}")).map_err(|e| e.to_string()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let schema_name = SchemaName::new(schema.name()).map_err(|e| e.to_string())?;
+        let observer = connect(&url).await;
+        bootstrap(&observer, case.protocol, &schema_name)
+            .await
+            .map_err(|e| format!("bootstrap: {e}"))?;
+        let mut worlds = Worlds {
+            protocol: case.protocol,
+            ttl: case.ttl,
+            url,
+            schema: schema_name,
+            channels,
+            apps: (0..SLOTS).map(|s| format!("cf{hex}_{s}")).collect(),
+            sentinels: (0..SLOTS).map(|s| format!("cf{hex}_sentinel{s}")).collect(),
+            observer,
+            real: Vec::new(),
+            real_pids: BTreeMap::new(),
+            db: SimDb::new(DbConfig::default()),
+            sim: Vec::new(),
+            sim_pids: BTreeMap::new(),
+            start: Instant::now(),
+            expiry: vec![None; CHANNELS],
+            tokens: vec![vec![None; CHANNELS]; SLOTS],
+            log: Vec::new(),
+        };
+        for s in 0..SLOTS {
+            worlds.real.push(RealSlot {
+                listener: None,
+                pid: 0,
+                generation: 0,
+            });
+            worlds.sim.push(SimSlot { session: None, pid: 0 });
+            worlds.open(s).await?;
+        }
+        Ok(worlds)
+    }
+
+    fn elapsed(&self) -> Duration {
+        self.start.elapsed()
+    }
+
+    fn sim_clock(&mut self, at: Duration) {
+        self.db
+            .advance_to(Timestamp::from_micros(u64::try_from(at.as_micros()).unwrap_or(u64::MAX)));
+    }
+
+    fn is_open(&self, s: usize) -> bool {
+        self.sim[s].session.is_some()
+    }
+
+    /// Opens slot `s` in both worlds: a connection named by the slot's application name that
+    /// listens on both lock channels (and its sentinel channel).
+    async fn open(&mut self, s: usize) -> Result<(), String> {
+        let app = self.apps[s].clone();
+        let sep = if self.url.contains('?') { '&' } else { '?' };
+        let url = format!("{}{sep}application_name={app}", self.url);
+        let mut listen: Vec<&str> = self.channels.iter().map(|c| c.lock_channel()).collect();
+        listen.push(&self.sentinels[s]);
+        let listener = Listener::connect(&url, &listen).await;
+        let row = listener
+            .client()
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .map_err(|e| format!("pg_backend_pid: {e}"))?;
+        let pid: i32 = row.get(0);
+        let generation = self.real[s].generation + 1;
+        self.real[s] = RealSlot {
+            listener: Some(listener),
+            pid,
+            generation,
+        };
+        self.real_pids.insert((pid, app.clone()), Who { slot: s, generation });
+
+        let (session, sim_pid) = self.db.open_session(&app);
+        for c in &self.channels {
+            self.db
+                .listen(session, c.lock_channel())
+                .map_err(|e| format!("sim listen: {e}"))?;
+        }
+        self.sim[s] = SimSlot {
+            session: Some(session),
+            pid: sim_pid,
+        };
+        self.sim_pids.insert((sim_pid, app), Who { slot: s, generation });
+        Ok(())
+    }
+
+    /// Waits until backend `pid` is gone from `pg_stat_activity` (the server ends a closed or
+    /// terminated backend asynchronously; the model at once).
+    async fn wait_backend_gone(&self, pid: i32) -> Result<(), String> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let row = self
+                .observer
+                .query_one("SELECT count(*) FROM pg_catalog.pg_stat_activity WHERE pid = $1", &[&pid])
+                .await
+                .map_err(|e| format!("pg_stat_activity: {e}"))?;
+            if row.get::<_, i64>(0) == 0 {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!("backend {pid} still in pg_stat_activity after {WAIT:?}"));
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// Ends slot `s` in the real world (drops its connection) and waits for its backend to go.
+    async fn end_real(&mut self, s: usize) -> Result<(), String> {
+        drop(self.real[s].listener.take());
+        self.wait_backend_gone(self.real[s].pid).await
+    }
+
+    fn token(&self, s: usize, c: usize, tok: Tok) -> Option<FenceToken> {
+        if self.protocol == Protocol::Classic {
+            return None;
+        }
+        let mine = self.tokens[s][c].unwrap_or(1);
+        Some(FenceToken(match tok {
+            Tok::Mine => mine,
+            Tok::Older => mine.saturating_sub(1),
+            Tok::Newer => mine + 1,
+            Tok::Latest => self.db.lease_row(self.channels[c].as_str()).map_or(0, |r| r.token),
+        }))
+    }
+
+    /// Runs `real_op` and `sim_op` (the same operation; only pids differ between the worlds)
+    /// for slot `s` on channel `c`; returns the elapsed time before and after the real statement
+    /// and both outcomes.
+    async fn exec(
+        &mut self,
+        s: usize,
+        c: usize,
+        real_op: &DbOp,
+        sim_op: &DbOp,
+    ) -> Result<(Duration, Duration, Outcome, Outcome), String> {
+        let target = Target {
+            protocol: self.protocol,
+            schema: self.schema.clone(),
+            channel: self.channels[c].clone(),
+            app: self.apps[s].clone(),
+            lease_ttl: self.ttl,
+        };
+        let listener = self.real[s].listener.as_ref().ok_or("real slot closed")?;
+        let before = self.elapsed();
+        let real = execute(listener.client(), &target, real_op).await;
+        let after = self.elapsed();
+        let real = outcome(real, |pid, app| self.real_pids.get(&(pid, app.to_owned())).copied());
+
+        self.sim_clock(before);
+        let session = self.sim[s].session.ok_or("sim slot closed")?;
+        let sim = self.db.execute(session, self.protocol, &self.channels[c], self.ttl, sim_op);
+        let sim = outcome(sim, |pid, app| self.sim_pids.get(&(pid, app.to_owned())).copied());
+        Ok((before, after, real, sim))
+    }
+
+    /// Runs `op` for slot `s` on channel `c` in both worlds; returns `(real, sim)`.
+    async fn op(&mut self, s: usize, c: usize, op: DbOp) -> Result<(Outcome, Outcome), String> {
+        let (before, after, real, sim) = self.exec(s, c, &op, &op).await?;
+        // Where the real server put the lease's expiry, as far as we can tell from here.
+        if self.protocol == Protocol::Lease {
+            match &sim {
+                Outcome::Acquire {
+                    acquired: true, token, ..
+                } => {
+                    self.expiry[c] = Some((before + self.ttl, after + self.ttl));
+                    self.tokens[s][c] = token.map(|t| t.0);
+                }
+                Outcome::Renew { owned: true } => self.expiry[c] = Some((before + self.ttl, after + self.ttl)),
+                Outcome::Release { released: true } => self.expiry[c] = None,
+                _ => {}
+            }
+        }
+        Ok((real, sim))
+    }
+
+    /// Waits, in both worlds, until the lease of `c` has certainly expired.
+    async fn pass_expiry(&mut self, c: usize) {
+        let held = self
+            .db
+            .lease_row(self.channels[c].as_str())
+            .is_some_and(|r| r.holder.is_some());
+        if let (true, Some((_, hi))) = (held, self.expiry[c]) {
+            tokio::time::sleep_until(self.start + hi + GUARD).await;
+        }
+    }
+
+    /// Before an acquisition: never decide within the uncertain interval around an expiry.
+    async fn settle_expiry(&mut self, c: usize) {
+        let held = self
+            .db
+            .lease_row(self.channels[c].as_str())
+            .is_some_and(|r| r.holder.is_some());
+        if let (true, Some((lo, hi))) = (held, self.expiry[c]) {
+            let now = self.elapsed();
+            if now + GUARD >= lo && now <= hi + GUARD {
+                tokio::time::sleep_until(self.start + hi + GUARD).await;
+            }
+        }
+    }
+
+    async fn step(&mut self, step: &Step) -> Result<(Outcome, Outcome), String> {
+        let skipped = Ok((Outcome::Skipped, Outcome::Skipped));
+        match *step {
+            Step::Acquire { s, c } => {
+                if !self.is_open(s) {
+                    return skipped;
+                }
+                if self.protocol == Protocol::Lease {
+                    self.settle_expiry(c).await;
+                }
+                self.op(s, c, DbOp::Acquire).await
+            }
+            Step::Renew { s, c, tok } => {
+                if !self.is_open(s) {
+                    return skipped;
+                }
+                let token = self.token(s, c, tok);
+                self.op(s, c, DbOp::Renew { token }).await
+            }
+            Step::Drain { s, c, tok } => {
+                if !self.is_open(s) {
+                    return skipped;
+                }
+                let token = self.token(s, c, tok);
+                self.op(s, c, DbOp::Drain { token }).await
+            }
+            Step::Release { s, c, tok } => {
+                if !self.is_open(s) {
+                    return skipped;
+                }
+                let token = self.token(s, c, tok);
+                self.op(s, c, DbOp::Release { token }).await
+            }
+            Step::Terminate { s, target, wrong_app } => {
+                // A session terminating itself would lose its own reply.
+                if !self.is_open(s) || s == target {
+                    return skipped;
+                }
+                let app = if wrong_app {
+                    self.apps[s].clone()
+                } else {
+                    self.apps[target].clone()
+                };
+                let real_op = DbOp::TerminateStale {
+                    pid: self.real[target].pid,
+                    app: app.clone(),
+                };
+                let sim_op = DbOp::TerminateStale {
+                    pid: self.sim[target].pid,
+                    app,
+                };
+                let (_, _, real, sim) = self.exec(s, 0, &real_op, &sim_op).await?;
+                if matches!(real, Outcome::Terminate(pgiplock_core::TerminateOutcome::Terminated)) {
+                    self.end_real(target).await?;
+                }
+                if matches!(sim, Outcome::Terminate(pgiplock_core::TerminateOutcome::Terminated)) {
+                    self.db.take_terminated();
+                    self.sim[target].session = None;
+                }
+                Ok((real, sim))
+            }
+            Step::Close { s } => {
+                if !self.is_open(s) {
+                    return skipped;
+                }
+                self.end_real(s).await?;
+                if let Some(session) = self.sim[s].session.take() {
+                    self.db.close_session(session);
+                }
+                Ok((Outcome::Drained, Outcome::Drained))
+            }
+            Step::Reopen { s } => {
+                if self.is_open(s) || self.real[s].listener.is_some() {
+                    return skipped;
+                }
+                self.open(s).await?;
+                Ok((Outcome::Drained, Outcome::Drained))
+            }
+            Step::Expire { c } => {
+                if self.protocol == Protocol::Classic {
+                    return skipped;
+                }
+                self.pass_expiry(c).await;
+                Ok((Outcome::Drained, Outcome::Drained))
+            }
+        }
+    }
+
+    /// The lock-channel notifications each open session received since the last call, in both
+    /// worlds: `(slot, real payloads, sim payloads)` per open slot.
+    async fn notifications(&mut self) -> Vec<(usize, Vec<(String, String)>, Vec<(String, String)>)> {
+        let mut out = Vec::new();
+        for s in 0..SLOTS {
+            let (Some(listener), Some(session)) = (self.real[s].listener.as_mut(), self.sim[s].session) else {
+                continue;
+            };
+            // Everything committed before the sentinel arrives before it (commit order).
+            let real = listener.drain_until_sentinel(&self.sentinels[s], WAIT).await;
+            let sim = self
+                .db
+                .take_notifications(session)
+                .into_iter()
+                .map(|n| (n.channel, n.payload))
+                .collect();
+            out.push((s, real, sim));
+        }
+        out
+    }
+
+    async fn close(mut self) {
+        for s in 0..SLOTS {
+            if self.real[s].listener.is_some() {
+                // Best effort: the schema guard drops the tables whatever happens here.
+                let _ = self.end_real(s).await;
+            }
+        }
+    }
+}
+
+async fn run_case(case: &Case) -> Result<(), String> {
+    let schema = TestSchema::new();
+    let mut worlds = Worlds::new(case, &schema).await?;
+    let result = run_steps(&mut worlds, case).await;
+    let log = std::mem::take(&mut worlds.log);
+    worlds.close().await;
+    drop(schema);
+    result.map_err(|e| format!("{e}\nsteps so far ({:?}, ttl {:?}):\n  {}", case.protocol, case.ttl, log.join("\n  ")))
+}
+
+async fn run_steps(worlds: &mut Worlds, case: &Case) -> Result<(), String> {
+    for (i, step) in case.steps.iter().enumerate() {
+        let (real, sim) = worlds.step(step).await?;
+        worlds.log.push(format!("{i:>2} {step:?} -> {sim}"));
+        if real != sim {
+            return Err(format!("step {i} {step:?}: replies differ\n  real: {real}\n  sim:  {sim}"));
+        }
+        for (s, real, sim) in worlds.notifications().await {
+            if real != sim {
+                return Err(format!(
+                    "step {i} {step:?}: notifications of slot {s} differ\n  real: {real:?}\n  sim:  {sim:?}"
+                ));
+            }
+            if !sim.is_empty() {
+                let payloads: Vec<&str> = sim.iter().map(|(_, p)| p.as_str()).collect();
+                worlds.log.push(format!("     slot {s} heard {payloads:?}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn sim_db_conforms_to_postgres() {
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(24);
+    let config = Config {
+        cases,
+        max_shrink_iters: 64,
+        failure_persistence: None,
+        ..Config::default()
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| panic!("runtime: {e}"));
+    let mut runner = TestRunner::new(config);
+    let result = runner.run(&case(), |case| {
+        runtime.block_on(run_case(&case)).map_err(TestCaseError::fail)
+    });
+    match result {
+        Ok(()) => {}
+        Err(TestError::Fail(reason, case)) => panic!("the model and PostgreSQL disagree: {reason}\nminimal case: {case:#?}"),
+        Err(e) => panic!("{e}"),
+    }
+}
