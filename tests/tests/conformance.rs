@@ -55,19 +55,44 @@ enum Tok {
 /// One step of a sequence.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Step {
-    Acquire { s: usize, c: usize },
-    Renew { s: usize, c: usize, tok: Tok },
-    Drain { s: usize, c: usize, tok: Tok },
-    Release { s: usize, c: usize, tok: Tok },
+    Acquire {
+        s: usize,
+        c: usize,
+    },
+    Renew {
+        s: usize,
+        c: usize,
+        tok: Tok,
+    },
+    Drain {
+        s: usize,
+        c: usize,
+        tok: Tok,
+    },
+    Release {
+        s: usize,
+        c: usize,
+        tok: Tok,
+    },
     /// `TerminateStale` of `target`'s backend; `wrong_app` names it with the caller's
     /// application name instead of its own (no such session).
-    Terminate { s: usize, target: usize, wrong_app: bool },
+    Terminate {
+        s: usize,
+        target: usize,
+        wrong_app: bool,
+    },
     /// The client closes the connection (session end).
-    Close { s: usize },
+    Close {
+        s: usize,
+    },
     /// A new connection with the slot's application name (after a close or termination).
-    Reopen { s: usize },
+    Reopen {
+        s: usize,
+    },
     /// Server time passes beyond the channel's lease expiry.
-    Expire { c: usize },
+    Expire {
+        c: usize,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -260,8 +285,9 @@ impl Worlds {
     }
 
     fn sim_clock(&mut self, at: Duration) {
-        self.db
-            .advance_to(Timestamp::from_micros(u64::try_from(at.as_micros()).unwrap_or(u64::MAX)));
+        self.db.advance_to(Timestamp::from_micros(
+            u64::try_from(at.as_micros()).unwrap_or(u64::MAX),
+        ));
     }
 
     fn is_open(&self, s: usize) -> bool {
@@ -312,7 +338,10 @@ impl Worlds {
         loop {
             let row = self
                 .observer
-                .query_one("SELECT count(*) FROM pg_catalog.pg_stat_activity WHERE pid = $1", &[&pid])
+                .query_one(
+                    "SELECT count(*) FROM pg_catalog.pg_stat_activity WHERE pid = $1",
+                    &[&pid],
+                )
                 .await
                 .map_err(|e| format!("pg_stat_activity: {e}"))?;
             if row.get::<_, i64>(0) == 0 {
@@ -369,7 +398,9 @@ impl Worlds {
 
         self.sim_clock(before);
         let session = self.sim[s].session.ok_or("sim slot closed")?;
-        let sim = self.db.execute(session, self.protocol, &self.channels[c], self.ttl, sim_op);
+        let sim = self
+            .db
+            .execute(session, self.protocol, &self.channels[c], self.ttl, sim_op);
         let sim = outcome(sim, |pid, app| self.sim_pids.get(&(pid, app.to_owned())).copied());
         Ok((before, after, real, sim))
     }
@@ -538,22 +569,49 @@ impl Worlds {
     }
 }
 
-async fn run_case(case: &Case) -> Result<(), String> {
+/// What the cases exercised, for the test's output: outcome kinds and how often they occurred.
+type Tally = std::sync::Mutex<BTreeMap<String, u64>>;
+
+fn tally_key(o: &Outcome) -> String {
+    match o {
+        Outcome::Acquire {
+            acquired, stale, remaining, ..
+        } => format!(
+            "acquire acquired={acquired} stale={} remaining={remaining}",
+            stale.is_some()
+        ),
+        Outcome::Error(e) => format!("error {e}"),
+        other => format!("{other:?}"),
+    }
+}
+
+async fn run_case(case: &Case, tally: &Tally) -> Result<(), String> {
     let schema = TestSchema::new();
     let mut worlds = Worlds::new(case, &schema).await?;
-    let result = run_steps(&mut worlds, case).await;
+    let result = run_steps(&mut worlds, case, tally).await;
     let log = std::mem::take(&mut worlds.log);
     worlds.close().await;
     drop(schema);
-    result.map_err(|e| format!("{e}\nsteps so far ({:?}, ttl {:?}):\n  {}", case.protocol, case.ttl, log.join("\n  ")))
+    result.map_err(|e| {
+        format!(
+            "{e}\nsteps so far ({:?}, ttl {:?}):\n  {}",
+            case.protocol,
+            case.ttl,
+            log.join("\n  ")
+        )
+    })
 }
 
-async fn run_steps(worlds: &mut Worlds, case: &Case) -> Result<(), String> {
+async fn run_steps(worlds: &mut Worlds, case: &Case, tally: &Tally) -> Result<(), String> {
     for (i, step) in case.steps.iter().enumerate() {
         let (real, sim) = worlds.step(step).await?;
+        let kind = format!("{:?} {}", case.protocol, tally_key(&sim));
+        *tally.lock().unwrap_or_else(|e| e.into_inner()).entry(kind).or_default() += 1;
         worlds.log.push(format!("{i:>2} {step:?} -> {sim}"));
         if real != sim {
-            return Err(format!("step {i} {step:?}: replies differ\n  real: {real}\n  sim:  {sim}"));
+            return Err(format!(
+                "step {i} {step:?}: replies differ\n  real: {real}\n  sim:  {sim}"
+            ));
         }
         for (s, real, sim) in worlds.notifications().await {
             if real != sim {
@@ -562,6 +620,11 @@ async fn run_steps(worlds: &mut Worlds, case: &Case) -> Result<(), String> {
                 ));
             }
             if !sim.is_empty() {
+                *tally
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .entry(format!("{:?} notifications heard", case.protocol))
+                    .or_default() += sim.len() as u64;
                 let payloads: Vec<&str> = sim.iter().map(|(_, p)| p.as_str()).collect();
                 worlds.log.push(format!("     slot {s} heard {payloads:?}"));
             }
@@ -587,13 +650,20 @@ fn sim_db_conforms_to_postgres() {
         .enable_all()
         .build()
         .unwrap_or_else(|e| panic!("runtime: {e}"));
+    let tally = Tally::default();
     let mut runner = TestRunner::new(config);
     let result = runner.run(&case(), |case| {
-        runtime.block_on(run_case(&case)).map_err(TestCaseError::fail)
+        runtime.block_on(run_case(&case, &tally)).map_err(TestCaseError::fail)
     });
+    eprintln!("steps compared, by the model's outcome:");
+    for (kind, n) in tally.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        eprintln!("  {n:>6}  {kind}");
+    }
     match result {
         Ok(()) => {}
-        Err(TestError::Fail(reason, case)) => panic!("the model and PostgreSQL disagree: {reason}\nminimal case: {case:#?}"),
+        Err(TestError::Fail(reason, case)) => {
+            panic!("the model and PostgreSQL disagree: {reason}\nminimal case: {case:#?}")
+        }
         Err(e) => panic!("{e}"),
     }
 }

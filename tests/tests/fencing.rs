@@ -264,3 +264,56 @@ async fn renew_or_release_with_an_old_token_changes_nothing() {
     assert!(lease.release(&a, &app_a, tc).await);
     eprintln!("[lease] tokens: A {ta}, B took over with {tb}, A again {tc}; old-term renew/release refused");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_whose_term_was_taken_reports_lost_at_its_next_renewal() {
+    let schema = TestSchema::new();
+    let ttl = Duration::from_secs(3); // renews every 600 ms
+    let mut fleet = Fleet::new(
+        worker_opts(&schema, Protocol::Lease)
+            .lease_ttl(ttl)
+            .acquire_interval(Duration::from_secs(1)),
+    );
+    fleet.spawn();
+    let (holder, _, token) = fleet.wait_holder(Duration::from_secs(20)).await;
+    let token = token.expect("a Lease token");
+
+    // Another term begins behind the holder's back, without any notification (as if its
+    // notification were lost): only the renewal can tell.
+    let admin = connect(&database_url()).await;
+    let t_taken = now_us();
+    let updated = admin
+        .execute(
+            &format!(
+                "UPDATE {}.lease SET holder = 'intruder', holder_pid = NULL, token = token + 1 WHERE channel = $1",
+                quote_ident(schema.name())
+            ),
+            &[&fleet.base().channel],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("taking the term: {e}"));
+    assert_eq!(updated, 1);
+    let lost = fleet
+        .wait_event(holder, t_taken, "lost", ttl, |k| matches!(k, EventKind::Lost { .. }))
+        .await;
+    assert_eq!(
+        lost.kind,
+        EventKind::Lost {
+            reason: "superseded".into()
+        }
+    );
+    // The intruder has no session: the worker takes the lease back with a newer token.
+    let (_, t_again, again) = fleet.wait_acquired_after(lost.t_us, &[], Duration::from_secs(10)).await;
+    assert!(
+        again > Some(token + 1),
+        "token {again:?} after the intruder's {}",
+        token + 1
+    );
+    eprintln!(
+        "[lease] term taken behind the holder's back: lost (superseded) after {:.1} ms, re-acquired with {again:?} after {:.1} ms",
+        ms(t_taken, lost.t_us),
+        ms(t_taken, t_again)
+    );
+    fleet.shutdown(Duration::from_secs(10)).await;
+    fleet.assert_invariants();
+}
