@@ -1066,11 +1066,11 @@ impl World {
         }
         let proc = &self.procs[p];
         if !proc.alive || proc.incarnation != inc {
-            if let Some(c) = self.server_conns.get(&session) {
-                if c.client_closed {
-                    let at = self.now + self.scenario.net_delay;
-                    self.schedule(at, Event::ServerClose { session });
-                }
+            // The socket died with its process: the client's stack answers with a reset.
+            if let Some(c) = self.server_conns.get_mut(&session) {
+                c.client_closed = true;
+                let at = self.now + self.scenario.net_delay;
+                self.schedule(at, Event::ServerClose { session });
             }
             return;
         }
