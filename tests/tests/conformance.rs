@@ -122,7 +122,7 @@ fn step() -> impl Strategy<Value = Step> {
         2 => (s.clone(), s.clone(), proptest::bool::weighted(0.2))
             .prop_map(|(s, target, wrong_app)| Step::Terminate { s, target, wrong_app }),
         1 => s.clone().prop_map(|s| Step::Close { s }),
-        2 => s.prop_map(|s| Step::Reopen { s }),
+        3 => s.prop_map(|s| Step::Reopen { s }),
         2 => c.prop_map(|c| Step::Expire { c }),
     ]
 }
@@ -575,7 +575,10 @@ type Tally = std::sync::Mutex<BTreeMap<String, u64>>;
 fn tally_key(o: &Outcome) -> String {
     match o {
         Outcome::Acquire {
-            acquired, stale, remaining, ..
+            acquired,
+            stale,
+            remaining,
+            ..
         } => format!(
             "acquire acquired={acquired} stale={} remaining={remaining}",
             stale.is_some()
