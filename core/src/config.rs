@@ -156,13 +156,15 @@ impl LockConfig {
 
     /// Checks every setting; the first problem found is returned.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        // `lease_ttl` first: other settings may be derived from it, and the error should name the
+        // setting the user gave.
         let positive = [
+            ("lease_ttl", self.lease_ttl),
             ("acquire_interval", self.acquire_interval),
             ("renew_interval", self.renew_interval),
             ("request_timeout", self.request_timeout),
             ("shutdown_timeout", self.shutdown_timeout),
             ("marker_wait", self.marker_wait),
-            ("lease_ttl", self.lease_ttl),
         ];
         for (name, value) in positive {
             if value.is_zero() {

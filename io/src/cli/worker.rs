@@ -70,6 +70,9 @@ impl WorkerArgs {
             }
             options = options.lease_ttl(ttl);
         }
+        options
+            .to_config()
+            .map_err(|e| CliError::Usage(format!("invalid options: {e}")))?;
         Ok((config, options))
     }
 
