@@ -498,8 +498,8 @@ fn cmd_tune(
 ) -> Result<(), CliError> {
     let mut base = args.scenario()?;
     if args.duration.is_none() && args.config.is_none() {
-        // Shorter runs per candidate keep the tuner quick; fault rates are per hour anyway.
-        base.duration = Duration::from_secs(6 * 3600);
+        // A day per candidate: enough faults at the default rates for stable figures.
+        base.duration = Duration::from_secs(24 * 3600);
     }
     let seed = args.seed()?;
     let target = match (max_loss, max_load) {
