@@ -75,15 +75,11 @@ fn dollar_quote(body: &str, base: &str) -> String {
     }
 }
 
-/// A stable advisory-lock key for bootstrapping `schema` under `protocol` (FNV-1a).
-fn advisory_key(protocol: Protocol, schema: &SchemaName) -> i64 {
+/// A stable advisory-lock key for bootstrapping `schema` (FNV-1a). Per schema, not per protocol:
+/// both protocols' bootstraps create the schema, so they must not run at once on the same one.
+fn advisory_key(schema: &SchemaName) -> i64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in "pgiplock bootstrap:"
-        .bytes()
-        .chain(protocol.as_str().bytes())
-        .chain([b':'])
-        .chain(schema.as_str().bytes())
-    {
+    for b in "pgiplock bootstrap:".bytes().chain(schema.as_str().bytes()) {
         hash ^= u64::from(b);
         hash = hash.wrapping_mul(0x0100_0000_01b3);
     }
@@ -249,10 +245,7 @@ pub fn bootstrap_sql(protocol: Protocol, schema: &SchemaName) -> String {
     body.push_str("BEGIN\n");
     // A bootstrap stuck behind someone's lock fails (and `init` reports it) instead of hanging.
     body.push_str("PERFORM set_config('lock_timeout', '10s', true);\n");
-    body.push_str(&format!(
-        "PERFORM pg_advisory_xact_lock({});\n",
-        advisory_key(protocol, schema)
-    ));
+    body.push_str(&format!("PERFORM pg_advisory_xact_lock({});\n", advisory_key(schema)));
     body.push_str(&format!(
         "IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = {schema_lit}) THEN\n  CREATE SCHEMA {qs};\nEND IF;\n"
     ));

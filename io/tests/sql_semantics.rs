@@ -125,6 +125,27 @@ async fn bootstrap_is_idempotent_and_concurrent_lease() {
     bootstrap_many(Protocol::Lease).await;
 }
 
+/// Both protocols bootstrapping one fresh schema at once (a mixed fleet given one schema name)
+/// must not race on `CREATE SCHEMA`.
+#[tokio::test]
+async fn bootstrap_of_both_protocols_in_one_schema_at_once() {
+    for round in 0..5 {
+        let schema = unique(&format!("t_mixed{round}"));
+        let name = SchemaName::new(&schema).unwrap();
+        let names: Vec<String> = (0..10).map(|i| format!("mixed-{i}")).collect();
+        let clients = futures::future::join_all(names.iter().map(|n| raw_client(n))).await;
+        let results = futures::future::join_all(clients.iter().enumerate().map(|(i, c)| {
+            let protocol = if i % 2 == 0 { Protocol::Classic } else { Protocol::Lease };
+            sql::bootstrap(&c.client, protocol, &name)
+        }))
+        .await;
+        drop_schema(&schema).await;
+        for r in &results {
+            assert!(r.is_ok(), "mixed concurrent bootstrap failed: {r:?}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn bootstrap_survives_hostile_schema_names() {
     for schema in [
