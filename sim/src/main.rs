@@ -384,6 +384,30 @@ fn default_sweep() -> Result<(), CliError> {
     print!("{}", explore::sweep_table(&points));
     println!("failover columns: p50/max seconds from the fault to a live holder that can receive.");
     summarize_cut(&points, &base);
+    // On an idle channel the server sends the vanished holder nothing, so only the keepalive
+    // (about 2 h 11 min) ends its session: Classic stays locked long after the network healed.
+    let idle: Vec<Scenario> = [(Protocol::Classic, 10), (Protocol::Lease, 10)]
+        .into_iter()
+        .map(|(protocol, ttl)| Scenario {
+            protocol,
+            publish_rate: 0.0,
+            lease_ttl: Duration::from_secs(ttl),
+            ..base.clone()
+        })
+        .collect();
+    let idle = explore::sweep(&idle, seed, twice()).map_err(|e| CliError(explain(&e, "sweep")))?;
+    for p in &idle {
+        if let Some(s) = p.report.failover.get("cut") {
+            println!(
+                "idle channel (no notifications), {}: silent-disconnect failover p50 {:.0} s, max {:.0} s ({} cuts; the cut heals after {})",
+                p.scenario.protocol,
+                s.p50_s,
+                s.max_s,
+                s.count,
+                format_duration(base.cut_duration)
+            );
+        }
+    }
     Ok(())
 }
 
