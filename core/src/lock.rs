@@ -22,7 +22,9 @@ pub enum Phase {
     Holding,
     /// Holding and asked to release: delivering up to its own drain marker.
     Draining,
-    /// Reported `Released`; the release statement is in flight. Delivers nothing.
+    /// The release statement is in flight (after reporting `Released`, or for a term won while
+    /// stopping, which is never reported). Delivers nothing; buffers what follows its own drain
+    /// marker, in case it wins the next term.
     Releasing,
     /// Stopped for good.
     Stopped,
@@ -745,12 +747,12 @@ impl Lock {
             // Won while stopping: give it back at once, without ever reporting it.
             self.answer_waiters(false);
             self.buffer = None;
-            self.term = Some(Term {
-                token: reply.token,
-                confirmed_sent: sent_at,
-            });
             if self.phase == Phase::Standby {
                 self.phase = Phase::Releasing;
+                self.term = Some(Term {
+                    token: reply.token,
+                    confirmed_sent: sent_at,
+                });
             }
             self.send(DbOp::Release { token: reply.token });
             if self.phase == Phase::Stopped {

@@ -463,6 +463,18 @@ proptest! {
         for p in w.all_delivered() {
             prop_assert!(w.published.contains(&p));
         }
+        // Liveness (L2, L3): ten seconds after the last fault, a process that is alive, connected
+        // and not stopped holds the lock. Under Classic only without silent cuts: a cut holder's
+        // session blocks its row for as long as the server keeps it (the weakness Lease fixes).
+        let cuts = faults.iter().any(|f| matches!(f, Fault::Cut(_)));
+        let eligible: Vec<usize> = (0..n)
+            .filter(|&i| !w.nodes[i].cut && w.nodes[i].lock.as_ref().is_some_and(|l| !l.state().stopping))
+            .collect();
+        if !eligible.is_empty() && (lease || !cuts) {
+            let holders = w.holders();
+            prop_assert_eq!(holders.len(), 1, "no holder among {:?}", eligible);
+            prop_assert!(eligible.contains(&holders[0]));
+        }
     }
 
     /// With graceful releases only and a holder in place before publishing starts, every message

@@ -484,3 +484,25 @@ fn message_after_own_drain_marker_is_kept_for_the_next_term() {
     all.sort();
     assert_eq!(all, vec!["m0", "m1"], "{:#?}", w.trace);
 }
+
+/// Found by `fleet_safety`: a holder cut off and then crashed leaves a live session on the
+/// server; the standby takes over once the lease expires and terminates the stale backend.
+#[test]
+fn cut_then_crashed_holder_is_taken_over_after_the_lease() {
+    let mut w = World::new(fast_config(Protocol::Lease), 2, 0);
+    w.latency = Latency {
+        request: Duration::from_micros(1),
+        reply: Duration::from_micros(1),
+        notify: Duration::from_micros(1),
+        connect: Duration::from_micros(1),
+    };
+    w.start_all();
+    // Node 0's acquisition is already on its way when its network goes and the process dies.
+    w.cut(0);
+    w.crash(0);
+    assert!(w.run_until(Duration::from_secs(5), |w| w.holders() == vec![1]));
+    assert!(w.nodes[1]
+        .requests
+        .iter()
+        .any(|op| matches!(op, DbOp::TerminateStale { .. })));
+}

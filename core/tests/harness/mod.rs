@@ -338,6 +338,9 @@ pub struct World {
     pub channel: ChannelName,
     /// The protocol.
     pub protocol: Protocol,
+    /// The lease length every lock of this world uses (the executor knows it per lock, even
+    /// after the process that asked died).
+    pub ttl: Duration,
     /// Latencies.
     pub latency: Latency,
     /// Check S2 after every step.
@@ -364,6 +367,7 @@ impl World {
             nodes: Vec::new(),
             channel: channel.clone(),
             protocol,
+            ttl: config.lease_ttl,
             latency: Latency::default(),
             check_s2: protocol == Protocol::Lease,
             queue: BTreeMap::new(),
@@ -653,8 +657,7 @@ impl World {
         let event = self.queue.remove(&k).expect("queued");
         match event {
             Event::Execute { node, key, req } => {
-                let lock = self.nodes[node].lock.as_ref();
-                let ttl = lock.map_or(Duration::from_secs(10), |l| l.config().lease_ttl);
+                let ttl = self.ttl;
                 let commit = self
                     .db
                     .execute(self.now, key, &self.channel, self.protocol, ttl, &req.op);
