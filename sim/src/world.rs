@@ -1395,8 +1395,12 @@ impl World {
             let informed = self.believers[li]
                 .iter()
                 .filter(|&&p| {
-                    let session = self.procs[p].locks.get(li).and_then(|s| s.lock.state().session);
-                    session.is_some_and(|s| self.db.is_alive(s))
+                    let proc = &self.procs[p];
+                    let session = proc.locks.get(li).and_then(|s| s.lock.state().session);
+                    // Uninformed: the client still has the connection up, the server ended it.
+                    let uninformed =
+                        session.is_some_and(|s| !self.db.is_alive(s) && proc.conn == (Conn::Up { session: s }));
+                    !uninformed
                 })
                 .count();
             let gap = informed <= 1;
