@@ -501,3 +501,47 @@ fn cut_then_crashed_holder_is_taken_over_after_the_lease() {
         .iter()
         .any(|op| matches!(op, DbOp::TerminateStale { .. })));
 }
+
+/// The server drops a holder's session while the holder's side stays half-open (what its TCP
+/// stack does after keepalive gives up). Classic: the row's owner is gone from
+/// `pg_stat_activity`, a standby takes over at its next retry, while the old holder believes it
+/// holds until its next ownership check fails: two believers (S2 broken). Lease, same fault: the
+/// old holder fences itself before its lease expires, so there is never a second believer.
+#[test]
+fn server_dropped_holder_classic_split_brain_lease_none() {
+    for protocol in [Protocol::Classic, Protocol::Lease] {
+        let mut config = fast_config(protocol);
+        config.acquire_interval = Duration::from_secs(3);
+        if protocol == Protocol::Classic {
+            config.renew_interval = Duration::from_secs(30);
+        }
+        let mut w = World::new(config, 2, 23);
+        w.check_s2 = false;
+        w.start_all();
+        assert!(w.run_until(Duration::from_secs(1), |w| w.holders().len() == 1));
+        let holder = w.holders()[0];
+        w.server_drop(holder);
+        let mut overlap = Duration::ZERO;
+        let end = w.now + Duration::from_secs(40);
+        let mut last = w.now;
+        loop {
+            let two = w.holders().len() > 1;
+            if w.now >= end || !w.step() {
+                break;
+            }
+            if two {
+                overlap += w.now.saturating_duration_since(last);
+            }
+            last = w.now;
+        }
+        match protocol {
+            Protocol::Classic => assert!(overlap > Duration::from_secs(10), "{overlap:?}"),
+            _ => assert_eq!(overlap, Duration::ZERO),
+        }
+        assert_eq!(
+            w.holders(),
+            vec![1 - holder],
+            "{protocol:?}: the standby holds in the end"
+        );
+    }
+}

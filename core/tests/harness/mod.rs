@@ -590,6 +590,15 @@ impl World {
         self.nodes[node].cut = true;
     }
 
+    /// The server ends the node's session (its dead-peer detection fired) while the node's
+    /// side of the connection stays half-open: the node hears nothing, its requests get no reply.
+    pub fn server_drop(&mut self, node: usize) {
+        self.nodes[node].cut = true;
+        if let Some((_, key)) = self.nodes[node].session {
+            self.db.disconnect(key);
+        }
+    }
+
     /// Heals a cut network: a session the server ended meanwhile is reported gone, a missing
     /// one is reopened.
     pub fn heal(&mut self, node: usize) {
