@@ -5,7 +5,8 @@
 //! distinct application names, either protocol) are applied step by step to a fresh `SimDb` and
 //! to real tokio-postgres sessions in a fresh schema. After every step both worlds must agree on
 //! the reply (acquired, token, owned, released, the stale holder's identity, the terminate
-//! outcome; `lease_remaining` only as present/absent) and on the notifications every session
+//! outcome; `lease_remaining` only as present/absent), on the lock rows (holder, holder session,
+//! token, whether the holder's session is alive) and on the notifications every session
 //! received on the lock channels, in order.
 //!
 //! Time: the model's server clock follows the real elapsed time (it is advanced to the moment
@@ -21,7 +22,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
-use pgiplock::sql::{bootstrap, execute, Target};
+use pgiplock::sql::{bootstrap, execute, lock_status_on, Target};
 use pgiplock_core::{ChannelName, DbError, DbOp, FenceToken, Protocol, Reply, SchemaName, SessionId, Timestamp};
 use pgiplock_sim::db::{DbConfig, SimDb};
 use pgiplock_tests::{connect, database_url, unique_hex, Listener, TestSchema};
@@ -165,6 +166,8 @@ enum Outcome {
     },
     Terminate(pgiplock_core::TerminateOutcome),
     Error(String),
+    /// A step that is not an operation (session end, reconnection, waiting) was done.
+    Done(&'static str),
     /// The step did not apply (its session is closed, or nothing to do).
     Skipped,
 }
@@ -519,23 +522,76 @@ impl Worlds {
                 if let Some(session) = self.sim[s].session.take() {
                     self.db.close_session(session);
                 }
-                Ok((Outcome::Drained, Outcome::Drained))
+                Ok((Outcome::Done("closed"), Outcome::Done("closed")))
             }
             Step::Reopen { s } => {
                 if self.is_open(s) || self.real[s].listener.is_some() {
                     return skipped;
                 }
                 self.open(s).await?;
-                Ok((Outcome::Drained, Outcome::Drained))
+                Ok((Outcome::Done("reopened"), Outcome::Done("reopened")))
             }
             Step::Expire { c } => {
                 if self.protocol == Protocol::Classic {
                     return skipped;
                 }
                 self.pass_expiry(c).await;
-                Ok((Outcome::Drained, Outcome::Drained))
+                Ok((Outcome::Done("time passed"), Outcome::Done("time passed")))
             }
         }
+    }
+
+    /// Every lock row, as `pgiplock status` reads it from the server and as the model holds it
+    /// (holder pid mapped to its session; remaining lease not compared).
+    async fn rows(&self) -> Result<(Vec<RowState>, Vec<RowState>), String> {
+        let status = lock_status_on(&self.observer, self.protocol, &self.schema)
+            .await
+            .map_err(|e| format!("lock status: {e}"))?;
+        let real = status
+            .into_iter()
+            .map(|r| RowState {
+                holder_who: match (r.holder_pid, &r.holder) {
+                    (Some(pid), Some(app)) => self.real_pids.get(&(pid, app.clone())).copied(),
+                    _ => None,
+                },
+                channel: r.channel,
+                holder: r.holder,
+                token: r.token.map(|t| t.0),
+                alive: r.holder_alive,
+            })
+            .collect();
+        let mut sim = Vec::new();
+        for c in &self.channels {
+            let alive = self.db.owner_sessions(self.protocol, c) > 0;
+            match self.protocol {
+                Protocol::Classic => {
+                    if let Some(app) = self.db.classic_owner(c.lock_channel()) {
+                        sim.push(RowState {
+                            channel: c.as_str().to_owned(),
+                            holder: Some(app.to_owned()),
+                            holder_who: None,
+                            token: None,
+                            alive,
+                        });
+                    }
+                }
+                Protocol::Lease => {
+                    if let Some(row) = self.db.lease_row(c.as_str()) {
+                        sim.push(RowState {
+                            channel: c.as_str().to_owned(),
+                            holder: row.holder.clone(),
+                            holder_who: match (row.holder_pid, &row.holder) {
+                                (Some(pid), Some(app)) => self.sim_pids.get(&(pid, app.clone())).copied(),
+                                _ => None,
+                            },
+                            token: Some(row.token).filter(|t| *t > 0),
+                            alive: alive && row.holder.is_some(),
+                        });
+                    }
+                }
+            }
+        }
+        Ok((real, sim))
     }
 
     /// The lock-channel notifications each open session received since the last call, in both
@@ -567,6 +623,17 @@ impl Worlds {
             }
         }
     }
+}
+
+/// One lock row in either world.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RowState {
+    channel: String,
+    holder: Option<String>,
+    holder_who: Option<Who>,
+    token: Option<u64>,
+    /// The holder's session is still in `pg_stat_activity`.
+    alive: bool,
 }
 
 /// What the cases exercised, for the test's output: outcome kinds and how often they occurred.
