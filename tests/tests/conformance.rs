@@ -683,6 +683,12 @@ async fn run_steps(worlds: &mut Worlds, case: &Case, tally: &Tally) -> Result<()
                 "step {i} {step:?}: replies differ\n  real: {real}\n  sim:  {sim}"
             ));
         }
+        let (real_rows, sim_rows) = worlds.rows().await?;
+        if real_rows != sim_rows {
+            return Err(format!(
+                "step {i} {step:?}: lock rows differ\n  real: {real_rows:?}\n  sim:  {sim_rows:?}"
+            ));
+        }
         for (s, real, sim) in worlds.notifications().await {
             if real != sim {
                 return Err(format!(
