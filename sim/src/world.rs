@@ -169,11 +169,12 @@ impl Event {
     }
 }
 
-/// Boxed, so that the heap moves 24-byte entries, not whole events.
+/// The heap moves 24-byte entries; the events wait in a slab whose slots are reused (compact
+/// and allocation-free).
 struct Scheduled {
     at: Timestamp,
     seq: u64,
-    event: Box<Event>,
+    slot: u32,
 }
 
 impl PartialEq for Scheduled {
@@ -283,6 +284,8 @@ pub struct World {
     warmup: Timestamp,
     publish_until: Timestamp,
     queue: BinaryHeap<Reverse<Scheduled>>,
+    slab: Vec<Option<Event>>,
+    free_slots: Vec<u32>,
     seq: u64,
     steps: u64,
     db: SimDb,
@@ -390,6 +393,8 @@ impl World {
             warmup,
             publish_until,
             queue: BinaryHeap::new(),
+            slab: Vec::new(),
+            free_slots: Vec::new(),
             seq: 0,
             steps: 0,
             db,
@@ -467,11 +472,22 @@ impl World {
             self.metrics
                 .advance(self.now, next.at, self.available, self.believers[0].len(), self.s2_gap);
             self.now = next.at;
-            self.hash(&[next.at.as_micros(), next.event.tag()]);
+            let tag = self
+                .slab
+                .get(next.slot as usize)
+                .and_then(Option::as_ref)
+                .map_or(0, Event::tag);
+            self.hash(&[next.at.as_micros(), tag]);
             if let Some(trace) = self.trace.as_mut() {
-                trace.push(format!("{:?} {:?}", next.at, next.event));
+                if let Some(Some(event)) = self.slab.get(next.slot as usize) {
+                    trace.push(format!("{:?} {:?}", next.at, event));
+                }
             }
-            self.handle(*next.event);
+            let Some(event) = self.slab.get_mut(next.slot as usize).and_then(Option::take) else {
+                continue;
+            };
+            self.free_slots.push(next.slot);
+            self.handle(event);
             self.run_work();
             self.check()?;
         }
@@ -489,10 +505,20 @@ impl World {
 
     fn schedule(&mut self, at: Timestamp, event: Event) {
         self.seq += 1;
+        let slot = match self.free_slots.pop() {
+            Some(slot) => {
+                self.slab[slot as usize] = Some(event);
+                slot
+            }
+            None => {
+                self.slab.push(Some(event));
+                u32::try_from(self.slab.len() - 1).unwrap_or(u32::MAX)
+            }
+        };
         self.queue.push(Reverse(Scheduled {
             at,
             seq: self.seq,
-            event: Box::new(event),
+            slot,
         }));
     }
 
