@@ -877,6 +877,12 @@ impl Lock {
                 // end the term in the stream.
                 self.own_release = None;
                 self.buffer_released = true;
+                if self.config.protocol == Protocol::Classic {
+                    // We attempt again only after a full interval, and Classic announces no new
+                    // term: by then a standby has likely won and delivered what we buffered, and
+                    // if it crashed since, we could not tell. At most once: drop it.
+                    self.buffer = None;
+                }
                 return;
             }
         }
@@ -894,6 +900,18 @@ impl Lock {
                 if self.token().is_some_and(|own| own < token) =>
             {
                 self.lose(LostReason::Superseded);
+            }
+            // A newer term drained or released: its `acquired` marker went missing, but we are
+            // stale all the same.
+            (Phase::Holding | Phase::Draining, Marker::Draining(Some(token)) | Marker::Released(Some(token)))
+                if self.token().is_some_and(|own| own < token) =>
+            {
+                self.lose(LostReason::Superseded);
+            }
+            (Phase::Releasing, Marker::Acquired(token)) if self.token().is_none_or_below(token) => {
+                // The next holder's term began (its marker outran our release reply): what we
+                // buffered since our drain marker is its to deliver.
+                self.buffer = None;
             }
             (Phase::Standby, Marker::Draining(_)) => {
                 // Everything after this point belongs to the next holder.
@@ -990,4 +1008,15 @@ fn clamp_config(mut config: LockConfig) -> LockConfig {
     };
     config.handover_buffer = config.handover_buffer.max(1);
     config
+}
+
+trait TokenExt {
+    fn is_none_or_below(&self, token: FenceToken) -> bool;
+}
+
+impl TokenExt for Option<FenceToken> {
+    /// `true` when there is no own token or it is older than `token`.
+    fn is_none_or_below(&self, token: FenceToken) -> bool {
+        self.map_or(true, |own| own < token)
+    }
 }

@@ -217,9 +217,9 @@ fn graceful_release_drains_then_reports_released_before_the_release_statement() 
         assert_eq!(delivered(&s.data("a")), vec!["a"]);
         assert!(s.reply(1, &drain_req, Reply::Drained).is_empty());
         assert_eq!(delivered(&s.data("b")), vec!["b"]);
-        // A marker of another term is not ours.
+        // A marker of another (older) term is not ours.
         if protocol == Protocol::Lease {
-            s.marker(Marker::Draining(Some(FenceToken(9))));
+            s.marker(Marker::Draining(Some(FenceToken(0))));
             assert_eq!(delivered(&s.data("c")), vec!["c"]);
         }
         let out = s.marker(Marker::Draining(token));
@@ -240,6 +240,9 @@ fn graceful_release_drains_then_reports_released_before_the_release_statement() 
         let out = s.marker(Marker::Released(token));
         assert!(events(&out).is_empty(), "{out:?}");
         assert!(s.timeout().0 >= s.now + Duration::from_millis(2_000));
+        // Lease keeps the buffer until a new term's marker; Classic, which has none, drops it.
+        let kept = if protocol == Protocol::Lease { 1 } else { 0 };
+        assert_eq!(s.lock.state().buffered, kept);
     }
 }
 
@@ -805,4 +808,50 @@ fn handover_buffer_overflow_drops_the_oldest_and_warns() {
     let req = request(&s.at(at, Input::Tick));
     let out = s.reply(1, &req, acquired(Some(FenceToken(2))));
     assert_eq!(delivered(&out), vec!["m6", "m7", "m8", "m9"]);
+}
+
+#[test]
+fn releaser_drops_its_buffer_when_a_peer_term_begins_before_its_release_reply() {
+    let mut s = Solo::new(Protocol::Lease);
+    s.holding(T1);
+    let drain_req = request(&s.after(1, Input::Release));
+    s.reply(1, &drain_req, Reply::Drained);
+    let out = s.marker(Marker::Draining(T1));
+    let release = request(&out);
+    s.data("after-marker");
+    assert_eq!(s.lock.state().buffered, 1);
+    // Our release committed, a peer won, and its marker arrives before our release reply.
+    s.marker(Marker::Released(T1));
+    s.marker(Marker::Acquired(FenceToken(2)));
+    assert_eq!(s.lock.state().buffered, 0);
+    s.data("peer's");
+    s.reply(1, &release, Reply::Release { released: true });
+    assert_eq!(s.lock.state().buffered, 0);
+    // Much later the peer dies and we win: nothing of its term is delivered again.
+    let (at, _) = s.timeout();
+    let req = request(&s.at(at, Input::Tick));
+    let out = s.reply(1, &req, acquired(Some(FenceToken(3))));
+    assert!(delivered(&out).is_empty(), "{out:?}");
+}
+
+#[test]
+fn newer_term_markers_supersede_a_holder_whose_acquired_marker_went_missing() {
+    for marker in [
+        Marker::Draining(Some(FenceToken(5))),
+        Marker::Released(Some(FenceToken(5))),
+    ] {
+        let mut s = Solo::new(Protocol::Lease);
+        s.holding(Some(FenceToken(4)));
+        assert!(
+            s.marker(Marker::Released(Some(FenceToken(3)))).is_empty(),
+            "an older term"
+        );
+        let out = s.marker(marker);
+        assert_eq!(
+            events(&out),
+            vec![LockEvent::Lost {
+                reason: LostReason::Superseded
+            }]
+        );
+    }
 }

@@ -116,7 +116,7 @@ fn graceful_handover_with_slow_notifications() {
 }
 
 #[test]
-fn single_process_release_and_reacquire_is_lossless() {
+fn single_process_release_and_reacquire() {
     for protocol in [Protocol::Lease, Protocol::Classic] {
         let mut w = World::new(fast_config(protocol), 1, 9);
         w.start_all();
@@ -130,10 +130,16 @@ fn single_process_release_and_reacquire_is_lossless() {
         w.run_for(Duration::from_secs(5));
         assert_eq!(w.holders(), vec![0], "{protocol:?}: re-acquired after a full interval");
         let mut all = w.all_delivered();
+        let delivered = all.len();
         all.sort();
         all.dedup();
-        assert_eq!(all.len(), 200, "{protocol:?}");
-        assert_eq!(w.nodes[0].delivered.len(), 200, "{protocol:?}: no duplicates");
+        assert_eq!(all.len(), delivered, "{protocol:?}: no duplicates");
+        match protocol {
+            // Lease: what came after its own drain marker is delivered when it wins again.
+            Protocol::Lease => assert_eq!(delivered, 200),
+            // Classic announces no new term, so the releaser keeps nothing (at most once).
+            _ => assert!(delivered < 200),
+        }
     }
 }
 

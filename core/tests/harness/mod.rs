@@ -599,8 +599,8 @@ impl World {
         }
     }
 
-    /// Heals a cut network: a session the server ended meanwhile is reported gone, a missing
-    /// one is reopened.
+    /// Heals a cut network. What was sent during the cut is gone, which a TCP connection
+    /// cannot survive: the old connection is closed (both sides learn it) and a new one opened.
     pub fn heal(&mut self, node: usize) {
         if !self.nodes[node].cut {
             return;
@@ -610,8 +610,10 @@ impl World {
             return;
         }
         match self.nodes[node].session {
-            Some((_, key)) if !self.db.sessions.get(&key).is_some_and(|s| s.alive) => self.session_killed(key),
-            Some(_) => {}
+            Some((_, key)) => {
+                self.db.disconnect(key);
+                self.session_killed(key);
+            }
             None => self.connect(node),
         }
     }
