@@ -148,6 +148,8 @@ pub struct Lock {
     warned_terminate: bool,
     /// A renewal fell due while another request was in flight: send it as soon as that ends.
     renew_due: bool,
+    /// An attempt fell due (`Start`, the retry timer) while another request was in flight.
+    attempt_due: bool,
     /// Newest session ever seen: a `SessionUp` of an older or equal id is a replay.
     newest_session: Option<SessionId>,
     /// Our release statement was sent and its marker (the term's token) has not arrived yet:
@@ -188,6 +190,7 @@ impl Lock {
             drain_confirmed: false,
             warned_terminate: false,
             renew_due: false,
+            attempt_due: false,
             newest_session: None,
             own_release: None,
             buffer_released: false,
@@ -314,9 +317,10 @@ impl Lock {
                 if self.phase == Phase::Standby && self.can_compete() {
                     if self.pending.is_none() {
                         self.send(DbOp::Acquire);
-                    } else {
-                        let at = self.now + self.config.request_timeout.min(self.config.acquire_interval);
-                        self.arm(TimerKind::Retry, at);
+                    } else if !self.acquire_in_flight() {
+                        // Attempt as soon as the request in flight ends (an attempt in flight
+                        // schedules the next one itself).
+                        self.attempt_due = true;
                     }
                 }
             }
@@ -378,8 +382,10 @@ impl Lock {
         debug_assert!(self.pending.is_none(), "one request at a time");
         let id = RequestId(self.next_request);
         self.next_request = self.next_request.saturating_add(1);
-        if let DbOp::Release { token } = op {
-            self.own_release = Some(token);
+        match op {
+            DbOp::Release { token } => self.own_release = Some(token),
+            DbOp::Acquire => self.attempt_due = false,
+            _ => {}
         }
         self.pending = Some(Pending {
             id,
@@ -474,6 +480,7 @@ impl Lock {
         self.term = None;
         self.buffer = None;
         self.renew_due = false;
+        self.attempt_due = false;
         self.release_requested = false;
         self.timers = [None; TIMERS.len()];
         self.answer_waiters(false);
@@ -490,6 +497,7 @@ impl Lock {
         self.marker_seen = false;
         self.drain_confirmed = false;
         self.renew_due = false;
+        self.attempt_due = false;
         self.buffer_released = false;
         self.disarm(TimerKind::Retry);
         self.emit(LockEvent::Acquired { token });
@@ -560,8 +568,12 @@ impl Lock {
             return;
         }
         self.started = true;
-        if self.phase == Phase::Standby && self.session.is_some() && self.pending.is_none() {
-            self.send(DbOp::Acquire);
+        if self.phase == Phase::Standby && self.session.is_some() {
+            if self.pending.is_none() {
+                self.send(DbOp::Acquire);
+            } else if !self.acquire_in_flight() {
+                self.attempt_due = true;
+            }
         }
     }
 
@@ -648,6 +660,7 @@ impl Lock {
         self.own_release = None;
         self.acquired_during_attempt = None;
         self.renew_due = false;
+        self.attempt_due = false;
         self.answer_waiters(false);
         match self.phase {
             Phase::Holding | Phase::Draining => self.lose(reason),
@@ -966,11 +979,11 @@ impl Lock {
                 let token = self.token();
                 self.send(DbOp::Release { token });
             } else if self.phase == Phase::Standby
-                && self.attempt_waiters > 0
+                && (self.attempt_waiters > 0 || self.attempt_due)
                 && self.session.is_some()
                 && !self.stopping
             {
-                // A `TryAcquire` that arrived while another request was in flight.
+                // A `TryAcquire`, `Start` or retry that came while another request was in flight.
                 self.send(DbOp::Acquire);
             }
         }

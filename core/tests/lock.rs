@@ -855,3 +855,26 @@ fn newer_term_markers_supersede_a_holder_whose_acquired_marker_went_missing() {
         );
     }
 }
+
+#[test]
+fn start_or_retry_behind_another_request_attempts_when_it_ends() {
+    // A holder that took over a live stale holder loses its term while TerminateStale is in
+    // flight; Start and the retry timer then wait for it, not for another interval.
+    let mut s = Solo::new(Protocol::Lease);
+    s.after(0, Input::SessionUp(S1));
+    let req = request(&s.after(0, Input::TryAcquire));
+    let reply = Reply::Acquire(AcquireReply {
+        acquired: true,
+        token: T1,
+        lease_remaining: None,
+        stale_holder: Some(StaleHolder {
+            pid: 7,
+            app: "old".into(),
+        }),
+    });
+    let terminate = request(&s.reply(1, &req, reply));
+    s.marker(Marker::Acquired(FenceToken(2)));
+    assert!(s.after(1, Input::Start).is_empty(), "terminate still in flight");
+    let out = s.reply(1, &terminate, Reply::Terminate(TerminateOutcome::Terminated));
+    assert_eq!(request(&out).op, DbOp::Acquire);
+}
