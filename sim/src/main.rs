@@ -442,7 +442,12 @@ fn summarize_cut(points: &[SweepPoint], base: &Scenario) {
 fn cmd_run(args: &ScenarioArgs, json: bool, trace: bool) -> Result<(), CliError> {
     let scenario = args.scenario()?;
     let seed = args.seed()?;
-    println!("seed={seed} scenario: {}", scenario.summary());
+    // The whole scenario, as the flags that rebuild it, so the first line identifies the run.
+    println!(
+        "seed={seed} scenario: {} (as flags: {})",
+        scenario.summary(),
+        scenario.to_cli_args()
+    );
     if trace {
         let (result, lines) = pgiplock_sim::World::new(scenario.clone(), seed)?.run_traced();
         for line in lines {
