@@ -549,8 +549,10 @@ impl Lock {
     fn release_done(&mut self, released: bool) {
         self.term = None;
         if !released {
-            // Nothing was deleted or cleared, so no release marker of ours is coming.
+            // Nothing was deleted or cleared, so no release marker of ours is coming; and the
+            // row was no longer ours: another term began, what we buffered is its holder's.
             self.own_release = None;
+            self.buffer = None;
         }
         if self.stopping {
             self.finish_stop(released);
