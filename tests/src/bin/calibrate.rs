@@ -363,16 +363,8 @@ async fn measure_real(
     };
     let idle = (after - before - own) as f64 / elapsed;
 
-    let mut handover = Vec::new();
-    for i in 0..repeat {
-        let d = fault_once(&mut fleet, false, i).await;
-        progress(&format!(
-            "{protocol}: handover {}: {:.1} ms",
-            i + 1,
-            d.as_secs_f64() * 1000.0
-        ));
-        handover.push(d);
-    }
+    // Crashes first: a graceful release wakes every standby at once, which leaves their retry
+    // timers in step for a while, and a crash soon after would meet that, not the steady state.
     let mut crash = Vec::new();
     for i in 0..repeat {
         let d = fault_once(&mut fleet, true, i).await;
@@ -382,6 +374,16 @@ async fn measure_real(
             d.as_secs_f64() * 1000.0
         ));
         crash.push(d);
+    }
+    let mut handover = Vec::new();
+    for i in 0..repeat {
+        let d = fault_once(&mut fleet, false, i).await;
+        progress(&format!(
+            "{protocol}: handover {}: {:.1} ms",
+            i + 1,
+            d.as_secs_f64() * 1000.0
+        ));
+        handover.push(d);
     }
     fleet.assert_well_formed();
     fleet.shutdown(WAIT).await;
