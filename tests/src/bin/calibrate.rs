@@ -36,7 +36,7 @@ const LEASE_TTL: Duration = Duration::from_secs(3);
 /// Idle-load measurement window.
 const IDLE_WINDOW: Duration = Duration::from_secs(20);
 /// Simulated runs (seeds) per metric.
-const SIM_SEEDS: u64 = 20;
+const SIM_SEEDS: u64 = 50;
 /// Bound on every wait for a worker event.
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -343,7 +343,12 @@ async fn measure_real(
         opts = opts.lease_ttl(LEASE_TTL);
     }
     let mut fleet = Fleet::new(opts);
-    fleet.spawn_many(PROCESSES);
+    // Staggered over one interval, as the simulator starts its processes: workers started at
+    // the same instant would keep their retry timers close together for many intervals.
+    for _ in 0..PROCESSES {
+        fleet.spawn();
+        tokio::time::sleep(ACQUIRE_INTERVAL / PROCESSES as u32).await;
+    }
     fleet.wait_all_ready(WAIT).await;
     fleet.wait_holder(WAIT).await;
     // Let every standby fall into its steady retry rhythm.
