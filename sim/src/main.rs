@@ -101,15 +101,37 @@ enum Command {
     },
 }
 
+/// `println!` that ends the process quietly when stdout is closed (piped into `head`, say)
+/// instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+            eprintln!("cannot write to stdout: {e}");
+            std::process::exit(1);
+        }
+    }};
+}
+
 fn dur(s: &str) -> Result<Duration, String> {
     parse_duration(s).map_err(|e| e.to_string())
 }
 
-fn opt_dur(s: &str) -> Result<Option<Duration>, String> {
+/// A duration flag that also accepts `none` (use the scenario's derived default).
+///
+/// A newtype, because clap reads `Option<Option<T>>` as "a flag with an optional value" and
+/// would then expect the parser to produce `T`.
+#[derive(Clone, Copy, Debug)]
+struct MaybeDuration(Option<Duration>);
+
+fn opt_dur(s: &str) -> Result<MaybeDuration, String> {
     if s == "none" {
-        Ok(None)
+        Ok(MaybeDuration(None))
     } else {
-        dur(s).map(Some)
+        dur(s).map(|d| MaybeDuration(Some(d)))
     }
 }
 
@@ -143,9 +165,9 @@ struct ScenarioArgs {
     #[arg(long, value_parser = dur)]
     lease_ttl: Option<Duration>,
     #[arg(long, value_parser = opt_dur)]
-    renew_interval: Option<Option<Duration>>,
+    renew_interval: Option<MaybeDuration>,
     #[arg(long, value_parser = opt_dur)]
-    fence_margin: Option<Option<Duration>>,
+    fence_margin: Option<MaybeDuration>,
     #[arg(long, value_parser = dur)]
     request_timeout: Option<Duration>,
     #[arg(long)]
@@ -194,7 +216,7 @@ struct ScenarioArgs {
     #[arg(long = "fault", value_parser = fault)]
     faults: Vec<FaultSpec>,
     #[arg(long, value_parser = opt_dur)]
-    restart_delay: Option<Option<Duration>>,
+    restart_delay: Option<MaybeDuration>,
     #[arg(long, value_parser = dur)]
     cut_duration: Option<Duration>,
     #[arg(long, value_parser = dur)]
@@ -239,8 +261,6 @@ impl ScenarioArgs {
             acquire_interval,
             retry_jitter,
             lease_ttl,
-            renew_interval,
-            fence_margin,
             request_timeout,
             publish_rate,
             net_delay,
@@ -254,13 +274,21 @@ impl ScenarioArgs {
             crash_close_delay,
             drift,
             terminate_permitted,
-            restart_delay,
             cut_duration,
             server_down,
             liveness_slack,
             max_steps,
             strict_s2
         );
+        for (flag, field) in [
+            (self.renew_interval, &mut s.renew_interval),
+            (self.fence_margin, &mut s.fence_margin),
+            (self.restart_delay, &mut s.restart_delay),
+        ] {
+            if let Some(MaybeDuration(value)) = flag {
+                *field = value;
+            }
+        }
         if let Some(p) = &self.protocol {
             s.protocol = p.parse()?;
         }
@@ -370,8 +398,8 @@ fn real_main(cli: Cli) -> Result<(), CliError> {
 fn default_sweep() -> Result<(), CliError> {
     let seed = env_seed()?;
     let base = Scenario::default();
-    println!("seed={seed} scenario=default-sweep base: {}", base.summary());
-    println!(
+    out!("seed={seed} scenario=default-sweep base: {}", base.summary());
+    out!(
         "each point: {} processes for {} with faults on the holder; silent disconnects last {}; server dead-peer detection {} idle / {} while sending",
         base.processes,
         format_duration(base.duration),
@@ -382,7 +410,7 @@ fn default_sweep() -> Result<(), CliError> {
     let points =
         explore::sweep(&explore::default_sweep(&base), seed, twice()).map_err(|e| CliError(explain(&e, "sweep")))?;
     print!("{}", explore::sweep_table(&points));
-    println!("failover columns: p50/max seconds from the fault to a live holder that can receive.");
+    out!("failover columns: p50/max seconds from the fault to a live holder that can receive.");
     summarize_cut(&points, &base);
     // On an idle channel the server sends the vanished holder nothing, so only the keepalive
     // (about 2 h 11 min) ends its session: Classic stays locked long after the network healed.
@@ -398,7 +426,7 @@ fn default_sweep() -> Result<(), CliError> {
     let idle = explore::sweep(&idle, seed, twice()).map_err(|e| CliError(explain(&e, "sweep")))?;
     for p in &idle {
         if let Some(s) = p.report.failover.get("cut") {
-            println!(
+            out!(
                 "idle channel (no notifications), {}: silent-disconnect failover p50 {:.0} s, max {:.0} s ({} cuts; the cut heals after {})",
                 p.scenario.protocol,
                 s.p50_s,
@@ -423,7 +451,7 @@ fn summarize_cut(points: &[SweepPoint], base: &Scenario) {
             })
     };
     if let Some((max, _)) = worst(Protocol::Classic) {
-        println!(
+        out!(
             "classic: a silently disconnected holder blocks takeover for up to {:.0} s whatever the interval: the server's dead-peer detection ({} while sending, {} idle) bounds it.",
             max,
             format_duration(base.server_retransmit_detect),
@@ -431,7 +459,7 @@ fn summarize_cut(points: &[SweepPoint], base: &Scenario) {
         );
     }
     if let Some((max, p)) = worst(Protocol::Lease) {
-        println!(
+        out!(
             "lease: the same fault costs at most {:.1} s (ttl {} + standby retry): bounded by the lease ttl.",
             max,
             format_duration(p.scenario.lock_config().lease_ttl)
@@ -443,7 +471,7 @@ fn cmd_run(args: &ScenarioArgs, json: bool, trace: bool) -> Result<(), CliError>
     let scenario = args.scenario()?;
     let seed = args.seed()?;
     // The whole scenario, as the flags that rebuild it, so the first line identifies the run.
-    println!(
+    out!(
         "seed={seed} scenario: {} (as flags: {})",
         scenario.summary(),
         scenario.to_cli_args()
@@ -451,7 +479,7 @@ fn cmd_run(args: &ScenarioArgs, json: bool, trace: bool) -> Result<(), CliError>
     if trace {
         let (result, lines) = pgiplock_sim::World::new(scenario.clone(), seed)?.run_traced();
         for line in lines {
-            println!("{line}");
+            out!("{line}");
         }
         // A checker failure is reported below, with the command that reproduces it.
         let _ = result;
@@ -464,7 +492,7 @@ fn cmd_run(args: &ScenarioArgs, json: bool, trace: bool) -> Result<(), CliError>
 fn print_report(report: &Report, json: bool) {
     print!("{}", report.table());
     if json {
-        println!("{}", serde_json::to_string(report).unwrap_or_default());
+        out!("{}", serde_json::to_string(report).unwrap_or_default());
     }
 }
 
@@ -505,7 +533,7 @@ fn cmd_sweep(
         };
         explore::grid(&base, &protocols, &intervals, ttls, &counts)
     };
-    println!(
+    out!(
         "seed={seed} scenario=sweep of {} settings, base: {}",
         scenarios.len(),
         base.summary()
@@ -515,7 +543,7 @@ fn cmd_sweep(
     std::fs::write(csv, explore::sweep_csv(&points))
         .map_err(|e| CliError(format!("cannot write {}: {e}", csv.display())))?;
     explore::sweep_svg(&points, svg)?;
-    println!("wrote {} and {}", csv.display(), svg.display());
+    out!("wrote {} and {}", csv.display(), svg.display());
     Ok(())
 }
 
@@ -542,7 +570,7 @@ fn cmd_tune(
         TuneTarget::MaxLossPerDay(d) => format!("loss window <= {} per day, least load", format_duration(d)),
         TuneTarget::MaxLoad(l) => format!("<= {l} statements/s, least loss window"),
     };
-    println!(
+    out!(
         "seed={seed} scenario=tune ({target_text}) over {} candidates, base: {}",
         candidates.len(),
         base.summary()
@@ -554,7 +582,7 @@ fn cmd_tune(
             let p = &result.candidates[i];
             let c = p.scenario.lock_config();
             let per_day = p.report.loss_window_s * 86_400.0 / p.report.virtual_time_s.max(1.0);
-            println!(
+            out!(
                 "recommended: protocol {} acquire_interval {}{}",
                 p.scenario.protocol,
                 format_duration(c.acquire_interval),
@@ -568,7 +596,7 @@ fn cmd_tune(
                     Protocol::Classic => String::new(),
                 }
             );
-            println!(
+            out!(
                 "predicted: {:.3} statements/s ({:.3} per process), loss window {:.1} s per day, {} lost / {} published, split-brain {:.1} s",
                 p.report.statements_per_s,
                 p.report.statements_per_s_per_process_mean,
@@ -578,7 +606,7 @@ fn cmd_tune(
                 p.report.split_brain_s
             );
         }
-        None => println!("no candidate meets the target; relax it or reduce the fault rates"),
+        None => out!("no candidate meets the target; relax it or reduce the fault rates"),
     }
     Ok(())
 }
@@ -595,19 +623,19 @@ fn cmd_swarm(seed: Option<u64>, runs: Option<u64>, trace: bool) -> Result<(), Cl
             .and_then(|v| v.parse().ok())
             .unwrap_or(20),
     };
-    println!("seed={seed} scenario=swarm of {runs} seed-chosen scenarios");
+    out!("seed={seed} scenario=swarm of {runs} seed-chosen scenarios");
     for i in 0..runs {
         let s = seed.wrapping_add(i);
         let scenario = explore::swarm_scenario(s);
         if trace {
-            println!("seed {s}: {}", scenario.summary());
+            out!("seed {s}: {}", scenario.summary());
             let (_, lines) = pgiplock_sim::World::new(scenario.clone(), s)?.run_traced();
             for line in lines {
-                println!("{line}");
+                out!("{line}");
             }
         }
         let report = explore::run_checked(&scenario, s, twice()).map_err(|e| CliError(explain(&e, "swarm")))?;
-        println!(
+        out!(
             "seed {s}: ok  {}  events {} loss {:.1} s split {:.1} s trace {}",
             scenario.summary(),
             report.events,
@@ -630,10 +658,10 @@ fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
 fn cmd_bench(processes: usize, duration: Duration, interval: Duration, protocol: &str) -> Result<(), CliError> {
     let seed = env_seed()?;
     let base = Scenario::default();
-    println!("seed={seed} scenario=bench: default scenario, then {processes} processes for {} at acquire_interval {} ({protocol})", format_duration(duration), format_duration(interval));
+    out!("seed={seed} scenario=bench: default scenario, then {processes} processes for {} at acquire_interval {} ({protocol})", format_duration(duration), format_duration(interval));
     let (report, wall) = timed(|| pgiplock_sim::run(&base, seed));
     let report = report?;
-    println!(
+    out!(
         "default scenario: {} events in {:.3} s wall = {:.0} events/s ({} virtual)",
         report.events,
         wall.as_secs_f64(),
@@ -657,7 +685,7 @@ fn cmd_bench(processes: usize, duration: Duration, interval: Duration, protocol:
     };
     let (report, wall) = timed(|| pgiplock_sim::run(&big, seed));
     let report = report?;
-    println!(
+    out!(
         "{processes} processes x {}: {} events in {:.1} s wall = {:.0} events/s; {:.1} lock statements/s simulated",
         format_duration(duration),
         report.events,
@@ -668,7 +696,7 @@ fn cmd_bench(processes: usize, duration: Duration, interval: Duration, protocol:
     let day = Duration::from_secs(86_400);
     if duration < day {
         let factor = day.as_secs_f64() / duration.as_secs_f64();
-        println!(
+        out!(
             "extrapolated to 24h (linear in virtual time): about {:.0} events, {:.0} s wall",
             report.events as f64 * factor,
             wall.as_secs_f64() * factor

@@ -71,3 +71,31 @@ fn sweep_writes_csv_and_svg() {
     assert!(chart.starts_with("<svg") && chart.contains("classic") && chart.contains("lease"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Flags that take a duration or `none` parse (and reach the scenario line).
+#[test]
+fn optional_duration_flags_parse() {
+    for (flag, value, shown) in [
+        ("--renew-interval", "1s", "renew=1s"),
+        ("--fence-margin", "500ms", "margin=500ms"),
+        ("--restart-delay", "2s", "restart-delay"),
+        ("--restart-delay", "none", "seed=1"),
+    ] {
+        let out = sim(&[
+            "run",
+            "--seed",
+            "1",
+            "--processes",
+            "2",
+            "--duration",
+            "1m",
+            flag,
+            value,
+        ]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{flag} {value}: {stderr}");
+        let first = stdout.lines().next().unwrap_or_default();
+        assert!(first.contains(shown), "{flag} {value}: first line {first:?}");
+    }
+}
