@@ -87,7 +87,9 @@ pub(crate) async fn run(args: DemoArgs) -> Result<(), CliError> {
         let _ = tokio::task::spawn_blocking(move || drop(cluster)).await;
     }
     let report = outcome?;
-    print!("{report}");
+    // A closed stdout (piped into `head`) is not an error of the demo.
+    let mut stdout = std::io::stdout().lock();
+    let _ = std::io::Write::write_all(&mut stdout, report.as_bytes()).and_then(|()| std::io::Write::flush(&mut stdout));
     Ok(())
 }
 
