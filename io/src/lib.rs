@@ -59,3 +59,8 @@ pub use pgiplock_core::{FenceToken, LostReason, Protocol, SignalKind};
 pub use session::Session;
 pub use signal::spawn_signal_handler;
 pub use sql::{lock_status, lock_status_on, LockStatus};
+
+/// The README's examples, compiled as doc tests so that they cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;
