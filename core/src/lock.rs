@@ -953,6 +953,17 @@ impl Lock {
                 // Possibly our own acquisition, committed before its reply reached us: the reply
                 // tells (dropping the buffer now would lose the handover).
                 self.woken = false;
+                if self.acquired_during_attempt.is_some_and(|seen| seen != token) {
+                    // Two terms began during one attempt: the buffer may hold the other term's
+                    // messages. At most once: drop it.
+                    self.buffer = None;
+                } else if self.buffer.is_none() {
+                    // A takeover without a handover (crash, expiry): if this term is ours, what
+                    // follows its marker is ours to deliver, even before the reply arrives.
+                    self.buffer = Some(VecDeque::new());
+                    self.buffer_released = false;
+                    self.dropped = 0;
+                }
                 let newest = self.acquired_during_attempt.map_or(token, |t| t.max(token));
                 self.acquired_during_attempt = Some(newest);
             }

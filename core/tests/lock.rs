@@ -304,6 +304,37 @@ fn standby_buffers_after_a_drain_marker_and_delivers_first_when_it_wins() {
     assert_eq!(delivered(&s.data("x5")), vec!["x5"]);
 }
 
+/// A takeover without a handover (the holder crashed): our own `acquired` marker arrives before
+/// the reply, and the messages after it are this term's, not lost.
+#[test]
+fn takeover_delivers_what_follows_its_own_acquired_marker() {
+    let mut s = Solo::new(Protocol::Lease);
+    let req = s.attempt();
+    s.data("before"); // published before our term: nobody's to deliver now
+    s.marker(Marker::Acquired(FenceToken(5)));
+    s.data("y1");
+    let out = s.reply(1, &req, acquired(Some(FenceToken(5))));
+    assert_eq!(delivered(&out), vec!["y1"]);
+
+    // The marker was a peer's: what followed it is the peer's.
+    let mut s = Solo::new(Protocol::Lease);
+    let req = s.attempt();
+    s.marker(Marker::Acquired(FenceToken(5)));
+    s.data("peer's");
+    s.reply(1, &req, locked(Some(Duration::from_secs(2))));
+    assert_eq!(s.lock.state().buffered, 0);
+
+    // Two terms began during one attempt: at most once, the buffer is dropped.
+    let mut s = Solo::new(Protocol::Lease);
+    let req = s.attempt();
+    s.marker(Marker::Acquired(FenceToken(5)));
+    s.data("z1");
+    s.marker(Marker::Acquired(FenceToken(6)));
+    s.data("z2");
+    let out = s.reply(1, &req, acquired(Some(FenceToken(6))));
+    assert!(delivered(&out).is_empty(), "{out:?}");
+}
+
 #[test]
 fn standby_drops_its_buffer_when_another_wins() {
     // Lease: the winner's marker.
