@@ -425,3 +425,32 @@ pub fn names() -> Vec<(String, Vec<u8>)> {
     names.sort();
     names.into_iter().map(|(n, b)| (n.to_owned(), b)).collect()
 }
+
+/// The seed corpus of [`scenario`](crate::scenario): both protocols, each fault kind alone at a
+/// high rate, all of them together, small and larger fleets.
+pub fn scenario() -> Vec<(String, Vec<u8>)> {
+    // protocol, processes, minutes, interval, ttl, stop, crash, cut, terminate, restart
+    let shapes: [(&str, [u8; 10]); 10] = [
+        ("quiet", [0, 1, 0, 1, 1, 0, 0, 0, 0, 0]),
+        ("stops", [0, 3, 1, 1, 1, 7, 0, 0, 0, 0]),
+        ("crashes", [0, 3, 1, 1, 1, 0, 7, 0, 0, 0]),
+        ("cuts", [0, 3, 1, 0, 1, 0, 0, 7, 0, 0]),
+        ("terminations", [0, 3, 1, 1, 0, 0, 0, 0, 7, 0]),
+        ("restarts", [0, 2, 1, 0, 1, 0, 0, 0, 0, 7]),
+        ("everything", [0, 4, 3, 0, 0, 3, 3, 3, 3, 3]),
+        ("long_interval", [0, 4, 2, 3, 2, 2, 2, 2, 2, 1]),
+        ("pair", [0, 0, 1, 0, 0, 5, 5, 5, 5, 0]),
+        ("large", [0, 4, 1, 1, 1, 4, 4, 4, 4, 1]),
+    ];
+    let mut corpus = Vec::new();
+    for (protocol, name) in [(0u8, "lease"), (1u8, "classic")] {
+        for (i, (shape, bytes)) in shapes.iter().enumerate() {
+            let seed = 1000 + i as u64 + u64::from(protocol) * 100;
+            let mut data = seed.to_le_bytes().to_vec();
+            data.extend_from_slice(bytes);
+            data[8] = protocol;
+            corpus.push((format!("{name}_{shape}"), data));
+        }
+    }
+    corpus
+}

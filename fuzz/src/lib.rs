@@ -11,8 +11,8 @@
 //! - [`names`]: channel, application and schema name validation, identifier quoting and
 //!   lock-channel payload parsing.
 //!
-//! A whole-scenario target (many locks, the simulator's database model and its checkers) can sit
-//! beside these as another module and another `fuzz_targets/` entry.
+//! - [`scenario`]: a whole fleet decoded from bytes through the simulator (the real core in every
+//!   process, the database model, the network, faults) with every checker after every event.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -20,7 +20,9 @@ mod bytes;
 pub mod corpus;
 pub mod lock_events;
 pub mod names;
+pub mod scenario;
 
 pub use bytes::Reader;
 pub use lock_events::lock_events;
 pub use names::names;
+pub use scenario::scenario;

@@ -4,7 +4,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use pgiplock_fuzz::{corpus, lock_events, names};
+use pgiplock_fuzz::{corpus, lock_events, names, scenario};
 
 fn corpus_dir(target: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus").join(target)
@@ -46,6 +46,11 @@ fn replay_names_corpus() {
     replay("names", names);
 }
 
+#[test]
+fn replay_scenario_corpus() {
+    replay("scenario", scenario);
+}
+
 fn seeds_on_disk(target: &str, seeds: Vec<(String, Vec<u8>)>) {
     let dir = corpus_dir(target);
     let write = std::env::var_os("PGIPLOCK_WRITE_CORPUS").is_some();
@@ -69,6 +74,7 @@ fn seeds_on_disk(target: &str, seeds: Vec<(String, Vec<u8>)>) {
 fn seed_corpus_is_committed() {
     seeds_on_disk("lock_events", corpus::lock_events());
     seeds_on_disk("names", corpus::names());
+    seeds_on_disk("scenario", corpus::scenario());
 }
 
 #[test]
