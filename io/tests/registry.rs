@@ -24,9 +24,12 @@ async fn destroy_all_and_signal_handler_release_every_lock() {
     let b = s.lock(&unique("b"), options()).unwrap();
     assert!(pgiplock::has_instances());
     let mut sub_a = a.subscribe();
+    let mut sub_b = b.subscribe();
     a.init().await.unwrap();
     b.init().await.unwrap();
+    // Both must hold before the "signal", or there is nothing of b's to release.
     next_matching(&mut sub_a, "acquired", |m| matches!(m, LockMessage::Acquired { .. })).await;
+    next_matching(&mut sub_b, "acquired", |m| matches!(m, LockMessage::Acquired { .. })).await;
 
     // Cancellation stands in for a signal: the handler destroys every lock, then completes.
     let cancel = CancellationToken::new();
@@ -38,6 +41,7 @@ async fn destroy_all_and_signal_handler_release_every_lock() {
     next_matching(&mut sub_a, "released", |m| *m == LockMessage::Released).await;
     next_matching(&mut sub_a, "stopped", |m| *m == LockMessage::Stopped).await;
     assert_eq!(sub_a.next().await, None, "the stream ends after Stopped");
+    next_matching(&mut sub_b, "released", |m| *m == LockMessage::Released).await;
     assert!(b.subscribe().next().await.is_none());
     // The rows were released, not left to expire.
     let status = pgiplock::lock_status(config(), Protocol::Lease, Some(&schema))
