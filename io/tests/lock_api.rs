@@ -41,6 +41,7 @@ async fn wait_single_holder(locks: &[&PgIpLock]) -> usize {
 
 async fn two_sessions_hand_over(protocol: Protocol) {
     let schema = unique("t_api");
+    let _cleanup = SchemaGuard::new(&schema);
     let channel = unique("Jobs");
     let s1 = session().await;
     let s2 = session().await;
@@ -116,6 +117,7 @@ async fn two_sessions_hand_over_classic() {
 
 async fn terminated_backend_is_lost_and_reconnects(protocol: Protocol) {
     let schema = unique("t_term");
+    let _cleanup = SchemaGuard::new(&schema);
     let channel = unique("jobs");
     let s = session().await;
     let lock = s.lock(&channel, options(protocol, &schema)).unwrap();
@@ -170,6 +172,7 @@ async fn terminated_backend_is_lost_and_reconnects_classic() {
 #[tokio::test]
 async fn odd_channel_names_work_end_to_end() {
     let schema = unique("t_odd");
+    let _cleanup = SchemaGuard::new(&schema);
     let tag = &uuid::Uuid::new_v4().simple().to_string()[..8];
     let fifty = format!("{tag}{}", "x".repeat(50 - tag.len()));
     assert_eq!(fifty.len(), 50);
@@ -283,6 +286,7 @@ async fn bootstrap_without_privileges_is_a_typed_error() {
 #[tokio::test]
 async fn acquire_without_init_and_on_release_handler() {
     let schema = unique("t_manual");
+    let _cleanup = SchemaGuard::new(&schema);
     let channel = unique("jobs");
     let s1 = session().await;
     let s2 = session().await;
@@ -313,6 +317,7 @@ async fn acquire_without_init_and_on_release_handler() {
 async fn twenty_sessions_start_at_once_on_a_fresh_schema() {
     for protocol in [Protocol::Lease, Protocol::Classic] {
         let schema = unique("t_twenty");
+        let _cleanup = SchemaGuard::new(&schema);
         let channel = unique("jobs");
         let sessions = futures::future::try_join_all((0..20).map(|_| Session::connect(config())))
             .await
@@ -340,6 +345,7 @@ async fn twenty_sessions_start_at_once_on_a_fresh_schema() {
 async fn handover_is_lossless(protocol: Protocol) {
     const TOTAL: usize = 400;
     let schema = unique("t_lossless");
+    let _cleanup = SchemaGuard::new(&schema);
     let channel = unique("stream");
     let s1 = session().await;
     let s2 = session().await;
@@ -442,6 +448,7 @@ async fn handover_is_lossless_classic() {
 #[tokio::test]
 async fn classic_interoperates_with_a_pg_pubsub_peer() {
     let schema = unique("t_node");
+    let _cleanup = SchemaGuard::new(&schema);
     let channel = unique("jobs");
     let qs = pgiplock_core::quote_ident(&schema);
     let node = raw_client(&uuid::Uuid::new_v4().to_string()).await;
@@ -506,6 +513,7 @@ async fn classic_interoperates_with_a_pg_pubsub_peer() {
 #[tokio::test]
 async fn existing_schema_needs_no_create_privilege() {
     let schema = unique("t_shared");
+    let _cleanup = SchemaGuard::new(&schema);
     let role = unique("r_user");
     let (qs, qr) = (pgiplock_core::quote_ident(&schema), pgiplock_core::quote_ident(&role));
     let admin = admin().await;

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 #[tokio::test]
 async fn destroy_all_and_signal_handler_release_every_lock() {
     let schema = unique("t_registry");
+    let _cleanup = SchemaGuard::new(&schema);
     let options = || {
         LockOptions::new()
             .protocol(Protocol::Lease)

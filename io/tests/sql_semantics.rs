@@ -56,6 +56,7 @@ async fn catalog_versions(client: &tokio_postgres::Client, schema: &str) -> Vec<
 
 async fn bootstrap_many(protocol: Protocol) {
     let schema = unique("t_boot");
+    let _cleanup = SchemaGuard::new(&schema);
     let name = SchemaName::new(&schema).unwrap();
     let names: Vec<String> = (0..20).map(|i| format!("boot-{i}")).collect();
     let clients = futures::future::join_all(names.iter().map(|n| raw_client(n))).await;
@@ -131,6 +132,7 @@ async fn bootstrap_is_idempotent_and_concurrent_lease() {
 async fn bootstrap_of_both_protocols_in_one_schema_at_once() {
     for round in 0..5 {
         let schema = unique(&format!("t_mixed{round}"));
+        let _cleanup = SchemaGuard::new(&schema);
         let name = SchemaName::new(&schema).unwrap();
         let names: Vec<String> = (0..10).map(|i| format!("mixed-{i}")).collect();
         let clients = futures::future::join_all(names.iter().map(|n| raw_client(n))).await;
@@ -167,6 +169,7 @@ async fn bootstrap_survives_hostile_schema_names() {
 #[tokio::test]
 async fn classic_acquire_lock_takeover_and_release() {
     let schema = unique("t_classic");
+    let _cleanup = SchemaGuard::new(&schema);
     let channel = unique("jobs");
     let name = SchemaName::new(&schema).unwrap();
     let a = raw_client(&unique("app-a")).await;
@@ -231,6 +234,7 @@ async fn classic_acquire_lock_takeover_and_release() {
 #[tokio::test]
 async fn lease_tokens_fencing_expiry_and_stale_holders() {
     let schema = unique("t_lease");
+    let _cleanup = SchemaGuard::new(&schema);
     let channel = unique("jobs");
     let name = SchemaName::new(&schema).unwrap();
     let a = raw_client(&unique("app-a")).await;

@@ -148,3 +148,40 @@ pub async fn next_matching(sub: &mut Subscription, what: &str, pred: impl Fn(&Lo
 pub fn queued(sub: &mut Subscription) -> Vec<LockMessage> {
     std::iter::from_fn(|| sub.try_next()).collect()
 }
+
+/// Drops a schema when the test ends, passed or panicked (the explicit `drop_schema` at the end
+/// of a test reports errors; this guard makes sure a failed test leaves nothing behind either).
+pub struct SchemaGuard(String);
+
+impl SchemaGuard {
+    pub fn new(schema: &str) -> SchemaGuard {
+        SchemaGuard(schema.to_owned())
+    }
+}
+
+impl Drop for SchemaGuard {
+    fn drop(&mut self) {
+        let sql = format!(
+            "SET lock_timeout = '10s'; DROP SCHEMA IF EXISTS {} CASCADE",
+            pgiplock_core::quote_ident(&self.0)
+        );
+        let cfg = config();
+        // Drop may run inside the test's runtime, where blocking on a future is not allowed: use
+        // a thread with a runtime of its own, and wait for it.
+        let worker = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            runtime.block_on(async move {
+                let (client, connection) = cfg.connect(tokio_postgres::NoTls).await.ok()?;
+                let driver = tokio::spawn(connection);
+                let result = client.batch_execute(&sql).await;
+                drop(client);
+                let _ = driver.await;
+                result.ok()
+            })
+        });
+        let _ = worker.join();
+    }
+}
