@@ -180,13 +180,61 @@ pub enum DbError {
     /// The session ended before the reply arrived.
     #[error("database session lost")]
     SessionLost,
-    /// The role lacks a privilege the operation needs.
-    #[error("permission denied: {0}")]
+    /// The role lacks a privilege the operation needs (SQLSTATE 42501); the server's message.
+    #[error("{0} (SQLSTATE 42501)")]
     PermissionDenied(String),
-    /// Any other server or client error.
-    #[error("database error: {0}")]
+    /// The server refused the statement: its SQLSTATE and message.
+    #[error("{message} (SQLSTATE {code})")]
+    Server {
+        /// The five-character SQLSTATE, for example `42P01`.
+        code: String,
+        /// The server's message.
+        message: String,
+    },
+    /// A client-side failure without a SQLSTATE (an unexpected reply, a decoding error).
+    #[error("{0}")]
     Failed(String),
 }
+
+impl DbError {
+    /// A server error with `code` (SQLSTATE) and `message`; 42501 becomes
+    /// [`DbError::PermissionDenied`].
+    pub fn server(code: &str, message: impl Into<String>) -> DbError {
+        let message = message.into();
+        if code == SQLSTATE_INSUFFICIENT_PRIVILEGE {
+            DbError::PermissionDenied(message)
+        } else {
+            DbError::Server {
+                code: code.to_owned(),
+                message,
+            }
+        }
+    }
+
+    /// The SQLSTATE, when the server sent one.
+    pub fn sqlstate(&self) -> Option<&str> {
+        match self {
+            DbError::PermissionDenied(_) => Some(SQLSTATE_INSUFFICIENT_PRIVILEGE),
+            DbError::Server { code, .. } => Some(code),
+            DbError::SessionLost | DbError::Failed(_) => None,
+        }
+    }
+
+    /// The lock schema, table or function is missing (SQLSTATE 3F000, 42P01 or 42883): somebody
+    /// dropped it, and bootstrapping again repairs it.
+    pub fn is_schema_missing(&self) -> bool {
+        matches!(self.sqlstate(), Some("3F000" | "42P01" | "42883"))
+    }
+
+    /// The server refuses writes (SQLSTATE 25006): a hot standby, or
+    /// `default_transaction_read_only`.
+    pub fn is_read_only(&self) -> bool {
+        self.sqlstate() == Some("25006")
+    }
+}
+
+/// SQLSTATE of `insufficient_privilege`.
+const SQLSTATE_INSUFFICIENT_PRIVILEGE: &str = "42501";
 
 /// A request the driver must execute and answer with
 /// [`Input::DbResult`](crate::Input::DbResult).

@@ -35,10 +35,7 @@ pub(crate) fn db_error(e: &tokio_postgres::Error) -> DbError {
         return DbError::SessionLost;
     }
     match e.as_db_error() {
-        Some(db) if db.code() == &SqlState::INSUFFICIENT_PRIVILEGE => {
-            DbError::PermissionDenied(db.message().to_owned())
-        }
-        Some(db) => DbError::Failed(format!("{} ({})", db.message(), db.code().code())),
+        Some(db) => DbError::server(db.code().code(), db.message()),
         None => DbError::Failed(e.to_string()),
     }
 }
