@@ -24,6 +24,17 @@ impl Protocol {
     }
 }
 
+impl Protocol {
+    /// The default schema of the lock table: `pgip_lock` (shared with `@imqueue/pg-pubsub`) for
+    /// `Classic`, `pgiplock_lease` for `Lease`.
+    pub fn default_schema(self) -> &'static str {
+        match self {
+            Protocol::Classic => "pgip_lock",
+            Protocol::Lease => "pgiplock_lease",
+        }
+    }
+}
+
 impl std::str::FromStr for Protocol {
     type Err = ConfigError;
     fn from_str(s: &str) -> Result<Self, ConfigError> {

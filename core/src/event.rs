@@ -30,6 +30,9 @@ pub enum Input {
     Stop,
     /// An OS signal: same as `Stop`, logged with the signal.
     Signal(SignalKind),
+    /// Something that blocked attempts was repaired (the session bootstrapped a dropped schema
+    /// again): a started standby attempts after the wake jitter instead of at its next retry.
+    Wake,
     /// A database session is ready: connected, schema present, listening on the data and lock
     /// channels.
     SessionUp(SessionId),
@@ -97,6 +100,9 @@ pub enum Warning {
         /// Messages dropped so far in this wait.
         dropped: u64,
     },
+    /// The server refused a write as read-only (SQLSTATE 25006): a hot standby or
+    /// `default_transaction_read_only`. The session is reset to look for a writable host.
+    ServerReadOnly,
     /// A database request failed; the lock carries on.
     RequestFailed {
         /// The operation's name.

@@ -42,6 +42,7 @@ mod lock;
 mod name;
 mod proto;
 mod rng;
+mod session;
 mod time;
 
 pub use config::{ConfigError, LockConfig, Protocol, MAX_SETTING};
@@ -56,4 +57,8 @@ pub use proto::{
     TerminateOutcome,
 };
 pub use rng::SplitMix64;
+pub use session::{
+    AddLockError, CallError, CallId, CallReply, ConnPhase, DownReason, LockCall, LockKey, LockTarget, OpId, OpReply,
+    Session, SessionConfig, SessionEvent, SessionInput, SessionOp, SessionOutput, SessionRequest, SessionState,
+};
 pub use time::Timestamp;

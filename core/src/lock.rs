@@ -246,6 +246,11 @@ impl Lock {
         match input {
             Input::Tick => {}
             Input::Start => self.on_start(),
+            Input::Wake => {
+                if self.phase == Phase::Standby && self.can_compete() {
+                    self.schedule_wake();
+                }
+            }
             Input::TryAcquire => self.on_try_acquire(),
             Input::Release => self.on_release(),
             Input::Stop => self.on_stop(None),

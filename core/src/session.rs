@@ -1,0 +1,1474 @@
+//! The session: one database connection's whole life and every lock that uses it.
+//!
+//! A [`Session`] is to its [`Lock`]s what quinn-proto's `Endpoint` is to its connections: it owns
+//! the connection's lifecycle (Down → Connecting → Preparing → Up → Down, with a deadline on
+//! every phase and capped, jittered reconnect backoff), prepares each lock on each connection
+//! (bootstrap of its schema once per connection, `LISTEN` of its channels), routes replies,
+//! notifications and timers to locks through indexes (a map by channel, one ordered timer set),
+//! turns API calls into lock inputs and completes them with [`SessionOutput::CallDone`], and
+//! applies the cross-lock rules: a lock that asks for a reset resets the connection for all, a
+//! missing schema is bootstrapped again, a read-only server is reported and left.
+//!
+//! Like the lock it is pure: the driver opens connections and runs operations when told to, and
+//! feeds back what happened with the time.
+//!
+//! ```
+//! use pgiplock_core::*;
+//!
+//! let mut session = Session::new(SessionConfig::default(), 7);
+//! let key = LockKey(1);
+//! let channel = ChannelName::new("jobs").unwrap();
+//! let schema = SchemaName::new("locks").unwrap();
+//! session.add_lock(key, channel, schema, LockConfig::default(), 1).unwrap();
+//! let t0 = Timestamp::ZERO;
+//! session.handle_input(t0, SessionInput::Call { call: CallId(1), lock: key, request: LockCall::Init });
+//! session.handle_input(t0, SessionInput::Tick);
+//! // The driver is asked to open a connection...
+//! let Some(SessionOutput::Connect { session: id }) = session.poll_output() else { panic!() };
+//! session.handle_input(t0, SessionInput::Connected { session: id, app: "app-1".into(), pid: 42 });
+//! // ...and, once it is up, to bootstrap the schema, then to listen.
+//! let next_request = |session: &mut Session| loop {
+//!     match session.poll_output() {
+//!         Some(SessionOutput::Execute(request)) => break request,
+//!         Some(_) => continue,
+//!         None => panic!("no request"),
+//!     }
+//! };
+//! let bootstrap = next_request(&mut session);
+//! assert!(matches!(bootstrap.op, SessionOp::Bootstrap { .. }));
+//! assert_eq!(session.state().phase, ConnPhase::Preparing);
+//! session.handle_input(t0, SessionInput::Reply { id: bootstrap.id, result: Ok(OpReply::Done) });
+//! let listen = next_request(&mut session);
+//! assert!(matches!(listen.op, SessionOp::Listen { .. }));
+//! session.handle_input(t0, SessionInput::Reply { id: listen.id, result: Ok(OpReply::Done) });
+//! // `init` is answered; the lock competes from now on.
+//! assert!(std::iter::from_fn(|| session.poll_output()).any(|o| matches!(
+//!     o,
+//!     SessionOutput::CallDone { call: CallId(1), result: Ok(CallReply::Done) }
+//! )));
+//! assert_eq!(session.state().phase, ConnPhase::Up);
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::Duration;
+
+use crate::config::{LockConfig, Protocol};
+use crate::event::{Input, LockEvent, Output, SignalKind, Warning};
+use crate::lock::{Lock, Phase};
+use crate::name::{ChannelName, SchemaName};
+use crate::proto::{DbError, DbOp, Reply, RequestId, SessionId};
+use crate::rng::SplitMix64;
+use crate::time::{duration_micros, Timestamp};
+
+/// Identifies a lock within its session; chosen by the driver when it adds the lock.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub struct LockKey(pub u64);
+
+/// Identifies one API call; chosen by the driver, echoed in [`SessionOutput::CallDone`].
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub struct CallId(pub u64);
+
+/// Identifies one operation the session asked the driver to run; echoed in
+/// [`SessionInput::Reply`].
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub struct OpId(pub u64);
+
+/// Timings of a session's connection. Every wait of a session is bounded by one of them (or by
+/// the lock's own `request_timeout` and `shutdown_timeout`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SessionConfig {
+    /// Bounds one whole connection attempt: TCP connect, TLS, startup, authentication and the
+    /// identity query. An attempt still unfinished then is abandoned and retried after backoff.
+    pub connect_timeout: Duration,
+    /// Bounds each setup statement (schema bootstrap, `LISTEN`, `UNLISTEN`) on a connection; one
+    /// unanswered this long resets the connection.
+    pub setup_timeout: Duration,
+    /// First reconnect delay; it doubles after every failed attempt up to `backoff_max`.
+    pub backoff_min: Duration,
+    /// Longest reconnect delay. Each delay is drawn uniformly in `[d / 2, d]` (equal jitter), so
+    /// that a fleet does not reconnect in lockstep after a server restart. A connection that
+    /// stays up this long resets the backoff to `backoff_min`.
+    pub backoff_max: Duration,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            connect_timeout: Duration::from_secs(5),
+            setup_timeout: Duration::from_secs(5),
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
+        }
+    }
+}
+
+impl SessionConfig {
+    /// Clamps every timing to at least a millisecond and `backoff_max` to at least
+    /// `backoff_min`, so that every deadline lies in the future.
+    fn clamped(mut self) -> Self {
+        let floor = |d: Duration| d.clamp(Duration::from_millis(1), crate::config::MAX_SETTING);
+        self.connect_timeout = floor(self.connect_timeout);
+        self.setup_timeout = floor(self.setup_timeout);
+        self.backoff_min = floor(self.backoff_min);
+        self.backoff_max = floor(self.backoff_max).max(self.backoff_min);
+        self
+    }
+}
+
+/// An API call on one lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LockCall {
+    /// Set the lock up on the connection (bootstrap, `LISTEN`) and start competing. Completes
+    /// once the lock is ready on a connection, or fails with the setup error, or with
+    /// [`CallError::Disconnected`] when the connection attempt in progress fails (the lock keeps
+    /// competing in the background).
+    Init,
+    /// One attempt now; completes with [`CallReply::Acquired`].
+    Acquire,
+    /// Give the lock up and stay a standby; completes once released (or at once if not held).
+    Release,
+    /// Release if held and stop for good; completes once stopped (bounded by the lock's
+    /// `shutdown_timeout`).
+    Destroy {
+        /// The OS signal that asked for it, if any (logged).
+        signal: Option<SignalKind>,
+    },
+}
+
+/// A successful call's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CallReply {
+    /// The call completed.
+    Done,
+    /// Answer to [`LockCall::Acquire`]: whether the lock is held now.
+    Acquired(bool),
+}
+
+/// Why a call failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CallError {
+    /// Setting up the lock's schema failed.
+    #[error("cannot set up lock schema {schema}: {error}")]
+    Bootstrap {
+        /// The schema.
+        schema: String,
+        /// What the server said.
+        error: DbError,
+    },
+    /// The server refuses writes (a hot standby or `default_transaction_read_only`).
+    #[error("the server is read-only (SQLSTATE 25006): locks need a writable primary")]
+    ReadOnly,
+    /// The session is not connected: the connection attempt failed.
+    #[error("not connected to PostgreSQL: {cause}")]
+    Disconnected {
+        /// Why the last attempt failed.
+        cause: String,
+    },
+    /// No such lock (destroyed, or never added).
+    #[error("the lock was destroyed")]
+    NoSuchLock,
+    /// The session is closing or closed.
+    #[error("the session is closed")]
+    Closed,
+}
+
+/// What an operation the session asked for returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum OpReply {
+    /// A setup statement (bootstrap, `LISTEN`, `UNLISTEN`) completed.
+    Done,
+    /// A lock operation's reply.
+    Lock(Reply),
+}
+
+/// Everything an executor needs to run a lock's operation, beside the connection's
+/// `application_name` and backend pid, which it knows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockTarget {
+    /// The lock's protocol.
+    pub protocol: Protocol,
+    /// The schema of its table.
+    pub schema: SchemaName,
+    /// Its channel.
+    pub channel: ChannelName,
+    /// The lease length (`Lease`).
+    pub lease_ttl: Duration,
+}
+
+/// One operation on one connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SessionOp {
+    /// Create or check the lock schema of `protocol` (idempotent; safe from many sessions).
+    Bootstrap {
+        /// The protocol whose tables and functions to create.
+        protocol: Protocol,
+        /// The schema.
+        schema: SchemaName,
+    },
+    /// `LISTEN` on the channel and its lock channel.
+    Listen {
+        /// The channel.
+        channel: ChannelName,
+    },
+    /// `UNLISTEN` the channel and its lock channel.
+    Unlisten {
+        /// The channel.
+        channel: ChannelName,
+    },
+    /// A lock's operation (semantics on [`DbOp`]).
+    Lock {
+        /// The lock it is for.
+        target: LockTarget,
+        /// The operation.
+        op: DbOp,
+    },
+}
+
+impl SessionOp {
+    /// A short name for logs and metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            SessionOp::Bootstrap { .. } => "bootstrap",
+            SessionOp::Listen { .. } => "listen",
+            SessionOp::Unlisten { .. } => "unlisten",
+            SessionOp::Lock { op, .. } => op.name(),
+        }
+    }
+}
+
+/// An operation to run; answer with [`SessionInput::Reply`] (or nothing, if the connection is
+/// gone: the session has already forgotten it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRequest {
+    /// Echo this id in the reply.
+    pub id: OpId,
+    /// Run on this connection.
+    pub session: SessionId,
+    /// The operation.
+    pub op: SessionOp,
+}
+
+/// Why a connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DownReason {
+    /// The connection closed or failed (the driver's words, if any).
+    Closed(Option<String>),
+    /// A lock's request went unanswered for its `request_timeout`.
+    RequestTimeout,
+    /// A setup statement went unanswered for `setup_timeout`.
+    SetupTimeout,
+    /// The server refused a write as read-only: look for a writable host.
+    ReadOnly,
+    /// The session was closed.
+    Shutdown,
+}
+
+impl DownReason {
+    /// A stable snake_case name.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            DownReason::Closed(_) => "closed",
+            DownReason::RequestTimeout => "request_timeout",
+            DownReason::SetupTimeout => "setup_timeout",
+            DownReason::ReadOnly => "read_only",
+            DownReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// A change of the connection, worth logging.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SessionEvent {
+    /// A connection is up: its `application_name` (this session's holder identity) and pid.
+    Up {
+        /// The connection.
+        session: SessionId,
+        /// Its `application_name`.
+        app: String,
+        /// Its backend pid.
+        pid: i32,
+    },
+    /// The connection ended; a reconnection follows after `retry_in` (none while closing).
+    Down {
+        /// The connection.
+        session: SessionId,
+        /// Why.
+        reason: DownReason,
+        /// Delay before the next attempt.
+        retry_in: Option<Duration>,
+    },
+    /// A connection attempt failed or timed out; the next follows after `retry_in`.
+    ConnectFailed {
+        /// The attempt.
+        session: SessionId,
+        /// Why.
+        cause: String,
+        /// Delay before the next attempt (none while closing).
+        retry_in: Option<Duration>,
+    },
+    /// The server refused a write as read-only (SQLSTATE 25006): the connection is reset, and
+    /// with a multi-host connection string (`target_session_attrs=read-write`) the next one looks
+    /// for a writable host.
+    ReadOnly {
+        /// The connection.
+        session: SessionId,
+        /// The operation that was refused.
+        op: &'static str,
+    },
+    /// The lock schema vanished (dropped under a running fleet): bootstrapping it again.
+    SchemaMissing {
+        /// The schema.
+        schema: SchemaName,
+        /// What the server said.
+        error: DbError,
+    },
+    /// Setting up a schema failed.
+    BootstrapFailed {
+        /// The schema.
+        schema: SchemaName,
+        /// What the server said.
+        error: DbError,
+    },
+}
+
+/// Everything that can happen to a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SessionInput {
+    /// Time passed; due timers fire.
+    Tick,
+    /// The connection attempt `session` completed: authenticated, identity known.
+    Connected {
+        /// The attempt, from [`SessionOutput::Connect`].
+        session: SessionId,
+        /// The connection's `application_name`: the holder identity.
+        app: String,
+        /// Its backend pid.
+        pid: i32,
+    },
+    /// The connection attempt `session` failed.
+    ConnectFailed {
+        /// The attempt.
+        session: SessionId,
+        /// Why, in words.
+        cause: String,
+    },
+    /// The connection ended (closed by the server, a network error, the driver's socket gone).
+    Closed {
+        /// The connection.
+        session: SessionId,
+        /// Why, if known.
+        error: Option<String>,
+    },
+    /// The reply to a [`SessionRequest`].
+    Reply {
+        /// The request's id.
+        id: OpId,
+        /// Its outcome.
+        result: Result<OpReply, DbError>,
+    },
+    /// A notification arrived on connection `session`.
+    Notification {
+        /// The connection.
+        session: SessionId,
+        /// The channel.
+        channel: String,
+        /// The payload.
+        payload: String,
+        /// The backend pid of the session that sent it.
+        pid: i32,
+    },
+    /// An API call.
+    Call {
+        /// Echoed in [`SessionOutput::CallDone`].
+        call: CallId,
+        /// The lock.
+        lock: LockKey,
+        /// What is asked.
+        request: LockCall,
+    },
+    /// Every handle of the lock is gone: stop it in the background (a held lock is released,
+    /// bounded by its `shutdown_timeout`), then remove it.
+    Abandon {
+        /// The lock.
+        lock: LockKey,
+    },
+    /// Close the session: stop every lock (each bounded by its `shutdown_timeout`), then the
+    /// connection; completes with `CallDone` and then [`SessionOutput::Closed`].
+    Close {
+        /// Echoed in `CallDone`.
+        call: CallId,
+    },
+}
+
+/// What the driver must do or report. Drain with [`Session::poll_output`] after every input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SessionOutput {
+    /// Open a connection; answer with `Connected` or `ConnectFailed` carrying this id.
+    Connect {
+        /// The attempt's (and, once up, the connection's) id.
+        session: SessionId,
+    },
+    /// Abandon the connection attempt `session` (its deadline passed, or the session closes).
+    AbortConnect {
+        /// The attempt.
+        session: SessionId,
+    },
+    /// Close the connection `session` (reset or shutdown); no `Closed` input is needed.
+    Disconnect {
+        /// The connection.
+        session: SessionId,
+    },
+    /// Run an operation.
+    Execute(SessionRequest),
+    /// A lock's state changed.
+    Lock {
+        /// The lock.
+        lock: LockKey,
+        /// What happened.
+        event: LockEvent,
+    },
+    /// Hand this notification of the lock's channel to the application.
+    Deliver {
+        /// The lock.
+        lock: LockKey,
+        /// The payload.
+        payload: String,
+    },
+    /// An API call completed.
+    CallDone {
+        /// The call.
+        call: CallId,
+        /// Its result.
+        result: Result<CallReply, CallError>,
+    },
+    /// The lock stopped and is gone from the session.
+    LockRemoved {
+        /// The lock.
+        lock: LockKey,
+    },
+    /// The connection changed.
+    Event(SessionEvent),
+    /// The session is closed: nothing more will happen.
+    Closed,
+}
+
+/// The connection's phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ConnPhase {
+    /// No connection; waiting for the reconnect delay.
+    Down,
+    /// A connection attempt is in progress.
+    Connecting,
+    /// Connected; setup statements are in flight.
+    Preparing,
+    /// Connected, nothing being set up.
+    Up,
+    /// Closed for good.
+    Closed,
+}
+
+/// A read-only view for checkers and status displays.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionState {
+    /// The phase.
+    pub phase: ConnPhase,
+    /// Since when (the phase's start).
+    pub since: Timestamp,
+    /// The connection (or attempt), if any.
+    pub session: Option<SessionId>,
+    /// The send time of the oldest setup statement in flight.
+    pub oldest_setup: Option<Timestamp>,
+    /// The next reconnect attempt, while down.
+    pub reconnect_at: Option<Timestamp>,
+    /// Whether the session is closing or closed.
+    pub closing: bool,
+    /// Locks in the session.
+    pub locks: usize,
+}
+
+/// Why [`Session::add_lock`] refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AddLockError {
+    /// The key is in use.
+    #[error("lock key {0:?} is in use")]
+    DuplicateKey(LockKey),
+    /// The session has a lock on this channel already (one session is one holder identity).
+    #[error("this session already has a lock on channel {0:?}")]
+    DuplicateChannel(String),
+    /// The session is closing.
+    #[error("the session is closed")]
+    Closed,
+}
+
+/// How far a lock is set up on the current connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Prep {
+    /// Nothing done on this connection.
+    None,
+    /// Waiting for its schema's bootstrap.
+    Bootstrapping,
+    /// `LISTEN` in flight.
+    Listening,
+    /// Listening; the lock has `SessionUp`.
+    Ready,
+}
+
+struct Entry {
+    lock: Lock,
+    target: LockTarget,
+    prep: Prep,
+    /// Set up on every new connection: `Init` was called or a call waits for the setup.
+    wanted: bool,
+    /// A setup ever succeeded (then `Acquire` need not wait for one).
+    initialised: bool,
+    /// The last setup failed on this connection (retried on the next call or connection).
+    failed: bool,
+    init_calls: Vec<CallId>,
+    early_acquires: Vec<CallId>,
+    acquire_calls: VecDeque<CallId>,
+    release_calls: Vec<CallId>,
+    destroy_calls: Vec<CallId>,
+    /// The deadline this lock has in the timer set.
+    armed: Option<Timestamp>,
+}
+
+#[derive(Debug, Clone)]
+enum Route {
+    Lock { key: LockKey, id: RequestId },
+    Bootstrap { schema_key: (Protocol, SchemaName) },
+    Listen { key: LockKey },
+    Unlisten,
+}
+
+struct Conn {
+    session: SessionId,
+    bootstrapped: BTreeSet<(Protocol, SchemaName)>,
+    bootstrapping: BTreeMap<(Protocol, SchemaName), OpId>,
+    /// Setup statements in flight and when they were sent (ids grow with time).
+    setup: BTreeMap<OpId, Timestamp>,
+    up_since: Timestamp,
+    read_only_reported: bool,
+}
+
+enum Link {
+    Down { retry_at: Option<Timestamp> },
+    Connecting { session: SessionId, deadline: Timestamp },
+    Up(Conn),
+    Closed,
+}
+
+/// One connection's lifecycle and all its locks: a deterministic state machine.
+///
+/// Feed inputs with [`handle_input`](Session::handle_input), drain
+/// [`poll_output`](Session::poll_output) to `None`, sleep until
+/// [`poll_timeout`](Session::poll_timeout) and feed [`SessionInput::Tick`].
+pub struct Session {
+    config: SessionConfig,
+    rng: SplitMix64,
+    now: Timestamp,
+    link: Link,
+    since: Timestamp,
+    backoff: Duration,
+    next_session: u64,
+    next_op: u64,
+    locks: BTreeMap<LockKey, Entry>,
+    /// Data channel and lock channel → lock.
+    by_channel: BTreeMap<String, LockKey>,
+    /// Every lock's next deadline.
+    timers: BTreeSet<(Timestamp, LockKey)>,
+    ops: BTreeMap<OpId, Route>,
+    outputs: VecDeque<SessionOutput>,
+    closing: Option<Vec<CallId>>,
+    /// A lock asked for the connection to be reset.
+    reset: Option<(SessionId, DownReason)>,
+    /// Locks whose handles are all gone: removed once stopped.
+    abandoned: BTreeSet<LockKey>,
+    /// Locks that stopped during the current input: removed after it.
+    stopped: Vec<LockKey>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("state", &self.state())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Session {
+    /// A session with `config`; `seed` drives its reconnect jitter. It connects at its first
+    /// input.
+    pub fn new(config: SessionConfig, seed: u64) -> Self {
+        let config = config.clamped();
+        Session {
+            backoff: config.backoff_min,
+            config,
+            rng: SplitMix64::new(seed),
+            now: Timestamp::ZERO,
+            link: Link::Down {
+                retry_at: Some(Timestamp::ZERO),
+            },
+            since: Timestamp::ZERO,
+            next_session: 1,
+            next_op: 1,
+            locks: BTreeMap::new(),
+            by_channel: BTreeMap::new(),
+            timers: BTreeSet::new(),
+            ops: BTreeMap::new(),
+            outputs: VecDeque::new(),
+            closing: None,
+            reset: None,
+            abandoned: BTreeSet::new(),
+            stopped: Vec::new(),
+        }
+    }
+
+    /// The configuration in force (clamped).
+    pub fn config(&self) -> &SessionConfig {
+        &self.config
+    }
+
+    /// Adds a lock on `channel`, its table in `schema`; `seed` drives its jitter. Nothing
+    /// reaches the database until a call needs it.
+    pub fn add_lock(
+        &mut self,
+        key: LockKey,
+        channel: ChannelName,
+        schema: SchemaName,
+        config: LockConfig,
+        seed: u64,
+    ) -> Result<(), AddLockError> {
+        if self.closing.is_some() {
+            return Err(AddLockError::Closed);
+        }
+        if self.locks.contains_key(&key) {
+            return Err(AddLockError::DuplicateKey(key));
+        }
+        if self.by_channel.contains_key(channel.as_str()) {
+            return Err(AddLockError::DuplicateChannel(channel.as_str().to_owned()));
+        }
+        self.by_channel.insert(channel.as_str().to_owned(), key);
+        self.by_channel.insert(channel.lock_channel().to_owned(), key);
+        let lock = Lock::new(channel.clone(), config, seed);
+        let target = LockTarget {
+            protocol: lock.config().protocol,
+            schema,
+            channel,
+            lease_ttl: lock.config().lease_ttl,
+        };
+        self.locks.insert(
+            key,
+            Entry {
+                lock,
+                target,
+                prep: Prep::None,
+                wanted: false,
+                initialised: false,
+                failed: false,
+                init_calls: Vec::new(),
+                early_acquires: Vec::new(),
+                acquire_calls: VecDeque::new(),
+                release_calls: Vec::new(),
+                destroy_calls: Vec::new(),
+                armed: None,
+            },
+        );
+        Ok(())
+    }
+
+    /// The lock of `key`, for checkers (read-only).
+    pub fn lock(&self, key: LockKey) -> Option<&Lock> {
+        self.locks.get(&key).map(|e| &e.lock)
+    }
+
+    /// Every lock, by key.
+    pub fn locks(&self) -> impl Iterator<Item = (LockKey, &Lock)> + '_ {
+        self.locks.iter().map(|(k, e)| (*k, &e.lock))
+    }
+
+    /// The current connection, if one is up.
+    pub fn current(&self) -> Option<SessionId> {
+        match &self.link {
+            Link::Up(conn) => Some(conn.session),
+            _ => None,
+        }
+    }
+
+    /// A snapshot of the connection's state.
+    pub fn state(&self) -> SessionState {
+        let (phase, session, oldest_setup, reconnect_at) = match &self.link {
+            Link::Down { retry_at } => (ConnPhase::Down, None, None, *retry_at),
+            Link::Connecting { session, .. } => (ConnPhase::Connecting, Some(*session), None, None),
+            Link::Up(conn) => {
+                let oldest = conn.setup.values().next().copied();
+                let phase = if oldest.is_some() {
+                    ConnPhase::Preparing
+                } else {
+                    ConnPhase::Up
+                };
+                (phase, Some(conn.session), oldest, None)
+            }
+            Link::Closed => (ConnPhase::Closed, None, None, None),
+        };
+        SessionState {
+            phase,
+            since: self.since,
+            session,
+            oldest_setup,
+            reconnect_at,
+            closing: self.closing.is_some() || matches!(self.link, Link::Closed),
+            locks: self.locks.len(),
+        }
+    }
+
+    /// The next deadline; `None` when nothing is scheduled.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Timestamp> {
+        let link = match &self.link {
+            Link::Down { retry_at } => *retry_at,
+            Link::Connecting { deadline, .. } => Some(*deadline),
+            Link::Up(conn) => conn.setup.values().next().map(|sent| *sent + self.config.setup_timeout),
+            Link::Closed => None,
+        };
+        let lock = self.timers.iter().next().map(|(at, _)| *at);
+        match (link, lock) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The next output, or `None` when all are drained.
+    #[must_use]
+    pub fn poll_output(&mut self) -> Option<SessionOutput> {
+        self.outputs.pop_front()
+    }
+
+    /// Feeds one input at time `now`. Never fails; time that goes backwards is clamped.
+    pub fn handle_input(&mut self, now: Timestamp, input: SessionInput) {
+        self.now = self.now.max(now);
+        // Deadlines are checked against the input's time first: a reply that arrives after its
+        // connection's deadline finds the connection already reset.
+        self.fire_due();
+        match input {
+            SessionInput::Tick => {}
+            SessionInput::Connected { session, app, pid } => self.on_connected(session, app, pid),
+            SessionInput::ConnectFailed { session, cause } => {
+                if matches!(self.link, Link::Connecting { session: s, .. } if s == session) {
+                    self.connect_failed(session, cause);
+                }
+            }
+            SessionInput::Closed { session, error } => {
+                if self.current() == Some(session) {
+                    self.lose_connection(DownReason::Closed(error), false);
+                }
+            }
+            SessionInput::Reply { id, result } => self.on_reply(id, result),
+            SessionInput::Notification {
+                session,
+                channel,
+                payload,
+                pid: _,
+            } => self.on_notification(session, channel, payload),
+            SessionInput::Call { call, lock, request } => self.on_call(call, lock, request),
+            SessionInput::Abandon { lock } => {
+                if self.locks.contains_key(&lock) {
+                    self.abandoned.insert(lock);
+                    self.feed(lock, Input::Stop);
+                }
+            }
+            SessionInput::Close { call } => self.on_close(call),
+        }
+        self.settle();
+    }
+
+    // ----- time -----
+
+    fn fire_due(&mut self) {
+        match &self.link {
+            Link::Down { retry_at: Some(at) } if *at <= self.now => self.start_connecting(),
+            Link::Connecting { session, deadline } if *deadline <= self.now => {
+                let session = *session;
+                self.outputs.push_back(SessionOutput::AbortConnect { session });
+                let cause = format!(
+                    "no answer within the connect timeout of {:?}",
+                    self.config.connect_timeout
+                );
+                self.connect_failed(session, cause);
+            }
+            Link::Up(conn) => {
+                let late = conn
+                    .setup
+                    .values()
+                    .next()
+                    .is_some_and(|sent| *sent + self.config.setup_timeout <= self.now);
+                if late {
+                    self.lose_connection(DownReason::SetupTimeout, true);
+                }
+            }
+            _ => {}
+        }
+        // Bounded: every lock fed here re-arms strictly later than now (the lock guarantees it).
+        let due: Vec<LockKey> = self
+            .timers
+            .range(..=(self.now, LockKey(u64::MAX)))
+            .map(|(_, key)| *key)
+            .collect();
+        for key in due {
+            self.feed(key, Input::Tick);
+        }
+    }
+
+    /// Runs what the input made due and applies the cross-lock consequences until nothing is
+    /// left to do.
+    fn settle(&mut self) {
+        // Each round resets a connection (at most once per connection), removes locks or fires
+        // timers that are due; the bound is a guard against a bug, not an expected path.
+        for _ in 0..16 {
+            self.fire_due();
+            if let Some((session, reason)) = self.reset.take() {
+                if self.current() == Some(session) {
+                    self.lose_connection(reason, true);
+                    continue;
+                }
+            }
+            if !self.stopped.is_empty() {
+                for key in std::mem::take(&mut self.stopped) {
+                    self.remove_lock(key);
+                }
+                continue;
+            }
+            if self.closing.is_some() && self.locks.is_empty() && !matches!(self.link, Link::Closed) {
+                self.finish_close();
+                continue;
+            }
+            if !self.poll_timeout().is_some_and(|at| at <= self.now) {
+                return;
+            }
+        }
+    }
+
+    // ----- the connection -----
+
+    fn new_session_id(&mut self) -> SessionId {
+        let id = SessionId(self.next_session);
+        self.next_session += 1;
+        id
+    }
+
+    fn enter(&mut self, link: Link) {
+        self.link = link;
+        self.since = self.now;
+    }
+
+    fn start_connecting(&mut self) {
+        if self.closing.is_some() {
+            self.enter(Link::Down { retry_at: None });
+            return;
+        }
+        let session = self.new_session_id();
+        let deadline = self.now + self.config.connect_timeout;
+        self.enter(Link::Connecting { session, deadline });
+        self.outputs.push_back(SessionOutput::Connect { session });
+    }
+
+    /// The next reconnect delay (equal jitter), doubling the backoff.
+    fn next_backoff(&mut self) -> Duration {
+        let d = duration_micros(self.backoff);
+        let delay = Duration::from_micros(d / 2 + self.rng.below_inclusive(d - d / 2));
+        self.backoff = (self.backoff * 2).min(self.config.backoff_max);
+        delay
+    }
+
+    fn schedule_reconnect(&mut self) -> Option<Duration> {
+        if self.closing.is_some() {
+            self.enter(Link::Down { retry_at: None });
+            return None;
+        }
+        let delay = self.next_backoff();
+        self.enter(Link::Down {
+            retry_at: Some(self.now + delay),
+        });
+        Some(delay)
+    }
+
+    fn connect_failed(&mut self, session: SessionId, cause: String) {
+        let retry_in = self.schedule_reconnect();
+        // A caller of `init` waits for one attempt, not for the server to come back.
+        let keys: Vec<LockKey> = self.locks.keys().copied().collect();
+        for key in keys {
+            let Some(entry) = self.locks.get_mut(&key) else {
+                continue;
+            };
+            let calls: Vec<CallId> = entry
+                .init_calls
+                .drain(..)
+                .chain(entry.early_acquires.drain(..))
+                .collect();
+            for call in calls {
+                self.done(call, Err(CallError::Disconnected { cause: cause.clone() }));
+            }
+        }
+        self.outputs
+            .push_back(SessionOutput::Event(SessionEvent::ConnectFailed {
+                session,
+                cause,
+                retry_in,
+            }));
+    }
+
+    fn on_connected(&mut self, session: SessionId, app: String, pid: i32) {
+        match self.link {
+            Link::Connecting { session: s, .. } if s == session => {}
+            _ => {
+                // A late or foreign attempt: close it.
+                self.outputs.push_back(SessionOutput::Disconnect { session });
+                return;
+            }
+        }
+        self.enter(Link::Up(Conn {
+            session,
+            bootstrapped: BTreeSet::new(),
+            bootstrapping: BTreeMap::new(),
+            setup: BTreeMap::new(),
+            up_since: self.now,
+            read_only_reported: false,
+        }));
+        self.outputs
+            .push_back(SessionOutput::Event(SessionEvent::Up { session, app, pid }));
+        if self.closing.is_some() {
+            self.lose_connection(DownReason::Shutdown, true);
+            return;
+        }
+        let keys: Vec<LockKey> = self.locks.iter().filter(|(_, e)| e.wanted).map(|(k, _)| *k).collect();
+        for key in keys {
+            self.prepare(key);
+        }
+    }
+
+    /// Drops the current connection: every lock learns `SessionDown`, and a reconnection is
+    /// scheduled. `tell_driver`: the driver still has it open and must close it.
+    fn lose_connection(&mut self, reason: DownReason, tell_driver: bool) {
+        let Link::Up(conn) = &self.link else { return };
+        let session = conn.session;
+        let stable = self.now.saturating_duration_since(conn.up_since) >= self.config.backoff_max;
+        if stable {
+            self.backoff = self.config.backoff_min;
+        }
+        if tell_driver {
+            self.outputs.push_back(SessionOutput::Disconnect { session });
+        }
+        // Late replies of this connection find no route and are ignored.
+        self.ops.clear();
+        let retry_in = self.schedule_reconnect();
+        self.outputs.push_back(SessionOutput::Event(SessionEvent::Down {
+            session,
+            reason,
+            retry_in,
+        }));
+        let keys: Vec<LockKey> = self.locks.keys().copied().collect();
+        for key in keys {
+            if let Some(entry) = self.locks.get_mut(&key) {
+                entry.prep = Prep::None;
+                entry.failed = false;
+            }
+            self.feed(key, Input::SessionDown(session));
+            // Calls that waited for this connection's setup wait for the next one; acquires
+            // that cannot be attempted now answer at once.
+            if let Some(entry) = self.locks.get_mut(&key) {
+                let early: Vec<CallId> = entry.early_acquires.drain(..).collect();
+                for call in early {
+                    self.done(call, Ok(CallReply::Acquired(false)));
+                }
+            }
+        }
+    }
+
+    fn on_close(&mut self, call: CallId) {
+        if matches!(self.link, Link::Closed) {
+            self.done(call, Ok(CallReply::Done));
+            return;
+        }
+        self.closing.get_or_insert_with(Vec::new).push(call);
+        match self.link {
+            Link::Connecting { session, .. } => {
+                self.outputs.push_back(SessionOutput::AbortConnect { session });
+                self.enter(Link::Down { retry_at: None });
+            }
+            Link::Down { .. } => self.enter(Link::Down { retry_at: None }),
+            _ => {}
+        }
+        let keys: Vec<LockKey> = self.locks.keys().copied().collect();
+        for key in keys {
+            self.feed(key, Input::Stop);
+        }
+    }
+
+    fn finish_close(&mut self) {
+        if let Link::Up(_) = self.link {
+            self.lose_connection(DownReason::Shutdown, true);
+        }
+        if let Link::Connecting { session, .. } = self.link {
+            self.outputs.push_back(SessionOutput::AbortConnect { session });
+        }
+        self.enter(Link::Closed);
+        for call in self.closing.take().unwrap_or_default() {
+            self.done(call, Ok(CallReply::Done));
+        }
+        // Keep `closing` set so that nothing reopens it.
+        self.closing = Some(Vec::new());
+        self.outputs.push_back(SessionOutput::Closed);
+    }
+
+    // ----- setup -----
+
+    fn execute(&mut self, session: SessionId, op: SessionOp, route: Route) -> OpId {
+        let id = OpId(self.next_op);
+        self.next_op += 1;
+        let setup = !matches!(route, Route::Lock { .. });
+        self.ops.insert(id, route);
+        if setup {
+            if let Link::Up(conn) = &mut self.link {
+                conn.setup.insert(id, self.now);
+            }
+        }
+        self.outputs
+            .push_back(SessionOutput::Execute(SessionRequest { id, session, op }));
+        id
+    }
+
+    /// Bootstraps the lock's schema (once per connection) and `LISTEN`s its channels; the lock
+    /// gets `SessionUp` when that is done.
+    fn prepare(&mut self, key: LockKey) {
+        let Link::Up(conn) = &self.link else { return };
+        let Some(entry) = self.locks.get_mut(&key) else { return };
+        if entry.prep != Prep::None || entry.lock.state().phase == Phase::Stopped {
+            return;
+        }
+        entry.failed = false;
+        let schema_key = (entry.target.protocol, entry.target.schema.clone());
+        if conn.bootstrapped.contains(&schema_key) {
+            self.listen(key);
+            return;
+        }
+        entry.prep = Prep::Bootstrapping;
+        if !conn.bootstrapping.contains_key(&schema_key) {
+            self.bootstrap(schema_key);
+        }
+    }
+
+    fn bootstrap(&mut self, schema_key: (Protocol, SchemaName)) {
+        let Some(session) = self.current() else { return };
+        let op = SessionOp::Bootstrap {
+            protocol: schema_key.0,
+            schema: schema_key.1.clone(),
+        };
+        let id = self.execute(
+            session,
+            op,
+            Route::Bootstrap {
+                schema_key: schema_key.clone(),
+            },
+        );
+        if let Link::Up(conn) = &mut self.link {
+            conn.bootstrapping.insert(schema_key, id);
+        }
+    }
+
+    fn listen(&mut self, key: LockKey) {
+        let Some(session) = self.current() else { return };
+        let Some(entry) = self.locks.get_mut(&key) else { return };
+        entry.prep = Prep::Listening;
+        let channel = entry.target.channel.clone();
+        self.execute(session, SessionOp::Listen { channel }, Route::Listen { key });
+    }
+
+    fn on_bootstrapped(&mut self, schema_key: (Protocol, SchemaName), result: Result<(), DbError>) {
+        let Link::Up(conn) = &mut self.link else { return };
+        conn.bootstrapping.remove(&schema_key);
+        let session = conn.session;
+        let waiting: Vec<LockKey> = self
+            .locks
+            .iter()
+            .filter(|(_, e)| {
+                e.prep == Prep::Bootstrapping && (e.target.protocol, e.target.schema.clone()) == schema_key
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        match result {
+            Ok(()) => {
+                conn.bootstrapped.insert(schema_key.clone());
+                for key in waiting {
+                    self.listen(key);
+                }
+                // Locks already listening whose requests found the schema missing: attempt again
+                // soon instead of at their next retry.
+                let ready: Vec<LockKey> = self
+                    .locks
+                    .iter()
+                    .filter(|(_, e)| {
+                        e.prep == Prep::Ready && (e.target.protocol, e.target.schema.clone()) == schema_key
+                    })
+                    .map(|(k, _)| *k)
+                    .collect();
+                for key in ready {
+                    self.feed(key, Input::Wake);
+                }
+            }
+            Err(error) => {
+                let read_only = error.is_read_only();
+                self.outputs
+                    .push_back(SessionOutput::Event(SessionEvent::BootstrapFailed {
+                        schema: schema_key.1.clone(),
+                        error: error.clone(),
+                    }));
+                for key in waiting {
+                    self.setup_failed(
+                        key,
+                        CallError::Bootstrap {
+                            schema: schema_key.1.as_str().to_owned(),
+                            error: error.clone(),
+                        },
+                    );
+                }
+                if read_only {
+                    self.read_only(session, "bootstrap");
+                }
+            }
+        }
+    }
+
+    fn setup_failed(&mut self, key: LockKey, error: CallError) {
+        let Some(entry) = self.locks.get_mut(&key) else { return };
+        entry.prep = Prep::None;
+        entry.failed = true;
+        let calls: Vec<CallId> = entry
+            .init_calls
+            .drain(..)
+            .chain(entry.early_acquires.drain(..))
+            .collect();
+        for call in calls {
+            self.done(call, Err(error.clone()));
+        }
+    }
+
+    fn on_listened(&mut self, key: LockKey, result: Result<(), DbError>) {
+        let Some(session) = self.current() else { return };
+        let Some(entry) = self.locks.get_mut(&key) else { return };
+        if entry.prep != Prep::Listening {
+            return;
+        }
+        match result {
+            Ok(()) => {
+                entry.prep = Prep::Ready;
+                entry.initialised = true;
+                let inits: Vec<CallId> = entry.init_calls.drain(..).collect();
+                let early: Vec<CallId> = entry.early_acquires.drain(..).collect();
+                entry.acquire_calls.extend(early.iter().copied());
+                for call in inits {
+                    self.done(call, Ok(CallReply::Done));
+                }
+                self.feed(key, Input::SessionUp(session));
+                for _ in early {
+                    self.feed(key, Input::TryAcquire);
+                }
+            }
+            Err(error) => {
+                let schema = entry.target.schema.as_str().to_owned();
+                self.setup_failed(key, CallError::Bootstrap { schema, error });
+            }
+        }
+    }
+
+    /// The server refused a write as read-only: report it once per connection and reset, so
+    /// that a multi-host connection string moves on to a writable host.
+    fn read_only(&mut self, session: SessionId, op: &'static str) {
+        if let Link::Up(conn) = &mut self.link {
+            if conn.session == session && !std::mem::replace(&mut conn.read_only_reported, true) {
+                self.outputs
+                    .push_back(SessionOutput::Event(SessionEvent::ReadOnly { session, op }));
+            }
+        }
+        if self.reset.is_none() {
+            self.reset = Some((session, DownReason::ReadOnly));
+        }
+    }
+
+    // ----- replies and notifications -----
+
+    fn on_reply(&mut self, id: OpId, result: Result<OpReply, DbError>) {
+        let Some(route) = self.ops.remove(&id) else {
+            return; // a late reply of an earlier connection
+        };
+        if let Link::Up(conn) = &mut self.link {
+            conn.setup.remove(&id);
+        }
+        let done = |result: Result<OpReply, DbError>| result.map(|_| ());
+        match route {
+            Route::Bootstrap { schema_key } => self.on_bootstrapped(schema_key, done(result)),
+            Route::Listen { key } => self.on_listened(key, done(result)),
+            Route::Unlisten => {}
+            Route::Lock { key, id } => {
+                let result = match result {
+                    Ok(OpReply::Lock(reply)) => Ok(reply),
+                    Ok(OpReply::Done) => Err(DbError::Failed("a setup reply to a lock operation".to_owned())),
+                    Err(error) => Err(error),
+                };
+                if let Err(error) = &result {
+                    self.on_lock_error(key, error);
+                }
+                self.feed(key, Input::DbResult { id, result });
+            }
+        }
+    }
+
+    fn on_lock_error(&mut self, key: LockKey, error: &DbError) {
+        let Some(session) = self.current() else { return };
+        let Some(entry) = self.locks.get(&key) else { return };
+        if error.is_schema_missing() {
+            let schema_key = (entry.target.protocol, entry.target.schema.clone());
+            let Link::Up(conn) = &mut self.link else { return };
+            conn.bootstrapped.remove(&schema_key);
+            if !conn.bootstrapping.contains_key(&schema_key) {
+                self.outputs
+                    .push_back(SessionOutput::Event(SessionEvent::SchemaMissing {
+                        schema: schema_key.1.clone(),
+                        error: error.clone(),
+                    }));
+                self.bootstrap(schema_key);
+            }
+        } else if error.is_read_only() {
+            self.outputs.push_back(SessionOutput::Lock {
+                lock: key,
+                event: LockEvent::Warning(Warning::ServerReadOnly),
+            });
+            self.read_only(session, "lock operation");
+        }
+    }
+
+    fn on_notification(&mut self, session: SessionId, channel: String, payload: String) {
+        if self.current() != Some(session) {
+            return;
+        }
+        let Some(&key) = self.by_channel.get(&channel) else {
+            return;
+        };
+        if self.locks.get(&key).is_some_and(|e| e.prep == Prep::Ready) {
+            self.feed(
+                key,
+                Input::Notification {
+                    session,
+                    channel,
+                    payload,
+                },
+            );
+        }
+    }
+
+    // ----- calls -----
+
+    fn done(&mut self, call: CallId, result: Result<CallReply, CallError>) {
+        self.outputs.push_back(SessionOutput::CallDone { call, result });
+    }
+
+    fn on_call(&mut self, call: CallId, key: LockKey, request: LockCall) {
+        if !self.locks.contains_key(&key) {
+            let error = if self.closing.is_some() {
+                CallError::Closed
+            } else {
+                CallError::NoSuchLock
+            };
+            let result = match request {
+                LockCall::Release | LockCall::Destroy { .. } => Ok(CallReply::Done),
+                LockCall::Init | LockCall::Acquire => Err(error),
+            };
+            self.done(call, result);
+            return;
+        }
+        let up = self.current().is_some();
+        let Some(entry) = self.locks.get_mut(&key) else { return };
+        match request {
+            LockCall::Init => {
+                if self.closing.is_some() || entry.lock.state().stopping {
+                    self.done(call, Err(CallError::Closed));
+                    return;
+                }
+                entry.wanted = true;
+                if entry.prep == Prep::Ready {
+                    self.done(call, Ok(CallReply::Done));
+                } else {
+                    // Up: set it up now; connecting or waiting to reconnect: at the next
+                    // connection, or fail with the next attempt's error.
+                    entry.init_calls.push(call);
+                    entry.failed = false;
+                    self.prepare(key);
+                }
+                self.feed(key, Input::Start);
+            }
+            LockCall::Acquire => {
+                if entry.prep == Prep::Ready {
+                    entry.acquire_calls.push_back(call);
+                    self.feed(key, Input::TryAcquire);
+                } else if up {
+                    entry.wanted = true;
+                    entry.early_acquires.push(call);
+                    self.prepare(key);
+                } else {
+                    self.done(call, Ok(CallReply::Acquired(false)));
+                }
+            }
+            LockCall::Release => {
+                if entry.lock.state().phase.is_holder() {
+                    entry.release_calls.push(call);
+                    self.feed(key, Input::Release);
+                } else {
+                    self.done(call, Ok(CallReply::Done));
+                }
+            }
+            LockCall::Destroy { signal } => {
+                entry.destroy_calls.push(call);
+                let input = signal.map_or(Input::Stop, Input::Signal);
+                self.feed(key, input);
+            }
+        }
+    }
+
+    // ----- locks -----
+
+    /// Feeds one input to one lock and carries out what it asks for.
+    fn feed(&mut self, key: LockKey, input: Input) {
+        let Some(entry) = self.locks.get_mut(&key) else { return };
+        entry.lock.handle_input(self.now, input);
+        self.drain(key);
+        self.rearm(key);
+    }
+
+    fn rearm(&mut self, key: LockKey) {
+        let Some(entry) = self.locks.get_mut(&key) else { return };
+        let next = entry.lock.poll_timeout().map(|(at, _)| at);
+        if next != entry.armed {
+            if let Some(old) = entry.armed {
+                self.timers.remove(&(old, key));
+            }
+            if let Some(at) = next {
+                self.timers.insert((at, key));
+            }
+            entry.armed = next;
+        }
+    }
+
+    fn drain(&mut self, key: LockKey) {
+        loop {
+            let Some(entry) = self.locks.get_mut(&key) else { return };
+            let Some(output) = entry.lock.poll_output() else { return };
+            self.on_lock_output(key, output);
+        }
+    }
+
+    fn on_lock_output(&mut self, key: LockKey, output: Output) {
+        match output {
+            Output::Request(request) => {
+                let Some(session) = self.current().filter(|s| *s == request.session) else {
+                    // The lock already got (or is about to get) SessionDown for that session.
+                    return;
+                };
+                let Some(entry) = self.locks.get(&key) else { return };
+                let op = SessionOp::Lock {
+                    target: entry.target.clone(),
+                    op: request.op,
+                };
+                self.execute(session, op, Route::Lock { key, id: request.id });
+            }
+            Output::ResetSession(session) => {
+                if self.reset.is_none() {
+                    self.reset = Some((session, DownReason::RequestTimeout));
+                }
+            }
+            Output::Deliver { payload } => self.outputs.push_back(SessionOutput::Deliver { lock: key, payload }),
+            Output::AttemptDone { acquired } => {
+                let call = self.locks.get_mut(&key).and_then(|e| e.acquire_calls.pop_front());
+                if let Some(call) = call {
+                    self.done(call, Ok(CallReply::Acquired(acquired)));
+                }
+            }
+            Output::Event(event) => self.on_lock_event(key, event),
+        }
+    }
+
+    fn on_lock_event(&mut self, key: LockKey, event: LockEvent) {
+        let Some(entry) = self.locks.get_mut(&key) else { return };
+        let finished: Vec<CallId> = match &event {
+            LockEvent::Lost { .. } | LockEvent::Released => entry.release_calls.drain(..).collect(),
+            LockEvent::Stopped { .. } => {
+                self.stopped.push(key);
+                entry
+                    .release_calls
+                    .drain(..)
+                    .chain(entry.destroy_calls.drain(..))
+                    .collect()
+            }
+            _ => Vec::new(),
+        };
+        self.outputs.push_back(SessionOutput::Lock { lock: key, event });
+        for call in finished {
+            self.done(call, Ok(CallReply::Done));
+        }
+    }
+
+    fn remove_lock(&mut self, key: LockKey) {
+        let Some(mut entry) = self.locks.remove(&key) else {
+            return;
+        };
+        if let Some(at) = entry.armed.take() {
+            self.timers.remove(&(at, key));
+        }
+        self.by_channel.remove(entry.target.channel.as_str());
+        self.by_channel.remove(entry.target.channel.lock_channel());
+        self.abandoned.remove(&key);
+        self.ops
+            .retain(|_, route| !matches!(route, Route::Lock { key: k, .. } | Route::Listen { key: k } if *k == key));
+        if let Link::Up(conn) = &mut self.link {
+            let live: BTreeSet<OpId> = self.ops.keys().copied().collect();
+            conn.setup.retain(|id, _| live.contains(id));
+        }
+        if matches!(entry.prep, Prep::Listening | Prep::Ready) {
+            if let Some(session) = self.current() {
+                let channel = entry.target.channel.clone();
+                self.execute(session, SessionOp::Unlisten { channel }, Route::Unlisten);
+            }
+        }
+        let calls: Vec<(CallId, Result<CallReply, CallError>)> = entry
+            .init_calls
+            .drain(..)
+            .map(|c| (c, Err(CallError::Closed)))
+            .chain(
+                entry
+                    .early_acquires
+                    .drain(..)
+                    .chain(entry.acquire_calls.drain(..))
+                    .map(|c| (c, Ok(CallReply::Acquired(false)))),
+            )
+            .chain(
+                entry
+                    .release_calls
+                    .drain(..)
+                    .chain(entry.destroy_calls.drain(..))
+                    .map(|c| (c, Ok(CallReply::Done))),
+            )
+            .collect();
+        for (call, result) in calls {
+            self.done(call, result);
+        }
+        self.outputs.push_back(SessionOutput::LockRemoved { lock: key });
+    }
+}

@@ -1,0 +1,566 @@
+//! The session, inputs by hand: connection phases and their deadlines, backoff, setup, routing,
+//! calls, and the cross-lock rules (reset, re-bootstrap, read-only, abandon, close); plus a
+//! property test that no input sequence leaves any phase waiting past its bound.
+
+use std::time::Duration;
+
+use pgiplock_core::*;
+use proptest::prelude::*;
+
+const KEY: LockKey = LockKey(1);
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+fn lock_config() -> LockConfig {
+    let mut c = LockConfig::new(Protocol::Lease);
+    c.lease_ttl = ms(3_000);
+    c.renew_interval = ms(600);
+    c.fence_margin = ms(300);
+    c.acquire_interval = ms(1_000);
+    c.request_timeout = ms(1_000);
+    c
+}
+
+/// A session, a hand-made clock, and everything it asked for so far.
+struct Rig {
+    session: Session,
+    now: Timestamp,
+    out: Vec<SessionOutput>,
+}
+
+impl Rig {
+    fn new() -> Rig {
+        let mut session = Session::new(SessionConfig::default(), 3);
+        session
+            .add_lock(
+                KEY,
+                ChannelName::new("jobs").unwrap(),
+                SchemaName::new("locks").unwrap(),
+                lock_config(),
+                5,
+            )
+            .unwrap();
+        Rig {
+            session,
+            now: Timestamp::from_millis(1_000),
+            out: Vec::new(),
+        }
+    }
+
+    fn at(&mut self, now: Timestamp, input: SessionInput) -> Vec<SessionOutput> {
+        self.now = self.now.max(now);
+        self.session.handle_input(self.now, input);
+        let mut out = Vec::new();
+        while let Some(o) = self.session.poll_output() {
+            out.push(o);
+        }
+        if let Some(at) = self.session.poll_timeout() {
+            assert!(at > self.now, "deadline {at:?} not after {:?}", self.now);
+        }
+        self.out.extend(out.iter().cloned());
+        out
+    }
+
+    fn after(&mut self, d: Duration, input: SessionInput) -> Vec<SessionOutput> {
+        let now = self.now + d;
+        self.at(now, input)
+    }
+
+    /// Ticks at the next deadline.
+    fn tick(&mut self) -> Vec<SessionOutput> {
+        let at = self.session.poll_timeout().expect("a deadline");
+        self.at(at, SessionInput::Tick)
+    }
+
+    fn call(&mut self, call: u64, request: LockCall) -> Vec<SessionOutput> {
+        self.after(
+            Duration::ZERO,
+            SessionInput::Call {
+                call: CallId(call),
+                lock: KEY,
+                request,
+            },
+        )
+    }
+
+    fn reply(&mut self, req: &SessionRequest, result: Result<OpReply, DbError>) -> Vec<SessionOutput> {
+        self.after(ms(1), SessionInput::Reply { id: req.id, result })
+    }
+
+    /// Connects (answering the first `Connect`) and sets the lock up; returns the connection.
+    fn up(&mut self) -> SessionId {
+        let out = self.call(1, LockCall::Init);
+        let out = if out.is_empty() { self.tick() } else { out };
+        let session = connect_of(&out).expect("a connect");
+        let out = self.after(
+            ms(2),
+            SessionInput::Connected {
+                session,
+                app: "app-1".into(),
+                pid: 100,
+            },
+        );
+        let bootstrap = request(&out, "bootstrap").expect("a bootstrap");
+        let out = self.reply(&bootstrap, Ok(OpReply::Done));
+        let listen = request(&out, "listen").expect("a listen");
+        let out = self.reply(&listen, Ok(OpReply::Done));
+        assert!(out.contains(&SessionOutput::CallDone {
+            call: CallId(1),
+            result: Ok(CallReply::Done)
+        }));
+        // The lock attempts after its wake jitter (spread after a reconnect).
+        if request(&out, "acquire").is_none() {
+            let out = self.tick();
+            assert!(request(&out, "acquire").is_some(), "{out:?}");
+        }
+        session
+    }
+}
+
+fn connect_of(out: &[SessionOutput]) -> Option<SessionId> {
+    out.iter().find_map(|o| match o {
+        SessionOutput::Connect { session } => Some(*session),
+        _ => None,
+    })
+}
+
+fn request(out: &[SessionOutput], name: &str) -> Option<SessionRequest> {
+    out.iter().find_map(|o| match o {
+        SessionOutput::Execute(r) if r.op.name() == name => Some(r.clone()),
+        _ => None,
+    })
+}
+
+fn has_event(out: &[SessionOutput], pred: impl Fn(&SessionEvent) -> bool) -> bool {
+    out.iter().any(|o| matches!(o, SessionOutput::Event(e) if pred(e)))
+}
+
+fn acquired(token: u64) -> Result<OpReply, DbError> {
+    Ok(OpReply::Lock(Reply::Acquire(AcquireReply {
+        acquired: true,
+        token: Some(FenceToken(token)),
+        lease_remaining: None,
+        stale_holder: None,
+    })))
+}
+
+#[test]
+fn init_connects_bootstraps_listens_then_competes() {
+    let mut rig = Rig::new();
+    assert_eq!(rig.session.state().phase, ConnPhase::Down);
+    rig.up();
+    assert_eq!(rig.session.state().phase, ConnPhase::Up);
+    let acquire = request(&rig.out, "acquire").expect("the lock attempts once ready");
+    let out = rig.reply(&acquire, acquired(1));
+    assert!(out.contains(&SessionOutput::Lock {
+        lock: KEY,
+        event: LockEvent::Acquired {
+            token: Some(FenceToken(1))
+        }
+    }));
+}
+
+#[test]
+fn a_silent_connect_is_abandoned_at_its_deadline_and_retried_with_backoff() {
+    let mut rig = Rig::new();
+    let out = rig.call(1, LockCall::Init);
+    let first = connect_of(&out).expect("connects at once");
+    let started = rig.now;
+    // Nothing answers: the attempt is abandoned at the connect timeout, and `init` fails then.
+    let out = rig.tick();
+    assert_eq!(rig.now, started + SessionConfig::default().connect_timeout);
+    assert!(out.contains(&SessionOutput::AbortConnect { session: first }));
+    assert!(out.iter().any(|o| matches!(
+        o,
+        SessionOutput::CallDone {
+            call: CallId(1),
+            result: Err(CallError::Disconnected { .. })
+        }
+    )));
+    assert!(has_event(
+        &out,
+        |e| matches!(e, SessionEvent::ConnectFailed { session, .. } if *session == first)
+    ));
+    assert_eq!(rig.session.state().phase, ConnPhase::Down);
+    // Every later delay stays within [min / 2, max] and the backoff doubles up to the cap.
+    let mut delays = Vec::new();
+    for _ in 0..10 {
+        let down_at = rig.now;
+        let out = rig.tick();
+        let session = connect_of(&out).expect("a new attempt");
+        delays.push(rig.now.saturating_duration_since(down_at));
+        let out = rig.after(
+            ms(5),
+            SessionInput::ConnectFailed {
+                session,
+                cause: "refused".into(),
+            },
+        );
+        assert!(has_event(&out, |e| matches!(e, SessionEvent::ConnectFailed { .. })));
+    }
+    let config = SessionConfig::default();
+    assert!(delays
+        .iter()
+        .all(|d| *d >= config.backoff_min / 2 && *d <= config.backoff_max));
+    assert!(*delays.last().unwrap() >= config.backoff_max / 2, "{delays:?}");
+}
+
+#[test]
+fn a_setup_statement_unanswered_resets_the_connection() {
+    let mut rig = Rig::new();
+    let out = rig.call(1, LockCall::Init);
+    let session = connect_of(&out).unwrap();
+    let out = rig.after(
+        ms(1),
+        SessionInput::Connected {
+            session,
+            app: "a".into(),
+            pid: 1,
+        },
+    );
+    assert!(request(&out, "bootstrap").is_some());
+    assert_eq!(rig.session.state().phase, ConnPhase::Preparing);
+    let sent = rig.now;
+    let out = rig.tick();
+    assert_eq!(rig.now, sent + SessionConfig::default().setup_timeout);
+    assert!(out.contains(&SessionOutput::Disconnect { session }));
+    assert!(has_event(&out, |e| matches!(
+        e,
+        SessionEvent::Down {
+            reason: DownReason::SetupTimeout,
+            ..
+        }
+    )));
+    // `init` still waits: the next connection sets the lock up.
+    let out = rig.tick();
+    let next = connect_of(&out).expect("reconnects");
+    let out = rig.after(
+        ms(1),
+        SessionInput::Connected {
+            session: next,
+            app: "b".into(),
+            pid: 2,
+        },
+    );
+    assert!(request(&out, "bootstrap").is_some());
+}
+
+#[test]
+fn a_dropped_schema_is_bootstrapped_again_and_standbys_attempt_soon() {
+    let mut rig = Rig::new();
+    rig.up();
+    let acquire = request(&rig.out, "acquire").unwrap();
+    let missing = DbError::server("42P01", "relation \"locks.lease\" does not exist");
+    let out = rig.reply(&acquire, Err(missing));
+    assert!(has_event(&out, |e| matches!(e, SessionEvent::SchemaMissing { .. })));
+    let bootstrap = request(&out, "bootstrap").expect("bootstraps again at once");
+    let out = rig.reply(&bootstrap, Ok(OpReply::Done));
+    assert!(request(&out, "acquire").is_none());
+    // The next attempt comes within the wake jitter, not after a whole retry interval.
+    let before = rig.now;
+    let out = rig.tick();
+    assert!(request(&out, "acquire").is_some());
+    assert!(rig.now.saturating_duration_since(before) <= lock_config().wake_jitter);
+}
+
+#[test]
+fn a_read_only_server_is_reported_and_left() {
+    let mut rig = Rig::new();
+    let session = rig.up();
+    let acquire = request(&rig.out, "acquire").unwrap();
+    let refused = DbError::server("25006", "cannot execute INSERT in a read-only transaction");
+    let out = rig.reply(&acquire, Err(refused));
+    assert!(has_event(&out, |e| matches!(e, SessionEvent::ReadOnly { .. })));
+    assert!(out.contains(&SessionOutput::Lock {
+        lock: KEY,
+        event: LockEvent::Warning(Warning::ServerReadOnly)
+    }));
+    assert!(out.contains(&SessionOutput::Disconnect { session }));
+    assert!(has_event(&out, |e| matches!(
+        e,
+        SessionEvent::Down {
+            reason: DownReason::ReadOnly,
+            ..
+        }
+    )));
+}
+
+#[test]
+fn a_request_timeout_resets_the_connection_for_every_lock() {
+    let mut rig = Rig::new();
+    let session = rig.up();
+    assert!(request(&rig.out, "acquire").is_some());
+    // No reply: the lock's request timeout resets the shared connection.
+    let out = rig.tick();
+    assert!(out.contains(&SessionOutput::Disconnect { session }));
+    assert!(has_event(&out, |e| matches!(
+        e,
+        SessionEvent::Down {
+            reason: DownReason::RequestTimeout,
+            ..
+        }
+    )));
+}
+
+#[test]
+fn notifications_reach_only_their_lock_and_only_when_ready() {
+    let mut rig = Rig::new();
+    let session = rig.up();
+    let acquire = request(&rig.out, "acquire").unwrap();
+    rig.reply(&acquire, acquired(1));
+    let note = |channel: &str| SessionInput::Notification {
+        session,
+        channel: channel.into(),
+        payload: "7".into(),
+        pid: 55,
+    };
+    let out = rig.after(ms(1), note("jobs"));
+    assert!(out.contains(&SessionOutput::Deliver {
+        lock: KEY,
+        payload: "7".into()
+    }));
+    assert!(rig.after(ms(1), note("other")).is_empty());
+    // A notification of an older connection is ignored.
+    let stale = SessionInput::Notification {
+        session: SessionId(session.0 + 100),
+        channel: "jobs".into(),
+        payload: "8".into(),
+        pid: 55,
+    };
+    assert!(rig.after(ms(1), stale).is_empty());
+}
+
+#[test]
+fn an_abandoned_holder_is_released_and_removed() {
+    let mut rig = Rig::new();
+    rig.up();
+    let acquire = request(&rig.out, "acquire").unwrap();
+    rig.reply(&acquire, acquired(1));
+    let out = rig.after(ms(1), SessionInput::Abandon { lock: KEY });
+    let drain = request(&out, "drain").expect("drains first");
+    let out = rig.reply(&drain, Ok(OpReply::Lock(Reply::Drained)));
+    let out = if request(&out, "release").is_none() {
+        // Waiting for its own drain marker, bounded by marker_wait.
+        rig.tick()
+    } else {
+        out
+    };
+    let release = request(&out, "release").expect("then releases");
+    let out = rig.reply(&release, Ok(OpReply::Lock(Reply::Release { released: true })));
+    assert!(out.contains(&SessionOutput::LockRemoved { lock: KEY }));
+    assert!(request(&out, "unlisten").is_some());
+    assert!(rig.session.lock(KEY).is_none());
+}
+
+#[test]
+fn close_stops_every_lock_then_the_connection() {
+    let mut rig = Rig::new();
+    let session = rig.up();
+    let acquire = request(&rig.out, "acquire").unwrap();
+    rig.reply(&acquire, Ok(OpReply::Lock(Reply::Acquire(AcquireReply::locked()))));
+    let out = rig.after(ms(1), SessionInput::Close { call: CallId(9) });
+    assert!(out.contains(&SessionOutput::LockRemoved { lock: KEY }));
+    assert!(out.contains(&SessionOutput::Disconnect { session }));
+    assert!(out.contains(&SessionOutput::CallDone {
+        call: CallId(9),
+        result: Ok(CallReply::Done)
+    }));
+    assert_eq!(out.last(), Some(&SessionOutput::Closed));
+    assert_eq!(rig.session.state().phase, ConnPhase::Closed);
+    assert_eq!(rig.session.poll_timeout(), None);
+    // Calls after the close fail cleanly.
+    let out = rig.call(10, LockCall::Init);
+    assert!(matches!(
+        out.as_slice(),
+        [SessionOutput::CallDone {
+            result: Err(CallError::Closed),
+            ..
+        }]
+    ));
+}
+
+#[test]
+fn acquire_while_disconnected_answers_false_at_once() {
+    let mut rig = Rig::new();
+    let out = rig.call(1, LockCall::Acquire);
+    assert!(out.contains(&SessionOutput::CallDone {
+        call: CallId(1),
+        result: Ok(CallReply::Acquired(false))
+    }));
+}
+
+#[test]
+fn duplicate_channels_and_keys_are_refused() {
+    let mut rig = Rig::new();
+    let again = rig.session.add_lock(
+        LockKey(2),
+        ChannelName::new("jobs").unwrap(),
+        SchemaName::new("locks").unwrap(),
+        lock_config(),
+        1,
+    );
+    assert_eq!(again, Err(AddLockError::DuplicateChannel("jobs".into())));
+    let again = rig.session.add_lock(
+        KEY,
+        ChannelName::new("other").unwrap(),
+        SchemaName::new("locks").unwrap(),
+        lock_config(),
+        1,
+    );
+    assert_eq!(again, Err(AddLockError::DuplicateKey(KEY)));
+}
+
+// ----- any input sequence: no phase waits past its bound -----
+
+#[derive(Debug, Clone)]
+enum Step {
+    Wait(u64),
+    Tick,
+    ConnectOk,
+    ConnectFail,
+    Close,
+    ReplyOldest(u8),
+    DropOldest,
+    Notify(u8),
+    Call(u8),
+    Abandon,
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        4 => (0u64..8_000).prop_map(Step::Wait),
+        2 => Just(Step::Tick),
+        3 => Just(Step::ConnectOk),
+        1 => Just(Step::ConnectFail),
+        1 => Just(Step::Close),
+        6 => (0u8..8).prop_map(Step::ReplyOldest),
+        1 => Just(Step::DropOldest),
+        2 => (0u8..6).prop_map(Step::Notify),
+        3 => (0u8..4).prop_map(Step::Call),
+        1 => Just(Step::Abandon),
+    ]
+}
+
+fn reply_for(req: &SessionRequest, pick: u8) -> Result<OpReply, DbError> {
+    match &req.op {
+        SessionOp::Lock { op, .. } => match (op, pick) {
+            (_, 6) => Err(DbError::server("42P01", "missing")),
+            (_, 7) => Err(DbError::server("25006", "read-only")),
+            (DbOp::Acquire, p) if p % 2 == 0 => acquired(u64::from(p) + 1),
+            (DbOp::Acquire, _) => Ok(OpReply::Lock(Reply::Acquire(AcquireReply::locked()))),
+            (DbOp::Renew { .. }, p) => Ok(OpReply::Lock(Reply::Renew { owned: p != 5 })),
+            (DbOp::Drain { .. }, _) => Ok(OpReply::Lock(Reply::Drained)),
+            (DbOp::Release { .. }, _) => Ok(OpReply::Lock(Reply::Release { released: true })),
+            (_, _) => Ok(OpReply::Lock(Reply::Terminate(TerminateOutcome::Gone))),
+        },
+        _ if pick == 7 => Err(DbError::server("25006", "read-only")),
+        _ if pick == 5 => Err(DbError::PermissionDenied("no".into())),
+        _ => Ok(OpReply::Done),
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn no_phase_waits_past_its_bound(steps in proptest::collection::vec(step(), 1..120)) {
+        let mut session = Session::new(SessionConfig::default(), 11);
+        let config = session.config().clone();
+        for k in 0..2u64 {
+            session.add_lock(
+                LockKey(k),
+                ChannelName::new(&format!("ch{k}")).unwrap(),
+                SchemaName::new("locks").unwrap(),
+                lock_config(),
+                k,
+            ).unwrap();
+        }
+        let mut now = Timestamp::from_millis(1);
+        let mut pending: Vec<SessionRequest> = Vec::new();
+        let mut connecting: Option<SessionId> = None;
+        let mut current: Option<SessionId> = None;
+        let mut calls = 0u64;
+        let mut open_calls = std::collections::BTreeSet::new();
+        for step in steps {
+            let input = match step {
+                Step::Wait(d) => {
+                    // Never sleep past the next deadline: the driver wakes for it.
+                    let target = now + ms(d);
+                    now = session.poll_timeout().map_or(target, |at| at.min(target));
+                    SessionInput::Tick
+                }
+                Step::Tick => SessionInput::Tick,
+                Step::ConnectOk => match connecting.take() {
+                    Some(s) => SessionInput::Connected { session: s, app: format!("a{}", s.0), pid: 7 },
+                    None => SessionInput::Tick,
+                },
+                Step::ConnectFail => match connecting.take() {
+                    Some(s) => SessionInput::ConnectFailed { session: s, cause: "refused".into() },
+                    None => match current {
+                        Some(s) => SessionInput::Closed { session: s, error: None },
+                        None => SessionInput::Tick,
+                    },
+                },
+                Step::Close => { calls += 1; open_calls.insert(calls); SessionInput::Close { call: CallId(calls) } }
+                Step::ReplyOldest(pick) => {
+                    if pending.is_empty() { SessionInput::Tick } else {
+                        let req = pending.remove(0);
+                        SessionInput::Reply { id: req.id, result: reply_for(&req, pick) }
+                    }
+                }
+                Step::DropOldest => { if !pending.is_empty() { pending.remove(0); } SessionInput::Tick }
+                Step::Notify(n) => SessionInput::Notification {
+                    session: current.unwrap_or(SessionId(0)),
+                    channel: if n % 2 == 0 { format!("ch{}", n % 3) } else { format!("__PgIpLock__:ch{}", n % 3) },
+                    payload: ["1", "released:3", "acquired:9", "draining:2", "x", "5"][n as usize % 6].into(),
+                    pid: 1,
+                },
+                Step::Call(c) => {
+                    calls += 1;
+                    open_calls.insert(calls);
+                    let request = [LockCall::Init, LockCall::Acquire, LockCall::Release, LockCall::Destroy { signal: None }][c as usize % 4];
+                    SessionInput::Call { call: CallId(calls), lock: LockKey(u64::from(c) % 2), request }
+                }
+                Step::Abandon => SessionInput::Abandon { lock: LockKey(1) },
+            };
+            session.handle_input(now, input);
+            while let Some(out) = session.poll_output() {
+                match out {
+                    SessionOutput::Connect { session } => connecting = Some(session),
+                    SessionOutput::AbortConnect { session } if connecting == Some(session) => connecting = None,
+                    SessionOutput::Event(SessionEvent::Up { session, .. }) => current = Some(session),
+                    SessionOutput::Event(SessionEvent::Down { .. }) => { current = None; pending.clear(); }
+                    SessionOutput::Disconnect { session } if current == Some(session) => { current = None; pending.clear(); }
+                    SessionOutput::Execute(req) => pending.push(req),
+                    SessionOutput::CallDone { call, .. } => { prop_assert!(open_calls.remove(&call.0), "call {:?} answered twice or never made", call); }
+                    _ => {}
+                }
+            }
+            // Every deadline lies in the future, and every phase is within its bound.
+            if let Some(at) = session.poll_timeout() {
+                prop_assert!(at > now);
+            }
+            let state = session.state();
+            let in_phase = now.saturating_duration_since(state.since);
+            match state.phase {
+                ConnPhase::Connecting => prop_assert!(in_phase <= config.connect_timeout),
+                ConnPhase::Down if !state.closing => {
+                    prop_assert!(state.reconnect_at.is_some(), "down with no reconnect scheduled");
+                    prop_assert!(in_phase <= config.backoff_max);
+                }
+                _ => {}
+            }
+            if let Some(sent) = state.oldest_setup {
+                prop_assert!(now.saturating_duration_since(sent) <= config.setup_timeout);
+            }
+            for (_, lock) in session.locks() {
+                let lock_state = lock.state();
+                if lock_state.session.is_some() {
+                    prop_assert_eq!(lock_state.session, session.current());
+                }
+            }
+        }
+    }
+}
