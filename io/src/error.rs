@@ -1,6 +1,8 @@
 //! The errors of the public API.
 
-use pgiplock_core::{ConfigError, DbError, NameError};
+use std::time::Duration;
+
+use pgiplock_core::{CallError, ConfigError, DbError, NameError};
 
 /// Everything that can go wrong when using a [`Session`](crate::Session) or a
 /// [`PgIpLock`](crate::PgIpLock).
@@ -37,6 +39,69 @@ pub enum Error {
     /// The session was closed or the lock destroyed.
     #[error("the session is closed or the lock was destroyed")]
     Closed,
+    /// No connection attempt completed within the connect timeout (TCP, TLS, startup,
+    /// authentication and the identity query together).
+    #[error("cannot connect to PostgreSQL: no answer within the connect timeout of {timeout:?}")]
+    ConnectTimeout {
+        /// The connect timeout in force.
+        timeout: Duration,
+    },
+    /// The session is not connected now: the connection attempt in progress failed. The lock
+    /// keeps competing in the background and is set up when the connection returns.
+    #[error("not connected to PostgreSQL: {cause}")]
+    Disconnected {
+        /// Why the attempt failed.
+        cause: String,
+    },
+    /// The server refuses writes (a hot standby, or `default_transaction_read_only`).
+    #[error("the server is read-only (SQLSTATE 25006): locks need a writable primary")]
+    ReadOnly,
+    /// The session task ended abnormally; every lock of the session is gone with it.
+    #[error("the session ended: {cause}")]
+    SessionEnded {
+        /// What ended it.
+        cause: String,
+    },
+    /// Session options that cannot work.
+    #[error("invalid session options: {name} of {value:?} is below the minimum of {min:?}")]
+    InvalidSessionOptions {
+        /// The setting.
+        name: &'static str,
+        /// Its value.
+        value: Duration,
+        /// The floor.
+        min: Duration,
+    },
+}
+
+impl From<CallError> for Error {
+    fn from(error: CallError) -> Self {
+        match error {
+            CallError::Bootstrap { schema, error } => Error::Bootstrap { schema, error },
+            CallError::ReadOnly => Error::ReadOnly,
+            CallError::Disconnected { cause } => Error::Disconnected { cause },
+            _ => Error::Closed,
+        }
+    }
+}
+
+/// A driver error in one line: the server's message and SQLSTATE, or the client's words with
+/// their cause ("error connecting to server: Connection refused (os error 111)").
+pub(crate) fn describe(error: &tokio_postgres::Error) -> String {
+    if let Some(db) = error.as_db_error() {
+        return format!("{} (SQLSTATE {})", db.message(), db.code().code());
+    }
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        let more = cause.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 impl Error {

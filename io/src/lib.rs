@@ -47,6 +47,7 @@
 
 mod clock;
 pub mod cluster;
+mod driver;
 mod error;
 mod lock;
 mod session;
@@ -56,7 +57,7 @@ pub mod sql;
 pub use error::Error;
 pub use lock::{destroy_all, has_instances, LockMessage, LockOptions, PgIpLock, Subscription};
 pub use pgiplock_core::{FenceToken, LostReason, Protocol, SignalKind};
-pub use session::Session;
+pub use session::{Session, SessionOptions};
 pub use signal::spawn_signal_handler;
 pub use sql::{lock_status, lock_status_on, LockStatus};
 

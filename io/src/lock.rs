@@ -6,9 +6,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use pgiplock_core::{ChannelName, ConfigError, FenceToken, LockConfig, LostReason, Protocol, SchemaName, SignalKind};
+use pgiplock_core::{
+    ChannelName, ConfigError, FenceToken, LockCall, LockConfig, LockKey, LostReason, Protocol, SchemaName, SignalKind,
+};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::driver::CallWaiter;
 use crate::session::{Command, Session};
 use crate::Error;
 
@@ -90,10 +93,7 @@ impl LockOptions {
     }
 
     pub(crate) fn schema_name(&self) -> Result<SchemaName, Error> {
-        let name = self
-            .schema
-            .as_deref()
-            .unwrap_or_else(|| crate::sql::default_schema(self.protocol));
+        let name = self.schema.as_deref().unwrap_or_else(|| self.protocol.default_schema());
         Ok(SchemaName::new(name)?)
     }
 
@@ -159,7 +159,7 @@ pub(crate) type ReleaseHandler = Arc<dyn Fn(&str) + Send + Sync>;
 
 /// State shared between a lock's handles and the session task that drives it.
 pub(crate) struct LockShared {
-    pub(crate) key: u64,
+    pub(crate) key: LockKey,
     pub(crate) channel: ChannelName,
     pub(crate) schema: SchemaName,
     pub(crate) protocol: Protocol,
@@ -171,6 +171,8 @@ pub(crate) struct LockShared {
     /// Set (under the subscribers' mutex) once the lock is gone.
     stopped: AtomicBool,
     release_handlers: Mutex<Vec<ReleaseHandler>>,
+    /// Why the session task ended abnormally, once it did.
+    ended: Mutex<Option<String>>,
 }
 
 fn guard<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -180,7 +182,7 @@ fn guard<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl LockShared {
     pub(crate) fn new(
-        key: u64,
+        key: LockKey,
         channel: ChannelName,
         schema: SchemaName,
         protocol: Protocol,
@@ -197,6 +199,7 @@ impl LockShared {
             subscribers: Mutex::new(Vec::new()),
             stopped: AtomicBool::new(false),
             release_handlers: Mutex::new(Vec::new()),
+            ended: Mutex::new(None),
         }
     }
 
@@ -219,49 +222,117 @@ impl LockShared {
     pub(crate) fn release_handlers(&self) -> Vec<ReleaseHandler> {
         guard(&self.release_handlers).clone()
     }
+
+    /// The session task ended abnormally: the lock is gone. A holder's subscribers see `Lost`,
+    /// every subscriber then `Stopped`, and every later call the cause.
+    pub(crate) fn end(&self, cause: &str) {
+        *guard(&self.ended) = Some(cause.to_owned());
+        let was_holding = self.acquired.swap(false, Ordering::SeqCst);
+        self.token.store(0, Ordering::SeqCst);
+        if was_holding {
+            self.broadcast(LockMessage::Lost {
+                reason: LostReason::SessionLost,
+            });
+        }
+        self.broadcast(LockMessage::Stopped);
+        self.mark_stopped();
+    }
+
+    fn ended(&self) -> Option<String> {
+        guard(&self.ended).clone()
+    }
+}
+
+/// The handles of one lock: when the last one goes, the lock is stopped in the background.
+pub(crate) struct LockHandle {
+    pub(crate) shared: Arc<LockShared>,
+    pub(crate) session: Session,
+}
+
+impl Drop for LockHandle {
+    fn drop(&mut self) {
+        if !self.shared.stopped.load(Ordering::SeqCst) {
+            let _ = self.session.send(Command::Abandon { key: self.shared.key });
+        }
+    }
 }
 
 /// A lock on one `LISTEN` channel. Cheap to clone; all clones are the same lock.
 ///
 /// Created by [`Session::lock`]; lives until [`destroy`](PgIpLock::destroy) (or
-/// [`destroy_all`], or [`Session::close`]).
+/// [`destroy_all`], or [`Session::close`]), or until its last clone is dropped: then it is
+/// stopped in the background (a held lock is released, bounded by its shutdown timeout).
+///
+/// If the session task ends abnormally, every handle reports it: [`is_acquired`] turns false,
+/// every subscription ends with `Lost` (if it held) and `Stopped`, and every call fails with
+/// [`Error::SessionEnded`] naming the cause.
+///
+/// [`is_acquired`]: PgIpLock::is_acquired
 #[derive(Clone)]
 pub struct PgIpLock {
-    pub(crate) shared: Arc<LockShared>,
-    pub(crate) session: Session,
+    handle: Arc<LockHandle>,
 }
 
 impl std::fmt::Debug for PgIpLock {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PgIpLock")
-            .field("channel", &self.shared.channel)
-            .field("schema", &self.shared.schema)
-            .field("protocol", &self.shared.protocol)
+            .field("channel", &self.shared().channel)
+            .field("schema", &self.shared().schema)
+            .field("protocol", &self.shared().protocol)
             .field("acquired", &self.is_acquired())
             .finish()
     }
 }
 
 impl PgIpLock {
+    pub(crate) fn new(shared: Arc<LockShared>, session: Session) -> Self {
+        PgIpLock {
+            handle: Arc::new(LockHandle { shared, session }),
+        }
+    }
+
+    fn shared(&self) -> &Arc<LockShared> {
+        &self.handle.shared
+    }
+
+    fn session(&self) -> &Session {
+        &self.handle.session
+    }
+
     /// The channel.
     pub fn channel(&self) -> &str {
-        self.shared.channel.as_str()
+        self.shared().channel.as_str()
     }
 
     /// The schema of the lock table.
     pub fn schema_name(&self) -> &str {
-        self.shared.schema.as_str()
+        self.shared().schema.as_str()
     }
 
     /// The protocol.
     pub fn protocol(&self) -> Protocol {
-        self.shared.protocol
+        self.shared().protocol
     }
 
-    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T, Error>>) -> Command) -> Result<T, Error> {
+    async fn call<T>(
+        &self,
+        request: LockCall,
+        waiter: impl FnOnce(oneshot::Sender<Result<T, Error>>) -> CallWaiter,
+    ) -> Result<T, Error> {
+        if let Some(cause) = self.shared().ended() {
+            return Err(Error::SessionEnded { cause });
+        }
         let (tx, rx) = oneshot::channel();
-        self.session.send(make(tx))?;
-        rx.await.unwrap_or(Err(Error::Closed))
+        let key = self.shared().key;
+        self.session().send(Command::Call {
+            key,
+            request,
+            waiter: waiter(tx),
+        })?;
+        match rx.await {
+            Ok(result) => result,
+            Err(_) => Err(self.session().ended_error()),
+        }
     }
 
     /// Creates the schema if needed and starts competing for the lock (retrying on its own).
@@ -270,8 +341,7 @@ impl PgIpLock {
     /// timeout if needed); a bootstrap failure (for example missing privileges) is returned as
     /// [`Error::Bootstrap`]. Calling it again is harmless.
     pub async fn init(&self) -> Result<(), Error> {
-        let key = self.shared.key;
-        self.call(|reply| Command::Init { key, reply }).await
+        self.call(LockCall::Init, CallWaiter::Unit).await
     }
 
     /// Makes one attempt now; `true` when the lock is held afterwards. Without [`init`]
@@ -280,8 +350,7 @@ impl PgIpLock {
     ///
     /// [`init`]: PgIpLock::init
     pub async fn acquire(&self) -> Result<bool, Error> {
-        let key = self.shared.key;
-        self.call(|reply| Command::Acquire { key, reply }).await
+        self.call(LockCall::Acquire, CallWaiter::Bool).await
     }
 
     /// Gives the lock up (after delivering everything up to the release marker) and stays a
@@ -290,8 +359,7 @@ impl PgIpLock {
         if !self.is_acquired() {
             return Ok(());
         }
-        let key = self.shared.key;
-        self.call(|reply| Command::Release { key, reply }).await
+        self.call(LockCall::Release, CallWaiter::Unit).await
     }
 
     /// Releases if held and stops for good, bounded by the shutdown timeout.
@@ -300,24 +368,23 @@ impl PgIpLock {
     }
 
     pub(crate) async fn destroy_with(&self, signal: Option<SignalKind>) -> Result<(), Error> {
-        let key = self.shared.key;
-        let result = self.call(|reply| Command::Destroy { key, signal, reply }).await;
+        let result = self.call(LockCall::Destroy { signal }, CallWaiter::Unit).await;
         unregister(self);
         match result {
             // The session task is gone: the lock is gone with it.
-            Err(Error::Closed) => Ok(()),
+            Err(Error::Closed | Error::SessionEnded { .. }) => Ok(()),
             other => other,
         }
     }
 
     /// Whether this process holds the lock now.
     pub fn is_acquired(&self) -> bool {
-        self.shared.acquired.load(Ordering::SeqCst)
+        self.shared().acquired.load(Ordering::SeqCst)
     }
 
     /// The current term's fencing token, while holding (`Lease`).
     pub fn token(&self) -> Option<FenceToken> {
-        match self.shared.token.load(Ordering::SeqCst) {
+        match self.shared().token.load(Ordering::SeqCst) {
             0 => None,
             t => Some(FenceToken(t)),
         }
@@ -326,7 +393,7 @@ impl PgIpLock {
     /// Calls `handler` with the channel whenever another holder releases the lock. Runs on the
     /// session's task: keep it short and non-blocking.
     pub fn on_release(&self, handler: impl Fn(&str) + Send + Sync + 'static) {
-        guard(&self.shared.release_handlers).push(Arc::new(handler));
+        guard(&self.shared().release_handlers).push(Arc::new(handler));
     }
 
     /// A stream of this lock's state changes and of the channel's notifications, which are
@@ -334,8 +401,8 @@ impl PgIpLock {
     /// nothing is dropped for a slow subscriber (the queue is unbounded).
     pub fn subscribe(&self) -> Subscription {
         let (tx, rx) = mpsc::unbounded_channel();
-        let mut subscribers = guard(&self.shared.subscribers);
-        if !self.shared.stopped.load(Ordering::SeqCst) {
+        let mut subscribers = guard(&self.shared().subscribers);
+        if !self.shared().stopped.load(Ordering::SeqCst) {
             subscribers.push(tx);
         }
         Subscription { rx }
@@ -367,24 +434,36 @@ impl futures::Stream for Subscription {
     }
 }
 
-/// Every lock this process created and has not destroyed.
-static REGISTRY: Mutex<Vec<PgIpLock>> = Mutex::new(Vec::new());
+/// Every lock this process created and has not destroyed: weak, so that dropping a lock's last
+/// handle still stops it.
+static REGISTRY: Mutex<Vec<std::sync::Weak<LockHandle>>> = Mutex::new(Vec::new());
 
 pub(crate) fn register(lock: &PgIpLock) {
-    guard(&REGISTRY).push(lock.clone());
+    let mut registry = guard(&REGISTRY);
+    registry.retain(|l| l.strong_count() > 0);
+    registry.push(Arc::downgrade(&lock.handle));
 }
 
 pub(crate) fn unregister(lock: &PgIpLock) {
-    guard(&REGISTRY).retain(|l| !Arc::ptr_eq(&l.shared, &lock.shared));
+    guard(&REGISTRY).retain(|l| l.strong_count() > 0 && !std::ptr::eq(l.as_ptr(), Arc::as_ptr(&lock.handle)));
 }
 
 pub(crate) fn unregister_session(session: &Session) {
-    guard(&REGISTRY).retain(|l| !l.session.same(session));
+    guard(&REGISTRY).retain(|l| l.upgrade().is_some_and(|h| !h.session.same(session)));
+}
+
+fn live_locks() -> Vec<PgIpLock> {
+    guard(&REGISTRY)
+        .iter()
+        .filter_map(std::sync::Weak::upgrade)
+        .filter(|h| !h.shared.stopped.load(Ordering::SeqCst))
+        .map(|handle| PgIpLock { handle })
+        .collect()
 }
 
 /// Whether any lock created by this process is still alive.
 pub fn has_instances() -> bool {
-    !guard(&REGISTRY).is_empty()
+    !live_locks().is_empty()
 }
 
 /// Destroys every lock this process created (concurrently, each bounded by its shutdown
@@ -394,10 +473,10 @@ pub async fn destroy_all() {
 }
 
 pub(crate) async fn destroy_all_with(signal: Option<SignalKind>) {
-    let locks: Vec<PgIpLock> = guard(&REGISTRY).clone();
+    let locks = live_locks();
     let destroys = locks.into_iter().map(|lock| async move {
         // The core bounds the stop by the shutdown timeout; the slack covers a wedged task.
-        let bound = lock.shared.shutdown_timeout + Duration::from_secs(1);
+        let bound = lock.shared().shutdown_timeout + Duration::from_secs(1);
         match tokio::time::timeout(bound, lock.destroy_with(signal)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(channel = lock.channel(), error = %e, "destroying lock failed"),

@@ -1,0 +1,695 @@
+//! The session task: executes what `pgiplock-core`'s [`Session`](pgiplock_core::Session) asks
+//! for and feeds back what happened.
+//!
+//! One task owns the core session (and through it every lock) by `&mut`. Its loop drains the
+//! core's outputs (never awaiting inside), arms one timer for the core's deadline, then waits for
+//! exactly one input: a notification or the end of the connection, a finished database
+//! operation, a finished connection attempt, an API command, or the timer. Every decision —
+//! when to connect, how long to wait, when to reset, what to run — is the core's.
+
+use std::collections::BTreeMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
+use pgiplock_core::{
+    AppName, CallError, CallId, CallReply, DbError, LockEvent, LockKey, OpId, OpReply, SessionEvent, SessionId,
+    SessionInput, SessionOp, SessionOutput, SessionRequest, Warning,
+};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
+use tokio_postgres::{AsyncMessage, Client, Config, Socket};
+
+use crate::clock::Clock;
+use crate::lock::{LockMessage, LockShared};
+use crate::session::{guard, Command, SessionOptions, SessionShared};
+use crate::sql::{self, Target};
+use crate::Error;
+
+/// Connection events handled in a row before an API command gets a turn.
+const EVENT_BURST: u32 = 256;
+
+/// Something the connection reported on its own.
+enum ConnEvent {
+    Notification { channel: String, payload: String, pid: i32 },
+    Closed(Option<tokio_postgres::Error>),
+}
+
+/// A live connection: the client, the task polling the connection, and its events.
+struct Established {
+    client: Arc<Client>,
+    app: String,
+    pid: i32,
+    events: mpsc::UnboundedReceiver<ConnEvent>,
+    poller: JoinHandle<()>,
+}
+
+type Connector =
+    Arc<dyn Fn(Config) -> BoxFuture<'static, Result<Established, tokio_postgres::Error>> + Send + Sync + 'static>;
+
+fn connector<T>(tls: T) -> Connector
+where
+    T: MakeTlsConnect<Socket> + Clone + Send + Sync + 'static,
+    T::Stream: Send,
+    T::TlsConnect: Send,
+    <T::TlsConnect as TlsConnect<Socket>>::Future: Send,
+{
+    Arc::new(move |config: Config| {
+        let tls = tls.clone();
+        async move {
+            let app = config.get_application_name().unwrap_or_default().to_owned();
+            let (client, mut connection) = config.connect(tls).await?;
+            let (tx, events) = mpsc::unbounded_channel();
+            // Notifications only come out of `poll_message`; spawning the connection the usual
+            // way would drop them. Its end becomes an event too, never silence.
+            let poller = tokio::spawn(async move {
+                loop {
+                    match futures::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                        Some(Ok(AsyncMessage::Notification(n))) => {
+                            let event = ConnEvent::Notification {
+                                channel: n.channel().to_owned(),
+                                payload: n.payload().to_owned(),
+                                pid: n.process_id(),
+                            };
+                            if tx.send(event).is_err() {
+                                return;
+                            }
+                        }
+                        Some(Ok(AsyncMessage::Notice(notice))) => {
+                            tracing::debug!(message = notice.message(), "server notice");
+                        }
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => {
+                            let _ = tx.send(ConnEvent::Closed(Some(e)));
+                            return;
+                        }
+                        None => {
+                            let _ = tx.send(ConnEvent::Closed(None));
+                            return;
+                        }
+                    }
+                }
+            });
+            let client = Arc::new(client);
+            let pid = match client.query_one("SELECT pg_backend_pid()", &[]).await {
+                Ok(row) => row.try_get::<_, i32>(0),
+                Err(e) => Err(e),
+            };
+            match pid {
+                Ok(pid) => Ok(Established {
+                    client,
+                    app,
+                    pid,
+                    events,
+                    poller,
+                }),
+                Err(e) => {
+                    poller.abort();
+                    Err(e)
+                }
+            }
+        }
+        .boxed()
+    })
+}
+
+/// The connection settings of one attempt: a fresh unique `application_name` (the holder
+/// identity) and keepalive/timeout backstops unless the user chose their own.
+fn attempt_config(user: &Config, connect_timeout: Duration) -> Config {
+    let app = format!("pgiplock-{}", uuid::Uuid::new_v4().simple());
+    debug_assert!(AppName::new(&app).is_ok());
+    let mut config = user.clone();
+    config.application_name(&app);
+    if config.get_connect_timeout().is_none() {
+        // Per host, so that a multi-host string gets to its next host; the whole attempt is
+        // bounded by the session's connect timeout.
+        config.connect_timeout(connect_timeout);
+    }
+    if config.get_tcp_user_timeout().is_none() {
+        config.tcp_user_timeout(Duration::from_secs(15));
+    }
+    if config.get_keepalives_idle() == Duration::from_secs(2 * 60 * 60) {
+        // tokio-postgres's default of two hours is no backstop at all.
+        config.keepalives_idle(Duration::from_secs(10));
+    }
+    if config.get_keepalives_interval().is_none() {
+        config.keepalives_interval(Duration::from_secs(5));
+    }
+    if config.get_keepalives_retries().is_none() {
+        config.keepalives_retries(3);
+    }
+    config
+}
+
+/// Where a call's answer goes.
+pub(crate) enum CallWaiter {
+    Unit(oneshot::Sender<Result<(), Error>>),
+    Bool(oneshot::Sender<Result<bool, Error>>),
+}
+
+impl CallWaiter {
+    fn answer(self, result: Result<CallReply, CallError>) {
+        let result = result.map_err(Error::from);
+        match self {
+            CallWaiter::Unit(tx) => {
+                let _ = tx.send(result.map(|_| ()));
+            }
+            CallWaiter::Bool(tx) => {
+                let _ = tx.send(result.map(|r| matches!(r, CallReply::Acquired(true))));
+            }
+        }
+    }
+}
+
+/// Starts the session task for `config` and a watcher that tells every handle if the task ends
+/// abnormally. `first` learns the outcome of the first connection.
+pub(crate) fn spawn<T>(
+    config: Config,
+    tls: T,
+    options: &SessionOptions,
+    commands: mpsc::UnboundedReceiver<Command>,
+    shared: Arc<Mutex<SessionShared>>,
+    first: oneshot::Sender<Result<(), Error>>,
+) -> tokio::task::AbortHandle
+where
+    T: MakeTlsConnect<Socket> + Clone + Send + Sync + 'static,
+    T::Stream: Send,
+    T::TlsConnect: Send,
+    <T::TlsConnect as TlsConnect<Socket>>::Future: Send,
+{
+    let clock = Clock::start();
+    let core_config = options.core();
+    let connect_timeout = core_config.connect_timeout;
+    let driver = Driver {
+        core: pgiplock_core::Session::new(core_config, crate::lock::random_u64()),
+        clock,
+        user_config: config,
+        connector: connector(tls),
+        connect_timeout,
+        commands,
+        shared: shared.clone(),
+        locks: BTreeMap::new(),
+        calls: BTreeMap::new(),
+        next_call: 1,
+        conn: None,
+        connecting: None,
+        queries: FuturesUnordered::new(),
+        first: Some(first),
+        first_deadline: Instant::now() + options.wait_limit(),
+        last_connect_error: None,
+        close_replies: Vec::new(),
+        closed: false,
+        event_streak: 0,
+    };
+    let task = tokio::spawn(driver.run());
+    let abort = task.abort_handle();
+    tokio::spawn(async move {
+        if let Err(e) = task.await {
+            let cause = if e.is_panic() {
+                let panic = e.into_panic();
+                let text = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic".to_owned());
+                format!("the session task panicked: {text}")
+            } else {
+                "the session task was cancelled".to_owned()
+            };
+            tracing::error!(cause = %cause, "session task ended; every lock of the session reports it");
+            let locks: Vec<Arc<LockShared>> = {
+                let mut shared = guard(&shared);
+                shared.ended = Some(cause.clone());
+                shared.pid = None;
+                shared.locks.values().filter_map(|l| l.upgrade()).collect()
+            };
+            for lock in locks {
+                lock.end(&cause);
+            }
+        }
+    });
+    abort
+}
+
+/// A connection the driver holds open.
+struct Conn {
+    session: SessionId,
+    client: Arc<Client>,
+    app: String,
+    events: mpsc::UnboundedReceiver<ConnEvent>,
+    poller: Option<JoinHandle<()>>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        // A silently cut connection would otherwise linger until TCP gives up.
+        if let Some(poller) = self.poller.take() {
+            poller.abort();
+        }
+    }
+}
+
+type Attempt = (
+    SessionId,
+    BoxFuture<'static, Result<Established, tokio_postgres::Error>>,
+);
+
+struct Driver {
+    core: pgiplock_core::Session,
+    clock: Clock,
+    user_config: Config,
+    connector: Connector,
+    connect_timeout: Duration,
+    commands: mpsc::UnboundedReceiver<Command>,
+    shared: Arc<Mutex<SessionShared>>,
+    locks: BTreeMap<LockKey, Arc<LockShared>>,
+    calls: BTreeMap<CallId, CallWaiter>,
+    next_call: u64,
+    conn: Option<Conn>,
+    connecting: Option<Attempt>,
+    queries: FuturesUnordered<BoxFuture<'static, (OpId, Result<OpReply, DbError>)>>,
+    /// Waits for the first connection's outcome ([`Session::connect`](crate::Session::connect)).
+    first: Option<oneshot::Sender<Result<(), Error>>>,
+    first_deadline: Instant,
+    last_connect_error: Option<tokio_postgres::Error>,
+    close_replies: Vec<oneshot::Sender<()>>,
+    closed: bool,
+    /// Connection events taken in a row (see [`EVENT_BURST`]).
+    event_streak: u32,
+}
+
+enum Wake {
+    Command(Option<Command>),
+    Conn(Option<ConnEvent>),
+    Query((OpId, Result<OpReply, DbError>)),
+    Connected(Result<Established, tokio_postgres::Error>),
+    Timer,
+}
+
+impl Driver {
+    async fn run(mut self) {
+        // The core connects at its first input.
+        self.feed(SessionInput::Tick);
+        while !self.closed {
+            let deadline = self.core.poll_timeout().map(|at| self.clock.instant(at));
+            // Biased, connection events first: tokio-postgres completes a request only at
+            // ReadyForQuery, after the notifications the server sent at its commit, so taking
+            // every queued notification before any reply replays the server's order (a lock's
+            // own `acquired:` marker and the messages around it come before its reply). After a
+            // long burst of events, API commands get one turn (still before replies), so a
+            // flood of notifications cannot hold up `destroy` or a signal.
+            let accept_commands = !self.commands_closed();
+            let wake = if self.event_streak < EVENT_BURST {
+                tokio::select! {
+                    biased;
+                    event = recv_event(&mut self.conn) => Wake::Conn(event),
+                    Some(done) = self.queries.next(), if !self.queries.is_empty() => Wake::Query(done),
+                    command = self.commands.recv(), if accept_commands => Wake::Command(command),
+                    result = poll_connecting(&mut self.connecting), if self.connecting.is_some() => Wake::Connected(result),
+                    () = sleep_until(deadline) => Wake::Timer,
+                }
+            } else {
+                tokio::select! {
+                    biased;
+                    command = self.commands.recv(), if accept_commands => Wake::Command(command),
+                    event = recv_event(&mut self.conn) => Wake::Conn(event),
+                    Some(done) = self.queries.next(), if !self.queries.is_empty() => Wake::Query(done),
+                    result = poll_connecting(&mut self.connecting), if self.connecting.is_some() => Wake::Connected(result),
+                    () = sleep_until(deadline) => Wake::Timer,
+                }
+            };
+            self.event_streak = match wake {
+                Wake::Conn(_) => self.event_streak + 1,
+                _ => 0,
+            };
+            match wake {
+                Wake::Command(Some(command)) => self.on_command(command),
+                Wake::Command(None) => {
+                    // Every handle is gone: nobody can reach these locks any more.
+                    let call = self.call_id();
+                    self.feed(SessionInput::Close { call });
+                }
+                Wake::Conn(Some(ConnEvent::Notification { channel, payload, pid })) => {
+                    if let Some(session) = self.conn.as_ref().map(|c| c.session) {
+                        self.feed(SessionInput::Notification {
+                            session,
+                            channel,
+                            payload,
+                            pid,
+                        });
+                    }
+                }
+                Wake::Conn(event) => {
+                    let error = match event {
+                        Some(ConnEvent::Closed(Some(e))) => Some(crate::error::describe(&e)),
+                        Some(ConnEvent::Closed(None)) => Some("closed by the server".to_owned()),
+                        _ => Some("connection task ended".to_owned()),
+                    };
+                    if let Some(conn) = self.conn.take() {
+                        self.feed(SessionInput::Closed {
+                            session: conn.session,
+                            error,
+                        });
+                    }
+                }
+                Wake::Query((id, result)) => self.feed(SessionInput::Reply { id, result }),
+                Wake::Connected(result) => {
+                    let Some((session, _)) = self.connecting.take() else {
+                        continue;
+                    };
+                    match result {
+                        Ok(established) => {
+                            let (app, pid) = (established.app.clone(), established.pid);
+                            self.conn = Some(Conn {
+                                session,
+                                client: established.client,
+                                app: established.app,
+                                events: established.events,
+                                poller: Some(established.poller),
+                            });
+                            self.feed(SessionInput::Connected { session, app, pid });
+                        }
+                        Err(e) => {
+                            let cause = crate::error::describe(&e);
+                            self.last_connect_error = Some(e);
+                            self.feed(SessionInput::ConnectFailed { session, cause });
+                        }
+                    }
+                }
+                Wake::Timer => self.feed(SessionInput::Tick),
+            }
+        }
+        // Refuse further commands before confirming the close.
+        self.commands.close();
+        for reply in self.close_replies.drain(..) {
+            let _ = reply.send(());
+        }
+        guard(&self.shared).pid = None;
+        for (_, lock) in std::mem::take(&mut self.locks) {
+            lock.mark_stopped();
+        }
+    }
+
+    fn commands_closed(&self) -> bool {
+        self.core.state().closing
+    }
+
+    fn call_id(&mut self) -> CallId {
+        let id = CallId(self.next_call);
+        self.next_call += 1;
+        id
+    }
+
+    /// Feeds one input to the core at the clock's time and carries out everything it asks for.
+    fn feed(&mut self, input: SessionInput) {
+        let now = self.clock.now();
+        self.core.handle_input(now, input);
+        while let Some(output) = self.core.poll_output() {
+            self.on_output(output);
+        }
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Register {
+                key,
+                shared,
+                config,
+                seed,
+            } => {
+                let added = self
+                    .core
+                    .add_lock(key, shared.channel.clone(), shared.schema.clone(), config, seed);
+                match added {
+                    Ok(()) => {
+                        self.locks.insert(key, shared);
+                    }
+                    Err(e) => {
+                        tracing::warn!(channel = %shared.channel, error = %e, "lock not added");
+                        shared.mark_stopped();
+                    }
+                }
+            }
+            Command::Call { key, request, waiter } => {
+                let call = self.call_id();
+                self.calls.insert(call, waiter);
+                if let pgiplock_core::LockCall::Destroy { signal: Some(kind) } = request {
+                    if let Some(lock) = self.locks.get(&key) {
+                        tracing::info!(channel = %lock.channel, signal = ?kind, "stopping on signal");
+                    }
+                }
+                self.feed(SessionInput::Call {
+                    call,
+                    lock: key,
+                    request,
+                });
+            }
+            Command::Abandon { key } => {
+                if let Some(lock) = self.locks.get(&key) {
+                    tracing::debug!(channel = %lock.channel, "every handle dropped; stopping the lock");
+                }
+                self.feed(SessionInput::Abandon { lock: key });
+            }
+            Command::Close { reply } => {
+                self.close_replies.push(reply);
+                let call = self.call_id();
+                self.feed(SessionInput::Close { call });
+            }
+        }
+    }
+
+    fn on_output(&mut self, output: SessionOutput) {
+        match output {
+            SessionOutput::Connect { session } => {
+                let config = attempt_config(&self.user_config, self.connect_timeout);
+                tracing::debug!(attempt = session.0, "connecting");
+                self.connecting = Some((session, (self.connector)(config)));
+            }
+            SessionOutput::AbortConnect { session } => {
+                if self.connecting.as_ref().is_some_and(|(s, _)| *s == session) {
+                    // Dropping the attempt closes its socket.
+                    self.connecting = None;
+                }
+            }
+            SessionOutput::Disconnect { session } => {
+                if self.conn.as_ref().is_some_and(|c| c.session == session) {
+                    self.conn = None;
+                }
+            }
+            SessionOutput::Execute(request) => self.execute(request),
+            SessionOutput::Lock { lock, event } => self.on_lock_event(lock, event),
+            SessionOutput::Deliver { lock, payload } => {
+                if let Some(lock) = self.locks.get(&lock) {
+                    lock.broadcast(LockMessage::Message { payload });
+                }
+            }
+            SessionOutput::CallDone { call, result } => {
+                if let Some(waiter) = self.calls.remove(&call) {
+                    waiter.answer(result);
+                }
+            }
+            SessionOutput::LockRemoved { lock } => {
+                if let Some(shared) = self.locks.remove(&lock) {
+                    let mut session = guard(&self.shared);
+                    session.channels.remove(shared.channel.as_str());
+                    session.locks.remove(&lock.0);
+                    drop(session);
+                    shared.set_holding(false, None);
+                    shared.mark_stopped();
+                }
+            }
+            SessionOutput::Event(event) => self.on_session_event(event),
+            SessionOutput::Closed => {
+                self.closed = true;
+                self.conn = None;
+                self.connecting = None;
+            }
+            other => tracing::debug!(output = ?other, "session output"),
+        }
+    }
+
+    fn execute(&mut self, request: SessionRequest) {
+        let Some(conn) = self.conn.as_ref().filter(|c| c.session == request.session) else {
+            // The core already forgot it (the connection is gone).
+            return;
+        };
+        let client = conn.client.clone();
+        let app = conn.app.clone();
+        let id = request.id;
+        tracing::trace!(op = request.op.name(), "request");
+        self.queries.push(
+            async move {
+                let result = match request.op {
+                    SessionOp::Bootstrap { protocol, schema } => {
+                        sql::bootstrap(&client, protocol, &schema).await.map(|()| OpReply::Done)
+                    }
+                    SessionOp::Listen { channel } => sql::listen(&client, &channel).await.map(|()| OpReply::Done),
+                    SessionOp::Unlisten { channel } => sql::unlisten(&client, &channel).await.map(|()| OpReply::Done),
+                    SessionOp::Lock { target, op } => {
+                        let target = Target {
+                            protocol: target.protocol,
+                            schema: target.schema,
+                            channel: target.channel,
+                            app,
+                            lease_ttl: target.lease_ttl,
+                        };
+                        sql::execute(&client, &target, &op).await.map(OpReply::Lock)
+                    }
+                    other => Err(DbError::Failed(format!("operation {} is not supported", other.name()))),
+                };
+                (id, result)
+            }
+            .boxed(),
+        );
+    }
+
+    fn on_session_event(&mut self, event: SessionEvent) {
+        match event {
+            SessionEvent::Up { session, app, pid } => {
+                tracing::info!(app = %app, pid, connection = session.0, "connected");
+                {
+                    let mut shared = guard(&self.shared);
+                    shared.app = app;
+                    shared.pid = Some(pid);
+                }
+                if let Some(first) = self.first.take() {
+                    let _ = first.send(Ok(()));
+                }
+            }
+            SessionEvent::Down {
+                session,
+                reason,
+                retry_in,
+            } => {
+                let why = match &reason {
+                    pgiplock_core::DownReason::Closed(Some(text)) => text.clone(),
+                    other => other.as_str().to_owned(),
+                };
+                tracing::warn!(connection = session.0, reason = %why, retry_in = ?retry_in, "database session lost");
+                guard(&self.shared).pid = None;
+            }
+            SessionEvent::ConnectFailed {
+                session,
+                cause,
+                retry_in,
+            } => {
+                tracing::warn!(attempt = session.0, cause = %cause, retry_in = ?retry_in, "connection attempt failed");
+                let give_up = retry_in.map_or(true, |d| Instant::now() + d > self.first_deadline);
+                if give_up {
+                    if let Some(first) = self.first.take() {
+                        let error = match self.last_connect_error.take() {
+                            Some(e) if !cause.starts_with("no answer within") => Error::Connect(e),
+                            _ => Error::ConnectTimeout {
+                                timeout: self.connect_timeout,
+                            },
+                        };
+                        let _ = first.send(Err(error));
+                        // Nobody holds a handle yet: end the task.
+                        let call = self.call_id();
+                        self.feed(SessionInput::Close { call });
+                    }
+                }
+                self.last_connect_error = None;
+            }
+            SessionEvent::ReadOnly { session, op } => {
+                tracing::error!(
+                    connection = session.0,
+                    op,
+                    "the server is read-only (SQLSTATE 25006): locks need a writable primary; reconnecting \
+                     (use a multi-host connection string with target_session_attrs=read-write to find one)"
+                );
+            }
+            SessionEvent::SchemaMissing { schema, error } => {
+                tracing::warn!(schema = %schema, error = %error, "lock schema missing; bootstrapping it again");
+            }
+            SessionEvent::BootstrapFailed { schema, error } => {
+                tracing::error!(schema = %schema, error = %error, "lock schema setup failed");
+            }
+            other => tracing::debug!(event = ?other, "session event"),
+        }
+    }
+
+    /// Reports one lock event: the lock's watch state, its subscribers, its handlers, and the
+    /// log.
+    fn on_lock_event(&mut self, key: LockKey, event: LockEvent) {
+        let Some(lock) = self.locks.get(&key) else { return };
+        let channel = lock.channel.as_str();
+        match event {
+            LockEvent::Acquired { token } => {
+                lock.set_holding(true, token);
+                match token {
+                    Some(t) => tracing::info!(channel = %channel, token = t.0, "lock acquired"),
+                    None => tracing::info!(channel = %channel, "lock acquired"),
+                }
+                lock.broadcast(LockMessage::Acquired { token });
+            }
+            LockEvent::Lost { reason } => {
+                lock.set_holding(false, None);
+                tracing::info!(channel = %channel, reason = reason.as_str(), "lock lost");
+                lock.broadcast(LockMessage::Lost { reason });
+            }
+            LockEvent::Released => {
+                lock.set_holding(false, None);
+                tracing::info!(channel = %channel, "lock released");
+                lock.broadcast(LockMessage::Released);
+            }
+            LockEvent::PeerReleased => {
+                tracing::debug!(channel = %channel, "peer released the lock");
+                for handler in lock.release_handlers() {
+                    // A user callback cannot take the session down with it.
+                    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| handler(channel)));
+                    if outcome.is_err() {
+                        tracing::error!(channel = %channel, "an on_release handler panicked; the session carries on");
+                    }
+                }
+            }
+            LockEvent::Stopped { released } => {
+                lock.set_holding(false, None);
+                tracing::info!(channel = %channel, released, "lock stopped");
+                lock.broadcast(LockMessage::Stopped);
+            }
+            LockEvent::Warning(warning) => match warning {
+                Warning::TerminateNotPermitted { pid } => {
+                    tracing::warn!(channel = %channel, pid, "not permitted to terminate the stale holder's backend")
+                }
+                Warning::HandoverBufferOverflow { dropped } => {
+                    tracing::warn!(channel = %channel, dropped, "handover buffer overflowed; oldest messages dropped")
+                }
+                Warning::RequestFailed { op, error } => {
+                    tracing::warn!(channel = %channel, op, error = %error, "request failed")
+                }
+                Warning::ServerReadOnly => {
+                    tracing::warn!(channel = %channel, "the server refused a lock write as read-only")
+                }
+                other => tracing::warn!(channel = %channel, warning = ?other, "lock warning"),
+            },
+            other => tracing::debug!(channel = %channel, event = ?other, "lock event"),
+        }
+    }
+}
+
+async fn recv_event(conn: &mut Option<Conn>) -> Option<ConnEvent> {
+    match conn {
+        Some(conn) => conn.events.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn poll_connecting(connecting: &mut Option<Attempt>) -> Result<Established, tokio_postgres::Error> {
+    match connecting {
+        Some((_, attempt)) => attempt.await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
