@@ -20,10 +20,16 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod checkers;
 pub mod db;
+mod engine;
 pub mod explore;
+mod faults;
 pub mod metrics;
+mod net;
+mod process;
 pub mod scenario;
+mod trace;
 pub mod world;
 
 pub use metrics::{LatencyStats, Report};

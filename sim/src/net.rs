@@ -1,0 +1,496 @@
+//! The network and the server's end of it: one link per process that a fault can silently cut,
+//! the messages each way (FIFO per direction, a fixed one-way delay), the server's connections
+//! and its dead-peer detection (keepalive, retransmission timeout), the client's
+//! `tcp_user_timeout`, the server executing requests on the database model, its notification
+//! fan-out and the publisher.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use pgiplock_core::{DbError, DbRequest, Reply, RequestId, SessionId, SplitMix64, Timestamp};
+
+use crate::db::{DbConfig, SimDb};
+use crate::engine::Event;
+use crate::scenario::Scenario;
+use crate::world::{derive_seed, World, STREAM_SERVER};
+
+#[derive(Debug, Clone)]
+pub(crate) enum ClientMsg {
+    Connect { attempt: u64 },
+    Request { lock: usize, request: DbRequest },
+    Close,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) enum ServerMsg {
+    ConnectOk {
+        attempt: u64,
+    },
+    Refused {
+        attempt: u64,
+    },
+    Reply {
+        lock: usize,
+        id: RequestId,
+        result: Result<Reply, DbError>,
+    },
+    Notify {
+        channel: String,
+        payload: String,
+    },
+    /// The server closed the connection (FIN), or answered a dead one (RST).
+    Ended,
+}
+
+/// One process's link to the server; it outlives the process's incarnations.
+pub(crate) struct Link {
+    pub(crate) cut: bool,
+    /// Incremented at every cut: a message sent in an older epoch was in flight and is lost.
+    epoch: u64,
+    to_server_last: Timestamp,
+    to_client_last: Timestamp,
+}
+
+impl Link {
+    pub(crate) fn new() -> Link {
+        Link {
+            cut: false,
+            epoch: 0,
+            to_server_last: Timestamp::ZERO,
+            to_client_last: Timestamp::ZERO,
+        }
+    }
+}
+
+/// The server's view of one client connection.
+pub(crate) struct ServerConn {
+    pub(crate) p: usize,
+    inc: u32,
+    pub(crate) client_closed: bool,
+    busy_until: Timestamp,
+    last_rx: Timestamp,
+    retransmit_armed: bool,
+}
+
+/// The PostgreSQL server: the database model, its connections, and the publisher's session.
+pub(crate) struct Server {
+    pub(crate) db: SimDb,
+    pub(crate) up: bool,
+    /// Query latencies.
+    rng: SplitMix64,
+    pub(crate) conns: BTreeMap<SessionId, ServerConn>,
+    pub(crate) publisher: Option<SessionId>,
+    publisher_busy: Timestamp,
+    next_message: u64,
+}
+
+impl Server {
+    pub(crate) fn new(seed: u64, terminate_permitted: bool) -> Server {
+        let mut db = SimDb::new(DbConfig { terminate_permitted });
+        let (publisher, _) = db.open_session("publisher");
+        Server {
+            db,
+            up: true,
+            rng: SplitMix64::new(derive_seed(seed, STREAM_SERVER, 0, 0)),
+            conns: BTreeMap::new(),
+            publisher: Some(publisher),
+            publisher_busy: Timestamp::ZERO,
+            next_message: 0,
+        }
+    }
+
+    fn query_latency(&mut self, s: &Scenario) -> Duration {
+        let min = s.query_min.as_micros() as f64;
+        let extra = (s.query_mean.as_micros() as f64 - min).max(0.0);
+        let draw = -(1.0 - self.rng.unit()).ln() * extra;
+        let us = (min + draw).min(s.query_max.as_micros() as f64);
+        Duration::from_micros(us as u64)
+    }
+}
+
+impl World {
+    // ----- client side -----
+
+    pub(crate) fn client_send(&mut self, p: usize, session: SessionId, msg: ClientMsg) {
+        let now = self.engine.now;
+        let one_way = self.scenario.net_delay;
+        let link = &mut self.links[p];
+        if link.cut {
+            self.client_lost(p, session, &msg, now);
+            return;
+        }
+        let at = (now + one_way).max(link.to_server_last);
+        link.to_server_last = at;
+        let epoch = link.epoch;
+        self.engine.schedule(
+            at,
+            Event::ToServer {
+                p,
+                epoch,
+                sent_at: now,
+                session,
+                msg,
+            },
+        );
+    }
+
+    /// A client message that the cut link swallowed.
+    fn client_lost(&mut self, p: usize, session: SessionId, msg: &ClientMsg, sent_at: Timestamp) {
+        match msg {
+            ClientMsg::Request { .. } => {
+                let inc = self.procs[p].incarnation();
+                let at = sent_at + self.scenario.client_user_timeout;
+                self.engine
+                    .schedule(at.max(self.engine.now), Event::ClientUserTimeout { p, inc, session });
+            }
+            ClientMsg::Close => {
+                if let Some(c) = self.server.conns.get_mut(&session) {
+                    c.client_closed = true;
+                }
+            }
+            ClientMsg::Connect { .. } => {}
+        }
+    }
+
+    /// The client side closes a session (reset, exit): a FIN if the link passes, else a zombie.
+    pub(crate) fn client_close(&mut self, p: usize, session: SessionId) {
+        if let Some(c) = self.server.conns.get_mut(&session) {
+            c.client_closed = true;
+        }
+        self.client_send(p, session, ClientMsg::Close);
+    }
+
+    pub(crate) fn client_recv(
+        &mut self,
+        p: usize,
+        inc: u32,
+        epoch: u64,
+        sent_at: Timestamp,
+        session: SessionId,
+        msg: ServerMsg,
+    ) {
+        if self.links[p].epoch != epoch {
+            self.server_lost(session, sent_at);
+            return;
+        }
+        if !self.procs[p].runs(inc) {
+            // The socket died with its process: the client's stack answers with a reset.
+            if let Some(c) = self.server.conns.get_mut(&session) {
+                c.client_closed = true;
+                let at = self.engine.now + self.scenario.net_delay;
+                self.engine.schedule(at, Event::ServerClose { session });
+            }
+            return;
+        }
+        match msg {
+            ServerMsg::ConnectOk { attempt } => self.connected(p, session, attempt),
+            ServerMsg::Refused { attempt } => self.refused(p, attempt),
+            ServerMsg::Reply { lock, id, result } => self.db_reply(p, session, lock, id, result),
+            ServerMsg::Notify { channel, payload } => self.notification(p, session, channel, payload),
+            ServerMsg::Ended => self.session_ended(p, session),
+        }
+    }
+
+    /// The client's unacknowledged data went unanswered for `client_user_timeout`.
+    pub(crate) fn client_user_timeout(&mut self, p: usize, inc: u32, session: SessionId) {
+        if self.links[p].cut {
+            self.session_timed_out(p, inc, session);
+        }
+    }
+
+    // ----- server side -----
+
+    pub(crate) fn server_recv(&mut self, p: usize, epoch: u64, sent_at: Timestamp, session: SessionId, msg: ClientMsg) {
+        if self.links[p].epoch != epoch {
+            self.client_lost(p, session, &msg, sent_at);
+            return;
+        }
+        let now = self.engine.now;
+        if let Some(c) = self.server.conns.get_mut(&session) {
+            c.last_rx = now;
+        }
+        match msg {
+            ClientMsg::Connect { attempt } => {
+                let inc = self.procs[p].incarnation();
+                if !self.server.up {
+                    self.server_send_to(p, inc, SessionId(0), ServerMsg::Refused { attempt });
+                    return;
+                }
+                let app = format!("p{p}.{inc}.{attempt}");
+                let (session, _pid) = self.server.db.open_session(&app);
+                self.checkers.rows_touched = true;
+                for ch in &self.channels {
+                    let _ = self.server.db.listen(session, ch.as_str());
+                    let _ = self.server.db.listen(session, ch.lock_channel());
+                }
+                // As the io crate prepares a session: one schema bootstrap batch, then LISTEN on
+                // the data and lock channels of every lock.
+                self.metrics.statements(p, 1 + 2 * self.channels.len() as u64, now);
+                self.server.conns.insert(
+                    session,
+                    ServerConn {
+                        p,
+                        inc,
+                        client_closed: false,
+                        busy_until: now,
+                        last_rx: now,
+                        retransmit_armed: false,
+                    },
+                );
+                self.server_send(session, ServerMsg::ConnectOk { attempt });
+            }
+            ClientMsg::Request { lock, request } => {
+                if !self.server.db.is_alive(session) {
+                    // The backend is gone: the server's TCP stack answers with a reset.
+                    let inc = self.procs[p].incarnation();
+                    self.server_send_to(p, inc, session, ServerMsg::Ended);
+                    return;
+                }
+                let latency = self.server.query_latency(&self.scenario);
+                let Some(c) = self.server.conns.get_mut(&session) else {
+                    return;
+                };
+                let at = c.busy_until.max(now) + latency;
+                c.busy_until = at;
+                self.engine.schedule(
+                    at,
+                    Event::ServerCommit {
+                        p,
+                        session,
+                        lock,
+                        request,
+                    },
+                );
+            }
+            ClientMsg::Close => {
+                self.server.db.close_session(session);
+                self.server.conns.remove(&session);
+            }
+        }
+    }
+
+    pub(crate) fn commit(&mut self, p: usize, session: SessionId, li: usize, request: DbRequest) {
+        if !self.server.db.is_alive(session) {
+            return;
+        }
+        let now = self.engine.now;
+        self.checkers.rows_touched = true;
+        self.server.db.advance_to(now);
+        let channel = self.channels[li].clone();
+        let result = self.server.db.execute(
+            session,
+            self.scenario.protocol,
+            &channel,
+            self.config.lease_ttl,
+            &request.op,
+        );
+        self.metrics.statements(p, 1, now);
+        self.trace.hash(&[
+            200,
+            p as u64,
+            li as u64,
+            u64::from(matches!(result, Ok(Reply::Acquire(ref r)) if r.acquired)),
+        ]);
+        if let Some(row) = self.server.db.lease_row(self.channels[li].as_str()) {
+            self.checkers.lease_row(&mut self.metrics, li, row.token);
+        }
+        self.server_send(
+            session,
+            ServerMsg::Reply {
+                lock: li,
+                id: request.id,
+                result,
+            },
+        );
+        self.fan_out();
+        for ended in self.server.db.take_terminated() {
+            self.metrics.stale_terminations += 1;
+            self.server_send(ended, ServerMsg::Ended);
+            self.server.conns.remove(&ended);
+        }
+    }
+
+    /// Ships every notification committed just now to its listeners, in commit order.
+    fn fan_out(&mut self) {
+        for session in self.server.db.take_notified() {
+            let notes = self.server.db.take_notifications(session);
+            if !self.server.conns.contains_key(&session) {
+                continue; // the publisher does not listen; nobody else lacks a connection
+            }
+            for n in notes {
+                self.server_send(
+                    session,
+                    ServerMsg::Notify {
+                        channel: n.channel,
+                        payload: n.payload,
+                    },
+                );
+            }
+        }
+    }
+
+    pub(crate) fn server_send(&mut self, session: SessionId, msg: ServerMsg) {
+        let Some(c) = self.server.conns.get(&session) else {
+            return;
+        };
+        let (p, inc, client_closed) = (c.p, c.inc, c.client_closed);
+        let link_cut = self.links[p].cut;
+        if client_closed && !link_cut {
+            // The client's socket is gone: its stack answers with a reset.
+            let at = self.engine.now + self.scenario.net_delay * 2;
+            self.engine.schedule(at, Event::ServerClose { session });
+            return;
+        }
+        if link_cut {
+            self.server_lost(session, self.engine.now);
+            return;
+        }
+        self.server_send_to(p, inc, session, msg);
+    }
+
+    fn server_send_to(&mut self, p: usize, inc: u32, session: SessionId, msg: ServerMsg) {
+        let now = self.engine.now;
+        let link = &mut self.links[p];
+        if link.cut {
+            return;
+        }
+        let at = (now + self.scenario.net_delay).max(link.to_client_last);
+        link.to_client_last = at;
+        let epoch = link.epoch;
+        self.engine.schedule(
+            at,
+            Event::ToClient {
+                p,
+                inc,
+                epoch,
+                sent_at: now,
+                session,
+                msg,
+            },
+        );
+    }
+
+    /// The server ends a connection whose client is gone (its reset arrived).
+    pub(crate) fn server_close(&mut self, session: SessionId) {
+        self.server.db.close_session(session);
+        self.server.conns.remove(&session);
+    }
+
+    // ----- cuts and dead-peer detection -----
+
+    /// Server data that the cut link swallowed: retransmissions start, and give up after
+    /// `server_retransmit_detect`.
+    fn server_lost(&mut self, session: SessionId, sent_at: Timestamp) {
+        let Some(c) = self.server.conns.get_mut(&session) else {
+            return;
+        };
+        if c.retransmit_armed {
+            return;
+        }
+        c.retransmit_armed = true;
+        let epoch = self.links[c.p].epoch;
+        let at = (sent_at + self.scenario.server_retransmit_detect).max(self.engine.now);
+        self.engine.schedule(at, Event::ServerDeadPeer { session, epoch });
+    }
+
+    /// Keepalive or retransmission gave up on `session`, if the cut of `epoch` still holds.
+    pub(crate) fn server_dead_peer(&mut self, session: SessionId, epoch: u64) {
+        let Some(conn) = self.server.conns.get(&session) else {
+            return;
+        };
+        let link = &self.links[conn.p];
+        if link.cut && link.epoch == epoch {
+            self.server.db.close_session(session);
+            self.server.conns.remove(&session);
+            self.metrics.dead_peer_drops += 1;
+        }
+    }
+
+    /// Cuts process `p`'s link silently, until `cut_duration` later.
+    pub(crate) fn cut(&mut self, p: usize) {
+        let link = &mut self.links[p];
+        if link.cut {
+            return;
+        }
+        link.cut = true;
+        link.epoch += 1;
+        let epoch = link.epoch;
+        let keepalive = self.scenario.server_keepalive_detect;
+        let sessions: Vec<(SessionId, Timestamp)> = self
+            .server
+            .conns
+            .iter()
+            .filter(|(_, c)| c.p == p)
+            .map(|(s, c)| (*s, c.last_rx))
+            .collect();
+        for (session, last_rx) in sessions {
+            // Idle keepalive probes go unanswered from the last traffic on.
+            self.engine.schedule(
+                (last_rx + keepalive).max(self.engine.now),
+                Event::ServerDeadPeer { session, epoch },
+            );
+        }
+        let heal = self.engine.now + self.scenario.cut_duration;
+        self.engine.schedule(heal, Event::Heal { p, epoch });
+    }
+
+    pub(crate) fn heal(&mut self, p: usize, epoch: u64) {
+        let link = &mut self.links[p];
+        if !link.cut || link.epoch != epoch {
+            return;
+        }
+        link.cut = false;
+        self.checkers.last_disturbance = self.engine.now;
+        let keepalive = self.scenario.server_keepalive_detect;
+        let rtt = self.scenario.net_delay * 2;
+        let sessions: Vec<(SessionId, bool, Timestamp)> = self
+            .server
+            .conns
+            .iter_mut()
+            .filter(|(_, c)| c.p == p)
+            .map(|(s, c)| {
+                c.retransmit_armed = false;
+                (*s, c.client_closed, c.last_rx)
+            })
+            .collect();
+        for (session, client_closed, last_rx) in sessions {
+            if client_closed {
+                // The next keepalive probe (or any data) meets the client's reset.
+                self.engine.schedule(
+                    (last_rx + keepalive).max(self.engine.now + rtt),
+                    Event::ServerClose { session },
+                );
+            }
+        }
+    }
+
+    // ----- the publisher -----
+
+    pub(crate) fn publish(&mut self) {
+        let now = self.engine.now;
+        if now >= self.publish_until {
+            return;
+        }
+        let period = Duration::from_secs_f64(1.0 / self.scenario.publish_rate);
+        self.engine.schedule(now + period, Event::Publish);
+        if self.server.up && self.server.publisher.is_some() {
+            let latency = self.server.query_latency(&self.scenario);
+            let at = self.server.publisher_busy.max(now + self.scenario.net_delay) + latency;
+            self.server.publisher_busy = at;
+            let id = self.server.next_message;
+            self.server.next_message += 1;
+            self.engine.schedule(at, Event::PublishCommit { id });
+        }
+    }
+
+    pub(crate) fn publish_commit(&mut self, id: u64) {
+        let Some(session) = self.server.publisher else { return };
+        let now = self.engine.now;
+        let channel = self.channels[0].as_str().to_owned();
+        self.server.db.advance_to(now);
+        if self.server.db.notify(session, &channel, &id.to_string()).is_ok() {
+            self.metrics.published(id, now);
+            self.fan_out();
+        }
+    }
+}
