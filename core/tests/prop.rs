@@ -1,13 +1,14 @@
-//! Property tests: random input sequences into one lock, and random fleets against the
-//! in-memory database.
+//! Property tests: random input sequences into one lock, every invariant checked by
+//! [`pgiplock_core::check::LockChecker`] after each input. (Fleets of locks against the
+//! simulator's database model: `sim/tests/fleet_prop.rs`.)
 //!
-//! Cases default to 256 per property; set `PROPTEST_CASES` for more.
+//! Cases default to 256; set `PROPTEST_CASES` for more.
 
-mod harness;
+mod common;
 
 use std::time::Duration;
 
-use harness::*;
+use common::*;
 use pgiplock_core::check::LockChecker;
 use pgiplock_core::*;
 use proptest::prelude::*;
@@ -256,176 +257,4 @@ fn cases(default: u32) -> u32 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-// ----- a fleet against the in-memory database -----
-
-#[derive(Debug, Clone)]
-enum Fault {
-    Wait(u64),
-    Release(usize),
-    Stop(usize),
-    TryAcquire(usize),
-    Crash(usize),
-    Cut(usize),
-    Heal(usize),
-    Restart(usize),
-    Publish(u8),
-}
-
-fn fault(graceful_only: bool) -> BoxedStrategy<Fault> {
-    let node = 0usize..5;
-    if graceful_only {
-        prop_oneof![
-            6 => (1u64..3_000).prop_map(Fault::Wait),
-            2 => node.clone().prop_map(Fault::Release),
-            1 => node.clone().prop_map(Fault::TryAcquire),
-            4 => any::<u8>().prop_map(Fault::Publish),
-        ]
-        .boxed()
-    } else {
-        prop_oneof![
-            6 => (1u64..3_000).prop_map(Fault::Wait),
-            2 => node.clone().prop_map(Fault::Release),
-            1 => node.clone().prop_map(Fault::Stop),
-            1 => node.clone().prop_map(Fault::TryAcquire),
-            1 => node.clone().prop_map(Fault::Crash),
-            1 => node.clone().prop_map(Fault::Cut),
-            1 => node.clone().prop_map(Fault::Heal),
-            1 => node.clone().prop_map(Fault::Restart),
-            3 => any::<u8>().prop_map(Fault::Publish),
-        ]
-        .boxed()
-    }
-}
-
-fn latency() -> impl Strategy<Value = Latency> {
-    (1u64..3_000, 1u64..3_000, 1u64..3_000, 1u64..20_000).prop_map(|(req, rep, notify, connect)| Latency {
-        request: Duration::from_micros(req),
-        reply: Duration::from_micros(rep),
-        notify: Duration::from_micros(notify),
-        connect: Duration::from_micros(connect),
-    })
-}
-
-/// Runs a fleet through `faults`; the world checks S2 (when on), S3 and S4 after every step.
-fn run_fleet(protocol: Protocol, n: usize, seed: u64, latency: Latency, faults: &[Fault]) -> World {
-    let config = fast_config(protocol);
-    let mut w = World::new(config.clone(), n, seed);
-    w.latency = latency;
-    w.start_all();
-    let mut published = 0u64;
-    for (i, f) in faults.iter().enumerate() {
-        match *f {
-            Fault::Wait(ms) => w.run_for(Duration::from_millis(ms)),
-            Fault::Release(node) => w.input(node % n, Input::Release),
-            Fault::Stop(node) => w.input(node % n, Input::Stop),
-            Fault::TryAcquire(node) => w.input(node % n, Input::TryAcquire),
-            Fault::Crash(node) => w.crash(node % n),
-            Fault::Cut(node) => w.cut(node % n),
-            Fault::Heal(node) => w.heal(node % n),
-            Fault::Restart(node) => {
-                if w.nodes[node % n].lock.is_none() {
-                    w.restart(node % n, config.clone(), seed ^ i as u64);
-                }
-            }
-            Fault::Publish(burst) => {
-                // A burst of messages spread over a few milliseconds.
-                for k in 0..u64::from(burst % 8) {
-                    let at = w.now + Duration::from_micros(700 * k);
-                    w.publish_at(at, &format!("m{published}"));
-                    published += 1;
-                }
-            }
-        }
-    }
-    w.run_for(Duration::from_secs(10));
-    w
-}
-
-proptest! {
-    #![proptest_config(ProptestConfig { cases: cases(64), ..ProptestConfig::default() })]
-
-    /// S2 (one believer), S3, S4 under Lease with any faults; S3 and S4 under Classic.
-    #[test]
-    fn fleet_safety(
-        lease in any::<bool>(),
-        n in 2usize..=5,
-        seed in any::<u64>(),
-        latency in latency(),
-        faults in prop::collection::vec(fault(false), 1..40),
-    ) {
-        let protocol = if lease { Protocol::Lease } else { Protocol::Classic };
-        let w = run_fleet(protocol, n, seed, latency, &faults);
-        // Delivered messages are a subset of the published ones, never invented, and none twice
-        // (at most once across every fault here: crashes, cuts, stops, releases).
-        let mut all = w.all_delivered();
-        for p in &all {
-            prop_assert!(w.published.contains(p));
-        }
-        let delivered = all.len();
-        all.sort();
-        all.dedup();
-        prop_assert_eq!(all.len(), delivered, "duplicates");
-        // Liveness (L2, L3): ten seconds after the last fault, a process that is alive, connected
-        // and not stopped holds the lock. Under Classic only without silent cuts: a cut holder's
-        // session blocks its row for as long as the server keeps it (the weakness Lease fixes).
-        let cuts = faults.iter().any(|f| matches!(f, Fault::Cut(_)));
-        let eligible: Vec<usize> = (0..n)
-            .filter(|&i| !w.nodes[i].cut && w.nodes[i].lock.as_ref().is_some_and(|l| !l.state().stopping))
-            .collect();
-        if !eligible.is_empty() && (lease || !cuts) {
-            let holders = w.holders();
-            prop_assert_eq!(holders.len(), 1, "no holder among {:?}", eligible);
-            prop_assert!(eligible.contains(&holders[0]));
-        }
-    }
-
-    /// With graceful releases only and a holder in place before publishing starts, every message
-    /// is delivered exactly once (lossless handover), whatever the latencies. (Under Classic
-    /// without explicit `TryAcquire`s, see below.)
-    #[test]
-    fn fleet_graceful_handover_is_exactly_once(
-        lease in any::<bool>(),
-        n in 2usize..=5,
-        seed in any::<u64>(),
-        latency in latency(),
-        faults in prop::collection::vec(fault(true), 1..40),
-    ) {
-        let protocol = if lease { Protocol::Lease } else { Protocol::Classic };
-        let config = fast_config(protocol);
-        let mut w = World::new(config, n, seed);
-        w.latency = latency;
-        // Classic has no split brain without faults either.
-        w.check_s2 = true;
-        w.start_all();
-        prop_assert!(w.run_until(Duration::from_secs(1), |w| w.holders().len() == 1));
-        let mut published = 0u64;
-        for f in &faults {
-            match *f {
-                Fault::Wait(ms) => w.run_for(Duration::from_millis(ms)),
-                Fault::Release(node) => w.input(node % n, Input::Release),
-                // Classic announces no new term, so a releaser keeps nothing for the next one
-                // (at most once): a releaser that asks again at once may win and lose what
-                // followed its marker. Without explicit attempts a standby always wins first.
-                Fault::TryAcquire(node) if lease => w.input(node % n, Input::TryAcquire),
-                Fault::Publish(burst) => {
-                    for k in 0..u64::from(burst % 8) {
-                        let at = w.now + Duration::from_micros(700 * k);
-                        w.publish_at(at, &format!("m{published}"));
-                        published += 1;
-                    }
-                }
-                _ => {}
-            }
-        }
-        w.run_for(Duration::from_secs(10));
-        prop_assert_eq!(w.holders().len(), 1);
-        let mut all = w.all_delivered();
-        let delivered = all.len();
-        all.sort();
-        all.dedup();
-        prop_assert_eq!(all.len(), delivered, "duplicates");
-        prop_assert_eq!(delivered as u64, published, "lost messages");
-    }
 }
