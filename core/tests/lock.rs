@@ -1,10 +1,10 @@
 //! One lock, inputs by hand: every rule of the state machine.
 
-mod harness;
+mod common;
 
 use std::time::Duration;
 
-use harness::*;
+use common::*;
 use pgiplock_core::*;
 
 const S1: SessionId = SessionId(1);
@@ -766,19 +766,6 @@ fn time_going_backwards_is_clamped() {
 }
 
 #[test]
-fn deadlines_are_strictly_after_every_tick() {
-    for seed in 0..20 {
-        let mut w = World::new(fast_config(Protocol::Lease), 3, seed);
-        w.start_all();
-        // World::input asserts the deadline after every input, ticks included.
-        w.run_for(Duration::from_secs(5));
-        let h = w.holders()[0];
-        w.input(h, Input::Release);
-        w.run_for(Duration::from_secs(5));
-    }
-}
-
-#[test]
 fn zero_and_absurd_settings_are_clamped_not_a_busy_loop() {
     let mut config = LockConfig::new(Protocol::Lease);
     config.acquire_interval = Duration::ZERO;
@@ -908,4 +895,51 @@ fn start_or_retry_behind_another_request_attempts_when_it_ends() {
     assert!(s.after(1, Input::Start).is_empty(), "terminate still in flight");
     let out = s.reply(1, &terminate, Reply::Terminate(TerminateOutcome::Terminated));
     assert_eq!(request(&out).op, DbOp::Acquire);
+}
+
+/// The server answers a renewal with "not owned" (the token is no longer the row's).
+#[test]
+fn renewal_not_owned_reports_superseded() {
+    let t = Timestamp::from_millis(1_000);
+    let mut lock = Lock::new(ChannelName::new(CHANNEL).unwrap(), fast_config(Protocol::Lease), 1);
+    lock.handle_input(t, Input::SessionUp(SessionId(1)));
+    lock.handle_input(t, Input::Start);
+    let req = request(&drain(&mut lock));
+    let reply = AcquireReply {
+        acquired: true,
+        token: Some(FenceToken(3)),
+        lease_remaining: None,
+        stale_holder: None,
+    };
+    lock.handle_input(
+        t,
+        Input::DbResult {
+            id: req.id,
+            result: Ok(Reply::Acquire(reply)),
+        },
+    );
+    drain(&mut lock);
+    let (at, kind) = lock.poll_timeout().unwrap();
+    assert_eq!(kind, TimerKind::Renew);
+    lock.handle_input(at, Input::Tick);
+    let req = request(&drain(&mut lock));
+    assert_eq!(
+        req.op,
+        DbOp::Renew {
+            token: Some(FenceToken(3))
+        }
+    );
+    lock.handle_input(
+        at,
+        Input::DbResult {
+            id: req.id,
+            result: Ok(Reply::Renew { owned: false }),
+        },
+    );
+    assert_eq!(
+        events(&drain(&mut lock)),
+        vec![LockEvent::Lost {
+            reason: LostReason::Superseded
+        }]
+    );
 }

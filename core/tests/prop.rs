@@ -1,13 +1,15 @@
-//! Property tests: random input sequences into one lock, and random fleets against the
-//! in-memory database.
+//! Property tests: random input sequences into one lock, every invariant checked by
+//! [`pgiplock_core::check::LockChecker`] after each input. (Fleets of locks against the
+//! simulator's database model: `sim/tests/fleet_prop.rs`.)
 //!
-//! Cases default to 256 per property; set `PROPTEST_CASES` for more.
+//! Cases default to 256; set `PROPTEST_CASES` for more.
 
-mod harness;
+mod common;
 
 use std::time::Duration;
 
-use harness::*;
+use common::*;
+use pgiplock_core::check::LockChecker;
 use pgiplock_core::*;
 use proptest::prelude::*;
 
@@ -117,31 +119,24 @@ fn delta() -> impl Strategy<Value = i64> {
     ]
 }
 
-/// Checks the invariants of one lock across inputs; the same rules as the fuzz target's.
-struct Checker {
+/// Turns generated steps into inputs (the session and request ids they name depend on what the
+/// lock did so far) and feeds them through the core's checker.
+struct Driver {
     lock: Lock,
+    checker: LockChecker,
     now: Timestamp,
-    clock: Timestamp,
-    tenure: bool,
-    stopped: bool,
     latest_request: Option<RequestId>,
     latest_session: u64,
-    tries: u64,
-    answers: u64,
 }
 
-impl Checker {
-    fn new(config: LockConfig, seed: u64) -> Checker {
-        Checker {
+impl Driver {
+    fn new(config: LockConfig, seed: u64) -> Driver {
+        Driver {
             lock: Lock::new(ChannelName::new(CHANNEL).unwrap(), config, seed),
+            checker: LockChecker::new(),
             now: Timestamp::from_millis(5_000),
-            clock: Timestamp::ZERO,
-            tenure: false,
-            stopped: false,
             latest_request: None,
             latest_session: 0,
-            tries: 0,
-            answers: 0,
         }
     }
 
@@ -157,10 +152,7 @@ impl Checker {
         match step {
             Step::Tick => Input::Tick,
             Step::Start => Input::Start,
-            Step::TryAcquire => {
-                self.tries += 1;
-                Input::TryAcquire
-            }
+            Step::TryAcquire => Input::TryAcquire,
             Step::Release => Input::Release,
             Step::Stop => Input::Stop,
             Step::Signal => Input::Signal(SignalKind::Terminate),
@@ -202,113 +194,20 @@ impl Checker {
         }
     }
 
-    fn step(&mut self, delta_us: i64, step: &Step) {
+    fn step(&mut self, delta_us: i64, step: &Step) -> Result<(), TestCaseError> {
         self.now = Timestamp::from_micros(self.now.as_micros().saturating_add_signed(delta_us));
         let input = self.input_of(step);
-        // The lock's own clock never goes back: this is the time it acts at.
-        self.clock = self.clock.max(self.now);
-        let before_timeout = self.lock.poll_timeout();
-        let before_state = self.lock.state();
-        let is_tick = input == Input::Tick;
-        self.lock.handle_input(self.now, input);
-        let outputs = drain(&mut self.lock);
-        let after = self.lock.state();
-
-        if let Some((at, kind)) = self.lock.poll_timeout() {
-            assert!(at > self.clock, "deadline {at:?} ({kind:?}) not after {:?}", self.clock);
-        }
-        if is_tick && before_timeout.is_none_or_after(self.clock) {
-            assert!(outputs.is_empty(), "idle tick produced {outputs:?}");
-            assert_eq!(self.lock.poll_timeout(), before_timeout);
-            assert_eq!(after, before_state);
-        }
-        // One request at a time per session: a request on a session replaced within the same
-        // input is abandoned, its reply will be ignored.
-        let on_current = outputs
-            .iter()
-            .filter(|o| matches!(o, Output::Request(r) if Some(r.session) == after.session))
-            .count();
-        assert!(on_current <= 1, "several requests at once: {outputs:?}");
-        for output in &outputs {
-            match output {
-                Output::Request(req) => {
-                    assert!(
-                        self.latest_request.is_none_or_below(req.id),
-                        "request ids must rise: {req:?}"
-                    );
-                    assert!(
-                        Some(req.session) == after.session || Some(req.session) == before_state.session,
-                        "request on a session that is not the lock's: {req:?}"
-                    );
-                    self.latest_request = Some(req.id);
-                }
-                Output::Deliver { payload } => {
-                    assert!(self.tenure, "S3: delivered {payload:?} outside tenure");
-                }
-                Output::Event(LockEvent::Acquired { .. }) => {
-                    assert!(!self.tenure, "Acquired twice");
-                    assert!(!self.stopped, "Acquired after Stopped");
-                    self.tenure = true;
-                }
-                Output::Event(e @ (LockEvent::Lost { .. } | LockEvent::Released)) => {
-                    assert!(self.tenure, "{e:?} without tenure");
-                    self.tenure = false;
-                }
-                Output::Event(LockEvent::Stopped { .. }) => {
-                    assert!(!self.tenure, "Stopped while holding");
-                    assert!(!self.stopped, "Stopped twice");
-                    self.stopped = true;
-                }
-                Output::AttemptDone { .. } => self.answers += 1,
-                _ => {}
-            }
-        }
-        assert!(self.answers <= self.tries, "more answers than attempts");
-        // The tenure the application sees is the phase.
-        assert_eq!(self.tenure, after.phase.is_holder(), "phase {:?}", after.phase);
-        if self.stopped {
-            assert_eq!(after.phase, Phase::Stopped);
-            assert_eq!(self.lock.poll_timeout(), None);
-        }
-    }
-}
-
-trait DeadlineExt {
-    fn is_none_or_after(&self, t: Timestamp) -> bool;
-}
-
-impl DeadlineExt for Option<(Timestamp, TimerKind)> {
-    fn is_none_or_after(&self, t: Timestamp) -> bool {
-        self.is_none_or_pred(|at| at > t)
-    }
-}
-
-trait OptionPred<T> {
-    fn is_none_or_pred(&self, f: impl FnOnce(T) -> bool) -> bool;
-}
-
-impl OptionPred<Timestamp> for Option<(Timestamp, TimerKind)> {
-    fn is_none_or_pred(&self, f: impl FnOnce(Timestamp) -> bool) -> bool {
-        match self {
-            None => true,
-            Some((at, _)) => f(*at),
-        }
-    }
-}
-
-trait RequestIdExt {
-    fn is_none_or_below(&self, id: RequestId) -> bool;
-}
-
-impl RequestIdExt for Option<RequestId> {
-    fn is_none_or_below(&self, id: RequestId) -> bool {
-        self.is_none_or_pred(|latest| latest < id)
-    }
-}
-
-impl OptionPred<RequestId> for Option<RequestId> {
-    fn is_none_or_pred(&self, f: impl FnOnce(RequestId) -> bool) -> bool {
-        self.map_or(true, f)
+        let shown = format!("{input:?}");
+        let outputs = self
+            .checker
+            .handle_input(&mut self.lock, self.now, input)
+            .map_err(|v| TestCaseError::fail(format!("{v} (after {shown} at {:?})", self.now)))?;
+        let latest = outputs.iter().rev().find_map(|o| match o {
+            Output::Request(r) => Some(r.id),
+            _ => None,
+        });
+        self.latest_request = latest.or(self.latest_request);
+        Ok(())
     }
 }
 
@@ -346,9 +245,9 @@ proptest! {
 
     #[test]
     fn one_lock_any_input(config in config(), seed in any::<u64>(), steps in prop::collection::vec((delta(), step()), 1..120)) {
-        let mut checker = Checker::new(config, seed);
+        let mut driver = Driver::new(config, seed);
         for (delta, step) in &steps {
-            checker.step(*delta, step);
+            driver.step(*delta, step)?;
         }
     }
 }
@@ -358,176 +257,4 @@ fn cases(default: u32) -> u32 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-// ----- a fleet against the in-memory database -----
-
-#[derive(Debug, Clone)]
-enum Fault {
-    Wait(u64),
-    Release(usize),
-    Stop(usize),
-    TryAcquire(usize),
-    Crash(usize),
-    Cut(usize),
-    Heal(usize),
-    Restart(usize),
-    Publish(u8),
-}
-
-fn fault(graceful_only: bool) -> BoxedStrategy<Fault> {
-    let node = 0usize..5;
-    if graceful_only {
-        prop_oneof![
-            6 => (1u64..3_000).prop_map(Fault::Wait),
-            2 => node.clone().prop_map(Fault::Release),
-            1 => node.clone().prop_map(Fault::TryAcquire),
-            4 => any::<u8>().prop_map(Fault::Publish),
-        ]
-        .boxed()
-    } else {
-        prop_oneof![
-            6 => (1u64..3_000).prop_map(Fault::Wait),
-            2 => node.clone().prop_map(Fault::Release),
-            1 => node.clone().prop_map(Fault::Stop),
-            1 => node.clone().prop_map(Fault::TryAcquire),
-            1 => node.clone().prop_map(Fault::Crash),
-            1 => node.clone().prop_map(Fault::Cut),
-            1 => node.clone().prop_map(Fault::Heal),
-            1 => node.clone().prop_map(Fault::Restart),
-            3 => any::<u8>().prop_map(Fault::Publish),
-        ]
-        .boxed()
-    }
-}
-
-fn latency() -> impl Strategy<Value = Latency> {
-    (1u64..3_000, 1u64..3_000, 1u64..3_000, 1u64..20_000).prop_map(|(req, rep, notify, connect)| Latency {
-        request: Duration::from_micros(req),
-        reply: Duration::from_micros(rep),
-        notify: Duration::from_micros(notify),
-        connect: Duration::from_micros(connect),
-    })
-}
-
-/// Runs a fleet through `faults`; the world checks S2 (when on), S3 and S4 after every step.
-fn run_fleet(protocol: Protocol, n: usize, seed: u64, latency: Latency, faults: &[Fault]) -> World {
-    let config = fast_config(protocol);
-    let mut w = World::new(config.clone(), n, seed);
-    w.latency = latency;
-    w.start_all();
-    let mut published = 0u64;
-    for (i, f) in faults.iter().enumerate() {
-        match *f {
-            Fault::Wait(ms) => w.run_for(Duration::from_millis(ms)),
-            Fault::Release(node) => w.input(node % n, Input::Release),
-            Fault::Stop(node) => w.input(node % n, Input::Stop),
-            Fault::TryAcquire(node) => w.input(node % n, Input::TryAcquire),
-            Fault::Crash(node) => w.crash(node % n),
-            Fault::Cut(node) => w.cut(node % n),
-            Fault::Heal(node) => w.heal(node % n),
-            Fault::Restart(node) => {
-                if w.nodes[node % n].lock.is_none() {
-                    w.restart(node % n, config.clone(), seed ^ i as u64);
-                }
-            }
-            Fault::Publish(burst) => {
-                // A burst of messages spread over a few milliseconds.
-                for k in 0..u64::from(burst % 8) {
-                    let at = w.now + Duration::from_micros(700 * k);
-                    w.publish_at(at, &format!("m{published}"));
-                    published += 1;
-                }
-            }
-        }
-    }
-    w.run_for(Duration::from_secs(10));
-    w
-}
-
-proptest! {
-    #![proptest_config(ProptestConfig { cases: cases(64), ..ProptestConfig::default() })]
-
-    /// S2 (one believer), S3, S4 under Lease with any faults; S3 and S4 under Classic.
-    #[test]
-    fn fleet_safety(
-        lease in any::<bool>(),
-        n in 2usize..=5,
-        seed in any::<u64>(),
-        latency in latency(),
-        faults in prop::collection::vec(fault(false), 1..40),
-    ) {
-        let protocol = if lease { Protocol::Lease } else { Protocol::Classic };
-        let w = run_fleet(protocol, n, seed, latency, &faults);
-        // Delivered messages are a subset of the published ones, never invented, and none twice
-        // (at most once across every fault here: crashes, cuts, stops, releases).
-        let mut all = w.all_delivered();
-        for p in &all {
-            prop_assert!(w.published.contains(p));
-        }
-        let delivered = all.len();
-        all.sort();
-        all.dedup();
-        prop_assert_eq!(all.len(), delivered, "duplicates");
-        // Liveness (L2, L3): ten seconds after the last fault, a process that is alive, connected
-        // and not stopped holds the lock. Under Classic only without silent cuts: a cut holder's
-        // session blocks its row for as long as the server keeps it (the weakness Lease fixes).
-        let cuts = faults.iter().any(|f| matches!(f, Fault::Cut(_)));
-        let eligible: Vec<usize> = (0..n)
-            .filter(|&i| !w.nodes[i].cut && w.nodes[i].lock.as_ref().is_some_and(|l| !l.state().stopping))
-            .collect();
-        if !eligible.is_empty() && (lease || !cuts) {
-            let holders = w.holders();
-            prop_assert_eq!(holders.len(), 1, "no holder among {:?}", eligible);
-            prop_assert!(eligible.contains(&holders[0]));
-        }
-    }
-
-    /// With graceful releases only and a holder in place before publishing starts, every message
-    /// is delivered exactly once (lossless handover), whatever the latencies. (Under Classic
-    /// without explicit `TryAcquire`s, see below.)
-    #[test]
-    fn fleet_graceful_handover_is_exactly_once(
-        lease in any::<bool>(),
-        n in 2usize..=5,
-        seed in any::<u64>(),
-        latency in latency(),
-        faults in prop::collection::vec(fault(true), 1..40),
-    ) {
-        let protocol = if lease { Protocol::Lease } else { Protocol::Classic };
-        let config = fast_config(protocol);
-        let mut w = World::new(config, n, seed);
-        w.latency = latency;
-        // Classic has no split brain without faults either.
-        w.check_s2 = true;
-        w.start_all();
-        prop_assert!(w.run_until(Duration::from_secs(1), |w| w.holders().len() == 1));
-        let mut published = 0u64;
-        for f in &faults {
-            match *f {
-                Fault::Wait(ms) => w.run_for(Duration::from_millis(ms)),
-                Fault::Release(node) => w.input(node % n, Input::Release),
-                // Classic announces no new term, so a releaser keeps nothing for the next one
-                // (at most once): a releaser that asks again at once may win and lose what
-                // followed its marker. Without explicit attempts a standby always wins first.
-                Fault::TryAcquire(node) if lease => w.input(node % n, Input::TryAcquire),
-                Fault::Publish(burst) => {
-                    for k in 0..u64::from(burst % 8) {
-                        let at = w.now + Duration::from_micros(700 * k);
-                        w.publish_at(at, &format!("m{published}"));
-                        published += 1;
-                    }
-                }
-                _ => {}
-            }
-        }
-        w.run_for(Duration::from_secs(10));
-        prop_assert_eq!(w.holders().len(), 1);
-        let mut all = w.all_delivered();
-        let delivered = all.len();
-        all.sort();
-        all.dedup();
-        prop_assert_eq!(all.len(), delivered, "duplicates");
-        prop_assert_eq!(delivered as u64, published, "lost messages");
-    }
 }

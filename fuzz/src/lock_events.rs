@@ -15,9 +15,10 @@
 
 use std::time::Duration;
 
+use pgiplock_core::check::LockChecker;
 use pgiplock_core::{
-    AcquireReply, ChannelName, DbError, FenceToken, Input, Lock, LockConfig, LockEvent, Marker, Output, Phase,
-    Protocol, Reply, RequestId, SessionId, SignalKind, StaleHolder, TerminateOutcome, Timestamp,
+    AcquireReply, ChannelName, DbError, FenceToken, Input, Lock, LockConfig, Marker, Output, Protocol, Reply,
+    RequestId, SessionId, SignalKind, StaleHolder, TerminateOutcome, Timestamp,
 };
 
 use crate::bytes::Reader;
@@ -318,48 +319,37 @@ pub fn encode(config: u8, seed: u64, steps: &[(u8, Step)]) -> Vec<u8> {
     out
 }
 
-/// Checks the invariants of one lock across inputs.
-///
-/// After every input: no panic; the next deadline is `None` or strictly after the lock's clock;
-/// a `Tick` with nothing due produces nothing and changes nothing; at most one request leaves
-/// per input, with rising ids, on the lock's session; `Deliver` only inside a tenure, where a
-/// tenure runs from `Acquired` to `Lost`/`Released` in the output stream (S3); no `Acquired`
-/// twice without an end between, none after `Stopped`; the tenure agrees with
-/// `state().phase.is_holder()` once drained; no more `AttemptDone` than `TryAcquire`; a stopped
-/// lock has no deadline.
+/// Feeds decoded steps into one lock through [`LockChecker`], which checks every invariant of
+/// the state machine after each input (see [`pgiplock_core::check`]); panics on the first one
+/// broken.
 #[derive(Debug)]
-pub struct LockChecker {
+pub struct StepDriver {
     /// The lock under test.
     pub lock: Lock,
+    /// The checker watching it.
+    pub checker: LockChecker,
     /// The driver's clock (may go back).
     pub now: Timestamp,
-    clock: Timestamp,
-    tenure: bool,
-    stopped: bool,
     latest_request: Option<RequestId>,
     latest_session: u64,
-    tries: u64,
-    answers: u64,
-    /// Messages delivered.
-    pub delivered: u64,
 }
 
-impl LockChecker {
+impl StepDriver {
     /// A lock on [`CHANNEL`] with `config` and `seed`.
     pub fn new(config: LockConfig, seed: u64) -> Self {
         let channel = ChannelName::new(CHANNEL).expect("valid channel name");
-        LockChecker {
+        StepDriver {
             lock: Lock::new(channel, config, seed),
+            checker: LockChecker::new(),
             now: Timestamp::from_millis(5_000),
-            clock: Timestamp::ZERO,
-            tenure: false,
-            stopped: false,
             latest_request: None,
             latest_session: 0,
-            tries: 0,
-            answers: 0,
-            delivered: 0,
         }
+    }
+
+    /// Messages delivered so far.
+    pub fn delivered(&self) -> u64 {
+        self.checker.delivered()
     }
 
     fn session(&self, choice: SessionChoice) -> SessionId {
@@ -373,10 +363,7 @@ impl LockChecker {
         match step {
             Step::Tick => Input::Tick,
             Step::Start => Input::Start,
-            Step::TryAcquire => {
-                self.tries += 1;
-                Input::TryAcquire
-            }
+            Step::TryAcquire => Input::TryAcquire,
             Step::Release => Input::Release,
             Step::Stop => Input::Stop,
             Step::Signal => Input::Signal(SignalKind::Terminate),
@@ -418,102 +405,21 @@ impl LockChecker {
         }
     }
 
-    /// Feeds one step `delta_us` after the previous one and checks everything.
+    /// Feeds one step `delta_us` after the previous one; panics when an invariant breaks.
     pub fn step(&mut self, delta_us: i64, step: &Step) {
         self.now = Timestamp::from_micros(self.now.as_micros().saturating_add_signed(delta_us));
         let input = self.input_of(step);
-        self.clock = self.clock.max(self.now);
-        let before_timeout = self.lock.poll_timeout();
-        let before = self.lock.state();
-        let idle_tick = input == Input::Tick && before_timeout.is_none_or_after(self.clock);
-        self.lock.handle_input(self.now, input);
-        let mut outputs = Vec::new();
-        while let Some(o) = self.lock.poll_output() {
-            outputs.push(o);
-        }
-        let after = self.lock.state();
-
-        if let Some((at, kind)) = self.lock.poll_timeout() {
-            assert!(at > self.clock, "deadline {at:?} ({kind:?}) not after {:?}", self.clock);
-        }
-        if idle_tick {
-            assert!(outputs.is_empty(), "idle tick produced {outputs:?}");
-            assert_eq!(self.lock.poll_timeout(), before_timeout, "idle tick moved a deadline");
-            assert_eq!(after, before, "idle tick changed the state");
-        }
-        // One request at a time per session: a request on a session replaced within the same
-        // input is abandoned, its reply will be ignored.
-        let on_current = outputs
-            .iter()
-            .filter(|o| matches!(o, Output::Request(r) if Some(r.session) == after.session))
-            .count();
-        assert!(on_current <= 1, "several requests at once: {outputs:?}");
-        for output in &outputs {
-            match output {
-                Output::Request(req) => {
-                    assert!(
-                        self.latest_request.is_none_or_below(req.id),
-                        "request ids must rise: {req:?}"
-                    );
-                    assert!(
-                        Some(req.session) == after.session || Some(req.session) == before.session,
-                        "request on a session that is not the lock's: {req:?}"
-                    );
-                    self.latest_request = Some(req.id);
-                }
-                Output::Deliver { payload } => {
-                    assert!(self.tenure, "S3: delivered {payload:?} outside tenure");
-                    self.delivered += 1;
-                }
-                Output::Event(LockEvent::Acquired { .. }) => {
-                    assert!(!self.tenure, "Acquired twice without Lost/Released");
-                    assert!(!self.stopped, "Acquired after Stopped");
-                    self.tenure = true;
-                }
-                Output::Event(e @ (LockEvent::Lost { .. } | LockEvent::Released)) => {
-                    assert!(self.tenure, "{e:?} without tenure");
-                    self.tenure = false;
-                }
-                Output::Event(LockEvent::Stopped { .. }) => {
-                    assert!(!self.tenure, "Stopped while holding");
-                    assert!(!self.stopped, "Stopped twice");
-                    self.stopped = true;
-                }
-                Output::AttemptDone { .. } => self.answers += 1,
-                _ => {}
+        let shown = format!("{input:?}");
+        match self.checker.handle_input(&mut self.lock, self.now, input) {
+            Ok(outputs) => {
+                let latest = outputs.iter().rev().find_map(|o| match o {
+                    Output::Request(r) => Some(r.id),
+                    _ => None,
+                });
+                self.latest_request = latest.or(self.latest_request);
             }
+            Err(violation) => panic!("{violation} (after {shown} at {:?})", self.now),
         }
-        assert!(self.answers <= self.tries, "more answers than attempts");
-        assert_eq!(
-            self.tenure,
-            after.phase.is_holder(),
-            "tenure vs phase {:?}",
-            after.phase
-        );
-        if self.stopped {
-            assert_eq!(after.phase, Phase::Stopped);
-            assert_eq!(self.lock.poll_timeout(), None, "a stopped lock keeps a deadline");
-        }
-    }
-}
-
-trait DeadlineExt {
-    fn is_none_or_after(&self, t: Timestamp) -> bool;
-}
-
-impl<K> DeadlineExt for Option<(Timestamp, K)> {
-    fn is_none_or_after(&self, t: Timestamp) -> bool {
-        self.as_ref().map_or(true, |(at, _)| *at > t)
-    }
-}
-
-trait RequestIdExt {
-    fn is_none_or_below(&self, id: RequestId) -> bool;
-}
-
-impl RequestIdExt for Option<RequestId> {
-    fn is_none_or_below(&self, id: RequestId) -> bool {
-        self.map_or(true, |latest| latest < id)
     }
 }
 
@@ -524,8 +430,8 @@ impl RequestIdExt for Option<RequestId> {
 /// ```
 pub fn lock_events(data: &[u8]) {
     let (config, seed, steps) = decode(data);
-    let mut checker = LockChecker::new(decode_config(config), seed);
+    let mut driver = StepDriver::new(decode_config(config), seed);
     for (delta, step) in &steps {
-        checker.step(*delta, step);
+        driver.step(*delta, step);
     }
 }

@@ -112,29 +112,29 @@ fn bytes_deltas(bytes: &[u8]) -> Vec<u8> {
 
 #[test]
 fn hand_made_seeds_reach_their_states() {
-    use pgiplock_fuzz::lock_events::{decode, decode_config, LockChecker};
+    use pgiplock_fuzz::lock_events::{decode, decode_config, StepDriver};
     let run = |name: &str| {
         let (_, bytes) = corpus::lock_events()
             .into_iter()
             .find(|(n, _)| n == name)
             .unwrap_or_else(|| panic!("no seed {name}"));
         let (config, seed, steps) = decode(&bytes);
-        let mut checker = LockChecker::new(decode_config(config), seed);
+        let mut driver = StepDriver::new(decode_config(config), seed);
         for (delta, step) in &steps {
-            checker.step(*delta, step);
+            driver.step(*delta, step);
         }
-        checker
+        driver
     };
-    assert_eq!(run("lease_hold_and_renew").delivered, 6);
+    assert_eq!(run("lease_hold_and_renew").delivered(), 6);
     assert!(run("lease_hold_and_renew").lock.state().phase.is_holder());
     // Buffered after the drain marker, delivered first on winning, then live.
-    assert_eq!(run("lease_standby_handover").delivered, 5);
+    assert_eq!(run("lease_standby_handover").delivered(), 5);
     assert!(run("lease_standby_handover").lock.state().phase.is_holder());
     // Delivers up to its own drain marker, then re-acquires a full interval later.
     let released = run("lease_graceful_release");
-    assert_eq!(released.delivered, 3 + 1);
+    assert_eq!(released.delivered(), 3 + 1);
     assert!(released.lock.state().phase.is_holder());
-    assert_eq!(run("lease_self_fence").delivered, 0);
+    assert_eq!(run("lease_self_fence").delivered(), 0);
     assert!(!run("lease_self_fence").lock.state().phase.is_holder());
     assert!(!run("lease_superseded").lock.state().phase.is_holder());
     assert_eq!(
@@ -148,9 +148,9 @@ fn hand_made_seeds_reach_their_states() {
     assert_eq!(run("stop_unanswered").lock.state().phase, pgiplock_core::Phase::Stopped);
     assert!(run("old_sessions_and_late_replies").lock.state().phase.is_holder());
     assert!(run("lease_request_timeout").lock.state().phase.is_holder());
-    assert_eq!(run("tiny_buffer_overflow").delivered, 2);
-    assert_eq!(run("classic_hold_and_superseded").delivered, 1);
-    assert_eq!(run("defaults_hold_long").delivered, 20);
+    assert_eq!(run("tiny_buffer_overflow").delivered(), 2);
+    assert_eq!(run("classic_hold_and_superseded").delivered(), 1);
+    assert_eq!(run("defaults_hold_long").delivered(), 20);
 }
 
 /// A small deterministic fuzz on stable Rust: the corpus files with seeded random byte flips,
