@@ -728,6 +728,7 @@ impl Lock {
 
     fn on_request_failed(&mut self, op: DbOp, error: DbError) {
         let name = op.name();
+        let error_missing = error.is_schema_missing();
         if error != DbError::SessionLost {
             self.emit(LockEvent::Warning(Warning::RequestFailed { op: name, error }));
         }
@@ -740,6 +741,10 @@ impl Lock {
                     return;
                 }
                 self.schedule_retry(None);
+            }
+            DbOp::Renew { .. } if self.phase == Phase::Holding && error_missing => {
+                // The lock table is gone (dropped under the fleet): so is the row naming us.
+                self.lose(LostReason::Superseded);
             }
             DbOp::Renew { .. } => {
                 // Lease: the fence deadline decides; Classic: check again next period.

@@ -541,6 +541,8 @@ struct Entry {
     destroy_calls: Vec<CallId>,
     /// The deadline this lock has in the timer set.
     armed: Option<Timestamp>,
+    /// The reply being fed was refused as read-only: an `Acquire` call it answers fails so.
+    refused_read_only: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -682,6 +684,7 @@ impl Session {
                 release_calls: Vec::new(),
                 destroy_calls: Vec::new(),
                 armed: None,
+                refused_read_only: false,
             },
         );
         Ok(())
@@ -1228,6 +1231,9 @@ impl Session {
                     self.on_lock_error(key, error);
                 }
                 self.feed(key, Input::DbResult { id, result });
+                if let Some(entry) = self.locks.get_mut(&key) {
+                    entry.refused_read_only = false;
+                }
             }
         }
     }
@@ -1248,6 +1254,9 @@ impl Session {
                 self.bootstrap(schema_key);
             }
         } else if error.is_read_only() {
+            if let Some(entry) = self.locks.get_mut(&key) {
+                entry.refused_read_only = true;
+            }
             self.outputs.push_back(SessionOutput::Lock {
                 lock: key,
                 event: LockEvent::Warning(Warning::ServerReadOnly),
@@ -1396,9 +1405,15 @@ impl Session {
             }
             Output::Deliver { payload } => self.outputs.push_back(SessionOutput::Deliver { lock: key, payload }),
             Output::AttemptDone { acquired } => {
-                let call = self.locks.get_mut(&key).and_then(|e| e.acquire_calls.pop_front());
-                if let Some(call) = call {
-                    self.done(call, Ok(CallReply::Acquired(acquired)));
+                let Some(entry) = self.locks.get_mut(&key) else { return };
+                let refused = entry.refused_read_only && !acquired;
+                if let Some(call) = entry.acquire_calls.pop_front() {
+                    let result = if refused {
+                        Err(CallError::ReadOnly)
+                    } else {
+                        Ok(CallReply::Acquired(acquired))
+                    };
+                    self.done(call, result);
                 }
             }
             Output::Event(event) => self.on_lock_event(key, event),

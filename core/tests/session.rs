@@ -564,3 +564,39 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn an_acquire_refused_as_read_only_fails_the_call_so() {
+    let mut rig = Rig::new();
+    rig.up();
+    let retry = request(&rig.out, "acquire").unwrap();
+    rig.reply(&retry, Ok(OpReply::Lock(Reply::Acquire(AcquireReply::locked()))));
+    let out = rig.call(2, LockCall::Acquire);
+    let attempt = request(&out, "acquire").expect("attempts now");
+    let out = rig.reply(&attempt, Err(DbError::server("25006", "read-only")));
+    assert!(out.contains(&SessionOutput::CallDone {
+        call: CallId(2),
+        result: Err(CallError::ReadOnly)
+    }));
+}
+
+#[test]
+fn a_holder_whose_table_vanished_steps_down_at_once() {
+    let mut rig = Rig::new();
+    rig.up();
+    let acquire = request(&rig.out, "acquire").unwrap();
+    rig.reply(&acquire, acquired(1));
+    let out = rig.tick();
+    let renew = request(&out, "renew").expect("renews");
+    let out = rig.reply(
+        &renew,
+        Err(DbError::server("42883", "function locks.lease_renew does not exist")),
+    );
+    assert!(out.contains(&SessionOutput::Lock {
+        lock: KEY,
+        event: LockEvent::Lost {
+            reason: LostReason::Superseded
+        }
+    }));
+    assert!(request(&out, "bootstrap").is_some());
+}
