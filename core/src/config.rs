@@ -59,6 +59,16 @@ pub enum ConfigError {
     /// A duration that must be positive is zero.
     #[error("{0} must be greater than zero")]
     Zero(&'static str),
+    /// A duration below the shortest the lock can run with (see [`LockConfig`]'s floors).
+    #[error("{name} of {value:?} is below the minimum of {min:?}")]
+    TooSmall {
+        /// The setting.
+        name: &'static str,
+        /// Its value.
+        value: Duration,
+        /// The minimum allowed.
+        min: Duration,
+    },
     /// A duration beyond any sensible value.
     #[error("{name} of {value:?} exceeds the maximum of {max:?}")]
     TooLarge {
@@ -83,20 +93,36 @@ pub enum ConfigError {
 /// Longest accepted duration for any setting: one day.
 pub const MAX_SETTING: Duration = Duration::from_secs(24 * 3600);
 
+/// Shortest accepted `acquire_interval`, `renew_interval`, `request_timeout` and
+/// `shutdown_timeout`: 10 ms. A shorter timer fires before a round trip to the server can end,
+/// so the lock would only spin (a busy loop of statements or timeouts), never work faster.
+pub const MIN_INTERVAL: Duration = Duration::from_millis(10);
+
+/// Shortest accepted `lease_ttl` under [`Protocol::Lease`]: 100 ms. The lease must outlive a
+/// renewal round trip plus the fence margin, and the renew interval (itself at least
+/// [`MIN_INTERVAL`]) must fit within `lease_ttl - fence_margin`.
+pub const MIN_LEASE_TTL: Duration = Duration::from_millis(100);
+
 /// Timings and limits of one lock. Build with [`LockConfig::new`] and adjust fields; check with
 /// [`LockConfig::validate`].
 ///
-/// Defaults (justified in the README's "Choosing timings"):
+/// Defaults (justified in the README's "Choosing timings") and the range
+/// [`validate`](LockConfig::validate) accepts:
 ///
-/// | setting | Lease | Classic |
-/// |---|---|---|
-/// | `acquire_interval` (standby retry bound) | 30 s | 30 s |
-/// | `lease_ttl` | 10 s | unused |
-/// | `renew_interval` (holder renew / ownership check) | 2 s | 30 s |
-/// | `fence_margin` | 1 s | unused |
-/// | `request_timeout` | 5 s | 5 s |
-/// | `wake_jitter` (spread of standbys woken by a release) | 20 ms | 20 ms |
-/// | `shutdown_timeout` | 1 s | 1 s |
+/// | setting | Lease | Classic | accepted |
+/// |---|---|---|---|
+/// | `acquire_interval` (standby retry bound) | 30 s | 30 s | 10 ms ..= 24 h |
+/// | `lease_ttl` | 10 s | unused | 100 ms ..= 24 h (Lease) |
+/// | `renew_interval` (holder renew / ownership check) | 2 s | 30 s | 10 ms ..= 24 h, and under Lease below `lease_ttl - fence_margin` |
+/// | `fence_margin` | 1 s | unused | 0 ..= 24 h, and under Lease below `lease_ttl` |
+/// | `request_timeout` | 5 s | 5 s | 10 ms ..= 24 h |
+/// | `wake_jitter` (spread of standbys woken by a release) | 20 ms | 20 ms | 0 ..= 24 h |
+/// | `shutdown_timeout` | 1 s | 1 s | 10 ms ..= 24 h |
+/// | `marker_wait` | 500 ms | 500 ms | above 0, up to 24 h |
+///
+/// The floors are [`MIN_INTERVAL`] and [`MIN_LEASE_TTL`]. [`Lock::new`](crate::Lock::new) does
+/// not refuse: it clamps every duration to at least a microsecond (so property tests and fuzzing
+/// can feed it anything), which is why drivers check user input with `validate` first.
 ///
 /// ```
 /// use pgiplock_core::{LockConfig, Protocol};
@@ -194,6 +220,18 @@ impl LockConfig {
                 });
             }
         }
+        let lease_floor = (self.protocol == Protocol::Lease).then_some(("lease_ttl", self.lease_ttl, MIN_LEASE_TTL));
+        let floors = lease_floor.into_iter().chain([
+            ("acquire_interval", self.acquire_interval, MIN_INTERVAL),
+            ("renew_interval", self.renew_interval, MIN_INTERVAL),
+            ("request_timeout", self.request_timeout, MIN_INTERVAL),
+            ("shutdown_timeout", self.shutdown_timeout, MIN_INTERVAL),
+        ]);
+        for (name, value, min) in floors {
+            if value < min {
+                return Err(ConfigError::TooSmall { name, value, min });
+            }
+        }
         if !(0.0..=0.9).contains(&self.retry_jitter) {
             return Err(ConfigError::Inconsistent("retry_jitter must be within 0.0..=0.9"));
         }
@@ -209,9 +247,6 @@ impl LockConfig {
                     "renew_interval must be shorter than lease_ttl - fence_margin, or the holder fences itself between renewals",
                 ));
             }
-            if self.lease_ttl < Duration::from_millis(10) {
-                return Err(ConfigError::Inconsistent("lease_ttl must be at least 10 ms"));
-            }
         }
         Ok(())
     }
@@ -220,5 +255,79 @@ impl LockConfig {
 impl Default for LockConfig {
     fn default() -> Self {
         LockConfig::new(Protocol::default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn timings_below_their_floor_are_refused_by_name() {
+        type Set = fn(&mut LockConfig, Duration);
+        let settings: [(&str, Set, Duration); 5] = [
+            ("lease_ttl", |c, d| c.lease_ttl = d, MIN_LEASE_TTL),
+            ("acquire_interval", |c, d| c.acquire_interval = d, MIN_INTERVAL),
+            ("renew_interval", |c, d| c.renew_interval = d, MIN_INTERVAL),
+            ("request_timeout", |c, d| c.request_timeout = d, MIN_INTERVAL),
+            ("shutdown_timeout", |c, d| c.shutdown_timeout = d, MIN_INTERVAL),
+        ];
+        for (name, set, min) in settings {
+            let mut c = LockConfig::new(Protocol::Lease);
+            if name == "lease_ttl" {
+                // Keep the lease's other timings consistent with a short ttl.
+                c.renew_interval = ms(20);
+                c.fence_margin = ms(10);
+            }
+            set(&mut c, min);
+            assert_eq!(c.validate(), Ok(()), "{name} at its floor");
+            let below = min - Duration::from_micros(1);
+            set(&mut c, below);
+            assert_eq!(
+                c.validate(),
+                Err(ConfigError::TooSmall {
+                    name,
+                    value: below,
+                    min
+                }),
+                "{name} below its floor"
+            );
+            // Zero keeps its own, plainer error.
+            set(&mut c, Duration::ZERO);
+            assert_eq!(c.validate(), Err(ConfigError::Zero(name)));
+        }
+    }
+
+    #[test]
+    fn classic_ignores_the_lease_floor() {
+        let mut c = LockConfig::new(Protocol::Classic);
+        c.lease_ttl = ms(1);
+        c.fence_margin = Duration::ZERO;
+        assert_eq!(c.validate(), Ok(()));
+        c.renew_interval = ms(5);
+        assert_eq!(
+            c.validate(),
+            Err(ConfigError::TooSmall {
+                name: "renew_interval",
+                value: ms(5),
+                min: MIN_INTERVAL
+            })
+        );
+    }
+
+    #[test]
+    fn too_small_names_the_setting_and_the_floor() {
+        let mut c = LockConfig::new(Protocol::Lease);
+        c.lease_ttl = ms(50);
+        c.renew_interval = ms(10);
+        c.fence_margin = ms(5);
+        assert_eq!(
+            c.validate().unwrap_err().to_string(),
+            "lease_ttl of 50ms is below the minimum of 100ms"
+        );
     }
 }

@@ -46,7 +46,7 @@ mod rng;
 mod session;
 mod time;
 
-pub use config::{ConfigError, LockConfig, Protocol, MAX_SETTING};
+pub use config::{ConfigError, LockConfig, Protocol, MAX_SETTING, MIN_INTERVAL, MIN_LEASE_TTL};
 pub use event::{Input, LockEvent, LostReason, Output, SignalKind, Warning};
 pub use lock::{Lock, LockState, Phase, TimerKind};
 pub use name::{

@@ -54,7 +54,7 @@ mod session;
 mod signal;
 pub mod sql;
 
-pub use error::Error;
+pub use error::{ConfigError, DbError, Error, NameError, PgError};
 pub use lock::{destroy_all, has_instances, LockMessage, LockOptions, PgIpLock, Subscription};
 pub use pgiplock_core::{FenceToken, LostReason, Protocol, SignalKind};
 pub use session::{Session, SessionOptions};

@@ -36,7 +36,7 @@ pub(crate) fn db_error(e: &tokio_postgres::Error) -> DbError {
     }
     match e.as_db_error() {
         Some(db) => DbError::server(db.code().code(), db.message()),
-        None => DbError::Failed(e.to_string()),
+        None => DbError::Failed(crate::error::Why(e).to_string()),
     }
 }
 
@@ -530,12 +530,12 @@ fn single_bool(row: Option<&tokio_postgres::Row>) -> Result<bool, DbError> {
     let row = row.ok_or_else(|| DbError::Failed("no row returned".to_owned()))?;
     row.try_get::<_, Option<bool>>(0)
         .map(|b| b.unwrap_or(false))
-        .map_err(|e| DbError::Failed(e.to_string()))
+        .map_err(|e| db_error(&e))
 }
 
 fn lease_acquire_reply(row: Option<&tokio_postgres::Row>) -> Result<Reply, DbError> {
     let row = row.ok_or_else(|| DbError::Failed("acquire returned no row".to_owned()))?;
-    let bad = |e: tokio_postgres::Error| DbError::Failed(e.to_string());
+    let bad = |e: tokio_postgres::Error| db_error(&e);
     let acquired: Option<bool> = row.try_get("acquired").map_err(bad)?;
     let token: Option<i64> = row.try_get("token").map_err(bad)?;
     let remaining: Option<i64> = row.try_get("remaining_us").map_err(bad)?;

@@ -354,3 +354,55 @@ fn demo_starts_its_own_cluster_without_a_database_url() {
         assert!(stdout.contains("protocol=lease"), "{stdout}");
     }
 }
+
+/// The one `pgiplock: ...` line a failed command prints on stderr.
+fn failure_line(output: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    stderr
+        .lines()
+        .find(|l| l.starts_with("pgiplock: "))
+        .unwrap_or_else(|| panic!("no error line on stderr: {stderr}"))
+        .to_owned()
+}
+
+#[test]
+fn connection_failures_print_each_fact_once() {
+    let mut url: tokio_postgres::Config = database_url().parse().expect("test database url");
+    url.dbname("no_such_db_xyz");
+    let tokio_postgres::config::Host::Tcp(host) = &url.get_hosts()[0] else {
+        panic!("the test server is reached over TCP");
+    };
+    let port = url.get_ports().first().copied().unwrap_or(5432);
+    let missing_db = format!("postgres://postgres@{host}:{port}/no_such_db_xyz");
+    let output = run_bounded(
+        Command::new(BIN).args(["worker", "--database-url", &missing_db, "--channel", "jobs"]),
+        WAIT,
+    );
+    assert_eq!(output.status.code(), Some(1));
+    assert_eq!(
+        failure_line(&output),
+        r#"pgiplock: cannot connect to PostgreSQL: database "no_such_db_xyz" does not exist (SQLSTATE 3D000)"#
+    );
+
+    let unused = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a loopback port")
+        .port();
+    let refused = format!("postgres://postgres@127.0.0.1:{unused}/test");
+    let output = run_bounded(
+        Command::new(BIN).args(["worker", "--database-url", &refused, "--channel", "jobs"]),
+        WAIT,
+    );
+    assert_eq!(output.status.code(), Some(1));
+    let line = failure_line(&output);
+    assert!(
+        line.starts_with("pgiplock: cannot connect to PostgreSQL: error connecting to server: "),
+        "{line}"
+    );
+    assert_eq!(line.matches("error connecting to server").count(), 1, "{line}");
+    #[cfg(target_os = "linux")]
+    assert_eq!(
+        line,
+        "pgiplock: cannot connect to PostgreSQL: error connecting to server: Connection refused (os error 111)"
+    );
+}

@@ -237,6 +237,10 @@ async fn bad_names_and_options_are_typed_errors() {
             .lease_ttl(Duration::from_secs(1))
             .renew_interval(Duration::from_secs(1)),
         LockOptions::new().acquire_interval(Duration::from_secs(100 * 24 * 3600)),
+        // Below the floors of `LockConfig::validate`.
+        LockOptions::new().lease_ttl(Duration::from_millis(50)),
+        LockOptions::new().acquire_interval(Duration::from_millis(5)),
+        LockOptions::new().shutdown_timeout(Duration::from_millis(1)),
     ];
     for o in bad_options {
         assert!(

@@ -25,6 +25,19 @@ fn toml_round_trip_and_defaults() {
     assert_eq!(partial.acquire_interval, std::time::Duration::from_secs(5));
     assert_eq!(partial.processes, Scenario::default().processes);
     assert!(Scenario::from_toml("no_such_field = 1").is_err());
+    // Timings below the core's floors are refused with the setting and the floor named.
+    let tiny = Scenario::from_toml("lease_ttl = \"50ms\"\n").unwrap_err().to_string();
+    assert_eq!(
+        tiny,
+        "invalid lock configuration: lease_ttl of 50ms is below the minimum of 100ms"
+    );
+    let tiny = Scenario::from_toml("acquire_interval = \"5ms\"\n")
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        tiny,
+        "invalid lock configuration: acquire_interval of 5ms is below the minimum of 10ms"
+    );
     assert_eq!(s.faults[1].kind, FaultKind::Crash);
     assert_eq!(s.faults[1].process, Some(3));
 }
