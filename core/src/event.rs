@@ -112,6 +112,36 @@ pub enum Warning {
     },
 }
 
+impl Warning {
+    /// A stable snake_case name (used in the worker's JSON).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Warning::TerminateNotPermitted { .. } => "terminate_not_permitted",
+            Warning::HandoverBufferOverflow { .. } => "handover_buffer_overflow",
+            Warning::ServerReadOnly => "server_read_only",
+            Warning::RequestFailed { .. } => "request_failed",
+        }
+    }
+}
+
+impl std::fmt::Display for Warning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Warning::TerminateNotPermitted { pid } => {
+                write!(f, "not permitted to terminate the stale holder's backend (pid {pid})")
+            }
+            Warning::HandoverBufferOverflow { dropped } => {
+                write!(f, "handover buffer overflowed; {dropped} oldest messages dropped")
+            }
+            Warning::ServerReadOnly => write!(
+                f,
+                "the server refused a lock write as read-only (SQLSTATE 25006); reconnecting to look for a writable host"
+            ),
+            Warning::RequestFailed { op, error } => write!(f, "{op} failed: {error}"),
+        }
+    }
+}
+
 /// A change of the lock's state, reported to the application.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]

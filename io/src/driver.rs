@@ -653,21 +653,13 @@ impl Driver {
                 tracing::info!(channel = %channel, released, "lock stopped");
                 lock.broadcast(LockMessage::Stopped);
             }
-            LockEvent::Warning(warning) => match warning {
-                Warning::TerminateNotPermitted { pid } => {
-                    tracing::warn!(channel = %channel, pid, "not permitted to terminate the stale holder's backend")
+            LockEvent::Warning(warning) => {
+                match &warning {
+                    Warning::ServerReadOnly => tracing::error!(channel = %channel, warning = %warning, "lock warning"),
+                    _ => tracing::warn!(channel = %channel, warning = %warning, "lock warning"),
                 }
-                Warning::HandoverBufferOverflow { dropped } => {
-                    tracing::warn!(channel = %channel, dropped, "handover buffer overflowed; oldest messages dropped")
-                }
-                Warning::RequestFailed { op, error } => {
-                    tracing::warn!(channel = %channel, op, error = %error, "request failed")
-                }
-                Warning::ServerReadOnly => {
-                    tracing::warn!(channel = %channel, "the server refused a lock write as read-only")
-                }
-                other => tracing::warn!(channel = %channel, warning = ?other, "lock warning"),
-            },
+                lock.broadcast(LockMessage::Warning(warning));
+            }
             other => tracing::debug!(channel = %channel, event = ?other, "lock event"),
         }
     }

@@ -56,7 +56,7 @@ pub mod sql;
 
 pub use error::{ConfigError, DbError, Error, NameError, PgError};
 pub use lock::{destroy_all, has_instances, LockMessage, LockOptions, PgIpLock, Subscription};
-pub use pgiplock_core::{FenceToken, LostReason, Protocol, SignalKind};
+pub use pgiplock_core::{FenceToken, LostReason, Protocol, SignalKind, Warning};
 pub use session::{Session, SessionOptions};
 pub use signal::spawn_signal_handler;
 pub use sql::{lock_status, lock_status_on, LockStatus};

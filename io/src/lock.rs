@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use pgiplock_core::{
     ChannelName, ConfigError, FenceToken, LockCall, LockConfig, LockKey, LostReason, Protocol, SchemaName, SignalKind,
+    Warning,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -133,6 +134,7 @@ pub(crate) fn random_u64() -> u64 {
 
 /// What a subscription yields.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum LockMessage {
     /// This process now holds the lock; messages follow.
     Acquired {
@@ -153,6 +155,10 @@ pub enum LockMessage {
     },
     /// The lock was destroyed; the stream ends after this.
     Stopped,
+    /// Something worth knowing that changes nothing by itself: a request failed (the lock
+    /// carries on), the server is read-only, a stale backend could not be terminated, the
+    /// handover buffer overflowed.
+    Warning(Warning),
 }
 
 pub(crate) type ReleaseHandler = Arc<dyn Fn(&str) + Send + Sync>;

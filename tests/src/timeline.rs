@@ -44,6 +44,11 @@ pub enum EventKind {
         /// Its payload.
         payload: String,
     },
+    /// A warning (`Warning::as_str`), which changes nothing by itself.
+    Warning {
+        /// Its kind.
+        kind: String,
+    },
     /// The process exited (observed by the test, time of observation).
     Exited {
         /// Exit code, if it exited normally.
@@ -84,6 +89,7 @@ enum Wire {
     Lost { reason: String, t_us: i64 },
     Released { t_us: i64 },
     Message { payload: String, t_us: i64 },
+    Warning { kind: String, t_us: i64 },
 }
 
 /// Parses one stdout line of a worker into an event.
@@ -96,6 +102,7 @@ pub(crate) fn parse_line(worker: usize, line: &str) -> Event {
                 Wire::Lost { reason, t_us } => (t_us, EventKind::Lost { reason }),
                 Wire::Released { t_us } => (t_us, EventKind::Released),
                 Wire::Message { payload, t_us } => (t_us, EventKind::Message { payload }),
+                Wire::Warning { kind, t_us } => (t_us, EventKind::Warning { kind }),
             };
             Event { worker, t_us, kind }
         }

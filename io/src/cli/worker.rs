@@ -157,6 +157,12 @@ enum Line<'a> {
         payload: &'a str,
         t_us: u64,
     },
+    Warning {
+        channel: &'a str,
+        kind: &'static str,
+        detail: String,
+        t_us: u64,
+    },
 }
 
 /// Writes one JSON object as a line and flushes it at once (the reader may be timing it).
@@ -184,7 +190,14 @@ fn message_line<'a>(channel: &'a str, message: &'a LockMessage) -> Option<Line<'
         },
         LockMessage::Released => Line::Released { channel, t_us },
         LockMessage::Message { payload } => Line::Message { channel, payload, t_us },
+        LockMessage::Warning(warning) => Line::Warning {
+            channel,
+            kind: warning.as_str(),
+            detail: warning.to_string(),
+            t_us,
+        },
         LockMessage::Stopped => return None,
+        _ => return None,
     })
 }
 
