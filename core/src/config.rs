@@ -191,6 +191,28 @@ impl LockConfig {
         }
     }
 
+    /// Sets the lease length and the timings derived from it, the one place these derivations
+    /// live (the `pgiplock` crate's options and the simulator's scenarios both use it): renew
+    /// interval `ttl / 5` (four lost renewals before the holder fences itself), fence margin
+    /// `ttl / 10`, and the request timeout capped at the ttl (a request stuck for longer than
+    /// the lease is worth a new session). Set other values after it to override them.
+    ///
+    /// ```
+    /// use pgiplock_core::{LockConfig, Protocol};
+    /// use std::time::Duration;
+    /// let c = LockConfig::new(Protocol::Lease).with_lease_ttl(Duration::from_secs(3));
+    /// assert_eq!(c.renew_interval, Duration::from_millis(600));
+    /// assert_eq!(c.fence_margin, Duration::from_millis(300));
+    /// assert_eq!(c.request_timeout, Duration::from_secs(3));
+    /// ```
+    pub fn with_lease_ttl(mut self, ttl: Duration) -> Self {
+        self.lease_ttl = ttl;
+        self.renew_interval = ttl / 5;
+        self.fence_margin = ttl / 10;
+        self.request_timeout = self.request_timeout.min(ttl);
+        self
+    }
+
     /// Checks every setting; the first problem found is returned.
     pub fn validate(&self) -> Result<(), ConfigError> {
         // `lease_ttl` first: other settings may be derived from it, and the error should name the

@@ -110,11 +110,7 @@ impl LockOptions {
             config.acquire_interval = interval;
         }
         if let (Protocol::Lease, Some(ttl)) = (self.protocol, self.lease_ttl) {
-            config.lease_ttl = ttl;
-            config.fence_margin = ttl / 10;
-            config.renew_interval = ttl / 5;
-            // A request stuck for longer than the lease is worth a new session.
-            config.request_timeout = config.request_timeout.min(ttl);
+            config = config.with_lease_ttl(ttl);
         }
         if let Some(interval) = self.renew_interval {
             config.renew_interval = interval;

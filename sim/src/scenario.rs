@@ -384,8 +384,14 @@ impl Scenario {
         c.request_timeout = self.request_timeout;
         match self.protocol {
             Protocol::Lease => {
-                c.renew_interval = self.renew_interval.unwrap_or(self.lease_ttl / 5);
-                c.fence_margin = self.fence_margin.unwrap_or(self.lease_ttl / 10);
+                // The derivations of the library's options (renew, margin, request timeout).
+                c = c.with_lease_ttl(self.lease_ttl);
+                if let Some(renew) = self.renew_interval {
+                    c.renew_interval = renew;
+                }
+                if let Some(margin) = self.fence_margin {
+                    c.fence_margin = margin;
+                }
             }
             Protocol::Classic => {
                 if let Some(renew) = self.renew_interval {
