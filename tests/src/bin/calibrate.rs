@@ -10,7 +10,7 @@
 //! lock-statement time. Prints a markdown table on stdout, progress on stderr.
 //!
 //! ```text
-//! cargo build --release -p pgiplock --bins
+//! cargo build --release -p pgiplock-cli
 //! cargo run --release -p pgiplock-tests --bin calibrate
 //! ```
 //!
