@@ -107,7 +107,7 @@ pub enum CliError {
     },
     /// The throwaway cluster could not be started.
     #[error(transparent)]
-    Cluster(#[from] pgiplock::cluster::ClusterError),
+    Cluster(#[from] pgiplock_testkit::cluster::ClusterError),
     /// Writing output or spawning a process failed.
     #[error("{context}: {source}")]
     Io {

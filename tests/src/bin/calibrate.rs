@@ -18,11 +18,11 @@
 
 use std::time::Duration;
 
-use pgiplock::cluster::TempCluster;
-use pgiplock::sql::{bootstrap, execute, Target};
 use pgiplock::LockOptions;
 use pgiplock_core::{ChannelName, DbOp, FenceToken, Protocol, SchemaName};
 use pgiplock_sim::{FaultKind, FaultRates, FaultSpec, Scenario};
+use pgiplock_testkit::cluster::TempCluster;
+use pgiplock_testkit::sql::{bootstrap, execute, Target};
 use pgiplock_tests::{ms, now_us, unique_channel, EventKind, Fleet, WorkerOpts, PROTOCOLS};
 use tokio::time::Instant;
 use tokio_postgres::{Client, NoTls};
