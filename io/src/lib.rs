@@ -46,13 +46,12 @@
 #![warn(missing_docs)]
 
 mod clock;
-pub mod cluster;
 mod driver;
 mod error;
 mod lock;
 mod session;
 mod signal;
-pub mod sql;
+mod sql;
 
 pub use error::{ConfigError, DbError, Error, NameError, PgError};
 pub use lock::{destroy_all, has_instances, LockMessage, LockOptions, PgIpLock, Subscription};
@@ -60,6 +59,15 @@ pub use pgiplock_core::{FenceToken, LostReason, Protocol, SignalKind, Warning};
 pub use session::{Session, SessionOptions};
 pub use signal::spawn_signal_handler;
 pub use sql::{lock_status, lock_status_on, LockStatus};
+
+/// Unstable, for this workspace's test kit only (feature `testkit`, off by default, exempt from
+/// semver): the SQL executor and schema bootstrap that sessions run, so that tests can run a
+/// protocol's operations on a connection of their own.
+#[cfg(feature = "testkit")]
+#[doc(hidden)]
+pub mod testkit {
+    pub use crate::sql::{bootstrap, execute, Target};
+}
 
 /// The README's examples, compiled as doc tests so that they cannot drift from the API.
 #[cfg(doctest)]

@@ -17,12 +17,12 @@ use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Client;
 
 /// The default schema of the `Classic` protocol (shared with `@imqueue/pg-pubsub`).
-pub const DEFAULT_CLASSIC_SCHEMA: &str = "pgip_lock";
+pub(crate) const DEFAULT_CLASSIC_SCHEMA: &str = "pgip_lock";
 /// The default schema of the `Lease` protocol.
-pub const DEFAULT_LEASE_SCHEMA: &str = "pgiplock_lease";
+pub(crate) const DEFAULT_LEASE_SCHEMA: &str = "pgiplock_lease";
 
 /// The default schema of `protocol`.
-pub fn default_schema(protocol: Protocol) -> &'static str {
+pub(crate) fn default_schema(protocol: Protocol) -> &'static str {
     match protocol {
         Protocol::Classic => DEFAULT_CLASSIC_SCHEMA,
         Protocol::Lease => DEFAULT_LEASE_SCHEMA,
@@ -235,7 +235,7 @@ END
 /// concurrent bootstraps with a transaction-scoped advisory lock and creates only what is
 /// missing, so it needs no privileges at all when everything exists and never takes a table
 /// lock that would stall running lock operations.
-pub fn bootstrap_sql(protocol: Protocol, schema: &SchemaName) -> String {
+fn bootstrap_sql(protocol: Protocol, schema: &SchemaName) -> String {
     let qs = quote_ident(schema.as_str());
     let schema_lit = quote_literal(schema.as_str());
     let mut body = String::new();

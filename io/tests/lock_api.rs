@@ -521,7 +521,7 @@ async fn existing_schema_needs_no_create_privilege() {
     let role = unique("r_user");
     let (qs, qr) = (pgiplock_core::quote_ident(&schema), pgiplock_core::quote_ident(&role));
     let admin = admin().await;
-    pgiplock::sql::bootstrap(
+    pgiplock_testkit::sql::bootstrap(
         &admin.client,
         Protocol::Lease,
         &pgiplock_core::SchemaName::new(&schema).unwrap(),

@@ -6,8 +6,8 @@ mod common;
 use std::time::Duration;
 
 use common::{next_matching, WAIT};
-use pgiplock::cluster::TempCluster;
 use pgiplock::{LockMessage, LockOptions, LostReason, Protocol, Session};
+use pgiplock_testkit::cluster::TempCluster;
 
 fn is_acquired(m: &LockMessage) -> bool {
     matches!(m, LockMessage::Acquired { .. })

@@ -5,10 +5,10 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use pgiplock::sql::{self, Target};
 use pgiplock_core::{
     AcquireReply, ChannelName, DbOp, FenceToken, Marker, Protocol, Reply, SchemaName, StaleHolder, TerminateOutcome,
 };
+use pgiplock_testkit::sql::{self, Target};
 
 fn target(protocol: Protocol, schema: &str, channel: &str, app: &str, ttl: Duration) -> Target {
     Target {

@@ -25,26 +25,16 @@ pub enum ScenarioError {
     Toml(String),
 }
 
-/// Parses `250us`, `500ms`, `5s`, `1.5s`, `15m`, `2h`, `1d` (a bare number is seconds).
+/// Parses `250us`, `500ms`, `5s`, `1.5s`, `15m`, `2h`, `1d`, `1h 30m` with `humantime`, as the
+/// `pgiplock` command does; a unit is required, and at most about 31 years.
 pub fn parse_duration(text: &str) -> Result<Duration, ScenarioError> {
-    let t = text.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
-    let (number, unit) = t.split_at(split);
-    let value: f64 = number.parse().map_err(|_| ScenarioError::Duration(text.to_owned()))?;
-    let micros_per = match unit.trim() {
-        "us" | "µs" => 1.0,
-        "ms" => 1e3,
-        "" | "s" => 1e6,
-        "m" | "min" => 60e6,
-        "h" => 3600e6,
-        "d" => 86_400e6,
-        _ => return Err(ScenarioError::Duration(text.to_owned())),
-    };
-    let micros = value * micros_per;
-    if !micros.is_finite() || !(0.0..=1e15).contains(&micros) {
+    let d = humantime::parse_duration(text.trim()).map_err(|_| ScenarioError::Duration(text.to_owned()))?;
+    // Simulated time is whole microseconds in a u64, with room for arithmetic on top.
+    let micros = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+    if micros > 1_000_000_000_000_000 {
         return Err(ScenarioError::Duration(text.to_owned()));
     }
-    Ok(Duration::from_micros(micros.round() as u64))
+    Ok(Duration::from_micros(micros))
 }
 
 /// Formats a duration in the largest unit that divides it exactly (`90s`, `15m`, `250ms`).
@@ -610,4 +600,32 @@ pub fn parse_fault(text: &str) -> Result<FaultSpec, ScenarioError> {
         ),
     };
     Ok(FaultSpec { at, kind, process })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_as_the_cli_writes_them() {
+        let ok = |t: &str| parse_duration(t).unwrap();
+        assert_eq!(ok("250us"), Duration::from_micros(250));
+        assert_eq!(ok("500ms"), Duration::from_millis(500));
+        assert_eq!(ok("1.5s"), Duration::from_millis(1500));
+        assert_eq!(ok(" 15m "), Duration::from_secs(900));
+        assert_eq!(ok("2h"), Duration::from_secs(7200));
+        assert_eq!(ok("1d"), Duration::from_secs(86_400));
+        assert_eq!(ok("1h 30m"), Duration::from_secs(5400));
+        for bad in ["", "5", "5x", "ms", "-1s", "100y"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} parsed");
+        }
+    }
+
+    #[test]
+    fn formatted_durations_parse_back() {
+        for d in [0, 1, 250, 1_000, 1_500_000, 90_000_000, 900_000_000, 86_400_000_000] {
+            let d = Duration::from_micros(d);
+            assert_eq!(parse_duration(&format_duration(d)).unwrap(), d);
+        }
+    }
 }

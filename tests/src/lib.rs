@@ -14,13 +14,12 @@ use std::time::Duration;
 
 mod db;
 mod fleet;
-mod proxy;
 mod timeline;
 mod worker;
 
 pub use db::{backends_of_app, connect, terminate_app, Listener, MessageStream, Publisher, TestSchema};
 pub use fleet::{coverage, EndKind, Fleet, Interval};
-pub use proxy::BlackholeProxy;
+pub use pgiplock_testkit::proxy::BlackholeProxy;
 pub use timeline::{now_us, Event, EventKind, Timeline};
 pub use worker::{worker_binary, Worker, WorkerOpts};
 

@@ -16,7 +16,7 @@ use crate::Protocol;
 /// executable (`target/<profile>/pgiplock`; tests live in `target/<profile>/deps/`).
 ///
 /// Panics with instructions when it cannot be found: a test crate cannot depend on another
-/// package's binary, so it must be built first (`cargo build -p pgiplock --bins`).
+/// package's binary, so it must be built first (`cargo build -p pgiplock-cli`).
 ///
 /// A binary older than the sources it is built from (in this workspace) is refused too: the
 /// tests would otherwise silently exercise old code after `cargo test -p pgiplock-tests`.
@@ -38,7 +38,7 @@ fn find_worker_binary() -> PathBuf {
         if candidate.is_file() {
             if let Some(newer) = newer_source(&candidate) {
                 panic!(
-                    "{} is older than {}; rebuild it with `cargo build -p pgiplock --bins` \
+                    "{} is older than {}; rebuild it with `cargo build -p pgiplock-cli` \
                      (or run `cargo test --workspace`, which builds it)",
                     candidate.display(),
                     newer.display()
@@ -50,18 +50,26 @@ fn find_worker_binary() -> PathBuf {
     }
     panic!(
         "the pgiplock binary was not found (tried {tried:?}); build it first with \
-         `cargo build -p pgiplock --bins` (same profile as the tests) or set PGIPLOCK_BIN"
+         `cargo build -p pgiplock-cli` (same profile as the tests) or set PGIPLOCK_BIN"
     );
 }
 
-/// A source file of the binary (io and core crates of this workspace) modified after `binary`.
+/// A source file of the binary (its cli, io and core packages in this workspace) modified after
+/// `binary`.
 fn newer_source(binary: &Path) -> Option<PathBuf> {
     let built = std::fs::metadata(binary).and_then(|m| m.modified()).ok()?;
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent()?;
-    let mut pending: Vec<PathBuf> = ["io/src", "core/src", "io/Cargo.toml", "core/Cargo.toml"]
-        .iter()
-        .map(|p| workspace.join(p))
-        .collect();
+    let mut pending: Vec<PathBuf> = [
+        "cli/src",
+        "io/src",
+        "core/src",
+        "cli/Cargo.toml",
+        "io/Cargo.toml",
+        "core/Cargo.toml",
+    ]
+    .iter()
+    .map(|p| workspace.join(p))
+    .collect();
     while let Some(path) = pending.pop() {
         let Ok(meta) = std::fs::metadata(&path) else { continue };
         if meta.is_dir() {

@@ -1,5 +1,5 @@
 //! Conformance of the simulator's database model (`pgiplock_sim::db::SimDb`) with the real SQL
-//! (`pgiplock::sql`) on a real PostgreSQL server.
+//! (the library's, through `pgiplock_testkit::sql`) on a real PostgreSQL server.
 //!
 //! Random sequences of lock operations over a tiny key space (two channels, three sessions with
 //! distinct application names, either protocol) are applied step by step to a fresh `SimDb` and
@@ -22,9 +22,10 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
-use pgiplock::sql::{bootstrap, execute, lock_status_on, Target};
+use pgiplock::lock_status_on;
 use pgiplock_core::{ChannelName, DbError, DbOp, FenceToken, Protocol, Reply, SchemaName, SessionId, Timestamp};
 use pgiplock_sim::db::{DbConfig, SimDb};
+use pgiplock_testkit::sql::{bootstrap, execute, Target};
 use pgiplock_tests::{connect, database_url, unique_hex, Listener, TestSchema};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestError, TestRunner};

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use pgiplock::cluster::TempCluster;
+use pgiplock_testkit::cluster::TempCluster;
 use pgiplock_tests::*;
 
 async fn survives_restart(protocol: Protocol) {

@@ -10,7 +10,7 @@
 //! lock-statement time. Prints a markdown table on stdout, progress on stderr.
 //!
 //! ```text
-//! cargo build --release -p pgiplock --bins
+//! cargo build --release -p pgiplock-cli
 //! cargo run --release -p pgiplock-tests --bin calibrate
 //! ```
 //!
@@ -18,11 +18,11 @@
 
 use std::time::Duration;
 
-use pgiplock::cluster::TempCluster;
-use pgiplock::sql::{bootstrap, execute, Target};
 use pgiplock::LockOptions;
 use pgiplock_core::{ChannelName, DbOp, FenceToken, Protocol, SchemaName};
 use pgiplock_sim::{FaultKind, FaultRates, FaultSpec, Scenario};
+use pgiplock_testkit::cluster::TempCluster;
+use pgiplock_testkit::sql::{bootstrap, execute, Target};
 use pgiplock_tests::{ms, now_us, unique_channel, EventKind, Fleet, WorkerOpts, PROTOCOLS};
 use tokio::time::Instant;
 use tokio_postgres::{Client, NoTls};

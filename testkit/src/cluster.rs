@@ -7,8 +7,8 @@
 //! `postgres` OS user and every server command runs as that user (`runuser`, or `su` if missing).
 //!
 //! ```no_run
-//! # fn main() -> Result<(), pgiplock::cluster::ClusterError> {
-//! let cluster = pgiplock::cluster::TempCluster::start()?;
+//! # fn main() -> Result<(), pgiplock_testkit::cluster::ClusterError> {
+//! let cluster = pgiplock_testkit::cluster::TempCluster::start()?;
 //! println!("connect to {}", cluster.url());
 //! cluster.restart()?; // same port, fast shutdown
 //! drop(cluster); // stops the server and deletes its directory

@@ -107,7 +107,7 @@ pub enum CliError {
     },
     /// The throwaway cluster could not be started.
     #[error(transparent)]
-    Cluster(#[from] pgiplock::cluster::ClusterError),
+    Cluster(#[from] pgiplock_testkit::cluster::ClusterError),
     /// Writing output or spawning a process failed.
     #[error("{context}: {source}")]
     Io {
@@ -168,24 +168,11 @@ pub fn init_logging() {
         .try_init();
 }
 
-/// Parses `500ms`, `5s`, `1.5s`, `2m`, `1h`.
+/// Parses a duration the way the simulator does, with `humantime`: `500ms`, `5s`, `1.5s`, `2m`,
+/// `1h 30m`; a unit is required.
 pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .ok_or_else(|| format!("{text:?} has no unit; write e.g. 500ms, 5s, 1m"))?;
-    let (number, unit) = text.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration; write e.g. 500ms, 5s, 1m"))?;
-    let seconds_per_unit = match unit.trim() {
-        "ms" => 0.001,
-        "s" => 1.0,
-        "m" | "min" => 60.0,
-        "h" => 3600.0,
-        other => return Err(format!("unknown unit {other:?} in {text:?}; use ms, s, m or h")),
-    };
-    Duration::try_from_secs_f64(value * seconds_per_unit).map_err(|e| format!("{text:?} is out of range: {e}"))
+    humantime::parse_duration(text.trim())
+        .map_err(|e| format!("invalid duration {text:?}: {e}; write e.g. 500ms, 5s, 1m"))
 }
 
 /// Microseconds since the Unix epoch: the `t_us` of the worker's JSON, comparable across the
@@ -208,6 +195,8 @@ mod tests {
         assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
         assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
         assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("2min"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(5400)));
         assert!(parse_duration("5").is_err());
         assert!(parse_duration("5x").is_err());
         assert!(parse_duration("ms").is_err());

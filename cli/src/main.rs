@@ -3,15 +3,15 @@
 //! `pgiplock demo` is self-contained: it starts a throwaway PostgreSQL when no database is
 //! given, runs three workers and prints what happened. See `pgiplock --help`.
 
-mod cli;
+mod command;
 
 use std::process::ExitCode;
 
 use clap::Parser;
 
 fn main() -> ExitCode {
-    let args = cli::Cli::parse();
-    cli::init_logging();
+    let args = command::Cli::parse();
+    command::init_logging();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -19,7 +19,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(cli::run(args));
+    let result = runtime.block_on(command::run(args));
     // Do not wait for stray blocking tasks (e.g. a stuck stdin read) once the command is done.
     runtime.shutdown_timeout(std::time::Duration::from_millis(200));
     match result {
