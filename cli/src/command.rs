@@ -101,9 +101,9 @@ pub enum CliError {
     Database {
         /// What we were doing.
         context: String,
-        /// The error.
+        /// The error, shown as the server's message and SQLSTATE (or the driver's cause).
         #[source]
-        source: tokio_postgres::Error,
+        source: pgiplock::PgError,
     },
     /// The throwaway cluster could not be started.
     #[error(transparent)]
@@ -135,7 +135,7 @@ impl CliError {
     pub(crate) fn database(context: impl Into<String>, source: tokio_postgres::Error) -> Self {
         CliError::Database {
             context: context.into(),
-            source,
+            source: source.into(),
         }
     }
 

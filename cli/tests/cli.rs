@@ -383,6 +383,12 @@ fn connection_failures_print_each_fact_once() {
         failure_line(&output),
         r#"pgiplock: cannot connect to PostgreSQL: database "no_such_db_xyz" does not exist (SQLSTATE 3D000)"#
     );
+    let output = run_bounded(Command::new(BIN).args(["status", "--database-url", &missing_db]), WAIT);
+    assert_eq!(output.status.code(), Some(1));
+    assert_eq!(
+        failure_line(&output),
+        r#"pgiplock: connecting to the database: database "no_such_db_xyz" does not exist (SQLSTATE 3D000)"#
+    );
 
     let unused = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
