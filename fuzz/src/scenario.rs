@@ -43,6 +43,7 @@ pub fn scenario(data: &[u8]) {
         cut: rate(),
         terminate: rate(),
         server_restart: rate() / 4.0,
+        ..FaultRates::default()
     };
     s.fault_target = FaultTarget::Any;
     s.cut_duration = s.cut_duration.min(Duration::from_secs(30));
