@@ -427,7 +427,8 @@ pub fn names() -> Vec<(String, Vec<u8>)> {
 }
 
 /// The seed corpus of [`scenario`](crate::scenario): both protocols, each fault kind alone at a
-/// high rate, all of them together, small and larger fleets.
+/// high rate, all of them together (the process and server faults, then the connection faults),
+/// small and larger fleets.
 pub fn scenario() -> Vec<(String, Vec<u8>)> {
     // protocol, processes, minutes, interval, ttl, stop, crash, cut, terminate, restart
     let shapes: [(&str, [u8; 10]); 10] = [
@@ -442,9 +443,23 @@ pub fn scenario() -> Vec<(String, Vec<u8>)> {
         ("pair", [0, 0, 1, 0, 0, 5, 5, 5, 5, 0]),
         ("large", [0, 4, 1, 1, 1, 4, 4, 4, 4, 1]),
     ];
+    // The same ten bytes, then: connect hang, connect blip, setup reply loss, schema drop, read-only.
+    let connection_shapes: [(&str, [u8; 15]); 6] = [
+        ("connect_hangs", [0, 3, 1, 1, 1, 0, 0, 0, 0, 0, 7, 0, 0, 0, 0]),
+        ("connect_blips", [0, 3, 1, 1, 1, 0, 0, 0, 0, 0, 0, 7, 0, 0, 0]),
+        ("setup_reply_losses", [0, 3, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 7, 0, 0]),
+        ("schema_drops", [0, 3, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 7, 0]),
+        ("read_only", [0, 3, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7]),
+        ("connection_faults", [0, 4, 3, 0, 0, 2, 2, 2, 2, 1, 3, 3, 3, 3, 3]),
+    ];
     let mut corpus = Vec::new();
     for (protocol, name) in [(0u8, "lease"), (1u8, "classic")] {
-        for (i, (shape, bytes)) in shapes.iter().enumerate() {
+        let all = shapes.iter().map(|(shape, bytes)| (*shape, bytes.as_slice())).chain(
+            connection_shapes
+                .iter()
+                .map(|(shape, bytes)| (*shape, bytes.as_slice())),
+        );
+        for (i, (shape, bytes)) in all.enumerate() {
             let seed = 1000 + i as u64 + u64::from(protocol) * 100;
             let mut data = seed.to_le_bytes().to_vec();
             data.extend_from_slice(bytes);

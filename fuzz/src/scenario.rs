@@ -10,14 +10,16 @@ use pgiplock_sim::{FaultRates, FaultTarget, SimError};
 use crate::bytes::Reader;
 
 /// Decodes a scenario from `data` and runs it; panics when a checker of the simulator fails
-/// (S1, S2 under Lease within the drift bound, S3, S4, liveness, limits), printing a command
-/// that reproduces the run.
+/// (S1, S2 under Lease within the drift bound, S3, S4, phase bounds, liveness, limits), printing
+/// a command that reproduces the run.
 ///
 /// Byte format (missing bytes read as zero, so every input runs):
 /// `seed (8 bytes LE)` chooses a swarm scenario; then one byte each for the protocol (bit 0:
 /// Classic), the fleet size (`2 + b % 5`), the virtual duration (`1 + b % 4` minutes), the acquire
-/// interval, the lease ttl, and the rates of stops, crashes, silent cuts, server-side terminations
-/// and server restarts (`(b % 8) × 60` per hour: faults come often in a short run).
+/// interval, the lease ttl, and the rates of stops, crashes, silent cuts, server-side
+/// terminations, server restarts, hanging connection handshakes, blips while connecting, lost
+/// setup replies, schema drops and read-only windows (`(b % 8) × 60` per hour, a quarter of that
+/// for the server-wide ones: faults come often in a short run).
 ///
 /// ```
 /// pgiplock_fuzz::scenario(&[7, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 0]);
@@ -43,6 +45,11 @@ pub fn scenario(data: &[u8]) {
         cut: rate(),
         terminate: rate(),
         server_restart: rate() / 4.0,
+        connect_hang: rate(),
+        connect_blip: rate(),
+        setup_reply_loss: rate(),
+        schema_drop: rate() / 4.0,
+        read_only: rate() / 4.0,
     };
     s.fault_target = FaultTarget::Any;
     s.cut_duration = s.cut_duration.min(Duration::from_secs(30));

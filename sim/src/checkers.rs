@@ -1,12 +1,14 @@
 //! The checkers, run after every event: S1 (one owner row per channel), S2 (at most one
 //! believer per channel, for Lease with drift within bound), S3 (no delivery while not holding),
-//! S4 (fence tokens only rise), liveness (after a disturbance, someone serves within a bound)
-//! and the step limit.
+//! S4 (fence tokens only rise, within one generation of the lock schema), phase bounds (no
+//! session waits in a phase past its deadline), liveness (after a disturbance, someone serves
+//! within a bound) and the step limit.
 
 use std::collections::BTreeSet;
+use std::fmt;
 use std::time::Duration;
 
-use pgiplock_core::{Protocol, SessionId, Timestamp};
+use pgiplock_core::{ConnPhase, LockKey, Protocol, SessionId, Timestamp};
 
 use crate::metrics::Metrics;
 use crate::scenario::Scenario;
@@ -16,7 +18,7 @@ use crate::world::World;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("checker {checker} failed at {at}: {message}")]
 pub struct CheckFailure {
-    /// Which checker (`S1`, `S2`, `S3`, `S4`, `liveness`, `steps`).
+    /// Which checker (`S1`, `S2`, `S3`, `S4`, `phase-bound`, `liveness`, `steps`).
     pub checker: &'static str,
     /// Virtual time of the failure.
     pub at: Timestamp,
@@ -24,14 +26,52 @@ pub struct CheckFailure {
     pub message: String,
 }
 
+/// A wait of a session that has a deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Wait {
+    /// A connection attempt (bounded by `connect_timeout`).
+    Connecting,
+    /// A setup statement in flight (bounded by `setup_timeout`).
+    Setup,
+    /// Down, waiting to reconnect (bounded by `backoff_max`).
+    Down,
+    /// Lock `li`'s request in flight (bounded by its `request_timeout`).
+    Request(usize),
+}
+
+impl fmt::Display for Wait {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Wait::Connecting => f.write_str("connecting"),
+            Wait::Setup => f.write_str("a setup statement in flight"),
+            Wait::Down => f.write_str("down, waiting to reconnect,"),
+            Wait::Request(li) => write!(f, "lock {li}'s request in flight"),
+        }
+    }
+}
+
+/// The earliest deadline of one process's waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PhaseBound {
+    /// The first global time at which the process's clock passes the deadline.
+    at: Timestamp,
+    wait: Wait,
+    /// Local time the wait began, and its bound.
+    since: Timestamp,
+    bound: Duration,
+}
+
 /// What the checkers track between events.
 pub(crate) struct Checkers {
     /// Per channel: processes whose lock believes it holds.
     pub(crate) believers: Vec<BTreeSet<usize>>,
-    /// Per channel: the highest fence token acquired so far.
-    max_token: Vec<u64>,
-    /// Per channel: the lease row's token at the last commit.
-    lease_token: Vec<u64>,
+    /// Per channel: the schema generation and the highest fence token acquired in it so far.
+    max_token: Vec<(u64, u64)>,
+    /// Per channel: the schema generation and the lease row's token at the last commit.
+    lease_token: Vec<(u64, u64)>,
+    /// Per process: its earliest phase bound; and all of them, ordered.
+    phase_bound: Vec<Option<PhaseBound>>,
+    phase_bounds: BTreeSet<(Timestamp, usize)>,
     /// The last fault or heal: the liveness bound counts from here.
     pub(crate) last_disturbance: Timestamp,
     last_available: Timestamp,
@@ -49,8 +89,10 @@ impl Checkers {
     pub(crate) fn new(scenario: &Scenario) -> Checkers {
         Checkers {
             believers: vec![BTreeSet::new(); scenario.channels],
-            max_token: vec![0; scenario.channels],
-            lease_token: vec![0; scenario.channels],
+            max_token: vec![(0, 0); scenario.channels],
+            lease_token: vec![(0, 0); scenario.channels],
+            phase_bound: vec![None; scenario.processes],
+            phase_bounds: BTreeSet::new(),
             last_disturbance: Timestamp::ZERO,
             last_available: Timestamp::ZERO,
             available: false,
@@ -70,33 +112,58 @@ impl Checkers {
         }
     }
 
-    /// Process `p` is gone: none of its locks believes anything.
+    /// Process `p` is gone: none of its locks believes anything, none of its waits counts.
     pub(crate) fn forget(&mut self, p: usize) {
         for set in &mut self.believers {
             set.remove(&p);
         }
+        self.set_phase_bound(p, None);
     }
 
-    /// S4: process `p` acquired channel `li` with fence token `t`.
-    pub(crate) fn token_acquired(&mut self, metrics: &mut Metrics, p: usize, li: usize, t: u64) {
-        if t <= self.max_token[li] {
-            metrics.s4_violations.push(format!(
-                "token {t} acquired after {} on channel {li} by process {p}",
-                self.max_token[li]
-            ));
+    /// S4: process `p` acquired channel `li` with fence token `t`, committed in schema
+    /// generation `generation`. Tokens of different generations are not compared: a dropped
+    /// schema takes the token sequence with it (as PostgreSQL does after `DROP SCHEMA`), which
+    /// is S4's one stated exemption.
+    pub(crate) fn token_acquired(&mut self, metrics: &mut Metrics, p: usize, li: usize, t: u64, generation: u64) {
+        let (max_generation, max) = self.max_token[li];
+        if generation < max_generation {
+            return; // a term of a dropped schema, reported late
         }
-        self.max_token[li] = self.max_token[li].max(t);
+        if generation == max_generation && t <= max {
+            metrics
+                .s4_violations
+                .push(format!("token {t} acquired after {max} on channel {li} by process {p}"));
+        }
+        let max = if generation == max_generation { max.max(t) } else { t };
+        self.max_token[li] = (generation, max);
     }
 
-    /// S4: after a commit, channel `li`'s lease row carries `token`.
-    pub(crate) fn lease_row(&mut self, metrics: &mut Metrics, li: usize, token: u64) {
-        if token < self.lease_token[li] {
-            metrics.s4_violations.push(format!(
-                "lease row token went back from {} to {}",
-                self.lease_token[li], token
-            ));
+    /// S4: after a commit in schema generation `generation`, channel `li`'s lease row carries
+    /// `token`.
+    pub(crate) fn lease_row(&mut self, metrics: &mut Metrics, li: usize, token: u64, generation: u64) {
+        let (last_generation, last) = self.lease_token[li];
+        if generation == last_generation && token < last {
+            metrics
+                .s4_violations
+                .push(format!("lease row token went back from {last} to {token}"));
         }
-        self.lease_token[li] = token;
+        self.lease_token[li] = (generation, token);
+    }
+
+    fn set_phase_bound(&mut self, p: usize, bound: Option<PhaseBound>) {
+        let Some(slot) = self.phase_bound.get_mut(p) else {
+            return;
+        };
+        if *slot == bound {
+            return;
+        }
+        if let Some(old) = slot.take() {
+            self.phase_bounds.remove(&(old.at, p));
+        }
+        if let Some(new) = bound {
+            self.phase_bounds.insert((new.at, p));
+        }
+        *slot = bound;
     }
 }
 
@@ -136,6 +203,19 @@ impl World {
                 self.metrics.failover(kind, latency);
             }
         }
+        if let Some(&(at, p)) = self.checkers.phase_bounds.first() {
+            if at < now {
+                if let Some(b) = self.checkers.phase_bound[p] {
+                    return Err(self.fail(
+                        "phase-bound",
+                        format!(
+                            "process {p}: {} since {:?} on its clock, past its bound of {:?}",
+                            b.wait, b.since, b.bound
+                        ),
+                    ));
+                }
+            }
+        }
         if !self.metrics.s4_violations.is_empty() {
             return Err(self.fail("S4", self.metrics.s4_violations[0].clone()));
         }
@@ -155,8 +235,10 @@ impl World {
                 .filter(|&&p| {
                     let proc = &self.procs[p];
                     let session = proc.lock_session(li);
-                    // Uninformed: the client still has the connection up, the server ended it.
-                    let uninformed = session.is_some_and(|s| !self.server.db.is_alive(s) && proc.session() == Some(s));
+                    // Uninformed: the client still has the connection up, the server ended it;
+                    // or the term's row went with a dropped schema.
+                    let uninformed = session.is_some_and(|s| !self.server.db.is_alive(s) && proc.session() == Some(s))
+                        || proc.term_generation(li) < self.server.db.generation();
                     !uninformed
                 })
                 .count();
@@ -167,7 +249,7 @@ impl World {
             if self.checkers.check_s2 && (!gap || self.scenario.strict_s2) {
                 let set = &self.checkers.believers[li];
                 let why = if gap {
-                    "; all but one have a session the server ended without telling them"
+                    "; all but one have a session the server ended (or a schema it dropped) without telling them"
                 } else {
                     ""
                 };
@@ -189,7 +271,10 @@ impl World {
         }
         let outage = now.saturating_duration_since(self.checkers.last_disturbance.max(self.checkers.last_available));
         let bound = self.checkers.liveness_bound;
-        if !self.checkers.available && self.alive_count > 0 && self.server.up && outage > bound {
+        // Nobody can hold while the server is down or refuses writes: the bound counts from the
+        // end of that.
+        let writable = self.server.up && !self.server.db.read_only();
+        if !self.checkers.available && self.alive_count > 0 && writable && outage > bound {
             // Only a process that can reach the server can be asked to hold (checked on this
             // rare path only: it scans the fleet).
             if !self
@@ -207,5 +292,48 @@ impl World {
             ));
         }
         Ok(())
+    }
+}
+
+impl World {
+    /// Recomputes process `p`'s earliest phase bound from its session's state (after an input).
+    /// Every wait of a session has a deadline: connecting `connect_timeout`, a setup statement
+    /// `setup_timeout`, down (not closing) `backoff_max`, a lock's request its `request_timeout`,
+    /// all on the process's own clock. The check after every event then fails if a deadline
+    /// passed before the current instant without the session moving on.
+    pub(crate) fn phase_bounds_of(&mut self, p: usize) {
+        let proc = &self.procs[p];
+        let bound = proc.core().and_then(|session| {
+            let state = session.state();
+            let mut waits: Vec<(Wait, Timestamp, Duration)> = Vec::new();
+            match state.phase {
+                ConnPhase::Connecting => waits.push((Wait::Connecting, state.since, self.scenario.connect_timeout)),
+                ConnPhase::Down if !state.closing => {
+                    waits.push((Wait::Down, state.since, self.session_config.backoff_max));
+                }
+                _ => {}
+            }
+            if let Some(sent) = state.oldest_setup {
+                waits.push((Wait::Setup, sent, self.scenario.setup_timeout));
+            }
+            for li in 0..self.channels.len() {
+                let pending = session
+                    .lock(LockKey(li as u64))
+                    .is_some_and(|l| l.state().pending.is_some());
+                if let (true, Some(sent)) = (pending, proc.request_sent(li)) {
+                    waits.push((Wait::Request(li), sent, self.config.request_timeout));
+                }
+            }
+            waits
+                .into_iter()
+                .map(|(wait, since, bound)| PhaseBound {
+                    at: proc.first_global(since + bound),
+                    wait,
+                    since,
+                    bound,
+                })
+                .min_by_key(|b| (b.at, b.wait))
+        });
+        self.checkers.set_phase_bound(p, bound);
     }
 }

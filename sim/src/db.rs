@@ -1,6 +1,8 @@
 //! A model of the PostgreSQL server as the lock sees it: the Classic and Lease tables, sessions
-//! as `pg_stat_activity` shows them, `LISTEN`/`NOTIFY` delivered at commit in commit order, and
-//! statement accounting.
+//! as `pg_stat_activity` shows them, `LISTEN`/`NOTIFY` delivered at commit in commit order,
+//! statement accounting, and two server states a fleet must survive: the lock schema dropped
+//! (lock operations fail with SQLSTATE 42P01 until a session bootstraps it again, with empty
+//! tables) and a read-only server (writes fail with SQLSTATE 25006).
 //!
 //! Every [`SimDb::execute`] is one transaction that commits at once: the caller (the simulator's
 //! event loop, or a conformance test) decides *when* it runs by advancing the server clock first.
@@ -104,6 +106,12 @@ pub struct SimDb {
     terminated: Vec<SessionId>,
     /// Sessions whose inbox went from empty to non-empty since the last take.
     notified: Vec<SessionId>,
+    /// The lock schema is gone (`DROP SCHEMA ... CASCADE`) until the next bootstrap.
+    schema_dropped: bool,
+    /// Schema drops so far: tokens of different generations are not comparable.
+    generation: u64,
+    /// Writes fail with SQLSTATE 25006.
+    read_only: bool,
 }
 
 impl SimDb {
@@ -123,6 +131,9 @@ impl SimDb {
             statements: 0,
             terminated: Vec::new(),
             notified: Vec::new(),
+            schema_dropped: false,
+            generation: 0,
+            read_only: false,
         }
     }
 
@@ -219,6 +230,72 @@ impl SimDb {
         Ok(())
     }
 
+    /// `UNLISTEN channel` on a session (one statement).
+    pub fn unlisten(&mut self, session: SessionId, channel: &str) -> Result<(), DbError> {
+        let backend = self.sessions.get_mut(&session).ok_or(DbError::SessionLost)?;
+        backend.statements += 1;
+        self.statements += 1;
+        backend.listening.remove(channel);
+        if let Some(set) = self.listeners.get_mut(channel) {
+            set.remove(&session);
+        }
+        Ok(())
+    }
+
+    /// The schema bootstrap batch of `protocol` (one statement): creates the schema, its tables
+    /// and functions if they are missing, else changes nothing. On a read-only server it succeeds
+    /// only if there is nothing to create.
+    pub fn bootstrap(
+        &mut self,
+        session: SessionId,
+        _protocol: Protocol,
+        schema: &pgiplock_core::SchemaName,
+    ) -> Result<(), DbError> {
+        let backend = self.sessions.get_mut(&session).ok_or(DbError::SessionLost)?;
+        backend.statements += 1;
+        self.statements += 1;
+        if self.schema_dropped {
+            if self.read_only {
+                return Err(DbError::server(
+                    "25006",
+                    format!("cannot execute CREATE SCHEMA {schema} in a read-only transaction"),
+                ));
+            }
+            self.schema_dropped = false;
+        }
+        Ok(())
+    }
+
+    /// `DROP SCHEMA ... CASCADE` by an administrator: every lock row is gone (tokens start again
+    /// from 1 after the next bootstrap), and lock operations fail with SQLSTATE 42P01 until then.
+    pub fn drop_schema(&mut self) {
+        self.schema_dropped = true;
+        self.generation += 1;
+        self.classic.clear();
+        self.lease.clear();
+    }
+
+    /// Whether the lock schema is dropped (and not bootstrapped since).
+    pub fn schema_dropped(&self) -> bool {
+        self.schema_dropped
+    }
+
+    /// Schema drops so far; fencing tokens restart with each.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Makes the server refuse writes (`default_transaction_read_only`, a demoted primary), or
+    /// accept them again.
+    pub fn set_read_only(&mut self, read_only: bool) {
+        self.read_only = read_only;
+    }
+
+    /// Whether the server refuses writes.
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
     /// `NOTIFY channel, payload` in its own transaction (one statement).
     pub fn notify(&mut self, session: SessionId, channel: &str, payload: &str) -> Result<(), DbError> {
         let backend = self.sessions.get_mut(&session).ok_or(DbError::SessionLost)?;
@@ -299,6 +376,28 @@ impl SimDb {
         self.statements += 1;
         let app = backend.app.clone();
         let pid = backend.pid;
+        if self.schema_dropped {
+            let table = match protocol {
+                Protocol::Classic => "lock",
+                Protocol::Lease => "lease",
+            };
+            return Err(DbError::server(
+                "42P01",
+                format!("relation \"{}.{table}\" does not exist", protocol.default_schema()),
+            ));
+        }
+        // Classic's ownership check is a plain SELECT and terminating a stale backend writes
+        // nothing; everything else writes.
+        let writes = !matches!(
+            (protocol, op),
+            (_, DbOp::TerminateStale { .. }) | (Protocol::Classic, DbOp::Renew { .. })
+        );
+        if self.read_only && writes {
+            return Err(DbError::server(
+                "25006",
+                format!("cannot execute {} in a read-only transaction", op.name()),
+            ));
+        }
         match protocol {
             Protocol::Classic => Ok(self.execute_classic(pid, &app, channel, op)),
             Protocol::Lease => self.execute_lease(pid, &app, channel, ttl, op),

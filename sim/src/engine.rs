@@ -1,10 +1,10 @@
 //! The discrete-event engine: the events, the queue that orders them by `(at, seq)`, and the run
-//! loop that feeds each event to its module, then runs the processes' work and the checkers.
+//! loop that feeds each event to its module, then runs the checkers.
 
 use std::cmp::{Ordering, Reverse};
 use std::collections::BinaryHeap;
 
-use pgiplock_core::{DbRequest, SessionId, Timestamp};
+use pgiplock_core::{SessionId, SessionRequest, Timestamp};
 
 use crate::metrics::Report;
 use crate::net::{ClientMsg, ServerMsg};
@@ -16,19 +16,10 @@ pub(crate) enum Event {
     ProcStart {
         p: usize,
     },
-    LockTimer {
+    /// The deadline the process's session asked for (`poll_timeout`).
+    SessionTimer {
         p: usize,
         inc: u32,
-        lock: usize,
-    },
-    ConnectAttempt {
-        p: usize,
-        inc: u32,
-    },
-    ConnectTimeout {
-        p: usize,
-        inc: u32,
-        attempt: u64,
     },
     ToServer {
         p: usize,
@@ -40,8 +31,7 @@ pub(crate) enum Event {
     ServerCommit {
         p: usize,
         session: SessionId,
-        lock: usize,
-        request: DbRequest,
+        request: SessionRequest,
     },
     ToClient {
         p: usize,
@@ -71,6 +61,12 @@ pub(crate) enum Event {
         epoch: u64,
     },
     ServerUp,
+    /// A connect blip: the link drops everything for `blip_duration`.
+    Blip {
+        p: usize,
+    },
+    /// The read-only window ends.
+    ReadOnlyEnd,
     Publish,
     PublishCommit {
         id: u64,
@@ -82,9 +78,7 @@ impl Event {
     pub(crate) fn tag(&self) -> u64 {
         match self {
             Event::ProcStart { .. } => 1,
-            Event::LockTimer { .. } => 2,
-            Event::ConnectAttempt { .. } => 3,
-            Event::ConnectTimeout { .. } => 4,
+            Event::SessionTimer { .. } => 2,
             Event::ToServer { .. } => 5,
             Event::ServerCommit { .. } => 6,
             Event::ToClient { .. } => 7,
@@ -96,6 +90,8 @@ impl Event {
             Event::ServerUp => 13,
             Event::Publish => 14,
             Event::PublishCommit { .. } => 15,
+            Event::Blip { .. } => 16,
+            Event::ReadOnlyEnd => 17,
         }
     }
 }
@@ -189,7 +185,7 @@ impl Engine {
 }
 
 impl World {
-    /// The run loop: one event at a time, then the work it caused, then every checker.
+    /// The run loop: one event at a time, then every checker.
     pub(crate) fn run_inner(&mut self) -> Result<Report, SimError> {
         while let Some(next) = self.engine.pop_due(self.end) {
             self.engine.steps += 1;
@@ -215,7 +211,6 @@ impl World {
                 continue;
             };
             self.handle(event);
-            self.run_work();
             self.check()?;
         }
         self.metrics.advance(
@@ -237,9 +232,7 @@ impl World {
     fn handle(&mut self, event: Event) {
         match event {
             Event::ProcStart { p } => self.start_process(p),
-            Event::LockTimer { p, inc, lock } => self.lock_timer(p, inc, lock),
-            Event::ConnectAttempt { p, inc } => self.connect_attempt(p, inc),
-            Event::ConnectTimeout { p, inc, attempt } => self.connect_timeout(p, inc, attempt),
+            Event::SessionTimer { p, inc } => self.session_timer(p, inc),
             Event::ToServer {
                 p,
                 epoch,
@@ -247,12 +240,7 @@ impl World {
                 session,
                 msg,
             } => self.server_recv(p, epoch, sent_at, session, msg),
-            Event::ServerCommit {
-                p,
-                session,
-                lock,
-                request,
-            } => self.commit(p, session, lock, request),
+            Event::ServerCommit { p, session, request } => self.commit(p, session, request),
             Event::ToClient {
                 p,
                 inc,
@@ -267,6 +255,8 @@ impl World {
             Event::Fault { index } => self.fault(index),
             Event::Heal { p, epoch } => self.heal(p, epoch),
             Event::ServerUp => self.server_up(),
+            Event::Blip { p } => self.blip(p),
+            Event::ReadOnlyEnd => self.read_only_end(),
             Event::Publish => self.publish(),
             Event::PublishCommit { id } => self.publish_commit(id),
         }

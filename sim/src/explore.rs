@@ -384,7 +384,9 @@ pub fn tune(candidates: &[Scenario], seed: u64, target: TuneTarget) -> Result<Tu
     })
 }
 
-/// A scenario chosen by the seed (swarm testing): protocol, fleet, timings, faults, drift.
+/// A scenario chosen by the seed (swarm testing): protocol, fleet, timings, faults (the
+/// connection faults included: hanging handshakes, blips while connecting, lost setup replies,
+/// schema drops, read-only windows), drift.
 /// Short runs with many faults, so that the checkers see many situations.
 pub fn swarm_scenario(seed: u64) -> Scenario {
     let mut r = SplitMix64::new(derive_seed(seed, 99, 0, 0));
@@ -419,6 +421,7 @@ pub fn swarm_scenario(seed: u64) -> Scenario {
             cut: pick(&mut r, &[0, 10, 40]) as f64,
             terminate: pick(&mut r, &[0, 10, 40]) as f64,
             server_restart: pick(&mut r, &[0, 2, 10]) as f64,
+            ..FaultRates::default()
         },
         restart_delay: Some(Duration::from_millis(pick(&mut r, &[0, 1000, 10_000]))),
         cut_duration: Duration::from_secs(pick(&mut r, &[1, 20, 120])),
@@ -432,6 +435,18 @@ pub fn swarm_scenario(seed: u64) -> Scenario {
         Protocol::Classic => 0.001,
     };
     s.drift = bound * pick(&mut r, &[0, 10, 50]) as f64 / 100.0;
+    // The connection faults from a stream of their own, so that the choices above stay what
+    // they were for every seed (regression seeds keep their scenario's shape).
+    let mut r = SplitMix64::new(derive_seed(seed, 98, 0, 0));
+    s.fault_rates.connect_hang = pick(&mut r, &[0, 0, 10, 40]) as f64;
+    s.fault_rates.connect_blip = pick(&mut r, &[0, 0, 10, 40]) as f64;
+    s.fault_rates.setup_reply_loss = pick(&mut r, &[0, 0, 10, 40]) as f64;
+    s.fault_rates.schema_drop = pick(&mut r, &[0, 0, 2, 10]) as f64;
+    s.fault_rates.read_only = pick(&mut r, &[0, 0, 2, 10]) as f64;
+    s.blip_duration = Duration::from_millis(pick(&mut r, &[200, 2000, 8000]));
+    s.read_only_duration = Duration::from_secs(pick(&mut r, &[1, 20, 90]));
+    s.setup_timeout = Duration::from_millis(pick(&mut r, &[500, 5000]));
+    s.connect_timeout = Duration::from_millis(pick(&mut r, &[500, 5000]));
     s
 }
 

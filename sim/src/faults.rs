@@ -1,6 +1,7 @@
 //! Faults: the schedule (the scenario's own faults plus Poisson arrivals per kind, drawn from the
 //! faults' stream), the choice of a target, the injection (stop, crash, cut, terminate, server
-//! restart) and the failovers each one starts.
+//! restart; a connect handshake that hangs, a blip while connecting, a lost setup reply, the
+//! schema dropped, a read-only window) and the failovers each one starts.
 
 use std::time::Duration;
 
@@ -18,12 +19,26 @@ pub(crate) struct PendingFailover {
     holder: (usize, SessionId),
 }
 
+/// Faults that wait for a process's next connection to strike.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Armed {
+    /// Connect attempts whose startup the server leaves unanswered.
+    connect_hangs: u32,
+    /// Cut the link this long after the next connect attempt starts.
+    blip_after: Option<Duration>,
+    /// Drop the reply to this setup statement (0: the bootstrap, then each `LISTEN`) of the
+    /// next connection.
+    setup_reply_loss: Option<u32>,
+}
+
 pub(crate) struct Faults {
     /// Every fault of the run, in time order.
     pub(crate) specs: Vec<FaultSpec>,
     /// Fault arrivals, then targets.
     rng: SplitMix64,
     pub(crate) pending: Vec<PendingFailover>,
+    /// Per process.
+    armed: Vec<Armed>,
 }
 
 impl Faults {
@@ -57,6 +72,40 @@ impl Faults {
             specs,
             rng,
             pending: Vec::new(),
+            armed: vec![Armed::default(); scenario.processes],
+        }
+    }
+
+    /// Whether process `p`'s connect attempt arriving now must hang (then it is used up).
+    pub(crate) fn take_connect_hang(&mut self, p: usize) -> bool {
+        let Some(armed) = self.armed.get_mut(p) else {
+            return false;
+        };
+        let hang = armed.connect_hangs > 0;
+        armed.connect_hangs = armed.connect_hangs.saturating_sub(1);
+        hang
+    }
+
+    /// How long after the connect attempt starting now process `p`'s link blips, if armed.
+    pub(crate) fn take_blip(&mut self, p: usize) -> Option<Duration> {
+        self.armed.get_mut(p)?.blip_after.take()
+    }
+
+    /// Whether the reply to process `p`'s setup statement committed now is lost.
+    pub(crate) fn take_setup_reply_loss(&mut self, p: usize) -> bool {
+        let Some(armed) = self.armed.get_mut(p) else {
+            return false;
+        };
+        match armed.setup_reply_loss {
+            Some(0) => {
+                armed.setup_reply_loss = None;
+                true
+            }
+            Some(n) => {
+                armed.setup_reply_loss = Some(n - 1);
+                false
+            }
+            None => false,
         }
     }
 
@@ -87,16 +136,18 @@ impl World {
         let spec = self.faults.specs[index].clone();
         let target = match (spec.process, self.scenario.fault_target) {
             (Some(p), _) => Some(p),
-            (None, FaultTarget::Holder) if spec.kind != FaultKind::ServerRestart => {
-                self.holder().or_else(|| self.random_alive())
-            }
-            (None, _) => self.random_alive(),
+            (None, _) if spec.kind.server_wide() => None,
+            (None, FaultTarget::Holder) => self.holder().or_else(|| self.random_alive()),
+            (None, FaultTarget::Any) => self.random_alive(),
         };
         let now = self.engine.now;
         // A failover is measured when the fault hits the process that serves the channel.
         let serving = self.serving();
+        // A dropped schema or a read-only window need not end the holder's tenure (it may not
+        // touch the server meanwhile): their cost is measured by the loss window only.
         let hits_server = match spec.kind {
             FaultKind::ServerRestart => serving.is_some(),
+            FaultKind::SchemaDrop | FaultKind::ReadOnly => false,
             _ => serving.is_some_and(|(sp, _)| Some(sp) == target),
         };
         if let (true, Some(holder)) = (hits_server, serving) {
@@ -115,6 +166,8 @@ impl World {
         self.trace.line(|| format!("  fault {:?} on {target:?}", spec.kind));
         match spec.kind {
             FaultKind::ServerRestart => self.server_restart(),
+            FaultKind::SchemaDrop => self.schema_drop(),
+            FaultKind::ReadOnly => self.read_only_start(),
             kind => {
                 let Some(p) = target else { return };
                 if !self.procs[p].alive() {
@@ -123,12 +176,62 @@ impl World {
                 match kind {
                     FaultKind::Stop => self.stop_process(p),
                     FaultKind::Crash => self.crash(p),
-                    FaultKind::Cut => self.cut(p),
+                    FaultKind::Cut => self.cut(p, self.scenario.cut_duration),
                     FaultKind::Terminate => self.terminate(p),
-                    FaultKind::ServerRestart => {}
+                    FaultKind::ConnectHang => {
+                        self.faults.armed[p].connect_hangs += 1;
+                        self.terminate(p);
+                    }
+                    FaultKind::ConnectBlip => {
+                        // Within the attempt's round trip: the connect or its answer is lost.
+                        let rtt = self.scenario.net_delay.as_micros() as u64 * 2;
+                        let after = Duration::from_micros(self.faults.rng.below_inclusive(rtt));
+                        self.faults.armed[p].blip_after = Some(after);
+                        self.terminate(p);
+                    }
+                    FaultKind::SetupReplyLoss => {
+                        let which = self.faults.rng.below_inclusive(self.channels.len() as u64);
+                        self.faults.armed[p].setup_reply_loss = Some(which as u32);
+                        self.terminate(p);
+                    }
+                    FaultKind::ServerRestart | FaultKind::SchemaDrop | FaultKind::ReadOnly => {}
                 }
             }
         }
+    }
+
+    /// Process `p` started a connection attempt: a blip armed for it strikes now.
+    pub(crate) fn connect_sent(&mut self, p: usize) {
+        if let Some(after) = self.faults.take_blip(p) {
+            self.engine.schedule(self.engine.now + after, Event::Blip { p });
+        }
+    }
+
+    /// The blip of a connection attempt: the link drops everything for `blip_duration`.
+    pub(crate) fn blip(&mut self, p: usize) {
+        self.trace.line(|| format!("  p{p} link blips"));
+        self.cut(p, self.scenario.blip_duration);
+    }
+
+    /// An administrator drops the lock schema under the running fleet.
+    fn schema_drop(&mut self) {
+        self.server.db.drop_schema();
+        self.checkers.rows_touched = true;
+    }
+
+    /// The server refuses writes for `read_only_duration`.
+    fn read_only_start(&mut self) {
+        if !self.server.db.read_only() {
+            self.server.db.set_read_only(true);
+            let end = self.engine.now + self.scenario.read_only_duration;
+            self.engine.schedule(end, Event::ReadOnlyEnd);
+        }
+    }
+
+    /// The read-only window ends.
+    pub(crate) fn read_only_end(&mut self) {
+        self.server.db.set_read_only(false);
+        self.checkers.last_disturbance = self.engine.now;
     }
 
     fn random_alive(&mut self) -> Option<usize> {

@@ -1,7 +1,9 @@
 //! A deterministic fleet simulator for `pgiplock`: many processes, each running the real
-//! [`pgiplock_core::Lock`], a model of the PostgreSQL server ([`db::SimDb`]), a network per
-//! process that can be silently cut, injected faults, and the metrics of the design (failover
-//! latency, loss window, lost and duplicated messages, split-brain time, database load).
+//! [`pgiplock_core::Session`] (one connection's lifecycle and its [`pgiplock_core::Lock`]s,
+//! driven as the `io` crate drives it), a model of the PostgreSQL server ([`db::SimDb`]), a
+//! network per process that can be silently cut, injected faults, and the metrics of the design
+//! (failover latency, loss window, lost and duplicated messages, split-brain time, database
+//! load).
 //!
 //! Deterministic: one `u64` seed drives everything (through [`pgiplock_core::SplitMix64`]
 //! streams derived from it), time is virtual, collections that affect output are ordered. The

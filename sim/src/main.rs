@@ -12,7 +12,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use pgiplock_core::Protocol;
 use pgiplock_sim::explore::{self, ExploreError, SweepPoint, TuneTarget};
-use pgiplock_sim::scenario::{format_duration, parse_duration, parse_fault, FaultSpec, FaultTarget};
+use pgiplock_sim::scenario::{format_duration, parse_duration, parse_fault, FaultKind, FaultSpec, FaultTarget};
 use pgiplock_sim::{Report, Scenario, SimError};
 
 #[derive(Parser, Debug)]
@@ -186,8 +186,12 @@ struct ScenarioArgs {
     server_retransmit_detect: Option<Duration>,
     #[arg(long, value_parser = dur)]
     client_user_timeout: Option<Duration>,
+    /// Bounds one connection attempt (the session's connect timeout).
     #[arg(long, value_parser = dur)]
     connect_timeout: Option<Duration>,
+    /// Bounds each setup statement of a connection (the session's setup timeout).
+    #[arg(long, value_parser = dur)]
+    setup_timeout: Option<Duration>,
     #[arg(long, value_parser = dur)]
     crash_close_delay: Option<Duration>,
     #[arg(long)]
@@ -209,6 +213,21 @@ struct ScenarioArgs {
     /// Server restarts per hour.
     #[arg(long)]
     server_restart_rate: Option<f64>,
+    /// Connection handshakes that hang (the server never answers) per hour.
+    #[arg(long)]
+    connect_hang_rate: Option<f64>,
+    /// Blips of the link during a reconnect per hour.
+    #[arg(long)]
+    connect_blip_rate: Option<f64>,
+    /// Lost replies to a setup statement (bootstrap or LISTEN) per hour.
+    #[arg(long)]
+    setup_reply_loss_rate: Option<f64>,
+    /// Lock schema drops under the running fleet per hour.
+    #[arg(long)]
+    schema_drop_rate: Option<f64>,
+    /// Read-only server windows per hour.
+    #[arg(long)]
+    read_only_rate: Option<f64>,
     /// Whom drawn faults hit: holder or any.
     #[arg(long)]
     fault_target: Option<String>,
@@ -221,6 +240,12 @@ struct ScenarioArgs {
     cut_duration: Option<Duration>,
     #[arg(long, value_parser = dur)]
     server_down: Option<Duration>,
+    /// How long the link of a connect blip drops everything.
+    #[arg(long, value_parser = dur)]
+    blip_duration: Option<Duration>,
+    /// How long a read-only window lasts.
+    #[arg(long, value_parser = dur)]
+    read_only_duration: Option<Duration>,
     #[arg(long, value_parser = dur)]
     liveness_slack: Option<Duration>,
     #[arg(long)]
@@ -271,11 +296,14 @@ impl ScenarioArgs {
             server_retransmit_detect,
             client_user_timeout,
             connect_timeout,
+            setup_timeout,
             crash_close_delay,
             drift,
             terminate_permitted,
             cut_duration,
             server_down,
+            blip_duration,
+            read_only_duration,
             liveness_slack,
             max_steps,
             strict_s2
@@ -293,15 +321,20 @@ impl ScenarioArgs {
             s.protocol = p.parse()?;
         }
         let rates = [
-            (&self.stop_rate, &mut s.fault_rates.stop),
-            (&self.crash_rate, &mut s.fault_rates.crash),
-            (&self.cut_rate, &mut s.fault_rates.cut),
-            (&self.terminate_rate, &mut s.fault_rates.terminate),
-            (&self.server_restart_rate, &mut s.fault_rates.server_restart),
+            (self.stop_rate, FaultKind::Stop),
+            (self.crash_rate, FaultKind::Crash),
+            (self.cut_rate, FaultKind::Cut),
+            (self.terminate_rate, FaultKind::Terminate),
+            (self.server_restart_rate, FaultKind::ServerRestart),
+            (self.connect_hang_rate, FaultKind::ConnectHang),
+            (self.connect_blip_rate, FaultKind::ConnectBlip),
+            (self.setup_reply_loss_rate, FaultKind::SetupReplyLoss),
+            (self.schema_drop_rate, FaultKind::SchemaDrop),
+            (self.read_only_rate, FaultKind::ReadOnly),
         ];
-        for (flag, field) in rates {
+        for (flag, kind) in rates {
             if let Some(v) = flag {
-                *field = *v;
+                *s.fault_rates.of_mut(kind) = v;
             }
         }
         if let Some(t) = &self.fault_target {
@@ -679,7 +712,7 @@ fn cmd_bench(processes: usize, duration: Duration, interval: Duration, protocol:
             crash: 1.0,
             cut: 0.5,
             terminate: 0.5,
-            server_restart: 0.0,
+            ..pgiplock_sim::FaultRates::default()
         },
         ..Scenario::default()
     };

@@ -26,6 +26,7 @@ pub struct Metrics {
     failovers: BTreeMap<FaultKind, Vec<Duration>>,
     faults: BTreeMap<FaultKind, u64>,
     lost_reasons: BTreeMap<&'static str, u64>,
+    session_events: BTreeMap<&'static str, u64>,
     /// Acquisitions of the data channel's lock.
     pub acquisitions: u64,
     /// Sessions the server dropped through its dead-peer detection.
@@ -56,6 +57,7 @@ impl Metrics {
             failovers: BTreeMap::new(),
             faults: BTreeMap::new(),
             lost_reasons: BTreeMap::new(),
+            session_events: BTreeMap::new(),
             acquisitions: 0,
             dead_peer_drops: 0,
             stale_terminations: 0,
@@ -125,6 +127,13 @@ impl Metrics {
         *self.lost_reasons.entry(reason).or_insert(0) += 1;
     }
 
+    /// A process's session reported `name` (a connection ended, an attempt failed, ...) at `at`.
+    pub fn session_event(&mut self, name: &'static str, at: Timestamp) {
+        if at >= self.warmup {
+            *self.session_events.entry(name).or_insert(0) += 1;
+        }
+    }
+
     /// A failover after a fault of `kind` completed in `latency`.
     pub fn failover(&mut self, kind: FaultKind, latency: Duration) {
         self.failovers.entry(kind).or_default().push(latency);
@@ -179,6 +188,7 @@ impl Metrics {
             statements_per_s_per_process_max: round3(per_s(max_proc)),
             faults: self.faults.iter().map(|(k, v)| (k.as_str().to_owned(), *v)).collect(),
             lost_reasons: self.lost_reasons.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect(),
+            session_events: self.session_events.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect(),
             acquisitions: self.acquisitions,
             dead_peer_drops: self.dead_peer_drops,
             stale_terminations: self.stale_terminations,
@@ -273,6 +283,11 @@ pub struct Report {
     pub faults: BTreeMap<String, u64>,
     /// Involuntary losses per reason.
     pub lost_reasons: BTreeMap<String, u64>,
+    /// What the processes' sessions reported: connections ended per reason (`closed`,
+    /// `request_timeout`, `setup_timeout`, `read_only`, `shutdown`), failed attempts
+    /// (`connect_timeout`, `connect_failed`), `read_only_refused`, `schema_missing`,
+    /// `bootstrap_failed`.
+    pub session_events: BTreeMap<String, u64>,
     /// Acquisitions of the data channel.
     pub acquisitions: u64,
     /// Sessions dropped by the server's dead-peer detection.
@@ -329,6 +344,8 @@ impl Report {
         let lost: Vec<String> = self.lost_reasons.iter().map(|(k, v)| format!("{k}:{v}")).collect();
         let _ = writeln!(out, "faults                 {}", faults.join(" "));
         let _ = writeln!(out, "holder losses          {}", lost.join(" "));
+        let sessions: Vec<String> = self.session_events.iter().map(|(k, v)| format!("{k}:{v}")).collect();
+        let _ = writeln!(out, "session events         {}", sessions.join(" "));
         let _ = writeln!(
             out,
             "acquisitions {}, dead-peer drops {}, stale terminations {}, trace {}",

@@ -1,13 +1,14 @@
 //! The network and the server's end of it: one link per process that a fault can silently cut,
 //! the messages each way (FIFO per direction, a fixed one-way delay), the server's connections
 //! and its dead-peer detection (keepalive, retransmission timeout), the client's
-//! `tcp_user_timeout`, the server executing requests on the database model, its notification
-//! fan-out and the publisher.
+//! `tcp_user_timeout`, the server executing the sessions' operations on the database model (lock
+//! operations, schema bootstrap, `LISTEN`, `UNLISTEN`), its notification fan-out and the
+//! publisher.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use pgiplock_core::{DbError, DbRequest, Reply, RequestId, SessionId, SplitMix64, Timestamp};
+use pgiplock_core::{DbError, OpId, OpReply, Reply, SessionId, SessionOp, SessionRequest, SplitMix64, Timestamp};
 
 use crate::db::{DbConfig, SimDb};
 use crate::engine::Event;
@@ -17,7 +18,7 @@ use crate::world::{derive_seed, World, STREAM_SERVER};
 #[derive(Debug, Clone)]
 pub(crate) enum ClientMsg {
     Connect { attempt: u64 },
-    Request { lock: usize, request: DbRequest },
+    Request { request: SessionRequest },
     Close,
 }
 
@@ -25,18 +26,22 @@ pub(crate) enum ClientMsg {
 pub(crate) enum ServerMsg {
     ConnectOk {
         attempt: u64,
+        app: String,
+        pid: i32,
     },
     Refused {
         attempt: u64,
     },
     Reply {
-        lock: usize,
-        id: RequestId,
-        result: Result<Reply, DbError>,
+        id: OpId,
+        result: Result<OpReply, DbError>,
+        /// The schema generation it ran in (for the checkers, not the client).
+        generation: u64,
     },
     Notify {
         channel: String,
         payload: String,
+        pid: i32,
     },
     /// The server closed the connection (FIN), or answered a dead one (RST).
     Ended,
@@ -183,10 +188,10 @@ impl World {
             return;
         }
         match msg {
-            ServerMsg::ConnectOk { attempt } => self.connected(p, session, attempt),
+            ServerMsg::ConnectOk { attempt, app, pid } => self.connected(p, session, attempt, app, pid),
             ServerMsg::Refused { attempt } => self.refused(p, attempt),
-            ServerMsg::Reply { lock, id, result } => self.db_reply(p, session, lock, id, result),
-            ServerMsg::Notify { channel, payload } => self.notification(p, session, channel, payload),
+            ServerMsg::Reply { id, result, generation } => self.db_reply(p, session, id, result, generation),
+            ServerMsg::Notify { channel, payload, pid } => self.notification(p, session, channel, payload, pid),
             ServerMsg::Ended => self.session_ended(p, session),
         }
     }
@@ -216,16 +221,14 @@ impl World {
                     self.server_send_to(p, inc, SessionId(0), ServerMsg::Refused { attempt });
                     return;
                 }
-                let app = format!("p{p}.{inc}.{attempt}");
-                let (session, _pid) = self.server.db.open_session(&app);
-                self.checkers.rows_touched = true;
-                for ch in &self.channels {
-                    let _ = self.server.db.listen(session, ch.as_str());
-                    let _ = self.server.db.listen(session, ch.lock_channel());
+                if self.faults.take_connect_hang(p) {
+                    // The server accepts and the startup never completes: no backend, no answer.
+                    self.trace.line(|| format!("  p{p} connect {attempt} hangs"));
+                    return;
                 }
-                // As the io crate prepares a session: one schema bootstrap batch, then LISTEN on
-                // the data and lock channels of every lock.
-                self.metrics.statements(p, 1 + 2 * self.channels.len() as u64, now);
+                let app = format!("p{p}.{inc}.{attempt}");
+                let (session, pid) = self.server.db.open_session(&app);
+                self.checkers.rows_touched = true;
                 self.server.conns.insert(
                     session,
                     ServerConn {
@@ -237,9 +240,9 @@ impl World {
                         retransmit_armed: false,
                     },
                 );
-                self.server_send(session, ServerMsg::ConnectOk { attempt });
+                self.server_send(session, ServerMsg::ConnectOk { attempt, app, pid });
             }
-            ClientMsg::Request { lock, request } => {
+            ClientMsg::Request { request } => {
                 if !self.server.db.is_alive(session) {
                     // The backend is gone: the server's TCP stack answers with a reset.
                     let inc = self.procs[p].incarnation();
@@ -252,15 +255,7 @@ impl World {
                 };
                 let at = c.busy_until.max(now) + latency;
                 c.busy_until = at;
-                self.engine.schedule(
-                    at,
-                    Event::ServerCommit {
-                        p,
-                        session,
-                        lock,
-                        request,
-                    },
-                );
+                self.engine.schedule(at, Event::ServerCommit { p, session, request });
             }
             ClientMsg::Close => {
                 self.server.db.close_session(session);
@@ -269,39 +264,78 @@ impl World {
         }
     }
 
-    pub(crate) fn commit(&mut self, p: usize, session: SessionId, li: usize, request: DbRequest) {
+    /// The server runs one operation of `session` (one transaction, committed at once).
+    pub(crate) fn commit(&mut self, p: usize, session: SessionId, request: SessionRequest) {
         if !self.server.db.is_alive(session) {
             return;
         }
         let now = self.engine.now;
-        self.checkers.rows_touched = true;
         self.server.db.advance_to(now);
-        let channel = self.channels[li].clone();
-        let result = self.server.db.execute(
-            session,
-            self.scenario.protocol,
-            &channel,
-            self.config.lease_ttl,
-            &request.op,
-        );
-        self.metrics.statements(p, 1, now);
-        self.trace.hash(&[
-            200,
-            p as u64,
-            li as u64,
-            u64::from(matches!(result, Ok(Reply::Acquire(ref r)) if r.acquired)),
-        ]);
-        if let Some(row) = self.server.db.lease_row(self.channels[li].as_str()) {
-            self.checkers.lease_row(&mut self.metrics, li, row.token);
+        let SessionRequest { id, op, .. } = request;
+        let (result, statements) = match &op {
+            SessionOp::Lock { target, op } => {
+                self.checkers.rows_touched = true;
+                let result = self
+                    .server
+                    .db
+                    .execute(session, target.protocol, &target.channel, target.lease_ttl, op);
+                let li = self.channels.iter().position(|c| *c == target.channel);
+                let acquired = matches!(result, Ok(Reply::Acquire(ref r)) if r.acquired);
+                self.trace
+                    .hash(&[200, p as u64, li.map_or(u64::MAX, |li| li as u64), u64::from(acquired)]);
+                if let Some(li) = li {
+                    if let Some(row) = self.server.db.lease_row(target.channel.as_str()) {
+                        let generation = self.server.db.generation();
+                        self.checkers.lease_row(&mut self.metrics, li, row.token, generation);
+                    }
+                }
+                (result.map(OpReply::Lock), 1)
+            }
+            // As the io crate prepares a session: the schema bootstrap batch (one statement),
+            // then `LISTEN` (`UNLISTEN`) on the data and the lock channel of each lock.
+            SessionOp::Bootstrap { protocol, schema } => {
+                self.checkers.rows_touched = true;
+                self.trace.hash(&[201, p as u64]);
+                (
+                    self.server
+                        .db
+                        .bootstrap(session, *protocol, schema)
+                        .map(|()| OpReply::Done),
+                    1,
+                )
+            }
+            SessionOp::Listen { channel } => {
+                self.trace.hash(&[202, p as u64]);
+                let result = self
+                    .server
+                    .db
+                    .listen(session, channel.as_str())
+                    .and_then(|()| self.server.db.listen(session, channel.lock_channel()));
+                (result.map(|()| OpReply::Done), 2)
+            }
+            SessionOp::Unlisten { channel } => {
+                self.trace.hash(&[203, p as u64]);
+                let result = self
+                    .server
+                    .db
+                    .unlisten(session, channel.as_str())
+                    .and_then(|()| self.server.db.unlisten(session, channel.lock_channel()));
+                (result.map(|()| OpReply::Done), 2)
+            }
+            other => (
+                Err(DbError::Failed(format!("operation {} is not supported", other.name()))),
+                1,
+            ),
+        };
+        self.metrics.statements(p, statements, now);
+        let setup = matches!(op, SessionOp::Bootstrap { .. } | SessionOp::Listen { .. });
+        if setup && self.faults.take_setup_reply_loss(p) {
+            // The statement ran; its reply never reaches the client.
+            self.trace.line(|| format!("  p{p} reply to {} lost", op.name()));
+        } else {
+            let generation = self.server.db.generation();
+            self.server_send(session, ServerMsg::Reply { id, result, generation });
         }
-        self.server_send(
-            session,
-            ServerMsg::Reply {
-                lock: li,
-                id: request.id,
-                result,
-            },
-        );
         self.fan_out();
         for ended in self.server.db.take_terminated() {
             self.metrics.stale_terminations += 1;
@@ -323,6 +357,7 @@ impl World {
                     ServerMsg::Notify {
                         channel: n.channel,
                         payload: n.payload,
+                        pid: n.sender_pid,
                     },
                 );
             }
@@ -406,8 +441,8 @@ impl World {
         }
     }
 
-    /// Cuts process `p`'s link silently, until `cut_duration` later.
-    pub(crate) fn cut(&mut self, p: usize) {
+    /// Cuts process `p`'s link silently, until `duration` later.
+    pub(crate) fn cut(&mut self, p: usize, duration: Duration) {
         let link = &mut self.links[p];
         if link.cut {
             return;
@@ -430,7 +465,7 @@ impl World {
                 Event::ServerDeadPeer { session, epoch },
             );
         }
-        let heal = self.engine.now + self.scenario.cut_duration;
+        let heal = self.engine.now + duration;
         self.engine.schedule(heal, Event::Heal { p, epoch });
     }
 

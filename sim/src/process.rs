@@ -1,37 +1,34 @@
-//! A simulated process: its incarnation, its clock, its locks (each the real `Lock`) and its
-//! connection to the server.
+//! A simulated process: its incarnation, its clock, and its one `pgiplock_core::Session` (which
+//! owns the connection's lifecycle and every lock).
 //!
-//! The process drives its locks as the `io` crate does: feed one input, drain the outputs, re-arm
-//! one timer from `poll_timeout`. Its connection lifecycle (connect attempt, connect timeout,
-//! reconnect backoff, `SessionUp`/`SessionDown` to every lock, reset) sits together in one
-//! section below, behind the few calls the network and the faults make (`connected`, `refused`,
-//! `session_ended`, `session_timed_out`, `db_reply`, `notification`) and the few it makes of
-//! them (`client_send`, `client_close`).
+//! The process drives its session exactly as the `io` crate's driver does: feed one input at
+//! the process's local time, drain every output and carry it out (open a connection, run an
+//! operation, close), re-arm one timer from `poll_timeout`. The network and the server answer
+//! through the few calls below (`connected`, `refused`, `session_ended`, `session_timed_out`,
+//! `db_reply`, `notification`); the process talks to them through `client_send` and
+//! `client_close`. Every decision — when to connect, how long to wait, when to reset, what to
+//! run — is the core's.
 
 use std::time::Duration;
 
 use pgiplock_core::{
-    DbError, FenceToken, Input, Lock, LockEvent, Output, Phase, Reply, RequestId, SessionId, SignalKind, SplitMix64,
-    Timestamp,
+    CallId, ChannelName, FenceToken, LockCall, LockEvent, LockKey, OpId, OpReply, SchemaName, Session, SessionConfig,
+    SessionEvent, SessionId, SessionInput, SessionOp, SessionOutput, SignalKind, SplitMix64, Timestamp,
 };
 
 use crate::engine::Event;
 use crate::net::ClientMsg;
-use crate::world::{derive_seed, World, STREAM_LOCK, STREAM_PROC};
+use crate::world::{derive_seed, World, STREAM_LOCK, STREAM_PROC, STREAM_SESSION};
 
-struct LockSlot {
-    lock: Lock,
-    /// The global time of the one timer event armed for this lock.
-    armed: Option<Timestamp>,
+/// One lock of the process, as the application sees it.
+#[derive(Clone, Default)]
+struct LockView {
     /// From the lock's events: Acquired sets it, Lost/Released/Stopped clear it.
     believes: bool,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Conn {
-    Down,
-    Connecting { attempt: u64 },
-    Up { session: SessionId },
+    /// The schema generation of the server when the current term's acquisition committed.
+    term_generation: u64,
+    /// Local send time of the lock's newest request (its `request_timeout` counts from here).
+    request_sent: Option<Timestamp>,
 }
 
 pub(crate) struct Proc {
@@ -40,11 +37,19 @@ pub(crate) struct Proc {
     incarnation: u32,
     /// Clock rate in parts per million above (or below) real time.
     rate_ppm: i64,
-    rng: SplitMix64,
-    locks: Vec<LockSlot>,
-    conn: Conn,
-    next_attempt: u64,
-    backoff: Duration,
+    /// The core session of the current incarnation (`None` while not running).
+    session: Option<Session>,
+    /// Per lock, indexed by `LockKey`.
+    locks: Vec<LockView>,
+    /// The global time of the one timer event armed for the session.
+    armed: Option<Timestamp>,
+    /// The connection attempt in progress (the core's id).
+    connecting: Option<SessionId>,
+    /// The connection that is up: the core's id and the server's.
+    conn: Option<(SessionId, SessionId)>,
+    next_call: u64,
+    /// The schema generation of the reply being fed (for the terms it begins).
+    reply_generation: Option<u64>,
 }
 
 impl Proc {
@@ -58,11 +63,13 @@ impl Proc {
             stopping: false,
             incarnation: 0,
             rate_ppm,
-            rng,
+            session: None,
             locks: Vec::new(),
-            conn: Conn::Down,
-            next_attempt: 1,
-            backoff: Duration::from_millis(100),
+            armed: None,
+            connecting: None,
+            conn: None,
+            next_call: 1,
+            reply_generation: None,
         }
     }
 
@@ -80,27 +87,44 @@ impl Proc {
         self.alive && self.incarnation == inc
     }
 
-    /// The session the process's connection is up on.
+    /// The core session, while the process runs.
+    pub(crate) fn core(&self) -> Option<&Session> {
+        self.session.as_ref()
+    }
+
+    /// The server's id of the connection the process's session is up on
+    /// (`Session::current()`).
     pub(crate) fn session(&self) -> Option<SessionId> {
-        match self.conn {
-            Conn::Up { session } => Some(session),
-            _ => None,
-        }
+        let current = self.session.as_ref()?.current()?;
+        self.conn.filter(|(core, _)| *core == current).map(|(_, server)| server)
     }
 
-    /// The session lock `li` believes it works on.
+    /// The server's id of the connection lock `li` believes it works on, if that is the
+    /// process's current connection (an older one has no server id any more).
     pub(crate) fn lock_session(&self, li: usize) -> Option<SessionId> {
-        self.locks.get(li).and_then(|s| s.lock.state().session)
+        let lock = self.session.as_ref()?.lock(LockKey(li as u64))?;
+        let core = lock.state().session?;
+        self.conn.filter(|(c, _)| *c == core).map(|(_, server)| server)
     }
 
-    fn local(&self, t: Timestamp) -> Timestamp {
+    /// The schema generation lock `li`'s current term began in.
+    pub(crate) fn term_generation(&self, li: usize) -> u64 {
+        self.locks.get(li).map_or(0, |l| l.term_generation)
+    }
+
+    /// Local send time of lock `li`'s newest request.
+    pub(crate) fn request_sent(&self, li: usize) -> Option<Timestamp> {
+        self.locks.get(li).and_then(|l| l.request_sent)
+    }
+
+    pub(crate) fn local(&self, t: Timestamp) -> Timestamp {
         let g = t.as_micros() as i128;
         let l = g + g * self.rate_ppm as i128 / 1_000_000;
         Timestamp::from_micros(l.max(0) as u64)
     }
 
     /// The first global time at which the local clock reads at least `local`.
-    fn global_at(&self, local: Timestamp, now: Timestamp) -> Timestamp {
+    pub(crate) fn first_global(&self, local: Timestamp) -> Timestamp {
         let l = local.as_micros() as u128;
         let rate = (1_000_000i64 + self.rate_ppm) as u128;
         let mut g = Timestamp::from_micros(u64::try_from((l * 1_000_000).div_ceil(rate)).unwrap_or(u64::MAX));
@@ -110,14 +134,22 @@ impl Proc {
             }
             g = Timestamp::from_micros(g.as_micros().saturating_add(1));
         }
-        g.max(Timestamp::from_micros(now.as_micros() + 1))
+        g
+    }
+
+    /// [`Proc::first_global`], but strictly after `now`.
+    fn global_at(&self, local: Timestamp, now: Timestamp) -> Timestamp {
+        self.first_global(local)
+            .max(Timestamp::from_micros(now.as_micros() + 1))
     }
 }
 
-/// Work an event leaves for the processes, run in order before the checkers look.
-pub(crate) enum Work {
-    Input { p: usize, lock: usize, input: Input },
-    Reset { p: usize, session: SessionId },
+/// The session settings of every process of a scenario (the backoff is the core's default).
+pub(crate) fn session_config(connect_timeout: Duration, setup_timeout: Duration) -> SessionConfig {
+    let mut config = SessionConfig::default();
+    config.connect_timeout = connect_timeout;
+    config.setup_timeout = setup_timeout;
+    config
 }
 
 impl World {
@@ -132,44 +164,65 @@ impl World {
         proc.incarnation += 1;
         proc.alive = true;
         proc.stopping = false;
-        proc.conn = Conn::Down;
-        proc.backoff = Duration::from_millis(100);
+        proc.connecting = None;
+        proc.conn = None;
+        proc.armed = None;
+        proc.next_call = 1;
         let inc = proc.incarnation;
-        proc.locks = self
-            .channels
-            .iter()
-            .enumerate()
-            .map(|(li, ch)| LockSlot {
-                lock: Lock::new(
-                    ch.clone(),
+        let mut session = Session::new(
+            self.session_config.clone(),
+            derive_seed(seed, STREAM_SESSION, p as u64, u64::from(inc)),
+        );
+        let schema = SchemaName::new(self.scenario.protocol.default_schema()).ok();
+        for (li, channel) in self.channels.iter().enumerate() {
+            let lock_seed = derive_seed(seed, STREAM_LOCK, p as u64, (u64::from(inc) << 8) | li as u64);
+            let added = schema.clone().map(|schema| {
+                session.add_lock(
+                    LockKey(li as u64),
+                    ChannelName::clone(channel),
+                    schema,
                     self.config.clone(),
-                    derive_seed(seed, STREAM_LOCK, p as u64, (u64::from(inc) << 8) | li as u64),
-                ),
-                armed: None,
-                believes: false,
-            })
-            .collect();
-        self.alive_count += 1;
-        for lock in 0..self.channels.len() {
-            self.work.push_back(Work::Input {
-                p,
-                lock,
-                input: Input::Start,
+                    lock_seed,
+                )
             });
+            debug_assert!(matches!(added, Some(Ok(()))));
         }
-        self.engine.schedule(self.engine.now, Event::ConnectAttempt { p, inc });
+        proc.session = Some(session);
+        proc.locks = vec![LockView::default(); self.channels.len()];
+        self.alive_count += 1;
+        // As the worker starts: `init` on every lock (the session connects at its first input).
+        for li in 0..self.channels.len() {
+            self.call(p, li, LockCall::Init);
+        }
     }
 
-    /// A graceful stop: every lock gets the terminate signal; the process exits once all stopped.
+    /// A graceful stop: `destroy` on every lock, on the terminate signal; the process exits once
+    /// the session removed them all.
     pub(crate) fn stop_process(&mut self, p: usize) {
         self.procs[p].stopping = true;
-        for lock in 0..self.procs[p].locks.len() {
-            self.work.push_back(Work::Input {
+        for li in 0..self.channels.len() {
+            self.call(
                 p,
-                lock,
-                input: Input::Signal(SignalKind::Terminate),
-            });
+                li,
+                LockCall::Destroy {
+                    signal: Some(SignalKind::Terminate),
+                },
+            );
         }
+    }
+
+    fn call(&mut self, p: usize, li: usize, request: LockCall) {
+        let proc = &mut self.procs[p];
+        let call = CallId(proc.next_call);
+        proc.next_call += 1;
+        self.drive(
+            p,
+            SessionInput::Call {
+                call,
+                lock: LockKey(li as u64),
+                request,
+            },
+        );
     }
 
     /// A graceful exit after every lock stopped.
@@ -195,20 +248,20 @@ impl World {
         self.schedule_restart(p);
     }
 
-    /// Drops the process's state (exit or crash) without closing anything; returns the session
-    /// its connection was up on.
+    /// Drops the process's state (exit or crash: the core session with it) without closing
+    /// anything; returns the server's id of the connection that was up.
     pub(crate) fn end_incarnation(&mut self, p: usize) -> Option<SessionId> {
         let proc = &mut self.procs[p];
         proc.alive = false;
         proc.stopping = false;
+        proc.session = None;
         proc.locks.clear();
-        let conn = std::mem::replace(&mut proc.conn, Conn::Down);
+        proc.armed = None;
+        proc.connecting = None;
+        let conn = proc.conn.take();
         self.alive_count -= 1;
         self.checkers.forget(p);
-        match conn {
-            Conn::Up { session } => Some(session),
-            _ => None,
-        }
+        conn.map(|(_, server)| server)
     }
 
     pub(crate) fn schedule_restart(&mut self, p: usize) {
@@ -217,214 +270,213 @@ impl World {
         }
     }
 
-    // ----- connection lifecycle (what a core session state machine would own) -----
-
-    pub(crate) fn connect_attempt(&mut self, p: usize, inc: u32) {
-        let proc = &mut self.procs[p];
-        if !proc.alive || proc.incarnation != inc || proc.conn != Conn::Down {
-            return;
-        }
-        let attempt = proc.next_attempt;
-        proc.next_attempt += 1;
-        proc.conn = Conn::Connecting { attempt };
-        self.client_send(p, SessionId(0), ClientMsg::Connect { attempt });
-        let at = self.engine.now + self.scenario.connect_timeout;
-        self.engine.schedule(at, Event::ConnectTimeout { p, inc, attempt });
-    }
-
-    pub(crate) fn connect_timeout(&mut self, p: usize, inc: u32, attempt: u64) {
-        let proc = &self.procs[p];
-        if proc.runs(inc) && proc.conn == (Conn::Connecting { attempt }) {
-            self.connection_failed(p);
-        }
-    }
+    // ----- what the network and the server report -----
 
     /// The server accepted connect `attempt` on `session`.
-    pub(crate) fn connected(&mut self, p: usize, session: SessionId, attempt: u64) {
+    pub(crate) fn connected(&mut self, p: usize, session: SessionId, attempt: u64, app: String, pid: i32) {
         let proc = &mut self.procs[p];
-        if proc.conn == (Conn::Connecting { attempt }) {
-            proc.conn = Conn::Up { session };
-            proc.backoff = Duration::from_millis(100);
-            for lock in 0..proc.locks.len() {
-                self.work.push_back(Work::Input {
-                    p,
-                    lock,
-                    input: Input::SessionUp(session),
-                });
-            }
+        let core = SessionId(attempt);
+        if proc.connecting == Some(core) {
+            proc.connecting = None;
+            proc.conn = Some((core, session));
+            self.drive(
+                p,
+                SessionInput::Connected {
+                    session: core,
+                    app,
+                    pid,
+                },
+            );
         } else {
+            // The attempt was abandoned: its socket is gone.
             self.client_close(p, session);
         }
     }
 
     /// The server refused connect `attempt` (it is down).
     pub(crate) fn refused(&mut self, p: usize, attempt: u64) {
-        if self.procs[p].conn == (Conn::Connecting { attempt }) {
-            self.connection_failed(p);
+        let core = SessionId(attempt);
+        if self.procs[p].connecting == Some(core) {
+            self.procs[p].connecting = None;
+            self.drive(
+                p,
+                SessionInput::ConnectFailed {
+                    session: core,
+                    cause: "connection refused".to_owned(),
+                },
+            );
         }
     }
 
     /// The server ended `session` (FIN or RST).
     pub(crate) fn session_ended(&mut self, p: usize, session: SessionId) {
-        if self.procs[p].conn == (Conn::Up { session }) {
-            self.session_down(p, session);
+        if let Some(core) = self.take_conn(p, session) {
+            self.drive(
+                p,
+                SessionInput::Closed {
+                    session: core,
+                    error: Some("closed by the server".to_owned()),
+                },
+            );
         }
     }
 
-    /// The client's TCP stack gave up on `session` (`tcp_user_timeout`).
+    /// The client's TCP stack gave up on `session` (`tcp_user_timeout`): the socket fails.
     pub(crate) fn session_timed_out(&mut self, p: usize, inc: u32, session: SessionId) {
-        let proc = &self.procs[p];
-        if proc.runs(inc) && proc.conn == (Conn::Up { session }) {
-            self.work.push_back(Work::Reset { p, session });
+        if !self.procs[p].runs(inc) {
+            return;
+        }
+        if let Some(core) = self.take_conn(p, session) {
+            self.client_close(p, session);
+            self.drive(
+                p,
+                SessionInput::Closed {
+                    session: core,
+                    error: Some("tcp_user_timeout".to_owned()),
+                },
+            );
         }
     }
 
-    /// A reply to lock `lock`'s request `id`.
+    /// Forgets the connection if it is `session`; returns the core's id of it.
+    fn take_conn(&mut self, p: usize, session: SessionId) -> Option<SessionId> {
+        let proc = &mut self.procs[p];
+        let (core, server) = proc.conn?;
+        if server != session {
+            return None;
+        }
+        proc.conn = None;
+        Some(core)
+    }
+
+    /// The reply to operation `id`, run in schema generation `generation`.
     pub(crate) fn db_reply(
         &mut self,
         p: usize,
         session: SessionId,
-        lock: usize,
-        id: RequestId,
-        result: Result<Reply, DbError>,
+        id: OpId,
+        result: Result<OpReply, pgiplock_core::DbError>,
+        generation: u64,
     ) {
-        if self.procs[p].conn == (Conn::Up { session }) {
-            self.work.push_back(Work::Input {
+        if self.procs[p].conn.is_some_and(|(_, server)| server == session) {
+            self.procs[p].reply_generation = Some(generation);
+            self.drive(p, SessionInput::Reply { id, result });
+            self.procs[p].reply_generation = None;
+        }
+    }
+
+    /// A notification on `session`, from backend `pid`.
+    pub(crate) fn notification(&mut self, p: usize, session: SessionId, channel: String, payload: String, pid: i32) {
+        let Some((core, server)) = self.procs[p].conn else {
+            return;
+        };
+        if server == session {
+            self.drive(
                 p,
-                lock,
-                input: Input::DbResult { id, result },
-            });
+                SessionInput::Notification {
+                    session: core,
+                    channel,
+                    payload,
+                    pid,
+                },
+            );
         }
     }
 
-    /// A notification, routed by channel to its lock.
-    pub(crate) fn notification(&mut self, p: usize, session: SessionId, channel: String, payload: String) {
-        if self.procs[p].conn == (Conn::Up { session }) {
-            let lock = self
-                .channels
-                .iter()
-                .position(|c| c.as_str() == channel || c.lock_channel() == channel);
-            if let Some(lock) = lock {
-                self.work.push_back(Work::Input {
-                    p,
-                    lock,
-                    input: Input::Notification {
-                        session,
-                        channel,
-                        payload,
-                    },
-                });
-            }
-        }
-    }
+    // ----- driving the session -----
 
-    /// The client resets `session` (a lock asked, or the TCP stack gave up): close it, tell
-    /// every lock, reconnect.
-    fn reset_session(&mut self, p: usize, session: SessionId) {
-        if self.procs[p].conn == (Conn::Up { session }) {
-            self.client_close(p, session);
-            self.session_down(p, session);
-        }
-    }
-
-    fn session_down(&mut self, p: usize, session: SessionId) {
-        self.procs[p].conn = Conn::Down;
-        for lock in 0..self.procs[p].locks.len() {
-            self.work.push_back(Work::Input {
-                p,
-                lock,
-                input: Input::SessionDown(session),
-            });
-        }
-        self.schedule_reconnect(p);
-    }
-
-    fn connection_failed(&mut self, p: usize) {
-        self.procs[p].conn = Conn::Down;
-        self.schedule_reconnect(p);
-    }
-
-    /// Reconnect backoff: 100 ms doubling to 5 s, each delay drawn in `[d/2, d]`.
-    fn schedule_reconnect(&mut self, p: usize) {
+    /// The process's timer: due if it is still the one armed.
+    pub(crate) fn session_timer(&mut self, p: usize, inc: u32) {
         let proc = &mut self.procs[p];
-        let d = proc.backoff.as_micros() as u64;
-        let delay = Duration::from_micros(d / 2 + proc.rng.below_inclusive(d / 2));
-        proc.backoff = (proc.backoff * 2).min(Duration::from_secs(5));
-        let inc = proc.incarnation;
-        self.engine
-            .schedule(self.engine.now + delay, Event::ConnectAttempt { p, inc });
-    }
-
-    // ----- driving the locks -----
-
-    pub(crate) fn lock_timer(&mut self, p: usize, inc: u32, lock: usize) {
-        let proc = &mut self.procs[p];
-        if proc.runs(inc) && proc.locks[lock].armed == Some(self.engine.now) {
-            proc.locks[lock].armed = None;
-            self.work.push_back(Work::Input {
-                p,
-                lock,
-                input: Input::Tick,
-            });
+        if proc.runs(inc) && proc.armed == Some(self.engine.now) {
+            proc.armed = None;
+            self.drive(p, SessionInput::Tick);
         }
     }
 
-    pub(crate) fn run_work(&mut self) {
-        while let Some(work) = self.work.pop_front() {
-            match work {
-                Work::Input { p, lock, input } => self.drive(p, lock, input),
-                Work::Reset { p, session } => self.reset_session(p, session),
-            }
-        }
-    }
-
-    /// Feeds one input to one lock and carries out everything it asks for.
-    fn drive(&mut self, p: usize, li: usize, input: Input) {
+    /// Feeds one input to the process's session at its local time, carries out everything it
+    /// asks for, and re-arms the one timer.
+    fn drive(&mut self, p: usize, input: SessionInput) {
         let now = self.engine.now;
         let proc = &mut self.procs[p];
-        if !proc.alive || li >= proc.locks.len() {
+        if !proc.alive {
             return;
         }
         let local = proc.local(now);
-        let slot = &mut proc.locks[li];
-        slot.lock.handle_input(local, input);
+        let Some(session) = proc.session.as_mut() else { return };
+        session.handle_input(local, input);
         let mut outputs = Vec::new();
-        while let Some(output) = slot.lock.poll_output() {
+        while let Some(output) = session.poll_output() {
             outputs.push(output);
         }
-        let deadline = slot.lock.poll_timeout();
-        let phase = slot.lock.state().phase;
-        let inc = proc.incarnation;
         for output in outputs {
-            self.output(p, li, output);
+            self.output(p, local, output);
         }
-        // One timer per lock, re-armed from poll_timeout after every input.
         let proc = &mut self.procs[p];
-        let global = deadline.map(|(local_at, _)| proc.global_at(local_at, now));
-        if global != proc.locks[li].armed {
-            proc.locks[li].armed = global;
+        let Some(session) = proc.session.as_ref() else { return };
+        // One timer per process, re-armed from poll_timeout after every input.
+        let deadline = session.poll_timeout();
+        let global = deadline.map(|local_at| proc.global_at(local_at, now));
+        if global != proc.armed {
+            proc.armed = global;
             if let Some(at) = global {
-                self.engine.schedule(at, Event::LockTimer { p, inc, lock: li });
+                let inc = proc.incarnation;
+                self.engine.schedule(at, Event::SessionTimer { p, inc });
             }
         }
-        self.checkers.set_believer(li, p, phase.is_holder());
+        for li in 0..self.channels.len() {
+            let holds = session
+                .lock(LockKey(li as u64))
+                .is_some_and(|l| l.state().phase.is_holder());
+            self.checkers.set_believer(li, p, holds);
+        }
+        self.phase_bounds_of(p);
         let proc = &self.procs[p];
-        if proc.stopping && proc.locks.iter().all(|s| s.lock.state().phase == Phase::Stopped) {
+        if proc.stopping && proc.session.as_ref().is_some_and(|s| s.state().locks == 0) {
             self.exit_process(p);
         }
     }
 
-    fn output(&mut self, p: usize, li: usize, output: Output) {
+    fn output(&mut self, p: usize, local: Timestamp, output: SessionOutput) {
         match output {
-            Output::Request(request) => {
-                let session = request.session;
-                if self.procs[p].conn == (Conn::Up { session }) {
-                    self.client_send(p, session, ClientMsg::Request { lock: li, request });
+            SessionOutput::Connect { session } => {
+                self.procs[p].connecting = Some(session);
+                self.client_send(p, SessionId(0), ClientMsg::Connect { attempt: session.0 });
+                self.connect_sent(p);
+            }
+            SessionOutput::AbortConnect { session } => {
+                // Dropping the attempt closes its socket; a late answer finds it gone.
+                let proc = &mut self.procs[p];
+                if proc.connecting == Some(session) {
+                    proc.connecting = None;
                 }
             }
-            Output::Event(event) => self.lock_event(p, li, event),
-            Output::Deliver { payload } => {
-                if !self.procs[p].locks[li].believes {
+            SessionOutput::Disconnect { session } => {
+                let proc = &mut self.procs[p];
+                if let Some((core, server)) = proc.conn {
+                    if core == session {
+                        proc.conn = None;
+                        self.client_close(p, server);
+                    }
+                }
+            }
+            SessionOutput::Execute(request) => {
+                let proc = &mut self.procs[p];
+                let Some((core, server)) = proc.conn else { return };
+                if core != request.session {
+                    return; // the core already forgot it
+                }
+                if let SessionOp::Lock { target, .. } = &request.op {
+                    if let Some(li) = self.channels.iter().position(|c| *c == target.channel) {
+                        proc.locks[li].request_sent = Some(local);
+                    }
+                }
+                self.client_send(p, server, ClientMsg::Request { request });
+            }
+            SessionOutput::Lock { lock, event } => self.lock_event(p, lock.0 as usize, event),
+            SessionOutput::Deliver { lock, payload } => {
+                let li = lock.0 as usize;
+                if !self.procs[p].locks.get(li).is_some_and(|l| l.believes) {
                     self.metrics.s3_violations += 1;
                 }
                 if li == 0 {
@@ -433,33 +485,57 @@ impl World {
                     }
                 }
             }
-            Output::ResetSession(session) => self.work.push_front(Work::Reset { p, session }),
-            _ => {}
+            SessionOutput::Event(event) => {
+                let name = match &event {
+                    SessionEvent::ConnectFailed { cause, .. } if cause.starts_with("no answer") => {
+                        Some("connect_timeout")
+                    }
+                    SessionEvent::ConnectFailed { .. } => Some("connect_failed"),
+                    SessionEvent::Down { reason, .. } => Some(reason.as_str()),
+                    SessionEvent::ReadOnly { .. } => Some("read_only_refused"),
+                    SessionEvent::SchemaMissing { .. } => Some("schema_missing"),
+                    SessionEvent::BootstrapFailed { .. } => Some("bootstrap_failed"),
+                    _ => None,
+                };
+                if let Some(name) = name {
+                    self.metrics.session_event(name, self.engine.now);
+                }
+                self.trace.line(|| format!("  p{p} session: {event:?}"));
+            }
+            SessionOutput::LockRemoved { lock } => {
+                self.trace.line(|| format!("  p{p} lock{} removed", lock.0));
+            }
+            SessionOutput::CallDone { .. } | SessionOutput::Closed => {}
+            other => self.trace.line(|| format!("  p{p} session output: {other:?}")),
         }
     }
 
     fn lock_event(&mut self, p: usize, li: usize, event: LockEvent) {
-        let slot = &mut self.procs[p].locks[li];
+        let generation = self.procs[p].reply_generation.unwrap_or(self.server.db.generation());
+        let Some(view) = self.procs[p].locks.get_mut(li) else {
+            return;
+        };
         match &event {
             LockEvent::Acquired { token } => {
-                slot.believes = true;
+                view.believes = true;
+                view.term_generation = generation;
                 self.trace.hash(&[100, p as u64, li as u64, token.map_or(0, |t| t.0)]);
                 if let Some(FenceToken(t)) = token {
-                    self.checkers.token_acquired(&mut self.metrics, p, li, *t);
+                    self.checkers.token_acquired(&mut self.metrics, p, li, *t, generation);
                 }
                 if li == 0 {
                     self.metrics.acquisitions += 1;
                 }
             }
             LockEvent::Lost { reason } => {
-                slot.believes = false;
+                view.believes = false;
                 self.trace.hash(&[101, p as u64, li as u64]);
                 if li == 0 {
                     self.metrics.lost(reason.as_str());
                 }
             }
             LockEvent::Released | LockEvent::Stopped { .. } => {
-                slot.believes = false;
+                view.believes = false;
                 self.trace.hash(&[102, p as u64, li as u64]);
             }
             _ => {}

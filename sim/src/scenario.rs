@@ -120,16 +120,40 @@ pub enum FaultKind {
     Terminate,
     /// The server restarts: every session ends; it accepts connections again after `server_down`.
     ServerRestart,
+    /// The process's next connection handshake hangs: the server accepts and never answers, so
+    /// the session's connect timeout must end the attempt (the process's backend is terminated
+    /// first, so that it reconnects now).
+    ConnectHang,
+    /// A blip in the middle of a reconnect: the process's backend is terminated, and right after
+    /// its next connection attempt starts its link drops everything for `blip_duration` (the
+    /// connect or its answer is lost).
+    ConnectBlip,
+    /// The reply to one setup statement (the schema bootstrap or a `LISTEN`) of the process's
+    /// next connection is lost, so the session's setup timeout must reset it (the process's
+    /// backend is terminated first).
+    SetupReplyLoss,
+    /// An administrator drops the lock schema under the running fleet: lock operations fail with
+    /// SQLSTATE 42P01 until a session bootstraps it again, and the tables start empty (fencing
+    /// tokens start again from 1).
+    SchemaDrop,
+    /// The server refuses writes (SQLSTATE 25006) for `read_only_duration`, as a demoted primary
+    /// or `default_transaction_read_only` would.
+    ReadOnly,
 }
 
 impl FaultKind {
     /// All kinds, in report order.
-    pub const ALL: [FaultKind; 5] = [
+    pub const ALL: [FaultKind; 10] = [
         FaultKind::Stop,
         FaultKind::Crash,
         FaultKind::Cut,
         FaultKind::Terminate,
         FaultKind::ServerRestart,
+        FaultKind::ConnectHang,
+        FaultKind::ConnectBlip,
+        FaultKind::SetupReplyLoss,
+        FaultKind::SchemaDrop,
+        FaultKind::ReadOnly,
     ];
 
     /// The snake_case name.
@@ -140,7 +164,20 @@ impl FaultKind {
             FaultKind::Cut => "cut",
             FaultKind::Terminate => "terminate",
             FaultKind::ServerRestart => "server_restart",
+            FaultKind::ConnectHang => "connect_hang",
+            FaultKind::ConnectBlip => "connect_blip",
+            FaultKind::SetupReplyLoss => "setup_reply_loss",
+            FaultKind::SchemaDrop => "schema_drop",
+            FaultKind::ReadOnly => "read_only",
         }
+    }
+
+    /// Whether the fault hits the server (every process) rather than one process.
+    pub fn server_wide(self) -> bool {
+        matches!(
+            self,
+            FaultKind::ServerRestart | FaultKind::SchemaDrop | FaultKind::ReadOnly
+        )
     }
 }
 
@@ -198,6 +235,16 @@ pub struct FaultRates {
     pub terminate: f64,
     /// Server restarts per hour.
     pub server_restart: f64,
+    /// Hanging connection handshakes per hour.
+    pub connect_hang: f64,
+    /// Blips during a reconnect per hour.
+    pub connect_blip: f64,
+    /// Lost setup replies per hour.
+    pub setup_reply_loss: f64,
+    /// Schema drops per hour.
+    pub schema_drop: f64,
+    /// Read-only windows per hour.
+    pub read_only: f64,
 }
 
 impl FaultRates {
@@ -209,6 +256,27 @@ impl FaultRates {
             FaultKind::Cut => self.cut,
             FaultKind::Terminate => self.terminate,
             FaultKind::ServerRestart => self.server_restart,
+            FaultKind::ConnectHang => self.connect_hang,
+            FaultKind::ConnectBlip => self.connect_blip,
+            FaultKind::SetupReplyLoss => self.setup_reply_loss,
+            FaultKind::SchemaDrop => self.schema_drop,
+            FaultKind::ReadOnly => self.read_only,
+        }
+    }
+
+    /// The rate of `kind`, to set.
+    pub fn of_mut(&mut self, kind: FaultKind) -> &mut f64 {
+        match kind {
+            FaultKind::Stop => &mut self.stop,
+            FaultKind::Crash => &mut self.crash,
+            FaultKind::Cut => &mut self.cut,
+            FaultKind::Terminate => &mut self.terminate,
+            FaultKind::ServerRestart => &mut self.server_restart,
+            FaultKind::ConnectHang => &mut self.connect_hang,
+            FaultKind::ConnectBlip => &mut self.connect_blip,
+            FaultKind::SetupReplyLoss => &mut self.setup_reply_loss,
+            FaultKind::SchemaDrop => &mut self.schema_drop,
+            FaultKind::ReadOnly => &mut self.read_only,
         }
     }
 }
@@ -271,9 +339,12 @@ pub struct Scenario {
     /// Client `tcp_user_timeout`: a request unacknowledged this long fails the connection.
     #[serde(with = "dur")]
     pub client_user_timeout: Duration,
-    /// Client connection attempt timeout.
+    /// Bounds one whole connection attempt (the core session's `connect_timeout`).
     #[serde(with = "dur")]
     pub connect_timeout: Duration,
+    /// Bounds each setup statement of a connection (the core session's `setup_timeout`).
+    #[serde(with = "dur")]
+    pub setup_timeout: Duration,
     /// After a crash, time until the server sees the connection end (the OS closes the socket).
     #[serde(with = "dur")]
     pub crash_close_delay: Duration,
@@ -296,6 +367,12 @@ pub struct Scenario {
     /// How long a restarting server refuses connections.
     #[serde(with = "dur")]
     pub server_down: Duration,
+    /// How long the link of a connect blip drops everything.
+    #[serde(with = "dur")]
+    pub blip_duration: Duration,
+    /// How long a read-only window lasts.
+    #[serde(with = "dur")]
+    pub read_only_duration: Duration,
     /// Extra time the liveness checker allows over the design's bound.
     #[serde(with = "dur")]
     pub liveness_slack: Duration,
@@ -330,6 +407,7 @@ impl Default for Scenario {
             server_retransmit_detect: Duration::from_secs(924),
             client_user_timeout: Duration::from_secs(15),
             connect_timeout: Duration::from_secs(5),
+            setup_timeout: Duration::from_secs(5),
             crash_close_delay: Duration::from_millis(1),
             drift: 0.0001,
             terminate_permitted: true,
@@ -338,13 +416,15 @@ impl Default for Scenario {
                 crash: 1.0,
                 cut: 0.5,
                 terminate: 0.5,
-                server_restart: 0.0,
+                ..FaultRates::default()
             },
             fault_target: FaultTarget::Holder,
             faults: Vec::new(),
             restart_delay: Some(Duration::from_secs(10)),
             cut_duration: Duration::from_secs(30 * 60),
             server_down: Duration::from_secs(5),
+            blip_duration: Duration::from_secs(2),
+            read_only_duration: Duration::from_secs(20),
             liveness_slack: Duration::from_secs(10),
             max_steps: 2_000_000_000,
             strict_s2: false,
@@ -432,6 +512,10 @@ impl Scenario {
         if self.max_steps == 0 {
             return invalid("max_steps must be positive");
         }
+        let ms = Duration::from_millis(1);
+        if self.connect_timeout < ms || self.setup_timeout < ms {
+            return invalid("connect_timeout and setup_timeout must be at least 1ms");
+        }
         Ok(())
     }
 
@@ -457,7 +541,11 @@ impl Scenario {
     /// bound plus reconnection and the configured slack).
     pub fn liveness_bound(&self) -> Duration {
         let c = self.lock_config();
-        let reconnect = self.client_user_timeout + self.connect_timeout + Duration::from_secs(10) + self.server_down;
+        let reconnect = self.client_user_timeout
+            + self.connect_timeout
+            + self.setup_timeout
+            + Duration::from_secs(10)
+            + self.server_down.max(self.blip_duration);
         let detect = match self.protocol {
             // A silently vanished holder's lease runs out; its zombie session does not matter.
             Protocol::Lease => c.lease_ttl,
@@ -519,6 +607,7 @@ impl Scenario {
             fd(d.client_user_timeout),
         );
         flag("connect-timeout", fd(self.connect_timeout), fd(d.connect_timeout));
+        flag("setup-timeout", fd(self.setup_timeout), fd(d.setup_timeout));
         flag("crash-close-delay", fd(self.crash_close_delay), fd(d.crash_close_delay));
         flag("drift", self.drift.to_string(), d.drift.to_string());
         flag(
@@ -542,6 +631,12 @@ impl Scenario {
         flag("restart-delay", fo(self.restart_delay), fo(d.restart_delay));
         flag("cut-duration", fd(self.cut_duration), fd(d.cut_duration));
         flag("server-down", fd(self.server_down), fd(d.server_down));
+        flag("blip-duration", fd(self.blip_duration), fd(d.blip_duration));
+        flag(
+            "read-only-duration",
+            fd(self.read_only_duration),
+            fd(d.read_only_duration),
+        );
         flag("liveness-slack", fd(self.liveness_slack), fd(d.liveness_slack));
         flag("max-steps", self.max_steps.to_string(), d.max_steps.to_string());
         flag("strict-s2", self.strict_s2.to_string(), d.strict_s2.to_string());
@@ -583,6 +678,13 @@ impl Scenario {
             self.faults.len(),
             self.drift
         ));
+        // The connection faults only when they are on, so that the usual line stays short.
+        for kind in &FaultKind::ALL[5..] {
+            let rate = r.of(*kind);
+            if rate > 0.0 {
+                s.push_str(&format!(" {kind}:{rate}/h"));
+            }
+        }
         s
     }
 }

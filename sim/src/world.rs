@@ -1,8 +1,8 @@
 //! One simulation run. A [`World`] composes the parts, each in its own module:
 //!
 //! - `engine`: the event queue, virtual time and the run loop;
-//! - `process`: the simulated processes, each driving the real [`pgiplock_core::Lock`]s over
-//!   its connection;
+//! - `process`: the simulated processes, each driving the real [`pgiplock_core::Session`] (its
+//!   connection's lifecycle and its locks) as the `io` crate's driver does;
 //! - `net`: the links (which faults cut), the messages both ways, and the server's end: its
 //!   connections, dead-peer detection, the database model ([`crate::db::SimDb`]) and the
 //!   publisher;
@@ -11,17 +11,16 @@
 //! - `trace`: the trace hash and the trace lines;
 //! - [`crate::metrics`]: what the report measures.
 
-use std::collections::VecDeque;
 use std::time::Duration;
 
-use pgiplock_core::{ChannelName, LockConfig, SplitMix64, Timestamp};
+use pgiplock_core::{ChannelName, LockConfig, SessionConfig, SplitMix64, Timestamp};
 
 use crate::checkers::Checkers;
 use crate::engine::{Engine, Event};
 use crate::faults::Faults;
 use crate::metrics::{Metrics, Report};
 use crate::net::{Link, Server};
-use crate::process::{Proc, Work};
+use crate::process::{session_config, Proc};
 use crate::scenario::{Scenario, ScenarioError};
 use crate::trace::Trace;
 
@@ -54,20 +53,21 @@ pub(crate) const STREAM_PROC: u64 = 2;
 pub(crate) const STREAM_FAULTS: u64 = 3;
 pub(crate) const STREAM_SERVER: u64 = 4;
 const STREAM_START: u64 = 5;
+pub(crate) const STREAM_SESSION: u64 = 6;
 
 /// One simulation run. Build with [`World::new`], then [`World::run`].
 pub struct World {
     pub(crate) seed: u64,
     pub(crate) scenario: Scenario,
     pub(crate) config: LockConfig,
+    /// Every process's session settings.
+    pub(crate) session_config: SessionConfig,
     pub(crate) channels: Vec<ChannelName>,
     pub(crate) end: Timestamp,
     pub(crate) warmup: Timestamp,
     pub(crate) publish_until: Timestamp,
     pub(crate) engine: Engine,
     pub(crate) procs: Vec<Proc>,
-    /// What the current event left for the processes to do.
-    pub(crate) work: VecDeque<Work>,
     pub(crate) alive_count: usize,
     /// Per process, its link to the server.
     pub(crate) links: Vec<Link>,
@@ -98,16 +98,17 @@ impl World {
         let checkers = Checkers::new(&scenario);
         let server = Server::new(seed, scenario.terminate_permitted);
         let metrics = Metrics::new(scenario.processes, warmup, end);
+        let session_config = session_config(scenario.connect_timeout, scenario.setup_timeout);
         let mut world = World {
             seed,
             config,
+            session_config,
             channels,
             end,
             warmup,
             publish_until,
             engine: Engine::new(),
             procs,
-            work: VecDeque::new(),
             alive_count: 0,
             links,
             server,

@@ -20,6 +20,7 @@ fn scenario(protocol: Protocol) -> Scenario {
             cut: 10.0,
             terminate: 10.0,
             server_restart: 2.0,
+            ..FaultRates::default()
         },
         cut_duration: Duration::from_secs(60),
         ..Scenario::default()
@@ -82,4 +83,55 @@ fn cli_output_is_byte_identical_and_starts_with_the_seed() {
     let json = text.lines().last().unwrap();
     let value: serde_json::Value = serde_json::from_str(json).unwrap();
     assert_eq!(value["seed"], 5);
+}
+
+#[test]
+fn connection_faults_give_byte_identical_output() {
+    let run = || {
+        Command::new(env!("CARGO_BIN_EXE_pgiplock-sim"))
+            .args([
+                "run",
+                "--seed",
+                "9",
+                "--processes",
+                "4",
+                "--duration",
+                "20m",
+                "--channels",
+                "2",
+                "--connect-hang-rate",
+                "20",
+                "--connect-blip-rate",
+                "20",
+                "--setup-reply-loss-rate",
+                "20",
+                "--schema-drop-rate",
+                "6",
+                "--read-only-rate",
+                "6",
+                "--json",
+            ])
+            .env_remove("SIM_SEED")
+            .output()
+            .unwrap()
+    };
+    let a = run();
+    let b = run();
+    assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
+    assert_eq!(a.stdout, b.stdout);
+    let text = String::from_utf8(a.stdout).unwrap();
+    let first = text.lines().next().unwrap();
+    assert!(
+        first.contains("connect_hang:20/h") && first.contains("read_only:6/h"),
+        "{first}"
+    );
+    let mut s = Scenario {
+        processes: 4,
+        channels: 2,
+        duration: Duration::from_secs(1200),
+        ..Scenario::default()
+    };
+    s.fault_rates.connect_hang = 20.0;
+    s.fault_rates.schema_drop = 6.0;
+    run_checked(&s, 9, true).unwrap();
 }
