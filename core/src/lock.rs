@@ -89,11 +89,122 @@ struct Pending {
     sent_at: Timestamp,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 struct Term {
     token: Option<FenceToken>,
     /// Send time of the newest confirmed acquisition or renewal: the lease runs from here.
     confirmed_sent: Timestamp,
+}
+
+/// Where a lock stands, with what only that phase knows. [`Phase`] is its public outline.
+#[derive(Debug, Clone)]
+enum Stage {
+    Standby(Standby),
+    Holding(Term, Holding),
+    Draining(Term, Drain),
+    /// The term is the one being released (for a term won while stopping, never reported).
+    Releasing(Term, Releasing),
+    Stopped,
+}
+
+impl Stage {
+    fn phase(&self) -> Phase {
+        match self {
+            Stage::Standby(_) => Phase::Standby,
+            Stage::Holding(..) => Phase::Holding,
+            Stage::Draining(..) => Phase::Draining,
+            Stage::Releasing(..) => Phase::Releasing,
+            Stage::Stopped => Phase::Stopped,
+        }
+    }
+
+    fn term(&self) -> Option<&Term> {
+        match self {
+            Stage::Holding(term, _) | Stage::Draining(term, _) | Stage::Releasing(term, _) => Some(term),
+            Stage::Standby(_) | Stage::Stopped => None,
+        }
+    }
+
+    fn handover(&self) -> Option<&Handover> {
+        match self {
+            Stage::Standby(standby) => standby.handover.as_ref(),
+            Stage::Draining(_, drain) => drain.handover.as_ref(),
+            Stage::Releasing(_, releasing) => releasing.handover.as_ref(),
+            Stage::Holding(..) | Stage::Stopped => None,
+        }
+    }
+}
+
+/// Not holding.
+#[derive(Debug, Clone, Default)]
+struct Standby {
+    /// What arrived since a peer's drain or release marker (or an `acquired` marker during our
+    /// attempt), kept in case we win the next term.
+    handover: Option<Handover>,
+    /// `TryAcquire` calls waiting for an answer.
+    attempt_waiters: u32,
+    /// An attempt fell due (`Start`, the retry timer) while another request was in flight.
+    attempt_due: bool,
+    /// A release notification arrived while an acquisition was in flight.
+    woken: bool,
+    /// An `acquired:<t>` marker that arrived while our own acquisition was in flight: it may be
+    /// our own (its reply decides) or a peer's.
+    acquired_during_attempt: Option<FenceToken>,
+}
+
+/// Holding, delivering.
+#[derive(Debug, Clone, Copy, Default)]
+struct Holding {
+    /// `Release` came while a request was in flight: drain as soon as it ends.
+    release_requested: bool,
+    /// A renewal fell due while another request was in flight: send it as soon as that ends.
+    renew_due: bool,
+}
+
+/// Holding, delivering up to its own drain marker.
+#[derive(Debug, Clone, Default)]
+struct Drain {
+    /// `Some` once our own drain marker arrived: what follows it is the next holder's, buffered
+    /// in case that is us again.
+    handover: Option<Handover>,
+    /// The drain statement's reply arrived.
+    confirmed: bool,
+}
+
+/// The release statement is in flight.
+#[derive(Debug, Clone, Default)]
+struct Releasing {
+    /// What followed our own drain marker; `None` when waiting for it timed out, or when the
+    /// next term began.
+    handover: Option<Handover>,
+}
+
+/// Messages received after a drain, release or `acquired` marker, kept for a handover.
+#[derive(Debug, Clone, Default)]
+struct Handover {
+    messages: VecDeque<String>,
+    /// A release marker arrived since the buffer began: under `Classic`, a failed attempt after
+    /// it means another standby won, so the buffer is theirs.
+    released: bool,
+    /// Messages dropped from the front since the buffer began (for the overflow warning).
+    dropped: u64,
+}
+
+impl Handover {
+    /// Appends `payload`, dropping the oldest beyond `limit`; returns the count to warn about
+    /// when it reaches a power of two.
+    fn push(&mut self, payload: String, limit: usize) -> Option<u64> {
+        let mut warn = None;
+        if self.messages.len() >= limit {
+            self.messages.pop_front();
+            self.dropped += 1;
+            if self.dropped.is_power_of_two() {
+                warn = Some(self.dropped);
+            }
+        }
+        self.messages.push_back(payload);
+        warn
+    }
 }
 
 /// One lock on one channel: a deterministic state machine.
@@ -125,7 +236,7 @@ pub struct Lock {
     config: LockConfig,
     rng: SplitMix64,
     now: Timestamp,
-    phase: Phase,
+    stage: Stage,
     started: bool,
     stopping: bool,
     session: Option<SessionId>,
@@ -133,34 +244,13 @@ pub struct Lock {
     next_request: u64,
     timers: [Option<Timestamp>; TIMERS.len()],
     outputs: VecDeque<Output>,
-    term: Option<Term>,
-    /// Messages received after a drain or release marker, kept for a handover; `None` when the
-    /// stream since then belongs to someone else.
-    buffer: Option<VecDeque<String>>,
-    dropped: u64,
-    /// `TryAcquire` calls waiting for an answer.
-    attempt_waiters: u32,
-    /// A release notification arrived while an acquisition was in flight.
-    woken: bool,
-    release_requested: bool,
-    marker_seen: bool,
-    drain_confirmed: bool,
     warned_terminate: bool,
-    /// A renewal fell due while another request was in flight: send it as soon as that ends.
-    renew_due: bool,
-    /// An attempt fell due (`Start`, the retry timer) while another request was in flight.
-    attempt_due: bool,
     /// Newest session ever seen: a `SessionUp` of an older or equal id is a replay.
     newest_session: Option<SessionId>,
     /// Our release statement was sent and its marker (the term's token) has not arrived yet:
-    /// that marker must not wake us as if a peer had released.
+    /// that marker must not wake us as if a peer had released. It outlives the phase that sent
+    /// it (the reply may come first), until the marker arrives or the session ends.
     own_release: Option<Option<FenceToken>>,
-    /// A release marker arrived since the handover buffer began: under `Classic`, a failed
-    /// attempt after it means another standby won, so the buffer is theirs.
-    buffer_released: bool,
-    /// An `acquired:<t>` marker that arrived while our own acquisition was in flight: it may be
-    /// our own (its reply decides) or a peer's.
-    acquired_during_attempt: Option<FenceToken>,
 }
 
 impl Lock {
@@ -172,7 +262,7 @@ impl Lock {
             config: clamp_config(config),
             rng: SplitMix64::new(seed),
             now: Timestamp::ZERO,
-            phase: Phase::Standby,
+            stage: Stage::Standby(Standby::default()),
             started: false,
             stopping: false,
             session: None,
@@ -180,21 +270,9 @@ impl Lock {
             next_request: 1,
             timers: [None; TIMERS.len()],
             outputs: VecDeque::new(),
-            term: None,
-            buffer: None,
-            dropped: 0,
-            attempt_waiters: 0,
-            woken: false,
-            release_requested: false,
-            marker_seen: false,
-            drain_confirmed: false,
             warned_terminate: false,
-            renew_due: false,
-            attempt_due: false,
             newest_session: None,
             own_release: None,
-            buffer_released: false,
-            acquired_during_attempt: None,
         }
     }
 
@@ -211,13 +289,13 @@ impl Lock {
     /// A snapshot of the state.
     pub fn state(&self) -> LockState {
         LockState {
-            phase: self.phase,
-            token: self.term.as_ref().and_then(|t| t.token),
+            phase: self.phase(),
+            token: self.token(),
             session: self.session,
             started: self.started,
             stopping: self.stopping,
             pending: self.pending.as_ref().map(|p| p.op.name()),
-            buffered: self.buffer.as_ref().map_or(0, VecDeque::len),
+            buffered: self.stage.handover().map_or(0, |handover| handover.messages.len()),
         }
     }
 
@@ -247,7 +325,7 @@ impl Lock {
             Input::Tick => {}
             Input::Start => self.on_start(),
             Input::Wake => {
-                if self.phase == Phase::Standby && self.can_compete() {
+                if self.phase() == Phase::Standby && self.can_compete() {
                     self.schedule_wake();
                 }
             }
@@ -319,30 +397,32 @@ impl Lock {
     fn on_timer(&mut self, kind: TimerKind) {
         match kind {
             TimerKind::Retry => {
-                if self.phase == Phase::Standby && self.can_compete() {
+                if self.phase() == Phase::Standby && self.can_compete() {
                     if self.pending.is_none() {
                         self.send(DbOp::Acquire);
                     } else if !self.acquire_in_flight() {
                         // Attempt as soon as the request in flight ends (an attempt in flight
                         // schedules the next one itself).
-                        self.attempt_due = true;
+                        if let Some(standby) = self.standby_mut() {
+                            standby.attempt_due = true;
+                        }
                     }
                 }
             }
             TimerKind::Renew => {
-                if self.phase == Phase::Holding {
+                if self.phase() == Phase::Holding {
                     if self.pending.is_none() {
                         let token = self.token();
                         self.send(DbOp::Renew { token });
-                    } else {
+                    } else if let Some(holding) = self.holding_mut() {
                         // Renew as soon as the request in flight ends, not a whole interval
                         // later: with tight timings that would fence the holder.
-                        self.renew_due = true;
+                        holding.renew_due = true;
                     }
                 }
             }
             TimerKind::Fence => {
-                if self.phase.is_holder() {
+                if self.phase().is_holder() {
                     self.lose(LostReason::LeaseExpired);
                 }
             }
@@ -353,20 +433,20 @@ impl Lock {
                 }
             }
             TimerKind::MarkerWait => {
-                if self.phase == Phase::Draining {
+                if self.phase() == Phase::Draining {
                     self.end_drain();
                 }
             }
             TimerKind::Shutdown => {
-                if self.phase != Phase::Stopped {
-                    let was_holder = self.phase.is_holder();
+                if self.phase() != Phase::Stopped {
+                    let was_holder = self.phase().is_holder();
                     if was_holder {
                         // The application believed it held: its tenure ends here, and says why.
                         self.emit(LockEvent::Lost {
                             reason: LostReason::ReleaseUnconfirmed,
                         });
                     }
-                    self.finish_stop(!was_holder && self.phase != Phase::Releasing);
+                    self.finish_stop(!was_holder && self.phase() != Phase::Releasing);
                 }
             }
         }
@@ -378,8 +458,38 @@ impl Lock {
         self.started && !self.stopping && self.session.is_some()
     }
 
+    fn phase(&self) -> Phase {
+        self.stage.phase()
+    }
+
     fn token(&self) -> Option<FenceToken> {
-        self.term.as_ref().and_then(|t| t.token)
+        self.stage.term().and_then(|t| t.token)
+    }
+
+    fn standby_mut(&mut self) -> Option<&mut Standby> {
+        match &mut self.stage {
+            Stage::Standby(standby) => Some(standby),
+            _ => None,
+        }
+    }
+
+    fn holding_mut(&mut self) -> Option<&mut Holding> {
+        match &mut self.stage {
+            Stage::Holding(_, holding) => Some(holding),
+            _ => None,
+        }
+    }
+
+    fn drain_mut(&mut self) -> Option<&mut Drain> {
+        match &mut self.stage {
+            Stage::Draining(_, drain) => Some(drain),
+            _ => None,
+        }
+    }
+
+    /// Moves the stage out, leaving `Stopped` until the caller puts the next one in.
+    fn take_stage(&mut self) -> Stage {
+        std::mem::replace(&mut self.stage, Stage::Stopped)
     }
 
     fn send(&mut self, op: DbOp) {
@@ -389,7 +499,11 @@ impl Lock {
         self.next_request = self.next_request.saturating_add(1);
         match op {
             DbOp::Release { token } => self.own_release = Some(token),
-            DbOp::Acquire => self.attempt_due = false,
+            DbOp::Acquire => {
+                if let Some(standby) = self.standby_mut() {
+                    standby.attempt_due = false;
+                }
+            }
             _ => {}
         }
         self.pending = Some(Pending {
@@ -405,8 +519,16 @@ impl Lock {
         self.outputs.push_back(Output::Event(event));
     }
 
+    /// Answers the standby's `TryAcquire` calls (only a standby has any).
     fn answer_waiters(&mut self, acquired: bool) {
-        for _ in 0..std::mem::take(&mut self.attempt_waiters) {
+        let waiters = self
+            .standby_mut()
+            .map_or(0, |standby| std::mem::take(&mut standby.attempt_waiters));
+        self.answer(waiters, acquired);
+    }
+
+    fn answer(&mut self, waiters: u32, acquired: bool) {
+        for _ in 0..waiters {
             self.outputs.push_back(Output::AttemptDone { acquired });
         }
     }
@@ -461,69 +583,58 @@ impl Lock {
 
     /// Involuntary end of a term.
     fn lose(&mut self, reason: LostReason) {
-        if !self.phase.is_holder() {
+        if !self.phase().is_holder() {
             return;
         }
         self.emit(LockEvent::Lost { reason });
-        self.term = None;
-        self.buffer = None;
-        self.release_requested = false;
-        self.renew_due = false;
         self.clear_holder_timers();
         if self.stopping {
             self.finish_stop(false);
         } else {
-            self.phase = Phase::Standby;
+            // The term, its pending drain or renewal and any buffer go with the holder's stage.
+            self.stage = Stage::Standby(Standby::default());
             self.schedule_retry(None);
         }
     }
 
     fn finish_stop(&mut self, released: bool) {
-        self.phase = Phase::Stopped;
+        let waiters = match self.take_stage() {
+            Stage::Standby(standby) => standby.attempt_waiters,
+            _ => 0,
+        };
         self.started = false;
         self.stopping = true;
-        self.term = None;
-        self.buffer = None;
-        self.renew_due = false;
-        self.attempt_due = false;
-        self.release_requested = false;
         self.timers = [None; TIMERS.len()];
-        self.answer_waiters(false);
+        self.answer(waiters, false);
         self.emit(LockEvent::Stopped { released });
     }
 
     fn become_holder(&mut self, token: Option<FenceToken>, sent_at: Timestamp) {
-        self.phase = Phase::Holding;
-        self.term = Some(Term {
+        let term = Term {
             token,
             confirmed_sent: sent_at,
-        });
-        self.woken = false;
-        self.marker_seen = false;
-        self.drain_confirmed = false;
-        self.renew_due = false;
-        self.attempt_due = false;
-        self.buffer_released = false;
+        };
+        let standby = match std::mem::replace(&mut self.stage, Stage::Holding(term, Holding::default())) {
+            Stage::Standby(standby) => standby,
+            _ => Standby::default(),
+        };
         self.disarm(TimerKind::Retry);
         self.emit(LockEvent::Acquired { token });
         // Messages after the previous holder's marker are this term's: hand them over first.
-        for payload in self.buffer.take().unwrap_or_default() {
+        for payload in standby.handover.map(|handover| handover.messages).unwrap_or_default() {
             self.outputs.push_back(Output::Deliver { payload });
         }
-        self.dropped = 0;
         self.arm(TimerKind::Renew, (sent_at + self.config.renew_interval).max(self.now));
         if self.config.protocol == Protocol::Lease {
             self.arm(TimerKind::Fence, self.fence_deadline(sent_at));
         }
-        self.answer_waiters(true);
+        self.answer(standby.attempt_waiters, true);
     }
 
     fn start_drain(&mut self) {
-        self.release_requested = false;
-        self.phase = Phase::Draining;
-        self.marker_seen = false;
-        self.drain_confirmed = false;
-        self.renew_due = false;
+        if let Stage::Holding(term, _) = self.stage {
+            self.stage = Stage::Draining(term, Drain::default());
+        }
         self.disarm(TimerKind::Renew);
         let token = self.token();
         self.send(DbOp::Drain { token });
@@ -534,15 +645,18 @@ impl Lock {
     fn end_drain(&mut self) {
         self.disarm(TimerKind::MarkerWait);
         self.disarm(TimerKind::Fence);
-        self.phase = Phase::Releasing;
         // From our own drain marker on, the stream belongs to the next holder, which may be us
         // again: it is buffered like any standby's (since the marker). When waiting for the
         // marker timed out we do not know where it is, so we keep nothing rather than risk
         // duplicates.
-        self.buffer = if self.marker_seen {
-            Some(self.buffer.take().unwrap_or_default())
-        } else {
-            None
+        self.stage = match self.take_stage() {
+            Stage::Draining(term, drain) => Stage::Releasing(
+                term,
+                Releasing {
+                    handover: drain.handover,
+                },
+            ),
+            other => other,
         };
         self.emit(LockEvent::Released);
         if self.pending.is_none() {
@@ -552,17 +666,23 @@ impl Lock {
     }
 
     fn release_done(&mut self, released: bool) {
-        self.term = None;
+        let mut handover = match self.take_stage() {
+            Stage::Releasing(_, releasing) => releasing.handover,
+            _ => None,
+        };
         if !released {
             // Nothing was deleted or cleared, so no release marker of ours is coming; and the
             // row was no longer ours: another term began, what we buffered is its holder's.
             self.own_release = None;
-            self.buffer = None;
+            handover = None;
         }
         if self.stopping {
             self.finish_stop(released);
         } else {
-            self.phase = Phase::Standby;
+            self.stage = Stage::Standby(Standby {
+                handover,
+                ..Standby::default()
+            });
             // Our own release notification must not wake us: wait a full interval.
             self.schedule_retry(None);
         }
@@ -575,35 +695,42 @@ impl Lock {
             return;
         }
         self.started = true;
-        if self.phase == Phase::Standby && self.session.is_some() {
+        if self.phase() == Phase::Standby && self.session.is_some() {
             if self.pending.is_none() {
                 self.send(DbOp::Acquire);
             } else if !self.acquire_in_flight() {
-                self.attempt_due = true;
+                if let Some(standby) = self.standby_mut() {
+                    standby.attempt_due = true;
+                }
             }
         }
     }
 
     fn on_try_acquire(&mut self) {
-        if self.phase.is_holder() {
+        if self.phase().is_holder() {
             self.outputs.push_back(Output::AttemptDone { acquired: true });
             return;
         }
-        if self.stopping || self.session.is_none() || self.phase != Phase::Standby {
+        if self.stopping || self.session.is_none() || self.phase() != Phase::Standby {
             self.outputs.push_back(Output::AttemptDone { acquired: false });
             return;
         }
-        self.attempt_waiters += 1;
+        if let Some(standby) = self.standby_mut() {
+            standby.attempt_waiters += 1;
+        }
         if self.pending.is_none() {
             self.send(DbOp::Acquire);
         }
     }
 
     fn on_release(&mut self) {
-        match self.phase {
-            Phase::Holding if self.pending.is_none() => self.start_drain(),
-            Phase::Holding => self.release_requested = true,
-            _ => {}
+        if self.phase() != Phase::Holding {
+            return;
+        }
+        if self.pending.is_none() {
+            self.start_drain();
+        } else if let Some(holding) = self.holding_mut() {
+            holding.release_requested = true;
         }
     }
 
@@ -614,10 +741,10 @@ impl Lock {
         self.stopping = true;
         self.started = false;
         self.disarm(TimerKind::Retry);
-        match self.phase {
+        match self.phase() {
             Phase::Holding | Phase::Draining | Phase::Releasing if self.session.is_some() => {
                 self.arm(TimerKind::Shutdown, self.now + self.config.shutdown_timeout);
-                if self.phase == Phase::Holding {
+                if self.phase() == Phase::Holding {
                     self.on_release();
                 }
             }
@@ -638,7 +765,7 @@ impl Lock {
     }
 
     fn on_session_up(&mut self, session: SessionId) {
-        if self.phase == Phase::Stopped {
+        if self.phase() == Phase::Stopped {
             return;
         }
         // Ids only grow: an older or equal one is a replay of a session that is gone or current.
@@ -650,7 +777,7 @@ impl Lock {
             self.on_session_down(LostReason::SessionLost);
         }
         self.session = Some(session);
-        if self.started && self.phase == Phase::Standby {
+        if self.started && self.phase() == Phase::Standby {
             // After a server restart every process reconnects at once: spread the attempts.
             let delay = self.jitter(self.config.wake_jitter);
             self.arm(TimerKind::Retry, self.now + delay);
@@ -662,14 +789,14 @@ impl Lock {
         self.pending = None;
         self.disarm(TimerKind::RequestTimeout);
         self.disarm(TimerKind::Retry);
-        self.buffer = None;
-        self.woken = false;
         self.own_release = None;
-        self.acquired_during_attempt = None;
-        self.renew_due = false;
-        self.attempt_due = false;
         self.answer_waiters(false);
-        match self.phase {
+        // A standby forgets its buffer and its attempt; a holder's and a releasing lock's data
+        // go with their stage below.
+        if let Some(standby) = self.standby_mut() {
+            *standby = Standby::default();
+        }
+        match self.phase() {
             Phase::Holding | Phase::Draining => self.lose(reason),
             Phase::Releasing => self.release_done(false),
             Phase::Standby | Phase::Stopped => {}
@@ -692,9 +819,9 @@ impl Lock {
             (DbOp::Acquire, Ok(Reply::Acquire(reply))) => self.on_acquire_reply(reply, pending.sent_at),
             (DbOp::Renew { .. }, Ok(Reply::Renew { owned })) => self.on_renew_reply(owned, pending.sent_at),
             (DbOp::Drain { .. }, Ok(Reply::Drained)) => {
-                if self.phase == Phase::Draining {
-                    self.drain_confirmed = true;
-                    if self.marker_seen {
+                if let Some(drain) = self.drain_mut() {
+                    drain.confirmed = true;
+                    if drain.handover.is_some() {
                         self.end_drain();
                     } else {
                         self.arm(TimerKind::MarkerWait, self.now + self.config.marker_wait);
@@ -702,7 +829,7 @@ impl Lock {
                 }
             }
             (DbOp::Release { .. }, Ok(Reply::Release { released })) => {
-                if self.phase == Phase::Releasing {
+                if self.phase() == Phase::Releasing {
                     self.release_done(released);
                 }
             }
@@ -735,30 +862,32 @@ impl Lock {
         match op {
             DbOp::Acquire => {
                 self.answer_waiters(false);
-                self.buffer = None;
-                self.acquired_during_attempt = None;
-                if self.phase == Phase::Stopped {
+                if let Some(standby) = self.standby_mut() {
+                    standby.handover = None;
+                    standby.acquired_during_attempt = None;
+                }
+                if self.phase() == Phase::Stopped {
                     return;
                 }
                 self.schedule_retry(None);
             }
-            DbOp::Renew { .. } if self.phase == Phase::Holding && error_missing => {
+            DbOp::Renew { .. } if self.phase() == Phase::Holding && error_missing => {
                 // The lock table is gone (dropped under the fleet): so is the row naming us.
                 self.lose(LostReason::Superseded);
             }
             DbOp::Renew { .. } => {
                 // Lease: the fence deadline decides; Classic: check again next period.
-                if self.phase == Phase::Holding {
+                if self.phase() == Phase::Holding {
                     self.arm(TimerKind::Renew, self.now + self.config.renew_interval);
                 }
             }
             DbOp::Drain { .. } => {
-                if self.phase == Phase::Draining {
+                if self.phase() == Phase::Draining {
                     self.end_drain();
                 }
             }
             DbOp::Release { .. } => {
-                if self.phase == Phase::Releasing {
+                if self.phase() == Phase::Releasing {
                     self.release_done(false);
                 }
             }
@@ -767,30 +896,33 @@ impl Lock {
     }
 
     fn on_acquire_reply(&mut self, reply: AcquireReply, sent_at: Timestamp) {
-        let acquired_marker = self.acquired_during_attempt.take();
-        if reply.acquired && (self.stopping || self.phase == Phase::Stopped) {
+        let acquired_marker = self
+            .standby_mut()
+            .and_then(|standby| standby.acquired_during_attempt.take());
+        if reply.acquired && (self.stopping || self.phase() == Phase::Stopped) {
             // Won while stopping: give it back at once, without ever reporting it.
             self.answer_waiters(false);
-            self.buffer = None;
-            if self.phase == Phase::Standby {
-                self.phase = Phase::Releasing;
-                self.term = Some(Term {
+            if self.phase() == Phase::Standby {
+                let term = Term {
                     token: reply.token,
                     confirmed_sent: sent_at,
-                });
+                };
+                self.stage = Stage::Releasing(term, Releasing::default());
             }
             self.send(DbOp::Release { token: reply.token });
-            if self.phase == Phase::Stopped {
+            if self.phase() == Phase::Stopped {
                 // Best effort, nobody waits for it: no timeout may reset the shared session.
                 self.disarm(TimerKind::RequestTimeout);
             }
             return;
         }
         let usable = self.config.protocol == Protocol::Classic || self.fence_deadline(sent_at) > self.now;
-        if reply.acquired && self.phase == Phase::Standby && usable {
+        if reply.acquired && self.phase() == Phase::Standby && usable {
             if acquired_marker.is_some_and(|marker| Some(marker) != reply.token) {
                 // Another term began after our buffer did: what we buffered was its holder's.
-                self.buffer = None;
+                if let Some(standby) = self.standby_mut() {
+                    standby.handover = None;
+                }
             }
             self.become_holder(reply.token, sent_at);
             if let Some(stale) = reply.stale_holder {
@@ -804,44 +936,46 @@ impl Lock {
         // Not acquired, or acquired too late to be of use (the lease would already be fenced):
         // leave it to expire.
         self.answer_waiters(false);
-        if self.phase != Phase::Standby {
-            return;
-        }
+        let classic = self.config.protocol == Protocol::Classic;
+        let Some(standby) = self.standby_mut() else { return };
+        // A peer's `acquired` marker cancels any wake, as does the wake itself once taken.
+        let woken = std::mem::take(&mut standby.woken);
         if acquired_marker.is_some() {
-            // A peer won while we were asking: its marker cancels any wake, the stream is its.
-            self.woken = false;
-            self.buffer = None;
+            // A peer won while we were asking: the stream is its.
+            standby.handover = None;
             self.schedule_retry(reply.lease_remaining);
-        } else if std::mem::take(&mut self.woken) {
+        } else if woken {
             self.schedule_wake();
         } else {
             // The holder may still be between its drain marker and its release: keep the buffer.
             // Under `Lease` a winner's `acquired` marker drops it; under `Classic` (no such
             // marker) a failed attempt after the release marker means another standby won.
-            if self.config.protocol == Protocol::Classic && self.buffer_released {
-                self.buffer = None;
+            if classic && standby.handover.as_ref().is_some_and(|handover| handover.released) {
+                standby.handover = None;
             }
             self.schedule_retry(reply.lease_remaining);
         }
     }
 
     fn on_renew_reply(&mut self, owned: bool, sent_at: Timestamp) {
-        if !self.phase.is_holder() {
+        if !self.phase().is_holder() {
             return;
         }
         if !owned {
             self.lose(LostReason::Superseded);
             return;
         }
-        if let Some(term) = self.term.as_mut() {
+        if let Stage::Holding(term, _) | Stage::Draining(term, _) = &mut self.stage {
             term.confirmed_sent = term.confirmed_sent.max(sent_at);
             let sent = term.confirmed_sent;
             if self.config.protocol == Protocol::Lease {
                 self.arm(TimerKind::Fence, self.fence_deadline(sent));
             }
         }
-        if self.phase == Phase::Holding && !self.release_requested && !self.renew_due {
-            self.arm(TimerKind::Renew, (sent_at + self.config.renew_interval).max(self.now));
+        if let Stage::Holding(_, holding) = self.stage {
+            if !holding.release_requested && !holding.renew_due {
+                self.arm(TimerKind::Renew, (sent_at + self.config.renew_interval).max(self.now));
+            }
         }
     }
 
@@ -856,27 +990,34 @@ impl Lock {
     }
 
     fn on_data(&mut self, payload: String) {
-        match self.phase {
-            Phase::Holding => self.outputs.push_back(Output::Deliver { payload }),
-            Phase::Draining if !self.marker_seen => self.outputs.push_back(Output::Deliver { payload }),
-            // After a drain marker (a standby's, or our own while draining or releasing).
-            Phase::Standby | Phase::Draining | Phase::Releasing => {
-                let limit = self.config.handover_buffer.max(1);
-                if let Some(buffer) = self.buffer.as_mut() {
-                    if buffer.len() >= limit {
-                        buffer.pop_front();
-                        self.dropped += 1;
-                        if self.dropped.is_power_of_two() {
-                            let dropped = self.dropped;
-                            self.emit(LockEvent::Warning(Warning::HandoverBufferOverflow { dropped }));
-                        }
-                    }
-                    if let Some(buffer) = self.buffer.as_mut() {
-                        buffer.push_back(payload);
-                    }
-                }
+        let limit = self.config.handover_buffer.max(1);
+        let dropped = match &mut self.stage {
+            Stage::Holding(..) | Stage::Draining(_, Drain { handover: None, .. }) => {
+                self.outputs.push_back(Output::Deliver { payload });
+                None
             }
-            _ => {}
+            // After a drain marker (a standby's, or our own while draining or releasing).
+            Stage::Standby(Standby {
+                handover: Some(handover),
+                ..
+            })
+            | Stage::Draining(
+                _,
+                Drain {
+                    handover: Some(handover),
+                    ..
+                },
+            )
+            | Stage::Releasing(
+                _,
+                Releasing {
+                    handover: Some(handover),
+                },
+            ) => handover.push(payload, limit),
+            _ => None,
+        };
+        if let Some(dropped) = dropped {
+            self.emit(LockEvent::Warning(Warning::HandoverBufferOverflow { dropped }));
         }
     }
 
@@ -897,27 +1038,36 @@ impl Lock {
 
     fn on_marker(&mut self, marker: Marker) {
         if let Marker::Released(token) = marker {
-            if matches!(self.phase, Phase::Releasing | Phase::Standby) && self.is_own_release(token) {
+            if matches!(self.phase(), Phase::Releasing | Phase::Standby) && self.is_own_release(token) {
                 // Our own release: it must not wake us (we just gave the lock up), but it does
                 // end the term in the stream.
                 self.own_release = None;
-                self.buffer_released = true;
-                if self.config.protocol == Protocol::Classic {
-                    // We attempt again only after a full interval, and Classic announces no new
-                    // term: by then a standby has likely won and delivered what we buffered, and
-                    // if it crashed since, we could not tell. At most once: drop it.
-                    self.buffer = None;
+                let classic = self.config.protocol == Protocol::Classic;
+                if let Stage::Standby(Standby { handover, .. }) | Stage::Releasing(_, Releasing { handover }) =
+                    &mut self.stage
+                {
+                    if classic {
+                        // We attempt again only after a full interval, and Classic announces no
+                        // new term: by then a standby has likely won and delivered what we
+                        // buffered, and if it crashed since, we could not tell. At most once:
+                        // drop it.
+                        *handover = None;
+                    } else if let Some(handover) = handover {
+                        handover.released = true;
+                    }
                 }
                 return;
             }
         }
-        match (self.phase, marker) {
-            (Phase::Draining, Marker::Draining(token)) if self.is_own(token) && !self.marker_seen => {
-                self.marker_seen = true;
-                self.buffer = Some(VecDeque::new());
-                self.buffer_released = false;
-                self.dropped = 0;
-                if self.drain_confirmed {
+        match (self.phase(), marker) {
+            (Phase::Draining, Marker::Draining(token))
+                if self.is_own(token) && matches!(self.stage, Stage::Draining(_, Drain { handover: None, .. })) =>
+            {
+                let confirmed = self.drain_mut().is_some_and(|drain| {
+                    drain.handover = Some(Handover::default());
+                    drain.confirmed
+                });
+                if confirmed {
                     self.end_drain();
                 }
             }
@@ -936,25 +1086,30 @@ impl Lock {
             (Phase::Releasing, Marker::Acquired(token)) if self.token().is_none_or_below(token) => {
                 // The next holder's term began (its marker outran our release reply): what we
                 // buffered since our drain marker is its to deliver.
-                self.buffer = None;
+                if let Stage::Releasing(_, releasing) = &mut self.stage {
+                    releasing.handover = None;
+                }
             }
             (Phase::Standby, Marker::Draining(_)) => {
                 // Everything after this point belongs to the next holder.
-                self.buffer = Some(VecDeque::new());
-                self.buffer_released = false;
-                self.acquired_during_attempt = None;
-                self.dropped = 0;
+                if let Some(standby) = self.standby_mut() {
+                    standby.handover = Some(Handover::default());
+                    standby.acquired_during_attempt = None;
+                }
             }
             (Phase::Standby, Marker::Released(_)) => {
-                if self.buffer.is_none() {
-                    self.buffer = Some(VecDeque::new());
-                    self.acquired_during_attempt = None;
-                    self.dropped = 0;
+                let in_flight = self.acquire_in_flight();
+                if let Some(standby) = self.standby_mut() {
+                    if standby.handover.is_none() {
+                        standby.acquired_during_attempt = None;
+                    }
+                    standby.handover.get_or_insert_with(Handover::default).released = true;
                 }
-                self.buffer_released = true;
                 self.emit(LockEvent::PeerReleased);
-                if self.acquire_in_flight() {
-                    self.woken = true;
+                if in_flight {
+                    if let Some(standby) = self.standby_mut() {
+                        standby.woken = true;
+                    }
                 } else {
                     self.schedule_wake();
                 }
@@ -962,25 +1117,28 @@ impl Lock {
             (Phase::Standby, Marker::Acquired(token)) if self.acquire_in_flight() => {
                 // Possibly our own acquisition, committed before its reply reached us: the reply
                 // tells (dropping the buffer now would lose the handover).
-                self.woken = false;
-                if self.acquired_during_attempt.is_some_and(|seen| seen != token) {
-                    // Two terms began during one attempt: the buffer may hold the other term's
-                    // messages. At most once: drop it.
-                    self.buffer = None;
-                } else if self.buffer.is_none() {
-                    // A takeover without a handover (crash, expiry): if this term is ours, what
-                    // follows its marker is ours to deliver, even before the reply arrives.
-                    self.buffer = Some(VecDeque::new());
-                    self.buffer_released = false;
-                    self.dropped = 0;
+                if let Some(standby) = self.standby_mut() {
+                    standby.woken = false;
+                    if standby.acquired_during_attempt.is_some_and(|seen| seen != token) {
+                        // Two terms began during one attempt: the buffer may hold the other
+                        // term's messages. At most once: drop it.
+                        standby.handover = None;
+                    } else if standby.handover.is_none() {
+                        // A takeover without a handover (crash, expiry): if this term is ours,
+                        // what follows its marker is ours to deliver, even before the reply
+                        // arrives.
+                        standby.handover = Some(Handover::default());
+                    }
+                    let newest = standby.acquired_during_attempt.map_or(token, |t| t.max(token));
+                    standby.acquired_during_attempt = Some(newest);
                 }
-                let newest = self.acquired_during_attempt.map_or(token, |t| t.max(token));
-                self.acquired_during_attempt = Some(newest);
             }
             (Phase::Standby, Marker::Acquired(_)) => {
                 // Someone won: no point in attempting now, and the stream is theirs.
-                self.buffer = None;
-                self.woken = false;
+                if let Some(standby) = self.standby_mut() {
+                    standby.handover = None;
+                    standby.woken = false;
+                }
                 if self.can_compete() && self.pending.is_none() {
                     let ttl = self.config.lease_ttl;
                     self.schedule_retry(Some(ttl));
@@ -992,29 +1150,40 @@ impl Lock {
 
     fn after_input(&mut self) {
         if self.pending.is_none() {
-            if self.phase == Phase::Holding && self.release_requested {
-                self.start_drain();
-            } else if self.phase == Phase::Holding && self.renew_due {
-                self.renew_due = false;
-                let token = self.token();
-                self.send(DbOp::Renew { token });
-            } else if self.phase == Phase::Releasing {
-                let token = self.token();
-                self.send(DbOp::Release { token });
-            } else if self.phase == Phase::Standby
-                && (self.attempt_waiters > 0 || self.attempt_due)
-                && self.session.is_some()
-                && !self.stopping
-            {
-                // A `TryAcquire`, `Start` or retry that came while another request was in flight.
-                self.send(DbOp::Acquire);
+            match &mut self.stage {
+                Stage::Holding(
+                    _,
+                    Holding {
+                        release_requested: true,
+                        ..
+                    },
+                ) => self.start_drain(),
+                Stage::Holding(_, holding) if holding.renew_due => {
+                    holding.renew_due = false;
+                    let token = self.token();
+                    self.send(DbOp::Renew { token });
+                }
+                Stage::Releasing(..) => {
+                    let token = self.token();
+                    self.send(DbOp::Release { token });
+                }
+                Stage::Standby(standby)
+                    if (standby.attempt_waiters > 0 || standby.attempt_due)
+                        && self.session.is_some()
+                        && !self.stopping =>
+                {
+                    // A `TryAcquire`, `Start` or retry that came while another request was in
+                    // flight.
+                    self.send(DbOp::Acquire);
+                }
+                _ => {}
             }
         }
-        if self.phase == Phase::Standby && self.stopping && !self.acquire_in_flight() {
+        if self.phase() == Phase::Standby && self.stopping && !self.acquire_in_flight() {
             // A stop that waited for an attempt's answer: nothing is held, so it is done.
             self.finish_stop(true);
         }
-        if self.phase == Phase::Standby
+        if self.phase() == Phase::Standby
             && self.can_compete()
             && self.pending.is_none()
             && self.timer(TimerKind::Retry).is_none()
