@@ -10,7 +10,8 @@
 //! - a `Tick` with nothing due produces nothing, moves no deadline and changes no state;
 //! - at most one request leaves per input on the lock's current session, with strictly rising
 //!   ids, and only on the session the lock had before or after the input;
-//! - a tenure runs from `Acquired` to `Lost` or `Released` in the output stream: no `Acquired`
+//! - a tenure runs from `Acquired` to `Lost` or `Drained` in the output stream (a `Drained` is
+//!   followed by exactly one `Released` or `ReleaseFailed` before anything else ends): no `Acquired`
 //!   inside one, no end outside one, no `Acquired` after `Stopped`;
 //! - `Deliver` only inside a tenure (S3);
 //! - `Stopped` once, never while holding; afterwards the phase is `Stopped` and no deadline is
@@ -113,20 +114,29 @@ pub enum Violation {
         payload: String,
     },
     /// `Acquired` inside a tenure.
-    #[error("Acquired twice without Lost or Released between")]
+    #[error("Acquired twice without Lost or Drained between")]
     AcquiredTwice,
     /// `Acquired` after `Stopped`.
     #[error("Acquired after Stopped")]
     AcquiredAfterStopped,
-    /// `Lost` or `Released` outside a tenure.
+    /// `Lost` or `Drained` outside a tenure.
     #[error("{event:?} without a tenure")]
     EndWithoutTenure {
+        /// The event.
+        event: LockEvent,
+    },
+    /// `Released` or `ReleaseFailed` without a `Drained` before it (or twice for one).
+    #[error("{event:?} without a drained tenure before it")]
+    ReleaseOutcomeWithoutDrain {
         /// The event.
         event: LockEvent,
     },
     /// `Stopped` inside a tenure.
     #[error("Stopped while holding")]
     StoppedWhileHolding,
+    /// `Stopped` after `Drained` with no `Released` or `ReleaseFailed` between.
+    #[error("Stopped before the release outcome of a drained tenure")]
+    StoppedBeforeReleaseOutcome,
     /// `Stopped` a second time.
     #[error("Stopped twice")]
     StoppedTwice,
@@ -177,6 +187,8 @@ pub struct InputSeen {
 pub struct LockChecker {
     clock: Timestamp,
     tenure: bool,
+    /// A tenure ended with `Drained`: its release outcome is due.
+    drained: bool,
     stopped: bool,
     latest_request: Option<RequestId>,
     tries: u64,
@@ -315,15 +327,25 @@ impl LockChecker {
                 }
                 self.tenure = true;
             }
-            Output::Event(event @ (LockEvent::Lost { .. } | LockEvent::Released)) => {
+            Output::Event(event @ (LockEvent::Lost { .. } | LockEvent::Drained)) => {
                 if !self.tenure {
                     return Err(Violation::EndWithoutTenure { event: event.clone() });
                 }
                 self.tenure = false;
+                self.drained = *event == LockEvent::Drained;
+            }
+            Output::Event(event @ (LockEvent::Released | LockEvent::ReleaseFailed { .. })) => {
+                let after_drain = std::mem::take(&mut self.drained);
+                if !after_drain {
+                    return Err(Violation::ReleaseOutcomeWithoutDrain { event: event.clone() });
+                }
             }
             Output::Event(LockEvent::Stopped { .. }) => {
                 if self.tenure {
                     return Err(Violation::StoppedWhileHolding);
+                }
+                if self.drained {
+                    return Err(Violation::StoppedBeforeReleaseOutcome);
                 }
                 if self.stopped {
                     return Err(Violation::StoppedTwice);
@@ -336,7 +358,7 @@ impl LockChecker {
         Ok(())
     }
 
-    /// Whether the lock holds according to its events (from `Acquired` to `Lost`/`Released`).
+    /// Whether the lock holds according to its events (from `Acquired` to `Lost`/`Drained`).
     pub fn holds(&self) -> bool {
         self.tenure
     }

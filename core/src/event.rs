@@ -69,7 +69,8 @@ pub enum LostReason {
     Superseded,
     /// A database request went unanswered for `request_timeout`.
     RequestTimeout,
-    /// A release was asked for but could not be confirmed.
+    /// A release was asked for but could not be confirmed (the statement failed, or did not
+    /// finish within the shutdown timeout).
     ReleaseUnconfirmed,
 }
 
@@ -156,8 +157,20 @@ pub enum LockEvent {
         /// Why.
         reason: LostReason,
     },
-    /// A voluntary release completed.
+    /// A voluntary release reached its drain marker: the tenure ends here, nothing more is
+    /// delivered, and the release statement follows (`Released` or `ReleaseFailed` report how it
+    /// ended).
+    Drained,
+    /// The server confirmed the release (after `Drained`).
     Released,
+    /// The release (after `Drained`) was not confirmed: the row was no longer this term's
+    /// (`Superseded`), the session ended (`SessionLost`, `RequestTimeout`), or the statement
+    /// failed or did not finish within the shutdown timeout (`ReleaseUnconfirmed`). Under `Lease`
+    /// the lease then ends at its expiry (or with the session).
+    ReleaseFailed {
+        /// Why.
+        reason: LostReason,
+    },
     /// Another holder released the lock (its release notification arrived).
     PeerReleased,
     /// The lock stopped for good (after `Stop` or a signal).

@@ -177,6 +177,9 @@ struct Releasing {
     /// What followed our own drain marker; `None` when waiting for it timed out, or when the
     /// next term began.
     handover: Option<Handover>,
+    /// The term was reported (`Acquired`, then `Drained`): its release outcome is reported too.
+    /// A term won while stopping is given back without a word.
+    reported: bool,
 }
 
 /// Messages received after a drain, release or `acquired` marker, kept for a handover.
@@ -445,6 +448,11 @@ impl Lock {
                         self.emit(LockEvent::Lost {
                             reason: LostReason::ReleaseUnconfirmed,
                         });
+                    } else if matches!(self.stage, Stage::Releasing(_, Releasing { reported: true, .. })) {
+                        // Drained, but the release was not confirmed in time: say so.
+                        self.emit(LockEvent::ReleaseFailed {
+                            reason: LostReason::ReleaseUnconfirmed,
+                        });
                     }
                     self.finish_stop(!was_holder && self.phase() != Phase::Releasing);
                 }
@@ -654,22 +662,32 @@ impl Lock {
                 term,
                 Releasing {
                     handover: drain.handover,
+                    reported: true,
                 },
             ),
             other => other,
         };
-        self.emit(LockEvent::Released);
+        self.emit(LockEvent::Drained);
         if self.pending.is_none() {
             let token = self.token();
             self.send(DbOp::Release { token });
         }
     }
 
-    fn release_done(&mut self, released: bool) {
-        let mut handover = match self.take_stage() {
-            Stage::Releasing(_, releasing) => releasing.handover,
-            _ => None,
+    /// The release ended: confirmed (`unconfirmed` is `None`) or not, and why not. A reported
+    /// term says which: `Released` only after the server confirmed it.
+    fn release_done(&mut self, unconfirmed: Option<LostReason>) {
+        let released = unconfirmed.is_none();
+        let (mut handover, reported) = match self.take_stage() {
+            Stage::Releasing(_, releasing) => (releasing.handover, releasing.reported),
+            _ => (None, false),
         };
+        if reported {
+            match unconfirmed {
+                None => self.emit(LockEvent::Released),
+                Some(reason) => self.emit(LockEvent::ReleaseFailed { reason }),
+            }
+        }
         if !released {
             // Nothing was deleted or cleared, so no release marker of ours is coming; and the
             // row was no longer ours: another term began, what we buffered is its holder's.
@@ -798,7 +816,7 @@ impl Lock {
         }
         match self.phase() {
             Phase::Holding | Phase::Draining => self.lose(reason),
-            Phase::Releasing => self.release_done(false),
+            Phase::Releasing => self.release_done(Some(reason)),
             Phase::Standby | Phase::Stopped => {}
         }
     }
@@ -830,7 +848,8 @@ impl Lock {
             }
             (DbOp::Release { .. }, Ok(Reply::Release { released })) => {
                 if self.phase() == Phase::Releasing {
-                    self.release_done(released);
+                    // Not released: the row was no longer this term's.
+                    self.release_done((!released).then_some(LostReason::Superseded));
                 }
             }
             (DbOp::TerminateStale { pid, .. }, Ok(Reply::Terminate(outcome))) => {
@@ -856,6 +875,7 @@ impl Lock {
     fn on_request_failed(&mut self, op: DbOp, error: DbError) {
         let name = op.name();
         let error_missing = error.is_schema_missing();
+        let error_lost = error == DbError::SessionLost;
         if error != DbError::SessionLost {
             self.emit(LockEvent::Warning(Warning::RequestFailed { op: name, error }));
         }
@@ -888,7 +908,12 @@ impl Lock {
             }
             DbOp::Release { .. } => {
                 if self.phase() == Phase::Releasing {
-                    self.release_done(false);
+                    let reason = if error_lost {
+                        LostReason::SessionLost
+                    } else {
+                        LostReason::ReleaseUnconfirmed
+                    };
+                    self.release_done(Some(reason));
                 }
             }
             DbOp::TerminateStale { .. } => {}
@@ -1012,6 +1037,7 @@ impl Lock {
                 _,
                 Releasing {
                     handover: Some(handover),
+                    ..
                 },
             ) => handover.push(payload, limit),
             _ => None,
@@ -1043,7 +1069,7 @@ impl Lock {
                 // end the term in the stream.
                 self.own_release = None;
                 let classic = self.config.protocol == Protocol::Classic;
-                if let Stage::Standby(Standby { handover, .. }) | Stage::Releasing(_, Releasing { handover }) =
+                if let Stage::Standby(Standby { handover, .. }) | Stage::Releasing(_, Releasing { handover, .. }) =
                     &mut self.stage
                 {
                     if classic {

@@ -53,7 +53,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
 use crate::config::{LockConfig, Protocol};
-use crate::event::{Input, LockEvent, Output, SignalKind, Warning};
+use crate::event::{Input, LockEvent, LostReason, Output, SignalKind, Warning};
 use crate::lock::{Lock, Phase};
 use crate::name::{ChannelName, SchemaName};
 use crate::proto::{DbError, DbOp, Reply, RequestId, SessionId};
@@ -127,7 +127,9 @@ pub enum LockCall {
     Init,
     /// One attempt now; completes with [`CallReply::Acquired`].
     Acquire,
-    /// Give the lock up and stay a standby; completes once released (or at once if not held).
+    /// Give the lock up and stay a standby; completes once the server confirmed the release (or
+    /// at once if not held, or when the term ends otherwise), or fails with
+    /// [`CallError::ReleaseFailed`].
     Release,
     /// Release if held and stop for good; completes once stopped (bounded by the lock's
     /// `shutdown_timeout`).
@@ -167,6 +169,13 @@ pub enum CallError {
     Disconnected {
         /// Why the last attempt failed.
         cause: String,
+    },
+    /// A release reached its drain marker (nothing more was delivered) but the server did not
+    /// confirm it: see [`LockEvent::ReleaseFailed`].
+    #[error("the release was not confirmed: {}", reason.as_str())]
+    ReleaseFailed {
+        /// Why.
+        reason: LostReason,
     },
     /// No such lock (destroyed, or never added).
     #[error("the lock was destroyed")]
@@ -1422,21 +1431,30 @@ impl Session {
 
     fn on_lock_event(&mut self, key: LockKey, event: LockEvent) {
         let Some(entry) = self.locks.get_mut(&key) else { return };
-        let finished: Vec<CallId> = match &event {
-            LockEvent::Lost { .. } | LockEvent::Released => entry.release_calls.drain(..).collect(),
+        // A release call completes when the release is confirmed or failed (or the term ended
+        // otherwise); a destroy call when the lock stopped.
+        let (finished, result): (Vec<CallId>, Result<CallReply, CallError>) = match &event {
+            LockEvent::Lost { .. } | LockEvent::Released => {
+                (entry.release_calls.drain(..).collect(), Ok(CallReply::Done))
+            }
+            LockEvent::ReleaseFailed { reason } => (
+                entry.release_calls.drain(..).collect(),
+                Err(CallError::ReleaseFailed { reason: reason.clone() }),
+            ),
             LockEvent::Stopped { .. } => {
                 self.stopped.push(key);
-                entry
+                let calls = entry
                     .release_calls
                     .drain(..)
                     .chain(entry.destroy_calls.drain(..))
-                    .collect()
+                    .collect();
+                (calls, Ok(CallReply::Done))
             }
-            _ => Vec::new(),
+            _ => (Vec::new(), Ok(CallReply::Done)),
         };
         self.outputs.push_back(SessionOutput::Lock { lock: key, event });
         for call in finished {
-            self.done(call, Ok(CallReply::Done));
+            self.done(call, result.clone());
         }
     }
 

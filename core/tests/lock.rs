@@ -206,7 +206,7 @@ fn release_marker_during_an_attempt_wakes_after_it() {
 }
 
 #[test]
-fn graceful_release_drains_then_reports_released_before_the_release_statement() {
+fn graceful_release_drains_then_reports_released_once_confirmed() {
     for (protocol, token) in [(Protocol::Lease, T1), (Protocol::Classic, None)] {
         let mut s = Solo::new(protocol);
         s.holding(token);
@@ -223,9 +223,9 @@ fn graceful_release_drains_then_reports_released_before_the_release_statement() 
             assert_eq!(delivered(&s.data("c")), vec!["c"]);
         }
         let out = s.marker(Marker::Draining(token));
-        // Released is reported, then the release statement is sent: the tenure ends first.
+        // Drained is reported, then the release statement is sent: the tenure ends first.
         assert_eq!(out.len(), 2, "{out:?}");
-        assert_eq!(out[0], Output::Event(LockEvent::Released));
+        assert_eq!(out[0], Output::Event(LockEvent::Drained));
         let Output::Request(release) = &out[1] else {
             panic!("{out:?}")
         };
@@ -233,8 +233,9 @@ fn graceful_release_drains_then_reports_released_before_the_release_statement() 
         assert_eq!(s.phase(), Phase::Releasing);
         assert!(delivered(&s.data("d")).is_empty());
         assert_eq!(s.lock.state().buffered, 1, "kept for the next term, maybe ours");
+        // Released only once the server confirmed it.
         let out = s.reply(1, release, Reply::Release { released: true });
-        assert!(out.is_empty(), "{out:?}");
+        assert_eq!(events(&out), vec![LockEvent::Released], "{out:?}");
         assert_eq!(s.phase(), Phase::Standby);
         // Our own release marker does not wake us: a full interval.
         let out = s.marker(Marker::Released(token));
@@ -254,7 +255,7 @@ fn drain_marker_before_the_drain_reply_and_marker_wait() {
     assert!(s.marker(Marker::Draining(T1)).is_empty());
     assert!(delivered(&s.data("late")).is_empty(), "after its marker: not ours");
     let out = s.reply(1, &drain_req, Reply::Drained);
-    assert_eq!(out[0], Output::Event(LockEvent::Released));
+    assert_eq!(out[0], Output::Event(LockEvent::Drained));
 
     // The marker never comes: after marker_wait the release proceeds anyway.
     let mut s = Solo::new(Protocol::Lease);
@@ -264,7 +265,7 @@ fn drain_marker_before_the_drain_reply_and_marker_wait() {
     let (at, kind) = s.timeout();
     assert_eq!(kind, TimerKind::MarkerWait);
     let out = s.at(at, Input::Tick);
-    assert_eq!(out[0], Output::Event(LockEvent::Released));
+    assert_eq!(out[0], Output::Event(LockEvent::Drained));
     assert_eq!(
         s.lock.state().buffered,
         0,
@@ -579,7 +580,74 @@ fn stop_as_standby_and_as_holder() {
     let out = s.marker(Marker::Draining(T1));
     let release = request(&out);
     let out = s.reply(1, &release, Reply::Release { released: true });
-    assert_eq!(events(&out), vec![LockEvent::Stopped { released: true }]);
+    assert_eq!(
+        events(&out),
+        vec![LockEvent::Released, LockEvent::Stopped { released: true }]
+    );
+}
+
+#[test]
+fn an_unconfirmed_release_says_what_happened() {
+    // The row was no longer this term's.
+    let mut s = Solo::new(Protocol::Lease);
+    s.holding(T1);
+    let drain_req = request(&s.after(10, Input::Release));
+    s.reply(1, &drain_req, Reply::Drained);
+    let release = request(&s.marker(Marker::Draining(T1)));
+    let out = s.reply(1, &release, Reply::Release { released: false });
+    assert_eq!(
+        events(&out),
+        vec![LockEvent::ReleaseFailed {
+            reason: LostReason::Superseded
+        }]
+    );
+    // The statement failed.
+    let mut s = Solo::new(Protocol::Lease);
+    s.holding(T1);
+    let drain_req = request(&s.after(10, Input::Release));
+    s.reply(1, &drain_req, Reply::Drained);
+    let release = request(&s.marker(Marker::Draining(T1)));
+    let out = s.after(
+        1,
+        Input::DbResult {
+            id: release.id,
+            result: Err(DbError::Failed("boom".into())),
+        },
+    );
+    assert!(events(&out).contains(&LockEvent::ReleaseFailed {
+        reason: LostReason::ReleaseUnconfirmed
+    }));
+    // A stop whose release does not finish within the shutdown timeout.
+    let mut s = Solo::new(Protocol::Lease);
+    s.holding(T1);
+    let drain_req = request(&s.after(10, Input::Stop));
+    s.reply(1, &drain_req, Reply::Drained);
+    request(&s.marker(Marker::Draining(T1)));
+    let (at, kind) = s.timeout();
+    assert_eq!(kind, TimerKind::Shutdown);
+    let out = s.at(at, Input::Tick);
+    assert_eq!(
+        events(&out),
+        vec![
+            LockEvent::ReleaseFailed {
+                reason: LostReason::ReleaseUnconfirmed
+            },
+            LockEvent::Stopped { released: false }
+        ]
+    );
+    // The session ends while the release is in flight.
+    let mut s = Solo::new(Protocol::Lease);
+    s.holding(T1);
+    let drain_req = request(&s.after(10, Input::Release));
+    s.reply(1, &drain_req, Reply::Drained);
+    request(&s.marker(Marker::Draining(T1)));
+    let out = s.after(1, Input::SessionDown(S1));
+    assert_eq!(
+        events(&out),
+        vec![LockEvent::ReleaseFailed {
+            reason: LostReason::SessionLost
+        }]
+    );
 }
 
 #[test]

@@ -633,10 +633,19 @@ impl Driver {
                 tracing::info!(channel = %channel, reason = reason.as_str(), "lock lost");
                 lock.broadcast(LockMessage::Lost { reason });
             }
+            LockEvent::Drained => {
+                lock.set_holding(false, None);
+                tracing::info!(channel = %channel, "lock drained; releasing");
+                lock.broadcast(LockMessage::Drained);
+            }
             LockEvent::Released => {
                 lock.set_holding(false, None);
                 tracing::info!(channel = %channel, "lock released");
                 lock.broadcast(LockMessage::Released);
+            }
+            LockEvent::ReleaseFailed { reason } => {
+                tracing::warn!(channel = %channel, reason = reason.as_str(), "release not confirmed");
+                lock.broadcast(LockMessage::ReleaseFailed { reason });
             }
             LockEvent::PeerReleased => {
                 tracing::debug!(channel = %channel, "peer released the lock");

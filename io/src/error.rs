@@ -61,6 +61,13 @@ pub enum Error {
         /// Why the attempt failed.
         cause: String,
     },
+    /// A release reached its drain marker (nothing more was delivered) but the server did not
+    /// confirm it; see [`LockMessage::ReleaseFailed`](crate::LockMessage::ReleaseFailed).
+    #[error("the release was not confirmed: {}", reason.as_str())]
+    ReleaseFailed {
+        /// Why.
+        reason: pgiplock_core::LostReason,
+    },
     /// The server refuses writes (a hot standby, or `default_transaction_read_only`).
     #[error("the server is read-only (SQLSTATE 25006): locks need a writable primary")]
     ReadOnly,
@@ -88,6 +95,7 @@ impl From<CallError> for Error {
             CallError::Bootstrap { schema, error } => Error::Bootstrap { schema, error },
             CallError::ReadOnly => Error::ReadOnly,
             CallError::Disconnected { cause } => Error::Disconnected { cause },
+            CallError::ReleaseFailed { reason } => Error::ReleaseFailed { reason },
             _ => Error::Closed,
         }
     }

@@ -142,8 +142,19 @@ pub enum LockMessage {
         /// Why.
         reason: LostReason,
     },
-    /// A voluntary release completed: no more messages of this term.
+    /// A voluntary release reached its drain marker: this term's messages are all delivered,
+    /// no more follow, and the lock no longer counts as held. `Released` or `ReleaseFailed`
+    /// follows.
+    Drained,
+    /// The server confirmed the release (after `Drained`).
     Released,
+    /// The release (after `Drained`) was not confirmed: the row was no longer this term's
+    /// (`Superseded`), the session ended, or the statement failed or did not finish within the
+    /// shutdown timeout (`ReleaseUnconfirmed`); under `Lease` the lease then ends at its expiry.
+    ReleaseFailed {
+        /// Why.
+        reason: LostReason,
+    },
     /// A notification of the channel, delivered only while this process holds the lock.
     Message {
         /// Its payload.
@@ -356,7 +367,9 @@ impl PgIpLock {
     }
 
     /// Gives the lock up (after delivering everything up to the release marker) and stays a
-    /// standby. Returns at once when not holding.
+    /// standby. Returns once the server confirmed the release ([`LockMessage::Released`]), or
+    /// at once when not holding; fails with [`Error::ReleaseFailed`] when the release was not
+    /// confirmed (nothing is delivered after the drain marker either way).
     pub async fn release(&self) -> Result<(), Error> {
         if !self.is_acquired() {
             return Ok(());

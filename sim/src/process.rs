@@ -23,7 +23,7 @@ use crate::world::{derive_seed, World, STREAM_LOCK, STREAM_PROC, STREAM_SESSION}
 /// One lock of the process, as the application sees it.
 #[derive(Clone, Default)]
 struct LockView {
-    /// From the lock's events: Acquired sets it, Lost/Released/Stopped clear it.
+    /// From the lock's events: Acquired sets it, Lost/Drained/Stopped clear it.
     believes: bool,
     /// The schema generation of the server when the current term's acquisition committed.
     term_generation: u64,
@@ -534,9 +534,13 @@ impl World {
                     self.metrics.lost(reason.as_str());
                 }
             }
-            LockEvent::Released | LockEvent::Stopped { .. } => {
+            // The tenure ends at the drain marker; the release's outcome follows.
+            LockEvent::Drained | LockEvent::Stopped { .. } => {
                 view.believes = false;
                 self.trace.hash(&[102, p as u64, li as u64]);
+            }
+            LockEvent::Released | LockEvent::ReleaseFailed { .. } => {
+                self.trace.hash(&[103, p as u64, li as u64]);
             }
             _ => {}
         }

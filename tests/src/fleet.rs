@@ -10,7 +10,7 @@ use crate::worker::{Worker, WorkerOpts};
 /// How a holding interval ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EndKind {
-    /// The worker reported `released`.
+    /// The worker released voluntarily (its tenure ended at `drained`).
     Released,
     /// The worker reported `lost` with this reason.
     Lost(String),
@@ -50,6 +50,7 @@ impl Interval {
 /// print in its current state: `acquired` while holding, `message` while not holding, ...).
 pub fn holding_intervals(events: &[Event]) -> (Vec<Interval>, Vec<String>) {
     let mut open: BTreeMap<usize, Interval> = BTreeMap::new();
+    let mut drained: std::collections::BTreeSet<usize> = std::collections::BTreeSet::new();
     let mut done = Vec::new();
     let mut anomalies = Vec::new();
     for e in events {
@@ -70,9 +71,19 @@ pub fn holding_intervals(events: &[Event]) -> (Vec<Interval>, Vec<String>) {
                     );
                 }
             }
-            EventKind::Released | EventKind::Lost { .. } | EventKind::Exited { .. } => {
+            EventKind::Released | EventKind::ReleaseFailed { .. } => {
+                // The outcome of a release whose tenure ended at `drained`.
+                let after_drain = drained.remove(&e.worker);
+                if !after_drain {
+                    anomalies.push(format!("{e}: a release outcome without a drained tenure"));
+                }
+            }
+            EventKind::Drained | EventKind::Lost { .. } | EventKind::Exited { .. } => {
+                if e.kind == EventKind::Drained {
+                    drained.insert(e.worker);
+                }
                 let end = match &e.kind {
-                    EventKind::Released => EndKind::Released,
+                    EventKind::Drained => EndKind::Released,
                     EventKind::Lost { reason } => EndKind::Lost(reason.clone()),
                     _ => EndKind::Exited,
                 };
@@ -448,7 +459,8 @@ mod tests {
         let events = vec![
             ev(0, 10, EventKind::Acquired { token: Some(1) }),
             ev(0, 15, EventKind::Message { payload: "a".into() }),
-            ev(0, 20, EventKind::Released),
+            ev(0, 20, EventKind::Drained),
+            ev(0, 21, EventKind::Released),
             ev(1, 25, EventKind::Acquired { token: Some(2) }),
             ev(
                 1,
@@ -476,7 +488,7 @@ mod tests {
     fn coverage_counts_gaps_and_overlaps() {
         let events = vec![
             ev(0, 10, EventKind::Acquired { token: None }),
-            ev(0, 20, EventKind::Released),
+            ev(0, 20, EventKind::Drained),
             ev(1, 25, EventKind::Acquired { token: None }),
             ev(2, 28, EventKind::Acquired { token: None }),
             ev(1, 30, EventKind::Lost { reason: "x".into() }),

@@ -37,8 +37,15 @@ pub enum EventKind {
         /// `LostReason::as_str`.
         reason: String,
     },
-    /// Released voluntarily.
+    /// A voluntary release reached its drain marker: the tenure ends here.
+    Drained,
+    /// The server confirmed the release (after `Drained`).
     Released,
+    /// The release (after `Drained`) was not confirmed.
+    ReleaseFailed {
+        /// `LostReason::as_str`.
+        reason: String,
+    },
     /// Handed a notification to the application.
     Message {
         /// Its payload.
@@ -87,7 +94,9 @@ enum Wire {
     Ready { app: String, pid: i64, t_us: i64 },
     Acquired { token: Option<u64>, t_us: i64 },
     Lost { reason: String, t_us: i64 },
+    Drained { t_us: i64 },
     Released { t_us: i64 },
+    ReleaseFailed { reason: String, t_us: i64 },
     Message { payload: String, t_us: i64 },
     Warning { kind: String, t_us: i64 },
 }
@@ -100,7 +109,9 @@ pub(crate) fn parse_line(worker: usize, line: &str) -> Event {
                 Wire::Ready { app, pid, t_us } => (t_us, EventKind::Ready { app, pid }),
                 Wire::Acquired { token, t_us } => (t_us, EventKind::Acquired { token }),
                 Wire::Lost { reason, t_us } => (t_us, EventKind::Lost { reason }),
+                Wire::Drained { t_us } => (t_us, EventKind::Drained),
                 Wire::Released { t_us } => (t_us, EventKind::Released),
+                Wire::ReleaseFailed { reason, t_us } => (t_us, EventKind::ReleaseFailed { reason }),
                 Wire::Message { payload, t_us } => (t_us, EventKind::Message { payload }),
                 Wire::Warning { kind, t_us } => (t_us, EventKind::Warning { kind }),
             };

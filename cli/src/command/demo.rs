@@ -235,15 +235,18 @@ impl Record {
                             None => "acquired the lock".to_string(),
                         }
                     }
-                    "lost" | "released" => {
+                    "lost" | "drained" => {
                         if self.holder == Some(worker) {
                             self.holder = None;
                         }
                         match line.reason {
                             Some(reason) => format!("lost the lock ({reason})"),
-                            None => "released the lock".to_string(),
+                            None => "drained: delivered its last message, releasing".to_string(),
                         }
                     }
+                    "released" => "released the lock (confirmed)".to_string(),
+                    "release_failed" => format!("release not confirmed ({})", line.reason.as_deref().unwrap_or("?")),
+                    "warning" => "warning".to_string(),
                     "message" => {
                         let payload = line.payload.unwrap_or_default();
                         match payload.parse::<u64>() {
@@ -783,10 +786,10 @@ mod tests {
             worker: 1,
             line: line("acquired", 20),
         });
-        // A late `released` of the old holder does not clear the new one.
+        // A late `drained` of the old holder does not clear the new one.
         record.apply(Report::Line {
             worker: 0,
-            line: line("released", 19),
+            line: line("drained", 19),
         });
         assert_eq!(record.holder, Some(1));
         assert_eq!(record.takeover_since(1, 0), Some((1, 20)));

@@ -148,8 +148,17 @@ enum Line<'a> {
         reason: &'static str,
         t_us: u64,
     },
+    Drained {
+        channel: &'a str,
+        t_us: u64,
+    },
     Released {
         channel: &'a str,
+        t_us: u64,
+    },
+    ReleaseFailed {
+        channel: &'a str,
+        reason: &'static str,
         t_us: u64,
     },
     Message {
@@ -188,7 +197,13 @@ fn message_line<'a>(channel: &'a str, message: &'a LockMessage) -> Option<Line<'
             reason: reason.as_str(),
             t_us,
         },
+        LockMessage::Drained => Line::Drained { channel, t_us },
         LockMessage::Released => Line::Released { channel, t_us },
+        LockMessage::ReleaseFailed { reason } => Line::ReleaseFailed {
+            channel,
+            reason: reason.as_str(),
+            t_us,
+        },
         LockMessage::Message { payload } => Line::Message { channel, payload, t_us },
         LockMessage::Warning(warning) => Line::Warning {
             channel,
@@ -261,13 +276,14 @@ async fn print_messages(lock: &PgIpLock, subscription: &mut Subscription) -> Res
 }
 
 /// Destroys the lock (release, bounded) while printing what the subscription still delivers:
-/// a holder hands over everything that was published before its release, then `released`.
+/// a holder hands over everything that was published before its drain marker, prints
+/// `drained`, then `released` once the server confirmed the release (or `release_failed`).
 async fn shutdown(lock: &PgIpLock, subscription: &mut Subscription, bound: Duration) -> Result<(), CliError> {
     let held = lock.is_acquired();
     let destroy = tokio::time::timeout(bound, lock.destroy());
     tokio::pin!(destroy);
     let mut destroyed: Option<Result<(), CliError>> = None;
-    let mut saw_released = false;
+    let mut saw_outcome = false;
     let mut grace_end = tokio::time::Instant::now() + bound + DRAIN_GRACE;
     loop {
         tokio::select! {
@@ -281,7 +297,7 @@ async fn shutdown(lock: &PgIpLock, subscription: &mut Subscription, bound: Durat
             }
             message = subscription.next() => {
                 let Some(message) = message else { break };
-                saw_released |= message == LockMessage::Released;
+                saw_outcome |= matches!(message, LockMessage::Released | LockMessage::ReleaseFailed { .. });
                 if let Some(line) = message_line(lock.channel(), &message) {
                     emit(&line)?;
                 }
@@ -301,12 +317,12 @@ async fn shutdown(lock: &PgIpLock, subscription: &mut Subscription, bound: Durat
         }
     }
     let destroyed = destroyed.unwrap_or(Ok(()));
-    if held && !saw_released && destroyed.is_ok() {
-        // destroy() confirmed the release; the subscription just closed before telling us.
-        emit(&Line::Released {
-            channel: lock.channel(),
-            t_us: now_us(),
-        })?;
+    if held && !saw_outcome {
+        // `released` is printed only for a release the server confirmed.
+        tracing::warn!(
+            channel = lock.channel(),
+            "no release outcome was reported before the lock stopped"
+        );
     }
     destroyed
 }
