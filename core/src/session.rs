@@ -50,6 +50,7 @@
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{LockConfig, Protocol};
@@ -232,8 +233,8 @@ pub enum SessionOp {
     },
     /// A lock's operation (semantics on [`DbOp`]).
     Lock {
-        /// The lock it is for.
-        target: LockTarget,
+        /// The lock it is for (shared, so that an operation costs no copy of its names).
+        target: Arc<LockTarget>,
         /// The operation.
         op: DbOp,
     },
@@ -535,7 +536,7 @@ enum Prep {
 
 struct Entry {
     lock: Lock,
-    target: LockTarget,
+    target: Arc<LockTarget>,
     prep: Prep,
     /// Set up on every new connection: `Init` was called or a call waits for the setup.
     wanted: bool,
@@ -672,12 +673,12 @@ impl Session {
         self.by_channel.insert(channel.as_str().to_owned(), key);
         self.by_channel.insert(channel.lock_channel().to_owned(), key);
         let lock = Lock::new(channel.clone(), config, seed);
-        let target = LockTarget {
+        let target = Arc::new(LockTarget {
             protocol: lock.config().protocol,
             schema,
             channel,
             lease_ttl: lock.config().lease_ttl,
-        };
+        });
         self.locks.insert(
             key,
             Entry {
@@ -830,14 +831,13 @@ impl Session {
             }
             _ => {}
         }
-        // Bounded: every lock fed here re-arms strictly later than now (the lock guarantees it).
-        let due: Vec<LockKey> = self
-            .timers
-            .range(..=(self.now, LockKey(u64::MAX)))
-            .map(|(_, key)| *key)
-            .collect();
-        for key in due {
-            self.feed(key, Input::Tick);
+        // Every lock fed here re-arms strictly later than now (the lock guarantees it), so this
+        // ends; the bound guards against a bug, not an expected path.
+        for _ in 0..=self.locks.len() {
+            match self.timers.first() {
+                Some(&(at, key)) if at <= self.now => self.feed(key, Input::Tick),
+                _ => break,
+            }
         }
     }
 

@@ -533,8 +533,8 @@ impl Driver {
                     SessionOp::Lock { target, op } => {
                         let target = Target {
                             protocol: target.protocol,
-                            schema: target.schema,
-                            channel: target.channel,
+                            schema: target.schema.clone(),
+                            channel: target.channel.clone(),
                             app,
                             lease_ttl: target.lease_ttl,
                         };
