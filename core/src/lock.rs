@@ -466,8 +466,14 @@ impl Lock {
         self.started && !self.stopping && self.session.is_some()
     }
 
-    fn phase(&self) -> Phase {
+    /// The phase (what [`state`](Lock::state) reports, without building the rest).
+    pub fn phase(&self) -> Phase {
         self.stage.phase()
+    }
+
+    /// The session the lock is using, if one is up (as [`state`](Lock::state) reports).
+    pub fn session(&self) -> Option<SessionId> {
+        self.session
     }
 
     fn token(&self) -> Option<FenceToken> {

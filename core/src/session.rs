@@ -233,6 +233,8 @@ pub enum SessionOp {
     },
     /// A lock's operation (semantics on [`DbOp`]).
     Lock {
+        /// The lock's key (for an executor's own bookkeeping).
+        lock: LockKey,
         /// The lock it is for (shared, so that an operation costs no copy of its names).
         target: Arc<LockTarget>,
         /// The operation.
@@ -1402,6 +1404,7 @@ impl Session {
                 };
                 let Some(entry) = self.locks.get(&key) else { return };
                 let op = SessionOp::Lock {
+                    lock: key,
                     target: entry.target.clone(),
                     op: request.op,
                 };

@@ -530,7 +530,7 @@ impl Driver {
                     }
                     SessionOp::Listen { channel } => sql::listen(&client, &channel).await.map(|()| OpReply::Done),
                     SessionOp::Unlisten { channel } => sql::unlisten(&client, &channel).await.map(|()| OpReply::Done),
-                    SessionOp::Lock { target, op } => {
+                    SessionOp::Lock { target, op, .. } => {
                         let target = Target {
                             protocol: target.protocol,
                             schema: target.schema.clone(),

@@ -273,13 +273,14 @@ impl World {
         self.server.db.advance_to(now);
         let SessionRequest { id, op, .. } = request;
         let (result, statements) = match &op {
-            SessionOp::Lock { target, op } => {
+            SessionOp::Lock { lock, target, op } => {
                 self.checkers.rows_touched = true;
                 let result = self
                     .server
                     .db
                     .execute(session, target.protocol, &target.channel, target.lease_ttl, op);
-                let li = self.channels.iter().position(|c| *c == target.channel);
+                // Process p's lock i is on channel i.
+                let li = usize::try_from(lock.0).ok().filter(|li| *li < self.channels.len());
                 let acquired = matches!(result, Ok(Reply::Acquire(ref r)) if r.acquired);
                 self.trace
                     .hash(&[200, p as u64, li.map_or(u64::MAX, |li| li as u64), u64::from(acquired)]);

@@ -103,7 +103,7 @@ impl Proc {
     /// process's current connection (an older one has no server id any more).
     pub(crate) fn lock_session(&self, li: usize) -> Option<SessionId> {
         let lock = self.session.as_ref()?.lock(LockKey(li as u64))?;
-        let core = lock.state().session?;
+        let core = lock.session()?;
         self.conn.filter(|(c, _)| *c == core).map(|(_, server)| server)
     }
 
@@ -425,9 +425,7 @@ impl World {
             }
         }
         for li in 0..self.channels.len() {
-            let holds = session
-                .lock(LockKey(li as u64))
-                .is_some_and(|l| l.state().phase.is_holder());
+            let holds = session.lock(LockKey(li as u64)).is_some_and(|l| l.phase().is_holder());
             self.checkers.set_believer(li, p, holds);
         }
         self.phase_bounds_of(p);
@@ -466,9 +464,9 @@ impl World {
                 if core != request.session {
                     return; // the core already forgot it
                 }
-                if let SessionOp::Lock { target, .. } = &request.op {
-                    if let Some(li) = self.channels.iter().position(|c| *c == target.channel) {
-                        proc.locks[li].request_sent = Some(local);
+                if let SessionOp::Lock { lock, .. } = &request.op {
+                    if let Some(view) = usize::try_from(lock.0).ok().and_then(|li| proc.locks.get_mut(li)) {
+                        view.request_sent = Some(local);
                     }
                 }
                 self.client_send(p, server, ClientMsg::Request { request });
