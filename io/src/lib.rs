@@ -8,10 +8,15 @@
 //! its lease can expire; [`Protocol::Classic`] speaks the protocol of `@imqueue/pg-pubsub` so
 //! that Rust and Node processes can share a lock.
 //!
-//! The state machine lives in `pgiplock-core` (pure, deterministic); this crate runs it with
-//! tokio and tokio-postgres: one task per session owns the connection and its locks, executes
-//! their database operations, routes notifications, reconnects with backoff, and emits
-//! `tracing` events for every state change.
+//! The state machines live in `pgiplock-core` (pure, deterministic): its `Session` decides when
+//! to connect, how long every phase and request may take, when to reset and reconnect, how to
+//! set each lock up and where each reply, notification and timer goes; each `Lock` runs one
+//! channel's protocol. The simulator drives the very same code. This crate executes it with
+//! tokio and tokio-postgres — one task per session opens connections, runs the operations,
+//! feeds back replies, notifications, connection ends and time — and emits `tracing` events for
+//! every state change. The lifecycle rules (every wait bounded, dropped handles released, a
+//! panicking callback caught, a dropped schema set up again, a read-only server reported) are
+//! in the README's "Lifecycle rules".
 //!
 //! ```no_run
 //! use pgiplock::{LockMessage, LockOptions, Session};
