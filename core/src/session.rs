@@ -1107,35 +1107,31 @@ impl Session {
         self.execute(session, SessionOp::Listen { channel }, Route::Listen { key });
     }
 
+    /// The locks of one schema that are at `prep` on the current connection.
+    fn locks_in(&self, schema_key: &(Protocol, SchemaName), prep: Prep) -> Vec<LockKey> {
+        self.locks
+            .iter()
+            .filter(|(_, e)| e.prep == prep && e.target.protocol == schema_key.0 && e.target.schema == schema_key.1)
+            .map(|(k, _)| *k)
+            .collect()
+    }
+
     fn on_bootstrapped(&mut self, schema_key: (Protocol, SchemaName), result: Result<(), DbError>) {
         let Link::Up(conn) = &mut self.link else { return };
         conn.bootstrapping.remove(&schema_key);
+        if result.is_ok() {
+            conn.bootstrapped.insert(schema_key.clone());
+        }
         let session = conn.session;
-        let waiting: Vec<LockKey> = self
-            .locks
-            .iter()
-            .filter(|(_, e)| {
-                e.prep == Prep::Bootstrapping && (e.target.protocol, e.target.schema.clone()) == schema_key
-            })
-            .map(|(k, _)| *k)
-            .collect();
+        let waiting = self.locks_in(&schema_key, Prep::Bootstrapping);
         match result {
             Ok(()) => {
-                conn.bootstrapped.insert(schema_key.clone());
                 for key in waiting {
                     self.listen(key);
                 }
                 // Locks already listening whose requests found the schema missing: attempt again
                 // soon instead of at their next retry.
-                let ready: Vec<LockKey> = self
-                    .locks
-                    .iter()
-                    .filter(|(_, e)| {
-                        e.prep == Prep::Ready && (e.target.protocol, e.target.schema.clone()) == schema_key
-                    })
-                    .map(|(k, _)| *k)
-                    .collect();
-                for key in ready {
+                for key in self.locks_in(&schema_key, Prep::Ready) {
                     self.feed(key, Input::Wake);
                 }
             }

@@ -28,6 +28,28 @@ pub use pgiplock_core::Protocol;
 /// Both protocols, for tests that run a scenario under each.
 pub const PROTOCOLS: [Protocol; 2] = [Protocol::Classic, Protocol::Lease];
 
+/// The next message of `subscription` that `pred` accepts, within `within`; panics naming
+/// `what` if the subscription ends or nothing matches in time (a bounded wait on an observable
+/// event, never a sleep).
+pub async fn next_message(
+    subscription: &mut pgiplock::Subscription,
+    what: &str,
+    within: Duration,
+    pred: impl Fn(&pgiplock::LockMessage) -> bool,
+) -> pgiplock::LockMessage {
+    tokio::time::timeout(within, async {
+        loop {
+            match subscription.next().await {
+                Some(m) if pred(&m) => return m,
+                Some(_) => {}
+                None => panic!("subscription ended while waiting for {what}"),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no {what} within {within:?}"))
+}
+
 /// The server the tests use: env `PGIPLOCK_TEST_DATABASE_URL`, else the local test database.
 pub fn database_url() -> String {
     std::env::var("PGIPLOCK_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())

@@ -14,17 +14,7 @@ use tokio_postgres::Config;
 const WAIT: Duration = Duration::from_secs(30);
 
 async fn next_matching(sub: &mut Subscription, what: &str, pred: impl Fn(&LockMessage) -> bool) -> LockMessage {
-    tokio::time::timeout(WAIT, async {
-        loop {
-            match sub.next().await {
-                Some(m) if pred(&m) => return m,
-                Some(_) => {}
-                None => panic!("subscription ended while waiting for {what}"),
-            }
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("no {what} within {WAIT:?}"))
+    pgiplock_tests::next_message(sub, what, WAIT, pred).await
 }
 
 #[tokio::test]
