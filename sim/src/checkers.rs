@@ -1,7 +1,8 @@
 //! The checkers, run after every event: S1 (one owner row per channel), S2 (at most one
 //! believer per channel, for Lease with drift within bound), S3 (no delivery while not holding),
 //! S4 (fence tokens only rise, within one generation of the lock schema), phase bounds (no
-//! session waits in a phase past its deadline), liveness (after a disturbance, someone serves
+//! session waits in a phase past its deadline), deadlines (after a tick the session's next
+//! deadline lies after it: no busy loop), liveness (after a disturbance, someone serves
 //! within a bound) and the step limit.
 
 use std::collections::BTreeSet;
@@ -18,7 +19,7 @@ use crate::world::World;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("checker {checker} failed at {at}: {message}")]
 pub struct CheckFailure {
-    /// Which checker (`S1`, `S2`, `S3`, `S4`, `phase-bound`, `liveness`, `steps`).
+    /// Which checker (`S1`, `S2`, `S3`, `S4`, `phase-bound`, `deadline`, `liveness`, `steps`).
     pub checker: &'static str,
     /// Virtual time of the failure.
     pub at: Timestamp,
@@ -83,6 +84,9 @@ pub(crate) struct Checkers {
     /// Channel 0 has two believers only because one's session ended without it knowing.
     pub(crate) s2_gap: bool,
     liveness_bound: Duration,
+    /// A process whose session, after a tick at local time `.1`, still asked for a deadline at
+    /// `.2`, not after it.
+    pub(crate) stuck_deadline: Option<(usize, Timestamp, Timestamp)>,
 }
 
 impl Checkers {
@@ -100,6 +104,7 @@ impl Checkers {
             rows_touched: false,
             s2_gap: false,
             liveness_bound: scenario.liveness_bound(),
+            stuck_deadline: None,
         }
     }
 
@@ -215,6 +220,12 @@ impl World {
                     ));
                 }
             }
+        }
+        if let Some((p, tick, at)) = self.checkers.stuck_deadline {
+            return Err(self.fail(
+                "deadline",
+                format!("process {p}: after a tick at {tick:?} its session's next deadline is {at:?}, not after it"),
+            ));
         }
         if !self.metrics.s4_violations.is_empty() {
             return Err(self.fail("S4", self.metrics.s4_violations[0].clone()));

@@ -267,7 +267,8 @@ impl SimDb {
     }
 
     /// `DROP SCHEMA ... CASCADE` by an administrator: every lock row is gone (tokens start again
-    /// from 1 after the next bootstrap), and lock operations fail with SQLSTATE 42P01 until then.
+    /// from 1 after the next bootstrap), and lock operations that use the schema (all but a drain
+    /// and Classic's stale-backend termination) fail with SQLSTATE 42P01 until then.
     pub fn drop_schema(&mut self) {
         self.schema_dropped = true;
         self.generation += 1;
@@ -376,7 +377,13 @@ impl SimDb {
         self.statements += 1;
         let app = backend.app.clone();
         let pid = backend.pid;
-        if self.schema_dropped {
+        // A drain is a plain `NOTIFY`, and Classic terminates a stale backend with a plain
+        // `pg_terminate_backend`: neither needs the schema.
+        let needs_schema = !matches!(
+            (protocol, op),
+            (_, DbOp::Drain { .. }) | (Protocol::Classic, DbOp::TerminateStale { .. })
+        );
+        if self.schema_dropped && needs_schema {
             let table = match protocol {
                 Protocol::Classic => "lock",
                 Protocol::Lease => "lease",
@@ -386,11 +393,15 @@ impl SimDb {
                 format!("relation \"{}.{table}\" does not exist", protocol.default_schema()),
             ));
         }
-        // Classic's ownership check is a plain SELECT and terminating a stale backend writes
-        // nothing; everything else writes.
+        // Classic's ownership check is a plain SELECT, terminating a stale backend writes
+        // nothing, and a drain is a `NOTIFY`, which a read-only transaction may send (as the
+        // publisher's do); Lease's acquire function writes only when it takes the lock (checked
+        // there); everything else writes.
         let writes = !matches!(
             (protocol, op),
-            (_, DbOp::TerminateStale { .. }) | (Protocol::Classic, DbOp::Renew { .. })
+            (_, DbOp::TerminateStale { .. } | DbOp::Drain { .. })
+                | (Protocol::Classic, DbOp::Renew { .. })
+                | (Protocol::Lease, DbOp::Acquire)
         );
         if self.read_only && writes {
             return Err(DbError::server(
@@ -499,6 +510,12 @@ impl SimDb {
                         lease_remaining: remaining,
                         stale_holder: None,
                     }));
+                }
+                if self.read_only {
+                    return Err(DbError::server(
+                        "25006",
+                        "cannot execute UPDATE in a read-only transaction".to_owned(),
+                    ));
                 }
                 let token = row.map_or(0, |r| r.token) + 1;
                 self.lease.insert(

@@ -67,6 +67,10 @@ pub(crate) enum Event {
     },
     /// The read-only window ends.
     ReadOnlyEnd,
+    /// The scenario's action `index`.
+    Action {
+        index: usize,
+    },
     Publish,
     PublishCommit {
         id: u64,
@@ -92,6 +96,7 @@ impl Event {
             Event::PublishCommit { .. } => 15,
             Event::Blip { .. } => 16,
             Event::ReadOnlyEnd => 17,
+            Event::Action { .. } => 18,
         }
     }
 }
@@ -165,10 +170,13 @@ impl Engine {
         }));
     }
 
-    /// The earliest entry, unless the queue is empty or that entry lies after `end`.
+    /// The earliest entry, unless the queue is empty or that entry lies after `end` (it then
+    /// stays queued).
     fn pop_due(&mut self, end: Timestamp) -> Option<Scheduled> {
-        let Reverse(next) = self.queue.pop()?;
-        (next.at <= end).then_some(next)
+        if self.queue.peek()?.0.at > end {
+            return None;
+        }
+        self.queue.pop().map(|Reverse(next)| next)
     }
 
     /// The event waiting in `slot`.
@@ -185,9 +193,22 @@ impl Engine {
 }
 
 impl World {
-    /// The run loop: one event at a time, then every checker.
-    pub(crate) fn run_inner(&mut self) -> Result<Report, SimError> {
-        while let Some(next) = self.engine.pop_due(self.end) {
+    /// The run loop: one event at a time, then every checker, up to `until` (at most the end);
+    /// events after it stay queued for the next call. A failure is kept: the world does not run
+    /// on after it.
+    pub(crate) fn run_to(&mut self, until: Timestamp) -> Result<(), SimError> {
+        if let Some(failure) = &self.failure {
+            return Err(failure.clone());
+        }
+        let result = self.run_events(until.min(self.end));
+        if let Err(failure) = &result {
+            self.failure = Some(failure.clone());
+        }
+        result
+    }
+
+    fn run_events(&mut self, until: Timestamp) -> Result<(), SimError> {
+        while let Some(next) = self.engine.pop_due(until) {
             self.engine.steps += 1;
             if self.engine.steps > self.scenario.max_steps {
                 return Err(self
@@ -213,6 +234,12 @@ impl World {
             self.handle(event);
             self.check()?;
         }
+        Ok(())
+    }
+
+    /// Runs to the end of the scenario; the report.
+    pub(crate) fn run_inner(&mut self) -> Result<Report, SimError> {
+        self.run_to(self.end)?;
         self.metrics.advance(
             self.engine.now,
             self.end,
@@ -257,6 +284,7 @@ impl World {
             Event::ServerUp => self.server_up(),
             Event::Blip { p } => self.blip(p),
             Event::ReadOnlyEnd => self.read_only_end(),
+            Event::Action { index } => self.action(index),
             Event::Publish => self.publish(),
             Event::PublishCommit { id } => self.publish_commit(id),
         }

@@ -125,7 +125,8 @@ impl Faults {
 }
 
 impl World {
-    fn holder(&self) -> Option<usize> {
+    /// The running process whose lock on the data channel believes it holds.
+    pub(crate) fn holder(&self) -> Option<usize> {
         self.checkers.believers[0]
             .iter()
             .copied()
@@ -176,7 +177,7 @@ impl World {
                 match kind {
                     FaultKind::Stop => self.stop_process(p),
                     FaultKind::Crash => self.crash(p),
-                    FaultKind::Cut => self.cut(p, self.scenario.cut_duration),
+                    FaultKind::Cut => self.cut(p, Some(self.scenario.cut_duration)),
                     FaultKind::Terminate => self.terminate(p),
                     FaultKind::ConnectHang => {
                         self.faults.armed[p].connect_hangs += 1;
@@ -210,7 +211,7 @@ impl World {
     /// The blip of a connection attempt: the link drops everything for `blip_duration`.
     pub(crate) fn blip(&mut self, p: usize) {
         self.trace.line(|| format!("  p{p} link blips"));
-        self.cut(p, self.scenario.blip_duration);
+        self.cut(p, Some(self.scenario.blip_duration));
     }
 
     /// An administrator drops the lock schema under the running fleet.

@@ -22,6 +22,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod actions;
 mod checkers;
 pub mod db;
 mod engine;
@@ -35,5 +36,5 @@ mod trace;
 pub mod world;
 
 pub use metrics::{LatencyStats, Report};
-pub use scenario::{FaultKind, FaultRates, FaultSpec, FaultTarget, Scenario, ScenarioError};
-pub use world::{derive_seed, run, CheckFailure, SimError, World};
+pub use scenario::{Action, ActionSpec, FaultKind, FaultRates, FaultSpec, FaultTarget, Scenario, ScenarioError};
+pub use world::{derive_seed, run, CheckFailure, Observation, Observed, SimError, World};

@@ -12,7 +12,9 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use pgiplock_core::Protocol;
 use pgiplock_sim::explore::{self, ExploreError, SweepPoint, TuneTarget};
-use pgiplock_sim::scenario::{format_duration, parse_duration, parse_fault, FaultKind, FaultSpec, FaultTarget};
+use pgiplock_sim::scenario::{
+    format_duration, parse_action, parse_duration, parse_fault, ActionSpec, FaultKind, FaultSpec, FaultTarget,
+};
 use pgiplock_sim::{Report, Scenario, SimError};
 
 #[derive(Parser, Debug)]
@@ -139,6 +141,10 @@ fn fault(s: &str) -> Result<FaultSpec, String> {
     parse_fault(s).map_err(|e| e.to_string())
 }
 
+fn action(s: &str) -> Result<ActionSpec, String> {
+    parse_action(s).map_err(|e| e.to_string())
+}
+
 /// Scenario flags; each overrides the TOML file (or the default).
 #[derive(Args, Debug, Default)]
 struct ScenarioArgs {
@@ -234,6 +240,10 @@ struct ScenarioArgs {
     /// A scheduled fault, `kind@time@target` (target: holder or a process index), repeatable.
     #[arg(long = "fault", value_parser = fault)]
     faults: Vec<FaultSpec>,
+    /// A scheduled action, `action@time@target` (release, acquire, cut, heal, start; target:
+    /// holder or a process index), repeatable.
+    #[arg(long = "action", value_parser = action)]
+    actions: Vec<ActionSpec>,
     #[arg(long, value_parser = opt_dur)]
     restart_delay: Option<MaybeDuration>,
     #[arg(long, value_parser = dur)]
@@ -345,6 +355,7 @@ impl ScenarioArgs {
             };
         }
         s.faults.extend(self.faults.iter().cloned());
+        s.actions.extend(self.actions.iter().cloned());
         s.validate()?;
         Ok(s)
     }

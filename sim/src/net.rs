@@ -65,6 +65,11 @@ impl Link {
             to_client_last: Timestamp::ZERO,
         }
     }
+
+    /// The current cut's number (the last one's while not cut).
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch
+    }
 }
 
 /// The server's view of one client connection.
@@ -442,8 +447,8 @@ impl World {
         }
     }
 
-    /// Cuts process `p`'s link silently, until `duration` later.
-    pub(crate) fn cut(&mut self, p: usize, duration: Duration) {
+    /// Cuts process `p`'s link silently, until `duration` later (`None`: until healed).
+    pub(crate) fn cut(&mut self, p: usize, duration: Option<Duration>) {
         let link = &mut self.links[p];
         if link.cut {
             return;
@@ -466,8 +471,10 @@ impl World {
                 Event::ServerDeadPeer { session, epoch },
             );
         }
-        let heal = self.engine.now + duration;
-        self.engine.schedule(heal, Event::Heal { p, epoch });
+        if let Some(duration) = duration {
+            let heal = self.engine.now + duration;
+            self.engine.schedule(heal, Event::Heal { p, epoch });
+        }
     }
 
     pub(crate) fn heal(&mut self, p: usize, epoch: u64) {

@@ -18,7 +18,7 @@ use pgiplock_core::{
 
 use crate::engine::Event;
 use crate::net::ClientMsg;
-use crate::world::{derive_seed, World, STREAM_LOCK, STREAM_PROC, STREAM_SESSION};
+use crate::world::{derive_seed, Observed, World, STREAM_LOCK, STREAM_PROC, STREAM_SESSION};
 
 /// One lock of the process, as the application sees it.
 #[derive(Clone, Default)]
@@ -190,6 +190,7 @@ impl World {
         proc.session = Some(session);
         proc.locks = vec![LockView::default(); self.channels.len()];
         self.alive_count += 1;
+        self.observe(p, || Observed::Started);
         // As the worker starts: `init` on every lock (the session connects at its first input).
         for li in 0..self.channels.len() {
             self.call(p, li, LockCall::Init);
@@ -211,7 +212,8 @@ impl World {
         }
     }
 
-    fn call(&mut self, p: usize, li: usize, request: LockCall) {
+    /// An API call on lock `li` of process `p`.
+    pub(crate) fn call(&mut self, p: usize, li: usize, request: LockCall) {
         let proc = &mut self.procs[p];
         let call = CallId(proc.next_call);
         proc.next_call += 1;
@@ -261,6 +263,7 @@ impl World {
         let conn = proc.conn.take();
         self.alive_count -= 1;
         self.checkers.forget(p);
+        self.observe(p, || Observed::Ended);
         conn.map(|(_, server)| server)
     }
 
@@ -404,6 +407,7 @@ impl World {
         }
         let local = proc.local(now);
         let Some(session) = proc.session.as_mut() else { return };
+        let tick = input == SessionInput::Tick;
         session.handle_input(local, input);
         let mut outputs = Vec::new();
         while let Some(output) = session.poll_output() {
@@ -416,6 +420,10 @@ impl World {
         let Some(session) = proc.session.as_ref() else { return };
         // One timer per process, re-armed from poll_timeout after every input.
         let deadline = session.poll_timeout();
+        if let Some(at) = deadline.filter(|at| tick && *at <= local) {
+            // A deadline that does not move past a tick is a busy loop.
+            self.checkers.stuck_deadline.get_or_insert((p, local, at));
+        }
         let global = deadline.map(|local_at| proc.global_at(local_at, now));
         if global != proc.armed {
             proc.armed = global;
@@ -459,6 +467,7 @@ impl World {
                 }
             }
             SessionOutput::Execute(request) => {
+                self.observe(p, || Observed::Request(request.op.clone()));
                 let proc = &mut self.procs[p];
                 let Some((core, server)) = proc.conn else { return };
                 if core != request.session {
@@ -477,6 +486,10 @@ impl World {
                 if !self.procs[p].locks.get(li).is_some_and(|l| l.believes) {
                     self.metrics.s3_violations += 1;
                 }
+                self.observe(p, || Observed::Delivered {
+                    lock: li,
+                    payload: payload.clone(),
+                });
                 if li == 0 {
                     if let Ok(id) = payload.parse::<u64>() {
                         self.metrics.delivered(id, p);
@@ -543,5 +556,6 @@ impl World {
             _ => {}
         }
         self.trace.line(|| format!("  p{p} lock{li}: {event:?}"));
+        self.observe(p, || Observed::Lock { lock: li, event });
     }
 }

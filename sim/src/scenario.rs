@@ -221,6 +221,77 @@ pub struct FaultSpec {
     pub process: Option<usize>,
 }
 
+/// A step a test (or a scenario file) schedules on one process: an API call on its locks or a
+/// change of its link, at a chosen moment. Unlike a fault it is not counted in the report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// `LockCall::Release` on every lock of the process: a held lock is released gracefully
+    /// (drain marker, release, notification) and the process stays a standby.
+    Release,
+    /// `LockCall::Acquire` on every lock of the process: one attempt now.
+    Acquire,
+    /// The process's link silently drops everything both ways until a `Heal` (or forever).
+    Cut,
+    /// Ends a cut of the process's link now (a `Cut` action's or a `Cut` fault's).
+    Heal,
+    /// Starts the process if it is not running (after a crash or a stop with no
+    /// `restart_delay`).
+    Start,
+}
+
+impl Action {
+    /// All actions.
+    pub const ALL: [Action; 5] = [
+        Action::Release,
+        Action::Acquire,
+        Action::Cut,
+        Action::Heal,
+        Action::Start,
+    ];
+
+    /// The snake_case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Release => "release",
+            Action::Acquire => "acquire",
+            Action::Cut => "cut",
+            Action::Heal => "heal",
+            Action::Start => "start",
+        }
+    }
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Action {
+    type Err = ScenarioError;
+    fn from_str(s: &str) -> Result<Self, ScenarioError> {
+        Action::ALL
+            .into_iter()
+            .find(|a| a.as_str() == s)
+            .ok_or_else(|| ScenarioError::Invalid(format!("unknown action {s:?}")))
+    }
+}
+
+/// One action at a given time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ActionSpec {
+    /// When, from the start of the run.
+    #[serde(with = "dur")]
+    pub at: Duration,
+    /// What.
+    pub action: Action,
+    /// A process index; `None` means the process holding the data channel's lock then (the
+    /// action is skipped when nobody holds).
+    #[serde(default)]
+    pub process: Option<usize>,
+}
+
 /// Faults per hour of virtual time, each drawn as a Poisson process from the seed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(default)]
@@ -358,6 +429,9 @@ pub struct Scenario {
     pub fault_target: FaultTarget,
     /// Faults at given times, in addition to the drawn ones.
     pub faults: Vec<FaultSpec>,
+    /// Actions at given times (releases, attempts, cuts and heals, starts).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub actions: Vec<ActionSpec>,
     /// A stopped or crashed process starts again after this long (`None`: never).
     #[serde(with = "opt_dur")]
     pub restart_delay: Option<Duration>,
@@ -420,6 +494,7 @@ impl Default for Scenario {
             },
             fault_target: FaultTarget::Holder,
             faults: Vec::new(),
+            actions: Vec::new(),
             restart_delay: Some(Duration::from_secs(10)),
             cut_duration: Duration::from_secs(30 * 60),
             server_down: Duration::from_secs(5),
@@ -508,6 +583,13 @@ impl Scenario {
             .any(|f| f.process.is_some_and(|p| p >= self.processes))
         {
             return invalid("a fault names a process index beyond the fleet");
+        }
+        if self
+            .actions
+            .iter()
+            .any(|a| a.process.is_some_and(|p| p >= self.processes))
+        {
+            return invalid("an action names a process index beyond the fleet");
         }
         if self.max_steps == 0 {
             return invalid("max_steps must be positive");
@@ -644,6 +726,10 @@ impl Scenario {
             let target = f.process.map_or_else(|| "holder".to_owned(), |p| p.to_string());
             out.push(format!("--fault {}@{}@{}", f.kind, fd(f.at), target));
         }
+        for a in &self.actions {
+            let target = a.process.map_or_else(|| "holder".to_owned(), |p| p.to_string());
+            out.push(format!("--action {}@{}@{}", a.action, fd(a.at), target));
+        }
         out.join(" ")
     }
 
@@ -691,17 +777,38 @@ impl Scenario {
 
 /// Parses `kind@time@target` (target: `holder` or a process index), as in `--fault cut@2h@holder`.
 pub fn parse_fault(text: &str) -> Result<FaultSpec, ScenarioError> {
+    let (kind, at, process) = parse_scheduled(text)?;
+    Ok(FaultSpec {
+        at,
+        kind: kind.parse()?,
+        process,
+    })
+}
+
+/// Parses `action@time@target` (target: `holder` or a process index), as in
+/// `--action release@90s@holder`.
+pub fn parse_action(text: &str) -> Result<ActionSpec, ScenarioError> {
+    let (action, at, process) = parse_scheduled(text)?;
+    Ok(ActionSpec {
+        at,
+        action: action.parse()?,
+        process,
+    })
+}
+
+/// `what@time@target`, split and parsed except for `what`.
+fn parse_scheduled(text: &str) -> Result<(&str, Duration, Option<usize>), ScenarioError> {
     let mut parts = text.split('@');
-    let kind: FaultKind = parts.next().unwrap_or_default().parse()?;
+    let what = parts.next().unwrap_or_default();
     let at = parse_duration(parts.next().unwrap_or_default())?;
     let process = match parts.next() {
         None | Some("holder") => None,
         Some(p) => Some(
             p.parse::<usize>()
-                .map_err(|_| ScenarioError::Invalid(format!("bad fault target {p:?}")))?,
+                .map_err(|_| ScenarioError::Invalid(format!("bad target {p:?}")))?,
         ),
     };
-    Ok(FaultSpec { at, kind, process })
+    Ok((what, at, process))
 }
 
 #[cfg(test)]
@@ -721,6 +828,25 @@ mod tests {
         for bad in ["", "5", "5x", "ms", "-1s", "100y"] {
             assert!(parse_duration(bad).is_err(), "{bad:?} parsed");
         }
+    }
+
+    #[test]
+    fn actions_parse_as_the_cli_writes_them() {
+        let a = parse_action("release@90s@holder").unwrap();
+        assert_eq!(
+            (a.action, a.at, a.process),
+            (Action::Release, Duration::from_secs(90), None)
+        );
+        let a = parse_action("cut@1500ms@2").unwrap();
+        assert_eq!((a.action, a.process), (Action::Cut, Some(2)));
+        assert!(parse_action("jump@1s").is_err());
+        let mut s = Scenario::default();
+        s.actions.push(a);
+        assert!(s.to_cli_args().ends_with("--action cut@1500ms@2"));
+        // A scenario without actions writes no `actions` key.
+        assert!(!Scenario::default().to_toml().contains("actions"));
+        let back = Scenario::from_toml(&s.to_toml()).unwrap();
+        assert_eq!(back.actions, s.actions);
     }
 
     #[test]

@@ -7,21 +7,24 @@
 //!   connections, dead-peer detection, the database model ([`crate::db::SimDb`]) and the
 //!   publisher;
 //! - `faults`: the fault schedule and injection;
+//! - `actions`: the scenario's scheduled steps on one process (a release, an attempt, a cut until
+//!   a heal, a start);
 //! - `checkers`: the invariants and bounds checked after every event;
 //! - `trace`: the trace hash and the trace lines;
 //! - [`crate::metrics`]: what the report measures.
 
 use std::time::Duration;
 
-use pgiplock_core::{ChannelName, LockConfig, SessionConfig, SplitMix64, Timestamp};
+use pgiplock_core::{ChannelName, LockConfig, LockEvent, SessionConfig, SessionOp, SplitMix64, Timestamp};
 
 use crate::checkers::Checkers;
+use crate::db::SimDb;
 use crate::engine::{Engine, Event};
 use crate::faults::Faults;
 use crate::metrics::{Metrics, Report};
 use crate::net::{Link, Server};
 use crate::process::{session_config, Proc};
-use crate::scenario::{Scenario, ScenarioError};
+use crate::scenario::{ActionSpec, FaultSpec, Scenario, ScenarioError};
 use crate::trace::Trace;
 
 pub use crate::checkers::CheckFailure;
@@ -55,7 +58,70 @@ pub(crate) const STREAM_SERVER: u64 = 4;
 const STREAM_START: u64 = 5;
 pub(crate) const STREAM_SESSION: u64 = 6;
 
-/// One simulation run. Build with [`World::new`], then [`World::run`].
+/// What one process saw, in a recorded run (see [`World::record`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observation {
+    /// Virtual (global) time.
+    pub at: Timestamp,
+    /// The process.
+    pub process: usize,
+    /// What happened.
+    pub event: Observed,
+}
+
+/// One entry of a process's log in a recorded run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Observed {
+    /// The process started: a new incarnation with a new core session.
+    Started,
+    /// The process ended (it exited after a stop, or crashed): its locks are gone with it.
+    Ended,
+    /// The session asked to run an operation (whether or not the link carried it).
+    Request(SessionOp),
+    /// An event of the process's lock on channel `lock`.
+    Lock {
+        /// The channel's index.
+        lock: usize,
+        /// The event.
+        event: LockEvent,
+    },
+    /// A notification of channel `lock` handed to the application.
+    Delivered {
+        /// The channel's index.
+        lock: usize,
+        /// Its payload.
+        payload: String,
+    },
+}
+
+/// One simulation run. Build with [`World::new`], then [`World::run`]; or, to look at the world
+/// along the way, [`World::run_until`] and [`World::finish`].
+///
+/// ```
+/// use pgiplock_sim::{Action, ActionSpec, Observed, Scenario, World};
+/// use std::time::Duration;
+///
+/// let mut scenario = Scenario::default();
+/// scenario.processes = 2;
+/// scenario.duration = Duration::from_secs(60);
+/// scenario.fault_rates = Default::default();
+/// // The holder releases at 30 s and stays a standby; the other process takes over.
+/// let at = Duration::from_secs(30);
+/// scenario.actions.push(ActionSpec { at, action: Action::Release, process: None });
+/// let mut world = World::new(scenario, 7).unwrap();
+/// world.record();
+/// world.run_until(Duration::from_secs(29)).unwrap();
+/// let first = world.holders(0);
+/// assert_eq!(first.len(), 1);
+/// world.finish().unwrap();
+/// let second = world.holders(0);
+/// assert_eq!(second.len(), 1);
+/// assert_ne!(first, second);
+/// let released = world.observations().iter().any(|o| o.process == first[0]
+///     && o.event == Observed::Lock { lock: 0, event: pgiplock_core::LockEvent::Released });
+/// assert!(released);
+/// ```
 pub struct World {
     pub(crate) seed: u64,
     pub(crate) scenario: Scenario,
@@ -76,6 +142,10 @@ pub struct World {
     pub(crate) checkers: Checkers,
     pub(crate) metrics: Metrics,
     pub(crate) trace: Trace,
+    /// `Some` only for a recorded run.
+    pub(crate) observations: Option<Vec<Observation>>,
+    /// The first checker failure; the world does not run on after it.
+    pub(crate) failure: Option<SimError>,
 }
 
 impl World {
@@ -116,6 +186,8 @@ impl World {
             checkers,
             metrics,
             trace: Trace::new(),
+            observations: None,
+            failure: None,
             scenario,
         };
         let mut start_rng = SplitMix64::new(derive_seed(seed, STREAM_START, 0, 0));
@@ -127,6 +199,10 @@ impl World {
         for index in 0..world.faults.specs.len() {
             let at = Timestamp::ZERO + world.faults.specs[index].at;
             world.engine.schedule(at, Event::Fault { index });
+        }
+        for index in 0..world.scenario.actions.len() {
+            let at = Timestamp::ZERO + world.scenario.actions[index].at;
+            world.engine.schedule(at, Event::Action { index });
         }
         if world.scenario.publish_rate > 0.0 {
             world.engine.schedule(warmup, Event::Publish);
@@ -149,6 +225,102 @@ impl World {
         self.trace.keep_lines();
         let result = self.run_inner();
         (result, self.trace.take_lines())
+    }
+
+    /// Runs every event up to `until` from the start (at most the scenario's end), checking
+    /// invariants after each; later events stay queued, so that calling it again (or
+    /// [`World::finish`]) goes on exactly as one [`World::run`] would. After a checker failure
+    /// it returns that failure again.
+    pub fn run_until(&mut self, until: Duration) -> Result<(), SimError> {
+        self.run_to(Timestamp::ZERO + until)
+    }
+
+    /// Runs to the end of the scenario; the report. The world stays readable afterwards.
+    pub fn finish(&mut self) -> Result<Report, SimError> {
+        self.run_inner()
+    }
+
+    /// Schedules one more action, as if the scenario listed it (its time is clamped to the
+    /// current one), for a test that picks it from what it saw so far.
+    pub fn add_action(&mut self, spec: ActionSpec) -> Result<(), ScenarioError> {
+        if spec.process.is_some_and(|p| p >= self.procs.len()) {
+            return Err(ScenarioError::Invalid(
+                "an action names a process index beyond the fleet".to_owned(),
+            ));
+        }
+        let at = (Timestamp::ZERO + spec.at).max(self.engine.now);
+        let index = self.scenario.actions.len();
+        self.scenario.actions.push(spec);
+        self.engine.schedule(at, Event::Action { index });
+        Ok(())
+    }
+
+    /// Schedules one more fault, as if the scenario listed it (its time is clamped to the
+    /// current one).
+    pub fn add_fault(&mut self, spec: FaultSpec) -> Result<(), ScenarioError> {
+        if spec.process.is_some_and(|p| p >= self.procs.len()) {
+            return Err(ScenarioError::Invalid(
+                "a fault names a process index beyond the fleet".to_owned(),
+            ));
+        }
+        let at = (Timestamp::ZERO + spec.at).max(self.engine.now);
+        let index = self.faults.specs.len();
+        self.scenario.faults.push(spec.clone());
+        self.faults.specs.push(spec);
+        self.engine.schedule(at, Event::Fault { index });
+        Ok(())
+    }
+
+    /// The time of the last event run.
+    pub fn now(&self) -> Timestamp {
+        self.engine.now
+    }
+
+    /// The scenario.
+    pub fn scenario(&self) -> &Scenario {
+        &self.scenario
+    }
+
+    /// Channel `i` (`ch{i}`), the data channel being channel 0.
+    pub fn channel(&self, i: usize) -> Option<&ChannelName> {
+        self.channels.get(i)
+    }
+
+    /// The running processes whose lock on channel `i` is in a holder phase, in index order.
+    pub fn holders(&self, i: usize) -> Vec<usize> {
+        self.checkers
+            .believers
+            .get(i)
+            .map(|set| set.iter().copied().filter(|&p| self.procs[p].alive()).collect())
+            .unwrap_or_default()
+    }
+
+    /// The database model, as it stands.
+    pub fn db(&self) -> &SimDb {
+        &self.server.db
+    }
+
+    /// From now on, keeps a log of what each process sees: starts and ends, the operations its
+    /// session sends, its lock events and deliveries ([`World::observations`]). Off by default,
+    /// so that an ordinary run builds none of it; it changes nothing else.
+    pub fn record(&mut self) {
+        self.observations.get_or_insert_with(Vec::new);
+    }
+
+    /// The log kept since [`World::record`], in event order (empty when not recording).
+    pub fn observations(&self) -> &[Observation] {
+        self.observations.as_deref().unwrap_or_default()
+    }
+
+    /// Adds an entry to the log if one is kept; `event` is called only then.
+    pub(crate) fn observe(&mut self, process: usize, event: impl FnOnce() -> Observed) {
+        if let Some(log) = self.observations.as_mut() {
+            log.push(Observation {
+                at: self.engine.now,
+                process,
+                event: event(),
+            });
+        }
     }
 }
 

@@ -9,6 +9,13 @@
 //! token, whether the holder's session is alive) and on the notifications every session
 //! received on the lock channels, in order.
 //!
+//! An administrator may drop the lock schema (`DROP SCHEMA ... CASCADE` on the server,
+//! `drop_schema` in the model): lock operations then fail as schema missing (the server says
+//! 42P01 for a table, 42883 for a function; both are compared as `DbError::is_schema_missing`)
+//! until a session bootstraps it again, and what follows (tokens starting again from 1) is
+//! compared as before. The server may turn read-only (every session's transactions `READ ONLY`;
+//! the model's read-only mode): writes fail as `DbError::is_read_only`.
+//!
 //! Time: the model's server clock follows the real elapsed time (it is advanced to the moment
 //! each real statement is sent). The real server computes an expiry somewhere between sending
 //! and receiving the statement that set it, so an acquisition never runs within a guard
@@ -95,6 +102,16 @@ enum Step {
     Expire {
         c: usize,
     },
+    /// An administrator drops the lock schema with everything in it.
+    DropSchema,
+    /// Slot `s` runs the schema bootstrap batch (as every session does when it connects).
+    Bootstrap {
+        s: usize,
+    },
+    /// The server refuses writes from now on (`on`), or accepts them again.
+    ReadOnly {
+        on: bool,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -124,8 +141,11 @@ fn step() -> impl Strategy<Value = Step> {
         2 => (s.clone(), s.clone(), proptest::bool::weighted(0.2))
             .prop_map(|(s, target, wrong_app)| Step::Terminate { s, target, wrong_app }),
         1 => s.clone().prop_map(|s| Step::Close { s }),
-        3 => s.prop_map(|s| Step::Reopen { s }),
+        3 => s.clone().prop_map(|s| Step::Reopen { s }),
         2 => c.prop_map(|c| Step::Expire { c }),
+        1 => Just(Step::DropSchema),
+        2 => s.prop_map(|s| Step::Bootstrap { s }),
+        1 => proptest::bool::ANY.prop_map(|on| Step::ReadOnly { on }),
     ]
 }
 
@@ -183,6 +203,8 @@ fn error_kind(e: &DbError) -> String {
     match e {
         DbError::SessionLost => "session lost".to_owned(),
         DbError::PermissionDenied(_) => "permission denied".to_owned(),
+        e if e.is_schema_missing() => "schema missing".to_owned(),
+        e if e.is_read_only() => "read only".to_owned(),
         other => format!("failed: {other}"),
     }
 }
@@ -238,6 +260,8 @@ struct Worlds {
     expiry: Vec<Option<(Duration, Duration)>>,
     /// Per slot and channel: the token it last acquired.
     tokens: Vec<Vec<Option<u64>>>,
+    /// The server refuses writes (every real session is set read-only, new ones too).
+    read_only: bool,
     log: Vec<String>,
 }
 
@@ -270,6 +294,7 @@ impl Worlds {
             start: Instant::now(),
             expiry: vec![None; CHANNELS],
             tokens: vec![vec![None; CHANNELS]; SLOTS],
+            read_only: false,
             log: Vec::new(),
         };
         for s in 0..SLOTS {
@@ -313,6 +338,9 @@ impl Worlds {
             .await
             .map_err(|e| format!("pg_backend_pid: {e}"))?;
         let pid: i32 = row.get(0);
+        if self.read_only {
+            set_read_only(listener.client(), true).await?;
+        }
         let generation = self.real[s].generation + 1;
         self.real[s] = RealSlot {
             listener: Some(listener),
@@ -559,6 +587,50 @@ impl Worlds {
                 self.pass_expiry(c).await;
                 Ok((Outcome::Done("time passed"), Outcome::Done("time passed")))
             }
+            Step::DropSchema => {
+                // Only the schema this case created (its guard drops it again at the end).
+                let sql = format!(
+                    "SET lock_timeout = '10s'; DROP SCHEMA IF EXISTS \"{}\" CASCADE",
+                    self.schema.as_str().replace('"', "\"\"")
+                );
+                self.observer
+                    .batch_execute(&sql)
+                    .await
+                    .map_err(|e| format!("drop schema: {e}"))?;
+                self.db.drop_schema();
+                // The tokens start again with the new tables; no lease is left to expire.
+                self.expiry = vec![None; CHANNELS];
+                self.tokens = vec![vec![None; CHANNELS]; SLOTS];
+                Ok((Outcome::Done("schema dropped"), Outcome::Done("schema dropped")))
+            }
+            Step::Bootstrap { s } => {
+                if !self.is_open(s) {
+                    return skipped;
+                }
+                let listener = self.real[s].listener.as_ref().ok_or("real slot closed")?;
+                let real = bootstrap(listener.client(), self.protocol, &self.schema).await;
+                let session = self.sim[s].session.ok_or("sim slot closed")?;
+                let sim = self.db.bootstrap(session, self.protocol, &self.schema);
+                let done = |r: Result<(), DbError>| match r {
+                    Ok(()) => Outcome::Done("bootstrapped"),
+                    Err(e) => Outcome::Error(error_kind(&e)),
+                };
+                Ok((done(real), done(sim)))
+            }
+            Step::ReadOnly { on } => {
+                if self.read_only == on {
+                    return skipped;
+                }
+                for slot in &self.real {
+                    if let Some(listener) = &slot.listener {
+                        set_read_only(listener.client(), on).await?;
+                    }
+                }
+                self.read_only = on;
+                self.db.set_read_only(on);
+                let done = if on { "read only" } else { "read write" };
+                Ok((Outcome::Done(done), Outcome::Done(done)))
+            }
         }
     }
 
@@ -644,6 +716,16 @@ impl Worlds {
             }
         }
     }
+}
+
+/// Makes the session's transactions read-only from now on (as `default_transaction_read_only`
+/// does for a whole server), or read-write again.
+async fn set_read_only(client: &Client, on: bool) -> Result<(), String> {
+    let mode = if on { "READ ONLY" } else { "READ WRITE" };
+    client
+        .batch_execute(&format!("SET SESSION CHARACTERISTICS AS TRANSACTION {mode}"))
+        .await
+        .map_err(|e| format!("set {mode}: {e}"))
 }
 
 /// One lock row in either world.
