@@ -596,7 +596,9 @@ pub struct Session {
     backoff: Duration,
     next_session: u64,
     next_op: u64,
-    locks: BTreeMap<LockKey, Entry>,
+    /// Boxed: a B-tree node holds eleven values, so unboxed a session with one lock would
+    /// carry room for ten more.
+    locks: BTreeMap<LockKey, Box<Entry>>,
     /// Data channel and lock channel → lock.
     by_channel: BTreeMap<String, LockKey>,
     /// Every lock's next deadline.
@@ -683,7 +685,7 @@ impl Session {
         });
         self.locks.insert(
             key,
-            Entry {
+            Box::new(Entry {
                 lock,
                 target,
                 prep: Prep::None,
@@ -697,7 +699,7 @@ impl Session {
                 destroy_calls: Vec::new(),
                 armed: None,
                 refused_read_only: false,
-            },
+            }),
         );
         Ok(())
     }
