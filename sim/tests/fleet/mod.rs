@@ -170,13 +170,13 @@ impl Fleet {
         self.queue.insert((at, self.seq), message);
     }
 
-    /// Opens a new session for `node`, listening on the data and lock channels, and tells its lock.
+    /// Opens a new session for `node`, listening on the lock's channels, and tells its lock.
     pub fn connect(&mut self, node: usize) {
         let n = &mut self.nodes[node];
         n.sessions_opened += 1;
         let app = format!("n{node}.{}", n.sessions_opened);
         let (session, _pid) = self.db.open_session(&app);
-        for channel in [self.channel.as_str(), self.channel.lock_channel()] {
+        for channel in self.channel.listened(self.protocol) {
             self.db.listen(session, channel).expect("session just opened");
         }
         self.nodes[node].session = Some(session);
