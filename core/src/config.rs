@@ -116,7 +116,7 @@ pub const MIN_LEASE_TTL: Duration = Duration::from_millis(100);
 /// | `renew_interval` (holder renew / ownership check) | 2 s | 30 s | 10 ms ..= 24 h, and under Lease below `lease_ttl - fence_margin` |
 /// | `fence_margin` | 1 s | unused | 0 ..= 24 h, and under Lease below `lease_ttl` |
 /// | `request_timeout` | 5 s | 5 s | 10 ms ..= 24 h |
-/// | `wake_jitter` (spread of standbys woken by a release) | 20 ms | 20 ms | 0 ..= 24 h |
+/// | `wake_jitter` (spread of standbys woken by a release) | 20 ms | 0 | 0 ..= 24 h |
 /// | `shutdown_timeout` | 1 s | 1 s | 10 ms ..= 24 h |
 /// | `marker_wait` | 500 ms | 500 ms | above 0, up to 24 h |
 ///
@@ -158,7 +158,10 @@ pub struct LockConfig {
     /// A database request without a reply after this long makes the lock ask for a new session.
     pub request_timeout: Duration,
     /// Standbys woken by a release notification attempt after a uniform delay in
-    /// `[0, wake_jitter]`, so that one of them wins before the others write.
+    /// `[0, wake_jitter]`, so that one of them wins before the others write (`Lease`: the
+    /// winner's acquisition marker cancels the rest). Zero under `Classic`, which has no such
+    /// marker, so every woken standby attempts anyway, and whose Node standbys attempt at once:
+    /// a delay would only make ours lose every race to them.
     pub wake_jitter: Duration,
     /// How long a stop (destroy or signal) waits for the release to be confirmed.
     pub shutdown_timeout: Duration,
@@ -172,9 +175,9 @@ pub struct LockConfig {
 impl LockConfig {
     /// The defaults of `protocol`.
     pub fn new(protocol: Protocol) -> Self {
-        let renew_interval = match protocol {
-            Protocol::Lease => Duration::from_secs(2),
-            Protocol::Classic => Duration::from_secs(30),
+        let (renew_interval, wake_jitter) = match protocol {
+            Protocol::Lease => (Duration::from_secs(2), Duration::from_millis(20)),
+            Protocol::Classic => (Duration::from_secs(30), Duration::ZERO),
         };
         LockConfig {
             protocol,
@@ -184,7 +187,7 @@ impl LockConfig {
             renew_interval,
             fence_margin: Duration::from_secs(1),
             request_timeout: Duration::from_secs(5),
-            wake_jitter: Duration::from_millis(20),
+            wake_jitter,
             shutdown_timeout: Duration::from_secs(1),
             marker_wait: Duration::from_millis(500),
             handover_buffer: 10_000,

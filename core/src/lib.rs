@@ -50,8 +50,8 @@ pub use config::{ConfigError, LockConfig, Protocol, MAX_SETTING, MIN_INTERVAL, M
 pub use event::{Input, LockEvent, LostReason, Output, SignalKind, Warning};
 pub use lock::{Lock, LockState, Phase, TimerKind};
 pub use name::{
-    quote_ident, AppName, ChannelName, NameError, SchemaName, LOCK_CHANNEL_PREFIX, MAX_CHANNEL_BYTES,
-    MAX_IDENTIFIER_BYTES,
+    quote_ident, AppName, ChannelName, NameError, SchemaName, DRAIN_CHANNEL_PREFIX, LOCK_CHANNEL_PREFIX,
+    MAX_CHANNEL_BYTES, MAX_IDENTIFIER_BYTES,
 };
 pub use proto::{
     AcquireReply, DbError, DbOp, DbRequest, FenceToken, Marker, Reply, RequestId, SessionId, StaleHolder,

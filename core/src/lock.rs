@@ -1013,10 +1013,8 @@ impl Lock {
     fn on_notification(&mut self, channel: &str, payload: String) {
         if channel == self.channel.as_str() {
             self.on_data(payload);
-        } else if channel == self.channel.lock_channel() {
-            if let Some(marker) = Marker::parse(&payload) {
-                self.on_marker(marker);
-            }
+        } else if let Some(marker) = Marker::read(self.config.protocol, &self.channel, channel, &payload) {
+            self.on_marker(marker);
         }
     }
 

@@ -6,6 +6,8 @@
 
 use std::fmt;
 
+use crate::Protocol;
+
 /// Longest identifier PostgreSQL keeps intact (`NAMEDATALEN - 1`).
 pub const MAX_IDENTIFIER_BYTES: usize = 63;
 
@@ -13,7 +15,16 @@ pub const MAX_IDENTIFIER_BYTES: usize = 63;
 /// notifications. Shared with `@imqueue/pg-pubsub`.
 pub const LOCK_CHANNEL_PREFIX: &str = "__PgIpLock__:";
 
-/// Longest user channel name: the lock channel `__PgIpLock__:<channel>` must fit in 63 bytes.
+/// Prefix of the drain channel that carries a `Classic` holder's drain marker. Node's
+/// `@imqueue/pg-pubsub` reads every notification on the lock channel as a release, so the marker
+/// travels where only our sessions listen. As long as [`LOCK_CHANNEL_PREFIX`], so that one channel
+/// limit covers both.
+pub const DRAIN_CHANNEL_PREFIX: &str = "__PgIpDrain_:";
+
+const _: () = assert!(DRAIN_CHANNEL_PREFIX.len() == LOCK_CHANNEL_PREFIX.len());
+
+/// Longest user channel name: the lock channel `__PgIpLock__:<channel>` (and the drain channel
+/// `__PgIpDrain_:<channel>`) must fit in 63 bytes.
 pub const MAX_CHANNEL_BYTES: usize = MAX_IDENTIFIER_BYTES - LOCK_CHANNEL_PREFIX.len();
 
 /// Why a name was refused.
@@ -52,11 +63,13 @@ pub enum NameError {
         /// The refused name.
         name: String,
     },
-    /// The channel already carries the lock-channel prefix.
-    #[error("channel name {name:?} starts with the reserved prefix {LOCK_CHANNEL_PREFIX:?}")]
+    /// The channel already carries the lock-channel or drain-channel prefix.
+    #[error("channel name {name:?} starts with the reserved prefix {prefix:?}")]
     ReservedPrefix {
         /// The refused name.
         name: String,
+        /// The prefix it starts with.
+        prefix: &'static str,
     },
 }
 
@@ -88,6 +101,7 @@ fn check_identifier(kind: &'static str, name: &str, max: usize, hint: &'static s
 /// use pgiplock_core::ChannelName;
 /// let c = ChannelName::new("Orders \"EU\" ✓").unwrap();
 /// assert_eq!(c.lock_channel(), "__PgIpLock__:Orders \"EU\" ✓");
+/// assert_eq!(c.drain_channel(), "__PgIpDrain_:Orders \"EU\" ✓");
 /// assert!(ChannelName::new("").is_err());
 /// assert!(ChannelName::new(&"x".repeat(51)).is_err());
 /// ```
@@ -95,6 +109,7 @@ fn check_identifier(kind: &'static str, name: &str, max: usize, hint: &'static s
 pub struct ChannelName {
     name: String,
     lock_channel: String,
+    drain_channel: String,
 }
 
 impl ChannelName {
@@ -106,12 +121,19 @@ impl ChannelName {
             MAX_CHANNEL_BYTES,
             " (the lock channel \"__PgIpLock__:<channel>\" must fit in 63 bytes)",
         )?;
-        if name.starts_with(LOCK_CHANNEL_PREFIX) {
-            return Err(NameError::ReservedPrefix { name: name.to_owned() });
+        if let Some(prefix) = [LOCK_CHANNEL_PREFIX, DRAIN_CHANNEL_PREFIX]
+            .into_iter()
+            .find(|prefix| name.starts_with(prefix))
+        {
+            return Err(NameError::ReservedPrefix {
+                name: name.to_owned(),
+                prefix,
+            });
         }
         Ok(ChannelName {
             name: name.to_owned(),
             lock_channel: format!("{LOCK_CHANNEL_PREFIX}{name}"),
+            drain_channel: format!("{DRAIN_CHANNEL_PREFIX}{name}"),
         })
     }
 
@@ -120,9 +142,34 @@ impl ChannelName {
         &self.name
     }
 
-    /// The channel that carries this lock's release notifications.
+    /// The channel that carries this lock's release notifications (and, under `Lease`, its
+    /// acquisition and drain markers).
     pub fn lock_channel(&self) -> &str {
         &self.lock_channel
+    }
+
+    /// The channel that carries a `Classic` holder's drain marker (Node does not listen to it).
+    pub fn drain_channel(&self) -> &str {
+        &self.drain_channel
+    }
+
+    /// The channels a session of `protocol` listens to for this lock: the channel itself, its
+    /// lock channel and, under `Classic`, its drain channel.
+    ///
+    /// ```
+    /// use pgiplock_core::{ChannelName, Protocol};
+    /// let c = ChannelName::new("jobs").unwrap();
+    /// assert_eq!(c.listened(Protocol::Lease).count(), 2);
+    /// assert_eq!(
+    ///     c.listened(Protocol::Classic).collect::<Vec<_>>(),
+    ///     ["jobs", "__PgIpLock__:jobs", "__PgIpDrain_:jobs"]
+    /// );
+    /// ```
+    pub fn listened(&self, protocol: Protocol) -> impl Iterator<Item = &str> {
+        let drain = (protocol == Protocol::Classic).then_some(self.drain_channel.as_str());
+        [Some(self.name.as_str()), Some(self.lock_channel.as_str()), drain]
+            .into_iter()
+            .flatten()
     }
 }
 
@@ -253,6 +300,12 @@ mod tests {
             ChannelName::new("__PgIpLock__:x"),
             Err(NameError::ReservedPrefix { .. })
         ));
+        assert!(matches!(
+            ChannelName::new("__PgIpDrain_:x"),
+            Err(NameError::ReservedPrefix { .. })
+        ));
+        let longest = ChannelName::new(&"x".repeat(MAX_CHANNEL_BYTES)).unwrap();
+        assert_eq!(longest.drain_channel().len(), MAX_IDENTIFIER_BYTES);
         assert_eq!(MAX_CHANNEL_BYTES, 50);
     }
 

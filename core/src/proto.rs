@@ -4,6 +4,8 @@
 use std::fmt;
 use std::time::Duration;
 
+use crate::{ChannelName, Protocol};
+
 /// A fencing token: strictly increasing per channel, forever (`Lease` only).
 ///
 /// Downstream systems can reject writes carrying a token lower than one they have seen.
@@ -36,13 +38,18 @@ pub struct SessionId(pub u64);
 ///
 /// Semantics, which the SQL of `pgiplock` and the simulator's model both implement:
 ///
-/// **Classic** (table `lock(channel, app)`, keyed by the *lock channel*):
+/// **Classic** (table `lock(channel, app)`, keyed by the *lock channel*). The lock channel
+/// `__PgIpLock__:<channel>` carries only what a Node holder of `@imqueue/pg-pubsub` puts there,
+/// the trigger's `'1'`: Node standbys read *any* notification on it as a release and attempt.
 /// - `Acquire`: insert `(lock_channel, app)`; on conflict the row is taken over only if no
 ///   session in `pg_stat_activity` has `application_name = row.app`, else "locked"
 ///   (not acquired). Token: none.
 ///   A row that already names `app` (this very session) counts as acquired.
 /// - `Renew`: reads the row; `owned` iff `row.app = app`.
-/// - `Drain`: sends `'draining'` on the lock channel.
+/// - `Drain`: sends `'draining'` on the *drain channel* `__PgIpDrain_:<channel>`, which only
+///   our Classic sessions listen to. It is ordered with the data messages and the release in
+///   every listener's stream all the same: notifications of different transactions reach each
+///   listener in commit order, whatever their channels.
 /// - `Release`: deletes the row where `app = app`; at commit the trigger sends `'1'` on the lock
 ///   channel. `released` iff a row was deleted.
 ///
@@ -57,7 +64,7 @@ pub struct SessionId(pub u64);
 ///   nothing is written; the reply gives the remaining lease.
 /// - `Renew { token }`: `expires_at = now() + ttl` where `holder = app and token = token`;
 ///   `owned` iff a row matched.
-/// - `Drain { token }`: sends `'draining:<token>'` on the lock channel.
+/// - `Drain { token }`: sends `'draining:<token>'` on the lock channel (no drain channel).
 /// - `Release { token }`: clears `holder`, `holder_pid`, `expires_at` where `holder = app and
 ///   token = token`, and sends `'released:<token>'` on the lock channel; `released` iff matched.
 /// - `TerminateStale`: `pg_terminate_backend(pid)` if a session with that pid and application
@@ -277,6 +284,49 @@ impl Marker {
             Marker::Released(None) => "1".to_owned(),
             Marker::Released(Some(t)) => format!("released:{t}"),
             Marker::Acquired(t) => format!("acquired:{t}"),
+        }
+    }
+
+    /// The channel this marker travels on under `protocol`: a `Classic` drain marker on the drain
+    /// channel, everything else on the lock channel.
+    ///
+    /// ```
+    /// use pgiplock_core::{ChannelName, FenceToken, Marker, Protocol};
+    /// let c = ChannelName::new("jobs").unwrap();
+    /// assert_eq!(Marker::Draining(None).channel(Protocol::Classic, &c), "__PgIpDrain_:jobs");
+    /// assert_eq!(Marker::Released(None).channel(Protocol::Classic, &c), "__PgIpLock__:jobs");
+    /// assert_eq!(Marker::Draining(Some(FenceToken(3))).channel(Protocol::Lease, &c), "__PgIpLock__:jobs");
+    /// ```
+    pub fn channel<'c>(&self, protocol: Protocol, channel: &'c ChannelName) -> &'c str {
+        match (protocol, self) {
+            (Protocol::Classic, Marker::Draining(_)) => channel.drain_channel(),
+            _ => channel.lock_channel(),
+        }
+    }
+
+    /// Reads a notification on `on` as a marker of the lock on `channel` under `protocol`, or
+    /// `None` when it is none (data, another lock's channel, a stray payload on the drain
+    /// channel). Under `Classic` every lock-channel payload is a release, as Node reads it, and
+    /// only `'draining'` on the drain channel is a drain marker; under `Lease` see
+    /// [`parse`](Marker::parse).
+    ///
+    /// ```
+    /// use pgiplock_core::{ChannelName, Marker, Protocol};
+    /// let c = ChannelName::new("jobs").unwrap();
+    /// let classic = |on, payload| Marker::read(Protocol::Classic, &c, on, payload);
+    /// assert_eq!(classic("__PgIpLock__:jobs", "draining"), Some(Marker::Released(None)));
+    /// assert_eq!(classic("__PgIpDrain_:jobs", "draining"), Some(Marker::Draining(None)));
+    /// assert_eq!(classic("__PgIpDrain_:jobs", "1"), None);
+    /// assert_eq!(classic("jobs", "1"), None);
+    /// ```
+    pub fn read(protocol: Protocol, channel: &ChannelName, on: &str, payload: &str) -> Option<Marker> {
+        match protocol {
+            Protocol::Classic if on == channel.lock_channel() => Some(Marker::Released(None)),
+            Protocol::Classic if on == channel.drain_channel() => {
+                (payload == "draining").then_some(Marker::Draining(None))
+            }
+            Protocol::Lease if on == channel.lock_channel() => Marker::parse(payload),
+            _ => None,
         }
     }
 

@@ -221,15 +221,20 @@ pub enum SessionOp {
         /// The schema.
         schema: SchemaName,
     },
-    /// `LISTEN` on the channel and its lock channel.
+    /// `LISTEN` on the channels of a lock ([`ChannelName::listened`]: the channel, its lock
+    /// channel and, under `Classic`, its drain channel).
     Listen {
         /// The channel.
         channel: ChannelName,
+        /// The lock's protocol, which decides the channels.
+        protocol: Protocol,
     },
-    /// `UNLISTEN` the channel and its lock channel.
+    /// `UNLISTEN` the channels of a lock.
     Unlisten {
         /// The channel.
         channel: ChannelName,
+        /// The lock's protocol, which decides the channels.
+        protocol: Protocol,
     },
     /// A lock's operation (semantics on [`DbOp`]).
     Lock {
@@ -676,6 +681,7 @@ impl Session {
         }
         self.by_channel.insert(channel.as_str().to_owned(), key);
         self.by_channel.insert(channel.lock_channel().to_owned(), key);
+        self.by_channel.insert(channel.drain_channel().to_owned(), key);
         let lock = Lock::new(channel.clone(), config, seed);
         let target = Arc::new(LockTarget {
             protocol: lock.config().protocol,
@@ -1106,7 +1112,8 @@ impl Session {
         let Some(entry) = self.locks.get_mut(&key) else { return };
         entry.prep = Prep::Listening;
         let channel = entry.target.channel.clone();
-        self.execute(session, SessionOp::Listen { channel }, Route::Listen { key });
+        let protocol = entry.target.protocol;
+        self.execute(session, SessionOp::Listen { channel, protocol }, Route::Listen { key });
     }
 
     /// The locks of one schema that are at `prep` on the current connection.
@@ -1468,6 +1475,7 @@ impl Session {
         }
         self.by_channel.remove(entry.target.channel.as_str());
         self.by_channel.remove(entry.target.channel.lock_channel());
+        self.by_channel.remove(entry.target.channel.drain_channel());
         self.abandoned.remove(&key);
         self.ops
             .retain(|_, route| !matches!(route, Route::Lock { key: k, .. } | Route::Listen { key: k } if *k == key));
@@ -1478,7 +1486,8 @@ impl Session {
         if matches!(entry.prep, Prep::Listening | Prep::Ready) {
             if let Some(session) = self.current() {
                 let channel = entry.target.channel.clone();
-                self.execute(session, SessionOp::Unlisten { channel }, Route::Unlisten);
+                let protocol = entry.target.protocol;
+                self.execute(session, SessionOp::Unlisten { channel, protocol }, Route::Unlisten);
             }
         }
         let calls: Vec<(CallId, Result<CallReply, CallError>)> = entry

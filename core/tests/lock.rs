@@ -65,7 +65,9 @@ impl Solo {
     }
 
     fn marker(&mut self, marker: Marker) -> Vec<Output> {
-        let channel = self.lock.channel().lock_channel().to_owned();
+        let channel = marker
+            .channel(self.lock.config().protocol, self.lock.channel())
+            .to_owned();
         self.after(
             0,
             Input::Notification {

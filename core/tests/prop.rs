@@ -181,9 +181,12 @@ impl Driver {
                 channel: CHANNEL.to_owned(),
                 payload: payload.clone(),
             },
+            // A Classic drain marker travels on the drain channel; other payloads there are strays.
             Step::Marker(s, payload) => Input::Notification {
                 session: self.session(s),
-                channel: lock_channel,
+                channel: Marker::parse(payload).map_or(lock_channel, |m| {
+                    m.channel(self.lock.config().protocol, self.lock.channel()).to_owned()
+                }),
                 payload: payload.clone(),
             },
             Step::OtherChannel(s) => Input::Notification {

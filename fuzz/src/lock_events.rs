@@ -392,9 +392,14 @@ impl StepDriver {
                 channel: CHANNEL.to_owned(),
                 payload: format!("m{n}"),
             },
+            // A Classic drain marker travels on the drain channel; other payloads there are strays.
             Step::Marker(s, payload) => Input::Notification {
                 session: self.session(*s),
-                channel: self.lock.channel().lock_channel().to_owned(),
+                channel: Marker::parse(payload)
+                    .map_or(self.lock.channel().lock_channel(), |m| {
+                        m.channel(self.lock.config().protocol, self.lock.channel())
+                    })
+                    .to_owned(),
                 payload: payload.clone(),
             },
             Step::OtherChannel(s) => Input::Notification {

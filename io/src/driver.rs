@@ -528,8 +528,12 @@ impl Driver {
                     SessionOp::Bootstrap { protocol, schema } => {
                         sql::bootstrap(&client, protocol, &schema).await.map(|()| OpReply::Done)
                     }
-                    SessionOp::Listen { channel } => sql::listen(&client, &channel).await.map(|()| OpReply::Done),
-                    SessionOp::Unlisten { channel } => sql::unlisten(&client, &channel).await.map(|()| OpReply::Done),
+                    SessionOp::Listen { channel, protocol } => {
+                        sql::listen(&client, &channel, protocol).await.map(|()| OpReply::Done)
+                    }
+                    SessionOp::Unlisten { channel, protocol } => {
+                        sql::unlisten(&client, &channel, protocol).await.map(|()| OpReply::Done)
+                    }
                     SessionOp::Lock { target, op, .. } => {
                         let target = Target {
                             protocol: target.protocol,

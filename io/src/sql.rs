@@ -333,24 +333,29 @@ pub async fn bootstrap(client: &Client, protocol: Protocol, schema: &SchemaName)
         .map_err(|e| db_error(&e))
 }
 
-/// `LISTEN` on both channels of a lock.
-pub(crate) async fn listen(client: &Client, channel: &ChannelName) -> Result<(), DbError> {
-    let sql = format!(
-        "LISTEN {}; LISTEN {}",
-        quote_ident(channel.as_str()),
-        quote_ident(channel.lock_channel())
-    );
-    client.batch_execute(&sql).await.map_err(|e| db_error(&e))
+/// `LISTEN` on the channels of a lock under `protocol` ([`ChannelName::listened`]).
+pub(crate) async fn listen(client: &Client, channel: &ChannelName, protocol: Protocol) -> Result<(), DbError> {
+    client
+        .batch_execute(&statements("LISTEN", channel, protocol))
+        .await
+        .map_err(|e| db_error(&e))
 }
 
-/// `UNLISTEN` both channels of a lock.
-pub(crate) async fn unlisten(client: &Client, channel: &ChannelName) -> Result<(), DbError> {
-    let sql = format!(
-        "UNLISTEN {}; UNLISTEN {}",
-        quote_ident(channel.as_str()),
-        quote_ident(channel.lock_channel())
-    );
-    client.batch_execute(&sql).await.map_err(|e| db_error(&e))
+/// `UNLISTEN` the channels of a lock under `protocol`.
+pub(crate) async fn unlisten(client: &Client, channel: &ChannelName, protocol: Protocol) -> Result<(), DbError> {
+    client
+        .batch_execute(&statements("UNLISTEN", channel, protocol))
+        .await
+        .map_err(|e| db_error(&e))
+}
+
+/// `LISTEN "a"; LISTEN "b"; ...` over the channels of a lock.
+fn statements(verb: &str, channel: &ChannelName, protocol: Protocol) -> String {
+    channel
+        .listened(protocol)
+        .map(|c| format!("{verb} {}", quote_ident(c)))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// Everything an operation needs to know about its lock and session.
@@ -413,8 +418,15 @@ pub async fn execute(client: &Client, target: &Target, op: &DbOp) -> Result<Repl
             })
         }
         (Protocol::Classic, DbOp::Drain { .. }) => {
-            let payload = Marker::Draining(None).payload();
-            notify(client, lock_channel, &payload).await
+            // On the drain channel: Node standbys would read anything on the lock channel as a
+            // release and attempt while we still hold.
+            let marker = Marker::Draining(None);
+            notify(
+                client,
+                marker.channel(Protocol::Classic, &target.channel),
+                &marker.payload(),
+            )
+            .await
         }
         (Protocol::Classic, DbOp::Release { .. }) => {
             let sql = format!("DELETE FROM {qs}.lock WHERE channel = $1 AND app = $2");

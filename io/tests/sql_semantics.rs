@@ -179,8 +179,13 @@ async fn classic_acquire_lock_takeover_and_release() {
     let ta = target(Protocol::Classic, &schema, &channel, &a.app, ttl);
     let tb = target(Protocol::Classic, &schema, &channel, &b.app, ttl);
     let lock_channel = ta.channel.lock_channel().to_owned();
+    let drain_channel = ta.channel.drain_channel().to_owned();
     b.client
-        .batch_execute(&format!("LISTEN {}", pgiplock_core::quote_ident(&lock_channel)))
+        .batch_execute(&format!(
+            "LISTEN {}; LISTEN {}",
+            pgiplock_core::quote_ident(&lock_channel),
+            pgiplock_core::quote_ident(&drain_channel)
+        ))
         .await
         .unwrap();
 
@@ -209,15 +214,19 @@ async fn classic_acquire_lock_takeover_and_release() {
     assert_eq!(b.notification().await, (lock_channel.clone(), "1".to_owned()));
     assert!(!release(&a, &ta, None).await);
 
-    // Drain marker.
+    // Drain marker: on the drain channel, never on the lock channel, where a Node standby
+    // would read it as a release. The trigger's '1' after it shows nothing else came between.
     assert_eq!(
         sql::execute(&a.client, &ta, &DbOp::Drain { token: None }).await,
         Ok(Reply::Drained)
     );
     assert_eq!(
         b.notification().await,
-        (lock_channel.clone(), Marker::Draining(None).payload())
+        (drain_channel.clone(), Marker::Draining(None).payload())
     );
+    assert!(acquire(&a, &ta).await.acquired);
+    assert!(release(&a, &ta, None).await);
+    assert_eq!(b.notification().await, (lock_channel.clone(), "1".to_owned()));
 
     // Takeover once the holder's session is gone from pg_stat_activity.
     assert!(acquire(&a, &ta).await.acquired);

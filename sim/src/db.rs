@@ -450,7 +450,9 @@ impl SimDb {
                 owned: self.classic.get(&key).is_some_and(|owner| owner == app),
             },
             DbOp::Drain { .. } => {
-                self.deliver(pid, &key, &Marker::Draining(None).payload());
+                // On the drain channel, which Node does not listen to.
+                let marker = Marker::Draining(None);
+                self.deliver(pid, marker.channel(Protocol::Classic, channel), &marker.payload());
                 Reply::Drained
             }
             DbOp::Release { .. } => {

@@ -298,7 +298,7 @@ impl World {
                 (result.map(OpReply::Lock), 1)
             }
             // As the io crate prepares a session: the schema bootstrap batch (one statement),
-            // then `LISTEN` (`UNLISTEN`) on the data and the lock channel of each lock.
+            // then `LISTEN` (`UNLISTEN`) on the channels of each lock (`ChannelName::listened`).
             SessionOp::Bootstrap { protocol, schema } => {
                 self.checkers.rows_touched = true;
                 self.trace.hash(&[201, p as u64]);
@@ -310,23 +310,23 @@ impl World {
                     1,
                 )
             }
-            SessionOp::Listen { channel } => {
+            SessionOp::Listen { channel, protocol } => {
                 self.trace.hash(&[202, p as u64]);
-                let result = self
-                    .server
-                    .db
-                    .listen(session, channel.as_str())
-                    .and_then(|()| self.server.db.listen(session, channel.lock_channel()));
-                (result.map(|()| OpReply::Done), 2)
+                let db = &mut self.server.db;
+                let result = channel.listened(*protocol).try_for_each(|c| db.listen(session, c));
+                (
+                    result.map(|()| OpReply::Done),
+                    channel.listened(*protocol).count() as u64,
+                )
             }
-            SessionOp::Unlisten { channel } => {
+            SessionOp::Unlisten { channel, protocol } => {
                 self.trace.hash(&[203, p as u64]);
-                let result = self
-                    .server
-                    .db
-                    .unlisten(session, channel.as_str())
-                    .and_then(|()| self.server.db.unlisten(session, channel.lock_channel()));
-                (result.map(|()| OpReply::Done), 2)
+                let db = &mut self.server.db;
+                let result = channel.listened(*protocol).try_for_each(|c| db.unlisten(session, c));
+                (
+                    result.map(|()| OpReply::Done),
+                    channel.listened(*protocol).count() as u64,
+                )
             }
             other => (
                 Err(DbError::Failed(format!("operation {} is not supported", other.name()))),

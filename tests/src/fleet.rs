@@ -189,6 +189,15 @@ impl Fleet {
         index
     }
 
+    /// Starts `command` (see [`Worker::spawn_command`]) as the next worker; returns its index.
+    pub fn spawn_command(&mut self, command: tokio::process::Command) -> usize {
+        let index = self.workers.len();
+        let opts = self.base.clone();
+        self.workers
+            .push(Worker::spawn_command(index, command, opts, self.timeline.clone()));
+        index
+    }
+
     /// Starts `n` workers with the base settings.
     pub fn spawn_many(&mut self, n: usize) -> Vec<usize> {
         (0..n).map(|_| self.spawn()).collect()

@@ -192,19 +192,27 @@ impl Worker {
             .args(opts.args())
             // The worker exits when its stdin closes: should this test process die without
             // running its destructors, no worker outlives it.
-            .arg("--exit-on-stdin-eof")
+            .arg("--exit-on-stdin-eof");
+        if let Ok(filter) = std::env::var("PGIPLOCK_TEST_LOG") {
+            command.env("RUST_LOG", filter);
+        }
+        Worker::spawn_command(index, command, opts, timeline)
+    }
+
+    /// Spawns `command`, another program that prints the worker's events on stdout and exits
+    /// when its stdin closes (a Node process, for instance), as worker `index`; `opts` only
+    /// describe it.
+    pub fn spawn_command(index: usize, mut command: Command, opts: WorkerOpts, timeline: Arc<Timeline>) -> Worker {
+        command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             // Second line of defence after our own Drop: the reaping task owns the child, and
             // dropping it (runtime shut down by a failing test) kills the process.
             .kill_on_drop(true);
-        if let Ok(filter) = std::env::var("PGIPLOCK_TEST_LOG") {
-            command.env("RUST_LOG", filter);
-        }
         let mut child = command
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot spawn {:?}: {e}", worker_binary()));
+            .unwrap_or_else(|e| panic!("cannot spawn {:?}: {e}", command.as_std().get_program()));
         let pid = child
             .id()
             .and_then(|id| i32::try_from(id).ok())

@@ -7,7 +7,7 @@
 //! the reply (acquired, token, owned, released, the stale holder's identity, the terminate
 //! outcome; `lease_remaining` only as present/absent), on the lock rows (holder, holder session,
 //! token, whether the holder's session is alive) and on the notifications every session
-//! received on the lock channels, in order.
+//! received on the lock channels and the Classic drain channels, in order.
 //!
 //! An administrator may drop the lock schema (`DROP SCHEMA ... CASCADE` on the server,
 //! `drop_schema` in the model): lock operations then fail as schema missing (the server says
@@ -199,6 +199,11 @@ impl fmt::Display for Outcome {
     }
 }
 
+/// The channels that carry a lock's markers: the lock channel and (Classic) the drain channel.
+fn marker_channels(c: &ChannelName) -> [&str; 2] {
+    [c.lock_channel(), c.drain_channel()]
+}
+
 fn error_kind(e: &DbError) -> String {
     match e {
         DbError::SessionLost => "session lost".to_owned(),
@@ -329,7 +334,7 @@ impl Worlds {
         let app = self.apps[s].clone();
         let sep = if self.url.contains('?') { '&' } else { '?' };
         let url = format!("{}{sep}application_name={app}", self.url);
-        let mut listen: Vec<&str> = self.channels.iter().map(|c| c.lock_channel()).collect();
+        let mut listen: Vec<&str> = self.channels.iter().flat_map(marker_channels).collect();
         listen.push(&self.sentinels[s]);
         let listener = Listener::connect(&url, &listen).await;
         let row = listener
@@ -350,10 +355,8 @@ impl Worlds {
         self.real_pids.insert((pid, app.clone()), Who { slot: s, generation });
 
         let (session, sim_pid) = self.db.open_session(&app);
-        for c in &self.channels {
-            self.db
-                .listen(session, c.lock_channel())
-                .map_err(|e| format!("sim listen: {e}"))?;
+        for c in self.channels.iter().flat_map(marker_channels) {
+            self.db.listen(session, c).map_err(|e| format!("sim listen: {e}"))?;
         }
         self.sim[s] = SimSlot {
             session: Some(session),
