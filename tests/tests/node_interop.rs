@@ -3,7 +3,8 @@
 //!
 //! The package is installed with npm into a temporary folder at test time; the Node side is
 //! `tests/node/holder.js`, which prints the worker's JSON events. Without `node` or `npm` (or
-//! with env `PGIPLOCK_SKIP_NODE` set) the test prints why and passes without running.
+//! with env `PGIPLOCK_SKIP_NODE` set) the test prints why and passes without running, except
+//! under `CI`, where `scripts/test` installs them and their absence fails the test.
 //!
 //! Ten handovers each way: the holder (Rust or Node) gets SIGTERM while one standby of the other
 //! kind waits; after each, a published message reaches exactly the new holder, and no message
@@ -46,12 +47,18 @@ async fn node_missing() -> Option<String> {
             .stderr(Stdio::null())
             .kill_on_drop(true)
             .status();
-        match tokio::time::timeout(Duration::from_secs(20), probe).await {
-            Ok(Ok(status)) if status.success() => {}
-            Ok(Ok(status)) => return Some(format!("`{tool} --version` failed ({status})")),
-            Ok(Err(e)) => return Some(format!("`{tool}` cannot be run: {e}")),
-            Err(_) => return Some(format!("`{tool} --version` did not answer in 20 s")),
-        }
+        let missing = match tokio::time::timeout(Duration::from_secs(20), probe).await {
+            Ok(Ok(status)) if status.success() => continue,
+            Ok(Ok(status)) => format!("`{tool} --version` failed ({status})"),
+            Ok(Err(e)) => format!("`{tool}` cannot be run: {e}"),
+            Err(_) => format!("`{tool} --version` did not answer in 20 s"),
+        };
+        // CI installs Node (scripts/test): there a missing tool is a failure, not a skip.
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{missing} (CI is set, and scripts/test installs Node.js and npm)"
+        );
+        return Some(missing);
     }
     None
 }
