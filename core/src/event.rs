@@ -101,6 +101,13 @@ pub enum Warning {
         /// Messages dropped so far in this wait.
         dropped: u64,
     },
+    /// A lock-channel marker claimed a newer term while this one holds. The table decides (the
+    /// next renewal), not the marker: anyone who can connect can send one. Reported once per
+    /// term.
+    UnconfirmedMarker {
+        /// The token the marker claimed.
+        token: FenceToken,
+    },
     /// The server refused a write as read-only (SQLSTATE 25006): a hot standby or
     /// `default_transaction_read_only`. The session is reset to look for a writable host.
     ServerReadOnly,
@@ -120,6 +127,7 @@ impl Warning {
             Warning::TerminateNotPermitted { .. } => "terminate_not_permitted",
             Warning::HandoverBufferOverflow { .. } => "handover_buffer_overflow",
             Warning::ServerReadOnly => "server_read_only",
+            Warning::UnconfirmedMarker { .. } => "unconfirmed_marker",
             Warning::RequestFailed { .. } => "request_failed",
         }
     }
@@ -139,6 +147,10 @@ impl std::fmt::Display for Warning {
                 "the server refused a lock write as read-only (SQLSTATE 25006); reconnecting to look for a writable host"
             ),
             Warning::RequestFailed { op, error } => write!(f, "{op} failed: {error}"),
+            Warning::UnconfirmedMarker { token } => write!(
+                f,
+                "a lock-channel marker claimed a newer term ({token}) while this one holds; ignored until the table says so"
+            ),
         }
     }
 }

@@ -248,6 +248,8 @@ pub struct Lock {
     timers: [Option<Timestamp>; TIMERS.len()],
     outputs: VecDeque<Output>,
     warned_terminate: bool,
+    /// The term for which a newer term's marker was last warned about (once per term).
+    warned_marker: Option<FenceToken>,
     /// Newest session ever seen: a `SessionUp` of an older or equal id is a replay.
     newest_session: Option<SessionId>,
     /// Our release statement was sent and its marker (the term's token) has not arrived yet:
@@ -274,6 +276,7 @@ impl Lock {
             timers: [None; TIMERS.len()],
             outputs: VecDeque::new(),
             warned_terminate: false,
+            warned_marker: None,
             newest_session: None,
             own_release: None,
         }
@@ -1101,17 +1104,21 @@ impl Lock {
                     self.end_drain();
                 }
             }
-            (Phase::Holding | Phase::Draining, Marker::Acquired(token))
-                if self.token().is_some_and(|own| own < token) =>
-            {
-                self.lose(LostReason::Superseded);
-            }
-            // A newer term drained or released: its `acquired` marker went missing, but we are
-            // stale all the same.
-            (Phase::Holding | Phase::Draining, Marker::Draining(Some(token)) | Marker::Released(Some(token)))
-                if self.token().is_some_and(|own| own < token) =>
-            {
-                self.lose(LostReason::Superseded);
+            // A marker of a newer term while we hold. Anyone who can connect can NOTIFY the lock
+            // channel, so a marker proves nothing: the table decides, at the next renewal (which
+            // reports `Superseded` if the row is no longer this term's). Under `Lease` a newer
+            // term cannot even exist while this one's lease is valid (this session is alive, it
+            // delivers this very notification, and the lease expires only after we fence
+            // ourselves), so such a marker is forged, or clocks drift beyond the bound.
+            (
+                Phase::Holding | Phase::Draining,
+                Marker::Acquired(token) | Marker::Draining(Some(token)) | Marker::Released(Some(token)),
+            ) if self.token().is_some_and(|own| own < token) => {
+                let own = self.token();
+                if self.warned_marker != own {
+                    self.warned_marker = own;
+                    self.emit(LockEvent::Warning(Warning::UnconfirmedMarker { token }));
+                }
             }
             (Phase::Releasing, Marker::Acquired(token)) if self.token().is_none_or_below(token) => {
                 // The next holder's term began (its marker outran our release reply): what we

@@ -464,12 +464,29 @@ fn acquisition_answered_after_its_fence_deadline_is_not_used() {
 }
 
 #[test]
-fn peer_acquired_marker_of_a_newer_term_supersedes_the_holder() {
+fn a_newer_term_marker_is_checked_against_the_table_not_believed() {
     let mut s = Solo::new(Protocol::Lease);
     s.holding(Some(FenceToken(3)));
     assert!(s.marker(Marker::Acquired(FenceToken(3))).is_empty(), "our own");
     assert!(s.marker(Marker::Acquired(FenceToken(2))).is_empty(), "an old one");
+    // Anyone can NOTIFY: a newer term's marker is reported once and changes nothing.
     let out = s.marker(Marker::Acquired(FenceToken(4)));
+    assert_eq!(
+        events(&out),
+        vec![LockEvent::Warning(Warning::UnconfirmedMarker { token: FenceToken(4) })]
+    );
+    assert!(
+        events(&s.marker(Marker::Released(Some(FenceToken(9))))).is_empty(),
+        "warned once per term"
+    );
+    assert!(events(&s.marker(Marker::Draining(Some(FenceToken(9))))).is_empty());
+    assert!(s.phase().is_holder());
+    assert_eq!(delivered(&s.data("still ours")), vec!["still ours"]);
+    // The next renewal asks the table; a row no longer ours ends the term.
+    let (at, kind) = s.timeout();
+    assert_eq!(kind, TimerKind::Renew);
+    let renew = request(&s.at(at, Input::Tick));
+    let out = s.reply(1, &renew, Reply::Renew { owned: false });
     assert_eq!(
         events(&out),
         vec![LockEvent::Lost {
@@ -697,7 +714,10 @@ fn try_acquire_is_answered() {
 fn try_acquire_behind_another_request_is_sent_when_it_ends() {
     // A holder that took over a live stale holder sends TerminateStale, then loses its term
     // while that is still in flight: a TryAcquire meanwhile must still get an answer.
-    let mut s = Solo::new(Protocol::Lease);
+    // The request timeout outlasts the fence, so the term ends by fencing while it is in flight.
+    let mut config = fast_config(Protocol::Lease);
+    config.request_timeout = Duration::from_secs(5);
+    let mut s = Solo::with(config, 7);
     s.after(0, Input::SessionUp(S1));
     let req = request(&s.after(0, Input::TryAcquire));
     let reply = Reply::Acquire(AcquireReply {
@@ -712,7 +732,13 @@ fn try_acquire_behind_another_request_is_sent_when_it_ends() {
     let out = s.reply(1, &req, reply);
     let terminate = request(&out);
     assert!(matches!(terminate.op, DbOp::TerminateStale { pid: 7, .. }));
-    s.marker(Marker::Acquired(FenceToken(2)));
+    let renew_or_fence = s.timeout();
+    assert_eq!(renew_or_fence.1, TimerKind::Renew);
+    // The renewal waits behind the terminate; the fence deadline ends the term.
+    assert!(s.at(renew_or_fence.0, Input::Tick).is_empty());
+    let (fence, kind) = s.timeout();
+    assert_eq!(kind, TimerKind::Fence);
+    s.at(fence, Input::Tick);
     assert!(!s.phase().is_holder());
     assert!(s.after(0, Input::TryAcquire).is_empty());
     let out = s.reply(1, &terminate, Reply::Terminate(TerminateOutcome::Gone));
@@ -788,8 +814,11 @@ fn terminate_not_permitted_is_warned_once_per_lock() {
             .iter()
             .filter(|e| matches!(e, LockEvent::Warning(Warning::TerminateNotPermitted { pid: 7 })))
             .count();
-        // End the term so that the next round can acquire.
-        s.marker(Marker::Acquired(FenceToken(round + 10)));
+        // End the term so that the next round can acquire: the next renewal finds the row gone.
+        let (at, _) = s.timeout();
+        let renew = request(&s.at(at, Input::Tick));
+        s.reply(1, &renew, Reply::Renew { owned: false });
+        assert!(!s.phase().is_holder());
     }
     assert_eq!(warnings, 1);
 }
@@ -923,7 +952,7 @@ fn releaser_drops_its_buffer_when_a_peer_term_begins_before_its_release_reply() 
 }
 
 #[test]
-fn newer_term_markers_supersede_a_holder_whose_acquired_marker_went_missing() {
+fn newer_term_drain_or_release_markers_do_not_end_a_holding_term() {
     for marker in [
         Marker::Draining(Some(FenceToken(5))),
         Marker::Released(Some(FenceToken(5))),
@@ -937,10 +966,9 @@ fn newer_term_markers_supersede_a_holder_whose_acquired_marker_went_missing() {
         let out = s.marker(marker);
         assert_eq!(
             events(&out),
-            vec![LockEvent::Lost {
-                reason: LostReason::Superseded
-            }]
+            vec![LockEvent::Warning(Warning::UnconfirmedMarker { token: FenceToken(5) })]
         );
+        assert!(s.phase().is_holder(), "the table decides, not a marker");
     }
 }
 
@@ -948,7 +976,10 @@ fn newer_term_markers_supersede_a_holder_whose_acquired_marker_went_missing() {
 fn start_or_retry_behind_another_request_attempts_when_it_ends() {
     // A holder that took over a live stale holder loses its term while TerminateStale is in
     // flight; Start and the retry timer then wait for it, not for another interval.
-    let mut s = Solo::new(Protocol::Lease);
+    // The request timeout outlasts the fence, so the term ends by fencing while it is in flight.
+    let mut config = fast_config(Protocol::Lease);
+    config.request_timeout = Duration::from_secs(5);
+    let mut s = Solo::with(config, 7);
     s.after(0, Input::SessionUp(S1));
     let req = request(&s.after(0, Input::TryAcquire));
     let reply = Reply::Acquire(AcquireReply {
@@ -961,7 +992,13 @@ fn start_or_retry_behind_another_request_attempts_when_it_ends() {
         }),
     });
     let terminate = request(&s.reply(1, &req, reply));
-    s.marker(Marker::Acquired(FenceToken(2)));
+    // The renewal waits behind the terminate; the fence deadline ends the term.
+    let (renew, _) = s.timeout();
+    s.at(renew, Input::Tick);
+    let (fence, kind) = s.timeout();
+    assert_eq!(kind, TimerKind::Fence);
+    s.at(fence, Input::Tick);
+    assert!(!s.phase().is_holder());
     assert!(s.after(1, Input::Start).is_empty(), "terminate still in flight");
     let out = s.reply(1, &terminate, Reply::Terminate(TerminateOutcome::Terminated));
     assert_eq!(request(&out).op, DbOp::Acquire);

@@ -197,9 +197,12 @@ pub fn lock_events() -> Vec<(String, Vec<u8>)> {
             vec![
                 (MS1, marker(Marker::Acquired(FenceToken(2)))),
                 (MS1, marker(Marker::Acquired(FenceToken(1)))),
+                // A newer term's marker is only a warning; the renewal's answer ends the term.
                 (MS1, marker(Marker::Acquired(FenceToken(5)))),
                 (NOW, data(1)),
                 (MS450, Step::Tick),
+                (MS1, reply(Reply::Renew { owned: false })),
+                (NOW, data(2)),
             ],
         ),
     ));
