@@ -1,7 +1,8 @@
 // A Node process of @imqueue/pg-pubsub (PgPubSub with singleListener, hence PgIpLock) on one
 // channel, for the interoperability test (tests/tests/node_interop.rs). It prints the Rust
 // worker's JSON events on stdout, one per line:
-//   ready {app, pid}    connected (app: its application_name, the holder identity)
+//   ready {app, pid}    set up and listening for releases (app: its application_name, the
+//                       holder identity)
 //   acquired {token}    the lock is held and the channel is listened to (token: null)
 //   message {payload}   a message delivered by the package (payload: JSON text, as published)
 //   drained, released   the release's DELETE committed (the package releases on SIGTERM)
@@ -45,8 +46,10 @@ async function main() {
     });
     pubSub.on('message', (_channel, payload) => emit('message', { payload: JSON.stringify(payload) }));
     await pubSub.connect();
-    emit('ready', { app: pubSub.pgClient.appName, pid: process.pid });
+    // listen() sets the lock up (LISTEN on the lock channel, the release handler) and makes one
+    // attempt: only then is a standby ready to hear a release.
     await pubSub.listen(channel);
+    emit('ready', { app: pubSub.pgClient.appName, pid: process.pid });
     // The package's own SIGTERM handler releases through lock.release(): report its outcome.
     const lock = pubSub.locks[channel];
     const release = lock.release.bind(lock);
