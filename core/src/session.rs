@@ -549,8 +549,6 @@ struct Entry {
     wanted: bool,
     /// A setup ever succeeded (then `Acquire` need not wait for one).
     initialised: bool,
-    /// The last setup failed on this connection (retried on the next call or connection).
-    failed: bool,
     init_calls: Vec<CallId>,
     early_acquires: Vec<CallId>,
     acquire_calls: VecDeque<CallId>,
@@ -613,8 +611,6 @@ pub struct Session {
     closing: Option<Vec<CallId>>,
     /// A lock asked for the connection to be reset.
     reset: Option<(SessionId, DownReason)>,
-    /// Locks whose handles are all gone: removed once stopped.
-    abandoned: BTreeSet<LockKey>,
     /// Locks that stopped during the current input: removed after it.
     stopped: Vec<LockKey>,
 }
@@ -650,7 +646,6 @@ impl Session {
             outputs: VecDeque::new(),
             closing: None,
             reset: None,
-            abandoned: BTreeSet::new(),
             stopped: Vec::new(),
         }
     }
@@ -697,7 +692,6 @@ impl Session {
                 prep: Prep::None,
                 wanted: false,
                 initialised: false,
-                failed: false,
                 init_calls: Vec::new(),
                 early_acquires: Vec::new(),
                 acquire_calls: VecDeque::new(),
@@ -806,7 +800,6 @@ impl Session {
             SessionInput::Call { call, lock, request } => self.on_call(call, lock, request),
             SessionInput::Abandon { lock } => {
                 if self.locks.contains_key(&lock) {
-                    self.abandoned.insert(lock);
                     self.feed(lock, Input::Stop);
                 }
             }
@@ -1002,7 +995,6 @@ impl Session {
         for key in keys {
             if let Some(entry) = self.locks.get_mut(&key) {
                 entry.prep = Prep::None;
-                entry.failed = false;
             }
             self.feed(key, Input::SessionDown(session));
             // Calls that waited for this connection's setup wait for the next one; acquires
@@ -1077,7 +1069,6 @@ impl Session {
         if entry.prep != Prep::None || entry.lock.state().phase == Phase::Stopped {
             return;
         }
-        entry.failed = false;
         let schema_key = (entry.target.protocol, entry.target.schema.clone());
         if conn.bootstrapped.contains(&schema_key) {
             self.listen(key);
@@ -1170,7 +1161,6 @@ impl Session {
     fn setup_failed(&mut self, key: LockKey, error: CallError) {
         let Some(entry) = self.locks.get_mut(&key) else { return };
         entry.prep = Prep::None;
-        entry.failed = true;
         let calls: Vec<CallId> = entry
             .init_calls
             .drain(..)
@@ -1335,7 +1325,6 @@ impl Session {
                     // Up: set it up now; connecting or waiting to reconnect: at the next
                     // connection, or fail with the next attempt's error.
                     entry.init_calls.push(call);
-                    entry.failed = false;
                     self.prepare(key);
                 }
                 self.feed(key, Input::Start);
@@ -1476,7 +1465,6 @@ impl Session {
         self.by_channel.remove(entry.target.channel.as_str());
         self.by_channel.remove(entry.target.channel.lock_channel());
         self.by_channel.remove(entry.target.channel.drain_channel());
-        self.abandoned.remove(&key);
         self.ops
             .retain(|_, route| !matches!(route, Route::Lock { key: k, .. } | Route::Listen { key: k } if *k == key));
         if let Link::Up(conn) = &mut self.link {
