@@ -175,6 +175,7 @@ pub(crate) fn spawn<T>(
     commands: mpsc::UnboundedReceiver<Command>,
     shared: Arc<Mutex<SessionShared>>,
     first: oneshot::Sender<Result<(), Error>>,
+    finished: Arc<tokio::sync::Notify>,
 ) -> tokio::task::AbortHandle
 where
     T: MakeTlsConnect<Socket> + Clone + Send + Sync + 'static,
@@ -203,6 +204,7 @@ where
         first_deadline: Instant::now() + options.wait_limit(),
         last_connect_error: None,
         close_replies: Vec::new(),
+        commands_open: true,
         closed: false,
         event_streak: 0,
     };
@@ -232,6 +234,9 @@ where
                 lock.end(&cause);
             }
         }
+        // Calls whose answer went with the task wait for this before they name the cause.
+        guard(&shared).finished = true;
+        finished.notify_waiters();
     });
     abort
 }
@@ -278,6 +283,8 @@ struct Driver {
     first_deadline: Instant,
     last_connect_error: Option<tokio_postgres::Error>,
     close_replies: Vec<oneshot::Sender<()>>,
+    /// Some handle can still send commands (the channel has not reported its end).
+    commands_open: bool,
     closed: bool,
     /// Connection events taken in a row (see [`EVENT_BURST`]).
     event_streak: u32,
@@ -303,7 +310,7 @@ impl Driver {
             // own `acquired:` marker and the messages around it come before its reply). After a
             // long burst of events, API commands get one turn (still before replies), so a
             // flood of notifications cannot hold up `destroy` or a signal.
-            let accept_commands = !self.commands_closed();
+            let accept_commands = self.commands_open;
             let wake = if self.event_streak < EVENT_BURST {
                 tokio::select! {
                     biased;
@@ -331,6 +338,7 @@ impl Driver {
                 Wake::Command(Some(command)) => self.on_command(command),
                 Wake::Command(None) => {
                     // Every handle is gone: nobody can reach these locks any more.
+                    self.commands_open = false;
                     let call = self.call_id();
                     self.feed(SessionInput::Close { call });
                 }
@@ -384,8 +392,16 @@ impl Driver {
                 Wake::Timer => self.feed(SessionInput::Tick),
             }
         }
-        // Refuse further commands before confirming the close.
+        // Refuse further commands before confirming the close, and answer those still queued.
         self.commands.close();
+        while let Ok(command) = self.commands.try_recv() {
+            match command {
+                Command::Register { shared, .. } => self.refuse(&shared),
+                Command::Call { waiter, .. } => waiter.answer(Err(CallError::Closed)),
+                Command::Close { reply } => self.close_replies.push(reply),
+                Command::Abandon { .. } => {}
+            }
+        }
         for reply in self.close_replies.drain(..) {
             let _ = reply.send(());
         }
@@ -395,8 +411,16 @@ impl Driver {
         }
     }
 
-    fn commands_closed(&self) -> bool {
-        self.core.state().closing
+    /// A lock the session cannot take (it is closing): it ends at once for its handles.
+    fn refuse(&self, shared: &LockShared) {
+        {
+            let mut session = guard(&self.shared);
+            session.channels.remove(shared.channel.as_str());
+            session.locks.remove(&shared.key.0);
+        }
+        shared.set_holding(false, None);
+        shared.broadcast(LockMessage::Stopped);
+        shared.mark_stopped();
     }
 
     fn call_id(&mut self) -> CallId {
@@ -431,7 +455,7 @@ impl Driver {
                     }
                     Err(e) => {
                         tracing::warn!(channel = %shared.channel, error = %e, "lock not added");
-                        shared.mark_stopped();
+                        self.refuse(&shared);
                     }
                 }
             }

@@ -344,7 +344,7 @@ impl PgIpLock {
         })?;
         match rx.await {
             Ok(result) => result,
-            Err(_) => Err(self.session().ended_error()),
+            Err(_) => Err(self.session().ended_error_after_task().await),
         }
     }
 

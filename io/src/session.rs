@@ -136,6 +136,8 @@ pub(crate) struct SessionShared {
     pub(crate) pid: Option<i32>,
     /// Why the session task ended abnormally (a panic), once it did.
     pub(crate) ended: Option<String>,
+    /// The session task is over (normally or not) and `ended` is final.
+    pub(crate) finished: bool,
     /// Every lock of the session, to tell them if the task ends.
     pub(crate) locks: BTreeMap<u64, Weak<LockShared>>,
     /// Channels with a live lock: one session is one holder identity, so it can hold a channel
@@ -147,6 +149,8 @@ pub(crate) struct SessionInner {
     pub(crate) commands: mpsc::UnboundedSender<Command>,
     pub(crate) shared: Arc<Mutex<SessionShared>>,
     pub(crate) abort: tokio::task::AbortHandle,
+    /// Signalled once the task is over and `shared.finished` is set.
+    pub(crate) finished: Arc<tokio::sync::Notify>,
 }
 
 pub(crate) fn guard<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -219,18 +223,20 @@ impl Session {
         let (commands, rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Mutex::new(SessionShared::default()));
         let (first_tx, first_rx) = oneshot::channel();
-        let abort = driver::spawn(config, tls, &options, rx, shared.clone(), first_tx);
+        let finished = Arc::new(tokio::sync::Notify::new());
+        let abort = driver::spawn(config, tls, &options, rx, shared.clone(), first_tx, finished.clone());
         let session = Session {
             inner: Arc::new(SessionInner {
                 commands,
                 shared,
                 abort,
+                finished,
             }),
         };
         match first_rx.await {
             Ok(Ok(())) => Ok(session),
             Ok(Err(e)) => Err(e),
-            Err(_) => Err(session.ended_error()),
+            Err(_) => Err(session.ended_error_after_task().await),
         }
     }
 
@@ -307,6 +313,19 @@ impl Session {
 
     pub(crate) fn send(&self, command: Command) -> Result<(), Error> {
         self.inner.commands.send(command).map_err(|_| self.ended_error())
+    }
+
+    /// The error of a call whose answer went with the task: waits (briefly) until the task's
+    /// end is recorded, so that a panic is named rather than reported as a plain close.
+    pub(crate) async fn ended_error_after_task(&self) -> Error {
+        let notified = self.inner.finished.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if !guard(&self.inner.shared).finished {
+            // Bounded: the watcher records the end right after the task.
+            let _ = tokio::time::timeout(Duration::from_secs(1), notified).await;
+        }
+        self.ended_error()
     }
 
     /// The error a call gets once the task is gone.
