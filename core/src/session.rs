@@ -922,17 +922,7 @@ impl Session {
         // A caller of `init` waits for one attempt, not for the server to come back.
         let keys: Vec<LockKey> = self.locks.keys().copied().collect();
         for key in keys {
-            let Some(entry) = self.locks.get_mut(&key) else {
-                continue;
-            };
-            let calls: Vec<CallId> = entry
-                .init_calls
-                .drain(..)
-                .chain(entry.early_acquires.drain(..))
-                .collect();
-            for call in calls {
-                self.done(call, Err(CallError::Disconnected { cause: cause.clone() }));
-            }
+            self.fail_setup_calls(key, &CallError::Disconnected { cause: cause.clone() });
         }
         self.outputs
             .push_back(SessionOutput::Event(SessionEvent::ConnectFailed {
@@ -1159,8 +1149,15 @@ impl Session {
     }
 
     fn setup_failed(&mut self, key: LockKey, error: CallError) {
+        if let Some(entry) = self.locks.get_mut(&key) {
+            entry.prep = Prep::None;
+        }
+        self.fail_setup_calls(key, &error);
+    }
+
+    /// Fails the calls waiting for the lock's setup (`init`, and `acquire` before the first one).
+    fn fail_setup_calls(&mut self, key: LockKey, error: &CallError) {
         let Some(entry) = self.locks.get_mut(&key) else { return };
-        entry.prep = Prep::None;
         let calls: Vec<CallId> = entry
             .init_calls
             .drain(..)

@@ -50,22 +50,11 @@ fn different_seeds_differ() {
     assert_ne!(swarm_scenario(1), swarm_scenario(2));
 }
 
-#[test]
-fn cli_output_is_byte_identical_and_starts_with_the_seed() {
+/// Runs the simulator's command line twice with `args`; both outputs must be the same bytes.
+fn run_twice(args: &[&str]) -> String {
     let run = || {
         Command::new(env!("CARGO_BIN_EXE_pgiplock-sim"))
-            .args([
-                "run",
-                "--seed",
-                "5",
-                "--processes",
-                "4",
-                "--duration",
-                "20m",
-                "--cut-rate",
-                "10",
-                "--json",
-            ])
+            .args(args)
             .env_remove("SIM_SEED")
             .output()
             .unwrap()
@@ -74,7 +63,23 @@ fn cli_output_is_byte_identical_and_starts_with_the_seed() {
     let b = run();
     assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
     assert_eq!(a.stdout, b.stdout);
-    let text = String::from_utf8(a.stdout).unwrap();
+    String::from_utf8(a.stdout).unwrap()
+}
+
+#[test]
+fn cli_output_is_byte_identical_and_starts_with_the_seed() {
+    let text = run_twice(&[
+        "run",
+        "--seed",
+        "5",
+        "--processes",
+        "4",
+        "--duration",
+        "20m",
+        "--cut-rate",
+        "10",
+        "--json",
+    ]);
     let first = text.lines().next().unwrap();
     assert!(
         first.starts_with("seed=5 scenario: protocol=lease processes=4"),
@@ -87,39 +92,28 @@ fn cli_output_is_byte_identical_and_starts_with_the_seed() {
 
 #[test]
 fn connection_faults_give_byte_identical_output() {
-    let run = || {
-        Command::new(env!("CARGO_BIN_EXE_pgiplock-sim"))
-            .args([
-                "run",
-                "--seed",
-                "9",
-                "--processes",
-                "4",
-                "--duration",
-                "20m",
-                "--channels",
-                "2",
-                "--connect-hang-rate",
-                "20",
-                "--connect-blip-rate",
-                "20",
-                "--setup-reply-loss-rate",
-                "20",
-                "--schema-drop-rate",
-                "6",
-                "--read-only-rate",
-                "6",
-                "--json",
-            ])
-            .env_remove("SIM_SEED")
-            .output()
-            .unwrap()
-    };
-    let a = run();
-    let b = run();
-    assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
-    assert_eq!(a.stdout, b.stdout);
-    let text = String::from_utf8(a.stdout).unwrap();
+    let text = run_twice(&[
+        "run",
+        "--seed",
+        "9",
+        "--processes",
+        "4",
+        "--duration",
+        "20m",
+        "--channels",
+        "2",
+        "--connect-hang-rate",
+        "20",
+        "--connect-blip-rate",
+        "20",
+        "--setup-reply-loss-rate",
+        "20",
+        "--schema-drop-rate",
+        "6",
+        "--read-only-rate",
+        "6",
+        "--json",
+    ]);
     let first = text.lines().next().unwrap();
     assert!(
         first.contains("connect_hang:20/h") && first.contains("read_only:6/h"),

@@ -48,15 +48,21 @@ async fn silent_server() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) 
     (addr, task)
 }
 
-#[tokio::test]
-async fn connect_to_a_silent_server_fails_within_its_connect_timeout() {
-    let (addr, server) = silent_server().await;
+/// Connection settings that point at `addr`.
+fn silent_config(addr: std::net::SocketAddr) -> Config {
     let mut config = Config::new();
     config
         .host("127.0.0.1")
         .port(addr.port())
         .user("postgres")
         .dbname("test");
+    config
+}
+
+#[tokio::test]
+async fn connect_to_a_silent_server_fails_within_its_connect_timeout() {
+    let (addr, server) = silent_server().await;
+    let config = silent_config(addr);
     let timeout = Duration::from_millis(800);
     let started = Instant::now();
     let result = Session::connect_with(
@@ -74,12 +80,7 @@ async fn connect_to_a_silent_server_fails_within_its_connect_timeout() {
     assert!(took >= timeout && took < timeout + Duration::from_secs(2), "{took:?}");
 
     // With a retry window it keeps trying, then fails, still bounded.
-    let mut config = Config::new();
-    config
-        .host("127.0.0.1")
-        .port(addr.port())
-        .user("postgres")
-        .dbname("test");
+    let config = silent_config(addr);
     let started = Instant::now();
     let result = Session::connect_with(
         config,

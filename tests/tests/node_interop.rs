@@ -177,16 +177,7 @@ async fn mixed_fleet_of_node_and_rust_classic_processes_hands_over_both_ways() {
 
         // The holder works: three messages, each delivered by it alone.
         for _ in 0..3 {
-            let payload = format!("\"m{published}\"");
-            published += 1;
-            publisher.publish(&opts.channel, &payload).await;
-            let by = fleet.wait_delivered(&payload, HANDOVER).await;
-            assert_eq!(
-                by,
-                holder.0,
-                "round {round}: {payload} delivered by w{by}\n{}",
-                fleet.timeline().dump()
-            );
+            deliver_by(&fleet, &publisher, &opts.channel, &mut published, holder.0, round).await;
         }
 
         let t_stop = now_us();
@@ -198,16 +189,7 @@ async fn mixed_fleet_of_node_and_rust_classic_processes_hands_over_both_ways() {
         holder = (standby, standby_kind);
 
         // One working holder: the next message reaches the new holder.
-        let payload = format!("\"m{published}\"");
-        published += 1;
-        publisher.publish(&opts.channel, &payload).await;
-        let by = fleet.wait_delivered(&payload, HANDOVER).await;
-        assert_eq!(
-            by,
-            holder.0,
-            "round {round}: {payload} delivered by w{by}\n{}",
-            fleet.timeline().dump()
-        );
+        deliver_by(&fleet, &publisher, &opts.channel, &mut published, holder.0, round).await;
     }
     // A last message after the last handover, then a quiet moment for any late duplicate.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -233,6 +215,27 @@ async fn mixed_fleet_of_node_and_rust_classic_processes_hands_over_both_ways() {
     assert_overlaps_only_as_node_reports_them(&fleet, &node_workers);
     fleet.shutdown(Duration::from_secs(10)).await;
     drop(modules);
+}
+
+/// Publishes the next numbered message and checks that worker `holder` alone delivers it.
+async fn deliver_by(
+    fleet: &Fleet,
+    publisher: &Publisher,
+    channel: &str,
+    published: &mut u64,
+    holder: usize,
+    round: usize,
+) {
+    let payload = format!("\"m{published}\"");
+    *published += 1;
+    publisher.publish(channel, &payload).await;
+    let by = fleet.wait_delivered(&payload, HANDOVER).await;
+    assert_eq!(
+        by,
+        holder,
+        "round {round}: {payload} delivered by w{by}\n{}",
+        fleet.timeline().dump()
+    );
 }
 
 /// A Node holder has no drain marker: it can only report the end of its tenure once its
