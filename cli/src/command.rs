@@ -29,7 +29,9 @@ enum Command {
     /// One JSON object per line on stdout, flushed at once; `t_us` is microseconds since the Unix
     /// epoch. `ready` (with `app`, the application_name, and `pid`, the OS pid) once connected and
     /// competing; then `acquired` (with `token`, null under classic), `lost` (with `reason`),
-    /// `released`, and `message` (with `payload`) for each notification delivered while holding.
+    /// `released`, and `message` (with `payload`; `"replay":true` when it was replayed at a
+    /// takeover and may be a duplicate) for each notification delivered while holding, and `gap`
+    /// (with `missing`) when a takeover's replay was incomplete.
     /// Logs go to stderr (RUST_LOG). On SIGTERM or SIGINT the worker releases the lock, prints
     /// `released` if it held it, and exits 0. Bad input exits 2.
     Worker(worker::WorkerArgs),

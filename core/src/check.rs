@@ -31,7 +31,7 @@
 //! checker.handle_input(&mut lock, now, Input::SessionUp(SessionId(1))).unwrap();
 //! let outputs = checker.handle_input(&mut lock, now, Input::Start).unwrap();
 //! let Some(Output::Request(req)) = outputs.first() else { panic!("{outputs:?}") };
-//! let won = AcquireReply { acquired: true, token: Some(FenceToken(1)), lease_remaining: None, stale_holder: None };
+//! let won = AcquireReply { acquired: true, token: Some(FenceToken(1)), lease_remaining: None, stale_holder: None, ..AcquireReply::locked() };
 //! let reply = Input::DbResult { id: req.id, result: Ok(Reply::Acquire(won)) };
 //! checker.handle_input(&mut lock, now, reply).unwrap();
 //! assert!(checker.holds());
@@ -310,7 +310,7 @@ impl LockChecker {
                 }
                 self.latest_request = Some(req.id);
             }
-            Output::Deliver { payload } => {
+            Output::Deliver { payload, .. } => {
                 if !self.tenure {
                     return Err(Violation::DeliveredOutsideTenure {
                         payload: payload.clone(),

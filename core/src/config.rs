@@ -119,6 +119,8 @@ pub const MIN_LEASE_TTL: Duration = Duration::from_millis(100);
 /// | `wake_jitter` (spread of standbys woken by a release) | 20 ms | 0 | 0 ..= 24 h |
 /// | `shutdown_timeout` | 1 s | 1 s | 10 ms ..= 24 h |
 /// | `marker_wait` | 500 ms | 500 ms | above 0, up to 24 h |
+/// | `handover_buffer` (messages) | 10 000 | 10 000 | at least 1 |
+/// | `replay_limit` (messages) / `replay_bytes` | 65 536 / 64 MiB | unused | any (0 turns replay off) |
 ///
 /// The floors are [`MIN_INTERVAL`] and [`MIN_LEASE_TTL`]. [`Lock::new`](crate::Lock::new) does
 /// not refuse: it clamps every duration to at least a microsecond (so property tests and fuzzing
@@ -170,6 +172,14 @@ pub struct LockConfig {
     pub marker_wait: Duration,
     /// Most messages a standby buffers after a release notification for a lossless handover.
     pub handover_buffer: usize,
+    /// Most messages a `Lease` standby keeps for replay: what followed the holder's newest
+    /// acknowledged progress marker, delivered first if it wins a takeover after a crash, a
+    /// silent disconnect or an expiry. Zero turns replay off (at most once on such a
+    /// takeover). Beyond the limit the oldest are dropped, counted, and reported as a
+    /// [`LockEvent::Gap`](crate::LockEvent::Gap) if they were needed.
+    pub replay_limit: usize,
+    /// Most payload bytes a `Lease` standby keeps for replay (beside `replay_limit`).
+    pub replay_bytes: usize,
 }
 
 impl LockConfig {
@@ -191,6 +201,8 @@ impl LockConfig {
             shutdown_timeout: Duration::from_secs(1),
             marker_wait: Duration::from_millis(500),
             handover_buffer: 10_000,
+            replay_limit: 65_536,
+            replay_bytes: 64 << 20,
         }
     }
 

@@ -54,6 +54,10 @@ pub enum Input {
         channel: String,
         /// Payload.
         payload: String,
+        /// The backend pid of the session that sent it (`Notification::process_id`): the
+        /// server sets it, so nobody can forge it. Markers count only from the holder's
+        /// backend.
+        pid: i32,
     },
 }
 
@@ -111,6 +115,22 @@ pub enum Warning {
     /// The server refused a write as read-only (SQLSTATE 25006): a hot standby or
     /// `default_transaction_read_only`. The session is reset to look for a writable host.
     ServerReadOnly,
+    /// Lock-channel markers were ignored because they did not come from the backend that the
+    /// lock table names for their term (anyone who can connect can `NOTIFY`). Reported when
+    /// the count reaches a power of two.
+    IgnoredMarkers {
+        /// The sender of the latest one.
+        pid: i32,
+        /// How many this lock has ignored so far.
+        count: u64,
+    },
+    /// The replay buffer overflowed; the oldest messages were dropped (reported when the
+    /// count reaches a power of two). If this lock wins a takeover and needed them, a
+    /// [`LockEvent::Gap`] follows.
+    ReplayOverflow {
+        /// Messages dropped so far since the buffer was last trimmed.
+        dropped: u64,
+    },
     /// A database request failed; the lock carries on.
     RequestFailed {
         /// The operation's name.
@@ -127,6 +147,8 @@ impl Warning {
             Warning::TerminateNotPermitted { .. } => "terminate_not_permitted",
             Warning::HandoverBufferOverflow { .. } => "handover_buffer_overflow",
             Warning::ServerReadOnly => "server_read_only",
+            Warning::IgnoredMarkers { .. } => "ignored_markers",
+            Warning::ReplayOverflow { .. } => "replay_overflow",
             Warning::UnconfirmedMarker { .. } => "unconfirmed_marker",
             Warning::RequestFailed { .. } => "request_failed",
         }
@@ -147,6 +169,13 @@ impl std::fmt::Display for Warning {
                 "the server refused a lock write as read-only (SQLSTATE 25006); reconnecting to look for a writable host"
             ),
             Warning::RequestFailed { op, error } => write!(f, "{op} failed: {error}"),
+            Warning::IgnoredMarkers { pid, count } => write!(
+                f,
+                "ignored {count} lock-channel markers not sent by the term's holder (latest from backend pid {pid})"
+            ),
+            Warning::ReplayOverflow { dropped } => {
+                write!(f, "replay buffer overflowed; {dropped} oldest messages dropped")
+            }
             Warning::UnconfirmedMarker { token } => write!(
                 f,
                 "a lock-channel marker claimed a newer term ({token}) while this one holds; ignored until the table says so"
@@ -185,6 +214,13 @@ pub enum LockEvent {
     },
     /// Another holder released the lock (its release notification arrived).
     PeerReleased,
+    /// This term began with a takeover, and messages it should have replayed were gone (the
+    /// replay buffer overflowed): up to `missing` messages of the previous term may never have
+    /// been delivered. Reported right after `Acquired`, before the replay.
+    Gap {
+        /// How many messages were dropped.
+        missing: u64,
+    },
     /// The lock stopped for good (after `Stop` or a signal).
     Stopped {
         /// Whether a held lock was released before stopping (`true` when none was held).
@@ -207,6 +243,10 @@ pub enum Output {
     Deliver {
         /// Its payload.
         payload: String,
+        /// Replayed at a takeover: the previous holder may have delivered it already (it
+        /// followed that holder's last acknowledged progress marker). Deduplicate on a message
+        /// id if it matters.
+        replay: bool,
     },
     /// The session looks dead (a request went unanswered): close it and open a new one.
     ResetSession(SessionId),

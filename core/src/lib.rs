@@ -21,7 +21,7 @@
 //!         match output {
 //!             Output::Request(req) => { /* run req.op on req.session, answer with DbResult */ }
 //!             Output::Event(event) => { /* report */ }
-//!             Output::Deliver { payload } => { /* hand to the application */ }
+//!             Output::Deliver { payload, replay } => { /* hand to the application */ }
 //!             Output::ResetSession(_) | Output::AttemptDone { .. } => {}
 //!             _ => {}
 //!         }
@@ -42,6 +42,7 @@ mod event;
 mod lock;
 mod name;
 mod proto;
+mod replay;
 mod rng;
 mod session;
 mod time;
@@ -54,8 +55,8 @@ pub use name::{
     MAX_CHANNEL_BYTES, MAX_IDENTIFIER_BYTES,
 };
 pub use proto::{
-    AcquireReply, DbError, DbOp, DbRequest, FenceToken, Marker, Reply, RequestId, SessionId, StaleHolder,
-    TerminateOutcome,
+    AcquireReply, DbError, DbOp, DbRequest, FenceToken, Marker, PreviousTerm, Progress, Reply, RequestId, SessionId,
+    StaleHolder, TerminateOutcome,
 };
 pub use rng::SplitMix64;
 pub use session::{

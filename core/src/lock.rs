@@ -7,8 +7,10 @@ use crate::config::{LockConfig, Protocol, MAX_SETTING};
 use crate::event::{Input, LockEvent, LostReason, Output, SignalKind, Warning};
 use crate::name::ChannelName;
 use crate::proto::{
-    AcquireReply, DbError, DbOp, DbRequest, FenceToken, Marker, Reply, RequestId, SessionId, TerminateOutcome,
+    AcquireReply, DbError, DbOp, DbRequest, FenceToken, Marker, PreviousTerm, Progress, Reply, RequestId, SessionId,
+    TerminateOutcome,
 };
+use crate::replay::Replay;
 use crate::rng::SplitMix64;
 use crate::time::{duration_micros, Timestamp};
 
@@ -80,6 +82,10 @@ pub struct LockState {
     pub pending: Option<&'static str>,
     /// Messages buffered for a handover.
     pub buffered: usize,
+    /// Messages kept for replay at a takeover (`Lease` standbys).
+    pub replay_buffered: usize,
+    /// Lock-channel markers ignored so far because the term's holder did not send them.
+    pub ignored_markers: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -94,6 +100,37 @@ struct Term {
     token: Option<FenceToken>,
     /// Send time of the newest confirmed acquisition or renewal: the lease runs from here.
     confirmed_sent: Timestamp,
+    /// Number of the next progress marker (`Lease`; the `acquired` marker is 0).
+    next_seq: u64,
+    /// The newest of this term's own markers seen in our own stream: everything before it has
+    /// been delivered.
+    seen: Option<u64>,
+}
+
+impl Term {
+    fn new(token: Option<FenceToken>, confirmed_sent: Timestamp) -> Term {
+        Term {
+            token,
+            confirmed_sent,
+            next_seq: 1,
+            seen: None,
+        }
+    }
+}
+
+/// How far a lock-channel marker can be believed, judged by its sender.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trust {
+    /// Ours: our own term's token from our own backend.
+    Own,
+    /// From the backend that the lock table named for the marker's term.
+    Holder,
+    /// A term the table named, or our own, but from another backend: forged.
+    Forged,
+    /// Older than the newest term the table named.
+    Stale,
+    /// Nothing to judge it by (a newer term, `Classic`, or no word from the table yet).
+    Unverified,
 }
 
 /// Where a lock stands, with what only that phase knows. [`Phase`] is its public outline.
@@ -226,7 +263,7 @@ impl Handover {
 /// lock.handle_input(t0, Input::Start);
 /// let Some(Output::Request(req)) = lock.poll_output() else { panic!() };
 /// assert_eq!(req.op, DbOp::Acquire);
-/// let reply = AcquireReply { acquired: true, token: Some(FenceToken(1)), lease_remaining: None, stale_holder: None };
+/// let reply = AcquireReply::won(Some(FenceToken(1)));
 /// lock.handle_input(Timestamp::from_millis(2), Input::DbResult { id: req.id, result: Ok(Reply::Acquire(reply)) });
 /// assert_eq!(lock.poll_output(), Some(Output::Event(LockEvent::Acquired { token: Some(FenceToken(1)) })));
 /// assert!(lock.state().phase.is_holder());
@@ -256,6 +293,15 @@ pub struct Lock {
     /// that marker must not wake us as if a peer had released. It outlives the phase that sent
     /// it (the reply may come first), until the marker arrives or the session ends.
     own_release: Option<Option<FenceToken>>,
+    /// What a `Lease` standby kept for replay at a takeover (`None` while delivering, without a
+    /// session, under `Classic`, or with replay turned off).
+    replay: Option<Replay>,
+    /// The newest term the lock table named to us, with its holder's backend pid.
+    holder_known: Option<(FenceToken, i32)>,
+    /// Our session's backend pid, as the table reported it when we won.
+    own_pid: Option<i32>,
+    /// Markers ignored because their sender is not their term's holder.
+    ignored_markers: u64,
 }
 
 impl Lock {
@@ -279,6 +325,10 @@ impl Lock {
             warned_marker: None,
             newest_session: None,
             own_release: None,
+            replay: None,
+            holder_known: None,
+            own_pid: None,
+            ignored_markers: 0,
         }
     }
 
@@ -302,6 +352,8 @@ impl Lock {
             stopping: self.stopping,
             pending: self.pending.as_ref().map(|p| p.op.name()),
             buffered: self.stage.handover().map_or(0, |handover| handover.messages.len()),
+            replay_buffered: self.replay.as_ref().map_or(0, Replay::len),
+            ignored_markers: self.ignored_markers,
         }
     }
 
@@ -350,9 +402,10 @@ impl Lock {
                 session,
                 channel,
                 payload,
+                pid,
             } => {
                 if self.session == Some(session) {
-                    self.on_notification(&channel, payload);
+                    self.on_notification(&channel, payload, pid);
                 }
             }
         }
@@ -418,8 +471,8 @@ impl Lock {
             TimerKind::Renew => {
                 if self.phase() == Phase::Holding {
                     if self.pending.is_none() {
-                        let token = self.token();
-                        self.send(DbOp::Renew { token });
+                        let op = self.renew_op();
+                        self.send(op);
                     } else if let Some(holding) = self.holding_mut() {
                         // Renew as soon as the request in flight ends, not a whole interval
                         // later: with tight timings that would fence the holder.
@@ -481,6 +534,80 @@ impl Lock {
 
     fn token(&self) -> Option<FenceToken> {
         self.stage.term().and_then(|t| t.token)
+    }
+
+    /// The next renewal; under `Lease` it carries the term's next progress marker.
+    fn renew_op(&mut self) -> DbOp {
+        let token = self.token();
+        let lease = self.config.protocol == Protocol::Lease;
+        let progress = match &mut self.stage {
+            Stage::Holding(term, _) | Stage::Draining(term, _) if lease => {
+                let progress = Progress {
+                    seq: term.next_seq,
+                    ack: term.seen,
+                };
+                term.next_seq = term.next_seq.saturating_add(1);
+                Some(progress)
+            }
+            _ => None,
+        };
+        DbOp::Renew { token, progress }
+    }
+
+    fn replay_enabled(&self) -> bool {
+        self.config.protocol == Protocol::Lease && self.config.replay_limit > 0
+    }
+
+    /// Starts a replay log that begins where our own term stopped delivering.
+    fn replay_after_own(&mut self) {
+        if self.replay_enabled() && self.session.is_some() {
+            self.replay = Some(Replay::after_own(self.token(), self.own_pid));
+        }
+    }
+
+    /// Judges a lock-channel marker of `token` by its sender `pid` (`Lease`).
+    fn trust(&self, token: Option<FenceToken>, pid: i32) -> Trust {
+        let Some(token) = token.filter(|_| self.config.protocol == Protocol::Lease) else {
+            return Trust::Unverified;
+        };
+        let own = self.token().or(self.own_release.flatten());
+        if own == Some(token) {
+            return match self.own_pid {
+                Some(own_pid) if own_pid != pid => Trust::Forged,
+                _ => Trust::Own,
+            };
+        }
+        match self.holder_known {
+            Some((known, holder)) if known == token => {
+                if holder == pid {
+                    Trust::Holder
+                } else {
+                    Trust::Forged
+                }
+            }
+            Some((known, _)) if token < known => Trust::Stale,
+            _ => Trust::Unverified,
+        }
+    }
+
+    /// The table named `token`'s holder backend `pid`: trust its markers, and let the replay log
+    /// forget what that holder provably delivered.
+    fn learn_holder(&mut self, token: FenceToken, pid: i32) {
+        if self.holder_known.is_some_and(|(known, _)| known > token) {
+            return;
+        }
+        self.holder_known = Some((token, pid));
+        if let Some(replay) = &mut self.replay {
+            replay.compact(token, pid);
+        }
+    }
+
+    fn count_ignored(&mut self, pid: i32) {
+        self.ignored_markers += 1;
+        if self.ignored_markers.is_power_of_two() {
+            let count = self.ignored_markers;
+            self.emit(LockEvent::Warning(Warning::IgnoredMarkers { pid, count }));
+        }
     }
 
     fn standby_mut(&mut self) -> Option<&mut Standby> {
@@ -608,6 +735,9 @@ impl Lock {
         if self.stopping {
             self.finish_stop(false);
         } else {
+            // We delivered everything up to here and nothing after: a replay log from here on
+            // holds exactly what this term left undelivered.
+            self.replay_after_own();
             // The term, its pending drain or renewal and any buffer go with the holder's stage.
             self.stage = Stage::Standby(Standby::default());
             self.schedule_retry(None);
@@ -621,25 +751,39 @@ impl Lock {
         };
         self.started = false;
         self.stopping = true;
+        self.replay = None;
         self.timers = [None; TIMERS.len()];
         self.answer(waiters, false);
         self.emit(LockEvent::Stopped { released });
     }
 
-    fn become_holder(&mut self, token: Option<FenceToken>, sent_at: Timestamp) {
-        let term = Term {
-            token,
-            confirmed_sent: sent_at,
-        };
+    fn become_holder(&mut self, token: Option<FenceToken>, sent_at: Timestamp, previous: Option<PreviousTerm>) {
+        let term = Term::new(token, sent_at);
         let standby = match std::mem::replace(&mut self.stage, Stage::Holding(term, Holding::default())) {
             Stage::Standby(standby) => standby,
             _ => Standby::default(),
         };
         self.disarm(TimerKind::Retry);
         self.emit(LockEvent::Acquired { token });
-        // Messages after the previous holder's marker are this term's: hand them over first.
-        for payload in standby.handover.map(|handover| handover.messages).unwrap_or_default() {
-            self.outputs.push_back(Output::Deliver { payload });
+        if let Some(replay) = self.replay.take() {
+            // `Lease`: the table says which term came before and who held it, and the log says
+            // where that holder's delivery provably ended (its drain marker, or its newest
+            // acknowledged progress marker): deliver from there on, flagged where the previous
+            // holder may have delivered it too. The handover buffer is a subset of the log.
+            let replayed = replay.take(previous, token);
+            if replayed.missing > 0 {
+                self.emit(LockEvent::Gap {
+                    missing: replayed.missing,
+                });
+            }
+            for (payload, replay) in replayed.messages {
+                self.outputs.push_back(Output::Deliver { payload, replay });
+            }
+        } else {
+            // Messages after the previous holder's marker are this term's: hand them over first.
+            for payload in standby.handover.map(|handover| handover.messages).unwrap_or_default() {
+                self.outputs.push_back(Output::Deliver { payload, replay: false });
+            }
         }
         self.arm(TimerKind::Renew, (sent_at + self.config.renew_interval).max(self.now));
         if self.config.protocol == Protocol::Lease {
@@ -677,6 +821,10 @@ impl Lock {
             other => other,
         };
         self.emit(LockEvent::Drained);
+        if self.replay.is_none() {
+            // Waiting for our own drain marker timed out: we delivered up to here.
+            self.replay_after_own();
+        }
         if self.pending.is_none() {
             let token = self.token();
             self.send(DbOp::Release { token });
@@ -804,6 +952,11 @@ impl Lock {
             self.on_session_down(LostReason::SessionLost);
         }
         self.session = Some(session);
+        if self.replay_enabled() && self.phase() == Phase::Standby {
+            // A new session hears only what is committed from now on.
+            self.replay = Some(Replay::listening());
+        }
+        self.own_pid = None;
         if self.started && self.phase() == Phase::Standby {
             // After a server restart every process reconnects at once: spread the attempts.
             let delay = self.jitter(self.config.wake_jitter);
@@ -813,6 +966,7 @@ impl Lock {
 
     fn on_session_down(&mut self, reason: LostReason) {
         self.session = None;
+        self.replay = None;
         self.pending = None;
         self.disarm(TimerKind::RequestTimeout);
         self.disarm(TimerKind::Retry);
@@ -933,15 +1087,23 @@ impl Lock {
         let acquired_marker = self
             .standby_mut()
             .and_then(|standby| standby.acquired_during_attempt.take());
+        match (reply.acquired, reply.token, reply.holder_token, reply.holder_pid) {
+            (true, Some(token), _, Some(pid)) => {
+                // Our own term: no compaction, the log is about to be replayed whole.
+                self.own_pid = Some(pid);
+                if self.holder_known.map_or(true, |(known, _)| known <= token) {
+                    self.holder_known = Some((token, pid));
+                }
+            }
+            (true, _, _, pid) => self.own_pid = pid,
+            (false, _, Some(token), Some(pid)) => self.learn_holder(token, pid),
+            (false, ..) => {}
+        }
         if reply.acquired && (self.stopping || self.phase() == Phase::Stopped) {
             // Won while stopping: give it back at once, without ever reporting it.
             self.answer_waiters(false);
             if self.phase() == Phase::Standby {
-                let term = Term {
-                    token: reply.token,
-                    confirmed_sent: sent_at,
-                };
-                self.stage = Stage::Releasing(term, Releasing::default());
+                self.stage = Stage::Releasing(Term::new(reply.token, sent_at), Releasing::default());
             }
             self.send(DbOp::Release { token: reply.token });
             if self.phase() == Phase::Stopped {
@@ -958,7 +1120,7 @@ impl Lock {
                     standby.handover = None;
                 }
             }
-            self.become_holder(reply.token, sent_at);
+            self.become_holder(reply.token, sent_at, reply.previous);
             if let Some(stale) = reply.stale_holder {
                 self.send(DbOp::TerminateStale {
                     pid: stale.pid,
@@ -1013,19 +1175,31 @@ impl Lock {
         }
     }
 
-    fn on_notification(&mut self, channel: &str, payload: String) {
+    fn on_notification(&mut self, channel: &str, payload: String, pid: i32) {
         if channel == self.channel.as_str() {
             self.on_data(payload);
         } else if let Some(marker) = Marker::read(self.config.protocol, &self.channel, channel, &payload) {
-            self.on_marker(marker);
+            self.on_marker(marker, pid);
         }
     }
 
     fn on_data(&mut self, payload: String) {
         let limit = self.config.handover_buffer.max(1);
+        let delivering = matches!(
+            self.stage,
+            Stage::Holding(..) | Stage::Draining(_, Drain { handover: None, .. })
+        );
+        if !delivering {
+            if let Some(replay) = &mut self.replay {
+                let dropped = replay.push_data(payload.clone(), self.config.replay_limit, self.config.replay_bytes);
+                if let Some(dropped) = dropped {
+                    self.emit(LockEvent::Warning(Warning::ReplayOverflow { dropped }));
+                }
+            }
+        }
         let dropped = match &mut self.stage {
             Stage::Holding(..) | Stage::Draining(_, Drain { handover: None, .. }) => {
-                self.outputs.push_back(Output::Deliver { payload });
+                self.outputs.push_back(Output::Deliver { payload, replay: false });
                 None
             }
             // After a drain marker (a standby's, or our own while draining or releasing).
@@ -1069,7 +1243,46 @@ impl Lock {
         }
     }
 
-    fn on_marker(&mut self, marker: Marker) {
+    fn on_marker(&mut self, marker: Marker, pid: i32) {
+        let token = match marker {
+            Marker::Draining(token) | Marker::Released(token) => token,
+            Marker::Acquired(token) | Marker::Progress(token, _) => Some(token),
+        };
+        let trust = self.trust(token, pid);
+        match trust {
+            Trust::Forged => {
+                // Anyone who can connect can NOTIFY: a marker of a known term that its holder's
+                // backend did not send changes nothing.
+                self.count_ignored(pid);
+                return;
+            }
+            Trust::Own => {
+                if let (
+                    Stage::Holding(term, _) | Stage::Draining(term, _),
+                    Marker::Acquired(_) | Marker::Progress(..),
+                ) = (&mut self.stage, marker)
+                {
+                    // Our own marker came back: everything before it has been delivered.
+                    let seq = match marker {
+                        Marker::Progress(_, progress) => progress.seq,
+                        _ => 0,
+                    };
+                    term.seen = term.seen.max(Some(seq));
+                }
+            }
+            Trust::Holder | Trust::Stale | Trust::Unverified => {}
+        }
+        if let Some(replay) = &mut self.replay {
+            replay.push_mark(pid, marker);
+            if trust == Trust::Holder && !matches!(marker, Marker::Released(_)) {
+                if let (Some(token), Some((_, holder))) = (token, self.holder_known) {
+                    replay.compact(token, holder);
+                }
+            }
+        }
+        if matches!(marker, Marker::Progress(..)) || trust == Trust::Stale {
+            return;
+        }
         if let Marker::Released(token) = marker {
             if matches!(self.phase(), Phase::Releasing | Phase::Standby) && self.is_own_release(token) {
                 // Our own release: it must not wake us (we just gave the lock up), but it does
@@ -1100,6 +1313,8 @@ impl Lock {
                     drain.handover = Some(Handover::default());
                     drain.confirmed
                 });
+                // From our own drain marker on the stream is the next holder's.
+                self.replay_after_own();
                 if confirmed {
                     self.end_drain();
                 }
@@ -1197,8 +1412,8 @@ impl Lock {
                 ) => self.start_drain(),
                 Stage::Holding(_, holding) if holding.renew_due => {
                     holding.renew_due = false;
-                    let token = self.token();
-                    self.send(DbOp::Renew { token });
+                    let op = self.renew_op();
+                    self.send(op);
                 }
                 Stage::Releasing(..) => {
                     let token = self.token();

@@ -60,10 +60,15 @@ pub struct SessionId(pub u64);
 ///   (this very session). If free:
 ///   `holder = app`, `holder_pid = own pid`, `token = token + 1` (1 for a new row),
 ///   `expires_at = now() + ttl`, and `'acquired:<token>'` is sent on the lock channel; the reply
-///   names the previous holder as `stale_holder` when its session was still alive. If not free:
-///   nothing is written; the reply gives the remaining lease.
-/// - `Renew { token }`: `expires_at = now() + ttl` where `holder = app and token = token`;
-///   `owned` iff a row matched.
+///   names the previous holder as `stale_holder` when its session was still alive, and the
+///   previous term (`previous`: its token, its holder's pid, whether it was released) when
+///   there was one. If not free: nothing is written; the reply gives the remaining lease and
+///   the current term's token and holder pid (`holder_token`, `holder_pid`). When acquired,
+///   `holder_pid` is this session's own backend pid.
+/// - `Renew { token, progress }`: `expires_at = now() + ttl` where `holder = app and token =
+///   token`; `owned` iff a row matched. When it matched and `progress` is given, the same
+///   transaction sends `'progress:<token>:<seq>[:<ack>]'` on the lock channel (see
+///   [`Marker::Progress`]).
 /// - `Drain { token }`: sends `'draining:<token>'` on the lock channel (no drain channel).
 /// - `Release { token }`: clears `holder`, `holder_pid`, `expires_at` where `holder = app and
 ///   token = token`, and sends `'released:<token>'` on the lock channel; `released` iff matched.
@@ -78,6 +83,8 @@ pub enum DbOp {
     Renew {
         /// The term being renewed (`None` under `Classic`).
         token: Option<FenceToken>,
+        /// The progress marker to commit with the renewal (`Lease`; `None` under `Classic`).
+        progress: Option<Progress>,
     },
     /// Put the drain marker into every listener's stream: the holder delivers up to it, the next
     /// holder from it on.
@@ -112,6 +119,33 @@ impl DbOp {
     }
 }
 
+/// A progress marker of a holding term: the renewal that carries it puts
+/// `progress:<token>:<seq>[:<ack>]` into every listener's stream.
+///
+/// `seq` numbers the term's markers (the `acquired` marker is 0, renewals count from 1); `ack`
+/// is the newest of the term's own markers that the holder has seen in its own stream, so every
+/// notification before that marker has reached the holder's application. A standby may forget
+/// what it kept from before marker `ack` of that term; what follows is what it replays if the
+/// term ends without a handover.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Progress {
+    /// This marker's number within the term (1, 2, ...).
+    pub seq: u64,
+    /// The newest own marker the holder has seen (0 is the `acquired` marker), if any.
+    pub ack: Option<u64>,
+}
+
+/// The term before the one an acquisition began, as the lock table had it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PreviousTerm {
+    /// Its token.
+    pub token: FenceToken,
+    /// Its holder's backend pid (the sender of its markers), when the row named one.
+    pub holder_pid: Option<i32>,
+    /// Whether it was released (a graceful end) rather than taken over.
+    pub released: bool,
+}
+
 /// A holder whose lease expired while its session was still alive.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StaleHolder {
@@ -133,6 +167,13 @@ pub struct AcquireReply {
     pub lease_remaining: Option<Duration>,
     /// The previous holder, when it was taken over while its session was alive.
     pub stale_holder: Option<StaleHolder>,
+    /// The holder's backend pid: this session's own when acquired, the current holder's when
+    /// not (`Lease`). Markers of that term come from this backend and no other.
+    pub holder_pid: Option<i32>,
+    /// The current holder's token when not acquired (`Lease`).
+    pub holder_token: Option<FenceToken>,
+    /// When acquired: the term before this one, if the row had one (`Lease`).
+    pub previous: Option<PreviousTerm>,
 }
 
 impl AcquireReply {
@@ -143,6 +184,19 @@ impl AcquireReply {
             token: None,
             lease_remaining: None,
             stale_holder: None,
+            holder_pid: None,
+            holder_token: None,
+            previous: None,
+        }
+    }
+
+    /// "Acquired", with `token` and nothing else known (Classic's reply; a start for tests and
+    /// models, which fill in the rest).
+    pub fn won(token: Option<FenceToken>) -> Self {
+        AcquireReply {
+            acquired: true,
+            token,
+            ..AcquireReply::locked()
         }
     }
 }
@@ -264,6 +318,8 @@ pub enum Marker {
     Released(Option<FenceToken>),
     /// A new term began (`Lease`).
     Acquired(FenceToken),
+    /// The holder of `token` has delivered everything before its marker `ack` (`Lease`).
+    Progress(FenceToken, Progress),
 }
 
 impl Marker {
@@ -272,10 +328,14 @@ impl Marker {
     /// `acquired:<token>` otherwise.
     ///
     /// ```
-    /// use pgiplock_core::{FenceToken, Marker};
+    /// use pgiplock_core::{FenceToken, Marker, Progress};
     /// assert_eq!(Marker::Released(None).payload(), "1");
     /// assert_eq!(Marker::Released(Some(FenceToken(7))).payload(), "released:7");
     /// assert_eq!(Marker::parse("draining:7"), Some(Marker::Draining(Some(FenceToken(7)))));
+    /// let p = Marker::Progress(FenceToken(7), Progress { seq: 3, ack: Some(2) });
+    /// assert_eq!(p.payload(), "progress:7:3:2");
+    /// assert_eq!(Marker::parse("progress:7:3:2"), Some(p));
+    /// assert_eq!(Marker::parse("progress:7:x"), None);
     /// ```
     pub fn payload(&self) -> String {
         match self {
@@ -284,6 +344,8 @@ impl Marker {
             Marker::Released(None) => "1".to_owned(),
             Marker::Released(Some(t)) => format!("released:{t}"),
             Marker::Acquired(t) => format!("acquired:{t}"),
+            Marker::Progress(t, Progress { seq, ack: None }) => format!("progress:{t}:{seq}"),
+            Marker::Progress(t, Progress { seq, ack: Some(ack) }) => format!("progress:{t}:{seq}:{ack}"),
         }
     }
 
@@ -345,6 +407,20 @@ impl Marker {
         }
         if let Some(rest) = payload.strip_prefix("acquired:") {
             return token(rest).map(Marker::Acquired);
+        }
+        if let Some(rest) = payload.strip_prefix("progress:") {
+            let number = |s: &str| s.parse::<u64>().ok();
+            let mut parts = rest.split(':');
+            let (t, seq, ack) = (parts.next(), parts.next(), parts.next());
+            if parts.next().is_some() {
+                return None;
+            }
+            let seq = number(seq?)?;
+            let ack = match ack {
+                Some(ack) => Some(number(ack)?),
+                None => None,
+            };
+            return token(t?).map(|t| Marker::Progress(t, Progress { seq, ack }));
         }
         Some(Marker::Released(None))
     }

@@ -460,6 +460,8 @@ pub enum SessionOutput {
         lock: LockKey,
         /// The payload.
         payload: String,
+        /// Replayed at a takeover: the previous holder may have delivered it already.
+        replay: bool,
     },
     /// An API call completed.
     CallDone {
@@ -795,8 +797,8 @@ impl Session {
                 session,
                 channel,
                 payload,
-                pid: _,
-            } => self.on_notification(session, channel, payload),
+                pid,
+            } => self.on_notification(session, channel, payload, pid),
             SessionInput::Call { call, lock, request } => self.on_call(call, lock, request),
             SessionInput::Abandon { lock } => {
                 if self.locks.contains_key(&lock) {
@@ -1268,7 +1270,7 @@ impl Session {
         }
     }
 
-    fn on_notification(&mut self, session: SessionId, channel: String, payload: String) {
+    fn on_notification(&mut self, session: SessionId, channel: String, payload: String, pid: i32) {
         if self.current() != Some(session) {
             return;
         }
@@ -1282,6 +1284,7 @@ impl Session {
                     session,
                     channel,
                     payload,
+                    pid,
                 },
             );
         }
@@ -1406,7 +1409,11 @@ impl Session {
                     self.reset = Some((session, DownReason::RequestTimeout));
                 }
             }
-            Output::Deliver { payload } => self.outputs.push_back(SessionOutput::Deliver { lock: key, payload }),
+            Output::Deliver { payload, replay } => self.outputs.push_back(SessionOutput::Deliver {
+                lock: key,
+                payload,
+                replay,
+            }),
             Output::AttemptDone { acquired } => {
                 let Some(entry) = self.locks.get_mut(&key) else { return };
                 let refused = entry.refused_read_only && !acquired;

@@ -8,6 +8,10 @@ use common::*;
 use pgiplock_core::*;
 
 const S1: SessionId = SessionId(1);
+/// The sender of notifications in tests that do not care who sent them.
+const PEER_PID: i32 = 4242;
+/// Our own backend pid, as the table reports it when we win.
+const OWN_PID: i32 = 1111;
 
 /// One lock and a hand-made clock.
 struct Solo {
@@ -60,6 +64,7 @@ impl Solo {
                 session: S1,
                 channel: CHANNEL.to_owned(),
                 payload: payload.to_owned(),
+                pid: PEER_PID,
             },
         )
     }
@@ -74,6 +79,23 @@ impl Solo {
                 session: S1,
                 channel,
                 payload: marker.payload(),
+                pid: PEER_PID,
+            },
+        )
+    }
+
+    /// A lock-channel marker sent by backend `pid`.
+    fn marker_from(&mut self, pid: i32, marker: Marker) -> Vec<Output> {
+        let channel = marker
+            .channel(self.lock.config().protocol, self.lock.channel())
+            .to_owned();
+        self.after(
+            0,
+            Input::Notification {
+                session: S1,
+                channel,
+                payload: marker.payload(),
+                pid,
             },
         )
     }
@@ -108,6 +130,30 @@ fn acquired(token: Option<FenceToken>) -> Reply {
         token,
         lease_remaining: None,
         stale_holder: None,
+        ..AcquireReply::locked()
+    })
+}
+
+/// Acquired `token`, after the term `previous` that `PEER_PID` held and released or lost.
+fn acquired_after(token: u64, previous: u64, released: bool) -> Reply {
+    Reply::Acquire(AcquireReply {
+        holder_pid: Some(OWN_PID),
+        previous: Some(PreviousTerm {
+            token: FenceToken(previous),
+            holder_pid: Some(PEER_PID),
+            released,
+        }),
+        ..AcquireReply::won(Some(FenceToken(token)))
+    })
+}
+
+/// Not acquired: `PEER_PID` holds `token`, for `remaining`.
+fn held_by_peer(token: u64, remaining: Duration) -> Reply {
+    Reply::Acquire(AcquireReply {
+        lease_remaining: Some(remaining),
+        holder_pid: Some(PEER_PID),
+        holder_token: Some(FenceToken(token)),
+        ..AcquireReply::locked()
     })
 }
 
@@ -117,6 +163,7 @@ fn locked(remaining: Option<Duration>) -> Reply {
         token: None,
         lease_remaining: remaining,
         stale_holder: None,
+        ..AcquireReply::locked()
     })
 }
 
@@ -296,7 +343,7 @@ fn standby_buffers_after_a_drain_marker_and_delivers_first_when_it_wins() {
     // Our own `acquired` marker arrives before the reply: it must not drop the buffer.
     s.marker(Marker::Acquired(FenceToken(4)));
     s.data("x4");
-    let out = s.reply(1, &req, acquired(Some(FenceToken(4))));
+    let out = s.reply(1, &req, acquired_after(4, 3, true));
     assert_eq!(
         out[0],
         Output::Event(LockEvent::Acquired {
@@ -304,6 +351,7 @@ fn standby_buffers_after_a_drain_marker_and_delivers_first_when_it_wins() {
         })
     );
     assert_eq!(delivered(&out), vec!["x1", "x2", "x3", "x4"]);
+    assert_eq!(replayed(&out), Vec::<String>::new(), "a handover replays nothing");
     assert_eq!(delivered(&s.data("x5")), vec!["x5"]);
 }
 
@@ -313,11 +361,21 @@ fn standby_buffers_after_a_drain_marker_and_delivers_first_when_it_wins() {
 fn takeover_delivers_what_follows_its_own_acquired_marker() {
     let mut s = Solo::new(Protocol::Lease);
     let req = s.attempt();
-    s.data("before"); // published before our term: nobody's to deliver now
+    s.data("before"); // published before the first term (a new row): nobody's to deliver
+    s.marker(Marker::Acquired(FenceToken(1)));
+    s.data("y1");
+    let out = s.reply(1, &req, acquired(Some(FenceToken(1))));
+    assert_eq!(delivered(&out), vec!["y1"]);
+
+    // After a crashed term that left no marker here, what came before ours is replayed.
+    let mut s = Solo::new(Protocol::Lease);
+    let req = s.attempt();
+    s.data("before");
     s.marker(Marker::Acquired(FenceToken(5)));
     s.data("y1");
-    let out = s.reply(1, &req, acquired(Some(FenceToken(5))));
-    assert_eq!(delivered(&out), vec!["y1"]);
+    let out = s.reply(1, &req, acquired_after(5, 4, false));
+    assert_eq!(delivered(&out), vec!["before", "y1"]);
+    assert_eq!(replayed(&out), vec!["before"]);
 
     // The marker was a peer's: what followed it is the peer's.
     let mut s = Solo::new(Protocol::Lease);
@@ -327,15 +385,17 @@ fn takeover_delivers_what_follows_its_own_acquired_marker() {
     s.reply(1, &req, locked(Some(Duration::from_secs(2))));
     assert_eq!(s.lock.state().buffered, 0);
 
-    // Two terms began during one attempt: at most once, the buffer is dropped.
+    // Two terms began during one attempt, the first a peer's that crashed: its messages are
+    // replayed, ours follow live.
     let mut s = Solo::new(Protocol::Lease);
     let req = s.attempt();
     s.marker(Marker::Acquired(FenceToken(5)));
     s.data("z1");
     s.marker(Marker::Acquired(FenceToken(6)));
     s.data("z2");
-    let out = s.reply(1, &req, acquired(Some(FenceToken(6))));
-    assert!(delivered(&out).is_empty(), "{out:?}");
+    let out = s.reply(1, &req, acquired_after(6, 5, false));
+    assert_eq!(delivered(&out), vec!["z1", "z2"]);
+    assert_eq!(replayed(&out), vec!["z1"]);
 }
 
 #[test]
@@ -438,6 +498,7 @@ fn lease_holder_fences_itself_at_sent_plus_ttl_minus_margin() {
                 session: S1,
                 channel: CHANNEL.into(),
                 payload: "too late".into(),
+                pid: PEER_PID,
             },
         );
         assert!(
@@ -508,6 +569,7 @@ fn session_down_loses_and_old_sessions_are_ignored() {
             session: SessionId(0),
             channel: CHANNEL.into(),
             payload: "old".into(),
+            pid: PEER_PID,
         },
     );
     assert!(out.is_empty());
@@ -728,6 +790,7 @@ fn try_acquire_behind_another_request_is_sent_when_it_ends() {
             pid: 7,
             app: "old".into(),
         }),
+        ..AcquireReply::locked()
     });
     let out = s.reply(1, &req, reply);
     let terminate = request(&out);
@@ -767,6 +830,7 @@ fn renewal_due_behind_another_request_is_sent_when_it_ends() {
             pid: 7,
             app: "old".into(),
         }),
+        ..AcquireReply::locked()
     });
     let terminate = request(&s.reply(0, &req, reply));
     let (at, kind) = s.timeout();
@@ -774,7 +838,13 @@ fn renewal_due_behind_another_request_is_sent_when_it_ends() {
     assert!(s.at(at, Input::Tick).is_empty(), "terminate still in flight");
     let out = s.reply(50, &terminate, Reply::Terminate(TerminateOutcome::Terminated));
     let renew = request(&out);
-    assert_eq!(renew.op, DbOp::Renew { token: T1 });
+    assert_eq!(
+        renew.op,
+        DbOp::Renew {
+            token: T1,
+            progress: Some(Progress { seq: 1, ack: None })
+        }
+    );
     s.reply(10, &renew, Reply::Renew { owned: true });
     assert!(s.phase().is_holder());
 }
@@ -796,6 +866,7 @@ fn terminate_not_permitted_is_warned_once_per_lock() {
                 pid: 7,
                 app: "old".into(),
             }),
+            ..AcquireReply::locked()
         });
         let terminate = request(&s.reply(1, &req, reply));
         let result = if round == 1 {
@@ -903,6 +974,7 @@ fn zero_and_absurd_settings_are_clamped_not_a_busy_loop() {
 fn handover_buffer_overflow_drops_the_oldest_and_warns() {
     let mut config = fast_config(Protocol::Lease);
     config.handover_buffer = 4;
+    config.replay_limit = 0; // the handover buffer alone
     let mut s = Solo::with(config, 1);
     let req = s.attempt();
     s.reply(1, &req, locked(Some(Duration::from_secs(2))));
@@ -990,6 +1062,7 @@ fn start_or_retry_behind_another_request_attempts_when_it_ends() {
             pid: 7,
             app: "old".into(),
         }),
+        ..AcquireReply::locked()
     });
     let terminate = request(&s.reply(1, &req, reply));
     // The renewal waits behind the terminate; the fence deadline ends the term.
@@ -1017,6 +1090,7 @@ fn renewal_not_owned_reports_superseded() {
         token: Some(FenceToken(3)),
         lease_remaining: None,
         stale_holder: None,
+        ..AcquireReply::locked()
     };
     lock.handle_input(
         t,
@@ -1033,7 +1107,8 @@ fn renewal_not_owned_reports_superseded() {
     assert_eq!(
         req.op,
         DbOp::Renew {
-            token: Some(FenceToken(3))
+            token: Some(FenceToken(3)),
+            progress: Some(Progress { seq: 1, ack: None })
         }
     );
     lock.handle_input(
@@ -1049,4 +1124,297 @@ fn renewal_not_owned_reports_superseded() {
             reason: LostReason::Superseded
         }]
     );
+}
+
+// ----- markers judged by their sender; progress markers and the takeover replay (Lease) -----
+
+const FORGER_PID: i32 = 6666;
+
+fn progress(token: u64, seq: u64, ack: Option<u64>) -> Marker {
+    Marker::Progress(FenceToken(token), Progress { seq, ack })
+}
+
+/// A standby that the table told `PEER_PID` holds term 5.
+fn standby_of_term_5() -> Solo {
+    let mut s = Solo::new(Protocol::Lease);
+    let req = s.attempt();
+    s.reply(1, &req, held_by_peer(5, Duration::from_secs(2)));
+    s
+}
+
+/// Lets the standby's retry fall due and wins term 6 after term 5 (released or not).
+fn win_term_6(s: &mut Solo, released: bool) -> Vec<Output> {
+    let (at, kind) = s.timeout();
+    assert_eq!(kind, TimerKind::Retry);
+    let req = request(&s.at(at, Input::Tick));
+    s.reply(1, &req, acquired_after(6, 5, released))
+}
+
+#[test]
+fn a_holder_acknowledges_its_own_markers_in_its_renewals() {
+    let mut s = Solo::new(Protocol::Lease);
+    let req = s.attempt();
+    s.reply(
+        1,
+        &req,
+        Reply::Acquire(AcquireReply {
+            holder_pid: Some(OWN_PID),
+            ..AcquireReply::won(T1)
+        }),
+    );
+    let renew = |s: &mut Solo| {
+        let (at, kind) = s.timeout();
+        assert_eq!(kind, TimerKind::Renew);
+        let req = request(&s.at(at, Input::Tick));
+        s.reply(1, &req, Reply::Renew { owned: true });
+        req.op
+    };
+    // Nothing of its own seen yet.
+    assert_eq!(
+        renew(&mut s),
+        DbOp::Renew {
+            token: T1,
+            progress: Some(Progress { seq: 1, ack: None })
+        }
+    );
+    // Its acquired marker comes back: marker 0 acknowledged. A forged "marker 9" of its term
+    // from another backend counts for nothing.
+    s.marker_from(OWN_PID, Marker::Acquired(FenceToken(1)));
+    s.marker_from(FORGER_PID, progress(1, 9, None));
+    assert_eq!(
+        renew(&mut s),
+        DbOp::Renew {
+            token: T1,
+            progress: Some(Progress { seq: 2, ack: Some(0) })
+        }
+    );
+    s.marker_from(OWN_PID, progress(1, 1, None));
+    assert_eq!(
+        renew(&mut s),
+        DbOp::Renew {
+            token: T1,
+            progress: Some(Progress { seq: 3, ack: Some(1) })
+        }
+    );
+    assert_eq!(s.lock.state().ignored_markers, 1);
+    // Classic renewals carry nothing.
+    let mut c = Solo::new(Protocol::Classic);
+    c.holding(None);
+    let (at, _) = c.timeout();
+    let req = request(&c.at(at, Input::Tick));
+    assert_eq!(
+        req.op,
+        DbOp::Renew {
+            token: None,
+            progress: None
+        }
+    );
+}
+
+#[test]
+fn a_draining_holder_ends_only_at_its_own_drain_marker() {
+    let mut s = Solo::new(Protocol::Lease);
+    let req = s.attempt();
+    s.reply(
+        1,
+        &req,
+        Reply::Acquire(AcquireReply {
+            holder_pid: Some(OWN_PID),
+            ..AcquireReply::won(T1)
+        }),
+    );
+    let drain = request(&s.after(1, Input::Release));
+    assert_eq!(drain.op, DbOp::Drain { token: T1 });
+    s.reply(1, &drain, Reply::Drained);
+    // A forged drain marker of our own term: ignored, we keep delivering.
+    s.marker_from(FORGER_PID, Marker::Draining(T1));
+    assert_eq!(delivered(&s.data("still ours")), vec!["still ours"]);
+    let out = s.marker_from(OWN_PID, Marker::Draining(T1));
+    assert!(events(&out).contains(&LockEvent::Drained), "{out:?}");
+    assert!(delivered(&s.data("the next holder's")).is_empty());
+}
+
+#[test]
+fn forged_markers_of_the_known_term_change_nothing_for_a_standby() {
+    let mut s = standby_of_term_5();
+    let retry = s.timeout();
+    let mut warnings = Vec::new();
+    for marker in [
+        Marker::Draining(Some(FenceToken(5))),
+        Marker::Released(Some(FenceToken(5))),
+        Marker::Acquired(FenceToken(5)),
+        progress(5, 3, Some(3)),
+    ] {
+        let out = s.marker_from(FORGER_PID, marker);
+        assert!(
+            !out.iter().any(|o| matches!(o, Output::Request(_))),
+            "no attempt for a forged {marker:?}: {out:?}"
+        );
+        warnings.extend(events(&out));
+    }
+    assert_eq!(s.timeout(), retry, "the retry schedule is untouched");
+    assert_eq!(s.lock.state().ignored_markers, 4);
+    assert_eq!(s.lock.state().buffered, 0, "no handover buffer began");
+    assert_eq!(
+        warnings,
+        [1, 2, 4]
+            .iter()
+            .map(|&count| LockEvent::Warning(Warning::IgnoredMarkers { pid: FORGER_PID, count }))
+            .collect::<Vec<_>>()
+    );
+    // The holder's own release still wakes it.
+    let out = s.marker_from(PEER_PID, Marker::Released(Some(FenceToken(5))));
+    assert!(events(&out).contains(&LockEvent::PeerReleased));
+}
+
+#[test]
+fn a_takeover_replays_what_followed_the_holders_newest_acknowledged_marker() {
+    let mut s = standby_of_term_5();
+    s.data("before term 5's marker 1");
+    s.marker_from(PEER_PID, progress(5, 1, None));
+    s.data("a");
+    s.marker_from(PEER_PID, progress(5, 2, Some(1)));
+    // The standby forgot what the holder acknowledged.
+    assert_eq!(s.lock.state().replay_buffered, 1);
+    s.data("b");
+    // A forger's claims move nothing.
+    s.marker_from(FORGER_PID, Marker::Draining(Some(FenceToken(5))));
+    s.marker_from(FORGER_PID, progress(5, 3, Some(3)));
+    s.data("c");
+    // The holder crashed; our retry at its expiry wins.
+    let out = win_term_6(&mut s, false);
+    assert_eq!(delivered(&out), vec!["a", "b", "c"]);
+    assert_eq!(replayed(&out), vec!["a", "b", "c"]);
+    assert_eq!(delivered(&s.data("live")), vec!["live"]);
+    assert!(replayed(&s.data("live 2")).is_empty());
+}
+
+#[test]
+fn a_takeover_after_the_holders_drain_marker_is_exactly_once() {
+    let mut s = standby_of_term_5();
+    s.marker_from(PEER_PID, progress(5, 1, None));
+    s.data("a");
+    s.marker_from(PEER_PID, progress(5, 2, Some(1)));
+    s.data("b");
+    s.marker_from(PEER_PID, Marker::Draining(Some(FenceToken(5))));
+    s.data("c");
+    // The holder crashed between its drain marker and its release: what it did not deliver
+    // follows its drain marker, and none of it is a duplicate.
+    let out = win_term_6(&mut s, false);
+    assert_eq!(delivered(&out), vec!["c"]);
+    assert!(replayed(&out).is_empty());
+}
+
+#[test]
+fn replay_overflow_is_a_gap_with_the_count() {
+    let mut config = fast_config(Protocol::Lease);
+    config.replay_limit = 3;
+    let mut s = Solo::with(config, 1);
+    let req = s.attempt();
+    s.reply(1, &req, held_by_peer(5, Duration::from_secs(2)));
+    s.marker_from(PEER_PID, progress(5, 1, None));
+    let mut warnings = Vec::new();
+    for i in 0..8 {
+        warnings.extend(events(&s.data(&format!("m{i}"))));
+    }
+    assert_eq!(
+        warnings,
+        [1, 2, 4]
+            .iter()
+            .map(|&dropped| LockEvent::Warning(Warning::ReplayOverflow { dropped }))
+            .collect::<Vec<_>>()
+    );
+    let out = win_term_6(&mut s, false);
+    let evs = events(&out);
+    assert_eq!(
+        evs[0],
+        LockEvent::Acquired {
+            token: Some(FenceToken(6))
+        }
+    );
+    assert_eq!(evs[1], LockEvent::Gap { missing: 5 });
+    assert_eq!(replayed(&out), vec!["m5", "m6", "m7"]);
+}
+
+#[test]
+fn replay_off_or_classic_keeps_at_most_once() {
+    let mut config = fast_config(Protocol::Lease);
+    config.replay_limit = 0;
+    let mut s = Solo::with(config, 1);
+    let req = s.attempt();
+    s.reply(1, &req, held_by_peer(5, Duration::from_secs(2)));
+    s.data("a");
+    let out = win_term_6(&mut s, false);
+    assert!(delivered(&out).is_empty(), "{out:?}");
+    assert_eq!(s.lock.state().replay_buffered, 0);
+}
+
+#[test]
+fn a_fenced_holder_that_wins_again_replays_nothing_twice() {
+    let mut s = Solo::new(Protocol::Lease);
+    let req = s.attempt();
+    s.reply(
+        1,
+        &req,
+        Reply::Acquire(AcquireReply {
+            holder_pid: Some(OWN_PID),
+            ..AcquireReply::won(Some(FenceToken(5)))
+        }),
+    );
+    s.data("delivered");
+    // Every renewal fails (the server refuses it): it fences itself, its session still up.
+    let mut lost = false;
+    for _ in 0..20 {
+        let (at, _) = s.timeout();
+        let out = s.at(at, Input::Tick);
+        lost |= events(&out).iter().any(|e| matches!(e, LockEvent::Lost { .. }));
+        if let Some(Output::Request(req)) = out.iter().find(|o| matches!(o, Output::Request(_))) {
+            if req.op == DbOp::Acquire {
+                break;
+            }
+            let failed = Input::DbResult {
+                id: req.id,
+                result: Err(DbError::server("57014", "canceling statement")),
+            };
+            lost |= events(&s.after(1, failed))
+                .iter()
+                .any(|e| matches!(e, LockEvent::Lost { .. }));
+        }
+        if lost {
+            break;
+        }
+    }
+    assert!(lost, "fenced");
+    s.data("after the fence");
+    let (at, kind) = s.timeout();
+    assert_eq!(kind, TimerKind::Retry);
+    let req = request(&s.at(at, Input::Tick));
+    let reply = Reply::Acquire(AcquireReply {
+        holder_pid: Some(OWN_PID),
+        previous: Some(PreviousTerm {
+            token: FenceToken(5),
+            holder_pid: Some(OWN_PID),
+            released: false,
+        }),
+        ..AcquireReply::won(Some(FenceToken(6)))
+    });
+    let out = s.reply(1, &req, reply);
+    assert_eq!(delivered(&out), vec!["after the fence"]);
+    assert!(replayed(&out).is_empty());
+}
+
+#[test]
+fn a_handover_whose_own_marker_came_before_the_reply_keeps_what_followed_the_drain() {
+    let mut s = standby_of_term_5();
+    s.marker_from(PEER_PID, Marker::Draining(Some(FenceToken(5))));
+    s.data("after the drain");
+    s.marker_from(PEER_PID, Marker::Released(Some(FenceToken(5))));
+    let (at, _) = s.timeout();
+    let req = request(&s.at(at, Input::Tick));
+    // Our own `acquired` marker outruns the reply.
+    s.marker_from(OWN_PID, Marker::Acquired(FenceToken(6)));
+    s.data("ours");
+    let out = s.reply(1, &req, acquired_after(6, 5, true));
+    assert_eq!(delivered(&out), vec!["after the drain", "ours"]);
+    assert!(replayed(&out).is_empty());
 }

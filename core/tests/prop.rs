@@ -62,7 +62,7 @@ fn reply() -> impl Strategy<Value = Result<Reply, DbError>> {
     ];
     prop_oneof![
         4 => (any::<bool>(), token(), remaining, stale).prop_map(|(acquired, token, lease_remaining, stale_holder)| {
-            Ok(Reply::Acquire(AcquireReply { acquired, token, lease_remaining, stale_holder }))
+            Ok(Reply::Acquire(AcquireReply { acquired, token, lease_remaining, stale_holder, ..AcquireReply::locked() }))
         }),
         3 => any::<bool>().prop_map(|owned| Ok(Reply::Renew { owned })),
         2 => Just(Ok(Reply::Drained)),
@@ -180,6 +180,7 @@ impl Driver {
                 session: self.session(s),
                 channel: CHANNEL.to_owned(),
                 payload: payload.clone(),
+                pid: 1,
             },
             // A Classic drain marker travels on the drain channel; other payloads there are strays.
             Step::Marker(s, payload) => Input::Notification {
@@ -188,11 +189,13 @@ impl Driver {
                     m.channel(self.lock.config().protocol, self.lock.channel()).to_owned()
                 }),
                 payload: payload.clone(),
+                pid: 1,
             },
             Step::OtherChannel(s) => Input::Notification {
                 session: self.session(s),
                 channel: "elsewhere".to_owned(),
                 payload: "1".to_owned(),
+                pid: 1,
             },
         }
     }

@@ -143,6 +143,7 @@ fn acquired(token: u64) -> Result<OpReply, DbError> {
         token: Some(FenceToken(token)),
         lease_remaining: None,
         stale_holder: None,
+        ..AcquireReply::locked()
     })))
 }
 
@@ -319,7 +320,8 @@ fn notifications_reach_only_their_lock_and_only_when_ready() {
     let out = rig.after(ms(1), note("jobs"));
     assert!(out.contains(&SessionOutput::Deliver {
         lock: KEY,
-        payload: "7".into()
+        payload: "7".into(),
+        replay: false,
     }));
     assert!(rig.after(ms(1), note("other")).is_empty());
     // A notification of an older connection is ignored.

@@ -53,6 +53,7 @@ fn acquired_from(token: Option<u64>, stale: Option<i32>) -> Step {
             pid,
             app: format!("app-{pid}"),
         }),
+        ..AcquireReply::locked()
     }))
 }
 
@@ -62,6 +63,7 @@ fn locked(remaining_ms: Option<u64>) -> Step {
         token: None,
         lease_remaining: remaining_ms.map(Duration::from_millis),
         stale_holder: None,
+        ..AcquireReply::locked()
     }))
 }
 

@@ -182,7 +182,8 @@ impl Step {
                     Some(Marker::Released(None)) if payload == "1" => (3, None),
                     Some(Marker::Released(t)) => (1, t),
                     Some(Marker::Acquired(t)) => (2, Some(t)),
-                    None => (4, None),
+                    // The decoder never makes these.
+                    Some(Marker::Progress(..)) | None => (4, None),
                 };
                 out.extend([11, s.encode(), kind, token_byte(token)]);
             }
@@ -210,6 +211,7 @@ fn decode_result(r: &mut Reader<'_>) -> Result<Reply, DbError> {
                     pid: i32::from(arg & 3),
                     app: format!("app-{}", arg & 3),
                 }),
+                ..AcquireReply::locked()
             }))
         }
         1 => Ok(Reply::Renew { owned: arg & 1 == 1 }),
@@ -391,6 +393,7 @@ impl StepDriver {
                 session: self.session(*s),
                 channel: CHANNEL.to_owned(),
                 payload: format!("m{n}"),
+                pid: 1,
             },
             // A Classic drain marker travels on the drain channel; other payloads there are strays.
             Step::Marker(s, payload) => Input::Notification {
@@ -401,11 +404,13 @@ impl StepDriver {
                     })
                     .to_owned(),
                 payload: payload.clone(),
+                pid: 1,
             },
             Step::OtherChannel(s) => Input::Notification {
                 session: self.session(*s),
                 channel: "elsewhere".to_owned(),
                 payload: "1".to_owned(),
+                pid: 1,
             },
         }
     }

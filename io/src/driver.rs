@@ -507,9 +507,9 @@ impl Driver {
             }
             SessionOutput::Execute(request) => self.execute(request),
             SessionOutput::Lock { lock, event } => self.on_lock_event(lock, event),
-            SessionOutput::Deliver { lock, payload } => {
+            SessionOutput::Deliver { lock, payload, replay } => {
                 if let Some(lock) = self.locks.get(&lock) {
-                    lock.broadcast(LockMessage::Message { payload });
+                    lock.broadcast(LockMessage::Message { payload, replay });
                 }
             }
             SessionOutput::CallDone { call, result } => {
@@ -696,6 +696,10 @@ impl Driver {
                     _ => tracing::warn!(channel = %channel, warning = %warning, "lock warning"),
                 }
                 lock.broadcast(LockMessage::Warning(warning));
+            }
+            LockEvent::Gap { missing } => {
+                tracing::error!(channel = %channel, missing, "takeover replay incomplete: the replay buffer overflowed");
+                lock.broadcast(LockMessage::Gap { missing });
             }
             other => tracing::debug!(channel = %channel, event = ?other, "lock event"),
         }

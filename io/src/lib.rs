@@ -33,7 +33,7 @@
 //! while let Some(message) = messages.next().await {
 //!     match message {
 //!         LockMessage::Acquired { token } => println!("holding, fence token {token:?}"),
-//!         LockMessage::Message { payload } => println!("job: {payload}"),
+//!         LockMessage::Message { payload, .. } => println!("job: {payload}"),
 //!         LockMessage::Lost { reason } => println!("lost: {}", reason.as_str()),
 //!         LockMessage::Released => println!("released"),
 //!         LockMessage::Stopped => break,

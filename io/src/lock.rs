@@ -37,6 +37,7 @@ pub struct LockOptions {
     shutdown_timeout: Option<Duration>,
     schema: Option<String>,
     seed: Option<u64>,
+    replay_limit: Option<usize>,
 }
 
 impl LockOptions {
@@ -83,6 +84,16 @@ impl LockOptions {
         self
     }
 
+    /// Most messages a `Lease` standby keeps to replay if it wins a takeover (default 65 536;
+    /// 0 turns replay off, making such a takeover at most once). A standby keeps what followed
+    /// the holder's newest acknowledged progress marker, about two renew intervals of traffic;
+    /// beyond the limit the oldest go, and a winner that needed them reports
+    /// [`LockMessage::Gap`].
+    pub fn replay_limit(mut self, messages: usize) -> Self {
+        self.replay_limit = Some(messages);
+        self
+    }
+
     /// Seed of the retry jitter (default random).
     pub fn seed(mut self, seed: u64) -> Self {
         self.seed = Some(seed);
@@ -117,6 +128,9 @@ impl LockOptions {
         }
         if let Some(timeout) = self.shutdown_timeout {
             config.shutdown_timeout = timeout;
+        }
+        if let Some(limit) = self.replay_limit {
+            config.replay_limit = limit;
         }
         config.validate()?;
         Ok(config)
@@ -159,6 +173,18 @@ pub enum LockMessage {
     Message {
         /// Its payload.
         payload: String,
+        /// Replayed at the start of a term that began with a takeover (the previous holder
+        /// crashed, was cut off or fenced itself): that holder may have delivered it already.
+        /// `false` for every live message and for what a graceful handover passes on, which
+        /// is exactly once. Deduplicate replays on an id the message carries if it matters.
+        replay: bool,
+    },
+    /// This term began with a takeover whose replay is incomplete: the replay buffer
+    /// (`LockOptions::replay_limit`) overflowed, so up to `missing` messages of the previous
+    /// term may never have been delivered. Comes right after `Acquired`, before the replay.
+    Gap {
+        /// How many messages were dropped.
+        missing: u64,
     },
     /// The lock was destroyed; the stream ends after this.
     Stopped,

@@ -9,8 +9,8 @@
 use std::time::Duration;
 
 use pgiplock_core::{
-    quote_ident, AcquireReply, ChannelName, DbError, DbOp, FenceToken, Marker, Protocol, Reply, SchemaName,
-    StaleHolder, TerminateOutcome, LOCK_CHANNEL_PREFIX,
+    quote_ident, AcquireReply, ChannelName, DbError, DbOp, FenceToken, Marker, PreviousTerm, Protocol, Reply,
+    SchemaName, StaleHolder, TerminateOutcome, LOCK_CHANNEL_PREFIX,
 };
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
@@ -150,6 +150,8 @@ BEGIN
                    WHERE a.pid = r.holder_pid AND a.application_name = r.holder) INTO holder_alive;
     IF holder_alive THEN
       remaining_us := GREATEST(0, (EXTRACT(EPOCH FROM (r.expires_at - now())) * 1000000)::bigint);
+      holder_token := r.token;
+      holder_pid := r.holder_pid;
       RETURN;
     END IF;
   END IF;
@@ -164,8 +166,17 @@ BEGIN
                    WHERE a.pid = r.holder_pid AND a.application_name = r.holder) INTO holder_alive;
     IF holder_alive AND r.expires_at > now() THEN
       remaining_us := GREATEST(0, (EXTRACT(EPOCH FROM (r.expires_at - now())) * 1000000)::bigint);
+      holder_token := r.token;
+      holder_pid := r.holder_pid;
       RETURN;
     END IF;
+  END IF;
+  -- The term before ours, for the winner's replay: its token, the backend that sent its
+  -- markers (kept after a release), and whether it was released rather than taken over.
+  IF r.token > 0 THEN
+    prev_token := r.token;
+    prev_pid := r.holder_pid;
+    prev_released := r.holder IS NULL;
   END IF;
   UPDATE {qs}.lease l
      SET holder = p_app, holder_pid = pg_backend_pid(), token = l.token + 1,
@@ -173,6 +184,7 @@ BEGIN
    WHERE l.channel = p_channel
   RETURNING l.token INTO token;
   acquired := true;
+  holder_pid := pg_backend_pid();
   IF holder_alive THEN
     stale_pid := r.holder_pid;
     stale_app := r.holder;
@@ -189,7 +201,15 @@ fn lease_renew_body(qs: &str) -> String {
 BEGIN
   UPDATE {qs}.lease l SET expires_at = now() + p_ttl_us * INTERVAL '1 microsecond'
    WHERE l.channel = p_channel AND l.holder = p_app AND l.token = p_token;
-  RETURN FOUND;
+  IF NOT FOUND THEN
+    RETURN false;
+  END IF;
+  -- The progress marker commits with the renewal, from this backend: standbys accept it from
+  -- the holder's pid only.
+  IF p_seq IS NOT NULL THEN
+    PERFORM pg_notify(p_lock_channel, 'progress:' || p_token || ':' || p_seq || COALESCE(':' || p_ack, ''));
+  END IF;
+  RETURN true;
 END
 "#
     )
@@ -199,7 +219,8 @@ fn lease_release_body(qs: &str) -> String {
     format!(
         r#"
 BEGIN
-  UPDATE {qs}.lease l SET holder = NULL, holder_pid = NULL, expires_at = NULL
+  -- holder_pid stays: the next winner learns which backend sent this term's markers.
+  UPDATE {qs}.lease l SET holder = NULL, expires_at = NULL
    WHERE l.channel = p_channel AND l.holder = p_app AND l.token = p_token;
   IF NOT FOUND THEN
     RETURN false;
@@ -286,22 +307,24 @@ fn bootstrap_sql(protocol: Protocol, schema: &SchemaName) -> String {
             // the server.
             let functions = [
                 (
-                    "acquire",
+                    "acquire_v2",
                     "(p_channel text, p_lock_channel text, p_app text, p_ttl_us bigint, OUT acquired boolean, \
-                     OUT token bigint, OUT remaining_us bigint, OUT stale_pid integer, OUT stale_app text) \
+                     OUT token bigint, OUT remaining_us bigint, OUT stale_pid integer, OUT stale_app text, \
+                     OUT holder_token bigint, OUT holder_pid integer, OUT prev_token bigint, OUT prev_pid integer, \
+                     OUT prev_released boolean) \
                      LANGUAGE plpgsql SET lock_timeout = '2s' AS ",
                     lease_acquire_body(&qs),
                     Some(LEASE_LOCK_TIMEOUT),
                 ),
                 (
-                    "renew",
-                    "(p_channel text, p_app text, p_token bigint, p_ttl_us bigint) RETURNS boolean LANGUAGE plpgsql \
-                     SET lock_timeout = '2s' AS ",
+                    "renew_v2",
+                    "(p_channel text, p_lock_channel text, p_app text, p_token bigint, p_ttl_us bigint, p_seq bigint, \
+                     p_ack bigint) RETURNS boolean LANGUAGE plpgsql SET lock_timeout = '2s' AS ",
                     lease_renew_body(&qs),
                     Some(LEASE_LOCK_TIMEOUT),
                 ),
                 (
-                    "release",
+                    "release_v2",
                     "(p_channel text, p_lock_channel text, p_app text, p_token bigint) RETURNS boolean \
                      LANGUAGE plpgsql SET lock_timeout = '2s' AS ",
                     lease_release_body(&qs),
@@ -396,12 +419,7 @@ pub async fn execute(client: &Client, target: &Target, op: &DbOp) -> Result<Repl
             );
             let params: [(&(dyn ToSql + Sync), Type); 2] = [(&lock_channel, Type::TEXT), (&target.app, Type::TEXT)];
             match client.execute_typed(&sql, &params).await {
-                Ok(_) => Ok(Reply::Acquire(AcquireReply {
-                    acquired: true,
-                    token: None,
-                    lease_remaining: None,
-                    stale_holder: None,
-                })),
+                Ok(_) => Ok(Reply::Acquire(AcquireReply::won(None))),
                 Err(e) if is_locked(&e) => Ok(Reply::Acquire(AcquireReply::locked())),
                 Err(e) => Err(e),
             }
@@ -454,7 +472,7 @@ pub async fn execute(client: &Client, target: &Target, op: &DbOp) -> Result<Repl
         }
         (Protocol::Lease, DbOp::Acquire) => {
             let sql =
-                format!("SELECT acquired, token, remaining_us, stale_pid, stale_app FROM {qs}.acquire($1, $2, $3, $4)");
+                format!("SELECT acquired, token, remaining_us, stale_pid, stale_app, holder_token, holder_pid, prev_token, prev_pid, prev_released FROM {qs}.acquire_v2($1, $2, $3, $4)");
             let channel = text(target.channel.as_str());
             let ttl = ttl_micros(target.lease_ttl);
             let params: [(&(dyn ToSql + Sync), Type); 4] = [
@@ -468,16 +486,22 @@ pub async fn execute(client: &Client, target: &Target, op: &DbOp) -> Result<Repl
                 Err(e) => Err(e),
             }
         }
-        (Protocol::Lease, DbOp::Renew { token }) => {
-            let sql = format!("SELECT {qs}.renew($1, $2, $3, $4)");
+        (Protocol::Lease, DbOp::Renew { token, progress }) => {
+            let sql = format!("SELECT {qs}.renew_v2($1, $2, $3, $4, $5, $6, $7)");
             let channel = text(target.channel.as_str());
             let token = token_param(*token)?;
             let ttl = ttl_micros(target.lease_ttl);
-            let params: [(&(dyn ToSql + Sync), Type); 4] = [
+            let number = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+            let seq = progress.map(|p| number(p.seq));
+            let ack = progress.and_then(|p| p.ack).map(number);
+            let params: [(&(dyn ToSql + Sync), Type); 7] = [
                 (&channel, Type::TEXT),
+                (&lock_channel, Type::TEXT),
                 (&target.app, Type::TEXT),
                 (&token, Type::INT8),
                 (&ttl, Type::INT8),
+                (&seq, Type::INT8),
+                (&ack, Type::INT8),
             ];
             match client.query_typed(&sql, &params).await {
                 Ok(rows) => return single_bool(rows.first()).map(|owned| Reply::Renew { owned }),
@@ -489,7 +513,7 @@ pub async fn execute(client: &Client, target: &Target, op: &DbOp) -> Result<Repl
             notify(client, lock_channel, &payload).await
         }
         (Protocol::Lease, DbOp::Release { token }) => {
-            let sql = format!("SELECT {qs}.release($1, $2, $3, $4)");
+            let sql = format!("SELECT {qs}.release_v2($1, $2, $3, $4)");
             let channel = text(target.channel.as_str());
             let token = token_param(*token)?;
             let params: [(&(dyn ToSql + Sync), Type); 4] = [
@@ -553,8 +577,14 @@ fn lease_acquire_reply(row: Option<&tokio_postgres::Row>) -> Result<Reply, DbErr
     let remaining: Option<i64> = row.try_get("remaining_us").map_err(bad)?;
     let stale_pid: Option<i32> = row.try_get("stale_pid").map_err(bad)?;
     let stale_app: Option<String> = row.try_get("stale_app").map_err(bad)?;
+    let holder_token: Option<i64> = row.try_get("holder_token").map_err(bad)?;
+    let holder_pid: Option<i32> = row.try_get("holder_pid").map_err(bad)?;
+    let prev_token: Option<i64> = row.try_get("prev_token").map_err(bad)?;
+    let prev_pid: Option<i32> = row.try_get("prev_pid").map_err(bad)?;
+    let prev_released: Option<bool> = row.try_get("prev_released").map_err(bad)?;
     let acquired = acquired.unwrap_or(false);
-    let token = token.and_then(|t| u64::try_from(t).ok()).map(FenceToken);
+    let as_token = |t: Option<i64>| t.and_then(|t| u64::try_from(t).ok()).map(FenceToken);
+    let token = as_token(token);
     if acquired && token.is_none() {
         return Err(DbError::Failed("acquired without a token".to_owned()));
     }
@@ -566,6 +596,13 @@ fn lease_acquire_reply(row: Option<&tokio_postgres::Row>) -> Result<Reply, DbErr
             (Some(pid), Some(app)) => Some(StaleHolder { pid, app }),
             _ => None,
         },
+        holder_pid,
+        holder_token: if acquired { None } else { as_token(holder_token) },
+        previous: as_token(prev_token).filter(|_| acquired).map(|token| PreviousTerm {
+            token,
+            holder_pid: prev_pid,
+            released: prev_released.unwrap_or(false),
+        }),
     }))
 }
 

@@ -72,7 +72,13 @@ async fn two_sessions_hand_over(protocol: Protocol) {
     let admin = admin().await;
     publish(&admin.client, &channel, "m1").await;
     let m = next_matching(hsub, "m1", |m| matches!(m, LockMessage::Message { .. })).await;
-    assert_eq!(m, LockMessage::Message { payload: "m1".into() });
+    assert_eq!(
+        m,
+        LockMessage::Message {
+            payload: "m1".into(),
+            replay: false
+        }
+    );
 
     // Release hands over to the standby, which then receives the messages.
     let released_token = holder.token();
@@ -87,12 +93,18 @@ async fn two_sessions_hand_over(protocol: Protocol) {
     assert!(!holder.is_acquired());
     publish(&admin.client, &channel, "m2").await;
     let m = next_matching(ssub, "m2", |m| matches!(m, LockMessage::Message { .. })).await;
-    assert_eq!(m, LockMessage::Message { payload: "m2".into() });
+    assert_eq!(
+        m,
+        LockMessage::Message {
+            payload: "m2".into(),
+            replay: false
+        }
+    );
     // The old holder delivered nothing after its release.
     assert!(queued(hsub).iter().all(|m| !matches!(m, LockMessage::Message { .. })));
     assert!(queued(ssub)
         .iter()
-        .all(|m| !matches!(m, LockMessage::Message { payload } if payload == "m1")));
+        .all(|m| !matches!(m, LockMessage::Message { payload, .. } if payload == "m1")));
 
     // Destroy releases and stops; the former holder takes over again.
     standby.destroy().await.unwrap();
@@ -151,7 +163,8 @@ async fn terminated_backend_is_lost_and_reconnects(protocol: Protocol) {
     assert_eq!(
         m,
         LockMessage::Message {
-            payload: "after".into()
+            payload: "after".into(),
+            replay: false,
         }
     );
     lock.destroy().await.unwrap();
@@ -196,7 +209,8 @@ async fn odd_channel_names_work_end_to_end() {
             assert_eq!(
                 m,
                 LockMessage::Message {
-                    payload: "payload ✓".into()
+                    payload: "payload ✓".into(),
+                    replay: false,
                 }
             );
             lock.destroy().await.unwrap();
@@ -366,7 +380,7 @@ async fn handover_is_lossless(protocol: Protocol) {
         |mut sub: pgiplock::Subscription, who: usize, tx: tokio::sync::mpsc::UnboundedSender<(usize, String)>| {
             tokio::spawn(async move {
                 while let Some(m) = sub.next().await {
-                    if let LockMessage::Message { payload } = m {
+                    if let LockMessage::Message { payload, .. } = m {
                         let _ = tx.send((who, payload));
                     }
                 }

@@ -28,7 +28,7 @@ async fn acquire(c: &RawClient, t: &Target) -> AcquireReply {
 }
 
 async fn renew(c: &RawClient, t: &Target, token: Option<FenceToken>) -> bool {
-    match sql::execute(&c.client, t, &DbOp::Renew { token }).await {
+    match sql::execute(&c.client, t, &DbOp::Renew { token, progress: None }).await {
         Ok(Reply::Renew { owned }) => owned,
         other => panic!("renew: {other:?}"),
     }

@@ -32,8 +32,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
 use pgiplock_core::{
-    AcquireReply, ChannelName, DbError, DbOp, FenceToken, Marker, Protocol, Reply, SessionId, StaleHolder,
-    TerminateOutcome, Timestamp,
+    AcquireReply, ChannelName, DbError, DbOp, FenceToken, Marker, PreviousTerm, Protocol, Reply, SessionId,
+    StaleHolder, TerminateOutcome, Timestamp,
 };
 
 /// Server-wide settings of the model.
@@ -436,12 +436,7 @@ impl SimDb {
                 };
                 if acquired {
                     self.classic.insert(key, app.to_owned());
-                    Reply::Acquire(AcquireReply {
-                        acquired: true,
-                        token: None,
-                        lease_remaining: None,
-                        stale_holder: None,
-                    })
+                    Reply::Acquire(AcquireReply::won(None))
                 } else {
                     Reply::Acquire(AcquireReply::locked())
                 }
@@ -505,12 +500,15 @@ impl SimDb {
                     Some(_) => (false, None),
                 };
                 if !free {
-                    let remaining = row.and_then(|r| r.expires_at).map(|e| e.saturating_duration_since(now));
+                    let remaining = row
+                        .as_ref()
+                        .and_then(|r| r.expires_at)
+                        .map(|e| e.saturating_duration_since(now));
                     return Ok(Reply::Acquire(AcquireReply {
-                        acquired: false,
-                        token: None,
                         lease_remaining: remaining,
-                        stale_holder: None,
+                        holder_token: row.as_ref().map(|r| FenceToken(r.token)),
+                        holder_pid: row.as_ref().and_then(|r| r.holder_pid),
+                        ..AcquireReply::locked()
                     }));
                 }
                 if self.read_only {
@@ -519,6 +517,13 @@ impl SimDb {
                         "cannot execute UPDATE in a read-only transaction".to_owned(),
                     ));
                 }
+                // The term before ours, for the winner's replay (the row keeps its holder's pid
+                // after a release).
+                let previous = row.as_ref().filter(|r| r.token > 0).map(|r| PreviousTerm {
+                    token: FenceToken(r.token),
+                    holder_pid: r.holder_pid,
+                    released: r.holder.is_none(),
+                });
                 let token = row.map_or(0, |r| r.token) + 1;
                 self.lease.insert(
                     key,
@@ -531,13 +536,13 @@ impl SimDb {
                 );
                 self.deliver(pid, &lock_channel, &Marker::Acquired(FenceToken(token)).payload());
                 Ok(Reply::Acquire(AcquireReply {
-                    acquired: true,
-                    token: Some(FenceToken(token)),
-                    lease_remaining: None,
                     stale_holder: stale,
+                    holder_pid: Some(pid),
+                    previous,
+                    ..AcquireReply::won(Some(FenceToken(token)))
                 }))
             }
-            DbOp::Renew { token } => {
+            DbOp::Renew { token, progress } => {
                 let owned = match (self.lease.get_mut(&key), token) {
                     (Some(row), Some(t)) if row.holder.as_deref() == Some(app) && row.token == t.0 => {
                         row.expires_at = Some(now + ttl);
@@ -545,6 +550,9 @@ impl SimDb {
                     }
                     _ => false,
                 };
+                if let (true, Some(token), Some(progress)) = (owned, token, progress) {
+                    self.deliver(pid, &lock_channel, &Marker::Progress(*token, *progress).payload());
+                }
                 Ok(Reply::Renew { owned })
             }
             DbOp::Drain { token } => {
@@ -554,8 +562,8 @@ impl SimDb {
             DbOp::Release { token } => {
                 let released = match (self.lease.get_mut(&key), token) {
                     (Some(row), Some(t)) if row.holder.as_deref() == Some(app) && row.token == t.0 => {
+                        // The pid stays: the next winner learns who sent this term's markers.
                         row.holder = None;
-                        row.holder_pid = None;
                         row.expires_at = None;
                         true
                     }

@@ -481,7 +481,7 @@ impl World {
                 self.client_send(p, server, ClientMsg::Request { request });
             }
             SessionOutput::Lock { lock, event } => self.lock_event(p, lock.0 as usize, event),
-            SessionOutput::Deliver { lock, payload } => {
+            SessionOutput::Deliver { lock, payload, .. } => {
                 let li = lock.0 as usize;
                 if !self.procs[p].locks.get(li).is_some_and(|l| l.believes) {
                     self.metrics.s3_violations += 1;

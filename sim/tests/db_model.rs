@@ -37,7 +37,16 @@ fn classic_row_is_taken_over_only_when_no_session_has_the_owners_name() {
     db.close_session(a2);
     assert!(acquire(&mut db, b, Protocol::Classic, &ch).acquired);
     assert_eq!(
-        db.execute(b, Protocol::Classic, &ch, TTL, &DbOp::Renew { token: None }),
+        db.execute(
+            b,
+            Protocol::Classic,
+            &ch,
+            TTL,
+            &DbOp::Renew {
+                token: None,
+                progress: None
+            }
+        ),
         Ok(Reply::Renew { owned: true })
     );
     // Release deletes and notifies '1' at commit, to every listener including the sender.
@@ -72,6 +81,7 @@ fn lease_tokens_rise_and_expiry_is_on_the_server_clock() {
         TTL,
         &DbOp::Renew {
             token: Some(FenceToken(1)),
+            progress: None,
         },
     );
     assert_eq!(renew, Ok(Reply::Renew { owned: true }));
@@ -82,6 +92,7 @@ fn lease_tokens_rise_and_expiry_is_on_the_server_clock() {
         TTL,
         &DbOp::Renew {
             token: Some(FenceToken(0)),
+            progress: None,
         },
     );
     assert_eq!(stale_renew, Ok(Reply::Renew { owned: false }));

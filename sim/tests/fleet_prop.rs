@@ -556,7 +556,13 @@ fn old_token_renew_and_release_change_nothing() {
     db.advance_to(t + Duration::from_secs(1));
     let old = Some(FenceToken(1));
     assert_eq!(
-        run(&mut db, DbOp::Renew { token: old }),
+        run(
+            &mut db,
+            DbOp::Renew {
+                token: old,
+                progress: None
+            }
+        ),
         Ok(Reply::Renew { owned: false })
     );
     assert_eq!(

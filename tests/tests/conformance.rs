@@ -30,7 +30,9 @@ use std::fmt;
 use std::time::Duration;
 
 use pgiplock::lock_status_on;
-use pgiplock_core::{ChannelName, DbError, DbOp, FenceToken, Protocol, Reply, SchemaName, SessionId, Timestamp};
+use pgiplock_core::{
+    ChannelName, DbError, DbOp, FenceToken, Progress, Protocol, Reply, SchemaName, SessionId, Timestamp,
+};
 use pgiplock_sim::db::{DbConfig, SimDb};
 use pgiplock_testkit::sql::{bootstrap, execute, Target};
 use pgiplock_tests::{connect, database_url, unique_hex, Listener, TestSchema};
@@ -267,6 +269,8 @@ struct Worlds {
     tokens: Vec<Vec<Option<u64>>>,
     /// The server refuses writes (every real session is set read-only, new ones too).
     read_only: bool,
+    /// Renewals sent so far: numbers their progress markers.
+    renewals: u64,
     log: Vec<String>,
 }
 
@@ -294,6 +298,7 @@ impl Worlds {
             real: Vec::new(),
             real_pids: BTreeMap::new(),
             db: SimDb::new(DbConfig::default()),
+            renewals: 1,
             sim: Vec::new(),
             sim_pids: BTreeMap::new(),
             start: Instant::now(),
@@ -522,7 +527,13 @@ impl Worlds {
                     return skipped;
                 }
                 let token = self.token(s, c, tok);
-                self.op(s, c, DbOp::Renew { token }).await
+                // Under Lease a renewal carries a progress marker, committed with it.
+                let progress = (self.protocol == Protocol::Lease).then_some(Progress {
+                    seq: self.renewals,
+                    ack: self.renewals.checked_sub(1),
+                });
+                self.renewals += 1;
+                self.op(s, c, DbOp::Renew { token, progress }).await
             }
             Step::Drain { s, c, tok } => {
                 if !self.is_open(s) {

@@ -109,7 +109,7 @@ struct LeaseSql {
 impl LeaseSql {
     async fn acquire(&self, client: &Client, app: &str, ttl: Duration) -> AcquireRow {
         let sql = format!(
-            "SELECT acquired, token, remaining_us, stale_pid, stale_app FROM {}.acquire($1, $2, $3, $4)",
+            "SELECT acquired, token, remaining_us, stale_pid, stale_app FROM {}.acquire_v2($1, $2, $3, $4)",
             quote_ident(&self.schema)
         );
         let row = client
@@ -126,16 +126,19 @@ impl LeaseSql {
     }
 
     async fn renew(&self, client: &Client, app: &str, token: i64, ttl: Duration) -> bool {
-        let sql = format!("SELECT {}.renew($1, $2, $3, $4)", quote_ident(&self.schema));
+        let sql = format!(
+            "SELECT {}.renew_v2($1, $2, $3, $4, $5, NULL, NULL)",
+            quote_ident(&self.schema)
+        );
         let row = client
-            .query_one(&sql, &[&self.channel, &app, &token, &us(ttl)])
+            .query_one(&sql, &[&self.channel, &self.lock_channel, &app, &token, &us(ttl)])
             .await
             .unwrap_or_else(|e| panic!("renew: {e}"));
         row.get::<_, Option<bool>>(0).unwrap_or(false)
     }
 
     async fn release(&self, client: &Client, app: &str, token: i64) -> bool {
-        let sql = format!("SELECT {}.release($1, $2, $3, $4)", quote_ident(&self.schema));
+        let sql = format!("SELECT {}.release_v2($1, $2, $3, $4)", quote_ident(&self.schema));
         let row = client
             .query_one(&sql, &[&self.channel, &self.lock_channel, &app, &token])
             .await

@@ -60,7 +60,8 @@ async fn forged_newer_term_markers_do_not_make_a_lease_holder_step_down() {
     assert_eq!(
         message,
         LockMessage::Message {
-            payload: "after".into()
+            payload: "after".into(),
+            replay: false,
         }
     );
     assert!(lock.is_acquired());

@@ -2,7 +2,8 @@
 //!
 //! The line format is stable (tests and the demo parse it):
 //! `{"event":"ready","app":..,"pid":..,"t_us":..}`, then `acquired` (with `token`), `lost`
-//! (with `reason`), `released`, `message` (with `payload`), each with `channel` and `t_us`.
+//! (with `reason`), `released`, `message` (with `payload`, and `replay` when it was replayed at
+//! a takeover), `gap` (with `missing`), each with `channel` and `t_us`.
 
 use std::io::{Read as _, Write as _};
 use std::time::Duration;
@@ -46,6 +47,9 @@ pub(crate) struct WorkerArgs {
     /// Also release and exit when stdin reaches end of file (so a supervisor's death stops it).
     #[arg(long)]
     exit_on_stdin_eof: bool,
+    /// Most messages a lease standby keeps to replay at a takeover (default 65536; 0: off).
+    #[arg(long, value_name = "MESSAGES")]
+    replay_limit: Option<usize>,
 }
 
 impl WorkerArgs {
@@ -69,6 +73,9 @@ impl WorkerArgs {
                 return Err(CliError::Usage("--lease-ttl applies to --protocol lease only".into()));
             }
             options = options.lease_ttl(ttl);
+        }
+        if let Some(limit) = self.replay_limit {
+            options = options.replay_limit(limit);
         }
         options
             .to_config()
@@ -164,6 +171,14 @@ enum Line<'a> {
     Message {
         channel: &'a str,
         payload: &'a str,
+        /// Only on replayed messages, so live lines stay as they were.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        replay: bool,
+        t_us: u64,
+    },
+    Gap {
+        channel: &'a str,
+        missing: u64,
         t_us: u64,
     },
     Warning {
@@ -204,7 +219,17 @@ fn message_line<'a>(channel: &'a str, message: &'a LockMessage) -> Option<Line<'
             reason: reason.as_str(),
             t_us,
         },
-        LockMessage::Message { payload } => Line::Message { channel, payload, t_us },
+        LockMessage::Message { payload, replay } => Line::Message {
+            channel,
+            payload,
+            replay: *replay,
+            t_us,
+        },
+        LockMessage::Gap { missing } => Line::Gap {
+            channel,
+            missing: *missing,
+            t_us,
+        },
         LockMessage::Warning(warning) => Line::Warning {
             channel,
             kind: warning.as_str(),
@@ -350,6 +375,7 @@ mod tests {
         assert!(json(message_line("jobs", &classic))["token"].is_null());
         let message = LockMessage::Message {
             payload: "a \"quoted\"\nline".into(),
+            replay: false,
         };
         let text = serde_json::to_string(&message_line("jobs", &message).unwrap()).unwrap();
         assert!(
@@ -357,6 +383,14 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains('\n'), "one object per line");
+        assert!(!text.contains("replay"), "live lines carry no replay field: {text}");
+        let replayed = LockMessage::Message {
+            payload: "7".into(),
+            replay: true,
+        };
+        assert_eq!(json(message_line("jobs", &replayed))["replay"], true);
+        let gap = json(message_line("jobs", &LockMessage::Gap { missing: 3 }));
+        assert_eq!((gap["event"].as_str(), gap["missing"].as_u64()), (Some("gap"), Some(3)));
         let lost = LockMessage::Lost {
             reason: pgiplock::LostReason::LeaseExpired,
         };

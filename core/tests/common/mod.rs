@@ -58,12 +58,23 @@ pub fn events(outputs: &[Output]) -> Vec<LockEvent> {
         .collect()
 }
 
+/// Payloads delivered as replays among `outputs`.
+pub fn replayed(outputs: &[Output]) -> Vec<String> {
+    outputs
+        .iter()
+        .filter_map(|o| match o {
+            Output::Deliver { payload, replay: true } => Some(payload.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Delivered payloads among `outputs`.
 pub fn delivered(outputs: &[Output]) -> Vec<String> {
     outputs
         .iter()
         .filter_map(|o| match o {
-            Output::Deliver { payload } => Some(payload.clone()),
+            Output::Deliver { payload, .. } => Some(payload.clone()),
             _ => None,
         })
         .collect()

@@ -172,6 +172,7 @@ async fn measure_latency(cluster: &TempCluster) -> Result<Latency, BoxError> {
             &target,
             &DbOp::Renew {
                 token: Some(FenceToken(1)),
+                progress: None,
             },
         )
         .await?;
