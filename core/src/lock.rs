@@ -302,6 +302,13 @@ pub struct Lock {
     own_pid: Option<i32>,
     /// Markers ignored because their sender is not their term's holder.
     ignored_markers: u64,
+    /// `Lease`: our term ended with its session, so our next session heard nothing of the
+    /// stream in between; standbys that listened throughout hold the replay. Automatic
+    /// attempts wait until our lease has expired (then theirs, retrying at the expiry, come
+    /// first).
+    defer_until: Option<Timestamp>,
+    /// The newest claimed term (an `acquired` marker) that postponed our attempts.
+    postponed_for: Option<FenceToken>,
 }
 
 impl Lock {
@@ -329,6 +336,8 @@ impl Lock {
             holder_known: None,
             own_pid: None,
             ignored_markers: 0,
+            defer_until: None,
+            postponed_for: None,
         }
     }
 
@@ -457,7 +466,9 @@ impl Lock {
         match kind {
             TimerKind::Retry => {
                 if self.phase() == Phase::Standby && self.can_compete() {
-                    if self.pending.is_none() {
+                    if let Some(until) = self.defer_until.filter(|until| *until > self.now) {
+                        self.arm(TimerKind::Retry, until);
+                    } else if self.pending.is_none() {
                         self.send(DbOp::Acquire);
                     } else if !self.acquire_in_flight() {
                         // Attempt as soon as the request in flight ends (an attempt in flight
@@ -600,6 +611,18 @@ impl Lock {
         if let Some(replay) = &mut self.replay {
             replay.compact(token, pid);
         }
+    }
+
+    /// Whether an unverified marker's term can follow the newest one the table named (the
+    /// next token), and has not already postponed our attempts.
+    fn plausible(&self, token: Option<FenceToken>) -> bool {
+        let Some(token) = token.filter(|_| self.config.protocol == Protocol::Lease) else {
+            return true;
+        };
+        let next = self
+            .holder_known
+            .map_or(true, |(known, _)| token.0 <= known.0.saturating_add(1));
+        next && self.postponed_for.map_or(true, |postponed| token > postponed)
     }
 
     fn count_ignored(&mut self, pid: i32) {
@@ -965,6 +988,12 @@ impl Lock {
     }
 
     fn on_session_down(&mut self, reason: LostReason) {
+        if let (Protocol::Lease, Stage::Holding(term, _) | Stage::Draining(term, _)) =
+            (self.config.protocol, &self.stage)
+        {
+            let expiry = term.confirmed_sent + self.config.lease_ttl + self.config.wake_jitter;
+            self.defer_until = Some(expiry + Duration::from_millis(1));
+        }
         self.session = None;
         self.replay = None;
         self.pending = None;
@@ -1283,6 +1312,15 @@ impl Lock {
         if matches!(marker, Marker::Progress(..)) || trust == Trust::Stale {
             return;
         }
+        if trust == Trust::Unverified && self.phase() == Phase::Standby && !self.plausible(token) {
+            // Terms follow each other one token at a time, and the table named the current one:
+            // a claim far beyond it is noise, and must not cancel or postpone anything (a
+            // forger repeating it would otherwise keep every standby from ever attempting).
+            if let Some(pid) = token.map(|_| pid) {
+                self.count_ignored(pid);
+            }
+            return;
+        }
         if let Marker::Released(token) = marker {
             if matches!(self.phase(), Phase::Releasing | Phase::Standby) && self.is_own_release(token) {
                 // Our own release: it must not wake us (we just gave the lock up), but it does
@@ -1385,8 +1423,10 @@ impl Lock {
                     standby.acquired_during_attempt = Some(newest);
                 }
             }
-            (Phase::Standby, Marker::Acquired(_)) => {
-                // Someone won: no point in attempting now, and the stream is theirs.
+            (Phase::Standby, Marker::Acquired(token)) => {
+                // Someone won: no point in attempting now, and the stream is theirs. Once per
+                // claimed term: a repeated claim postpones nothing more.
+                self.postponed_for = Some(token);
                 if let Some(standby) = self.standby_mut() {
                     standby.handover = None;
                     standby.woken = false;

@@ -1418,3 +1418,47 @@ fn a_handover_whose_own_marker_came_before_the_reply_keeps_what_followed_the_dra
     assert_eq!(delivered(&out), vec!["after the drain", "ours"]);
     assert!(replayed(&out).is_empty());
 }
+
+/// A holder whose session ended heard nothing until its next session listened: standbys that
+/// listened throughout hold the replay, so its own attempts wait for its lease to expire.
+#[test]
+fn a_holder_that_lost_its_session_defers_its_attempts_to_its_lease_expiry() {
+    let mut s = Solo::new(Protocol::Lease);
+    s.holding(T1); // acquisition sent at 0 ms, confirmed: the lease runs to about 10 s
+    s.after(100, Input::SessionDown(S1));
+    let out = s.after(10, Input::SessionUp(SessionId(2)));
+    assert!(!out.iter().any(|o| matches!(o, Output::Request(_))), "{out:?}");
+    let (at, kind) = s.timeout();
+    assert_eq!(kind, TimerKind::Retry);
+    let out = s.at(at, Input::Tick);
+    if out.iter().any(|o| matches!(o, Output::Request(_))) {
+        assert!(
+            at >= Timestamp::from_millis(10_000),
+            "attempted at {at:?}, before its lease expired"
+        );
+    } else {
+        let (at, _) = s.timeout();
+        assert!(at >= Timestamp::from_millis(10_000), "rescheduled at {at:?}");
+        let req = request(&s.at(at, Input::Tick));
+        assert_eq!(req.op, DbOp::Acquire);
+    }
+}
+
+#[test]
+fn repeated_or_far_fetched_claims_never_keep_a_standby_from_attempting() {
+    let mut s = standby_of_term_5();
+    let (retry, _) = s.timeout();
+    // Far beyond the table's term: ignored.
+    s.marker_from(FORGER_PID, Marker::Acquired(FenceToken(1005)));
+    assert_eq!(s.timeout().0, retry);
+    // The next term, claimed again and again: it postpones once.
+    s.marker_from(FORGER_PID, Marker::Acquired(FenceToken(6)));
+    let (postponed, _) = s.timeout();
+    for _ in 0..5 {
+        s.after(100, Input::Tick);
+        s.marker_from(FORGER_PID, Marker::Acquired(FenceToken(6)));
+        assert_eq!(s.timeout().0, postponed, "postponed only once");
+    }
+    let req = request(&s.at(postponed, Input::Tick));
+    assert_eq!(req.op, DbOp::Acquire);
+}

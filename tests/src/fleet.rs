@@ -343,7 +343,7 @@ impl Fleet {
         self.timeline
             .wait_for(&format!("delivery of {payload:?}"), timeout, |events| {
                 events.iter().find_map(|e| match &e.kind {
-                    EventKind::Message { payload: p } if p == payload => Some(e.worker),
+                    EventKind::Message { payload: p, .. } if p == payload => Some(e.worker),
                     _ => None,
                 })
             })
@@ -354,7 +354,7 @@ impl Fleet {
     pub fn deliveries(&self) -> BTreeMap<String, Vec<usize>> {
         let mut out: BTreeMap<String, Vec<usize>> = BTreeMap::new();
         for e in self.events() {
-            if let EventKind::Message { payload } = e.kind {
+            if let EventKind::Message { payload, .. } = e.kind {
                 out.entry(payload).or_default().push(e.worker);
             }
         }
@@ -467,7 +467,14 @@ mod tests {
     fn intervals_and_overlaps() {
         let events = vec![
             ev(0, 10, EventKind::Acquired { token: Some(1) }),
-            ev(0, 15, EventKind::Message { payload: "a".into() }),
+            ev(
+                0,
+                15,
+                EventKind::Message {
+                    payload: "a".into(),
+                    replay: false,
+                },
+            ),
             ev(0, 20, EventKind::Drained),
             ev(0, 21, EventKind::Released),
             ev(1, 25, EventKind::Acquired { token: Some(2) }),
@@ -480,7 +487,14 @@ mod tests {
                 },
             ),
             ev(2, 29, EventKind::Acquired { token: Some(3) }),
-            ev(0, 40, EventKind::Message { payload: "b".into() }),
+            ev(
+                0,
+                40,
+                EventKind::Message {
+                    payload: "b".into(),
+                    replay: false,
+                },
+            ),
         ];
         let (intervals, anomalies) = holding_intervals(&events);
         assert_eq!(intervals.len(), 3);

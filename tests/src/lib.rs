@@ -18,7 +18,7 @@ mod timeline;
 mod worker;
 
 pub use db::{backends_of_app, connect, terminate_app, Listener, MessageStream, Publisher, TestSchema};
-pub use fleet::{coverage, EndKind, Fleet, Interval};
+pub use fleet::{coverage, holding_intervals, EndKind, Fleet, Interval};
 pub use pgiplock_testkit::proxy::BlackholeProxy;
 pub use timeline::{now_us, Event, EventKind, Timeline};
 pub use worker::{worker_binary, Worker, WorkerOpts};

@@ -50,6 +50,13 @@ pub enum EventKind {
     Message {
         /// Its payload.
         payload: String,
+        /// Replayed at a takeover (the previous holder may have delivered it too).
+        replay: bool,
+    },
+    /// A takeover's replay was incomplete: up to `missing` messages never delivered.
+    Gap {
+        /// How many were dropped.
+        missing: u64,
     },
     /// A warning (`Warning::as_str`), which changes nothing by itself.
     Warning {
@@ -91,14 +98,43 @@ impl fmt::Display for Event {
 #[derive(Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 enum Wire {
-    Ready { app: String, pid: i64, t_us: i64 },
-    Acquired { token: Option<u64>, t_us: i64 },
-    Lost { reason: String, t_us: i64 },
-    Drained { t_us: i64 },
-    Released { t_us: i64 },
-    ReleaseFailed { reason: String, t_us: i64 },
-    Message { payload: String, t_us: i64 },
-    Warning { kind: String, t_us: i64 },
+    Ready {
+        app: String,
+        pid: i64,
+        t_us: i64,
+    },
+    Acquired {
+        token: Option<u64>,
+        t_us: i64,
+    },
+    Lost {
+        reason: String,
+        t_us: i64,
+    },
+    Drained {
+        t_us: i64,
+    },
+    Released {
+        t_us: i64,
+    },
+    ReleaseFailed {
+        reason: String,
+        t_us: i64,
+    },
+    Message {
+        payload: String,
+        #[serde(default)]
+        replay: bool,
+        t_us: i64,
+    },
+    Gap {
+        missing: u64,
+        t_us: i64,
+    },
+    Warning {
+        kind: String,
+        t_us: i64,
+    },
 }
 
 /// Parses one stdout line of a worker into an event.
@@ -112,7 +148,8 @@ pub(crate) fn parse_line(worker: usize, line: &str) -> Event {
                 Wire::Drained { t_us } => (t_us, EventKind::Drained),
                 Wire::Released { t_us } => (t_us, EventKind::Released),
                 Wire::ReleaseFailed { reason, t_us } => (t_us, EventKind::ReleaseFailed { reason }),
-                Wire::Message { payload, t_us } => (t_us, EventKind::Message { payload }),
+                Wire::Message { payload, replay, t_us } => (t_us, EventKind::Message { payload, replay }),
+                Wire::Gap { missing, t_us } => (t_us, EventKind::Gap { missing }),
                 Wire::Warning { kind, t_us } => (t_us, EventKind::Warning { kind }),
             };
             Event { worker, t_us, kind }
@@ -235,7 +272,13 @@ mod tests {
             }
         );
         let e = parse_line(0, r#"{"event":"message","channel":"c","payload":"m1","t_us":1}"#);
-        assert_eq!(e.kind, EventKind::Message { payload: "m1".into() });
+        assert_eq!(
+            e.kind,
+            EventKind::Message {
+                payload: "m1".into(),
+                replay: false
+            }
+        );
         let e = parse_line(0, "not json");
         assert!(matches!(e.kind, EventKind::Unparsed { .. }));
     }

@@ -81,7 +81,7 @@ async fn sigterm_handover(protocol: Protocol) {
                 .iter()
                 .any(|e| {
                     e.worker == next
-                        && matches!(&e.kind, EventKind::Message { payload } if payload_index(payload) > after)
+                        && matches!(&e.kind, EventKind::Message { payload, .. } if payload_index(payload) > after)
                 })
                 .then_some(())
         })
@@ -122,7 +122,7 @@ async fn settle(fleet: &Fleet, stream: MessageStream, next: usize) -> Vec<(Strin
                 .iter()
                 .any(|e| {
                     e.worker == next
-                        && matches!(&e.kind, EventKind::Message { payload } if payload_index(payload) > after)
+                        && matches!(&e.kind, EventKind::Message { payload, .. } if payload_index(payload) > after)
                 })
                 .then_some(())
         })

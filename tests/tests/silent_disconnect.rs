@@ -135,7 +135,7 @@ async fn lease_silent_disconnect_fences_holder_and_fails_over() {
                     .iter()
                     .any(|e| {
                         e.worker == next
-                            && matches!(&e.kind, EventKind::Message { payload }
+                            && matches!(&e.kind, EventKind::Message { payload, .. }
                             if payload.trim_start_matches('m').parse::<u64>().unwrap_or(0) > published_before_heal)
                     })
                     .then_some(())
