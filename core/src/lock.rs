@@ -788,12 +788,18 @@ impl Lock {
         };
         self.disarm(TimerKind::Retry);
         self.emit(LockEvent::Acquired { token });
-        if let Some(replay) = self.replay.take() {
+        // Without the table's word on the previous term (an old server's reply), the handover
+        // buffer decides, as before replay existed.
+        let replay = self
+            .replay
+            .take()
+            .filter(|_| previous.is_some() || standby.handover.is_none());
+        if let Some(replay) = replay {
             // `Lease`: the table says which term came before and who held it, and the log says
             // where that holder's delivery provably ended (its drain marker, or its newest
             // acknowledged progress marker): deliver from there on, flagged where the previous
             // holder may have delivered it too. The handover buffer is a subset of the log.
-            let replayed = replay.take(previous, token);
+            let replayed = replay.take(previous, token, self.own_pid);
             if replayed.missing > 0 {
                 self.emit(LockEvent::Gap {
                     missing: replayed.missing,

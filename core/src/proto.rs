@@ -70,8 +70,9 @@ pub struct SessionId(pub u64);
 ///   transaction sends `'progress:<token>:<seq>[:<ack>]'` on the lock channel (see
 ///   [`Marker::Progress`]).
 /// - `Drain { token }`: sends `'draining:<token>'` on the lock channel (no drain channel).
-/// - `Release { token }`: clears `holder`, `holder_pid`, `expires_at` where `holder = app and
-///   token = token`, and sends `'released:<token>'` on the lock channel; `released` iff matched.
+/// - `Release { token }`: clears `holder` and `expires_at` where `holder = app and token =
+///   token` (`holder_pid` stays, so the next winner learns who sent this term's markers), and
+///   sends `'released:<token>'` on the lock channel; `released` iff matched.
 /// - `TerminateStale`: `pg_terminate_backend(pid)` if a session with that pid and application
 ///   name still exists.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -180,11 +180,18 @@ impl Replay {
     /// What the winner of term `own` delivers first, given the previous term as the table had it
     /// (`None`: the row is new, or the table did not say). Data after the winner's own `acquired`
     /// marker (already in the log when the reply came late) is live, never a replay.
-    pub(crate) fn take(self, previous: Option<PreviousTerm>, own: Option<FenceToken>) -> Replayed {
-        let own_mark = self
-            .entries
-            .iter()
-            .rposition(|entry| matches!(entry, Entry::Mark { marker: Marker::Acquired(t), .. } if Some(*t) == own));
+    pub(crate) fn take(
+        self,
+        previous: Option<PreviousTerm>,
+        own: Option<FenceToken>,
+        own_pid: Option<i32>,
+    ) -> Replayed {
+        // Ours: our token from our backend (tokens start again after a schema drop, and anyone
+        // can send `acquired:<n>`).
+        let own_mark = self.entries.iter().rposition(|entry| {
+            matches!(entry, Entry::Mark { pid, marker: Marker::Acquired(t) }
+                if Some(*t) == own && own_pid.map_or(true, |own_pid| own_pid == *pid))
+        });
         let mut out = Replayed::default();
         let (start, mut replay) = match previous {
             None => {
@@ -265,12 +272,15 @@ mod tests {
         data(&mut log, &["b"]);
         log.push_mark(P, progress(5, 2, Some(1)));
         data(&mut log, &["c"]);
-        let r = log.clone().take(crashed(5), Some(t(6)));
+        let r = log.clone().take(crashed(5), Some(t(6)), None);
         assert_eq!(payloads(&r), [("b", true), ("c", true)]);
         // Compacting at the table's word keeps exactly that.
         log.compact(t(5), P);
         assert_eq!(log.len(), 2);
-        assert_eq!(payloads(&log.take(crashed(5), Some(t(6)))), [("b", true), ("c", true)]);
+        assert_eq!(
+            payloads(&log.take(crashed(5), Some(t(6)), None)),
+            [("b", true), ("c", true)]
+        );
     }
 
     #[test]
@@ -282,7 +292,7 @@ mod tests {
         log.push_mark(FORGER, progress(5, 9, Some(9)));
         data(&mut log, &["b"]);
         log.compact(t(5), P);
-        let r = log.take(crashed(5), Some(t(6)));
+        let r = log.take(crashed(5), Some(t(6)), None);
         assert_eq!(payloads(&r), [("a", true), ("b", true)]);
     }
 
@@ -302,7 +312,7 @@ mod tests {
             holder_pid: Some(P),
             released: true,
         });
-        let r = log.take(previous, Some(t(6)));
+        let r = log.take(previous, Some(t(6)), None);
         assert_eq!(payloads(&r), [("b", false), ("c", false), ("d", false)]);
     }
 
@@ -313,7 +323,7 @@ mod tests {
         for i in 0..5 {
             log.push_data(i.to_string(), 3, 1 << 20);
         }
-        let r = log.take(crashed(5), Some(t(6)));
+        let r = log.take(crashed(5), Some(t(6)), None);
         assert_eq!(payloads(&r), [("2", true), ("3", true), ("4", true)]);
         assert_eq!(r.missing, 2);
     }
@@ -326,7 +336,7 @@ mod tests {
         }
         log.push_mark(P, Marker::Acquired(t(5)));
         data(&mut log, &["a"]);
-        let r = log.take(crashed(5), Some(t(6)));
+        let r = log.take(crashed(5), Some(t(6)), None);
         assert_eq!(payloads(&r), [("a", true)]);
         assert_eq!(r.missing, 0);
     }
@@ -335,7 +345,7 @@ mod tests {
     fn a_log_after_its_own_term_replays_nothing_twice() {
         let mut log = Replay::after_own(Some(t(5)), Some(P));
         data(&mut log, &["a"]);
-        let r = log.take(crashed(5), Some(t(6)));
+        let r = log.take(crashed(5), Some(t(6)), None);
         assert_eq!(payloads(&r), [("a", false)]);
     }
 
@@ -346,13 +356,13 @@ mod tests {
         data(&mut log, &["a"]);
         log.push_mark(3, Marker::Acquired(t(6)));
         data(&mut log, &["b"]);
-        let r = log.take(crashed(5), Some(t(6)));
+        let r = log.take(crashed(5), Some(t(6)), None);
         assert_eq!(payloads(&r), [("a", true), ("b", false)]);
         let mut fresh = Replay::listening();
         data(&mut fresh, &["x"]);
         fresh.push_mark(3, Marker::Acquired(t(1)));
         data(&mut fresh, &["y"]);
-        assert_eq!(payloads(&fresh.take(None, Some(t(1)))), [("y", false)]);
+        assert_eq!(payloads(&fresh.take(None, Some(t(1)), None)), [("y", false)]);
     }
 
     #[test]

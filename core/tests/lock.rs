@@ -371,7 +371,7 @@ fn takeover_delivers_what_follows_its_own_acquired_marker() {
     let mut s = Solo::new(Protocol::Lease);
     let req = s.attempt();
     s.data("before");
-    s.marker(Marker::Acquired(FenceToken(5)));
+    s.marker_from(OWN_PID, Marker::Acquired(FenceToken(5)));
     s.data("y1");
     let out = s.reply(1, &req, acquired_after(5, 4, false));
     assert_eq!(delivered(&out), vec!["before", "y1"]);
@@ -391,7 +391,7 @@ fn takeover_delivers_what_follows_its_own_acquired_marker() {
     let req = s.attempt();
     s.marker(Marker::Acquired(FenceToken(5)));
     s.data("z1");
-    s.marker(Marker::Acquired(FenceToken(6)));
+    s.marker_from(OWN_PID, Marker::Acquired(FenceToken(6)));
     s.data("z2");
     let out = s.reply(1, &req, acquired_after(6, 5, false));
     assert_eq!(delivered(&out), vec!["z1", "z2"]);

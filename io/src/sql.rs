@@ -685,7 +685,7 @@ pub async fn lock_status_on(
         }
         Protocol::Lease => {
             let sql = format!(
-                "SELECT l.channel, l.holder, l.holder_pid, l.token, \
+                "SELECT l.channel, l.holder, CASE WHEN l.holder IS NULL THEN NULL ELSE l.holder_pid END, l.token, \
                  EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a WHERE a.pid = l.holder_pid AND a.application_name = l.holder), \
                  CASE WHEN l.holder IS NULL THEN NULL ELSE GREATEST(0, (EXTRACT(EPOCH FROM (l.expires_at - now())) * 1000000)::bigint) END \
                  FROM {table} l ORDER BY l.channel"

@@ -75,7 +75,7 @@ async fn bootstrap_many(protocol: Protocol) {
         "a bootstrap rewrote existing functions"
     );
     if protocol == Protocol::Lease {
-        let acquire = before.iter().find(|(n, _, _)| n == "acquire").expect("acquire()");
+        let acquire = before.iter().find(|(n, _, _)| n == "acquire_v2").expect("acquire_v2()");
         assert_eq!(acquire.2, Some(vec!["lock_timeout=2s".to_owned()]));
     }
     let admin = admin().await;

@@ -149,6 +149,9 @@ struct WorkerLine {
     token: Option<u64>,
     reason: Option<String>,
     payload: Option<String>,
+    #[serde(default)]
+    replay: bool,
+    missing: Option<u64>,
     app: Option<String>,
     pid: Option<u32>,
 }
@@ -189,6 +192,11 @@ struct Record {
     timeline: Vec<Entry>,
     /// Message number → the workers that delivered it.
     delivered: BTreeMap<u64, BTreeSet<usize>>,
+    /// Deliveries flagged as replays (at a takeover: possibly delivered before).
+    replayed: usize,
+    /// Deliveries of a message already delivered, and how many of those were flagged replays.
+    repeats: usize,
+    flagged_repeats: usize,
     /// The worker that last reported `acquired` and has not since lost, released or exited.
     holder: Option<usize>,
     /// Every `acquired`: (worker, t_us).
@@ -247,10 +255,19 @@ impl Record {
                     "released" => "released the lock (confirmed)".to_string(),
                     "release_failed" => format!("release not confirmed ({})", line.reason.as_deref().unwrap_or("?")),
                     "warning" => "warning".to_string(),
+                    "gap" => format!(
+                        "replay incomplete: up to {} messages dropped by the replay buffer",
+                        line.missing.unwrap_or(0)
+                    ),
                     "message" => {
                         let payload = line.payload.unwrap_or_default();
                         match payload.parse::<u64>() {
                             Ok(number) => {
+                                if self.delivered.contains_key(&number) {
+                                    self.repeats += 1;
+                                    self.flagged_repeats += usize::from(line.replay);
+                                }
+                                self.replayed += usize::from(line.replay);
                                 self.delivered_message(worker, number, t_us);
                                 return;
                             }
@@ -658,12 +675,8 @@ impl Demo {
         let lost_in_handover = lost.iter().filter(|(_, t)| *t < measured.split_us).count();
         let lost_in_crash = lost.len() - lost_in_handover;
         let delivered = self.record.delivered.keys().filter(|n| published.contains(n)).count();
-        let duplicated = self
-            .record
-            .delivered
-            .values()
-            .filter(|workers| workers.len() > 1)
-            .count();
+        let duplicated = self.record.repeats;
+        let (replayed, flagged) = (self.record.replayed, self.record.flagged_repeats);
         let handover_ms = measured.handover_us as f64 / 1000.0;
         let failover_ms = measured.failover_us as f64 / 1000.0;
 
@@ -692,15 +705,23 @@ impl Demo {
         let _ = writeln!(
             out,
             "  messages: {} published, {delivered} delivered, {} lost ({lost_in_handover} around the graceful handover, \
-             {lost_in_crash} around the crash), {duplicated} delivered twice",
+             {lost_in_crash} around the crash), {duplicated} delivered twice ({flagged} of them flagged as replays; \
+             {replayed} replayed in all)",
             published.len(),
             lost.len(),
         );
+        if replayed > 0 {
+            let _ = writeln!(
+                out,
+                "  replays: the winner of the crash takeover delivered first what followed the dead holder's last \
+                 acknowledged progress marker, flagged as replays (at least once: it may have delivered some)."
+            );
+        }
         if lost_in_crash > 0 {
             let _ = writeln!(
                 out,
-                "  losses around the crash are expected: a SIGKILLed holder takes what it had received but not yet \
-                 printed with it, and what is published before a standby takes over reaches no holder."
+                "  losses around the crash: under classic, what is published before a standby takes over reaches no \
+                 holder; under lease a standby replays it."
             );
         }
         out
@@ -752,6 +773,8 @@ mod tests {
             token: None,
             reason: None,
             payload: None,
+            replay: false,
+            missing: None,
             app: None,
             pid: None,
         }
