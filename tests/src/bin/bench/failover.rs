@@ -111,6 +111,19 @@ pub async fn run(setup: &Setup) -> Result<Outcome, BoxError> {
         fleet.wait_ready(replacement, wait).await;
     }
     out.split_brain_us = fleet.coverage(started_us, now_us()).1;
+    if out.split_brain_us > 0 {
+        // Name the overlapping tenures: a worker stamps `t_us` when it prints, so on a busy
+        // machine one holder's end may be stamped after the next holder's start.
+        let intervals = fleet.intervals();
+        for (i, a) in intervals.iter().enumerate() {
+            for b in intervals[i + 1..]
+                .iter()
+                .filter(|b| b.worker != a.worker && a.overlaps(b))
+            {
+                progress(&format!("  two holders: {a:?} and {b:?}"));
+            }
+        }
+    }
     fleet.shutdown(wait).await;
     Ok(out)
 }

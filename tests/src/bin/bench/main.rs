@@ -242,7 +242,7 @@ async fn handover(args: &Args, url: &str) -> Result<String, BoxError> {
         args.trials,
         args.probes,
         load_average(),
-        timing_header(&["protocol", "standbys"])
+        timing_header(&["protocol", "standbys"], &["two holders, ms"])
     );
     for &protocol in &args.protocols {
         for &standbys in &args.standbys {
@@ -259,22 +259,14 @@ async fn handover(args: &Args, url: &str) -> Result<String, BoxError> {
             .await?;
             let _ = writeln!(
                 out,
-                "| {protocol} | {standbys} | {} |{}",
+                "| {protocol} | {standbys} | {} | {} |",
                 timing_cells(&outcome.latency_ms, &outcome.probe_ms),
-                split_brain_note(outcome.split_brain_us)
+                fmt(outcome.split_brain_us as f64 / 1000.0)
             );
         }
     }
     out.push('\n');
     Ok(out)
-}
-
-fn split_brain_note(us: i64) -> String {
-    if us > 0 {
-        format!(" two holders for {:.1} ms", us as f64 / 1000.0)
-    } else {
-        String::new()
-    }
 }
 
 async fn crash(args: &Args, url: &str) -> Result<String, BoxError> {
@@ -288,7 +280,7 @@ async fn crash(args: &Args, url: &str) -> Result<String, BoxError> {
         args.trials,
         args.probes,
         load_average(),
-        timing_header(&["protocol", "acquire interval"])
+        timing_header(&["protocol", "acquire interval"], &["two holders, ms"])
     );
     for &protocol in &args.protocols {
         for &Interval(interval) in &args.crash_intervals {
@@ -312,9 +304,9 @@ async fn crash(args: &Args, url: &str) -> Result<String, BoxError> {
             .await?;
             let _ = writeln!(
                 out,
-                "| {protocol} | {label} | {} |{}",
+                "| {protocol} | {label} | {} | {} |",
                 timing_cells(&outcome.latency_ms, &outcome.probe_ms),
-                split_brain_note(outcome.split_brain_us)
+                fmt(outcome.split_brain_us as f64 / 1000.0)
             );
         }
     }
@@ -675,7 +667,14 @@ fn main() {
     });
     drop(runtime);
     if let Err(e) = result {
-        eprintln!("bench: {e}");
+        // tokio-postgres says only "db error" at the top: print the causes too.
+        let mut text = e.to_string();
+        let mut source = e.source();
+        while let Some(cause) = source {
+            text.push_str(&format!(": {cause}"));
+            source = cause.source();
+        }
+        eprintln!("bench: {text}");
         std::process::exit(1);
     }
 }

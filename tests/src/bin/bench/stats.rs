@@ -77,10 +77,10 @@ pub fn cells(summary: Option<Summary>) -> String {
     }
 }
 
-/// The header of a table whose first columns are `leading` and whose other cells are
-/// [`timing_cells`]: the measurement, its floor probe and the two ratios (median to median,
-/// p99 to p99).
-pub fn timing_header(leading: &[&str]) -> String {
+/// The header of a table whose first columns are `leading`, then the cells of
+/// [`timing_cells`] (the measurement, its floor probe and the two ratios: median to median, p99
+/// to p99), then `trailing`.
+pub fn timing_header(leading: &[&str], trailing: &[&str]) -> String {
     let columns: Vec<&str> = leading
         .iter()
         .copied()
@@ -98,6 +98,7 @@ pub fn timing_header(leading: &[&str]) -> String {
             "median ÷ probe median",
             "p99 ÷ probe p99",
         ])
+        .chain(trailing.iter().copied())
         .collect();
     format!("| {} |\n|{}", columns.join(" | "), "---|".repeat(columns.len()))
 }
