@@ -50,6 +50,8 @@ pub fn scenario(data: &[u8]) {
         setup_reply_loss: rate(),
         schema_drop: rate() / 4.0,
         read_only: rate() / 4.0,
+        // Forged markers draw no byte, so that the corpus keeps its meaning.
+        forge: 0.0,
     };
     s.fault_target = FaultTarget::Any;
     s.cut_duration = s.cut_duration.min(Duration::from_secs(30));

@@ -1,11 +1,13 @@
 //! The checkers, run after every event: S1 (one owner row per channel), S2 (at most one
 //! believer per channel, for Lease with drift within bound), S3 (no delivery while not holding),
-//! S4 (fence tokens only rise, within one generation of the lock schema), phase bounds (no
+//! S4 (fence tokens only rise, within one generation of the lock schema), D1 (Lease: no message
+//! delivered twice without the replay flag), D2 (no replay after a graceful handover, none
+//! under Classic), phase bounds (no
 //! session waits in a phase past its deadline), deadlines (after a tick the session's next
 //! deadline lies after it: no busy loop), liveness (after a disturbance, someone serves
 //! within a bound) and the step limit.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::Duration;
 
@@ -19,7 +21,7 @@ use crate::world::World;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("checker {checker} failed at {at}: {message}")]
 pub struct CheckFailure {
-    /// Which checker (`S1`, `S2`, `S3`, `S4`, `phase-bound`, `deadline`, `liveness`, `steps`).
+    /// Which checker (`S1`, `S2`, `S3`, `S4`, `D1`, `D2`, `phase-bound`, `deadline`, `liveness`, `steps`).
     pub checker: &'static str,
     /// Virtual time of the failure.
     pub at: Timestamp,
@@ -84,6 +86,15 @@ pub(crate) struct Checkers {
     /// Channel 0 has two believers only because one's session ended without it knowing.
     pub(crate) s2_gap: bool,
     liveness_bound: Duration,
+    /// Terms (channel, schema generation, token) whose acquisition found the previous term
+    /// released, with the time its drain marker committed: a winner listening since before
+    /// then must replay nothing (D2).
+    pub(crate) after_release: BTreeMap<(usize, u64, u64), Timestamp>,
+    /// When each term's drain marker committed (channel, schema generation, token).
+    pub(crate) drained_at: BTreeMap<(usize, u64, u64), Timestamp>,
+    /// D1 applies: Lease with drift within the fence margin's bound (two believers cannot
+    /// both receive), so no message is delivered twice without the replay flag.
+    pub(crate) check_d1: bool,
     /// A process whose session, after a tick at local time `.1`, still asked for a deadline at
     /// `.2`, not after it.
     pub(crate) stuck_deadline: Option<(usize, Timestamp, Timestamp)>,
@@ -101,6 +112,9 @@ impl Checkers {
             last_available: Timestamp::ZERO,
             available: false,
             check_s2: scenario.protocol == Protocol::Lease && scenario.drift < scenario.drift_bound(),
+            after_release: BTreeMap::new(),
+            drained_at: BTreeMap::new(),
+            check_d1: scenario.protocol == Protocol::Lease && scenario.drift < scenario.drift_bound(),
             rows_touched: false,
             s2_gap: false,
             liveness_bound: scenario.liveness_bound(),
@@ -229,6 +243,12 @@ impl World {
         }
         if !self.metrics.s4_violations.is_empty() {
             return Err(self.fail("S4", self.metrics.s4_violations[0].clone()));
+        }
+        if let Some(message) = &self.metrics.d1_violation {
+            return Err(self.fail("D1", message.clone()));
+        }
+        if let Some(message) = &self.metrics.d2_violation {
+            return Err(self.fail("D2", message.clone()));
         }
         if self.metrics.s3_violations > 0 {
             return Err(self.fail("S3", "a lock delivered a message while not holding".to_owned()));

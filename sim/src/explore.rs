@@ -193,6 +193,40 @@ pub fn sweep_table(points: &[SweepPoint]) -> String {
     out
 }
 
+/// What became of the messages per fault kind, one row per point of a sweep: lost, duplicated
+/// and replayed messages (`lost/dup/replayed`) of the terms that the holder-hitting faults of
+/// each kind ended, and the duplicates without the replay flag.
+pub fn messages_table(points: &[SweepPoint]) -> String {
+    let kinds = [FaultKind::Stop, FaultKind::Crash, FaultKind::Cut, FaultKind::Terminate];
+    let mut out = String::new();
+    let _ = write!(
+        out,
+        "{:<8} {:>8} {:>5} {:>9}",
+        "protocol", "interval", "ttl", "published"
+    );
+    for kind in kinds {
+        let _ = write!(out, " {:>14}", format!("{kind} l/d/r"));
+    }
+    let _ = writeln!(out, " {:>14} {:>9}", "none l/d/r", "unflagged");
+    for p in points {
+        let r = &p.report;
+        let _ = write!(
+            out,
+            "{:<8} {:>8} {:>5} {:>9}",
+            r.protocol, r.acquire_interval, r.lease_ttl, r.published
+        );
+        let cell = |name: &str| match r.messages_by_fault.get(name) {
+            Some(m) => format!("{}/{}/{}", m.lost, m.duplicated, m.replayed),
+            None => "-".to_owned(),
+        };
+        for kind in kinds {
+            let _ = write!(out, " {:>14}", cell(kind.as_str()));
+        }
+        let _ = writeln!(out, " {:>14} {:>9}", cell("none"), r.unflagged_duplicates);
+    }
+    out
+}
+
 /// The sweep as CSV, one row per setting.
 pub fn sweep_csv(points: &[SweepPoint]) -> String {
     let mut out = String::from(

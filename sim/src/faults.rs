@@ -148,7 +148,7 @@ impl World {
         // touch the server meanwhile): their cost is measured by the loss window only.
         let hits_server = match spec.kind {
             FaultKind::ServerRestart => serving.is_some(),
-            FaultKind::SchemaDrop | FaultKind::ReadOnly => false,
+            FaultKind::SchemaDrop | FaultKind::ReadOnly | FaultKind::Forge => false,
             _ => serving.is_some_and(|(sp, _)| Some(sp) == target),
         };
         if let (true, Some(holder)) = (hits_server, serving) {
@@ -161,7 +161,7 @@ impl World {
             }
         }
         self.checkers.last_disturbance = now;
-        self.metrics.fault(spec.kind);
+        self.metrics.fault(spec.kind, now, hits_server);
         self.trace
             .hash(&[300, spec.kind as u64, target.map_or(u64::MAX, |p| p as u64)]);
         self.trace.line(|| format!("  fault {:?} on {target:?}", spec.kind));
@@ -169,6 +169,7 @@ impl World {
             FaultKind::ServerRestart => self.server_restart(),
             FaultKind::SchemaDrop => self.schema_drop(),
             FaultKind::ReadOnly => self.read_only_start(),
+            FaultKind::Forge => self.forge(),
             kind => {
                 let Some(p) = target else { return };
                 if !self.procs[p].alive() {
@@ -195,7 +196,7 @@ impl World {
                         self.faults.armed[p].setup_reply_loss = Some(which as u32);
                         self.terminate(p);
                     }
-                    FaultKind::ServerRestart | FaultKind::SchemaDrop | FaultKind::ReadOnly => {}
+                    FaultKind::ServerRestart | FaultKind::SchemaDrop | FaultKind::ReadOnly | FaultKind::Forge => {}
                 }
             }
         }
@@ -218,6 +219,43 @@ impl World {
     fn schema_drop(&mut self) {
         self.server.db.drop_schema();
         self.checkers.rows_touched = true;
+    }
+
+    /// A foreign session (opened on first use, with its own backend pid, listening nowhere)
+    /// sends forged markers on the data channel's lock channel, each in its own transaction:
+    /// `draining`, `released`, `acquired` and a `progress` marker acknowledging far ahead, with
+    /// the current term's token and with the next one.
+    fn forge(&mut self) {
+        if !self.server.up {
+            return;
+        }
+        let session = match self.server.forger {
+            Some(session) => session,
+            None => {
+                let (session, _) = self.server.db.open_session("forger");
+                self.server.forger = Some(session);
+                session
+            }
+        };
+        let channel = &self.channels[0];
+        let token = self.server.db.lease_row(channel.as_str()).map_or(0, |row| row.token);
+        let lock_channel = channel.lock_channel().to_owned();
+        // Far beyond any real marker number: a believed acknowledgement would cut everything.
+        let n = 1u64 << 20;
+        self.server.db.advance_to(self.engine.now);
+        for t in [token, token + 1] {
+            for payload in [
+                format!("draining:{t}"),
+                format!("released:{t}"),
+                format!("acquired:{t}"),
+                format!("progress:{t}:{n}:{n}"),
+            ] {
+                if self.server.db.notify(session, &lock_channel, &payload).is_ok() {
+                    self.metrics.forged_notifications += 1;
+                }
+                self.fan_out();
+            }
+        }
     }
 
     /// The server refuses writes for `read_only_duration`.
@@ -288,6 +326,9 @@ impl World {
         self.server.conns.clear();
         if let Some(publisher) = self.server.publisher.take() {
             self.server.db.close_session(publisher);
+        }
+        if let Some(forger) = self.server.forger.take() {
+            self.server.db.close_session(forger);
         }
         self.server.up = false;
         self.engine

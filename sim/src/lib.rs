@@ -35,6 +35,6 @@ pub mod scenario;
 mod trace;
 pub mod world;
 
-pub use metrics::{LatencyStats, Report};
+pub use metrics::{LatencyStats, MessageCounts, Report};
 pub use scenario::{Action, ActionSpec, FaultKind, FaultRates, FaultSpec, FaultTarget, Scenario, ScenarioError};
 pub use world::{derive_seed, run, CheckFailure, Observation, Observed, SimError, World};

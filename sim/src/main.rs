@@ -137,6 +137,17 @@ fn opt_dur(s: &str) -> Result<MaybeDuration, String> {
     }
 }
 
+/// A count flag that also accepts `none` (use the core's default).
+#[derive(Debug, Clone, Copy)]
+struct MaybeCount(Option<usize>);
+
+fn opt_count(s: &str) -> Result<MaybeCount, String> {
+    if s == "none" {
+        return Ok(MaybeCount(None));
+    }
+    s.parse().map(|n| MaybeCount(Some(n))).map_err(|e| format!("{e}"))
+}
+
 fn fault(s: &str) -> Result<FaultSpec, String> {
     parse_fault(s).map_err(|e| e.to_string())
 }
@@ -178,6 +189,9 @@ struct ScenarioArgs {
     request_timeout: Option<Duration>,
     #[arg(long)]
     publish_rate: Option<f64>,
+    /// Most messages a Lease standby keeps for replay (`none`: the core's default).
+    #[arg(long, value_parser = opt_count)]
+    replay_limit: Option<MaybeCount>,
     #[arg(long, value_parser = dur)]
     net_delay: Option<Duration>,
     #[arg(long, value_parser = dur)]
@@ -234,6 +248,9 @@ struct ScenarioArgs {
     /// Read-only server windows per hour.
     #[arg(long)]
     read_only_rate: Option<f64>,
+    /// Bursts of forged lock-channel markers from a foreign session per hour.
+    #[arg(long)]
+    forge_rate: Option<f64>,
     /// Whom drawn faults hit: holder or any.
     #[arg(long)]
     fault_target: Option<String>,
@@ -263,6 +280,9 @@ struct ScenarioArgs {
     /// Fail S2 also when the extra believer's session had already ended unknown to it.
     #[arg(long)]
     strict_s2: Option<bool>,
+    /// Fail D1 also for an unflagged re-delivery across a schema drop.
+    #[arg(long)]
+    strict_d1: Option<bool>,
 }
 
 /// A CLI failure with its message.
@@ -316,7 +336,8 @@ impl ScenarioArgs {
             read_only_duration,
             liveness_slack,
             max_steps,
-            strict_s2
+            strict_s2,
+            strict_d1
         );
         for (flag, field) in [
             (self.renew_interval, &mut s.renew_interval),
@@ -326,6 +347,9 @@ impl ScenarioArgs {
             if let Some(MaybeDuration(value)) = flag {
                 *field = value;
             }
+        }
+        if let Some(MaybeCount(limit)) = self.replay_limit {
+            s.replay_limit = limit;
         }
         if let Some(p) = &self.protocol {
             s.protocol = p.parse()?;
@@ -341,6 +365,7 @@ impl ScenarioArgs {
             (self.setup_reply_loss_rate, FaultKind::SetupReplyLoss),
             (self.schema_drop_rate, FaultKind::SchemaDrop),
             (self.read_only_rate, FaultKind::ReadOnly),
+            (self.forge_rate, FaultKind::Forge),
         ];
         for (flag, kind) in rates {
             if let Some(v) = flag {
@@ -455,6 +480,8 @@ fn default_sweep() -> Result<(), CliError> {
         explore::sweep(&explore::default_sweep(&base), seed, twice()).map_err(|e| CliError(explain(&e, "sweep")))?;
     print!("{}", explore::sweep_table(&points));
     out!("failover columns: p50/max seconds from the fault to a live holder that can receive.");
+    out!("messages per fault kind: lost/duplicated/replayed of the terms each kind of fault on the holder ended (none: terms no fault ended); unflagged: duplicates without the replay flag.");
+    print!("{}", explore::messages_table(&points));
     summarize_cut(&points, &base);
     // On an idle channel the server sends the vanished holder nothing, so only the keepalive
     // (about 2 h 11 min) ends its session: Classic stays locked long after the network healed.

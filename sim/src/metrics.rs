@@ -21,6 +21,18 @@ pub struct Metrics {
     split_brain_gap_us: u64,
     published: Vec<bool>,
     deliveries: Vec<u8>,
+    /// Per message: its commit time, its deliveries flagged `replay`, and the others.
+    committed_at: Vec<Timestamp>,
+    /// Per message: the schema generation it was committed in.
+    committed_generation: Vec<u64>,
+    replays: Vec<u8>,
+    unflagged: Vec<u8>,
+    /// Of the unflagged, those by a holder the server had not ended unknown to it (D1).
+    unflagged_informed: Vec<u8>,
+    /// Global times the data channel's lock was acquired (term starts), in order.
+    term_starts: Vec<Timestamp>,
+    /// Every fault: when, what, and whether it hit the process serving the data channel.
+    fault_log: Vec<(Timestamp, FaultKind, bool)>,
     statements_total: u64,
     statements_per_process: Vec<u64>,
     failovers: BTreeMap<FaultKind, Vec<Duration>>,
@@ -37,6 +49,18 @@ pub struct Metrics {
     pub s3_violations: u64,
     /// Fencing-token regressions (S4).
     pub s4_violations: Vec<String>,
+    /// A message delivered twice without a replay flag (D1, Lease).
+    pub d1_violation: Option<String>,
+    /// A replay by a term whose predecessor was released gracefully, or under Classic (D2).
+    pub d2_violation: Option<String>,
+    /// Lock-channel markers the locks ignored (not sent by their term's holder backend).
+    pub ignored_markers: u64,
+    /// Notifications a forging foreign session sent on the lock channel.
+    pub forged_notifications: u64,
+    /// `Gap` events of the data channel's lock, and the messages they said may be missing.
+    pub gap_events: u64,
+    /// The sum of their `missing`.
+    pub gap_missing: u64,
 }
 
 impl Metrics {
@@ -52,6 +76,13 @@ impl Metrics {
             split_brain_gap_us: 0,
             published: Vec::new(),
             deliveries: Vec::new(),
+            committed_at: Vec::new(),
+            committed_generation: Vec::new(),
+            replays: Vec::new(),
+            unflagged: Vec::new(),
+            unflagged_informed: Vec::new(),
+            term_starts: Vec::new(),
+            fault_log: Vec::new(),
             statements_total: 0,
             statements_per_process: vec![0; processes],
             failovers: BTreeMap::new(),
@@ -63,6 +94,12 @@ impl Metrics {
             stale_terminations: 0,
             s3_violations: 0,
             s4_violations: Vec::new(),
+            d1_violation: None,
+            d2_violation: None,
+            ignored_markers: 0,
+            forged_notifications: 0,
+            gap_events: 0,
+            gap_missing: 0,
         }
     }
 
@@ -101,25 +138,97 @@ impl Metrics {
     }
 
     /// Message `id` was committed by the publisher.
-    pub fn published(&mut self, id: u64, _at: Timestamp) {
+    pub fn published(&mut self, id: u64, at: Timestamp, generation: u64) {
         let i = id as usize;
         if self.published.len() <= i {
             self.published.resize(i + 1, false);
             self.deliveries.resize(i + 1, 0);
+            self.committed_at.resize(i + 1, Timestamp::ZERO);
+            self.committed_generation.resize(i + 1, 0);
+            self.replays.resize(i + 1, 0);
+            self.unflagged.resize(i + 1, 0);
+            self.unflagged_informed.resize(i + 1, 0);
         }
         self.published[i] = true;
+        self.committed_at[i] = at;
+        self.committed_generation[i] = generation;
     }
 
-    /// Message `id` was handed to the application of a process.
-    pub fn delivered(&mut self, id: u64, _p: usize) {
-        if let Some(d) = self.deliveries.get_mut(id as usize) {
-            *d = d.saturating_add(1);
+    /// The schema generation message `id` was committed in.
+    pub fn generation_of(&self, id: u64) -> u64 {
+        self.committed_generation.get(id as usize).copied().unwrap_or(0)
+    }
+
+    /// Message `id` was handed to the application of a process, flagged `replay` or not;
+    /// `uninformed`: by a holder whose term the server had already ended without telling it
+    /// (its session ended, or its row went with a dropped schema), which S2 exempts too.
+    /// Returns whether that made it delivered twice unflagged by informed holders (D1; the
+    /// first time).
+    pub fn delivered(&mut self, id: u64, _p: usize, replay: bool, uninformed: bool) -> bool {
+        let i = id as usize;
+        let Some(d) = self.deliveries.get_mut(i) else {
+            return false;
+        };
+        *d = d.saturating_add(1);
+        if replay {
+            self.replays[i] = self.replays[i].saturating_add(1);
+            return false;
         }
+        self.unflagged[i] = self.unflagged[i].saturating_add(1);
+        if uninformed {
+            return false;
+        }
+        self.unflagged_informed[i] = self.unflagged_informed[i].saturating_add(1);
+        self.unflagged_informed[i] == 2
     }
 
-    /// A fault happened.
-    pub fn fault(&mut self, kind: FaultKind) {
+    /// The data channel's lock was acquired at global time `at`: a term begins.
+    pub fn term_started(&mut self, at: Timestamp) {
+        self.term_starts.push(at);
+    }
+
+    /// A fault happened at `at`; `hit_holder`: it hit the process serving the data channel (or
+    /// the whole server while someone served).
+    pub fn fault(&mut self, kind: FaultKind, at: Timestamp, hit_holder: bool) {
         *self.faults.entry(kind).or_insert(0) += 1;
+        self.fault_log.push((at, kind, hit_holder));
+    }
+
+    /// The fault a message committed at `at` is attributed to: the term it was committed in
+    /// runs from the last acquisition before it to the next one after it, and the first fault
+    /// in that span that hit the serving holder ended it (else the first fault of any kind in
+    /// the span; else none: a term that ended without a fault, or has not ended).
+    fn cause(&self, at: Timestamp) -> Option<FaultKind> {
+        let i = self.term_starts.partition_point(|t| *t <= at);
+        let from = i.checked_sub(1).map_or(Timestamp::ZERO, |i| self.term_starts[i]);
+        let to = self.term_starts.get(i).copied();
+        let first = self.fault_log.partition_point(|(t, _, _)| *t < from);
+        let span = self.fault_log[first..]
+            .iter()
+            .take_while(|(t, _, _)| to.map_or(true, |to| *t < to));
+        let mut any = None;
+        for &(_, kind, hit) in span {
+            if hit {
+                return Some(kind);
+            }
+            any = any.or(Some(kind));
+        }
+        any
+    }
+
+    /// Published, lost, duplicated and replayed messages per fault kind (see `cause`).
+    fn messages_by_fault(&self) -> BTreeMap<String, MessageCounts> {
+        let mut out: BTreeMap<String, MessageCounts> = BTreeMap::new();
+        for i in 0..self.published.len() {
+            if !self.published[i] {
+                continue;
+            }
+            let kind = self.cause(self.committed_at[i]).map_or("none", FaultKind::as_str);
+            out.entry(kind.to_owned())
+                .or_default()
+                .count(self.deliveries[i], self.replays[i], self.unflagged[i]);
+        }
+        out
     }
 
     /// A holder lost the lock involuntarily.
@@ -153,6 +262,10 @@ impl Metrics {
             .filter(|(p, d)| **p && **d == 0)
             .count() as u64;
         let duplicates = self.deliveries.iter().filter(|d| **d >= 2).count() as u64;
+        let messages_by_fault = self.messages_by_fault();
+        let total = messages_by_fault
+            .values()
+            .fold(MessageCounts::default(), |a, b| a.plus(b));
         let c = scenario.lock_config();
         Report {
             seed,
@@ -181,6 +294,14 @@ impl Metrics {
             published,
             lost_messages: lost,
             duplicates,
+            replayed: total.replayed,
+            flagged_duplicates: total.flagged_duplicates,
+            unflagged_duplicates: total.unflagged_duplicates,
+            messages_by_fault,
+            ignored_markers: self.ignored_markers,
+            forged_notifications: self.forged_notifications,
+            gap_events: self.gap_events,
+            gap_missing: self.gap_missing,
             split_brain_s: round3(self.split_brain_us as f64 / 1e6),
             split_brain_session_ended_s: round3(self.split_brain_gap_us as f64 / 1e6),
             statements_per_s: round3(per_s(self.statements_total)),
@@ -235,6 +356,45 @@ impl LatencyStats {
     }
 }
 
+/// What became of the messages attributed to one fault kind (see [`Report::messages_by_fault`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct MessageCounts {
+    /// Messages the publisher committed.
+    pub published: u64,
+    /// Delivered by nobody.
+    pub lost: u64,
+    /// Delivered two or more times.
+    pub duplicated: u64,
+    /// Delivered at least once flagged `replay` (at a takeover).
+    pub replayed: u64,
+    /// Duplicated, with every delivery but one flagged `replay` (the application can tell).
+    pub flagged_duplicates: u64,
+    /// Duplicated with two or more unflagged deliveries (a protocol bug under Lease).
+    pub unflagged_duplicates: u64,
+}
+
+impl MessageCounts {
+    fn count(&mut self, deliveries: u8, replays: u8, unflagged: u8) {
+        self.published += 1;
+        self.lost += u64::from(deliveries == 0);
+        self.duplicated += u64::from(deliveries >= 2);
+        self.replayed += u64::from(replays > 0);
+        self.flagged_duplicates += u64::from(deliveries >= 2 && unflagged <= 1);
+        self.unflagged_duplicates += u64::from(unflagged >= 2);
+    }
+
+    fn plus(self, o: &MessageCounts) -> MessageCounts {
+        MessageCounts {
+            published: self.published + o.published,
+            lost: self.lost + o.lost,
+            duplicated: self.duplicated + o.duplicated,
+            replayed: self.replayed + o.replayed,
+            flagged_duplicates: self.flagged_duplicates + o.flagged_duplicates,
+            unflagged_duplicates: self.unflagged_duplicates + o.unflagged_duplicates,
+        }
+    }
+}
+
 /// The outcome of one run.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Report {
@@ -266,8 +426,29 @@ pub struct Report {
     pub published: u64,
     /// Published messages no holder delivered.
     pub lost_messages: u64,
-    /// Messages delivered by two or more holders.
+    /// Messages delivered two or more times.
     pub duplicates: u64,
+    /// Messages delivered at least once flagged `replay`.
+    pub replayed: u64,
+    /// Duplicated messages all of whose deliveries but one were flagged `replay`.
+    pub flagged_duplicates: u64,
+    /// Messages delivered twice or more without the flag (under Lease a protocol bug, which
+    /// the D1 checker fails).
+    pub unflagged_duplicates: u64,
+    /// The messages per fault kind they are attributed to: a message belongs to the term it was
+    /// committed in (from the last acquisition before it to the next one), and that term to the
+    /// first fault within it that hit the serving holder (else the first fault of any kind in
+    /// it; `none` when no fault fell in it). The rows add up to the totals.
+    pub messages_by_fault: BTreeMap<String, MessageCounts>,
+    /// Lock-channel markers the locks ignored because their term's holder backend did not send
+    /// them (`LockState::ignored_markers`, summed over every lock of every incarnation).
+    pub ignored_markers: u64,
+    /// Forged notifications a foreign session sent on the lock channel.
+    pub forged_notifications: u64,
+    /// `Gap` events of the data channel's lock (a winner's replay buffer had overflowed).
+    pub gap_events: u64,
+    /// The messages those `Gap` events said may be missing.
+    pub gap_missing: u64,
     /// Time with two or more processes believing they hold, seconds.
     pub split_brain_s: f64,
     /// Of which: an old holder's session had ended at the server without it knowing (it was
@@ -332,6 +513,17 @@ impl Report {
         );
         let _ = writeln!(
             out,
+            "replays                replayed {}, duplicated flagged {}, unflagged {}; gaps {} (missing {})",
+            self.replayed, self.flagged_duplicates, self.unflagged_duplicates, self.gap_events, self.gap_missing
+        );
+        out.push_str(&self.messages_table());
+        let _ = writeln!(
+            out,
+            "markers                ignored {}, forged sent {}",
+            self.ignored_markers, self.forged_notifications
+        );
+        let _ = writeln!(
+            out,
             "split-brain time       {:.3} s (of which old holder's session ended unknown to it: {:.3} s)",
             self.split_brain_s, self.split_brain_session_ended_s
         );
@@ -351,6 +543,25 @@ impl Report {
             "acquisitions {}, dead-peer drops {}, stale terminations {}, trace {}",
             self.acquisitions, self.dead_peer_drops, self.stale_terminations, self.trace_hash
         );
+        out
+    }
+
+    /// The messages per fault kind, one row each (`published lost dup flagged unflagged
+    /// replayed`).
+    pub fn messages_table(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "{:<16} {:>9} {:>6} {:>6} {:>8} {:>9} {:>8}",
+            "messages after", "published", "lost", "dup", "flagged", "unflagged", "replayed"
+        );
+        for (kind, m) in &self.messages_by_fault {
+            let _ = writeln!(
+                out,
+                "{:<16} {:>9} {:>6} {:>6} {:>8} {:>9} {:>8}",
+                kind, m.published, m.lost, m.duplicated, m.flagged_duplicates, m.unflagged_duplicates, m.replayed
+            );
+        }
         out
     }
 }

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use pgiplock_core::{DbError, OpId, OpReply, Reply, SessionId, SessionOp, SessionRequest, SplitMix64, Timestamp};
+use pgiplock_core::{DbError, DbOp, OpId, OpReply, Reply, SessionId, SessionOp, SessionRequest, SplitMix64, Timestamp};
 
 use crate::db::{DbConfig, SimDb};
 use crate::engine::Event;
@@ -90,6 +90,8 @@ pub(crate) struct Server {
     rng: SplitMix64,
     pub(crate) conns: BTreeMap<SessionId, ServerConn>,
     pub(crate) publisher: Option<SessionId>,
+    /// The foreign session that forges lock-channel markers (opened by the first `Forge`).
+    pub(crate) forger: Option<SessionId>,
     publisher_busy: Timestamp,
     next_message: u64,
 }
@@ -104,6 +106,7 @@ impl Server {
             rng: SplitMix64::new(derive_seed(seed, STREAM_SERVER, 0, 0)),
             conns: BTreeMap::new(),
             publisher: Some(publisher),
+            forger: None,
             publisher_busy: Timestamp::ZERO,
             next_message: 0,
         }
@@ -287,6 +290,26 @@ impl World {
                 // Process p's lock i is on channel i.
                 let li = usize::try_from(lock.0).ok().filter(|li| *li < self.channels.len());
                 let acquired = matches!(result, Ok(Reply::Acquire(ref r)) if r.acquired);
+                if let Ok(li) = usize::try_from(lock.0) {
+                    let generation = self.server.db.generation();
+                    match (op, &result) {
+                        // D2: where each term's drain marker went into the stream.
+                        (DbOp::Drain { token: Some(t) }, Ok(_)) => {
+                            self.checkers.drained_at.insert((li, generation, t.0), now);
+                        }
+                        // D2: a term that follows a graceful release replays nothing to a
+                        // winner that was listening when the drain marker went out.
+                        (DbOp::Acquire, Ok(Reply::Acquire(r))) => {
+                            if let (true, Some(token), Some(previous)) = (r.acquired, r.token, r.previous) {
+                                let drained = self.checkers.drained_at.get(&(li, generation, previous.token.0));
+                                if let (true, Some(&at)) = (previous.released, drained) {
+                                    self.checkers.after_release.insert((li, generation, token.0), at);
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
+                }
                 self.trace
                     .hash(&[200, p as u64, li.map_or(u64::MAX, |li| li as u64), u64::from(acquired)]);
                 if let Some(li) = li {
@@ -314,6 +337,9 @@ impl World {
                 self.trace.hash(&[202, p as u64]);
                 let db = &mut self.server.db;
                 let result = channel.listened(*protocol).try_for_each(|c| db.listen(session, c));
+                if result.is_ok() && channel.as_str() == self.channels[0].as_str() {
+                    self.procs[p].listening_since = Some((session, now));
+                }
                 (
                     result.map(|()| OpReply::Done),
                     channel.listened(*protocol).count() as u64,
@@ -351,7 +377,7 @@ impl World {
     }
 
     /// Ships every notification committed just now to its listeners, in commit order.
-    fn fan_out(&mut self) {
+    pub(crate) fn fan_out(&mut self) {
         for session in self.server.db.take_notified() {
             let notes = self.server.db.take_notifications(session);
             if !self.server.conns.contains_key(&session) {
@@ -532,7 +558,7 @@ impl World {
         let channel = self.channels[0].as_str().to_owned();
         self.server.db.advance_to(now);
         if self.server.db.notify(session, &channel, &id.to_string()).is_ok() {
-            self.metrics.published(id, now);
+            self.metrics.published(id, now, self.server.db.generation());
             self.fan_out();
         }
     }

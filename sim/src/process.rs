@@ -12,8 +12,8 @@
 use std::time::Duration;
 
 use pgiplock_core::{
-    CallId, ChannelName, FenceToken, LockCall, LockEvent, LockKey, OpId, OpReply, SchemaName, Session, SessionConfig,
-    SessionEvent, SessionId, SessionInput, SessionOp, SessionOutput, SignalKind, SplitMix64, Timestamp,
+    CallId, ChannelName, FenceToken, LockCall, LockEvent, LockKey, OpId, OpReply, Protocol, SchemaName, Session,
+    SessionConfig, SessionEvent, SessionId, SessionInput, SessionOp, SessionOutput, SignalKind, SplitMix64, Timestamp,
 };
 
 use crate::engine::Event;
@@ -29,6 +29,13 @@ struct LockView {
     term_generation: u64,
     /// Local send time of the lock's newest request (its `request_timeout` counts from here).
     request_sent: Option<Timestamp>,
+    /// The current term followed a graceful release whose drain marker committed then: if the
+    /// process listened since before, it must replay nothing (D2).
+    after_release: Option<Timestamp>,
+    /// The current term reported a `Gap` (its log lost what it needed: a replay is allowed).
+    gap: bool,
+    /// The lock's `ignored_markers` as last read.
+    ignored_markers: u64,
 }
 
 pub(crate) struct Proc {
@@ -48,6 +55,8 @@ pub(crate) struct Proc {
     /// The connection that is up: the core's id and the server's.
     conn: Option<(SessionId, SessionId)>,
     next_call: u64,
+    /// The server connection that LISTENs the data channel, and since when (D2).
+    pub(crate) listening_since: Option<(SessionId, Timestamp)>,
     /// The schema generation of the reply being fed (for the terms it begins).
     reply_generation: Option<u64>,
 }
@@ -69,6 +78,7 @@ impl Proc {
             connecting: None,
             conn: None,
             next_call: 1,
+            listening_since: None,
             reply_generation: None,
         }
     }
@@ -433,8 +443,14 @@ impl World {
             }
         }
         for li in 0..self.channels.len() {
-            let holds = session.lock(LockKey(li as u64)).is_some_and(|l| l.phase().is_holder());
+            let lock = session.lock(LockKey(li as u64));
+            let holds = lock.is_some_and(|l| l.phase().is_holder());
             self.checkers.set_believer(li, p, holds);
+            let ignored = lock.map_or(0, |l| l.state().ignored_markers);
+            if let Some(view) = proc.locks.get_mut(li) {
+                self.metrics.ignored_markers += ignored.saturating_sub(view.ignored_markers);
+                view.ignored_markers = ignored;
+            }
         }
         self.phase_bounds_of(p);
         let proc = &self.procs[p];
@@ -481,18 +497,58 @@ impl World {
                 self.client_send(p, server, ClientMsg::Request { request });
             }
             SessionOutput::Lock { lock, event } => self.lock_event(p, lock.0 as usize, event),
-            SessionOutput::Deliver { lock, payload, .. } => {
+            SessionOutput::Deliver { lock, payload, replay } => {
                 let li = lock.0 as usize;
-                if !self.procs[p].locks.get(li).is_some_and(|l| l.believes) {
+                let view = self.procs[p].locks.get(li);
+                if !view.is_some_and(|l| l.believes) {
                     self.metrics.s3_violations += 1;
+                }
+                // Graceful: the previous term was released and this process listened (on the
+                // connection it still has) since before its drain marker, with nothing dropped.
+                let proc = &self.procs[p];
+                let graceful = view.is_some_and(|l| {
+                    let listened = proc.listening_since.filter(|(s, _)| Some(*s) == proc.session());
+                    match (l.after_release, listened) {
+                        (Some(drained), Some((_, since))) => since < drained && !l.gap,
+                        _ => false,
+                    }
+                });
+                if replay
+                    && (graceful || self.scenario.protocol == Protocol::Classic)
+                    && self.metrics.d2_violation.is_none()
+                {
+                    let why = if graceful {
+                        "after a graceful release"
+                    } else {
+                        "under Classic"
+                    };
+                    self.metrics.d2_violation = Some(format!("process {p} replayed {payload:?} on channel {li} {why}"));
                 }
                 self.observe(p, || Observed::Delivered {
                     lock: li,
                     payload: payload.clone(),
+                    replay,
                 });
                 if li == 0 {
                     if let Ok(id) = payload.parse::<u64>() {
-                        self.metrics.delivered(id, p);
+                        let proc = &self.procs[p];
+                        let db = &self.server.db;
+                        let uninformed = proc
+                            .lock_session(li)
+                            .is_some_and(|s| !db.is_alive(s) && proc.session() == Some(s))
+                            || proc.term_generation(li) < db.generation();
+                        // A term on a row made after a schema drop has no previous term to
+                        // replay from: what it delivers of an older generation is exempt (the
+                        // token sequence went with the table), unless `strict_d1`.
+                        let across_drop =
+                            !self.scenario.strict_d1 && proc.term_generation(li) > self.metrics.generation_of(id);
+                        let uninformed = uninformed || across_drop;
+                        let twice = self.metrics.delivered(id, p, replay, uninformed);
+                        if twice && self.checkers.check_d1 && self.metrics.d1_violation.is_none() {
+                            self.metrics.d1_violation = Some(format!(
+                                "message {id} delivered twice without the replay flag (now by process {p})"
+                            ));
+                        }
                     }
                 }
             }
@@ -530,12 +586,16 @@ impl World {
             LockEvent::Acquired { token } => {
                 view.believes = true;
                 view.term_generation = generation;
+                view.after_release =
+                    token.and_then(|t| self.checkers.after_release.get(&(li, generation, t.0)).copied());
+                view.gap = false;
                 self.trace.hash(&[100, p as u64, li as u64, token.map_or(0, |t| t.0)]);
                 if let Some(FenceToken(t)) = token {
                     self.checkers.token_acquired(&mut self.metrics, p, li, *t, generation);
                 }
                 if li == 0 {
                     self.metrics.acquisitions += 1;
+                    self.metrics.term_started(self.engine.now);
                 }
             }
             LockEvent::Lost { reason } => {
@@ -549,6 +609,13 @@ impl World {
             LockEvent::Drained | LockEvent::Stopped { .. } => {
                 view.believes = false;
                 self.trace.hash(&[102, p as u64, li as u64]);
+            }
+            LockEvent::Gap { missing } => {
+                view.gap = true;
+                if li == 0 {
+                    self.metrics.gap_events += 1;
+                    self.metrics.gap_missing += missing;
+                }
             }
             LockEvent::Released | LockEvent::ReleaseFailed { .. } => {
                 self.trace.hash(&[103, p as u64, li as u64]);

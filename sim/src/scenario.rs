@@ -139,11 +139,16 @@ pub enum FaultKind {
     /// The server refuses writes (SQLSTATE 25006) for `read_only_duration`, as a demoted primary
     /// or `default_transaction_read_only` would.
     ReadOnly,
+    /// A foreign session (no lock participant, its own backend pid) sends forged markers on the
+    /// data channel's lock channel: `draining`, `released`, `acquired` and a `progress` marker
+    /// claiming everything acknowledged, each with the current term's token and with a newer
+    /// one. Standbys and the holder must ignore them (counted as ignored markers).
+    Forge,
 }
 
 impl FaultKind {
     /// All kinds, in report order.
-    pub const ALL: [FaultKind; 10] = [
+    pub const ALL: [FaultKind; 11] = [
         FaultKind::Stop,
         FaultKind::Crash,
         FaultKind::Cut,
@@ -154,6 +159,7 @@ impl FaultKind {
         FaultKind::SetupReplyLoss,
         FaultKind::SchemaDrop,
         FaultKind::ReadOnly,
+        FaultKind::Forge,
     ];
 
     /// The snake_case name.
@@ -169,6 +175,7 @@ impl FaultKind {
             FaultKind::SetupReplyLoss => "setup_reply_loss",
             FaultKind::SchemaDrop => "schema_drop",
             FaultKind::ReadOnly => "read_only",
+            FaultKind::Forge => "forge",
         }
     }
 
@@ -176,7 +183,7 @@ impl FaultKind {
     pub fn server_wide(self) -> bool {
         matches!(
             self,
-            FaultKind::ServerRestart | FaultKind::SchemaDrop | FaultKind::ReadOnly
+            FaultKind::ServerRestart | FaultKind::SchemaDrop | FaultKind::ReadOnly | FaultKind::Forge
         )
     }
 }
@@ -316,6 +323,8 @@ pub struct FaultRates {
     pub schema_drop: f64,
     /// Read-only windows per hour.
     pub read_only: f64,
+    /// Bursts of forged lock-channel markers per hour.
+    pub forge: f64,
 }
 
 impl FaultRates {
@@ -332,6 +341,7 @@ impl FaultRates {
             FaultKind::SetupReplyLoss => self.setup_reply_loss,
             FaultKind::SchemaDrop => self.schema_drop,
             FaultKind::ReadOnly => self.read_only,
+            FaultKind::Forge => self.forge,
         }
     }
 
@@ -348,6 +358,7 @@ impl FaultRates {
             FaultKind::SetupReplyLoss => &mut self.setup_reply_loss,
             FaultKind::SchemaDrop => &mut self.schema_drop,
             FaultKind::ReadOnly => &mut self.read_only,
+            FaultKind::Forge => &mut self.forge,
         }
     }
 }
@@ -388,6 +399,9 @@ pub struct Scenario {
     pub request_timeout: Duration,
     /// Notifications per second on the data channel (0 = none).
     pub publish_rate: f64,
+    /// Most messages a Lease standby keeps for replay (`LockConfig::replay_limit`; `None`: the
+    /// core's default; 0 turns replay off).
+    pub replay_limit: Option<usize>,
     /// One-way network delay between any process and the server (constant, so each link is FIFO).
     #[serde(with = "dur")]
     pub net_delay: Duration,
@@ -456,6 +470,9 @@ pub struct Scenario {
     /// it knowing (a partitioned holder whose backend was terminated or dropped as a dead peer):
     /// the design lets a standby take over at once then, so only self-fencing bounds it.
     pub strict_s2: bool,
+    /// Also fail D1 when a term begun on a row made after a schema drop delivers, unflagged, a
+    /// message of an older generation that someone delivered already.
+    pub strict_d1: bool,
 }
 
 impl Default for Scenario {
@@ -473,6 +490,7 @@ impl Default for Scenario {
             fence_margin: None,
             request_timeout: Duration::from_secs(5),
             publish_rate: 1.0,
+            replay_limit: None,
             net_delay: Duration::from_micros(250),
             query_min: Duration::from_micros(200),
             query_mean: Duration::from_millis(1),
@@ -503,6 +521,7 @@ impl Default for Scenario {
             liveness_slack: Duration::from_secs(10),
             max_steps: 2_000_000_000,
             strict_s2: false,
+            strict_d1: false,
         }
     }
 }
@@ -527,6 +546,9 @@ impl Scenario {
         c.retry_jitter = self.retry_jitter;
         c.lease_ttl = self.lease_ttl;
         c.request_timeout = self.request_timeout;
+        if let Some(limit) = self.replay_limit {
+            c.replay_limit = limit;
+        }
         match self.protocol {
             Protocol::Lease => {
                 // The derivations of the library's options (renew, margin, request timeout).
@@ -669,6 +691,8 @@ impl Scenario {
             self.publish_rate.to_string(),
             d.publish_rate.to_string(),
         );
+        let limit = |x: Option<usize>| x.map_or_else(|| "none".to_owned(), |n| n.to_string());
+        flag("replay-limit", limit(self.replay_limit), limit(d.replay_limit));
         flag("net-delay", fd(self.net_delay), fd(d.net_delay));
         flag("query-min", fd(self.query_min), fd(d.query_min));
         flag("query-mean", fd(self.query_mean), fd(d.query_mean));
@@ -722,6 +746,7 @@ impl Scenario {
         flag("liveness-slack", fd(self.liveness_slack), fd(d.liveness_slack));
         flag("max-steps", self.max_steps.to_string(), d.max_steps.to_string());
         flag("strict-s2", self.strict_s2.to_string(), d.strict_s2.to_string());
+        flag("strict-d1", self.strict_d1.to_string(), d.strict_d1.to_string());
         for f in &self.faults {
             let target = f.process.map_or_else(|| "holder".to_owned(), |p| p.to_string());
             out.push(format!("--fault {}@{}@{}", f.kind, fd(f.at), target));
@@ -770,6 +795,9 @@ impl Scenario {
             if rate > 0.0 {
                 s.push_str(&format!(" {kind}:{rate}/h"));
             }
+        }
+        if let Some(limit) = self.replay_limit {
+            s.push_str(&format!(" replay_limit={limit}"));
         }
         s
     }

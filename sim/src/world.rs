@@ -92,6 +92,8 @@ pub enum Observed {
         lock: usize,
         /// Its payload.
         payload: String,
+        /// Flagged as a replay (the previous holder may have delivered it too).
+        replay: bool,
     },
 }
 
