@@ -169,7 +169,6 @@ fn swarm_runs_with_every_connection_fault_pass_every_checker() {
 /// it as live, unflagged, though its holder delivered it already. Reproduce with
 /// `pgiplock-sim run --seed 504 ... --strict-d1 true` (the swarm scenario below).
 #[test]
-#[ignore = "core bug: after a schema drop a winner takes an older generation's acquired marker for its own"]
 fn a_schema_drop_never_makes_a_winner_deliver_unflagged_what_was_delivered() {
     let seed = 504;
     let mut s = swarm_scenario(seed);

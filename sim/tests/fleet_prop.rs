@@ -338,9 +338,14 @@ fn lossless_handover(protocol: Protocol, n: usize, seed: u64, net_delay: Duratio
     assert_exactly_once(&w, &r, &what);
     assert_one_believer(&w, &what);
     assert!(has(&w, holder, |e| e == &LockEvent::Released), "{what}");
-    for p in (0..n).filter(|&p| p != holder) {
-        assert!(has(&w, p, |e| e == &LockEvent::PeerReleased), "{what}");
-    }
+    // The release woke the standbys; one whose refused attempt already named the next term
+    // ignores the older term's release marker (stale), so not necessarily all of them.
+    assert!(
+        (0..n)
+            .filter(|&p| p != holder)
+            .any(|p| has(&w, p, |e| e == &LockEvent::PeerReleased)),
+        "{what}"
+    );
     // The releaser's own marker did not wake it.
     assert!(!has(&w, holder, |e| e == &LockEvent::PeerReleased), "{what}");
 }

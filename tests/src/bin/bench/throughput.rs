@@ -51,7 +51,7 @@ fn received(events: &[pgiplock_tests::Event], index: usize, first_send_us: i64) 
     let mut duplicates = 0;
     let mut last_us = first_send_us;
     for e in events.iter().filter(|e| e.worker == index) {
-        let EventKind::Message { payload } = &e.kind else {
+        let EventKind::Message { payload, .. } = &e.kind else {
             continue;
         };
         let Some((seq, sent)) = payload.split_once(':') else {
