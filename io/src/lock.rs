@@ -38,6 +38,7 @@ pub struct LockOptions {
     schema: Option<String>,
     seed: Option<u64>,
     replay_limit: Option<usize>,
+    wake_jitter: Option<Duration>,
 }
 
 impl LockOptions {
@@ -94,6 +95,15 @@ impl LockOptions {
         self
     }
 
+    /// Spread of the standbys woken by a release: each attempts after a uniform delay in
+    /// `[0, wake_jitter]` (Lease default 20 ms, so that the first winner's `acquired` marker
+    /// spares the others an attempt; Classic 0). Zero hands over fastest, at the cost of one
+    /// refused attempt (a read, no write) per woken standby.
+    pub fn wake_jitter(mut self, jitter: Duration) -> Self {
+        self.wake_jitter = Some(jitter);
+        self
+    }
+
     /// Seed of the retry jitter (default random).
     pub fn seed(mut self, seed: u64) -> Self {
         self.seed = Some(seed);
@@ -131,6 +141,9 @@ impl LockOptions {
         }
         if let Some(limit) = self.replay_limit {
             config.replay_limit = limit;
+        }
+        if let Some(jitter) = self.wake_jitter {
+            config.wake_jitter = jitter;
         }
         config.validate()?;
         Ok(config)

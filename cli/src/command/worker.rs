@@ -50,6 +50,9 @@ pub(crate) struct WorkerArgs {
     /// Most messages a lease standby keeps to replay at a takeover (default 65536; 0: off).
     #[arg(long, value_name = "MESSAGES")]
     replay_limit: Option<usize>,
+    /// Spread of standbys woken by a release (e.g. 0s, 20ms; default 20ms lease, 0 classic).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    wake_jitter: Option<Duration>,
 }
 
 impl WorkerArgs {
@@ -76,6 +79,9 @@ impl WorkerArgs {
         }
         if let Some(limit) = self.replay_limit {
             options = options.replay_limit(limit);
+        }
+        if let Some(jitter) = self.wake_jitter {
+            options = options.wake_jitter(jitter);
         }
         options
             .to_config()

@@ -35,6 +35,8 @@ pub struct Setup {
     pub trials: usize,
     /// Probe trials before each fault.
     pub probes_per_trial: usize,
+    /// Extra arguments of every worker (e.g. `--wake-jitter=0s`).
+    pub worker_args: Vec<String>,
 }
 
 /// Latencies of one fleet, milliseconds, and what the fleet's checkers saw.
@@ -68,6 +70,7 @@ pub async fn run(setup: &Setup) -> Result<Outcome, BoxError> {
     if let Some(interval) = setup.acquire_interval {
         opts = opts.acquire_interval(interval);
     }
+    opts.extra_args.extend(setup.worker_args.iter().cloned());
     let retry = setup.retry_bound();
     // Bound on every wait: a crash may wait a whole retry period, a busy machine some more.
     let wait = retry * 2 + Duration::from_secs(30);

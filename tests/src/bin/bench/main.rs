@@ -140,6 +140,10 @@ struct Args {
     /// Standbys of the idle load.
     #[arg(long, default_value_t = 10)]
     idle_standbys: usize,
+    /// An extra argument for every worker of the handover and crash fleets, e.g.
+    /// `--worker-arg=--wake-jitter=0s` (repeatable): measures a setting against the defaults.
+    #[arg(long = "worker-arg", value_name = "ARG", allow_hyphen_values = true)]
+    worker_args: Vec<String>,
     /// Publish rates of the throughput (messages per second, or max).
     #[arg(long, value_delimiter = ',', default_value = "1000,max", value_parser = parse_rate)]
     rates: Vec<Rate>,
@@ -255,6 +259,7 @@ async fn handover(args: &Args, url: &str) -> Result<String, BoxError> {
                 fault: failover::Fault::Stop,
                 trials: args.trials,
                 probes_per_trial: args.probes,
+                worker_args: args.worker_args.clone(),
             })
             .await?;
             let _ = writeln!(
@@ -300,6 +305,7 @@ async fn crash(args: &Args, url: &str) -> Result<String, BoxError> {
                     args.crash_trials
                 },
                 probes_per_trial: args.probes,
+                worker_args: args.worker_args.clone(),
             })
             .await?;
             let _ = writeln!(
