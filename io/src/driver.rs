@@ -29,6 +29,7 @@ use crate::clock::Clock;
 use crate::lock::{LockMessage, LockShared};
 use crate::session::{guard, Command, SessionOptions, SessionShared};
 use crate::sql::{self, Target};
+use crate::term::LockState;
 use crate::Error;
 
 /// Connection events handled in a row before an API command gets a turn.
@@ -290,6 +291,16 @@ struct Driver {
     event_streak: u32,
 }
 
+impl Drop for Driver {
+    fn drop(&mut self) {
+        // Also when the task is aborted or panics: every term ends before the connection
+        // (owned by the poller, aborted after this) closes and lets another holder in.
+        for lock in self.locks.values() {
+            lock.end_term();
+        }
+    }
+}
+
 enum Wake {
     Command(Option<Command>),
     Conn(Option<ConnEvent>),
@@ -418,7 +429,7 @@ impl Driver {
             session.channels.remove(shared.channel.as_str());
             session.locks.remove(&shared.key.0);
         }
-        shared.set_holding(false, None);
+        shared.set_state(LockState::Stopped);
         shared.broadcast(LockMessage::Stopped);
         shared.mark_stopped();
     }
@@ -523,7 +534,6 @@ impl Driver {
                     session.channels.remove(shared.channel.as_str());
                     session.locks.remove(&lock.0);
                     drop(session);
-                    shared.set_holding(false, None);
                     shared.mark_stopped();
                 }
             }
@@ -649,7 +659,7 @@ impl Driver {
         let channel = lock.channel.as_str();
         match event {
             LockEvent::Acquired { token } => {
-                lock.set_holding(true, token);
+                lock.set_state(LockState::Holding { token });
                 match token {
                     Some(t) => tracing::info!(channel = %channel, token = t.0, "lock acquired"),
                     None => tracing::info!(channel = %channel, "lock acquired"),
@@ -657,21 +667,22 @@ impl Driver {
                 lock.broadcast(LockMessage::Acquired { token });
             }
             LockEvent::Lost { reason } => {
-                lock.set_holding(false, None);
+                lock.set_state(LockState::Standby);
                 tracing::info!(channel = %channel, reason = reason.as_str(), "lock lost");
                 lock.broadcast(LockMessage::Lost { reason });
             }
             LockEvent::Drained => {
-                lock.set_holding(false, None);
+                lock.set_state(LockState::Releasing);
                 tracing::info!(channel = %channel, "lock drained; releasing");
                 lock.broadcast(LockMessage::Drained);
             }
             LockEvent::Released => {
-                lock.set_holding(false, None);
+                lock.set_state(LockState::Standby);
                 tracing::info!(channel = %channel, "lock released");
                 lock.broadcast(LockMessage::Released);
             }
             LockEvent::ReleaseFailed { reason } => {
+                lock.set_state(LockState::Standby);
                 tracing::warn!(channel = %channel, reason = reason.as_str(), "release not confirmed");
                 lock.broadcast(LockMessage::ReleaseFailed { reason });
             }
@@ -686,7 +697,7 @@ impl Driver {
                 }
             }
             LockEvent::Stopped { released } => {
-                lock.set_holding(false, None);
+                lock.set_state(LockState::Stopped);
                 tracing::info!(channel = %channel, released, "lock stopped");
                 lock.broadcast(LockMessage::Stopped);
             }

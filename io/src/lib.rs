@@ -57,6 +57,7 @@ mod lock;
 mod session;
 mod signal;
 mod sql;
+mod term;
 
 pub use error::{ConfigError, DbError, Error, NameError, PgError};
 pub use lock::{destroy_all, has_instances, LockMessage, LockOptions, PgIpLock, Subscription};
@@ -64,6 +65,7 @@ pub use pgiplock_core::{FenceToken, LostReason, Protocol, SignalKind, Warning};
 pub use session::{Session, SessionOptions};
 pub use signal::spawn_signal_handler;
 pub use sql::{lock_status, lock_status_on, LockStatus};
+pub use term::{LockState, Term};
 
 /// Unstable, for this workspace's test kit only (feature `testkit`, off by default, exempt from
 /// semver): the SQL executor and schema bootstrap that sessions run, so that tests can run a

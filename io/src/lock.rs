@@ -10,10 +10,11 @@ use pgiplock_core::{
     ChannelName, ConfigError, FenceToken, LockCall, LockConfig, LockKey, LostReason, Protocol, SchemaName, SignalKind,
     Warning,
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::driver::CallWaiter;
 use crate::session::{Command, Session};
+use crate::term::{LockState, Term};
 use crate::Error;
 
 /// Options of one lock. Start from [`LockOptions::new`] and chain the setters.
@@ -212,6 +213,9 @@ pub(crate) struct LockShared {
     release_handlers: Mutex<Vec<ReleaseHandler>>,
     /// Why the session task ended abnormally, once it did.
     ended: Mutex<Option<String>>,
+    /// The current term, while holding; set before `state` says so.
+    term: Mutex<Option<Term>>,
+    state: watch::Sender<LockState>,
 }
 
 fn guard<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -239,12 +243,48 @@ impl LockShared {
             stopped: AtomicBool::new(false),
             release_handlers: Mutex::new(Vec::new()),
             ended: Mutex::new(None),
+            term: Mutex::new(None),
+            state: watch::channel(LockState::Standby).0,
         }
     }
 
-    pub(crate) fn set_holding(&self, holding: bool, token: Option<FenceToken>) {
+    /// Records the lock's new state: a term starts on `Holding` (a new one if the token
+    /// changed) and ends, its token cancelled, on any other state.
+    pub(crate) fn set_state(&self, state: LockState) {
+        let token = match state {
+            LockState::Holding { token } => token,
+            _ => None,
+        };
+        {
+            let mut term = guard(&self.term);
+            let same_term = matches!((&*term, state), (Some(t), LockState::Holding { token }) if t.token() == token);
+            if !same_term {
+                if let Some(old) = term.take() {
+                    old.end();
+                }
+                if state.is_holding() {
+                    *term = Some(Term::new(token));
+                }
+            }
+        }
         self.token.store(token.map_or(0, |t| t.0), Ordering::SeqCst);
-        self.acquired.store(holding, Ordering::SeqCst);
+        self.acquired.store(state.is_holding(), Ordering::SeqCst);
+        // Once stopped, the state stays stopped.
+        self.state.send_if_modified(|current| {
+            if *current == state || *current == LockState::Stopped {
+                return false;
+            }
+            *current = state;
+            true
+        });
+    }
+
+    /// Ends the current term (cancels its token) without changing anything else: the session's
+    /// task does it as it goes, before its connection closes.
+    pub(crate) fn end_term(&self) {
+        if let Some(term) = guard(&self.term).take() {
+            term.end();
+        }
     }
 
     pub(crate) fn broadcast(&self, message: LockMessage) {
@@ -253,6 +293,7 @@ impl LockShared {
 
     /// The lock is gone: end every subscription, now and later.
     pub(crate) fn mark_stopped(&self) {
+        self.set_state(LockState::Stopped);
         let mut subscribers = guard(&self.subscribers);
         self.stopped.store(true, Ordering::SeqCst);
         subscribers.clear();
@@ -266,6 +307,7 @@ impl LockShared {
     /// every subscriber then `Stopped`, and every later call the cause.
     pub(crate) fn end(&self, cause: &str) {
         *guard(&self.ended) = Some(cause.to_owned());
+        self.end_term();
         let was_holding = self.acquired.swap(false, Ordering::SeqCst);
         self.token.store(0, Ordering::SeqCst);
         if was_holding {
@@ -428,6 +470,113 @@ impl PgIpLock {
         match self.shared().token.load(Ordering::SeqCst) {
             0 => None,
             t => Some(FenceToken(t)),
+        }
+    }
+
+    /// The lock's state as a watch: the receiver starts from the current state (read it with
+    /// `borrow()`, await a state with `wait_for`), and every change follows. It ends with
+    /// [`LockState::Stopped`].
+    ///
+    /// ```no_run
+    /// # async fn run(lock: pgiplock::PgIpLock) {
+    /// let mut state = lock.state();
+    /// let holding = state.wait_for(|s| s.is_holding()).await;
+    /// # let _ = holding;
+    /// # }
+    /// ```
+    pub fn state(&self) -> watch::Receiver<LockState> {
+        self.shared().state.subscribe()
+    }
+
+    /// The current term, while holding.
+    pub fn term(&self) -> Option<Term> {
+        guard(&self.shared().term).clone()
+    }
+
+    /// The current term if holding, else the next one once the lock is acquired. Fails with
+    /// [`Error::Closed`] once the lock is stopped (or [`Error::SessionEnded`] if its session
+    /// ended abnormally). Waits as long as it takes: bound it with a timeout if needed.
+    pub async fn next_term(&self) -> Result<Term, Error> {
+        let mut state = self.state();
+        loop {
+            // Mark the state seen before looking at the term: a term that starts after the
+            // look is a change that `changed` reports.
+            let stopped = *state.borrow_and_update() == LockState::Stopped;
+            if let Some(term) = self.term() {
+                return Ok(term);
+            }
+            if stopped || state.changed().await.is_err() {
+                return Err(match self.shared().ended() {
+                    Some(cause) => Error::SessionEnded { cause },
+                    None => Error::Closed,
+                });
+            }
+        }
+    }
+
+    /// Runs `work` for one term: waits for the current or next term, runs `work(term)` while
+    /// it lasts, and returns `Ok(Some(output))` when `work` completed (the lock is then
+    /// released, as client-go's `ReleaseOnCancel` does, and stays a standby), or `Ok(None)`
+    /// when the term ended first: `work` is then dropped at once, so none of it runs after the
+    /// term is over. Errors as [`next_term`](PgIpLock::next_term) does, or with the release's
+    /// error.
+    ///
+    /// ```no_run
+    /// # async fn run(lock: pgiplock::PgIpLock) -> Result<(), pgiplock::Error> {
+    /// let done = lock
+    ///     .run_while_holding(|term| async move {
+    ///         println!("holding with token {:?}", term.token());
+    ///         // ... the work only the holder may do ...
+    ///     })
+    ///     .await?;
+    /// println!("completed: {}", done.is_some());
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn run_while_holding<F, Fut>(&self, work: F) -> Result<Option<Fut::Output>, Error>
+    where
+        F: FnOnce(Term) -> Fut,
+        Fut: std::future::Future,
+    {
+        let term = self.next_term().await?;
+        let ended = term.cancellation().clone();
+        let token = term.token();
+        let output = tokio::select! {
+            biased;
+            () = ended.cancelled() => return Ok(None),
+            output = work(term) => output,
+        };
+        // Release this term only: a term that ended meanwhile is not ours to release.
+        if self.term().is_some_and(|t| t.token() == token && !t.is_over()) {
+            self.release().await?;
+        }
+        Ok(Some(output))
+    }
+
+    /// Runs `work` for every term until the lock stops: each time the lock is acquired,
+    /// `work(term)` runs until the term ends (then it is dropped) or until it completes (then
+    /// the lock is released and competes again, so the next term may be this process's
+    /// again). Returns `Ok(())` once the lock is destroyed, [`Error::SessionEnded`] if its
+    /// session ended abnormally. A release that fails is logged and the loop goes on (the
+    /// lease then ends at its expiry).
+    pub async fn run_terms<F, Fut>(&self, mut work: F) -> Result<(), Error>
+    where
+        F: FnMut(Term) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        loop {
+            match self.run_while_holding(&mut work).await {
+                Ok(_) => {}
+                Err(Error::Closed) => return Ok(()),
+                Err(Error::ReleaseFailed { reason }) => {
+                    tracing::warn!(
+                        channel = self.channel(),
+                        reason = reason.as_str(),
+                        "release after the term's work was not confirmed"
+                    );
+                }
+                Err(e) => return Err(e),
+            }
         }
     }
 
