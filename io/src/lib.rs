@@ -63,7 +63,7 @@ pub use error::{ConfigError, DbError, Error, NameError, PgError};
 pub use lock::{destroy_all, has_instances, LockMessage, LockOptions, PgIpLock, Subscription};
 pub use pgiplock_core::{FenceToken, LostReason, Protocol, SignalKind, Warning};
 pub use session::{Session, SessionOptions};
-pub use signal::spawn_signal_handler;
+pub use signal::{shutdown_on_signal, spawn_signal_handler, Shutdown};
 pub use sql::{lock_status, lock_status_on, LockStatus};
 pub use term::{LockState, Term};
 

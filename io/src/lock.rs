@@ -651,6 +651,15 @@ fn live_locks() -> Vec<PgIpLock> {
         .collect()
 }
 
+/// The longest shutdown timeout of the live locks (zero when there are none).
+pub(crate) fn longest_shutdown_timeout() -> Duration {
+    live_locks()
+        .iter()
+        .map(|l| l.shared().shutdown_timeout)
+        .max()
+        .unwrap_or(Duration::ZERO)
+}
+
 /// Whether any lock created by this process is still alive.
 pub fn has_instances() -> bool {
     !live_locks().is_empty()
