@@ -473,6 +473,16 @@ impl Driver {
             Command::Call { key, request, waiter } => {
                 let call = self.call_id();
                 self.calls.insert(call, waiter);
+                if let Some(lock) = self.locks.get(&key) {
+                    match request {
+                        pgiplock_core::LockCall::StandDown => {
+                            tracing::info!(channel = %lock.channel, "standing down: no attempts until compete");
+                            lock.set_stood_down(true);
+                        }
+                        pgiplock_core::LockCall::Init => lock.set_stood_down(false),
+                        _ => {}
+                    }
+                }
                 if let pgiplock_core::LockCall::Destroy { signal: Some(kind) } = request {
                     if let Some(lock) = self.locks.get(&key) {
                         tracing::info!(channel = %lock.channel, signal = ?kind, "stopping on signal");

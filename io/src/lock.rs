@@ -216,6 +216,8 @@ pub(crate) struct LockShared {
     /// The current term, while holding; set before `state` says so.
     term: Mutex<Option<Term>>,
     state: watch::Sender<LockState>,
+    /// `stand_down` came and no `init`/`compete` since: a standby is reported as stood down.
+    stood_down: AtomicBool,
 }
 
 fn guard<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -245,12 +247,18 @@ impl LockShared {
             ended: Mutex::new(None),
             term: Mutex::new(None),
             state: watch::channel(LockState::Standby).0,
+            stood_down: AtomicBool::new(false),
         }
     }
 
     /// Records the lock's new state: a term starts on `Holding` (a new one if the token
     /// changed) and ends, its token cancelled, on any other state.
     pub(crate) fn set_state(&self, state: LockState) {
+        let state = match state {
+            LockState::Standby | LockState::StoodDown if self.stood_down.load(Ordering::SeqCst) => LockState::StoodDown,
+            LockState::StoodDown => LockState::Standby,
+            other => other,
+        };
         let token = match state {
             LockState::Holding { token } => token,
             _ => None,
@@ -281,6 +289,16 @@ impl LockShared {
 
     /// Ends the current term (cancels its token) without changing anything else: the session's
     /// task does it as it goes, before its connection closes.
+    /// Records a `stand_down` (`true`) or `init`/`compete` (`false`) as the session's task
+    /// takes the call, and the standby's state with it.
+    pub(crate) fn set_stood_down(&self, stood_down: bool) {
+        self.stood_down.store(stood_down, Ordering::SeqCst);
+        let current = *self.state.borrow();
+        if matches!(current, LockState::Standby | LockState::StoodDown) {
+            self.set_state(current);
+        }
+    }
+
     pub(crate) fn end_term(&self) {
         if let Some(term) = guard(&self.term).take() {
             term.end();
@@ -443,6 +461,22 @@ impl PgIpLock {
             return Ok(());
         }
         self.call(LockCall::Release, CallWaiter::Unit).await
+    }
+
+    /// Stops competing without leaving: releases if holding (as [`release`](PgIpLock::release)
+    /// does, and returns as it does), then stays connected and listening as a standby that makes
+    /// no attempt of its own, whoever releases or crashes, until [`compete`](PgIpLock::compete).
+    /// [`state`](PgIpLock::state) reports [`LockState::StoodDown`]. An explicit
+    /// [`acquire`](PgIpLock::acquire) still attempts; a term won by an attempt that was already
+    /// in flight is released at once.
+    pub async fn stand_down(&self) -> Result<(), Error> {
+        self.call(LockCall::StandDown, CallWaiter::Unit).await
+    }
+
+    /// Competes again after [`stand_down`](PgIpLock::stand_down) (an attempt at once), or
+    /// starts competing as [`init`](PgIpLock::init) does: it is the same call.
+    pub async fn compete(&self) -> Result<(), Error> {
+        self.init().await
     }
 
     /// Releases if held and stops for good, bounded by the shutdown timeout.

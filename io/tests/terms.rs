@@ -315,3 +315,62 @@ async fn a_late_watcher_sees_the_current_state_at_once() {
     assert_eq!(*pair.locks[1].state().borrow(), LockState::Stopped);
     pair.close().await;
 }
+
+/// Whether `lock` acquires within `window` (a bounded observation: proving that something does
+/// not happen takes a window longer than the retry interval).
+async fn acquires_within(lock: &PgIpLock, window: Duration) -> bool {
+    let mut state = lock.state();
+    let acquired = tokio::time::timeout(window, state.wait_for(|s| s.is_holding()))
+        .await
+        .is_ok();
+    acquired
+}
+
+/// Longer than the standbys' acquire interval (2 s) and their wake jitter.
+const NO_ATTEMPT_WINDOW: Duration = Duration::from_millis(3_000);
+
+#[tokio::test]
+async fn a_stood_down_lock_does_not_acquire_again_until_it_competes() {
+    let mut pair = Pair::new("t_stand_down").await;
+    // Alone first: a plain release re-acquires within the interval; a stand-down does not.
+    pair.locks[0].init().await.unwrap();
+    let term = tokio::time::timeout(WAIT, pair.locks[0].next_term())
+        .await
+        .expect("no term")
+        .unwrap();
+    pair.locks[0].stand_down().await.unwrap();
+    assert!(term.is_over());
+    assert_eq!(*pair.locks[0].state().borrow(), LockState::StoodDown);
+    let rows = pgiplock::lock_status(config(), Protocol::Lease, Some(&pair.schema))
+        .await
+        .unwrap();
+    assert_eq!(rows.iter().find(|r| r.channel == pair.channel).unwrap().holder, None);
+    assert!(
+        !acquires_within(&pair.locks[0], NO_ATTEMPT_WINDOW).await,
+        "a stood-down lock acquired"
+    );
+    // Competing again acquires.
+    pair.locks[0].compete().await.unwrap();
+    let second = tokio::time::timeout(WAIT, pair.locks[0].next_term())
+        .await
+        .expect("no term after compete")
+        .unwrap();
+    assert!(second.token() > term.token());
+
+    // With a peer: standing down hands over, and when the peer goes the stood-down lock stays
+    // out even though nobody holds the channel.
+    pair.locks[1].init().await.unwrap();
+    pair.locks[0].stand_down().await.unwrap();
+    pair.standby_takes_over(&second).await;
+    pair.locks[1].destroy().await.unwrap();
+    assert!(
+        !acquires_within(&pair.locks[0], NO_ATTEMPT_WINDOW).await,
+        "a stood-down lock acquired"
+    );
+    assert_eq!(*pair.locks[0].state().borrow(), LockState::StoodDown);
+    // It kept listening all along: competing again takes the free channel at once.
+    pair.locks[0].compete().await.unwrap();
+    assert!(acquires_within(&pair.locks[0], WAIT).await);
+    assert!(pair.locks[0].state().borrow().is_holding());
+    pair.close().await;
+}
