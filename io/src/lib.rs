@@ -53,6 +53,7 @@ mod clock;
 mod driver;
 mod error;
 mod lock;
+mod metrics;
 mod session;
 mod signal;
 mod sql;

@@ -214,7 +214,7 @@ pub(crate) struct LockShared {
     /// Why the session task ended abnormally, once it did.
     ended: Mutex<Option<String>>,
     /// The current term, while holding; set before `state` says so.
-    term: Mutex<Option<Term>>,
+    term: Mutex<Option<(Term, tokio::time::Instant)>>,
     state: watch::Sender<LockState>,
     /// `stand_down` came and no `init`/`compete` since: a standby is reported as stood down.
     stood_down: AtomicBool,
@@ -252,8 +252,9 @@ impl LockShared {
     }
 
     /// Records the lock's new state: a term starts on `Holding` (a new one if the token
-    /// changed) and ends, its token cancelled, on any other state.
-    pub(crate) fn set_state(&self, state: LockState) {
+    /// changed) and ends, its token cancelled, on any other state; `why` names the end for the
+    /// metrics.
+    pub(crate) fn set_state(&self, state: LockState, why: &'static str) {
         let state = match state {
             LockState::Standby | LockState::StoodDown if self.stood_down.load(Ordering::SeqCst) => LockState::StoodDown,
             LockState::StoodDown => LockState::Standby,
@@ -265,13 +266,16 @@ impl LockShared {
         };
         {
             let mut term = guard(&self.term);
-            let same_term = matches!((&*term, state), (Some(t), LockState::Holding { token }) if t.token() == token);
+            let same_term =
+                matches!((&*term, state), (Some((t, _)), LockState::Holding { token }) if t.token() == token);
             if !same_term {
-                if let Some(old) = term.take() {
+                if let Some((old, since)) = term.take() {
                     old.end();
+                    crate::metrics::term_ended(self.channel.as_str(), why, since.elapsed());
                 }
                 if state.is_holding() {
-                    *term = Some(Term::new(token));
+                    *term = Some((Term::new(token), tokio::time::Instant::now()));
+                    crate::metrics::term_started(self.channel.as_str());
                 }
             }
         }
@@ -287,21 +291,20 @@ impl LockShared {
         });
     }
 
-    /// Ends the current term (cancels its token) without changing anything else: the session's
-    /// task does it as it goes, before its connection closes.
     /// Records a `stand_down` (`true`) or `init`/`compete` (`false`) as the session's task
     /// takes the call, and the standby's state with it.
     pub(crate) fn set_stood_down(&self, stood_down: bool) {
         self.stood_down.store(stood_down, Ordering::SeqCst);
         let current = *self.state.borrow();
         if matches!(current, LockState::Standby | LockState::StoodDown) {
-            self.set_state(current);
+            self.set_state(current, "stood_down");
         }
     }
 
     pub(crate) fn end_term(&self) {
-        if let Some(term) = guard(&self.term).take() {
+        if let Some((term, since)) = guard(&self.term).take() {
             term.end();
+            crate::metrics::term_ended(self.channel.as_str(), "session_ended", since.elapsed());
         }
     }
 
@@ -311,7 +314,7 @@ impl LockShared {
 
     /// The lock is gone: end every subscription, now and later.
     pub(crate) fn mark_stopped(&self) {
-        self.set_state(LockState::Stopped);
+        self.set_state(LockState::Stopped, "stopped");
         let mut subscribers = guard(&self.subscribers);
         self.stopped.store(true, Ordering::SeqCst);
         subscribers.clear();
@@ -524,7 +527,7 @@ impl PgIpLock {
 
     /// The current term, while holding.
     pub fn term(&self) -> Option<Term> {
-        guard(&self.shared().term).clone()
+        guard(&self.shared().term).as_ref().map(|(term, _)| term.clone())
     }
 
     /// The current term if holding, else the next one once the lock is acquired. Fails with
