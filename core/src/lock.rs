@@ -618,15 +618,17 @@ impl Lock {
     }
 
     /// Whether an unverified marker's term can follow the newest one the table named (the
-    /// next token), and has not already postponed our attempts.
-    fn plausible(&self, token: Option<FenceToken>) -> bool {
+    /// next token at most), and, for an `acquired` claim, has not already postponed our attempts.
+    fn plausible(&self, marker: Marker, token: Option<FenceToken>) -> bool {
         let Some(token) = token.filter(|_| self.config.protocol == Protocol::Lease) else {
             return true;
         };
         let next = self
             .holder_known
             .map_or(true, |(known, _)| token.0 <= known.0.saturating_add(1));
-        next && self.postponed_for.map_or(true, |postponed| token > postponed)
+        let fresh =
+            !matches!(marker, Marker::Acquired(_)) || self.postponed_for.map_or(true, |postponed| token > postponed);
+        next && fresh
     }
 
     fn count_ignored(&mut self, pid: i32) {
@@ -1340,7 +1342,7 @@ impl Lock {
         if matches!(marker, Marker::Progress(..)) || trust == Trust::Stale {
             return;
         }
-        if trust == Trust::Unverified && self.phase() == Phase::Standby && !self.plausible(token) {
+        if trust == Trust::Unverified && self.phase() == Phase::Standby && !self.plausible(marker, token) {
             // Terms follow each other one token at a time, and the table named the current one:
             // a claim far beyond it is noise, and must not cancel or postpone anything (a
             // forger repeating it would otherwise keep every standby from ever attempting).

@@ -211,6 +211,11 @@ impl Replay {
                         // The log began after the previous term ended: everything here is ours.
                         (0, false)
                     }
+                    (None, _) if previous.released && self.dropped == 0 => {
+                        // Released, and its drain marker is not here although nothing was
+                        // dropped: the log began after it, so its holder delivered none of this.
+                        (0, false)
+                    }
                     (None, _) => {
                         out.missing = self.dropped;
                         (0, true)
@@ -363,6 +368,26 @@ mod tests {
         fresh.push_mark(3, Marker::Acquired(t(1)));
         data(&mut fresh, &["y"]);
         assert_eq!(payloads(&fresh.take(None, Some(t(1)), None)), [("y", false)]);
+    }
+
+    #[test]
+    fn a_log_that_began_after_a_graceful_release_replays_nothing() {
+        let mut log = Replay::listening();
+        data(&mut log, &["a"]);
+        let released = Some(PreviousTerm {
+            token: t(5),
+            holder_pid: Some(P),
+            released: true,
+        });
+        assert_eq!(payloads(&log.clone().take(released, Some(t(6)), None)), [("a", false)]);
+        // Unless something was dropped: then the drain marker may have gone with it.
+        let mut small = Replay::listening();
+        small.push_mark(P, Marker::Draining(Some(t(5))));
+        for i in 0..3 {
+            small.push_data(i.to_string(), 1, 1 << 20);
+        }
+        let r = small.take(released, Some(t(6)), None);
+        assert_eq!((payloads(&r), r.missing), (vec![("2", true)], 2));
     }
 
     #[test]

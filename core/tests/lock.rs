@@ -1463,6 +1463,20 @@ fn repeated_or_far_fetched_claims_never_keep_a_standby_from_attempting() {
     assert_eq!(req.op, DbOp::Acquire);
 }
 
+/// A standby that never heard from the table believes a term's drain and release from the
+/// backend that announced the term (regression: the `acquired` claim's once-only postponement
+/// made it ignore the release of that very term).
+#[test]
+fn a_standby_without_the_tables_word_is_woken_by_the_announced_terms_release() {
+    let mut s = Solo::new(Protocol::Lease);
+    s.after(0, Input::SessionUp(S1));
+    s.marker_from(PEER_PID, Marker::Acquired(FenceToken(1)));
+    s.marker_from(PEER_PID, Marker::Draining(Some(FenceToken(1))));
+    let out = s.marker_from(PEER_PID, Marker::Released(Some(FenceToken(1))));
+    assert!(events(&out).contains(&LockEvent::PeerReleased), "{out:?}");
+    assert_eq!(s.lock.state().ignored_markers, 0);
+}
+
 fn no_retry_armed(s: &Solo) -> bool {
     s.lock.poll_timeout().map_or(true, |(_, kind)| kind != TimerKind::Retry)
 }

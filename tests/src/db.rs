@@ -220,7 +220,8 @@ impl Drop for MessageStream {
 /// connection itself.
 pub struct Listener {
     client: Client,
-    notifications: tokio::sync::mpsc::UnboundedReceiver<(String, String)>,
+    /// `(channel, payload, sender backend pid)`.
+    notifications: tokio::sync::mpsc::UnboundedReceiver<(String, String, i32)>,
 }
 
 impl Listener {
@@ -234,7 +235,10 @@ impl Listener {
             let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
             while let Some(Ok(message)) = futures::StreamExt::next(&mut messages).await {
                 if let tokio_postgres::AsyncMessage::Notification(n) = message {
-                    if tx.send((n.channel().to_owned(), n.payload().to_owned())).is_err() {
+                    if tx
+                        .send((n.channel().to_owned(), n.payload().to_owned(), n.process_id()))
+                        .is_err()
+                    {
                         break;
                     }
                 }
@@ -256,6 +260,12 @@ impl Listener {
 
     /// The next notification `(channel, payload)`, waiting at most `timeout`.
     pub async fn next(&mut self, timeout: Duration) -> Option<(String, String)> {
+        self.next_with_sender(timeout).await.map(|(c, p, _)| (c, p))
+    }
+
+    /// The next notification `(channel, payload, sender backend pid)`, waiting at most
+    /// `timeout`.
+    pub async fn next_with_sender(&mut self, timeout: Duration) -> Option<(String, String, i32)> {
         tokio::time::timeout(timeout, self.notifications.recv())
             .await
             .ok()
@@ -266,6 +276,20 @@ impl Listener {
     /// session, so it arrives after anything committed earlier: notifications reach a listener
     /// in commit order). Panics if the sentinel does not arrive within `timeout`.
     pub async fn drain_until_sentinel(&mut self, channel: &str, timeout: Duration) -> Vec<(String, String)> {
+        self.drain_until_sentinel_with_senders(channel, timeout)
+            .await
+            .into_iter()
+            .map(|(c, p, _)| (c, p))
+            .collect()
+    }
+
+    /// As [`drain_until_sentinel`](Listener::drain_until_sentinel), with each notification's
+    /// sender backend pid.
+    pub async fn drain_until_sentinel_with_senders(
+        &mut self,
+        channel: &str,
+        timeout: Duration,
+    ) -> Vec<(String, String, i32)> {
         let sentinel = format!("sentinel-{}", crate::unique_hex());
         self.client
             .execute("SELECT pg_notify($1, $2)", &[&channel, &sentinel])
@@ -273,8 +297,8 @@ impl Listener {
             .unwrap_or_else(|e| panic!("sentinel notify failed: {e}"));
         let mut before = Vec::new();
         loop {
-            match self.next(timeout).await {
-                Some((c, p)) if c == channel && p == sentinel => return before,
+            match self.next_with_sender(timeout).await {
+                Some((c, p, _)) if c == channel && p == sentinel => return before,
                 Some(other) => before.push(other),
                 None => panic!("sentinel on {channel:?} did not arrive within {timeout:?}; got {before:?}"),
             }

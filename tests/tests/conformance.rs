@@ -5,9 +5,12 @@
 //! distinct application names, either protocol) are applied step by step to a fresh `SimDb` and
 //! to real tokio-postgres sessions in a fresh schema. After every step both worlds must agree on
 //! the reply (acquired, token, owned, released, the stale holder's identity, the terminate
-//! outcome; `lease_remaining` only as present/absent), on the lock rows (holder, holder session,
-//! token, whether the holder's session is alive) and on the notifications every session
-//! received on the lock channels and the Classic drain channels, in order.
+//! outcome, the holder's session and token, the previous term with its holder's session and
+//! whether it was released; `lease_remaining` only as present/absent), on the lock rows (holder,
+//! holder session, token, whether the holder's session is alive) and on the notifications every
+//! session received on the lock channels and the Classic drain channels, in order, each with the
+//! session that sent it (the server's `process_id`, the model's sender pid), which is what
+//! standbys judge markers by. Lease renewals carry progress markers.
 //!
 //! An administrator may drop the lock schema (`DROP SCHEMA ... CASCADE` on the server,
 //! `drop_schema` in the model): lock operations then fail as schema missing (the server says
@@ -179,6 +182,11 @@ enum Outcome {
         token: Option<FenceToken>,
         remaining: bool,
         stale: Option<(Option<Who>, String)>,
+        /// The holder's backend: ours when acquired, the current holder's when refused.
+        holder: Option<Who>,
+        holder_token: Option<FenceToken>,
+        /// The previous term when acquired: token, its holder's backend, released.
+        previous: Option<(FenceToken, Option<Who>, bool)>,
     },
     Renew {
         owned: bool,
@@ -216,13 +224,22 @@ fn error_kind(e: &DbError) -> String {
     }
 }
 
-fn outcome(result: Result<Reply, DbError>, who_of: impl Fn(i32, &str) -> Option<Who>) -> Outcome {
+fn outcome(
+    result: Result<Reply, DbError>,
+    who_of: impl Fn(i32, &str) -> Option<Who>,
+    who_of_pid: impl Fn(i32) -> Option<Who>,
+) -> Outcome {
     match result {
         Ok(Reply::Acquire(r)) => Outcome::Acquire {
             acquired: r.acquired,
             token: r.token,
             remaining: r.lease_remaining.is_some(),
             stale: r.stale_holder.map(|h| (who_of(h.pid, &h.app), h.app)),
+            holder: r.holder_pid.and_then(&who_of_pid),
+            holder_token: r.holder_token,
+            previous: r
+                .previous
+                .map(|p| (p.token, p.holder_pid.and_then(&who_of_pid), p.released)),
         },
         Ok(Reply::Renew { owned }) => Outcome::Renew { owned },
         Ok(Reply::Drained) => Outcome::Drained,
@@ -232,6 +249,14 @@ fn outcome(result: Result<Reply, DbError>, who_of: impl Fn(i32, &str) -> Option<
         Err(e) => Outcome::Error(error_kind(&e)),
     }
 }
+
+/// The session that had backend `pid` (the newest, should the OS have reused a pid).
+fn who_of_pid(pids: &BTreeMap<(i32, String), Who>, pid: i32) -> Option<Who> {
+    pids.iter().filter(|((p, _), _)| *p == pid).map(|(_, who)| *who).max()
+}
+
+/// A notification as both worlds compare it: channel, payload, and the sending session.
+type Heard = (String, String, Option<Who>);
 
 /// One slot in the real world.
 struct RealSlot {
@@ -434,7 +459,11 @@ impl Worlds {
         let before = self.elapsed();
         let real = execute(listener.client(), &target, real_op).await;
         let after = self.elapsed();
-        let real = outcome(real, |pid, app| self.real_pids.get(&(pid, app.to_owned())).copied());
+        let real = outcome(
+            real,
+            |pid, app| self.real_pids.get(&(pid, app.to_owned())).copied(),
+            |pid| who_of_pid(&self.real_pids, pid),
+        );
 
         self.sim_clock(before);
         let session = self.sim[s].session.ok_or("sim slot closed")?;
@@ -447,13 +476,21 @@ impl Worlds {
         let sim = self
             .db
             .execute(session, self.protocol, &self.channels[c], self.ttl, sim_op);
-        let mut sim = outcome(sim, |pid, app| self.sim_pids.get(&(pid, app.to_owned())).copied());
+        let mut sim = outcome(
+            sim,
+            |pid, app| self.sim_pids.get(&(pid, app.to_owned())).copied(),
+            |pid| who_of_pid(&self.sim_pids, pid),
+        );
         if let (Some(mut late), true) = (snapshot, sim != real) {
             late.advance_to(Timestamp::from_micros(
                 u64::try_from(after.as_micros()).unwrap_or(u64::MAX),
             ));
             let alt = late.execute(session, self.protocol, &self.channels[c], self.ttl, sim_op);
-            let alt = outcome(alt, |pid, app| self.sim_pids.get(&(pid, app.to_owned())).copied());
+            let alt = outcome(
+                alt,
+                |pid, app| self.sim_pids.get(&(pid, app.to_owned())).copied(),
+                |pid| who_of_pid(&self.sim_pids, pid),
+            );
             if alt == real {
                 self.log.push(format!(
                     "     (the server read its clock late: model evaluated at {after:?} instead of {before:?})"
@@ -703,19 +740,24 @@ impl Worlds {
 
     /// The lock-channel notifications each open session received since the last call, in both
     /// worlds: `(slot, real payloads, sim payloads)` per open slot.
-    async fn notifications(&mut self) -> Vec<(usize, Vec<(String, String)>, Vec<(String, String)>)> {
+    async fn notifications(&mut self) -> Vec<(usize, Vec<Heard>, Vec<Heard>)> {
         let mut out = Vec::new();
         for s in 0..SLOTS {
             let (Some(listener), Some(session)) = (self.real[s].listener.as_mut(), self.sim[s].session) else {
                 continue;
             };
             // Everything committed before the sentinel arrives before it (commit order).
-            let real = listener.drain_until_sentinel(&self.sentinels[s], WAIT).await;
+            let real = listener
+                .drain_until_sentinel_with_senders(&self.sentinels[s], WAIT)
+                .await
+                .into_iter()
+                .map(|(c, p, pid)| (c, p, who_of_pid(&self.real_pids, pid)))
+                .collect();
             let sim = self
                 .db
                 .take_notifications(session)
                 .into_iter()
-                .map(|n| (n.channel, n.payload))
+                .map(|n| (n.channel, n.payload, who_of_pid(&self.sim_pids, n.sender_pid)))
                 .collect();
             out.push((s, real, sim));
         }
@@ -818,7 +860,7 @@ async fn run_steps(worlds: &mut Worlds, case: &Case, tally: &Tally) -> Result<()
                     .unwrap_or_else(|e| e.into_inner())
                     .entry(format!("{:?} notifications heard", case.protocol))
                     .or_default() += sim.len() as u64;
-                let payloads: Vec<&str> = sim.iter().map(|(_, p)| p.as_str()).collect();
+                let payloads: Vec<&str> = sim.iter().map(|(_, p, _)| p.as_str()).collect();
                 worlds.log.push(format!("     slot {s} heard {payloads:?}"));
             }
         }

@@ -109,6 +109,8 @@ async fn sigterm_handover(protocol: Protocol) {
     fleet.assert_invariants();
     fleet.shutdown(Duration::from_secs(10)).await;
     fleet.assert_invariants();
+    // Exactly once: a graceful handover replays nothing.
+    fleet.assert_no_duplicates();
 }
 
 /// Lets the new holder `next` deliver a message published after this call, stops the stream

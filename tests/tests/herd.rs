@@ -100,4 +100,5 @@ async fn a_release_costs_one_winning_write_not_one_per_standby() {
 
     fleet.shutdown(Duration::from_secs(15)).await;
     fleet.assert_invariants();
+    fleet.assert_no_duplicates();
 }

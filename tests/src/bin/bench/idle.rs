@@ -37,7 +37,8 @@ impl Counters {
         let rows = monitor
             .query(
                 "SELECT /* bench-monitor */ s.query, sum(s.calls)::bigint FROM pg_stat_statements s \
-                 JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = $1 GROUP BY s.query",
+                 JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = $1 \
+                 AND s.query NOT LIKE '%bench-forger%' GROUP BY s.query",
                 &[&WORKER_DB],
             )
             .await?;
@@ -119,6 +120,10 @@ pub struct Load {
     pub holder: Window,
     /// The holder and the standbys.
     pub fleet: Window,
+    /// The holder and the standbys while a foreign session forges lock-channel markers.
+    pub forged: Window,
+    /// Markers the forger sent in that window.
+    pub forged_sent: u64,
 }
 
 impl Load {
@@ -130,6 +135,62 @@ impl Load {
     /// Each standby's statements per second: the second window less the holder's, shared out.
     pub fn standby_rate(&self) -> f64 {
         (self.fleet.statements_per_s() - self.holder_rate()) / self.standbys.max(1) as f64
+    }
+}
+
+/// How often the forger sends a marker.
+const FORGE_EVERY: Duration = Duration::from_millis(40);
+
+/// Forges lock-channel markers from a session of its own (in the `postgres` database, so that
+/// its statements are not counted; notifications do not cross databases, so it sends them
+/// from the workers' database over a second connection whose statements are excluded by their
+/// text) until stopped; returns how many it sent. The mix: `draining`, `released`, `acquired`
+/// and `progress` of the current term, and `draining` and `acquired` of a far newer one (Lease);
+/// under Classic the lock channel's `'1'` is the protocol itself, so it forges only the drain
+/// channel's `draining`.
+async fn forge(
+    mut config: tokio_postgres::Config,
+    protocol: Protocol,
+    channel: String,
+    stop: tokio_util::sync::CancellationToken,
+) -> Result<u64, BoxError> {
+    config.dbname(WORKER_DB);
+    let client = connect(&config).await?;
+    let lock_channel = format!("__PgIpLock__:{channel}");
+    let drain_channel = format!("__PgIpDrain_:{channel}");
+    let mut sent = 0u64;
+    let mut tick = tokio::time::interval(FORGE_EVERY);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(sent),
+            _ = tick.tick() => {}
+        }
+        let (on, payload) = match protocol {
+            Protocol::Lease => {
+                let token: i64 = client
+                    .query_opt(
+                        "SELECT /* bench-forger */ token FROM pgiplock_lease.lease WHERE channel = $1",
+                        &[&channel],
+                    )
+                    .await?
+                    .map_or(0, |row| row.get(0));
+                let newer = token + 1000;
+                let payload = match sent % 6 {
+                    0 => format!("draining:{token}"),
+                    1 => format!("released:{token}"),
+                    2 => format!("acquired:{token}"),
+                    3 => format!("progress:{token}:999:999"),
+                    4 => format!("draining:{newer}"),
+                    _ => format!("acquired:{newer}"),
+                };
+                (lock_channel.as_str(), payload)
+            }
+            _ => (drain_channel.as_str(), "draining".to_owned()),
+        };
+        client
+            .execute("SELECT /* bench-forger */ pg_notify($1, $2)", &[&on, &payload])
+            .await?;
+        sent += 1;
     }
 }
 
@@ -201,12 +262,24 @@ impl Server {
             "  {protocol}: the holder and {standbys} standbys for {length:?}"
         ));
         let with_standbys = window(&self.monitor, length).await?;
+        progress(&format!(
+            "  {protocol}: the holder and {standbys} standbys for {length:?}, a forger sending markers every {FORGE_EVERY:?}"
+        ));
+        let channel = fleet.base().channel.clone();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let forger = tokio::spawn(forge(self.cluster.config(), protocol, channel, stop.clone()));
+        tokio::time::sleep(WARMUP).await;
+        let forged = window(&self.monitor, length).await?;
+        stop.cancel();
+        let forged_sent = forger.await??;
         fleet.assert_well_formed();
         fleet.shutdown(WAIT).await;
         Ok(Load {
             standbys,
             holder: alone,
             fleet: with_standbys,
+            forged,
+            forged_sent,
         })
     }
 }

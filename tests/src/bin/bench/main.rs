@@ -387,7 +387,24 @@ async fn idle(args: &Args) -> Result<String, BoxError> {
                 implied(protocol, true) + load.standbys as f64 * implied(protocol, false)
             )
         );
-        for (label, window) in [("holder alone", &load.holder), ("holder and standbys", &load.fleet)] {
+        // The forger's own statements are excluded by their text; its transactions are
+        // commits, not rollbacks, so the statement count is the lock's own.
+        let _ = writeln!(
+            out,
+            "| {protocol} | whole fleet, forger at work ({} markers) | {} | {} | {} | {} + {} | | | {:.1} |",
+            load.forged_sent,
+            fmt(load.forged.statements_per_s()),
+            fmt(load.fleet.statements_per_s()),
+            ratio(load.forged.statements_per_s(), load.fleet.statements_per_s()),
+            load.forged.statements,
+            load.forged.rollbacks,
+            load.forged.seconds
+        );
+        for (label, window) in [
+            ("holder alone", &load.holder),
+            ("holder and standbys", &load.fleet),
+            ("with a forger", &load.forged),
+        ] {
             for (query, per_s) in &window.calls_per_s {
                 let short: String = query.split_whitespace().collect::<Vec<_>>().join(" ");
                 let short: String = short.chars().take(110).collect();
