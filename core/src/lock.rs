@@ -826,8 +826,12 @@ impl Lock {
         }
         self.answer(standby.attempt_waiters, true);
         if self.stood_down && standby.attempt_waiters == 0 {
-            // Won by an attempt that was in flight when the lock stood down: give it back.
-            self.on_release();
+            // Won by an attempt that was in flight when the lock stood down: give it back, as
+            // soon as no request is in flight (the reply may have asked for one, such as
+            // terminating a stale holder).
+            if let Some(holding) = self.holding_mut() {
+                holding.release_requested = true;
+            }
         }
     }
 

@@ -1562,3 +1562,30 @@ fn stand_down_after_stop_does_nothing() {
     assert!(s.after(0, Input::Start).is_empty());
     assert_eq!(s.phase(), Phase::Stopped);
 }
+
+/// Regression (found by the property test): a term won while standing down whose reply asks to
+/// terminate a stale holder drains only once the terminate request has ended, one request at a
+/// time.
+#[test]
+fn stand_down_during_a_takeover_of_a_stale_holder_drains_after_the_terminate() {
+    let mut s = Solo::new(Protocol::Lease);
+    let req = s.attempt();
+    s.after(1, Input::StandDown);
+    let reply = Reply::Acquire(AcquireReply {
+        acquired: true,
+        token: T1,
+        lease_remaining: None,
+        stale_holder: Some(StaleHolder {
+            pid: 7,
+            app: "old".into(),
+        }),
+        ..AcquireReply::locked()
+    });
+    let out = s.reply(1, &req, reply);
+    assert_eq!(events(&out), vec![LockEvent::Acquired { token: T1 }]);
+    let terminate = request(&out);
+    assert!(matches!(terminate.op, DbOp::TerminateStale { pid: 7, .. }));
+    assert_eq!(requests(&out).len(), 1, "{out:?}");
+    let out = s.reply(1, &terminate, Reply::Terminate(TerminateOutcome::Terminated));
+    assert_eq!(requests(&out), vec![DbOp::Drain { token: T1 }]);
+}
