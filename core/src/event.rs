@@ -26,6 +26,11 @@ pub enum Input {
     TryAcquire,
     /// API `release`: give the lock up and stay a standby.
     Release,
+    /// API `stand_down`: stop competing but stay set up (listening, buffering as a standby):
+    /// release if holding, make no attempt on its own until the next `Start`. An explicit
+    /// `TryAcquire` still attempts; a term won by an attempt already in flight is released at
+    /// once.
+    StandDown,
     /// API `destroy`: release if held, then stop for good (bounded by `shutdown_timeout`).
     Stop,
     /// An OS signal: same as `Stop`, logged with the signal.

@@ -309,6 +309,8 @@ pub struct Lock {
     defer_until: Option<Timestamp>,
     /// The newest claimed term (an `acquired` marker) that postponed our attempts.
     postponed_for: Option<FenceToken>,
+    /// `StandDown` came and no `Start` since: a term won on its own is released at once.
+    stood_down: bool,
 }
 
 impl Lock {
@@ -338,6 +340,7 @@ impl Lock {
             ignored_markers: 0,
             defer_until: None,
             postponed_for: None,
+            stood_down: false,
         }
     }
 
@@ -398,6 +401,7 @@ impl Lock {
             }
             Input::TryAcquire => self.on_try_acquire(),
             Input::Release => self.on_release(),
+            Input::StandDown => self.on_stand_down(),
             Input::Stop => self.on_stop(None),
             Input::Signal(kind) => self.on_stop(Some(kind)),
             Input::SessionUp(session) => self.on_session_up(session),
@@ -821,6 +825,14 @@ impl Lock {
             self.arm(TimerKind::Fence, self.fence_deadline(sent_at));
         }
         self.answer(standby.attempt_waiters, true);
+        if self.stood_down && standby.attempt_waiters == 0 {
+            // Won by an attempt that was in flight when the lock stood down: give it back, as
+            // soon as no request is in flight (the reply may have asked for one, such as
+            // terminating a stale holder).
+            if let Some(holding) = self.holding_mut() {
+                holding.release_requested = true;
+            }
+        }
     }
 
     fn start_drain(&mut self) {
@@ -901,6 +913,7 @@ impl Lock {
             return;
         }
         self.started = true;
+        self.stood_down = false;
         if self.phase() == Phase::Standby && self.session.is_some() {
             if self.pending.is_none() {
                 self.send(DbOp::Acquire);
@@ -938,6 +951,19 @@ impl Lock {
         } else if let Some(holding) = self.holding_mut() {
             holding.release_requested = true;
         }
+    }
+
+    fn on_stand_down(&mut self) {
+        if self.stopping {
+            return;
+        }
+        self.stood_down = true;
+        self.started = false;
+        self.disarm(TimerKind::Retry);
+        if let Some(standby) = self.standby_mut() {
+            standby.attempt_due = false;
+        }
+        self.on_release();
     }
 
     fn on_stop(&mut self, _signal: Option<SignalKind>) {

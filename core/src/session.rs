@@ -132,6 +132,9 @@ pub enum LockCall {
     /// at once if not held, or when the term ends otherwise), or fails with
     /// [`CallError::ReleaseFailed`].
     Release,
+    /// Stop competing but stay set up on the connection: release if held (completes as
+    /// `Release` does), then make no attempt until the next `Init`.
+    StandDown,
     /// Release if held and stop for good; completes once stopped (bounded by the lock's
     /// `shutdown_timeout`).
     Destroy {
@@ -1304,7 +1307,7 @@ impl Session {
                 CallError::NoSuchLock
             };
             let result = match request {
-                LockCall::Release | LockCall::Destroy { .. } => Ok(CallReply::Done),
+                LockCall::Release | LockCall::StandDown | LockCall::Destroy { .. } => Ok(CallReply::Done),
                 LockCall::Init | LockCall::Acquire => Err(error),
             };
             self.done(call, result);
@@ -1346,6 +1349,15 @@ impl Session {
                     entry.release_calls.push(call);
                     self.feed(key, Input::Release);
                 } else {
+                    self.done(call, Ok(CallReply::Done));
+                }
+            }
+            LockCall::StandDown => {
+                if entry.lock.state().phase.is_holder() {
+                    entry.release_calls.push(call);
+                    self.feed(key, Input::StandDown);
+                } else {
+                    self.feed(key, Input::StandDown);
                     self.done(call, Ok(CallReply::Done));
                 }
             }

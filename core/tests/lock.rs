@@ -1476,3 +1476,116 @@ fn a_standby_without_the_tables_word_is_woken_by_the_announced_terms_release() {
     assert!(events(&out).contains(&LockEvent::PeerReleased), "{out:?}");
     assert_eq!(s.lock.state().ignored_markers, 0);
 }
+
+fn no_retry_armed(s: &Solo) -> bool {
+    s.lock.poll_timeout().map_or(true, |(_, kind)| kind != TimerKind::Retry)
+}
+
+fn requests(outputs: &[Output]) -> Vec<DbOp> {
+    outputs
+        .iter()
+        .filter_map(|o| match o {
+            Output::Request(r) => Some(r.op.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn stand_down_as_holder_releases_then_makes_no_attempt_until_start() {
+    for (protocol, token) in [(Protocol::Lease, T1), (Protocol::Classic, None)] {
+        let mut s = Solo::new(protocol);
+        s.holding(token);
+        // Like a release: drain, report Drained at the marker, then release.
+        let drain_req = request(&s.after(10, Input::StandDown));
+        assert_eq!(drain_req.op, DbOp::Drain { token });
+        assert!(s.reply(1, &drain_req, Reply::Drained).is_empty());
+        let out = s.marker(Marker::Draining(token));
+        assert_eq!(events(&out), vec![LockEvent::Drained]);
+        let release = request(&out);
+        assert_eq!(release.op, DbOp::Release { token });
+        let out = s.reply(1, &release, Reply::Release { released: true });
+        assert_eq!(events(&out), vec![LockEvent::Released]);
+        assert_eq!(s.phase(), Phase::Standby);
+        assert!(!s.lock.state().started);
+        // No retry, whatever wakes a standby: a peer's release, a new session, time.
+        assert!(no_retry_armed(&s), "{:?}", s.lock.poll_timeout());
+        s.marker(Marker::Released(Some(FenceToken(9))));
+        assert!(no_retry_armed(&s));
+        let out = s.after(60_000, Input::Tick);
+        assert!(requests(&out).is_empty(), "{out:?}");
+        let out = s.after(0, Input::SessionUp(SessionId(2)));
+        assert!(requests(&out).is_empty(), "{out:?}");
+        assert!(no_retry_armed(&s));
+        // Still listening: it keeps buffering as a standby, and `Start` competes again at once.
+        let out = s.after(0, Input::Start);
+        assert_eq!(requests(&out), vec![DbOp::Acquire]);
+        assert!(s.lock.state().started);
+    }
+}
+
+#[test]
+fn stand_down_as_standby_disarms_the_retry() {
+    let mut s = Solo::new(Protocol::Lease);
+    let req = s.attempt();
+    s.reply(1, &req, locked(Some(Duration::from_secs(2))));
+    assert_eq!(s.timeout().1, TimerKind::Retry);
+    assert!(s.after(0, Input::StandDown).is_empty());
+    assert!(no_retry_armed(&s));
+    assert!(requests(&s.after(30_000, Input::Tick)).is_empty());
+    // An explicit attempt still runs.
+    let out = s.after(0, Input::TryAcquire);
+    assert_eq!(requests(&out), vec![DbOp::Acquire]);
+}
+
+#[test]
+fn stand_down_during_an_attempt_that_wins_gives_the_term_back() {
+    for (protocol, token) in [(Protocol::Lease, T1), (Protocol::Classic, None)] {
+        let mut s = Solo::new(protocol);
+        let req = s.attempt();
+        assert!(s.after(1, Input::StandDown).is_empty(), "waits for the attempt");
+        let out = s.reply(1, &req, acquired(token));
+        // The term is reported (it began) and its release starts at once.
+        assert_eq!(events(&out), vec![LockEvent::Acquired { token }]);
+        assert_eq!(requests(&out), vec![DbOp::Drain { token }]);
+        assert_eq!(s.phase(), Phase::Draining);
+    }
+}
+
+#[test]
+fn stand_down_after_stop_does_nothing() {
+    let mut s = Solo::new(Protocol::Lease);
+    s.after(0, Input::SessionUp(S1));
+    let out = s.after(0, Input::Stop);
+    assert_eq!(events(&out), vec![LockEvent::Stopped { released: true }]);
+    assert!(s.after(0, Input::StandDown).is_empty());
+    assert!(s.after(0, Input::Start).is_empty());
+    assert_eq!(s.phase(), Phase::Stopped);
+}
+
+/// Regression (found by the property test): a term won while standing down whose reply asks to
+/// terminate a stale holder drains only once the terminate request has ended, one request at a
+/// time.
+#[test]
+fn stand_down_during_a_takeover_of_a_stale_holder_drains_after_the_terminate() {
+    let mut s = Solo::new(Protocol::Lease);
+    let req = s.attempt();
+    s.after(1, Input::StandDown);
+    let reply = Reply::Acquire(AcquireReply {
+        acquired: true,
+        token: T1,
+        lease_remaining: None,
+        stale_holder: Some(StaleHolder {
+            pid: 7,
+            app: "old".into(),
+        }),
+        ..AcquireReply::locked()
+    });
+    let out = s.reply(1, &req, reply);
+    assert_eq!(events(&out), vec![LockEvent::Acquired { token: T1 }]);
+    let terminate = request(&out);
+    assert!(matches!(terminate.op, DbOp::TerminateStale { pid: 7, .. }));
+    assert_eq!(requests(&out).len(), 1, "{out:?}");
+    let out = s.reply(1, &terminate, Reply::Terminate(TerminateOutcome::Terminated));
+    assert_eq!(requests(&out), vec![DbOp::Drain { token: T1 }]);
+}

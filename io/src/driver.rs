@@ -29,6 +29,7 @@ use crate::clock::Clock;
 use crate::lock::{LockMessage, LockShared};
 use crate::session::{guard, Command, SessionOptions, SessionShared};
 use crate::sql::{self, Target};
+use crate::term::LockState;
 use crate::Error;
 
 /// Connection events handled in a row before an API command gets a turn.
@@ -207,6 +208,8 @@ where
         commands_open: true,
         closed: false,
         event_streak: 0,
+        connections: 0,
+        peer_released: BTreeMap::new(),
     };
     let task = tokio::spawn(driver.run());
     let abort = task.abort_handle();
@@ -288,6 +291,20 @@ struct Driver {
     closed: bool,
     /// Connection events taken in a row (see [`EVENT_BURST`]).
     event_streak: u32,
+    /// Connections established so far (for the reconnect metric).
+    connections: u64,
+    /// When each standby last heard a peer's release (for the handover metric).
+    peer_released: BTreeMap<LockKey, Instant>,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        // Also when the task is aborted or panics: every term ends before the connection
+        // (owned by the poller, aborted after this) closes and lets another holder in.
+        for lock in self.locks.values() {
+            lock.end_term();
+        }
+    }
 }
 
 enum Wake {
@@ -344,12 +361,17 @@ impl Driver {
                 }
                 Wake::Conn(Some(ConnEvent::Notification { channel, payload, pid })) => {
                     if let Some(session) = self.conn.as_ref().map(|c| c.session) {
+                        // Markers travel on the lock's own channels (`__PgIpLock__:`, `__PgIpDrain_:`).
+                        let marker = channel.starts_with("__PgIp");
                         self.feed(SessionInput::Notification {
                             session,
                             channel,
                             payload,
                             pid,
                         });
+                        if marker {
+                            self.record_ignored_markers();
+                        }
                     }
                 }
                 Wake::Conn(event) => {
@@ -418,9 +440,18 @@ impl Driver {
             session.channels.remove(shared.channel.as_str());
             session.locks.remove(&shared.key.0);
         }
-        shared.set_holding(false, None);
+        shared.set_state(LockState::Stopped, "stopped");
         shared.broadcast(LockMessage::Stopped);
         shared.mark_stopped();
+    }
+
+    fn record_ignored_markers(&self) {
+        for (key, lock) in self.core.locks() {
+            if let Some(shared) = self.locks.get(&key) {
+                metrics::counter!(crate::metrics::IGNORED_MARKERS, "channel" => shared.channel.as_str().to_owned())
+                    .absolute(lock.state().ignored_markers);
+            }
+        }
     }
 
     fn call_id(&mut self) -> CallId {
@@ -462,6 +493,16 @@ impl Driver {
             Command::Call { key, request, waiter } => {
                 let call = self.call_id();
                 self.calls.insert(call, waiter);
+                if let Some(lock) = self.locks.get(&key) {
+                    match request {
+                        pgiplock_core::LockCall::StandDown => {
+                            tracing::info!(channel = %lock.channel, "standing down: no attempts until compete");
+                            lock.set_stood_down(true);
+                        }
+                        pgiplock_core::LockCall::Init => lock.set_stood_down(false),
+                        _ => {}
+                    }
+                }
                 if let pgiplock_core::LockCall::Destroy { signal: Some(kind) } = request {
                     if let Some(lock) = self.locks.get(&key) {
                         tracing::info!(channel = %lock.channel, signal = ?kind, "stopping on signal");
@@ -509,6 +550,8 @@ impl Driver {
             SessionOutput::Lock { lock, event } => self.on_lock_event(lock, event),
             SessionOutput::Deliver { lock, payload, replay } => {
                 if let Some(lock) = self.locks.get(&lock) {
+                    metrics::counter!(crate::metrics::MESSAGES, "channel" => lock.channel.as_str().to_owned(), "replay" => if replay { "true" } else { "false" })
+                        .increment(1);
                     lock.broadcast(LockMessage::Message { payload, replay });
                 }
             }
@@ -523,7 +566,6 @@ impl Driver {
                     session.channels.remove(shared.channel.as_str());
                     session.locks.remove(&lock.0);
                     drop(session);
-                    shared.set_holding(false, None);
                     shared.mark_stopped();
                 }
             }
@@ -546,6 +588,11 @@ impl Driver {
         let app = conn.app.clone();
         let id = request.id;
         tracing::trace!(op = request.op.name(), "request");
+        let op_name = match &request.op {
+            SessionOp::Lock { op, .. } => op.name(),
+            other => other.name(),
+        };
+        let sent = Instant::now();
         self.queries.push(
             async move {
                 let result = match request.op {
@@ -570,6 +617,8 @@ impl Driver {
                     }
                     other => Err(DbError::Failed(format!("operation {} is not supported", other.name()))),
                 };
+                metrics::histogram!(crate::metrics::REQUEST_SECONDS, "op" => op_name)
+                    .record(sent.elapsed().as_secs_f64());
                 (id, result)
             }
             .boxed(),
@@ -580,6 +629,11 @@ impl Driver {
         match event {
             SessionEvent::Up { session, app, pid } => {
                 tracing::info!(app = %app, pid, connection = session.0, "connected");
+                metrics::counter!(crate::metrics::CONNECTIONS).increment(1);
+                if self.connections > 0 {
+                    metrics::counter!(crate::metrics::RECONNECTS).increment(1);
+                }
+                self.connections += 1;
                 {
                     let mut shared = guard(&self.shared);
                     shared.app = app;
@@ -599,6 +653,7 @@ impl Driver {
                     other => other.as_str().to_owned(),
                 };
                 tracing::warn!(connection = session.0, reason = %why, retry_in = ?retry_in, "database session lost");
+                metrics::counter!(crate::metrics::SESSIONS_LOST, "reason" => reason.as_str()).increment(1);
                 guard(&self.shared).pid = None;
             }
             SessionEvent::ConnectFailed {
@@ -649,7 +704,11 @@ impl Driver {
         let channel = lock.channel.as_str();
         match event {
             LockEvent::Acquired { token } => {
-                lock.set_holding(true, token);
+                if let Some(heard) = self.peer_released.remove(&key) {
+                    metrics::histogram!(crate::metrics::HANDOVER_SECONDS, "channel" => channel.to_owned())
+                        .record(heard.elapsed().as_secs_f64());
+                }
+                lock.set_state(LockState::Holding { token }, "replaced");
                 match token {
                     Some(t) => tracing::info!(channel = %channel, token = t.0, "lock acquired"),
                     None => tracing::info!(channel = %channel, "lock acquired"),
@@ -657,26 +716,28 @@ impl Driver {
                 lock.broadcast(LockMessage::Acquired { token });
             }
             LockEvent::Lost { reason } => {
-                lock.set_holding(false, None);
+                lock.set_state(LockState::Standby, reason.as_str());
                 tracing::info!(channel = %channel, reason = reason.as_str(), "lock lost");
                 lock.broadcast(LockMessage::Lost { reason });
             }
             LockEvent::Drained => {
-                lock.set_holding(false, None);
+                lock.set_state(LockState::Releasing, "released");
                 tracing::info!(channel = %channel, "lock drained; releasing");
                 lock.broadcast(LockMessage::Drained);
             }
             LockEvent::Released => {
-                lock.set_holding(false, None);
+                lock.set_state(LockState::Standby, "released");
                 tracing::info!(channel = %channel, "lock released");
                 lock.broadcast(LockMessage::Released);
             }
             LockEvent::ReleaseFailed { reason } => {
+                lock.set_state(LockState::Standby, "released");
                 tracing::warn!(channel = %channel, reason = reason.as_str(), "release not confirmed");
                 lock.broadcast(LockMessage::ReleaseFailed { reason });
             }
             LockEvent::PeerReleased => {
                 tracing::debug!(channel = %channel, "peer released the lock");
+                self.peer_released.insert(key, Instant::now());
                 for handler in lock.release_handlers() {
                     // A user callback cannot take the session down with it.
                     let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| handler(channel)));
@@ -686,7 +747,7 @@ impl Driver {
                 }
             }
             LockEvent::Stopped { released } => {
-                lock.set_holding(false, None);
+                lock.set_state(LockState::Stopped, "stopped");
                 tracing::info!(channel = %channel, released, "lock stopped");
                 lock.broadcast(LockMessage::Stopped);
             }
@@ -699,6 +760,7 @@ impl Driver {
             }
             LockEvent::Gap { missing } => {
                 tracing::error!(channel = %channel, missing, "takeover replay incomplete: the replay buffer overflowed");
+                metrics::counter!(crate::metrics::GAP_MESSAGES, "channel" => channel.to_owned()).increment(missing);
                 lock.broadcast(LockMessage::Gap { missing });
             }
             other => tracing::debug!(channel = %channel, event = ?other, "lock event"),

@@ -19,31 +19,30 @@
 //! in the README's "Lifecycle rules".
 //!
 //! ```no_run
-//! use pgiplock::{LockMessage, LockOptions, Session};
+//! use pgiplock::{LockOptions, Session, Shutdown};
+//! use tokio_util::sync::CancellationToken;
 //!
-//! # async fn run() -> Result<(), pgiplock::Error> {
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! let config: tokio_postgres::Config = "postgres://postgres@127.0.0.1:5432/test".parse()?;
 //! let session = Session::connect(config).await?;
 //! let lock = session.lock("jobs", LockOptions::new())?;
-//! let mut messages = lock.subscribe();
+//! // Opt in: SIGINT/SIGTERM/SIGABRT cancel `stop`, release every lock, close every session.
+//! let stop = CancellationToken::new();
+//! let shutdown = tokio::spawn(Shutdown::install(stop.clone())?.wait());
 //! lock.init().await?; // creates the schema if needed and starts competing
-//! // Opt in to releasing every lock on SIGINT/SIGTERM/SIGABRT.
-//! let stop = tokio_util::sync::CancellationToken::new();
-//! let signals = pgiplock::spawn_signal_handler(stop.clone());
-//! while let Some(message) = messages.next().await {
-//!     match message {
-//!         LockMessage::Acquired { token } => println!("holding, fence token {token:?}"),
-//!         LockMessage::Message { payload, .. } => println!("job: {payload}"),
-//!         LockMessage::Lost { reason } => println!("lost: {}", reason.as_str()),
-//!         LockMessage::Released => println!("released"),
-//!         LockMessage::Stopped => break,
-//!         _ => {}
-//!     }
-//! }
-//! let _ = signals.await;
+//! // The work runs only for the term, and is dropped the moment the term ends.
+//! lock.run_terms(|term| async move {
+//!     println!("holding, fence token {:?}", term.token());
+//!     term.ended().await;
+//! })
+//! .await?;
+//! println!("stopped by {:?}", shutdown.await?);
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! The channel's notifications and every state change come through
+//! [`PgIpLock::subscribe`]; [`PgIpLock::state`] is a watch of the state.
 //!
 //! Not for transaction-pooling proxies (PgBouncer in transaction mode): `LISTEN` and the
 //! session's identity need a real session.
@@ -54,16 +53,19 @@ mod clock;
 mod driver;
 mod error;
 mod lock;
+mod metrics;
 mod session;
 mod signal;
 mod sql;
+mod term;
 
 pub use error::{ConfigError, DbError, Error, NameError, PgError};
 pub use lock::{destroy_all, has_instances, LockMessage, LockOptions, PgIpLock, Subscription};
 pub use pgiplock_core::{FenceToken, LostReason, Protocol, SignalKind, Warning};
 pub use session::{Session, SessionOptions};
-pub use signal::spawn_signal_handler;
+pub use signal::{shutdown_on_signal, spawn_signal_handler, Shutdown};
 pub use sql::{lock_status, lock_status_on, LockStatus};
+pub use term::{LockState, Term};
 
 /// Unstable, for this workspace's test kit only (feature `testkit`, off by default, exempt from
 /// semver): the SQL executor and schema bootstrap that sessions run, so that tests can run a

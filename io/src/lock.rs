@@ -10,10 +10,11 @@ use pgiplock_core::{
     ChannelName, ConfigError, FenceToken, LockCall, LockConfig, LockKey, LostReason, Protocol, SchemaName, SignalKind,
     Warning,
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::driver::CallWaiter;
 use crate::session::{Command, Session};
+use crate::term::{LockState, Term};
 use crate::Error;
 
 /// Options of one lock. Start from [`LockOptions::new`] and chain the setters.
@@ -225,6 +226,11 @@ pub(crate) struct LockShared {
     release_handlers: Mutex<Vec<ReleaseHandler>>,
     /// Why the session task ended abnormally, once it did.
     ended: Mutex<Option<String>>,
+    /// The current term, while holding; set before `state` says so.
+    term: Mutex<Option<(Term, tokio::time::Instant)>>,
+    state: watch::Sender<LockState>,
+    /// `stand_down` came and no `init`/`compete` since: a standby is reported as stood down.
+    stood_down: AtomicBool,
 }
 
 fn guard<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -252,12 +258,67 @@ impl LockShared {
             stopped: AtomicBool::new(false),
             release_handlers: Mutex::new(Vec::new()),
             ended: Mutex::new(None),
+            term: Mutex::new(None),
+            state: watch::channel(LockState::Standby).0,
+            stood_down: AtomicBool::new(false),
         }
     }
 
-    pub(crate) fn set_holding(&self, holding: bool, token: Option<FenceToken>) {
+    /// Records the lock's new state: a term starts on `Holding` (a new one if the token
+    /// changed) and ends, its token cancelled, on any other state; `why` names the end for the
+    /// metrics.
+    pub(crate) fn set_state(&self, state: LockState, why: &'static str) {
+        let state = match state {
+            LockState::Standby | LockState::StoodDown if self.stood_down.load(Ordering::SeqCst) => LockState::StoodDown,
+            LockState::StoodDown => LockState::Standby,
+            other => other,
+        };
+        let token = match state {
+            LockState::Holding { token } => token,
+            _ => None,
+        };
+        {
+            let mut term = guard(&self.term);
+            let same_term =
+                matches!((&*term, state), (Some((t, _)), LockState::Holding { token }) if t.token() == token);
+            if !same_term {
+                if let Some((old, since)) = term.take() {
+                    old.end();
+                    crate::metrics::term_ended(self.channel.as_str(), why, since.elapsed());
+                }
+                if state.is_holding() {
+                    *term = Some((Term::new(token), tokio::time::Instant::now()));
+                    crate::metrics::term_started(self.channel.as_str());
+                }
+            }
+        }
         self.token.store(token.map_or(0, |t| t.0), Ordering::SeqCst);
-        self.acquired.store(holding, Ordering::SeqCst);
+        self.acquired.store(state.is_holding(), Ordering::SeqCst);
+        // Once stopped, the state stays stopped.
+        self.state.send_if_modified(|current| {
+            if *current == state || *current == LockState::Stopped {
+                return false;
+            }
+            *current = state;
+            true
+        });
+    }
+
+    /// Records a `stand_down` (`true`) or `init`/`compete` (`false`) as the session's task
+    /// takes the call, and the standby's state with it.
+    pub(crate) fn set_stood_down(&self, stood_down: bool) {
+        self.stood_down.store(stood_down, Ordering::SeqCst);
+        let current = *self.state.borrow();
+        if matches!(current, LockState::Standby | LockState::StoodDown) {
+            self.set_state(current, "stood_down");
+        }
+    }
+
+    pub(crate) fn end_term(&self) {
+        if let Some((term, since)) = guard(&self.term).take() {
+            term.end();
+            crate::metrics::term_ended(self.channel.as_str(), "session_ended", since.elapsed());
+        }
     }
 
     pub(crate) fn broadcast(&self, message: LockMessage) {
@@ -266,6 +327,7 @@ impl LockShared {
 
     /// The lock is gone: end every subscription, now and later.
     pub(crate) fn mark_stopped(&self) {
+        self.set_state(LockState::Stopped, "stopped");
         let mut subscribers = guard(&self.subscribers);
         self.stopped.store(true, Ordering::SeqCst);
         subscribers.clear();
@@ -279,6 +341,7 @@ impl LockShared {
     /// every subscriber then `Stopped`, and every later call the cause.
     pub(crate) fn end(&self, cause: &str) {
         *guard(&self.ended) = Some(cause.to_owned());
+        self.end_term();
         let was_holding = self.acquired.swap(false, Ordering::SeqCst);
         self.token.store(0, Ordering::SeqCst);
         if was_holding {
@@ -416,6 +479,22 @@ impl PgIpLock {
         self.call(LockCall::Release, CallWaiter::Unit).await
     }
 
+    /// Stops competing without leaving: releases if holding (as [`release`](PgIpLock::release)
+    /// does, and returns as it does), then stays connected and listening as a standby that makes
+    /// no attempt of its own, whoever releases or crashes, until [`compete`](PgIpLock::compete).
+    /// [`state`](PgIpLock::state) reports [`LockState::StoodDown`]. An explicit
+    /// [`acquire`](PgIpLock::acquire) still attempts; a term won by an attempt that was already
+    /// in flight is released at once.
+    pub async fn stand_down(&self) -> Result<(), Error> {
+        self.call(LockCall::StandDown, CallWaiter::Unit).await
+    }
+
+    /// Competes again after [`stand_down`](PgIpLock::stand_down) (an attempt at once), or
+    /// starts competing as [`init`](PgIpLock::init) does: it is the same call.
+    pub async fn compete(&self) -> Result<(), Error> {
+        self.init().await
+    }
+
     /// Releases if held and stops for good, bounded by the shutdown timeout.
     pub async fn destroy(&self) -> Result<(), Error> {
         self.destroy_with(None).await
@@ -441,6 +520,113 @@ impl PgIpLock {
         match self.shared().token.load(Ordering::SeqCst) {
             0 => None,
             t => Some(FenceToken(t)),
+        }
+    }
+
+    /// The lock's state as a watch: the receiver starts from the current state (read it with
+    /// `borrow()`, await a state with `wait_for`), and every change follows. It ends with
+    /// [`LockState::Stopped`].
+    ///
+    /// ```no_run
+    /// # async fn run(lock: pgiplock::PgIpLock) {
+    /// let mut state = lock.state();
+    /// let holding = state.wait_for(|s| s.is_holding()).await;
+    /// # let _ = holding;
+    /// # }
+    /// ```
+    pub fn state(&self) -> watch::Receiver<LockState> {
+        self.shared().state.subscribe()
+    }
+
+    /// The current term, while holding.
+    pub fn term(&self) -> Option<Term> {
+        guard(&self.shared().term).as_ref().map(|(term, _)| term.clone())
+    }
+
+    /// The current term if holding, else the next one once the lock is acquired. Fails with
+    /// [`Error::Closed`] once the lock is stopped (or [`Error::SessionEnded`] if its session
+    /// ended abnormally). Waits as long as it takes: bound it with a timeout if needed.
+    pub async fn next_term(&self) -> Result<Term, Error> {
+        let mut state = self.state();
+        loop {
+            // Mark the state seen before looking at the term: a term that starts after the
+            // look is a change that `changed` reports.
+            let stopped = *state.borrow_and_update() == LockState::Stopped;
+            if let Some(term) = self.term() {
+                return Ok(term);
+            }
+            if stopped || state.changed().await.is_err() {
+                return Err(match self.shared().ended() {
+                    Some(cause) => Error::SessionEnded { cause },
+                    None => Error::Closed,
+                });
+            }
+        }
+    }
+
+    /// Runs `work` for one term: waits for the current or next term, runs `work(term)` while
+    /// it lasts, and returns `Ok(Some(output))` when `work` completed (the lock is then
+    /// released, as client-go's `ReleaseOnCancel` does, and stays a standby), or `Ok(None)`
+    /// when the term ended first: `work` is then dropped at once, so none of it runs after the
+    /// term is over. Errors as [`next_term`](PgIpLock::next_term) does, or with the release's
+    /// error.
+    ///
+    /// ```no_run
+    /// # async fn run(lock: pgiplock::PgIpLock) -> Result<(), pgiplock::Error> {
+    /// let done = lock
+    ///     .run_while_holding(|term| async move {
+    ///         println!("holding with token {:?}", term.token());
+    ///         // ... the work only the holder may do ...
+    ///     })
+    ///     .await?;
+    /// println!("completed: {}", done.is_some());
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn run_while_holding<F, Fut>(&self, work: F) -> Result<Option<Fut::Output>, Error>
+    where
+        F: FnOnce(Term) -> Fut,
+        Fut: std::future::Future,
+    {
+        let term = self.next_term().await?;
+        let ended = term.cancellation().clone();
+        let token = term.token();
+        let output = tokio::select! {
+            biased;
+            () = ended.cancelled() => return Ok(None),
+            output = work(term) => output,
+        };
+        // Release this term only: a term that ended meanwhile is not ours to release.
+        if self.term().is_some_and(|t| t.token() == token && !t.is_over()) {
+            self.release().await?;
+        }
+        Ok(Some(output))
+    }
+
+    /// Runs `work` for every term until the lock stops: each time the lock is acquired,
+    /// `work(term)` runs until the term ends (then it is dropped) or until it completes (then
+    /// the lock is released and competes again, so the next term may be this process's
+    /// again). Returns `Ok(())` once the lock is destroyed, [`Error::SessionEnded`] if its
+    /// session ended abnormally. A release that fails is logged and the loop goes on (the
+    /// lease then ends at its expiry).
+    pub async fn run_terms<F, Fut>(&self, mut work: F) -> Result<(), Error>
+    where
+        F: FnMut(Term) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        loop {
+            match self.run_while_holding(&mut work).await {
+                Ok(_) => {}
+                Err(Error::Closed) => return Ok(()),
+                Err(Error::ReleaseFailed { reason }) => {
+                    tracing::warn!(
+                        channel = self.channel(),
+                        reason = reason.as_str(),
+                        "release after the term's work was not confirmed"
+                    );
+                }
+                Err(e) => return Err(e),
+            }
         }
     }
 
@@ -513,6 +699,15 @@ fn live_locks() -> Vec<PgIpLock> {
         .filter(|h| !h.shared.stopped.load(Ordering::SeqCst))
         .map(|handle| PgIpLock { handle })
         .collect()
+}
+
+/// The longest shutdown timeout of the live locks (zero when there are none).
+pub(crate) fn longest_shutdown_timeout() -> Duration {
+    live_locks()
+        .iter()
+        .map(|l| l.shared().shutdown_timeout)
+        .max()
+        .unwrap_or(Duration::ZERO)
 }
 
 /// Whether any lock created by this process is still alive.

@@ -158,6 +158,18 @@ pub(crate) fn guard<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Every session of the process, weak: what [`Shutdown`](crate::Shutdown) closes.
+static SESSIONS: Mutex<Vec<Weak<SessionInner>>> = Mutex::new(Vec::new());
+
+/// The sessions of this process that are still referenced.
+pub(crate) fn live_sessions() -> Vec<Session> {
+    guard(&SESSIONS)
+        .iter()
+        .filter_map(Weak::upgrade)
+        .map(|inner| Session { inner })
+        .collect()
+}
+
 /// One PostgreSQL connection shared by many locks, reconnected with backoff when lost.
 /// Cheap to clone; all clones are the same session.
 ///
@@ -233,6 +245,11 @@ impl Session {
                 finished,
             }),
         };
+        {
+            let mut sessions = guard(&SESSIONS);
+            sessions.retain(|s| s.strong_count() > 0);
+            sessions.push(Arc::downgrade(&session.inner));
+        }
         match first_rx.await {
             Ok(Ok(())) => Ok(session),
             Ok(Err(e)) => Err(e),
