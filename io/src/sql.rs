@@ -353,7 +353,25 @@ pub async fn bootstrap(client: &Client, protocol: Protocol, schema: &SchemaName)
     client
         .batch_execute(&bootstrap_sql(protocol, schema))
         .await
-        .map_err(|e| db_error(&e))
+        .map_err(|e| db_error(&e))?;
+    if protocol == Protocol::Lease {
+        // Best effort: on a read-only server the no-op UPDATEs fail after compiling, which is
+        // all this is for; a lost connection shows at the next operation.
+        if let Err(e) = client.batch_execute(&warm_up_sql(schema)).await {
+            tracing::debug!(error = %e, "warming up the lock functions failed");
+        }
+    }
+    Ok(())
+}
+
+/// Calls the functions a holder runs rarely once, matching no row, so that their PL/pgSQL is
+/// compiled when the session starts rather than when it matters: a backend compiles a function
+/// at its first call, and the first `release_v2` of a session cost 6.5 ms against 0.25 ms after
+/// (measured with psql on PostgreSQL 15), a third of a graceful handover. (`acquire_v2` runs at
+/// every standby attempt and is compiled by the first.)
+fn warm_up_sql(schema: &SchemaName) -> String {
+    let qs = quote_ident(schema.as_str());
+    format!("SELECT {qs}.release_v2(NULL, NULL, NULL, NULL), {qs}.renew_v2(NULL, NULL, NULL, NULL, NULL, NULL, NULL)")
 }
 
 /// `LISTEN` on the channels of a lock under `protocol` ([`ChannelName::listened`]).
