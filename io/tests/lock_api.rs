@@ -8,23 +8,6 @@ use std::time::Duration;
 use common::*;
 use pgiplock::{Error, LockMessage, LockOptions, LostReason, PgIpLock, Protocol, Session};
 
-fn options(protocol: Protocol, schema: &str) -> LockOptions {
-    LockOptions::new()
-        .protocol(protocol)
-        .schema(schema)
-        .acquire_interval(Duration::from_secs(2))
-        .lease_ttl(Duration::from_secs(3))
-        .shutdown_timeout(Duration::from_secs(2))
-}
-
-async fn session() -> Session {
-    Session::connect(config()).await.expect("connect")
-}
-
-fn is_acquired(m: &LockMessage) -> bool {
-    matches!(m, LockMessage::Acquired { .. })
-}
-
 /// Waits until exactly one of `locks` holds; returns its index.
 async fn wait_single_holder(locks: &[&PgIpLock]) -> usize {
     let deadline = tokio::time::Instant::now() + WAIT;

@@ -5,13 +5,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{next_matching, WAIT};
+use common::{is_acquired, next_matching, WAIT};
 use pgiplock::{LockMessage, LockOptions, LostReason, Protocol, Session};
 use pgiplock_testkit::cluster::TempCluster;
-
-fn is_acquired(m: &LockMessage) -> bool {
-    matches!(m, LockMessage::Acquired { .. })
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconnects_after_restart_and_outage() {

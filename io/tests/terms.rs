@@ -7,24 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use pgiplock::{LockMessage, LockOptions, LockState, LostReason, PgIpLock, Protocol, Session, Subscription, Term};
-
-fn options(schema: &str) -> LockOptions {
-    LockOptions::new()
-        .protocol(Protocol::Lease)
-        .schema(schema)
-        .acquire_interval(Duration::from_secs(2))
-        .lease_ttl(Duration::from_secs(3))
-        .shutdown_timeout(Duration::from_secs(2))
-}
-
-async fn session() -> Session {
-    Session::connect(config()).await.expect("connect")
-}
-
-fn is_acquired(m: &LockMessage) -> bool {
-    matches!(m, LockMessage::Acquired { .. })
-}
+use pgiplock::{LockMessage, LockState, LostReason, PgIpLock, Protocol, Session, Subscription, Term};
 
 /// Two sessions competing for one channel, and the admin connection.
 struct Pair {
@@ -42,8 +25,8 @@ impl Pair {
         let channel = unique("Jobs");
         let sessions = [session().await, session().await];
         let locks = [
-            sessions[0].lock(&channel, options(&schema)).unwrap(),
-            sessions[1].lock(&channel, options(&schema)).unwrap(),
+            sessions[0].lock(&channel, options(Protocol::Lease, &schema)).unwrap(),
+            sessions[1].lock(&channel, options(Protocol::Lease, &schema)).unwrap(),
         ];
         let subs = [locks[0].subscribe(), locks[1].subscribe()];
         Pair {

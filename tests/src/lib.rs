@@ -88,3 +88,18 @@ pub fn ms(from_us: i64, to_us: i64) -> f64 {
 pub fn us(d: Duration) -> i64 {
     i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
 }
+
+/// The `n`-th forged Lease lock-channel payload of a rotating mix, given the channel's current
+/// token: `draining`, `released`, `acquired` and `progress` of the current term, then `draining`
+/// and `acquired` of a far newer one (what a role that can connect could send).
+pub fn forged_lease_marker(n: u64, token: i64) -> String {
+    let newer = token + 1000;
+    match n % 6 {
+        0 => format!("draining:{token}"),
+        1 => format!("released:{token}"),
+        2 => format!("acquired:{token}"),
+        3 => format!("progress:{token}:999:999"),
+        4 => format!("draining:{newer}"),
+        _ => format!("acquired:{newer}"),
+    }
+}

@@ -151,15 +151,7 @@ fn forge(
                 Ok(Some(row)) => row.get(0),
                 _ => continue,
             };
-            let newer = token + 1000;
-            let payload = match sent % 6 {
-                0 => format!("draining:{token}"),
-                1 => format!("released:{token}"),
-                2 => format!("acquired:{token}"),
-                3 => format!("progress:{token}:999:999"),
-                4 => format!("draining:{newer}"),
-                _ => format!("acquired:{newer}"),
-            };
+            let payload = forged_lease_marker(sent, token);
             if client
                 .execute("SELECT pg_notify($1, $2)", &[&lock_channel, &payload])
                 .await

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use futures::future::poll_fn;
-use pgiplock::{LockMessage, Subscription};
+use pgiplock::{LockMessage, LockOptions, Protocol, Session, Subscription};
 use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, Client, Config, NoTls};
 
@@ -184,4 +184,24 @@ impl Drop for SchemaGuard {
         });
         let _ = worker.join();
     }
+}
+
+/// The tests' lock timings: short retries and lease, a bounded shutdown.
+pub fn options(protocol: Protocol, schema: &str) -> LockOptions {
+    LockOptions::new()
+        .protocol(protocol)
+        .schema(schema)
+        .acquire_interval(Duration::from_secs(2))
+        .lease_ttl(Duration::from_secs(3))
+        .shutdown_timeout(Duration::from_secs(2))
+}
+
+/// A session on the test server.
+pub async fn session() -> Session {
+    Session::connect(config()).await.expect("connect")
+}
+
+/// Whether `m` reports an acquisition.
+pub fn is_acquired(m: &LockMessage) -> bool {
+    matches!(m, LockMessage::Acquired { .. })
 }

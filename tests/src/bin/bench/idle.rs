@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use pgiplock_testkit::cluster::TempCluster;
-use pgiplock_tests::{unique_channel, Fleet, Protocol, WorkerOpts};
+use pgiplock_tests::{forged_lease_marker, unique_channel, Fleet, Protocol, WorkerOpts};
 use tokio::time::Instant;
 use tokio_postgres::{Client, NoTls};
 
@@ -174,16 +174,7 @@ async fn forge(
                     )
                     .await?
                     .map_or(0, |row| row.get(0));
-                let newer = token + 1000;
-                let payload = match sent % 6 {
-                    0 => format!("draining:{token}"),
-                    1 => format!("released:{token}"),
-                    2 => format!("acquired:{token}"),
-                    3 => format!("progress:{token}:999:999"),
-                    4 => format!("draining:{newer}"),
-                    _ => format!("acquired:{newer}"),
-                };
-                (lock_channel.as_str(), payload)
+                (lock_channel.as_str(), forged_lease_marker(sent, token))
             }
             _ => (drain_channel.as_str(), "draining".to_owned()),
         };
