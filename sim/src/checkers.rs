@@ -336,34 +336,35 @@ impl World {
         let proc = &self.procs[p];
         let bound = proc.core().and_then(|session| {
             let state = session.state();
-            let mut waits: Vec<(Wait, Timestamp, Duration)> = Vec::new();
-            match state.phase {
-                ConnPhase::Connecting => waits.push((Wait::Connecting, state.since, self.scenario.connect_timeout)),
-                ConnPhase::Down if !state.closing => {
-                    waits.push((Wait::Down, state.since, self.session_config.backoff_max));
+            let mut earliest: Option<PhaseBound> = None;
+            let mut consider = |wait: Wait, since: Timestamp, bound: Duration| {
+                let b = PhaseBound {
+                    at: proc.first_global(since + bound),
+                    wait,
+                    since,
+                    bound,
+                };
+                if earliest.map_or(true, |e| (b.at, b.wait) < (e.at, e.wait)) {
+                    earliest = Some(b);
                 }
+            };
+            match state.phase {
+                ConnPhase::Connecting => consider(Wait::Connecting, state.since, self.scenario.connect_timeout),
+                ConnPhase::Down if !state.closing => consider(Wait::Down, state.since, self.session_config.backoff_max),
                 _ => {}
             }
             if let Some(sent) = state.oldest_setup {
-                waits.push((Wait::Setup, sent, self.scenario.setup_timeout));
+                consider(Wait::Setup, sent, self.scenario.setup_timeout);
             }
             for li in 0..self.channels.len() {
                 let pending = session
                     .lock(LockKey(li as u64))
                     .is_some_and(|l| l.state().pending.is_some());
                 if let (true, Some(sent)) = (pending, proc.request_sent(li)) {
-                    waits.push((Wait::Request(li), sent, self.config.request_timeout));
+                    consider(Wait::Request(li), sent, self.config.request_timeout);
                 }
             }
-            waits
-                .into_iter()
-                .map(|(wait, since, bound)| PhaseBound {
-                    at: proc.first_global(since + bound),
-                    wait,
-                    since,
-                    bound,
-                })
-                .min_by_key(|b| (b.at, b.wait))
+            earliest
         });
         self.checkers.set_phase_bound(p, bound);
     }

@@ -126,12 +126,134 @@ impl Ord for Scheduled {
     }
 }
 
-/// The event queue and virtual time. Events at the same time run in the order they were
-/// scheduled (a global sequence number breaks ties).
+/// One process's session timer, kept apart from the event queue so that re-arming it moves
+/// the one entry instead of leaving a stale event behind: an idle standby between retries
+/// costs its next deadline and nothing else.
+#[derive(Debug, Clone, Copy)]
+struct Timer {
+    at: Timestamp,
+    seq: u64,
+    p: usize,
+    inc: u32,
+}
+
+impl Timer {
+    fn key(&self) -> (Timestamp, u64) {
+        (self.at, self.seq)
+    }
+}
+
+/// A binary min-heap of at most one timer per process, indexed by process so that a timer can
+/// be moved or removed in place.
+#[derive(Default)]
+struct Timers {
+    heap: Vec<Timer>,
+    /// The heap index of each process's timer (`NONE`: not armed).
+    pos: Vec<usize>,
+}
+
+const NONE: usize = usize::MAX;
+
+impl Timers {
+    fn peek(&self) -> Option<&Timer> {
+        self.heap.first()
+    }
+
+    fn set(&mut self, timer: Timer) {
+        if self.pos.len() <= timer.p {
+            self.pos.resize(timer.p + 1, NONE);
+        }
+        let i = match self.pos[timer.p] {
+            NONE => {
+                self.heap.push(timer);
+                self.heap.len() - 1
+            }
+            i => {
+                self.heap[i] = timer;
+                i
+            }
+        };
+        self.pos[timer.p] = i;
+        let i = self.sift_up(i);
+        self.sift_down(i);
+    }
+
+    fn remove(&mut self, p: usize) -> Option<Timer> {
+        let i = *self.pos.get(p)?;
+        if i == NONE {
+            return None;
+        }
+        self.pos[p] = NONE;
+        let last = self.heap.len() - 1;
+        self.heap.swap(i, last);
+        let timer = self.heap.pop();
+        if i < self.heap.len() {
+            self.pos[self.heap[i].p] = i;
+            let i = self.sift_up(i);
+            self.sift_down(i);
+        }
+        timer
+    }
+
+    fn swap(&mut self, a: usize, b: usize) {
+        self.heap.swap(a, b);
+        self.pos[self.heap[a].p] = a;
+        self.pos[self.heap[b].p] = b;
+    }
+
+    fn sift_up(&mut self, mut i: usize) -> usize {
+        while i > 0 {
+            let parent = (i - 1) / 2;
+            if self.heap[parent].key() <= self.heap[i].key() {
+                break;
+            }
+            self.swap(parent, i);
+            i = parent;
+        }
+        i
+    }
+
+    fn sift_down(&mut self, mut i: usize) {
+        loop {
+            let (l, r) = (2 * i + 1, 2 * i + 2);
+            let mut min = i;
+            if l < self.heap.len() && self.heap[l].key() < self.heap[min].key() {
+                min = l;
+            }
+            if r < self.heap.len() && self.heap[r].key() < self.heap[min].key() {
+                min = r;
+            }
+            if min == i {
+                return;
+            }
+            self.swap(min, i);
+            i = min;
+        }
+    }
+}
+
+/// What the run loop takes next.
+enum Due {
+    Event(Scheduled),
+    Timer { at: Timestamp, p: usize, inc: u32 },
+}
+
+impl Due {
+    fn at(&self) -> Timestamp {
+        match self {
+            Due::Event(s) => s.at,
+            Due::Timer { at, .. } => *at,
+        }
+    }
+}
+
+/// The event queue, the session timers and virtual time. Events and timers at the same time
+/// run in the order they were scheduled (a global sequence number breaks ties).
 pub(crate) struct Engine {
     queue: BinaryHeap<Reverse<Scheduled>>,
     slab: Vec<Option<Event>>,
     free_slots: Vec<u32>,
+    timers: Timers,
     seq: u64,
     /// Events run so far.
     pub(crate) steps: u64,
@@ -145,6 +267,7 @@ impl Engine {
             queue: BinaryHeap::new(),
             slab: Vec::new(),
             free_slots: Vec::new(),
+            timers: Timers::default(),
             seq: 0,
             steps: 0,
             now: Timestamp::ZERO,
@@ -170,18 +293,47 @@ impl Engine {
         }));
     }
 
-    /// The earliest entry, unless the queue is empty or that entry lies after `end` (it then
-    /// stays queued).
-    fn pop_due(&mut self, end: Timestamp) -> Option<Scheduled> {
+    /// Arms process `p`'s session timer (incarnation `inc`) for `at`, replacing the one armed
+    /// before; `None` disarms it.
+    pub(crate) fn arm(&mut self, p: usize, inc: u32, at: Option<Timestamp>) {
+        match at {
+            Some(at) => {
+                self.seq += 1;
+                let seq = self.seq;
+                self.timers.set(Timer { at, seq, p, inc });
+            }
+            None => {
+                self.timers.remove(p);
+            }
+        }
+    }
+
+    /// The earliest event or timer, unless there is none or it lies after `end` (it then stays
+    /// queued).
+    fn pop_due(&mut self, end: Timestamp) -> Option<Due> {
+        let event = self.queue.peek().map(|Reverse(s)| (s.at, s.seq));
+        let timer = self.timers.peek().map(Timer::key);
+        let take_timer = match (event, timer) {
+            (_, None) => false,
+            (None, Some(_)) => true,
+            (Some(e), Some(t)) => t < e,
+        };
+        if take_timer {
+            let timer = *self.timers.peek()?;
+            if timer.at > end {
+                return None;
+            }
+            self.timers.remove(timer.p);
+            return Some(Due::Timer {
+                at: timer.at,
+                p: timer.p,
+                inc: timer.inc,
+            });
+        }
         if self.queue.peek()?.0.at > end {
             return None;
         }
-        self.queue.pop().map(|Reverse(next)| next)
-    }
-
-    /// The event waiting in `slot`.
-    fn peek(&self, slot: u32) -> Option<&Event> {
-        self.slab.get(slot as usize).and_then(Option::as_ref)
+        self.queue.pop().map(|Reverse(next)| Due::Event(next))
     }
 
     /// Takes the event out of `slot` and frees the slot.
@@ -215,22 +367,24 @@ impl World {
                     .fail("steps", format!("more than {} events", self.scenario.max_steps))
                     .into());
             }
+            let at = next.at();
             self.metrics.advance(
                 self.engine.now,
-                next.at,
+                at,
                 self.checkers.available,
                 self.checkers.believers[0].len(),
                 self.checkers.s2_gap,
             );
-            self.engine.now = next.at;
-            let tag = self.engine.peek(next.slot).map_or(0, Event::tag);
-            self.trace.hash(&[next.at.as_micros(), tag]);
-            if let Some(event) = self.engine.peek(next.slot) {
-                self.trace.line(|| format!("{:?} {:?}", next.at, event));
-            }
-            let Some(event) = self.engine.take(next.slot) else {
-                continue;
+            self.engine.now = at;
+            let event = match next {
+                Due::Timer { p, inc, .. } => Event::SessionTimer { p, inc },
+                Due::Event(next) => match self.engine.take(next.slot) {
+                    Some(event) => event,
+                    None => continue,
+                },
             };
+            self.trace.hash(&[at.as_micros(), event.tag()]);
+            self.trace.line(|| format!("{at:?} {event:?}"));
             self.handle(event);
             self.check()?;
         }
@@ -288,5 +442,56 @@ impl World {
             Event::Publish => self.publish(),
             Event::PublishCommit { id } => self.publish_commit(id),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pgiplock_core::SplitMix64;
+    use std::collections::BTreeMap;
+
+    /// Arming, re-arming and disarming at random, the timers pop in the order of a plain map
+    /// of each process's one timer, interleaved with queued events by `(at, seq)`.
+    #[test]
+    fn timers_pop_in_order_and_only_the_one_armed() {
+        let mut rng = SplitMix64::new(5);
+        let mut engine = Engine::new();
+        let mut armed: BTreeMap<usize, (Timestamp, u64)> = BTreeMap::new();
+        let mut popped = Vec::new();
+        for step in 0..20_000u64 {
+            let now = engine.now;
+            match rng.below_inclusive(9) {
+                0..=5 => {
+                    let p = rng.below_inclusive(40) as usize;
+                    let at = now + std::time::Duration::from_micros(rng.below_inclusive(1_000));
+                    engine.arm(p, 1, Some(at));
+                    armed.insert(p, (at, engine.seq));
+                }
+                6 => {
+                    let p = rng.below_inclusive(40) as usize;
+                    engine.arm(p, 1, None);
+                    armed.remove(&p);
+                }
+                7 => {
+                    let at = now + std::time::Duration::from_micros(rng.below_inclusive(1_000));
+                    engine.schedule(at, Event::Publish);
+                }
+                _ => {
+                    let Some(due) = engine.pop_due(Timestamp::from_micros(u64::MAX)) else {
+                        continue;
+                    };
+                    assert!(due.at() >= now, "step {step}: time went back");
+                    engine.now = due.at();
+                    if let Due::Timer { at, p, .. } = due {
+                        let expected = armed.values().min().copied();
+                        assert_eq!(armed.remove(&p).map(|(a, _)| a), Some(at), "step {step}");
+                        assert_eq!(expected.map(|(a, _)| a), Some(at), "step {step}: not the earliest");
+                        popped.push(p);
+                    }
+                }
+            }
+        }
+        assert!(popped.len() > 1_000, "the test drew too few timers: {}", popped.len());
     }
 }

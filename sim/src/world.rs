@@ -15,7 +15,9 @@
 
 use std::time::Duration;
 
-use pgiplock_core::{ChannelName, LockConfig, LockEvent, SessionConfig, SessionOp, SplitMix64, Timestamp};
+use pgiplock_core::{
+    ChannelName, LockConfig, LockEvent, SessionConfig, SessionOp, SessionOutput, SplitMix64, Timestamp,
+};
 
 use crate::checkers::Checkers;
 use crate::db::SimDb;
@@ -148,6 +150,8 @@ pub struct World {
     pub(crate) observations: Option<Vec<Observation>>,
     /// The first checker failure; the world does not run on after it.
     pub(crate) failure: Option<SimError>,
+    /// The buffer a process's session outputs are drained into (reused by every input).
+    pub(crate) outputs: Vec<SessionOutput>,
 }
 
 impl World {
@@ -190,6 +194,7 @@ impl World {
             trace: Trace::new(),
             observations: None,
             failure: None,
+            outputs: Vec::new(),
             scenario,
         };
         let mut start_rng = SplitMix64::new(derive_seed(seed, STREAM_START, 0, 0));
