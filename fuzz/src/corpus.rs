@@ -381,6 +381,55 @@ pub fn lock_events() -> Vec<(String, Vec<u8>)> {
             vec![(NOW, data(1)), (S5, Step::Tick), (MS1, acquired(Some(2)))],
         ),
     ));
+    // A holder stands down: it drains and releases as a graceful release does, then makes no
+    // attempt of its own (the reply after the long wait answers the release, not an attempt);
+    // with `Start` it competes again and wins.
+    let stand_down = || {
+        with(
+            holding(Some(1)),
+            vec![
+                (MS1, data(1)),
+                (MS1, Step::StandDown),
+                (NOW, data(2)),
+                (MS1, reply(Reply::Drained)),
+                (MS1, marker(Marker::Draining(t(1)))),
+                (MS1, reply(Reply::Release { released: true })),
+                (MS1, marker(Marker::Released(t(1)))),
+                (MS20, Step::Tick),
+                (S5, Step::Tick),
+                (MS1, acquired(Some(2))),
+            ],
+        )
+    };
+    corpus.push(("lease_stand_down", LEASE, stand_down()));
+    corpus.push((
+        "lease_stand_down_and_compete",
+        LEASE,
+        with(
+            stand_down(),
+            vec![
+                (MS1, Step::Start),
+                (MS20, Step::Tick),
+                (MS1, acquired(Some(2))),
+                (MS1, data(3)),
+            ],
+        ),
+    ));
+    // A standby stands down before a release: it hears the release and does not attempt (so
+    // the reply after the wake jitter answers nothing).
+    corpus.push((
+        "lease_standby_stands_down",
+        LEASE,
+        vec![
+            (NOW, Step::SessionUpNext),
+            (NOW, Step::Start),
+            (MS1, locked(Some(1500))),
+            (MS1, Step::StandDown),
+            (MS1, marker(Marker::Released(t(4)))),
+            (MS20, Step::Tick),
+            (MS1, acquired(Some(5))),
+        ],
+    ));
     corpus.push((
         "defaults_hold_long",
         LEASE_DEFAULTS,

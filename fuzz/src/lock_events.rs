@@ -10,7 +10,7 @@
 //!   two messages, 3 = fence_margin = lease_ttl (a lease is never usable).
 //! steps:  delta (1 byte) op (1 byte) arguments (0-3 bytes)
 //!   delta 0..=127: d * 100 µs; 128..=239: (d - 127) * 50 ms; 240..=255: (d - 239) * 100 ms back.
-//!   op % 13: see [`Step::decode`].
+//!   op % 14: see [`Step::decode`].
 //! ```
 
 use std::time::Duration;
@@ -86,7 +86,7 @@ impl IdChoice {
 pub enum Step {
     /// `Input::Tick`.
     Tick,
-    /// `Input::Start`.
+    /// `Input::Start` (also how a lock that stood down competes again).
     Start,
     /// `Input::TryAcquire`.
     TryAcquire,
@@ -110,6 +110,8 @@ pub enum Step {
     Marker(SessionChoice, String),
     /// A notification on an unrelated channel.
     OtherChannel(SessionChoice),
+    /// `Input::StandDown`: stop competing, staying set up, until the next `Start`.
+    StandDown,
 }
 
 fn token_of(b: u8) -> Option<FenceToken> {
@@ -126,7 +128,7 @@ fn token_byte(t: Option<FenceToken>) -> u8 {
 impl Step {
     /// Decodes one step (after its delta byte).
     pub fn decode(r: &mut Reader<'_>) -> Step {
-        match r.byte() % 13 {
+        match r.byte() % 14 {
             0 => Step::Tick,
             1 => Step::Start,
             2 => Step::TryAcquire,
@@ -154,7 +156,8 @@ impl Step {
                 };
                 Step::Marker(session, payload)
             }
-            _ => Step::OtherChannel(SessionChoice::decode(r.byte())),
+            12 => Step::OtherChannel(SessionChoice::decode(r.byte())),
+            _ => Step::StandDown,
         }
     }
 
@@ -188,6 +191,7 @@ impl Step {
                 out.extend([11, s.encode(), kind, token_byte(token)]);
             }
             Step::OtherChannel(s) => out.extend([12, s.encode()]),
+            Step::StandDown => out.push(13),
         }
     }
 }
@@ -367,6 +371,7 @@ impl StepDriver {
             Step::Start => Input::Start,
             Step::TryAcquire => Input::TryAcquire,
             Step::Release => Input::Release,
+            Step::StandDown => Input::StandDown,
             Step::Stop => Input::Stop,
             Step::Signal => Input::Signal(SignalKind::Terminate),
             Step::SessionUp(id) => Input::SessionUp(SessionId(*id)),

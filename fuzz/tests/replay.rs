@@ -154,6 +154,15 @@ fn hand_made_seeds_reach_their_states() {
     assert_eq!(run("tiny_buffer_overflow").delivered(), 2);
     assert_eq!(run("classic_hold_and_superseded").delivered(), 1);
     assert_eq!(run("defaults_hold_long").delivered(), 20);
+    // Stood down: delivered up to its drain marker, then no attempt of its own; competing
+    // again wins and delivers.
+    let stood_down = run("lease_stand_down");
+    assert_eq!(stood_down.delivered(), 2);
+    assert!(!stood_down.lock.state().phase.is_holder());
+    let competing = run("lease_stand_down_and_compete");
+    assert!(competing.lock.state().phase.is_holder());
+    assert_eq!(competing.delivered(), 3);
+    assert!(!run("lease_standby_stands_down").lock.state().phase.is_holder());
 }
 
 /// A small deterministic fuzz on stable Rust: the corpus files with seeded random byte flips,

@@ -16,8 +16,8 @@ use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use pgiplock_core::{
-    AppName, CallError, CallId, CallReply, DbError, LockEvent, LockKey, OpId, OpReply, SessionEvent, SessionId,
-    SessionInput, SessionOp, SessionOutput, SessionRequest, Warning,
+    AppName, CallError, CallId, CallReply, DbError, DbOp, LockEvent, LockKey, OpId, OpReply, Reply, SessionEvent,
+    SessionId, SessionInput, SessionOp, SessionOutput, SessionRequest, Warning,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -210,6 +210,8 @@ where
         event_streak: 0,
         connections: 0,
         peer_released: BTreeMap::new(),
+        lease_ends: BTreeMap::new(),
+        failover_from: BTreeMap::new(),
     };
     let task = tokio::spawn(driver.run());
     let abort = task.abort_handle();
@@ -280,7 +282,7 @@ struct Driver {
     next_call: u64,
     conn: Option<Conn>,
     connecting: Option<Attempt>,
-    queries: FuturesUnordered<BoxFuture<'static, (OpId, Result<OpReply, DbError>)>>,
+    queries: FuturesUnordered<BoxFuture<'static, QueryDone>>,
     /// Waits for the first connection's outcome ([`Session::connect`](crate::Session::connect)).
     first: Option<oneshot::Sender<Result<(), Error>>>,
     first_deadline: Instant,
@@ -295,7 +297,17 @@ struct Driver {
     connections: u64,
     /// When each standby last heard a peer's release (for the handover metric).
     peer_released: BTreeMap<LockKey, Instant>,
+    /// When the current holder's lease ends, as the server last told each standby (for the
+    /// failover metric).
+    lease_ends: BTreeMap<LockKey, Instant>,
+    /// Since when each lock's winning attempt had known the previous holder gone (set at the
+    /// reply, recorded at `Acquired`).
+    failover_from: BTreeMap<LockKey, Instant>,
 }
+
+/// A finished request: its id, its outcome and, for a lock's `Acquire`, which lock sent it
+/// when (for the failover metric).
+type QueryDone = (OpId, Result<OpReply, DbError>, Option<(LockKey, Instant)>);
 
 impl Drop for Driver {
     fn drop(&mut self) {
@@ -310,7 +322,7 @@ impl Drop for Driver {
 enum Wake {
     Command(Option<Command>),
     Conn(Option<ConnEvent>),
-    Query((OpId, Result<OpReply, DbError>)),
+    Query(QueryDone),
     Connected(Result<Established, tokio_postgres::Error>),
     Timer,
 }
@@ -387,7 +399,12 @@ impl Driver {
                         });
                     }
                 }
-                Wake::Query((id, result)) => self.feed(SessionInput::Reply { id, result }),
+                Wake::Query((id, result, acquire)) => {
+                    if let Some((key, sent)) = acquire {
+                        self.note_acquire_reply(key, sent, &result);
+                    }
+                    self.feed(SessionInput::Reply { id, result });
+                }
                 Wake::Connected(result) => {
                     let Some((session, _)) = self.connecting.take() else {
                         continue;
@@ -498,6 +515,9 @@ impl Driver {
                         pgiplock_core::LockCall::StandDown => {
                             tracing::info!(channel = %lock.channel, "standing down: no attempts until compete");
                             lock.set_stood_down(true);
+                            // What it knew of the holder will be stale by the time it competes.
+                            self.peer_released.remove(&key);
+                            self.lease_ends.remove(&key);
                         }
                         pgiplock_core::LockCall::Init => lock.set_stood_down(false),
                         _ => {}
@@ -593,6 +613,14 @@ impl Driver {
             other => other.name(),
         };
         let sent = Instant::now();
+        let acquire = match &request.op {
+            SessionOp::Lock {
+                lock,
+                op: DbOp::Acquire,
+                ..
+            } => Some((*lock, sent)),
+            _ => None,
+        };
         self.queries.push(
             async move {
                 let result = match request.op {
@@ -619,10 +647,47 @@ impl Driver {
                 };
                 metrics::histogram!(crate::metrics::REQUEST_SECONDS, "op" => op_name)
                     .record(sent.elapsed().as_secs_f64());
-                (id, result)
+                (id, result, acquire)
             }
             .boxed(),
         );
+    }
+
+    /// What an `Acquire` reply tells the failover metric, before the core sees it. Refused: the
+    /// holder's lease ends `lease_remaining` from now, and a release heard before this attempt
+    /// was sent was someone else's to win. Won: a takeover (the previous term was not released)
+    /// counts from the lease's end as last reported, or from this attempt if it was sent before
+    /// that (the holder's session was gone); the end of a released term from its release
+    /// notification, when this process heard it.
+    fn note_acquire_reply(&mut self, key: LockKey, sent: Instant, result: &Result<OpReply, DbError>) {
+        let Ok(OpReply::Lock(Reply::Acquire(reply))) = result else {
+            return;
+        };
+        if !reply.acquired {
+            self.failover_from.remove(&key);
+            if self.peer_released.get(&key).is_some_and(|heard| *heard < sent) {
+                self.peer_released.remove(&key);
+            }
+            match reply.lease_remaining {
+                // Checked: the duration comes from the server and may be anything.
+                Some(remaining) => match Instant::now().checked_add(remaining) {
+                    Some(end) => self.lease_ends.insert(key, end),
+                    None => self.lease_ends.remove(&key),
+                },
+                None => self.lease_ends.remove(&key),
+            };
+            return;
+        }
+        let lease_end = self.lease_ends.remove(&key);
+        let from = match reply.previous {
+            Some(previous) if !previous.released => Some(lease_end.map_or(sent, |end| end.min(sent))),
+            // Released, or `Classic`, whose reply names no previous term.
+            _ => self.peer_released.get(&key).copied(),
+        };
+        match from {
+            Some(from) => self.failover_from.insert(key, from),
+            None => self.failover_from.remove(&key),
+        };
     }
 
     fn on_session_event(&mut self, event: SessionEvent) {
@@ -707,6 +772,11 @@ impl Driver {
                 if let Some(heard) = self.peer_released.remove(&key) {
                     metrics::histogram!(crate::metrics::HANDOVER_SECONDS, "channel" => channel.to_owned())
                         .record(heard.elapsed().as_secs_f64());
+                }
+                self.lease_ends.remove(&key);
+                if let Some(from) = self.failover_from.remove(&key) {
+                    metrics::histogram!(crate::metrics::FAILOVER_SECONDS, "channel" => channel.to_owned())
+                        .record(from.elapsed().as_secs_f64());
                 }
                 lock.set_state(LockState::Holding { token }, "replaced");
                 match token {

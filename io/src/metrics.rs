@@ -12,6 +12,10 @@ pub(crate) const TERMS_ENDED: &str = "pgiplock_terms_ended_total";
 pub(crate) const TERM_SECONDS: &str = "pgiplock_term_seconds";
 /// From a peer's release notification to this process's acquisition, in seconds (`channel`).
 pub(crate) const HANDOVER_SECONDS: &str = "pgiplock_handover_seconds";
+/// From the moment this process knew the previous holder gone to its acquisition, in seconds
+/// (`channel`): a release notification it heard, or for a takeover the lease's end as the
+/// server last reported it (the winning attempt's sending when that came first).
+pub(crate) const FAILOVER_SECONDS: &str = "pgiplock_failover_seconds";
 /// Messages handed to the application (`channel`, `replay`: `true` for takeover replays).
 pub(crate) const MESSAGES: &str = "pgiplock_messages_delivered_total";
 /// Messages a takeover could not replay: the replay buffer had overflowed (`channel`).
