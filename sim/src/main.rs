@@ -92,11 +92,12 @@ enum Command {
         #[arg(long, value_name = "FILE", default_value = "sweep.svg")]
         svg: PathBuf,
     },
-    /// Recommend timings for a fleet and a target.
+    /// Recommend timings for a fleet and a target, and say why.
     ///
     /// Runs every candidate setting (classic at acquire intervals of 1s to 2m; lease at ttls of
-    /// 2s to 1m with a 30s interval) on the scenario with the same seed, prints their table and
-    /// the recommendation.
+    /// 2s to 1m with a 30s interval) on the scenario with the same seed, prints their table,
+    /// the recommendation and a paragraph explaining it: which fault kind dominates the loss,
+    /// what the load is, and what the next cheaper candidate would cost.
     #[command(after_help = DURATIONS_HELP)]
     Tune {
         #[command(flatten)]
@@ -807,7 +808,7 @@ fn cmd_tune(
         Some(i) => {
             let p = &result.candidates[i];
             let c = p.scenario.lock_config();
-            let per_day = p.report.loss_window_s * 86_400.0 / p.report.virtual_time_s.max(1.0);
+            let per_day = explore::loss_per_day(&p.report);
             out!(
                 "recommended: protocol {} acquire_interval {}{}",
                 p.scenario.protocol,
@@ -831,6 +832,9 @@ fn cmd_tune(
                 p.report.published,
                 p.report.split_brain_s
             );
+            if let Some(why) = explore::explain_tune(&result, target) {
+                out!("why: {why}");
+            }
         }
         None => out!("no candidate meets the target; relax it or reduce the fault rates"),
     }
