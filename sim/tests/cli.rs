@@ -240,3 +240,26 @@ fn tune_explains_its_recommendation_with_the_reports_numbers() {
     );
     assert!(why.contains(&cost), "{cost:?} not in {why}");
 }
+
+/// A duration without a unit is refused, as by the `pgiplock` command, with a message that says
+/// what to write; in a scenario file too.
+#[test]
+fn a_duration_without_a_unit_is_refused() {
+    for (flag, value) in [
+        ("--acquire-interval", "5"),
+        ("--duration", "600"),
+        ("--restart-delay", "0"),
+    ] {
+        let out = sim(&["run", flag, value]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}: {stderr}");
+        let expected = format!(
+            "error: invalid value '{value}' for '{flag} <DURATION>': `{value}` has no unit: write {value}s or {value}ms"
+        );
+        assert_eq!(stderr.lines().next(), Some(expected.as_str()), "{stderr}");
+    }
+    let file = Scenario::from_toml("acquire_interval = \"5\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(file.contains("`5` has no unit: write 5s or 5ms"), "{file}");
+}
