@@ -14,9 +14,21 @@ const EXIT_USAGE: u8 = 2;
 /// Exit code for everything else that went wrong.
 const EXIT_FAILURE: u8 = 1;
 
+/// How every duration option reads its value; shown under every `--help`.
+pub(crate) const DURATIONS_HELP: &str =
+    "Durations are a number with a unit: 250ms, 5s, 1.5s, 1m30s, 2h, 0s (units ns, us, ms, \
+s, m, h, d, w). A bare number such as 5 is refused: the Node original's acquireInterval is in \
+milliseconds, so its unit would be a guess. The same rule holds in pgiplock-sim.";
+
 /// One active LISTEN-er per PostgreSQL channel across a fleet.
 #[derive(Debug, Parser)]
-#[command(name = "pgiplock", version, about, propagate_version = true)]
+#[command(
+    name = "pgiplock",
+    version,
+    about,
+    propagate_version = true,
+    after_help = DURATIONS_HELP
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -25,6 +37,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Hold (or stand by for) the lock of one channel and print its events as JSON lines.
+    #[command(after_help = DURATIONS_HELP)]
     ///
     /// One JSON object per line on stdout, flushed at once; `t_us` is microseconds since the Unix
     /// epoch. `ready` (with `app`, the application_name, and `pid`, the OS pid) once connected and
@@ -72,7 +85,7 @@ impl ProtocolArg {
 /// Connection options shared by the subcommands that need a database.
 #[derive(Debug, Clone, Args)]
 pub(crate) struct DatabaseArgs {
-    /// PostgreSQL connection URL, e.g. postgres://user@host:5432/db
+    /// PostgreSQL connection URL, e.g. postgres://user@host:5432/db (required).
     #[arg(long, value_name = "URL")]
     database_url: String,
 }
@@ -170,11 +183,10 @@ pub fn init_logging() {
         .try_init();
 }
 
-/// Parses a duration the way the simulator does, with `humantime`: `500ms`, `5s`, `1.5s`, `2m`,
-/// `1h 30m`; a unit is required.
-pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text.trim())
-        .map_err(|e| format!("invalid duration {text:?}: {e}; write e.g. 500ms, 5s, 1m"))
+/// Parses a duration option by the project's one rule ([`pgiplock_core::parse_duration`]):
+/// a unit is required (`250ms`, `5s`, `1m30s`), a bare number is refused.
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, pgiplock_core::DurationError> {
+    pgiplock_core::parse_duration(text)
 }
 
 /// Microseconds since the Unix epoch: the `t_us` of the worker's JSON, comparable across the
@@ -191,23 +203,134 @@ pub(crate) fn now_us() -> u64 {
 mod tests {
     use super::*;
 
-    #[test]
-    fn durations_parse_with_units() {
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
-        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
-        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
-        assert_eq!(parse_duration("2min"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(5400)));
-        assert!(parse_duration("5").is_err());
-        assert!(parse_duration("5x").is_err());
-        assert!(parse_duration("ms").is_err());
-        assert!(parse_duration("").is_err());
-    }
+    use clap::CommandFactory;
 
     #[test]
     fn cli_definition_is_consistent() {
-        use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    /// Every option of `cmd` and of its subcommands, each with the (sub)command it belongs to.
+    fn options(cmd: &clap::Command, path: String, out: &mut Vec<(String, clap::Command, clap::Arg)>) {
+        for arg in cmd.get_arguments() {
+            out.push((path.clone(), cmd.clone(), arg.clone()));
+        }
+        for sub in cmd.get_subcommands() {
+            options(sub, format!("{path} {}", sub.get_name()), out);
+        }
+    }
+
+    /// Whether `--long=value` alone is accepted by `cmd` (with every other option optional).
+    fn accepts(cmd: &clap::Command, long: &str, value: &str) -> bool {
+        let probe = cmd.clone().mut_args(|a| a.required(false));
+        probe
+            .try_get_matches_from([cmd.get_name().to_owned(), format!("--{long}={value}")])
+            .is_ok()
+    }
+
+    /// An option reads a duration if it takes `250ms` and refuses `250`, as only the shared
+    /// parser does (a count refuses the first, a name takes both).
+    fn reads_a_duration(cmd: &clap::Command, long: &str) -> bool {
+        accepts(cmd, long, "250ms") && !accepts(cmd, long, "250")
+    }
+
+    #[test]
+    fn every_option_has_help_with_its_unit_and_default() {
+        let mut all = Vec::new();
+        options(&Cli::command(), "pgiplock".to_owned(), &mut all);
+        let mut durations = 0;
+        for (path, cmd, arg) in &all {
+            let id = arg.get_id().as_str();
+            if matches!(id, "help" | "version") {
+                continue;
+            }
+            let help = arg
+                .get_long_help()
+                .or(arg.get_help())
+                .map(ToString::to_string)
+                .unwrap_or_default();
+            assert!(!help.trim().is_empty(), "{path} --{id} has no help");
+            let Some(long) = arg.get_long() else { continue };
+            if !arg.get_action().takes_values() {
+                continue;
+            }
+            let defaults: Vec<String> = arg
+                .get_default_values()
+                .iter()
+                .map(|v| v.to_string_lossy().into_owned())
+                .collect();
+            assert!(
+                arg.is_required_set() || !defaults.is_empty() || help.contains("[default: "),
+                "{path} --{long} shows no default: {help:?}"
+            );
+            let named_duration = arg.get_value_names().is_some_and(|v| v == ["DURATION"]);
+            assert_eq!(
+                reads_a_duration(cmd, long),
+                named_duration,
+                "{path} --{long}: a duration flag is named DURATION, and only a duration flag"
+            );
+            if named_duration {
+                durations += 1;
+                let shown = format!("{help} {}", defaults.join(" "));
+                let unit = shown
+                    .split(|c: char| c.is_whitespace() || ",;:()[]".contains(c))
+                    .any(|word| parse_duration(word).is_ok());
+                assert!(unit, "{path} --{long}: no duration with a unit in {shown:?}");
+            }
+        }
+        assert!(durations > 0, "the worker's duration options are found");
+    }
+
+    /// The table every CLI of the project is held to, through this binary's parser.
+    const CASES: &[(&str, Result<u64, &str>)] = include!("../../core/src/duration_cases.rs");
+
+    #[test]
+    fn durations_parse_by_the_shared_table() {
+        for &(input, expected) in CASES {
+            let flag = format!("--acquire-interval={input}");
+            let parsed = Cli::try_parse_from([
+                "pgiplock",
+                "worker",
+                "--database-url",
+                "postgres://localhost/db",
+                "--channel",
+                "jobs",
+                &flag,
+            ]);
+            match (parsed, expected) {
+                (Ok(cli), Ok(micros)) => {
+                    let Command::Worker(args) = cli.command else {
+                        panic!("{input:?}: not the worker")
+                    };
+                    assert_eq!(
+                        args.acquire_interval(),
+                        Some(Duration::from_micros(micros)),
+                        "{input:?}"
+                    );
+                }
+                (Err(e), Err(message)) => {
+                    assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation, "{input:?}");
+                    let text = e.to_string();
+                    let first = text.lines().next().unwrap_or_default();
+                    assert_eq!(
+                        first,
+                        format!("error: invalid value '{input}' for '--acquire-interval <DURATION>': {message}"),
+                        "{input:?}"
+                    );
+                }
+                (Ok(_), Err(message)) => panic!("{input:?} accepted; expected {message:?}"),
+                (Err(e), Ok(_)) => panic!("{input:?} refused: {e}"),
+            }
+        }
+    }
+
+    #[test]
+    fn the_help_states_the_duration_rule() {
+        let help = Cli::command().render_long_help().to_string();
+        assert!(help.contains("A bare number such as 5 is refused"), "{help}");
+        let mut cli = Cli::command();
+        let worker = cli.find_subcommand_mut("worker").expect("worker");
+        let help = worker.render_long_help().to_string();
+        assert!(help.contains("A bare number such as 5 is refused"), "{help}");
     }
 }

@@ -291,6 +291,31 @@ fn worker_refuses_bad_input_with_exit_code_2() {
     }
 }
 
+/// A duration without a unit is refused, by the rule of every CLI of the project, with a
+/// message that says what to write.
+#[test]
+fn worker_refuses_a_duration_without_a_unit() {
+    let url = database_url();
+    for (flag, value) in [
+        ("--acquire-interval", "5"),
+        ("--lease-ttl", "10"),
+        ("--wake-jitter", "0"),
+    ] {
+        let output = run_bounded(
+            Command::new(BIN)
+                .arg("worker")
+                .args(["--database-url", &url, "--channel", "jobs", flag, value]),
+            WAIT,
+        );
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{flag} {value}: {stderr}");
+        let expected = format!(
+            "error: invalid value '{value}' for '{flag} <DURATION>': `{value}` has no unit: write {value}s or {value}ms"
+        );
+        assert_eq!(stderr.lines().next(), Some(expected.as_str()), "{stderr}");
+    }
+}
+
 /// Runs the demo and returns its stdout; checks the exit code and the summary line.
 fn run_demo(args: &[&str], env_url: Option<&str>) -> Option<String> {
     let mut command = Command::new(BIN);

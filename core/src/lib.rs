@@ -38,6 +38,7 @@
 
 pub mod check;
 mod config;
+mod duration;
 mod event;
 mod lock;
 mod name;
@@ -48,6 +49,7 @@ mod session;
 mod time;
 
 pub use config::{ConfigError, LockConfig, Protocol, MAX_SETTING, MIN_INTERVAL, MIN_LEASE_TTL};
+pub use duration::{parse_duration, DurationError, MAX_DURATION};
 pub use event::{Input, LockEvent, LostReason, Output, SignalKind, Warning};
 pub use lock::{Lock, LockState, Phase, TimerKind};
 pub use name::{

@@ -390,11 +390,15 @@ pub fn tune_candidates(base: &Scenario, protocol: Option<Protocol>) -> Vec<Scena
     out
 }
 
+/// The loss window of a run scaled to a day, seconds: what the tuner's loss target bounds.
+pub fn loss_per_day(report: &Report) -> f64 {
+    report.loss_window_s * 86_400.0 / report.virtual_time_s.max(1.0)
+}
+
 /// Runs the candidates and picks the one that meets `target` best.
 pub fn tune(candidates: &[Scenario], seed: u64, target: TuneTarget) -> Result<TuneResult, ExploreError> {
     let points = sweep(candidates, seed, false)?;
-    let day = 86_400.0;
-    let loss_per_day = |p: &SweepPoint| p.report.loss_window_s * day / p.report.virtual_time_s.max(1.0);
+    let loss_per_day = |p: &SweepPoint| loss_per_day(&p.report);
     let mut best: Option<usize> = None;
     for (i, p) in points.iter().enumerate() {
         let (ok, key) = match target {
@@ -416,6 +420,199 @@ pub fn tune(candidates: &[Scenario], seed: u64, target: TuneTarget) -> Result<Tu
         candidates: points,
         best,
     })
+}
+
+/// How much of a run's loss one fault kind accounts for (see [`dominant_fault`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum LossShare {
+    /// By lost messages: `lost` of the run's `total` lost messages were published in terms a
+    /// fault of this kind ended ([`Report::messages_by_fault`]).
+    Messages {
+        /// Lost messages attributed to the kind.
+        lost: u64,
+        /// Lost messages of the run.
+        total: u64,
+    },
+    /// No message was lost: by failover time, estimated as failovers times their median
+    /// ([`Report::failover`] keeps no sum).
+    Failovers {
+        /// Failovers after faults of the kind.
+        count: usize,
+        /// Their median, seconds.
+        p50_s: f64,
+        /// Their longest, seconds.
+        max_s: f64,
+    },
+}
+
+/// The fault kind that dominates a run's loss, and by how much.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DominantFault {
+    /// The kind (`FaultKind::as_str`), or `none` for messages lost in terms no fault ended.
+    pub kind: String,
+    /// Its share.
+    pub share: LossShare,
+}
+
+/// The fault kind most of `report`'s lost messages are attributed to; when none was lost, the
+/// kind whose failovers took the longest in all (count times median); `None` when neither
+/// happened. Ties go to the kind first in name order.
+pub fn dominant_fault(report: &Report) -> Option<DominantFault> {
+    let mut by_messages: Option<(&String, u64)> = None;
+    for (kind, counts) in &report.messages_by_fault {
+        if counts.lost > by_messages.map_or(0, |(_, lost)| lost) {
+            by_messages = Some((kind, counts.lost));
+        }
+    }
+    if let Some((kind, lost)) = by_messages {
+        return Some(DominantFault {
+            kind: kind.clone(),
+            share: LossShare::Messages {
+                lost,
+                total: report.lost_messages,
+            },
+        });
+    }
+    let mut by_time: Option<(&String, f64)> = None;
+    for (kind, stats) in &report.failover {
+        let total = stats.count as f64 * stats.p50_s;
+        if total > by_time.map_or(0.0, |(_, t)| t) {
+            by_time = Some((kind, total));
+        }
+    }
+    by_time.map(|(kind, _)| {
+        let stats = &report.failover[kind];
+        DominantFault {
+            kind: kind.clone(),
+            share: LossShare::Failovers {
+                count: stats.count,
+                p50_s: stats.p50_s,
+                max_s: stats.max_s,
+            },
+        }
+    })
+}
+
+/// The candidate of `result` with the most load below the load of candidate `of`: the next
+/// cheaper setting (ties go to the earlier candidate).
+pub fn next_cheaper(result: &TuneResult, of: usize) -> Option<usize> {
+    let load = result.candidates.get(of)?.report.statements_per_s;
+    let mut best: Option<usize> = None;
+    for (i, p) in result.candidates.iter().enumerate() {
+        let l = p.report.statements_per_s;
+        if l < load && best.map_or(true, |b| l > result.candidates[b].report.statements_per_s) {
+            best = Some(i);
+        }
+    }
+    best
+}
+
+/// A candidate's setting in words: `classic at acquire_interval 5s`, `lease at acquire_interval
+/// 30s, lease_ttl 10s`.
+pub fn candidate_label(scenario: &Scenario) -> String {
+    let interval = format_duration(scenario.acquire_interval);
+    match scenario.protocol {
+        Protocol::Lease => format!(
+            "lease at acquire_interval {interval}, lease_ttl {}",
+            format_duration(scenario.lock_config().lease_ttl)
+        ),
+        Protocol::Classic => format!("classic at acquire_interval {interval}"),
+    }
+}
+
+/// Whether `report` meets `target`.
+fn meets(report: &Report, target: TuneTarget) -> bool {
+    match target {
+        TuneTarget::MaxLossPerDay(max) => loss_per_day(report) <= max.as_secs_f64(),
+        TuneTarget::MaxLoad(max) => report.statements_per_s <= max,
+    }
+}
+
+/// One paragraph that explains the tuner's recommendation: why it wins, which fault kind
+/// dominates its loss ([`dominant_fault`]), what its load is (statements per second at the
+/// server, in total and per process), and what the next cheaper candidate ([`next_cheaper`])
+/// would cost against it. `None` when no candidate met the target.
+pub fn explain_tune(result: &TuneResult, target: TuneTarget) -> Option<String> {
+    let best = result.best?;
+    let p = result.candidates.get(best)?;
+    let r = &p.report;
+    let loss = loss_per_day(r);
+    let mut out = String::new();
+    let _ = match target {
+        TuneTarget::MaxLossPerDay(max) => write!(
+            out,
+            "{} is the candidate with the least load whose loss window, {loss:.1} s per day, stays within {} per day.",
+            candidate_label(&p.scenario),
+            format_duration(max)
+        ),
+        TuneTarget::MaxLoad(max) => write!(
+            out,
+            "{} is the candidate with the least loss window, {loss:.1} s per day, whose load stays within {max} statements/s.",
+            candidate_label(&p.scenario)
+        ),
+    };
+    let _ = match dominant_fault(r) {
+        Some(DominantFault {
+            kind,
+            share: LossShare::Messages { lost, total },
+        }) if kind == "none" => write!(
+            out,
+            " Most lost messages, {lost} of the {total}, were published in terms that no fault ended."
+        ),
+        Some(DominantFault {
+            kind,
+            share: LossShare::Messages { lost, total },
+        }) => {
+            let pct = 100.0 * lost as f64 / total.max(1) as f64;
+            let _ = write!(
+                out,
+                " Faults of kind {kind} dominate the loss: {lost} of the {total} lost messages ({pct:.0}%) were published in terms a {kind} fault ended"
+            );
+            match r.failover.get(&kind) {
+                Some(s) => write!(
+                    out,
+                    ", and its failovers ({}) took {:.1} s at the median and {:.1} s at most.",
+                    s.count, s.p50_s, s.max_s
+                ),
+                None => write!(out, "."),
+            }
+        }
+        Some(DominantFault {
+            kind,
+            share: LossShare::Failovers { count, p50_s, max_s },
+        }) => write!(
+            out,
+            " No message was lost; faults of kind {kind} dominate the loss window: their failovers ({count}) took {p50_s:.1} s at the median and {max_s:.1} s at most, about {:.1} s of the run's {:.1} s.",
+            count as f64 * p50_s,
+            r.loss_window_s
+        ),
+        None => write!(out, " Nothing was lost and no failover happened."),
+    };
+    let _ = write!(
+        out,
+        " The load is {:.3} statements/s at the server, {:.3} per process on average (the busiest {:.3}).",
+        r.statements_per_s, r.statements_per_s_per_process_mean, r.statements_per_s_per_process_max
+    );
+    let _ = match next_cheaper(result, best) {
+        Some(j) => {
+            let c = &result.candidates[j];
+            let cr = &c.report;
+            write!(
+                out,
+                " The next cheaper candidate, {}, would cost {:.3} statements/s ({:.3} per process) against {:.3}, with a loss window of {:.1} s per day and {} lost messages against {loss:.1} s and {}{}.",
+                candidate_label(&c.scenario),
+                cr.statements_per_s,
+                cr.statements_per_s_per_process_mean,
+                r.statements_per_s,
+                loss_per_day(cr),
+                cr.lost_messages,
+                r.lost_messages,
+                if meets(cr, target) { "" } else { ": it misses the target" }
+            )
+        }
+        None => write!(out, " No candidate is cheaper."),
+    };
+    Some(out)
 }
 
 /// A scenario chosen by the seed (swarm testing): protocol, fleet, timings, faults (the
@@ -493,4 +690,97 @@ pub fn swarm(first_seed: u64, runs: u64, twice: bool) -> Result<Vec<(u64, Report
             run_checked(&scenario, seed, twice).map(|r| (seed, r))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::{LatencyStats, MessageCounts};
+
+    /// A real report of a short run, with its per-kind figures replaced.
+    fn report(lost: &[(&str, u64)], failovers: &[(&str, usize, f64)]) -> Report {
+        let s = Scenario {
+            processes: 2,
+            duration: Duration::from_secs(600),
+            ..Scenario::default()
+        };
+        let mut r = run(&s, 1).expect("a short run");
+        r.messages_by_fault = lost
+            .iter()
+            .map(|&(k, n)| {
+                let counts = MessageCounts {
+                    published: n,
+                    lost: n,
+                    ..MessageCounts::default()
+                };
+                (k.to_owned(), counts)
+            })
+            .collect();
+        r.lost_messages = lost.iter().map(|(_, n)| n).sum();
+        r.failover = failovers
+            .iter()
+            .map(|&(k, count, p50_s)| {
+                let stats = LatencyStats {
+                    count,
+                    p50_s,
+                    p90_s: p50_s,
+                    max_s: p50_s * 2.0,
+                };
+                (k.to_owned(), stats)
+            })
+            .collect();
+        r
+    }
+
+    #[test]
+    fn the_kind_with_the_most_lost_messages_dominates() {
+        let r = report(&[("crash", 3), ("cut", 9), ("stop", 0)], &[("crash", 40, 10.0)]);
+        let d = dominant_fault(&r).expect("a dominant kind");
+        assert_eq!(d.kind, "cut");
+        assert_eq!(d.share, LossShare::Messages { lost: 9, total: 12 });
+        // A tie goes to the kind first in name order.
+        let r = report(&[("terminate", 5), ("crash", 5)], &[]);
+        assert_eq!(dominant_fault(&r).map(|d| d.kind), Some("crash".to_owned()));
+    }
+
+    #[test]
+    fn without_lost_messages_the_longest_failovers_dominate() {
+        // 3 x 10 s of crashes against 20 x 1 s of stops.
+        let r = report(&[("none", 0)], &[("crash", 3, 10.0), ("stop", 20, 1.0)]);
+        let d = dominant_fault(&r).expect("a dominant kind");
+        assert_eq!(d.kind, "crash");
+        assert_eq!(
+            d.share,
+            LossShare::Failovers {
+                count: 3,
+                p50_s: 10.0,
+                max_s: 20.0
+            }
+        );
+        assert_eq!(dominant_fault(&report(&[], &[("stop", 4, 0.0)])), None);
+    }
+
+    #[test]
+    fn the_next_cheaper_candidate_has_the_most_load_below() {
+        let point = |load: f64| {
+            let mut r = report(&[], &[]);
+            r.statements_per_s = load;
+            SweepPoint {
+                scenario: Scenario::default(),
+                report: r,
+            }
+        };
+        let result = TuneResult {
+            candidates: vec![point(5.0), point(1.0), point(3.0), point(3.0), point(0.5)],
+            best: Some(0),
+        };
+        assert_eq!(next_cheaper(&result, 0), Some(2));
+        assert_eq!(next_cheaper(&result, 2), Some(1));
+        assert_eq!(next_cheaper(&result, 4), None);
+        let why = explain_tune(&result, TuneTarget::MaxLoad(10.0)).expect("a paragraph");
+        assert!(why.contains("would cost 3.000 statements/s"), "{why}");
+        assert!(why.contains("Nothing was lost and no failover happened."), "{why}");
+        let none = TuneResult { best: None, ..result };
+        assert_eq!(explain_tune(&none, TuneTarget::MaxLoad(10.0)), None);
+    }
 }

@@ -5,103 +5,213 @@
 //! output. Environment: `SIM_SEED` (default seed), `SIM_RUNS` (swarm runs),
 //! `SIM_CHECK_DETERMINISM=1` (run everything twice and compare).
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use pgiplock_core::Protocol;
+use pgiplock_core::{parse_duration, DurationError};
 use pgiplock_sim::explore::{self, ExploreError, SweepPoint, TuneTarget};
 use pgiplock_sim::scenario::{
-    format_duration, parse_action, parse_duration, parse_fault, ActionSpec, FaultKind, FaultSpec, FaultTarget,
+    format_duration, parse_action, parse_fault, ActionSpec, FaultKind, FaultSpec, FaultTarget,
 };
 use pgiplock_sim::{Report, Scenario, SimError};
 
+/// How every duration flag reads its value; shown under every `--help`.
+const DURATIONS_HELP: &str = "Durations are a number with a unit: 250ms, 5s, 1.5s, 1m30s, 2h, 0s (units ns, us, ms, \
+s, m, h, d, w). A bare number such as 5 is refused: the Node original's acquireInterval is in \
+milliseconds, so its unit would be a guess. The same rule holds in the pgiplock command.";
+
 #[derive(Parser, Debug)]
-#[command(name = "pgiplock-sim", version, about = "Deterministic fleet simulator for pgiplock")]
+#[command(
+    name = "pgiplock-sim",
+    version,
+    about = "Deterministic fleet simulator for pgiplock",
+    long_about = "Deterministic fleet simulator for pgiplock. Without a subcommand it runs the \
+default sweep and prints the trade-off table. The first line of every run names the seed and the \
+scenario; the same seed and scenario give byte-identical output. Environment: SIM_SEED (the \
+default seed), SIM_RUNS (swarm runs), SIM_CHECK_DETERMINISM=1 (run everything twice and compare).",
+    after_help = DURATIONS_HELP
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
 }
 
 #[derive(Subcommand, Debug)]
+#[command(after_help = DURATIONS_HELP)]
 enum Command {
     /// Run one scenario (from flags and/or a TOML file) and print its metrics.
+    #[command(after_help = DURATIONS_HELP)]
     Run {
         #[command(flatten)]
         scenario: ScenarioArgs,
-        /// Also print the report as JSON (one line).
+        /// Also print the report as JSON, one line [default: off].
         #[arg(long)]
         json: bool,
-        /// Print every event (long!).
+        /// Print every event, one line each (long!) [default: off].
         #[arg(long)]
         trace: bool,
     },
     /// Vary timings, print the trade-off table, write CSV and an SVG chart.
+    ///
+    /// With none of --intervals, --ttls and --process-counts it runs the default sweep's
+    /// settings on the scenario (classic at 1s, 5s, 30s, 120s; lease at 5s/10s, 30s/3s,
+    /// 30s/10s, 30s/30s interval/ttl); with any of them, every combination of the values given
+    /// (the scenario's own for the others). Every setting runs with the same seed.
+    #[command(after_help = DURATIONS_HELP)]
     Sweep {
         #[command(flatten)]
         scenario: ScenarioArgs,
-        /// Protocols to sweep.
-        #[arg(long, value_delimiter = ',', default_value = "classic,lease")]
+        /// Protocols to sweep, comma-separated.
+        #[arg(
+            long,
+            value_name = "PROTOCOLS",
+            value_delimiter = ',',
+            default_value = "classic,lease"
+        )]
         protocols: Vec<String>,
-        /// Acquire intervals (default: the default sweep's settings).
-        #[arg(long, value_delimiter = ',', value_parser = dur)]
+        /// Acquire intervals to sweep, comma-separated durations (e.g. 1s,5s,30s) [default: the
+        /// scenario's, or the default sweep's settings].
+        #[arg(long, value_name = "DURATION", value_delimiter = ',', value_parser = dur)]
         intervals: Vec<Duration>,
-        /// Lease ttls (Lease points only).
-        #[arg(long, value_delimiter = ',', value_parser = dur)]
+        /// Lease ttls to sweep, comma-separated durations, lease points only (e.g. 3s,10s)
+        /// [default: the scenario's, or the default sweep's settings].
+        #[arg(long, value_name = "DURATION", value_delimiter = ',', value_parser = dur)]
         ttls: Vec<Duration>,
-        /// Fleet sizes.
-        #[arg(long = "process-counts", value_delimiter = ',')]
+        /// Fleet sizes to sweep, comma-separated counts [default: the scenario's, or the
+        /// default sweep's settings].
+        #[arg(long = "process-counts", value_name = "N", value_delimiter = ',')]
         process_counts: Vec<usize>,
-        /// CSV output file.
-        #[arg(long, default_value = "sweep.csv")]
+        /// CSV output file, one row per setting.
+        #[arg(long, value_name = "FILE", default_value = "sweep.csv")]
         csv: PathBuf,
-        /// SVG chart output file.
-        #[arg(long, default_value = "sweep.svg")]
+        /// SVG chart output file: loss window against load.
+        #[arg(long, value_name = "FILE", default_value = "sweep.svg")]
         svg: PathBuf,
     },
-    /// Recommend timings for a fleet and a target.
+    /// Recommend timings for a fleet and a target, and say why.
+    ///
+    /// Runs every candidate setting (classic at acquire intervals of 1s to 2m; lease at ttls of
+    /// 2s to 1m with a 30s interval) on the scenario with the same seed, prints their table,
+    /// the recommendation and a paragraph explaining it: which fault kind dominates the loss,
+    /// what the load is, and what the next cheaper candidate would cost.
+    #[command(after_help = DURATIONS_HELP)]
     Tune {
         #[command(flatten)]
         scenario: ScenarioArgs,
-        /// Target: at most this much loss window per day (e.g. 5m); minimise load.
-        #[arg(long, value_parser = dur, conflicts_with = "max_load")]
+        /// Target: at most this loss window per day (a duration); least load wins [default: 5m
+        /// unless --max-load is given].
+        #[arg(long, value_name = "DURATION", value_parser = dur, conflicts_with = "max_load")]
         max_loss_per_day: Option<Duration>,
-        /// Target: at most this many lock statements per second; minimise the loss window.
-        #[arg(long)]
+        /// Target: at most this many lock statements per second at the server, in total; least
+        /// loss window wins [default: none, the loss target applies].
+        #[arg(long, value_name = "PER_SECOND")]
         max_load: Option<f64>,
-        /// Consider only this protocol.
-        #[arg(long = "only")]
+        /// Consider only this protocol's candidates: lease or classic [default: both].
+        #[arg(long = "only", value_name = "PROTOCOL")]
         only: Option<String>,
     },
     /// Seed-chosen scenarios with every checker (swarm testing).
+    #[command(after_help = DURATIONS_HELP)]
     Swarm {
-        /// First seed (default SIM_SEED or 1).
-        #[arg(long)]
+        /// First seed; run i uses seed + i (an integer) [default: SIM_SEED, else 1].
+        #[arg(long, value_name = "SEED")]
         seed: Option<u64>,
-        /// Number of seeds (default SIM_RUNS or 20).
-        #[arg(long)]
+        /// Number of seeds (a count) [default: SIM_RUNS, else 20].
+        #[arg(long, value_name = "N")]
         runs: Option<u64>,
-        /// Print every event of every run (long!).
+        /// Print every event of every run (long!) [default: off].
         #[arg(long)]
         trace: bool,
     },
     /// Measure the simulator: events per second, and a large fleet over a long virtual time.
+    #[command(after_help = DURATIONS_HELP)]
     Bench {
-        /// Fleet size of the large run.
-        #[arg(long, default_value_t = 1000)]
+        /// Fleet size of the large run (a count).
+        #[arg(long, value_name = "N", default_value_t = 1000)]
         processes: usize,
-        /// Virtual time of the large run.
-        #[arg(long, value_parser = dur, default_value = "24h")]
+        /// Virtual time of the large run (a duration).
+        #[arg(long, value_name = "DURATION", value_parser = dur, default_value = "24h")]
         duration: Duration,
-        /// Acquire interval of the large run.
-        #[arg(long, value_parser = dur, default_value = "1s")]
+        /// Acquire interval of the large run (a duration).
+        #[arg(long, value_name = "DURATION", value_parser = dur, default_value = "1s")]
         acquire_interval: Duration,
-        /// Protocol of the large run.
-        #[arg(long, default_value = "classic")]
+        /// Protocol of the large run: lease or classic.
+        #[arg(long, value_name = "PROTOCOL", default_value = "classic")]
         protocol: String,
     },
 }
+
+/// The subcommands that take the scenario flags.
+const SCENARIO_SUBCOMMANDS: [&str; 3] = ["run", "sweep", "tune"];
+
+/// The default of each scenario flag, by argument id, as `Scenario::default()` has it (what
+/// the flag falls back to without a `--config` file).
+fn scenario_defaults() -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let Ok(serde_json::Value::Object(fields)) = serde_json::to_value(Scenario::default()) else {
+        return out;
+    };
+    let text = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Null => Some("none".to_owned()),
+        serde_json::Value::Bool(_) | serde_json::Value::Number(_) => Some(v.to_string()),
+        _ => None,
+    };
+    for (key, value) in &fields {
+        match value {
+            serde_json::Value::Object(rates) if key == "fault_rates" => {
+                for (kind, rate) in rates {
+                    if let Some(t) = text(rate) {
+                        out.insert(format!("{kind}_rate"), t);
+                    }
+                }
+            }
+            _ => {
+                if let Some(t) = text(value) {
+                    out.insert(key.clone(), t);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The command line with the scenario flags' defaults appended to their help.
+fn with_defaults(cli: clap::Command) -> clap::Command {
+    let defaults = scenario_defaults();
+    cli.mut_subcommands(|sub| {
+        if !SCENARIO_SUBCOMMANDS.contains(&sub.get_name()) {
+            return sub;
+        }
+        let tune = sub.get_name() == "tune";
+        let ids: Vec<String> = sub
+            .get_arguments()
+            .map(|a| a.get_id().as_str().to_owned())
+            .filter(|id| defaults.contains_key(id))
+            .collect();
+        ids.into_iter().fold(sub, |sub, id| {
+            let default = match (tune, id.as_str()) {
+                (true, "duration") => format!(
+                    "{} per candidate (run and sweep: {})",
+                    format_duration(TUNE_DURATION),
+                    defaults[&id]
+                ),
+                _ => defaults[&id].clone(),
+            };
+            sub.mut_arg(&id, |arg| {
+                let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+                arg.help(format!("{help} [default: {default}]"))
+            })
+        })
+    })
+}
+
+/// Tune's own default for `--duration` (without `--duration` and `--config`).
+const TUNE_DURATION: Duration = Duration::from_secs(24 * 3600);
 
 /// `println!` that ends the process quietly when stdout is closed (piped into `head`, say)
 /// instead of panicking.
@@ -118,8 +228,9 @@ macro_rules! out {
     }};
 }
 
-fn dur(s: &str) -> Result<Duration, String> {
-    parse_duration(s).map_err(|e| e.to_string())
+/// Every duration flag, by the project's one rule ([`pgiplock_core::parse_duration`]).
+fn dur(s: &str) -> Result<Duration, DurationError> {
+    parse_duration(s)
 }
 
 /// A duration flag that also accepts `none` (use the scenario's derived default).
@@ -129,7 +240,7 @@ fn dur(s: &str) -> Result<Duration, String> {
 #[derive(Clone, Copy, Debug)]
 struct MaybeDuration(Option<Duration>);
 
-fn opt_dur(s: &str) -> Result<MaybeDuration, String> {
+fn opt_dur(s: &str) -> Result<MaybeDuration, DurationError> {
     if s == "none" {
         Ok(MaybeDuration(None))
     } else {
@@ -156,132 +267,173 @@ fn action(s: &str) -> Result<ActionSpec, String> {
     parse_action(s).map_err(|e| e.to_string())
 }
 
-/// Scenario flags; each overrides the TOML file (or the default).
+/// Scenario flags; each overrides the TOML file (or the default). The `[default: ...]` of each
+/// is appended from `Scenario::default()` when the command is built (see `with_defaults`).
 #[derive(Args, Debug, Default)]
 struct ScenarioArgs {
-    /// A TOML scenario file (fields as in `Scenario`, durations like "5s").
-    #[arg(long)]
+    /// A TOML scenario file: the fields of the scenario, durations written like "5s"; the flags
+    /// below override its fields [default: none, the built-in scenario].
+    #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// The seed (default: SIM_SEED, else 1).
-    #[arg(long)]
+    /// The seed that drives every random choice of the run (an integer) [default: SIM_SEED,
+    /// else 1].
+    #[arg(long, value_name = "SEED")]
     seed: Option<u64>,
-    #[arg(long)]
+    /// Lock protocol of every process: lease or classic.
+    #[arg(long, value_name = "PROTOCOL")]
     protocol: Option<String>,
-    #[arg(long)]
+    /// Processes competing for the lock (a count).
+    #[arg(long, value_name = "N")]
     processes: Option<usize>,
-    #[arg(long)]
+    /// Channels (locks) per process; the publisher and the metrics use the first (a count).
+    #[arg(long, value_name = "N")]
     channels: Option<usize>,
-    #[arg(long, value_parser = dur)]
+    /// Virtual time simulated (a duration).
+    #[arg(long, value_name = "DURATION", value_parser = dur)]
     duration: Option<Duration>,
-    #[arg(long, value_parser = dur)]
+    /// Metrics count from this virtual time on, so the first acquisition is no failover (a
+    /// duration).
+    #[arg(long, value_name = "DURATION", value_parser = dur)]
     warmup: Option<Duration>,
-    #[arg(long, value_parser = dur)]
+    /// Longest wait of a standby between two attempts to acquire (a duration).
+    #[arg(long, value_name = "DURATION", value_parser = dur)]
     acquire_interval: Option<Duration>,
-    #[arg(long)]
+    /// Fraction of the acquire interval drawn as jitter below it, 0 to 0.9 (a fraction).
+    #[arg(long, value_name = "FRACTION")]
     retry_jitter: Option<f64>,
-    #[arg(long, value_parser = dur)]
+    /// Lease length on the database clock, lease protocol only (a duration).
+    #[arg(long, value_name = "DURATION", value_parser = dur)]
     lease_ttl: Option<Duration>,
-    #[arg(long, value_parser = opt_dur)]
+    /// How often the holder renews its lease (lease) or checks its row (classic) (a duration,
+    /// or none: the lease ttl / 5 under lease, 30s under classic).
+    #[arg(long, value_name = "DURATION", value_parser = opt_dur)]
     renew_interval: Option<MaybeDuration>,
-    #[arg(long, value_parser = opt_dur)]
+    /// Self-fencing margin: the holder steps down this long before its lease could expire (a
+    /// duration such as 500ms, or none: the lease ttl / 10).
+    #[arg(long, value_name = "DURATION", value_parser = opt_dur)]
     fence_margin: Option<MaybeDuration>,
-    #[arg(long, value_parser = dur)]
+    /// A database request unanswered this long resets the session (a duration).
+    #[arg(long, value_name = "DURATION", value_parser = dur)]
     request_timeout: Option<Duration>,
-    #[arg(long)]
+    /// Notifications published on the data channel, per second; 0 publishes none.
+    #[arg(long, value_name = "PER_SECOND")]
     publish_rate: Option<f64>,
-    /// Most messages a Lease standby keeps for replay (`none`: the core's default).
-    #[arg(long, value_parser = opt_count)]
+    /// Most messages a lease standby keeps for replay; 0 turns replay off (a count, or none:
+    /// the core's 65536).
+    #[arg(long, value_name = "N", value_parser = opt_count)]
     replay_limit: Option<MaybeCount>,
-    #[arg(long, value_parser = dur)]
+    /// One-way network delay between every process and the server (a duration).
+    #[arg(long, value_name = "DURATION", value_parser = dur)]
     net_delay: Option<Duration>,
-    #[arg(long, value_parser = dur)]
+    /// Shortest statement execution time at the server (a duration).
+    #[arg(long, value_name = "DURATION", value_parser = dur)]
     query_min: Option<Duration>,
-    #[arg(long, value_parser = dur)]
+    /// Mean statement execution time, a shifted exponential cut at --query-max (a duration).
+    #[arg(long, value_name = "DURATION", value_parser = dur)]
     query_mean: Option<Duration>,
-    #[arg(long, value_parser = dur)]
+    /// Longest statement execution time (a duration).
+    #[arg(long, value_name = "DURATION", value_parser = dur)]
     query_max: Option<Duration>,
-    #[arg(long, value_parser = dur)]
+    /// Time the server takes to drop an idle client that vanished: TCP keepalive, 7200s + 9 x
+    /// 75s on Linux (a duration).
+    #[arg(long, value_name = "DURATION", value_parser = dur)]
     server_keepalive_detect: Option<Duration>,
-    #[arg(long, value_parser = dur)]
+    /// Time the server takes to drop a client that vanished while it was sending to it:
+    /// tcp_retries2 = 15, about 15m on Linux (a duration).
+    #[arg(long, value_name = "DURATION", value_parser = dur)]
     server_retransmit_detect: Option<Duration>,
-    #[arg(long, value_parser = dur)]
+    /// Client tcp_user_timeout: a request unacknowledged this long fails the connection (a
+    /// duration).
+    #[arg(long, value_name = "DURATION", value_parser = dur)]
     client_user_timeout: Option<Duration>,
-    /// Bounds one connection attempt (the session's connect timeout).
-    #[arg(long, value_parser = dur)]
+    /// Bounds one whole connection attempt: the session's connect timeout (a duration).
+    #[arg(long, value_name = "DURATION", value_parser = dur)]
     connect_timeout: Option<Duration>,
-    /// Bounds each setup statement of a connection (the session's setup timeout).
-    #[arg(long, value_parser = dur)]
+    /// Bounds each setup statement of a connection: the session's setup timeout (a duration).
+    #[arg(long, value_name = "DURATION", value_parser = dur)]
     setup_timeout: Option<Duration>,
-    #[arg(long, value_parser = dur)]
+    /// After a crash, time until the server sees the connection end (a duration).
+    #[arg(long, value_name = "DURATION", value_parser = dur)]
     crash_close_delay: Option<Duration>,
-    #[arg(long)]
+    /// Clock rate drift bound: each process's clock runs at a rate drawn in 1 +/- drift (a
+    /// fraction).
+    #[arg(long, value_name = "FRACTION")]
     drift: Option<f64>,
-    #[arg(long)]
+    /// Whether lock sessions may pg_terminate_backend each other (true or false).
+    #[arg(long, value_name = "BOOL")]
     terminate_permitted: Option<bool>,
-    /// Graceful stops per hour.
-    #[arg(long)]
+    /// Graceful stops (SIGTERM, then a restart) per hour.
+    #[arg(long, value_name = "PER_HOUR")]
     stop_rate: Option<f64>,
-    /// Crashes per hour.
-    #[arg(long)]
+    /// Crashes (then a restart) per hour.
+    #[arg(long, value_name = "PER_HOUR")]
     crash_rate: Option<f64>,
-    /// Silent disconnects per hour.
-    #[arg(long)]
+    /// Silent disconnects (the network drops everything for --cut-duration) per hour.
+    #[arg(long, value_name = "PER_HOUR")]
     cut_rate: Option<f64>,
-    /// Server-side terminations per hour.
-    #[arg(long)]
+    /// Server-side terminations (pg_terminate_backend) per hour.
+    #[arg(long, value_name = "PER_HOUR")]
     terminate_rate: Option<f64>,
-    /// Server restarts per hour.
-    #[arg(long)]
+    /// Server restarts (down for --server-down) per hour.
+    #[arg(long, value_name = "PER_HOUR")]
     server_restart_rate: Option<f64>,
     /// Connection handshakes that hang (the server never answers) per hour.
-    #[arg(long)]
+    #[arg(long, value_name = "PER_HOUR")]
     connect_hang_rate: Option<f64>,
-    /// Blips of the link during a reconnect per hour.
-    #[arg(long)]
+    /// Blips of the link during a reconnect (for --blip-duration) per hour.
+    #[arg(long, value_name = "PER_HOUR")]
     connect_blip_rate: Option<f64>,
     /// Lost replies to a setup statement (bootstrap or LISTEN) per hour.
-    #[arg(long)]
+    #[arg(long, value_name = "PER_HOUR")]
     setup_reply_loss_rate: Option<f64>,
     /// Lock schema drops under the running fleet per hour.
-    #[arg(long)]
+    #[arg(long, value_name = "PER_HOUR")]
     schema_drop_rate: Option<f64>,
-    /// Read-only server windows per hour.
-    #[arg(long)]
+    /// Read-only server windows (for --read-only-duration) per hour.
+    #[arg(long, value_name = "PER_HOUR")]
     read_only_rate: Option<f64>,
     /// Bursts of forged lock-channel markers from a foreign session per hour.
-    #[arg(long)]
+    #[arg(long, value_name = "PER_HOUR")]
     forge_rate: Option<f64>,
-    /// Whom drawn faults hit: holder or any.
-    #[arg(long)]
+    /// Whom the faults drawn from the rates hit: holder or any.
+    #[arg(long, value_name = "TARGET")]
     fault_target: Option<String>,
-    /// A scheduled fault, `kind@time@target` (target: holder or a process index), repeatable.
-    #[arg(long = "fault", value_parser = fault)]
+    /// A scheduled fault, kind@time@target: a kind of the rates above, a duration from the
+    /// start, holder or a process index (e.g. crash@90s@holder); repeatable [default: none].
+    #[arg(long = "fault", value_name = "KIND@TIME@TARGET", value_parser = fault)]
     faults: Vec<FaultSpec>,
-    /// A scheduled action, `action@time@target` (release, acquire, cut, heal, start; target:
-    /// holder or a process index), repeatable.
-    #[arg(long = "action", value_parser = action)]
+    /// A scheduled action, action@time@target: release, acquire, cut, heal or start, a
+    /// duration from the start, holder or a process index (e.g. release@10m@holder);
+    /// repeatable [default: none].
+    #[arg(long = "action", value_name = "ACTION@TIME@TARGET", value_parser = action)]
     actions: Vec<ActionSpec>,
-    #[arg(long, value_parser = opt_dur)]
+    /// A stopped or crashed process starts again after this long (a duration, or none: never).
+    #[arg(long, value_name = "DURATION", value_parser = opt_dur)]
     restart_delay: Option<MaybeDuration>,
-    #[arg(long, value_parser = dur)]
+    /// How long a silent disconnect lasts (a duration).
+    #[arg(long, value_name = "DURATION", value_parser = dur)]
     cut_duration: Option<Duration>,
-    #[arg(long, value_parser = dur)]
+    /// How long a restarting server refuses connections (a duration).
+    #[arg(long, value_name = "DURATION", value_parser = dur)]
     server_down: Option<Duration>,
-    /// How long the link of a connect blip drops everything.
-    #[arg(long, value_parser = dur)]
+    /// How long the link of a connect blip drops everything (a duration).
+    #[arg(long, value_name = "DURATION", value_parser = dur)]
     blip_duration: Option<Duration>,
-    /// How long a read-only window lasts.
-    #[arg(long, value_parser = dur)]
+    /// How long a read-only window lasts (a duration).
+    #[arg(long, value_name = "DURATION", value_parser = dur)]
     read_only_duration: Option<Duration>,
-    #[arg(long, value_parser = dur)]
+    /// Extra time the liveness checker allows over the design's bound (a duration).
+    #[arg(long, value_name = "DURATION", value_parser = dur)]
     liveness_slack: Option<Duration>,
-    #[arg(long)]
+    /// Most events one run may process; more fails the run (a count).
+    #[arg(long, value_name = "N")]
     max_steps: Option<u64>,
-    /// Fail S2 also when the extra believer's session had already ended unknown to it.
-    #[arg(long)]
+    /// Fail S2 also when the extra believer's session had already ended unknown to it (true or
+    /// false).
+    #[arg(long, value_name = "BOOL")]
     strict_s2: Option<bool>,
-    /// Fail D1 also for an unflagged re-delivery across a schema drop.
-    #[arg(long)]
+    /// Fail D1 also for an unflagged re-delivery across a schema drop (true or false).
+    #[arg(long, value_name = "BOOL")]
     strict_d1: Option<bool>,
 }
 
@@ -425,7 +577,11 @@ fn explain(e: &ExploreError, subcommand: &str) -> String {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = with_defaults(Cli::command()).get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     match real_main(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(CliError(message)) => {
@@ -627,7 +783,7 @@ fn cmd_tune(
     let mut base = args.scenario()?;
     if args.duration.is_none() && args.config.is_none() {
         // A day per candidate: enough faults at the default rates for stable figures.
-        base.duration = Duration::from_secs(24 * 3600);
+        base.duration = TUNE_DURATION;
     }
     let seed = args.seed()?;
     let target = match (max_loss, max_load) {
@@ -652,7 +808,7 @@ fn cmd_tune(
         Some(i) => {
             let p = &result.candidates[i];
             let c = p.scenario.lock_config();
-            let per_day = p.report.loss_window_s * 86_400.0 / p.report.virtual_time_s.max(1.0);
+            let per_day = explore::loss_per_day(&p.report);
             out!(
                 "recommended: protocol {} acquire_interval {}{}",
                 p.scenario.protocol,
@@ -676,6 +832,9 @@ fn cmd_tune(
                 p.report.published,
                 p.report.split_brain_s
             );
+            if let Some(why) = explore::explain_tune(&result, target) {
+                out!("why: {why}");
+            }
         }
         None => out!("no candidate meets the target; relax it or reduce the fault rates"),
     }
@@ -774,4 +933,180 @@ fn cmd_bench(processes: usize, duration: Duration, interval: Duration, protocol:
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn command() -> clap::Command {
+        with_defaults(Cli::command())
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        command().debug_assert();
+    }
+
+    /// Every option of `cmd` and of its subcommands, each with the (sub)command it belongs to.
+    fn options(cmd: &clap::Command, path: String, out: &mut Vec<(String, clap::Command, clap::Arg)>) {
+        for arg in cmd.get_arguments() {
+            out.push((path.clone(), cmd.clone(), arg.clone()));
+        }
+        for sub in cmd.get_subcommands() {
+            options(sub, format!("{path} {}", sub.get_name()), out);
+        }
+    }
+
+    /// Whether `--long=value` alone is accepted by `cmd`.
+    fn accepts(cmd: &clap::Command, long: &str, value: &str) -> bool {
+        cmd.clone()
+            .try_get_matches_from([cmd.get_name().to_owned(), format!("--{long}={value}")])
+            .is_ok()
+    }
+
+    /// An option reads a duration if it takes `250ms` and refuses `250`, as only the shared
+    /// parser does (a count refuses the first, a name takes both).
+    fn reads_a_duration(cmd: &clap::Command, long: &str) -> bool {
+        accepts(cmd, long, "250ms") && !accepts(cmd, long, "250")
+    }
+
+    #[test]
+    fn every_option_has_help_with_its_unit_and_default() {
+        let mut all = Vec::new();
+        options(&command(), "pgiplock-sim".to_owned(), &mut all);
+        let mut durations = BTreeMap::<String, usize>::new();
+        for (path, cmd, arg) in &all {
+            let id = arg.get_id().as_str();
+            if matches!(id, "help" | "version") {
+                continue;
+            }
+            let help = arg
+                .get_long_help()
+                .or(arg.get_help())
+                .map(ToString::to_string)
+                .unwrap_or_default();
+            assert!(!help.trim().is_empty(), "{path} --{id} has no help");
+            let Some(long) = arg.get_long() else { continue };
+            if !arg.get_action().takes_values() {
+                continue;
+            }
+            let defaults: Vec<String> = arg
+                .get_default_values()
+                .iter()
+                .map(|v| v.to_string_lossy().into_owned())
+                .collect();
+            assert!(
+                arg.is_required_set() || !defaults.is_empty() || help.contains("[default: "),
+                "{path} --{long} shows no default: {help:?}"
+            );
+            let named_duration = arg.get_value_names().is_some_and(|v| v == ["DURATION"]);
+            assert_eq!(
+                reads_a_duration(cmd, long),
+                named_duration,
+                "{path} --{long}: a duration flag is named DURATION, and only a duration flag"
+            );
+            if named_duration {
+                *durations.entry(path.clone()).or_default() += 1;
+                let shown = format!("{help} {}", defaults.join(" "));
+                let unit = shown
+                    .split(|c: char| c.is_whitespace() || ",;:()[]".contains(c))
+                    .any(|word| parse_duration(word).is_ok());
+                assert!(unit, "{path} --{long}: no duration with a unit in {shown:?}");
+            }
+        }
+        // Each subcommand with timings has its duration flags found.
+        let paths: Vec<&str> = durations.keys().map(String::as_str).collect();
+        assert_eq!(
+            paths,
+            [
+                "pgiplock-sim bench",
+                "pgiplock-sim run",
+                "pgiplock-sim sweep",
+                "pgiplock-sim tune"
+            ]
+        );
+    }
+
+    #[test]
+    fn stated_scenario_defaults_are_the_scenarios() {
+        let defaults = scenario_defaults();
+        let d = Scenario::default();
+        assert_eq!(defaults["acquire_interval"], format_duration(d.acquire_interval));
+        assert_eq!(defaults["lease_ttl"], format_duration(d.lease_ttl));
+        assert_eq!(defaults["crash_rate"].parse::<f64>().ok(), Some(d.fault_rates.crash));
+        assert_eq!(defaults["renew_interval"], "none");
+        let cmd = command();
+        let run = cmd.find_subcommand("run").expect("run");
+        let help = |sub: &clap::Command, id: &str| {
+            sub.get_arguments()
+                .find(|a| a.get_id().as_str() == id)
+                .and_then(|a| a.get_help().map(ToString::to_string))
+                .unwrap_or_default()
+        };
+        assert!(help(run, "acquire_interval").ends_with(&format!("[default: {}]", defaults["acquire_interval"])));
+        let tune = cmd.find_subcommand("tune").expect("tune");
+        assert!(help(tune, "duration").contains(&format!("[default: {}", format_duration(TUNE_DURATION))));
+        // Every scenario flag with a value, except the repeatable schedules, has its default.
+        for sub in SCENARIO_SUBCOMMANDS {
+            let sub = cmd.find_subcommand(sub).expect("subcommand");
+            for arg in ScenarioArgs::augment_args(clap::Command::new("x")).get_arguments() {
+                let id = arg.get_id().as_str();
+                if matches!(id, "config" | "seed" | "faults" | "actions") {
+                    continue;
+                }
+                assert!(defaults.contains_key(id), "no default for --{id}");
+                assert!(help(sub, id).contains("[default: "), "{id}");
+            }
+        }
+    }
+
+    /// The table every CLI of the project is held to, through this binary's parser.
+    const CASES: &[(&str, Result<u64, &str>)] = include!("../../core/src/duration_cases.rs");
+
+    #[test]
+    fn durations_parse_by_the_shared_table() {
+        for &(input, expected) in CASES {
+            let flag = format!("--acquire-interval={input}");
+            let parsed = command()
+                .try_get_matches_from(["pgiplock-sim", "run", &flag])
+                .and_then(|m| Cli::from_arg_matches(&m));
+            match (parsed, expected) {
+                (Ok(cli), Ok(micros)) => {
+                    let Some(Command::Run { scenario, .. }) = cli.command else {
+                        panic!("{input:?}: not run")
+                    };
+                    assert_eq!(
+                        scenario.acquire_interval,
+                        Some(Duration::from_micros(micros)),
+                        "{input:?}"
+                    );
+                }
+                (Err(e), Err(message)) => {
+                    assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation, "{input:?}");
+                    let text = e.to_string();
+                    let first = text.lines().next().unwrap_or_default();
+                    assert_eq!(
+                        first,
+                        format!("error: invalid value '{input}' for '--acquire-interval <DURATION>': {message}"),
+                        "{input:?}"
+                    );
+                }
+                (Ok(_), Err(message)) => panic!("{input:?} accepted; expected {message:?}"),
+                (Err(e), Ok(_)) => panic!("{input:?} refused: {e}"),
+            }
+        }
+    }
+
+    #[test]
+    fn the_help_states_the_duration_rule() {
+        let mut cmd = command();
+        let help = cmd.render_long_help().to_string();
+        assert!(help.contains("A bare number such as 5 is refused"), "{help}");
+        for sub in ["run", "sweep", "tune", "swarm", "bench"] {
+            let sub = cmd.find_subcommand_mut(sub).expect("subcommand");
+            let help = sub.render_long_help().to_string();
+            assert!(help.contains("A bare number such as 5 is refused"), "{help}");
+        }
+    }
 }

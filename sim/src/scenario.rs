@@ -25,16 +25,10 @@ pub enum ScenarioError {
     Toml(String),
 }
 
-/// Parses `250us`, `500ms`, `5s`, `1.5s`, `15m`, `2h`, `1d`, `1h 30m` with `humantime`, as the
-/// `pgiplock` command does; a unit is required, and at most about 31 years.
+/// Parses `250us`, `500ms`, `5s`, `1.5s`, `15m`, `2h`, `1d`, `1h 30m` by the rule of every CLI
+/// of the project ([`pgiplock_core::parse_duration`]): a unit is required, at most 10000d.
 pub fn parse_duration(text: &str) -> Result<Duration, ScenarioError> {
-    let d = humantime::parse_duration(text.trim()).map_err(|_| ScenarioError::Duration(text.to_owned()))?;
-    // Simulated time is whole microseconds in a u64, with room for arithmetic on top.
-    let micros = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
-    if micros > 1_000_000_000_000_000 {
-        return Err(ScenarioError::Duration(text.to_owned()));
-    }
-    Ok(Duration::from_micros(micros))
+    pgiplock_core::parse_duration(text).map_err(|e| ScenarioError::Invalid(e.to_string()))
 }
 
 /// Formats a duration in the largest unit that divides it exactly (`90s`, `15m`, `250ms`).

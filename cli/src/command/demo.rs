@@ -46,15 +46,15 @@ const LEASE_TTL: &str = "3s";
 /// Options of `pgiplock demo`.
 #[derive(Debug, Args)]
 pub(crate) struct DemoArgs {
-    /// PostgreSQL connection URL (default: $DATABASE_URL; when neither is set, a throwaway
-    /// cluster is started with the local PostgreSQL binaries).
+    /// PostgreSQL connection URL [default: $DATABASE_URL; when neither is set, a throwaway
+    /// cluster is started with the local PostgreSQL binaries].
     #[arg(long, value_name = "URL")]
     database_url: Option<String>,
     /// Lock protocol the workers use.
     #[arg(long, value_enum, default_value_t = ProtocolArg::Lease)]
     protocol: ProtocolArg,
-    /// Publish at least this many messages (one every 20 ms): a third before the handover, a
-    /// third between the handover and the crash, a third after the crash.
+    /// Publish at least this many messages, one every 20 ms (a count, 30 to 100000): a third
+    /// before the handover, a third between the handover and the crash, a third after it.
     #[arg(long, value_name = "N", default_value_t = 300, value_parser = clap::value_parser!(u64).range(30..=100_000))]
     messages: u64,
 }

@@ -35,7 +35,7 @@ pub(crate) struct StatusArgs {
     /// Which lock table(s) to show.
     #[arg(long, value_enum, default_value_t = StatusProtocol::Both)]
     protocol: StatusProtocol,
-    /// Schema of the lock table(s) (default: pgiplock_lease for lease, pgip_lock for classic).
+    /// Schema of the lock table(s) [default: pgiplock_lease for lease, pgip_lock for classic].
     #[arg(long, value_name = "NAME")]
     schema: Option<String>,
 }

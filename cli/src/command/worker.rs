@@ -26,31 +26,36 @@ const SHUTDOWN_SLACK: Duration = Duration::from_secs(2);
 pub(crate) struct WorkerArgs {
     #[command(flatten)]
     database: DatabaseArgs,
-    /// The channel whose lock to compete for (its notifications are printed while holding).
+    /// The channel whose lock to compete for; its notifications are printed while holding
+    /// (required).
     #[arg(long, value_name = "NAME")]
     channel: String,
-    /// How often a standby retries (e.g. 500ms, 5s, 1m; default 30s).
+    /// Longest wait of a standby between two attempts to acquire (a duration)
+    /// [default: 30s].
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     acquire_interval: Option<Duration>,
-    /// Bound on the release at shutdown (default 1s).
+    /// Longest wait at shutdown for the release to be confirmed (a duration) [default: 1s].
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     shutdown_timeout: Option<Duration>,
     /// Lock protocol.
     #[arg(long, value_enum, default_value_t = ProtocolArg::Lease)]
     protocol: ProtocolArg,
-    /// Lease time-to-live (lease protocol only; default 10s).
+    /// Lease length on the database clock, lease protocol only; the renew interval is a fifth
+    /// of it and the fence margin a tenth (a duration) [default: 10s].
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     lease_ttl: Option<Duration>,
-    /// Schema of the lock table (default: pgiplock_lease for lease, pgip_lock for classic).
+    /// Schema of the lock table [default: pgiplock_lease for lease, pgip_lock for classic].
     #[arg(long, value_name = "NAME")]
     schema: Option<String>,
     /// Also release and exit when stdin reaches end of file (so a supervisor's death stops it).
     #[arg(long)]
     exit_on_stdin_eof: bool,
-    /// Most messages a lease standby keeps to replay at a takeover (default 65536; 0: off).
+    /// Most messages a lease standby keeps to replay at a takeover; 0 turns replay off (a count
+    /// of messages) [default: 65536].
     #[arg(long, value_name = "MESSAGES")]
     replay_limit: Option<usize>,
-    /// Spread of standbys woken by a release (e.g. 0s, 20ms; default 20ms lease, 0 classic).
+    /// Standbys woken by a release attempt after a delay drawn uniformly up to this (a
+    /// duration) [default: 20ms under lease, 0s under classic].
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     wake_jitter: Option<Duration>,
 }
@@ -87,6 +92,12 @@ impl WorkerArgs {
             .to_config()
             .map_err(|e| CliError::Usage(format!("invalid options: {e}")))?;
         Ok((config, options))
+    }
+
+    /// The `--acquire-interval` given, for the parser's tests.
+    #[cfg(test)]
+    pub(crate) fn acquire_interval(&self) -> Option<Duration> {
+        self.acquire_interval
     }
 
     fn shutdown_bound(&self) -> Duration {
@@ -362,6 +373,34 @@ async fn shutdown(lock: &PgIpLock, subscription: &mut Subscription, bound: Durat
 mod tests {
     use super::*;
     use pgiplock::FenceToken;
+    use pgiplock_core::{LockConfig, Protocol};
+
+    /// The default an option's help states, parsed as a duration.
+    fn stated_default(long: &str) -> Duration {
+        use clap::CommandFactory;
+        let cli = super::super::Cli::command();
+        let worker = cli.find_subcommand("worker").expect("worker");
+        let arg = worker
+            .get_arguments()
+            .find(|a| a.get_long() == Some(long))
+            .unwrap_or_else(|| panic!("no --{long}"));
+        let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+        let shown = help
+            .split_once("[default: ")
+            .and_then(|(_, rest)| rest.split([' ', ']']).next())
+            .unwrap_or_else(|| panic!("--{long} states no default: {help:?}"));
+        parse_duration(shown).unwrap_or_else(|e| panic!("--{long}: {e}"))
+    }
+
+    #[test]
+    fn stated_defaults_are_the_library_defaults() {
+        let lease = LockConfig::new(Protocol::Lease);
+        assert_eq!(stated_default("acquire-interval"), lease.acquire_interval);
+        assert_eq!(stated_default("shutdown-timeout"), lease.shutdown_timeout);
+        assert_eq!(stated_default("lease-ttl"), lease.lease_ttl);
+        assert_eq!(stated_default("wake-jitter"), lease.wake_jitter);
+        assert_eq!(LockConfig::new(Protocol::Classic).wake_jitter, Duration::ZERO);
+    }
 
     fn json(line: Option<Line<'_>>) -> serde_json::Value {
         serde_json::to_value(line.expect("a line")).expect("serializable")

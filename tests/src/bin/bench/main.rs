@@ -91,10 +91,9 @@ fn parse_rate(text: &str) -> Result<Rate, String> {
     }
 }
 
-/// Durations as the CLI reads them (humantime: 500ms, 5s, 1m).
+/// Durations as every CLI of the project reads them (`pgiplock_core::parse_duration`).
 fn parse_duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text.trim())
-        .map_err(|e| format!("invalid duration {text:?}: {e}; write e.g. 500ms, 5s, 1m"))
+    pgiplock_core::parse_duration(text).map_err(|e| e.to_string())
 }
 
 fn parse_protocol(text: &str) -> Result<Protocol, String> {
