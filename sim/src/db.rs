@@ -31,6 +31,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
+use crate::session_map::SessionMap;
 use pgiplock_core::{
     AcquireReply, ChannelName, DbError, DbOp, FenceToken, Marker, PreviousTerm, Protocol, Reply, SessionId,
     StaleHolder, TerminateOutcome, Timestamp,
@@ -92,7 +93,7 @@ pub struct SimDb {
     now: Timestamp,
     next_session: u64,
     next_pid: i32,
-    sessions: BTreeMap<SessionId, Backend>,
+    sessions: SessionMap<Backend>,
     /// Indexes of `pg_stat_activity` (application names may repeat, pids do not).
     apps: BTreeMap<String, u32>,
     pids: BTreeMap<i32, SessionId>,
@@ -122,7 +123,7 @@ impl SimDb {
             now: Timestamp::ZERO,
             next_session: 1,
             next_pid: 1000,
-            sessions: BTreeMap::new(),
+            sessions: SessionMap::default(),
             apps: BTreeMap::new(),
             pids: BTreeMap::new(),
             listeners: BTreeMap::new(),

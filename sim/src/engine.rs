@@ -138,6 +138,7 @@ struct Timer {
 }
 
 impl Timer {
+    #[inline]
     fn key(&self) -> (Timestamp, u64) {
         (self.at, self.seq)
     }
@@ -184,51 +185,54 @@ impl Timers {
             return None;
         }
         self.pos[p] = NONE;
-        let last = self.heap.len() - 1;
-        self.heap.swap(i, last);
-        let timer = self.heap.pop();
+        let timer = self.heap.swap_remove(i);
         if i < self.heap.len() {
-            self.pos[self.heap[i].p] = i;
             let i = self.sift_up(i);
             self.sift_down(i);
         }
-        timer
+        Some(timer)
     }
 
-    fn swap(&mut self, a: usize, b: usize) {
-        self.heap.swap(a, b);
-        self.pos[self.heap[a].p] = a;
-        self.pos[self.heap[b].p] = b;
-    }
-
+    /// Moves the timer at `i` up to its place (a hole moves, the timer is written once).
     fn sift_up(&mut self, mut i: usize) -> usize {
+        let timer = self.heap[i];
+        let key = timer.key();
         while i > 0 {
             let parent = (i - 1) / 2;
-            if self.heap[parent].key() <= self.heap[i].key() {
+            if self.heap[parent].key() <= key {
                 break;
             }
-            self.swap(parent, i);
+            self.heap[i] = self.heap[parent];
+            self.pos[self.heap[i].p] = i;
             i = parent;
         }
+        self.heap[i] = timer;
+        self.pos[timer.p] = i;
         i
     }
 
+    /// Moves the timer at `i` down to its place.
     fn sift_down(&mut self, mut i: usize) {
+        let timer = self.heap[i];
+        let key = timer.key();
+        let len = self.heap.len();
         loop {
-            let (l, r) = (2 * i + 1, 2 * i + 2);
-            let mut min = i;
-            if l < self.heap.len() && self.heap[l].key() < self.heap[min].key() {
-                min = l;
+            let mut child = 2 * i + 1;
+            if child >= len {
+                break;
             }
-            if r < self.heap.len() && self.heap[r].key() < self.heap[min].key() {
-                min = r;
+            if child + 1 < len && self.heap[child + 1].key() < self.heap[child].key() {
+                child += 1;
             }
-            if min == i {
-                return;
+            if self.heap[child].key() >= key {
+                break;
             }
-            self.swap(min, i);
-            i = min;
+            self.heap[i] = self.heap[child];
+            self.pos[self.heap[i].p] = i;
+            i = child;
         }
+        self.heap[i] = timer;
+        self.pos[timer.p] = i;
     }
 }
 

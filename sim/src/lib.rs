@@ -32,6 +32,7 @@ pub mod metrics;
 mod net;
 mod process;
 pub mod scenario;
+mod session_map;
 mod trace;
 pub mod world;
 

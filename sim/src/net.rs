@@ -5,7 +5,6 @@
 //! operations, schema bootstrap, `LISTEN`, `UNLISTEN`), its notification fan-out and the
 //! publisher.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use pgiplock_core::{DbError, DbOp, OpId, OpReply, Reply, SessionId, SessionOp, SessionRequest, SplitMix64, Timestamp};
@@ -13,6 +12,7 @@ use pgiplock_core::{DbError, DbOp, OpId, OpReply, Reply, SessionId, SessionOp, S
 use crate::db::{DbConfig, SimDb};
 use crate::engine::Event;
 use crate::scenario::Scenario;
+use crate::session_map::SessionMap;
 use crate::world::{derive_seed, World, STREAM_SERVER};
 
 #[derive(Debug, Clone)]
@@ -88,7 +88,7 @@ pub(crate) struct Server {
     pub(crate) up: bool,
     /// Query latencies.
     rng: SplitMix64,
-    pub(crate) conns: BTreeMap<SessionId, ServerConn>,
+    pub(crate) conns: SessionMap<ServerConn>,
     pub(crate) publisher: Option<SessionId>,
     /// The foreign session that forges lock-channel markers (opened by the first `Forge`).
     pub(crate) forger: Option<SessionId>,
@@ -104,7 +104,7 @@ impl Server {
             db,
             up: true,
             rng: SplitMix64::new(derive_seed(seed, STREAM_SERVER, 0, 0)),
-            conns: BTreeMap::new(),
+            conns: SessionMap::default(),
             publisher: Some(publisher),
             forger: None,
             publisher_busy: Timestamp::ZERO,
@@ -519,7 +519,7 @@ impl World {
             .filter(|(_, c)| c.p == p)
             .map(|(s, c)| {
                 c.retransmit_armed = false;
-                (*s, c.client_closed, c.last_rx)
+                (s, c.client_closed, c.last_rx)
             })
             .collect();
         for (session, client_closed, last_rx) in sessions {
