@@ -79,7 +79,8 @@ pub struct LeaseRow {
 /// A backend as `pg_stat_activity` shows it, plus its `LISTEN` set and notification inbox.
 #[derive(Debug, Clone)]
 struct Backend {
-    app: String,
+    /// Shared, so that a statement can hold it while it changes the tables.
+    app: std::sync::Arc<str>,
     pid: i32,
     listening: BTreeSet<String>,
     inbox: VecDeque<Notification>,
@@ -159,7 +160,7 @@ impl SimDb {
         self.sessions.insert(
             id,
             Backend {
-                app: app.to_owned(),
+                app: std::sync::Arc::from(app),
                 pid,
                 listening: BTreeSet::new(),
                 inbox: VecDeque::new(),
@@ -174,10 +175,10 @@ impl SimDb {
         let Some(backend) = self.sessions.remove(&session) else {
             return false;
         };
-        if let Some(count) = self.apps.get_mut(&backend.app) {
+        if let Some(count) = self.apps.get_mut(&*backend.app) {
             *count -= 1;
             if *count == 0 {
-                self.apps.remove(&backend.app);
+                self.apps.remove(&*backend.app);
             }
         }
         self.pids.remove(&backend.pid);
@@ -213,7 +214,7 @@ impl SimDb {
 
     /// The application name of a live session.
     pub fn app(&self, session: SessionId) -> Option<&str> {
-        self.sessions.get(&session).map(|b| b.app.as_str())
+        self.sessions.get(&session).map(|b| &*b.app)
     }
 
     /// Live sessions, in id order.
@@ -422,28 +423,34 @@ impl SimDb {
 
     fn session_of(&self, pid: i32, app: &str) -> Option<SessionId> {
         let id = *self.pids.get(&pid)?;
-        (self.sessions.get(&id)?.app == app).then_some(id)
+        (&*self.sessions.get(&id)?.app == app).then_some(id)
     }
 
     fn execute_classic(&mut self, pid: i32, app: &str, channel: &ChannelName, op: &DbOp) -> Reply {
-        let key = channel.lock_channel().to_owned();
+        let key = channel.lock_channel();
         match op {
             DbOp::Acquire => {
-                let acquired = match self.classic.get(&key) {
+                let acquired = match self.classic.get(key) {
                     None => true,
                     Some(owner) if owner == app => true,
                     // deadlock_check: LOCKED while any session still has the owner's name.
                     Some(owner) => !self.app_is_live(owner),
                 };
                 if acquired {
-                    self.classic.insert(key, app.to_owned());
+                    match self.classic.get_mut(key) {
+                        Some(owner) if owner == app => {}
+                        Some(owner) => app.clone_into(owner),
+                        None => {
+                            self.classic.insert(key.to_owned(), app.to_owned());
+                        }
+                    }
                     Reply::Acquire(AcquireReply::won(None))
                 } else {
                     Reply::Acquire(AcquireReply::locked())
                 }
             }
             DbOp::Renew { .. } => Reply::Renew {
-                owned: self.classic.get(&key).is_some_and(|owner| owner == app),
+                owned: self.classic.get(key).is_some_and(|owner| owner == app),
             },
             DbOp::Drain { .. } => {
                 // On the drain channel, which Node does not listen to.
@@ -452,11 +459,11 @@ impl SimDb {
                 Reply::Drained
             }
             DbOp::Release { .. } => {
-                let released = self.classic.get(&key).is_some_and(|owner| owner == app);
+                let released = self.classic.get(key).is_some_and(|owner| owner == app);
                 if released {
-                    self.classic.remove(&key);
+                    self.classic.remove(key);
                     // The deferred trigger fires at commit for the deleted row only.
-                    self.deliver(pid, &key, &Marker::Released(None).payload());
+                    self.deliver(pid, key, &Marker::Released(None).payload());
                 }
                 Reply::Release { released }
             }
@@ -476,17 +483,17 @@ impl SimDb {
         ttl: Duration,
         op: &DbOp,
     ) -> Result<Reply, DbError> {
-        let key = channel.as_str().to_owned();
-        let lock_channel = channel.lock_channel().to_owned();
+        let key = channel.as_str();
+        let lock_channel = channel.lock_channel();
         let now = self.now;
         match op {
             DbOp::Acquire => {
-                let row = self.lease.get(&key).cloned();
+                let row = self.lease.get(key);
                 let holder_live = |db: &SimDb, row: &LeaseRow| match (&row.holder, row.holder_pid) {
                     (Some(h), Some(p)) => db.session_of(p, h).is_some(),
                     _ => false,
                 };
-                let (free, stale) = match &row {
+                let (free, stale) = match row {
                     None => (true, None),
                     Some(r) if r.holder.is_none() => (true, None),
                     Some(r) if r.holder.as_deref() == Some(app) => (true, None),
@@ -501,14 +508,11 @@ impl SimDb {
                     Some(_) => (false, None),
                 };
                 if !free {
-                    let remaining = row
-                        .as_ref()
-                        .and_then(|r| r.expires_at)
-                        .map(|e| e.saturating_duration_since(now));
+                    let remaining = row.and_then(|r| r.expires_at).map(|e| e.saturating_duration_since(now));
                     return Ok(Reply::Acquire(AcquireReply {
                         lease_remaining: remaining,
-                        holder_token: row.as_ref().map(|r| FenceToken(r.token)),
-                        holder_pid: row.as_ref().and_then(|r| r.holder_pid),
+                        holder_token: row.map(|r| FenceToken(r.token)),
+                        holder_pid: row.and_then(|r| r.holder_pid),
                         ..AcquireReply::locked()
                     }));
                 }
@@ -520,22 +524,25 @@ impl SimDb {
                 }
                 // The term before ours, for the winner's replay (the row keeps its holder's pid
                 // after a release).
-                let previous = row.as_ref().filter(|r| r.token > 0).map(|r| PreviousTerm {
+                let previous = row.filter(|r| r.token > 0).map(|r| PreviousTerm {
                     token: FenceToken(r.token),
                     holder_pid: r.holder_pid,
                     released: r.holder.is_none(),
                 });
                 let token = row.map_or(0, |r| r.token) + 1;
-                self.lease.insert(
-                    key,
-                    LeaseRow {
-                        holder: Some(app.to_owned()),
-                        holder_pid: Some(pid),
-                        token,
-                        expires_at: Some(now + ttl),
-                    },
-                );
-                self.deliver(pid, &lock_channel, &Marker::Acquired(FenceToken(token)).payload());
+                let new_row = LeaseRow {
+                    holder: Some(app.to_owned()),
+                    holder_pid: Some(pid),
+                    token,
+                    expires_at: Some(now + ttl),
+                };
+                match self.lease.get_mut(key) {
+                    Some(row) => *row = new_row,
+                    None => {
+                        self.lease.insert(key.to_owned(), new_row);
+                    }
+                }
+                self.deliver(pid, lock_channel, &Marker::Acquired(FenceToken(token)).payload());
                 Ok(Reply::Acquire(AcquireReply {
                     stale_holder: stale,
                     holder_pid: Some(pid),
@@ -544,7 +551,7 @@ impl SimDb {
                 }))
             }
             DbOp::Renew { token, progress } => {
-                let owned = match (self.lease.get_mut(&key), token) {
+                let owned = match (self.lease.get_mut(key), token) {
                     (Some(row), Some(t)) if row.holder.as_deref() == Some(app) && row.token == t.0 => {
                         row.expires_at = Some(now + ttl);
                         true
@@ -552,16 +559,16 @@ impl SimDb {
                     _ => false,
                 };
                 if let (true, Some(token), Some(progress)) = (owned, token, progress) {
-                    self.deliver(pid, &lock_channel, &Marker::Progress(*token, *progress).payload());
+                    self.deliver(pid, lock_channel, &Marker::Progress(*token, *progress).payload());
                 }
                 Ok(Reply::Renew { owned })
             }
             DbOp::Drain { token } => {
-                self.deliver(pid, &lock_channel, &Marker::Draining(*token).payload());
+                self.deliver(pid, lock_channel, &Marker::Draining(*token).payload());
                 Ok(Reply::Drained)
             }
             DbOp::Release { token } => {
-                let released = match (self.lease.get_mut(&key), token) {
+                let released = match (self.lease.get_mut(key), token) {
                     (Some(row), Some(t)) if row.holder.as_deref() == Some(app) && row.token == t.0 => {
                         // The pid stays: the next winner learns who sent this term's markers.
                         row.holder = None;
@@ -571,7 +578,7 @@ impl SimDb {
                     _ => false,
                 };
                 if released {
-                    self.deliver(pid, &lock_channel, &Marker::Released(*token).payload());
+                    self.deliver(pid, lock_channel, &Marker::Released(*token).payload());
                 }
                 Ok(Reply::Release { released })
             }
