@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use pgiplock_core::{ConnPhase, LockKey, Protocol, SessionId, Timestamp};
 
+use crate::indexed_heap::IndexedHeap;
 use crate::metrics::Metrics;
 use crate::scenario::Scenario;
 use crate::world::World;
@@ -74,7 +75,8 @@ pub(crate) struct Checkers {
     lease_token: Vec<(u64, u64)>,
     /// Per process: its earliest phase bound; and all of them, ordered.
     phase_bound: Vec<Option<PhaseBound>>,
-    phase_bounds: BTreeSet<(Timestamp, usize)>,
+    /// Each process's earliest phase bound, keyed `(at, p)`.
+    phase_bounds: IndexedHeap<(Timestamp, usize)>,
     /// The last fault or heal: the liveness bound counts from here.
     pub(crate) last_disturbance: Timestamp,
     last_available: Timestamp,
@@ -107,7 +109,7 @@ impl Checkers {
             max_token: vec![(0, 0); scenario.channels],
             lease_token: vec![(0, 0); scenario.channels],
             phase_bound: vec![None; scenario.processes],
-            phase_bounds: BTreeSet::new(),
+            phase_bounds: IndexedHeap::default(),
             last_disturbance: Timestamp::ZERO,
             last_available: Timestamp::ZERO,
             available: false,
@@ -176,11 +178,11 @@ impl Checkers {
         if *slot == bound {
             return;
         }
-        if let Some(old) = slot.take() {
-            self.phase_bounds.remove(&(old.at, p));
-        }
-        if let Some(new) = bound {
-            self.phase_bounds.insert((new.at, p));
+        match bound {
+            Some(new) => self.phase_bounds.set(p, (new.at, p)),
+            None => {
+                self.phase_bounds.remove(p);
+            }
         }
         *slot = bound;
     }
@@ -222,7 +224,7 @@ impl World {
                 self.metrics.failover(kind, latency);
             }
         }
-        if let Some(&(at, p)) = self.checkers.phase_bounds.first() {
+        if let Some(((at, p), _)) = self.checkers.phase_bounds.peek() {
             if at < now {
                 if let Some(b) = self.checkers.phase_bound[p] {
                     return Err(self.fail(

@@ -6,6 +6,7 @@ use std::collections::BinaryHeap;
 
 use pgiplock_core::{SessionId, SessionRequest, Timestamp};
 
+use crate::indexed_heap::IndexedHeap;
 use crate::metrics::Report;
 use crate::net::{ClientMsg, ServerMsg};
 use crate::world::{SimError, World};
@@ -126,116 +127,6 @@ impl Ord for Scheduled {
     }
 }
 
-/// One process's session timer, kept apart from the event queue so that re-arming it moves
-/// the one entry instead of leaving a stale event behind: an idle standby between retries
-/// costs its next deadline and nothing else.
-#[derive(Debug, Clone, Copy)]
-struct Timer {
-    at: Timestamp,
-    seq: u64,
-    p: usize,
-    inc: u32,
-}
-
-impl Timer {
-    #[inline]
-    fn key(&self) -> (Timestamp, u64) {
-        (self.at, self.seq)
-    }
-}
-
-/// A binary min-heap of at most one timer per process, indexed by process so that a timer can
-/// be moved or removed in place.
-#[derive(Default)]
-struct Timers {
-    heap: Vec<Timer>,
-    /// The heap index of each process's timer (`NONE`: not armed).
-    pos: Vec<usize>,
-}
-
-const NONE: usize = usize::MAX;
-
-impl Timers {
-    fn peek(&self) -> Option<&Timer> {
-        self.heap.first()
-    }
-
-    fn set(&mut self, timer: Timer) {
-        if self.pos.len() <= timer.p {
-            self.pos.resize(timer.p + 1, NONE);
-        }
-        let i = match self.pos[timer.p] {
-            NONE => {
-                self.heap.push(timer);
-                self.heap.len() - 1
-            }
-            i => {
-                self.heap[i] = timer;
-                i
-            }
-        };
-        self.pos[timer.p] = i;
-        let i = self.sift_up(i);
-        self.sift_down(i);
-    }
-
-    fn remove(&mut self, p: usize) -> Option<Timer> {
-        let i = *self.pos.get(p)?;
-        if i == NONE {
-            return None;
-        }
-        self.pos[p] = NONE;
-        let timer = self.heap.swap_remove(i);
-        if i < self.heap.len() {
-            let i = self.sift_up(i);
-            self.sift_down(i);
-        }
-        Some(timer)
-    }
-
-    /// Moves the timer at `i` up to its place (a hole moves, the timer is written once).
-    fn sift_up(&mut self, mut i: usize) -> usize {
-        let timer = self.heap[i];
-        let key = timer.key();
-        while i > 0 {
-            let parent = (i - 1) / 2;
-            if self.heap[parent].key() <= key {
-                break;
-            }
-            self.heap[i] = self.heap[parent];
-            self.pos[self.heap[i].p] = i;
-            i = parent;
-        }
-        self.heap[i] = timer;
-        self.pos[timer.p] = i;
-        i
-    }
-
-    /// Moves the timer at `i` down to its place.
-    fn sift_down(&mut self, mut i: usize) {
-        let timer = self.heap[i];
-        let key = timer.key();
-        let len = self.heap.len();
-        loop {
-            let mut child = 2 * i + 1;
-            if child >= len {
-                break;
-            }
-            if child + 1 < len && self.heap[child + 1].key() < self.heap[child].key() {
-                child += 1;
-            }
-            if self.heap[child].key() >= key {
-                break;
-            }
-            self.heap[i] = self.heap[child];
-            self.pos[self.heap[i].p] = i;
-            i = child;
-        }
-        self.heap[i] = timer;
-        self.pos[timer.p] = i;
-    }
-}
-
 /// What the run loop takes next.
 enum Due {
     Event(Scheduled),
@@ -257,7 +148,12 @@ pub(crate) struct Engine {
     queue: BinaryHeap<Reverse<Scheduled>>,
     slab: Vec<Option<Event>>,
     free_slots: Vec<u32>,
-    timers: Timers,
+    /// Each process's session timer, kept apart from the event queue so that re-arming it
+    /// moves the one entry instead of leaving a stale event behind: an idle standby between
+    /// retries costs its next deadline and nothing else. Keyed by `(at, seq)`.
+    timers: IndexedHeap<(Timestamp, u64)>,
+    /// The incarnation each armed timer belongs to, by process.
+    timer_inc: Vec<u32>,
     seq: u64,
     /// Events run so far.
     pub(crate) steps: u64,
@@ -271,7 +167,8 @@ impl Engine {
             queue: BinaryHeap::new(),
             slab: Vec::new(),
             free_slots: Vec::new(),
-            timers: Timers::default(),
+            timers: IndexedHeap::default(),
+            timer_inc: Vec::new(),
             seq: 0,
             steps: 0,
             now: Timestamp::ZERO,
@@ -303,8 +200,11 @@ impl Engine {
         match at {
             Some(at) => {
                 self.seq += 1;
-                let seq = self.seq;
-                self.timers.set(Timer { at, seq, p, inc });
+                self.timers.set(p, (at, self.seq));
+                if self.timer_inc.len() <= p {
+                    self.timer_inc.resize(p + 1, 0);
+                }
+                self.timer_inc[p] = inc;
             }
             None => {
                 self.timers.remove(p);
@@ -316,23 +216,20 @@ impl Engine {
     /// queued).
     fn pop_due(&mut self, end: Timestamp) -> Option<Due> {
         let event = self.queue.peek().map(|Reverse(s)| (s.at, s.seq));
-        let timer = self.timers.peek().map(Timer::key);
+        let timer = self.timers.peek().map(|(key, _)| key);
         let take_timer = match (event, timer) {
             (_, None) => false,
             (None, Some(_)) => true,
             (Some(e), Some(t)) => t < e,
         };
         if take_timer {
-            let timer = *self.timers.peek()?;
-            if timer.at > end {
+            let ((at, _), p) = self.timers.peek()?;
+            if at > end {
                 return None;
             }
-            self.timers.remove(timer.p);
-            return Some(Due::Timer {
-                at: timer.at,
-                p: timer.p,
-                inc: timer.inc,
-            });
+            self.timers.remove(p);
+            let inc = self.timer_inc.get(p).copied().unwrap_or(0);
+            return Some(Due::Timer { at, p, inc });
         }
         if self.queue.peek()?.0.at > end {
             return None;

@@ -28,6 +28,7 @@ pub mod db;
 mod engine;
 pub mod explore;
 mod faults;
+mod indexed_heap;
 pub mod metrics;
 mod net;
 mod process;

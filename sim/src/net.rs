@@ -282,11 +282,20 @@ impl World {
         let SessionRequest { id, op, .. } = request;
         let (result, statements) = match &op {
             SessionOp::Lock { lock, target, op } => {
-                self.checkers.rows_touched = true;
                 let result = self
                     .server
                     .db
                     .execute(session, target.protocol, &target.channel, target.lease_ttl, op);
+                // S1 looks at the rows again only after a statement that may have changed an
+                // owner: not after a renewal, a drain, a refused attempt or an error.
+                let rows_unchanged = match (op, &result) {
+                    (DbOp::Renew { .. } | DbOp::Drain { .. }, _) | (_, Err(_)) => true,
+                    (DbOp::Acquire, Ok(Reply::Acquire(r))) => !r.acquired,
+                    _ => false,
+                };
+                if !rows_unchanged {
+                    self.checkers.rows_touched = true;
+                }
                 // Process p's lock i is on channel i.
                 let li = usize::try_from(lock.0).ok().filter(|li| *li < self.channels.len());
                 let acquired = matches!(result, Ok(Reply::Acquire(ref r)) if r.acquired);
