@@ -111,10 +111,13 @@ impl Checkers {
             last_disturbance: Timestamp::ZERO,
             last_available: Timestamp::ZERO,
             available: false,
-            check_s2: scenario.protocol == Protocol::Lease && scenario.drift < scenario.drift_bound(),
+            // The property checks hold the declared drift to S2 whatever the fence margin covers.
+            check_s2: scenario.protocol == Protocol::Lease
+                && (scenario.drift < scenario.drift_bound() || scenario.property_checks),
             after_release: BTreeMap::new(),
             drained_at: BTreeMap::new(),
-            check_d1: scenario.protocol == Protocol::Lease && scenario.drift < scenario.drift_bound(),
+            check_d1: scenario.protocol == Protocol::Lease
+                && (scenario.drift < scenario.drift_bound() || scenario.property_checks),
             rows_touched: false,
             s2_gap: false,
             liveness_bound: scenario.liveness_bound(),
@@ -220,6 +223,9 @@ impl World {
             self.checkers.last_available = now;
             for (kind, latency) in self.faults.resolve(holder, now) {
                 self.metrics.failover(kind, latency);
+                if let Some(tracker) = self.property.as_deref_mut() {
+                    tracker.failover(kind, latency, now, self.checkers.last_disturbance);
+                }
             }
         }
         if let Some(&(at, p)) = self.checkers.phase_bounds.first() {
@@ -252,6 +258,9 @@ impl World {
         }
         if self.metrics.s3_violations > 0 {
             return Err(self.fail("S3", "a lock delivered a message while not holding".to_owned()));
+        }
+        if let Some(failure) = self.property_failure() {
+            return Err(failure);
         }
         self.checkers.s2_gap = false;
         for li in 0..self.checkers.believers.len() {
@@ -286,7 +295,11 @@ impl World {
                 };
                 return Err(self.fail(
                     "S2",
-                    format!("processes {set:?} all believe they hold channel {li} (Lease, drift within bound){why}"),
+                    format!(
+                        "processes {set:?} all believe they hold channel {li} (Lease, drift {} where the fence margin covers {:.6}){why}",
+                        self.scenario.drift,
+                        self.scenario.drift_bound()
+                    ),
                 ));
             }
         }

@@ -23,6 +23,7 @@
 #![warn(missing_docs)]
 
 mod actions;
+pub mod check;
 mod checkers;
 pub mod db;
 mod engine;

@@ -283,6 +283,9 @@ struct ScenarioArgs {
     /// Fail D1 also for an unflagged re-delivery across a schema drop.
     #[arg(long)]
     strict_d1: Option<bool>,
+    /// Also run the property-testing API's checks (see `pgiplock_sim::check`).
+    #[arg(long)]
+    property_checks: Option<bool>,
 }
 
 /// A CLI failure with its message.
@@ -337,7 +340,8 @@ impl ScenarioArgs {
             liveness_slack,
             max_steps,
             strict_s2,
-            strict_d1
+            strict_d1,
+            property_checks
         );
         for (flag, field) in [
             (self.renew_interval, &mut s.renew_interval),

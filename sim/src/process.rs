@@ -383,17 +383,27 @@ impl World {
         let Some((core, server)) = self.procs[p].conn else {
             return;
         };
-        if server == session {
-            self.drive(
-                p,
-                SessionInput::Notification {
-                    session: core,
-                    channel,
-                    payload,
-                    pid,
-                },
-            );
+        if server != session {
+            return;
         }
+        if self.property.is_some() && self.channels[0].as_str() == channel {
+            if let Ok(id) = payload.parse::<u64>() {
+                let holding = self.checkers.believers[0].contains(&p) && self.procs[p].lock_session(0) == Some(session);
+                let now = self.engine.now;
+                if let Some(tracker) = self.property.as_deref_mut() {
+                    tracker.heard(p, session, id, now, holding);
+                }
+            }
+        }
+        self.drive(
+            p,
+            SessionInput::Notification {
+                session: core,
+                channel,
+                payload,
+                pid,
+            },
+        );
     }
 
     // ----- driving the session -----
@@ -544,6 +554,9 @@ impl World {
                             !self.scenario.strict_d1 && proc.term_generation(li) > self.metrics.generation_of(id);
                         let uninformed = uninformed || across_drop;
                         let twice = self.metrics.delivered(id, p, replay, uninformed);
+                        if let Some(tracker) = self.property.as_deref_mut() {
+                            tracker.delivered(id);
+                        }
                         if twice && self.checkers.check_d1 && self.metrics.d1_violation.is_none() {
                             self.metrics.d1_violation = Some(format!(
                                 "message {id} delivered twice without the replay flag (now by process {p})"
@@ -579,6 +592,21 @@ impl World {
 
     fn lock_event(&mut self, p: usize, li: usize, event: LockEvent) {
         let generation = self.procs[p].reply_generation.unwrap_or(self.server.db.generation());
+        if let (0, Some(tracker)) = (li, self.property.as_deref_mut()) {
+            match &event {
+                LockEvent::Acquired { token } => {
+                    let metrics = &self.metrics;
+                    // A fresh row (the first term, or the first after a schema drop) has no
+                    // predecessor to replay from.
+                    let replays = *token != Some(FenceToken(1));
+                    let session = self.procs[p].lock_session(0).filter(|_| replays);
+                    tracker.acquired(p, session, |id| metrics.generation_of(id) == generation);
+                }
+                LockEvent::Gap { .. } => tracker.gap(p),
+                LockEvent::Released => tracker.released(),
+                _ => {}
+            }
+        }
         let Some(view) = self.procs[p].locks.get_mut(li) else {
             return;
         };

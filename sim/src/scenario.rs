@@ -473,6 +473,12 @@ pub struct Scenario {
     /// Also fail D1 when a term begun on a row made after a schema drop delivers, unflagged, a
     /// message of an older generation that someone delivered already.
     pub strict_d1: bool,
+    /// Also run the checks of the property-testing API ([`crate::check`]): S2 and D1 under
+    /// Lease whatever the drift (a fence margin too small for the declared drift then fails S2
+    /// instead of going unchecked), no lost message that a holder heard or that the next
+    /// holder heard before winning, no duplicate when the only faults are graceful stops, every
+    /// failover within [`Scenario::liveness_bound`], the load within [`crate::check::load_bound`].
+    pub property_checks: bool,
 }
 
 impl Default for Scenario {
@@ -522,6 +528,7 @@ impl Default for Scenario {
             max_steps: 2_000_000_000,
             strict_s2: false,
             strict_d1: false,
+            property_checks: false,
         }
     }
 }
@@ -747,6 +754,11 @@ impl Scenario {
         flag("max-steps", self.max_steps.to_string(), d.max_steps.to_string());
         flag("strict-s2", self.strict_s2.to_string(), d.strict_s2.to_string());
         flag("strict-d1", self.strict_d1.to_string(), d.strict_d1.to_string());
+        flag(
+            "property-checks",
+            self.property_checks.to_string(),
+            d.property_checks.to_string(),
+        );
         for f in &self.faults {
             let target = f.process.map_or_else(|| "holder".to_owned(), |p| p.to_string());
             out.push(format!("--fault {}@{}@{}", f.kind, fd(f.at), target));
