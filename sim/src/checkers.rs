@@ -250,14 +250,15 @@ impl World {
         if !self.metrics.s4_violations.is_empty() {
             return Err(self.fail("S4", self.metrics.s4_violations[0].clone()));
         }
+        // S3 before D1 and D2: a delivery outside tenure is the cause of the duplicate it makes.
+        if self.metrics.s3_violations > 0 {
+            return Err(self.fail("S3", "a lock delivered a message while not holding".to_owned()));
+        }
         if let Some(message) = &self.metrics.d1_violation {
             return Err(self.fail("D1", message.clone()));
         }
         if let Some(message) = &self.metrics.d2_violation {
             return Err(self.fail("D2", message.clone()));
-        }
-        if self.metrics.s3_violations > 0 {
-            return Err(self.fail("S3", "a lock delivered a message while not holding".to_owned()));
         }
         if let Some(failure) = self.property_failure() {
             return Err(failure);

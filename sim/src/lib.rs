@@ -37,5 +37,7 @@ mod trace;
 pub mod world;
 
 pub use metrics::{LatencyStats, MessageCounts, Report};
-pub use scenario::{Action, ActionSpec, FaultKind, FaultRates, FaultSpec, FaultTarget, Scenario, ScenarioError};
+pub use scenario::{
+    Action, ActionSpec, FaultKind, FaultRates, FaultSpec, FaultTarget, Mutant, Scenario, ScenarioError,
+};
 pub use world::{derive_seed, run, CheckFailure, Observation, Observed, SimError, World};

@@ -286,6 +286,8 @@ struct ScenarioArgs {
     /// Also run the property-testing API's checks (see `pgiplock_sim::check`).
     #[arg(long)]
     property_checks: Option<bool>,
+    #[arg(long, hide = true)]
+    mutant: Option<pgiplock_sim::Mutant>,
 }
 
 /// A CLI failure with its message.
@@ -343,6 +345,7 @@ impl ScenarioArgs {
             strict_d1,
             property_checks
         );
+        s.mutant = self.mutant.or(s.mutant);
         for (flag, field) in [
             (self.renew_interval, &mut s.renew_interval),
             (self.fence_margin, &mut s.fence_margin),

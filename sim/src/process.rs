@@ -12,12 +12,14 @@
 use std::time::Duration;
 
 use pgiplock_core::{
-    CallId, ChannelName, FenceToken, LockCall, LockEvent, LockKey, OpId, OpReply, Protocol, SchemaName, Session,
-    SessionConfig, SessionEvent, SessionId, SessionInput, SessionOp, SessionOutput, SignalKind, SplitMix64, Timestamp,
+    CallId, ChannelName, FenceToken, LockCall, LockEvent, LockKey, LostReason, OpId, OpReply, Protocol, SchemaName,
+    Session, SessionConfig, SessionEvent, SessionId, SessionInput, SessionOp, SessionOutput, SignalKind, SplitMix64,
+    Timestamp,
 };
 
 use crate::engine::Event;
 use crate::net::ClientMsg;
+use crate::scenario::Mutant;
 use crate::world::{derive_seed, Observed, World, STREAM_LOCK, STREAM_PROC, STREAM_SESSION};
 
 /// One lock of the process, as the application sees it.
@@ -36,6 +38,8 @@ struct LockView {
     gap: bool,
     /// The lock's `ignored_markers` as last read.
     ignored_markers: u64,
+    /// `Mutant::SkipFence`: the lock fenced itself and the process ignored it.
+    zombie: bool,
 }
 
 pub(crate) struct Proc {
@@ -395,6 +399,7 @@ impl World {
                 }
             }
         }
+        let mutant = self.scenario.mutant.map(|m| (m, channel.clone(), payload.clone()));
         self.drive(
             p,
             SessionInput::Notification {
@@ -404,6 +409,36 @@ impl World {
                 pid,
             },
         );
+        if let Some((mutant, channel, payload)) = mutant {
+            self.mutant_hears(p, mutant, &channel, payload);
+        }
+    }
+
+    /// A mutant process hands a data channel's notification to the application where the real
+    /// driver would not (see [`Mutant`]).
+    fn mutant_hears(&mut self, p: usize, mutant: Mutant, channel: &str, payload: String) {
+        let Some(li) = self.channels.iter().position(|c| c.as_str() == channel) else {
+            return;
+        };
+        let proc = &self.procs[p];
+        let Some(view) = proc.locks.get(li) else { return };
+        let deliver = match mutant {
+            Mutant::SkipFence => view.zombie,
+            Mutant::StandbyDelivers => !view.believes,
+        };
+        if deliver && proc.alive {
+            let local = proc.local(self.engine.now);
+            let lock = LockKey(li as u64);
+            self.output(
+                p,
+                local,
+                SessionOutput::Deliver {
+                    lock,
+                    payload,
+                    replay: false,
+                },
+            );
+        }
     }
 
     // ----- driving the session -----
@@ -454,7 +489,8 @@ impl World {
         }
         for li in 0..self.channels.len() {
             let lock = session.lock(LockKey(li as u64));
-            let holds = lock.is_some_and(|l| l.phase().is_holder());
+            let zombie = proc.locks.get(li).is_some_and(|l| l.zombie);
+            let holds = lock.is_some_and(|l| l.phase().is_holder()) || zombie;
             self.checkers.set_believer(li, p, holds);
             let ignored = lock.map_or(0, |l| l.state().ignored_markers);
             if let Some(view) = proc.locks.get_mut(li) {
@@ -607,12 +643,21 @@ impl World {
                 _ => {}
             }
         }
+        let skip_fence = self.scenario.mutant == Some(Mutant::SkipFence);
         let Some(view) = self.procs[p].locks.get_mut(li) else {
             return;
         };
         match &event {
+            LockEvent::Lost {
+                reason: LostReason::LeaseExpired,
+            } if skip_fence => {
+                // The mutant ignores the self-fence: it goes on believing (and delivering).
+                view.zombie = true;
+                self.trace.hash(&[104, p as u64, li as u64]);
+            }
             LockEvent::Acquired { token } => {
                 view.believes = true;
+                view.zombie = false;
                 view.term_generation = generation;
                 view.after_release =
                     token.and_then(|t| self.checkers.after_release.get(&(li, generation, t.0)).copied());

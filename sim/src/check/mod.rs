@@ -72,6 +72,13 @@
 //! fewer kinds occur) and then drives the run. A failing case is shrunk deterministically with
 //! the same seed: fewer processes, a shorter run, fewer fault kinds and lower rates, fewer
 //! channels, each kept only if the same check still fails, within [`Spec::shrink_runs`] runs.
+//!
+//! # Proof that the checks bite
+//!
+//! `tests/mutants.rs` runs this API against a holder that ignores its self-fence
+//! ([`crate::Mutant::SkipFence`], S2), a fence margin below the declared drift (S2) and a standby
+//! that delivers before it holds ([`crate::Mutant::StandbyDelivers`], S3), expecting a
+//! counterexample each time whose replay fails the same way.
 
 pub(crate) mod track;
 
