@@ -149,6 +149,7 @@ fn cases_and_summaries_are_deterministic_per_seed() {
     let spec = my_settings(Protocol::Lease);
     assert_eq!(spec.case(5).unwrap(), spec.case(5).unwrap());
     assert_ne!(spec.case(5).unwrap(), spec.case(6).unwrap());
+    assert_eq!(ok_summary(&spec, 0, 1).to_string(), "0 cases: nothing was checked\n");
     let a = ok_summary(&spec, 2, 11);
     let b = ok_summary(&spec, 2, 11);
     assert_eq!(a, b);

@@ -145,3 +145,36 @@ fn mutants_cannot_be_switched_on_by_accident() {
     assert!(help.status.success());
     assert!(!String::from_utf8_lossy(&help.stdout).contains("mutant"));
 }
+
+/// Through the proptest strategy too: proptest finds the skipped fence and shrinks the case
+/// (here within a bounded number of steps); the failure message names the check and the
+/// command, and the minimal case's command replays it.
+#[cfg(feature = "proptest")]
+#[test]
+fn proptest_finds_the_skipped_fence_too() {
+    use proptest::test_runner::{Config, TestError, TestRng, TestRunner};
+    let mut spec = fleet();
+    spec.base.mutant = Some(Mutant::SkipFence);
+    let config = Config {
+        cases: 20,
+        max_shrink_iters: 16,
+        failure_persistence: None,
+        ..Config::default()
+    };
+    let rng = TestRng::deterministic_rng(config.rng_algorithm);
+    let mut runner = TestRunner::new_with_rng(config, rng);
+    let strategy = spec.strategy().expect("valid ranges");
+    match runner.run(&strategy, |case| {
+        case.check()?;
+        Ok(())
+    }) {
+        Err(TestError::Fail(reason, case)) => {
+            let reason = reason.to_string();
+            assert!(reason.contains("check S2 failed"), "{reason}");
+            assert!(reason.contains("--mutant skip-fence"), "{reason}");
+            let c = case.check().expect_err("the minimal case fails");
+            assert_eq!(c.checker, "S2");
+        }
+        other => panic!("expected the strategy to find S2, got {other:?}"),
+    }
+}

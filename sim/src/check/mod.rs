@@ -904,6 +904,9 @@ impl Summary {
 
 impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.cases == 0 {
+            return writeln!(f, "0 cases: nothing was checked");
+        }
         let protocols: Vec<String> = self.protocols.iter().map(|(k, v)| format!("{k}:{v}")).collect();
         writeln!(
             f,
