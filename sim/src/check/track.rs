@@ -231,3 +231,112 @@ impl World {
         Some(self.fail(checker, message))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scenario::FaultRates;
+
+    fn tracker(protocol: Protocol, rates: FaultRates) -> Tracker {
+        let scenario = Scenario {
+            protocol,
+            processes: 3,
+            fault_rates: rates,
+            ..Scenario::default()
+        };
+        Tracker::new(&scenario)
+    }
+
+    fn at(secs: u64) -> Timestamp {
+        Timestamp::from_micros(secs * 1_000_000)
+    }
+
+    const S1: SessionId = SessionId(1);
+    const S2: SessionId = SessionId(2);
+
+    #[test]
+    fn a_message_its_holder_heard_must_be_delivered() {
+        let mut t = tracker(Protocol::Classic, FaultRates::default());
+        t.heard(0, S1, 7, at(1), true);
+        assert_eq!(t.first_lost().map(|d| (d.id, d.why)), Some((7, Owed::HeardByHolder)));
+        t.delivered(7);
+        assert!(t.first_lost().is_none());
+    }
+
+    #[test]
+    fn the_next_lease_winner_owes_what_it_heard_on_the_connection_it_won_on() {
+        let same = |_| true;
+        // Won on the connection it heard it on: owed.
+        let mut t = tracker(Protocol::Lease, FaultRates::default());
+        t.heard(1, S1, 7, at(1), false);
+        t.acquired(1, Some(S1), same);
+        assert_eq!(t.first_lost().map(|d| (d.id, d.why)), Some((7, Owed::HeardByWinner)));
+        // Unless its term reported a Gap.
+        t.gap(1);
+        assert!(t.first_lost().is_none());
+        // Won on another connection (it reconnected since): not owed.
+        let mut t = tracker(Protocol::Lease, FaultRates::default());
+        t.heard(1, S1, 7, at(1), false);
+        t.acquired(1, Some(S2), same);
+        assert!(t.first_lost().is_none());
+        // Someone else won first: only the first term after it was heard owes it.
+        let mut t = tracker(Protocol::Lease, FaultRates::default());
+        t.heard(1, S1, 7, at(1), false);
+        t.acquired(2, Some(S2), same);
+        t.acquired(1, Some(S1), same);
+        assert!(t.first_lost().is_none());
+        // A message of an older schema generation: not owed.
+        let mut t = tracker(Protocol::Lease, FaultRates::default());
+        t.heard(1, S1, 7, at(1), false);
+        t.acquired(1, Some(S1), |_| false);
+        assert!(t.first_lost().is_none());
+    }
+
+    #[test]
+    fn a_classic_winner_owes_only_after_a_confirmed_release() {
+        let mut t = tracker(Protocol::Classic, FaultRates::default());
+        t.heard(1, S1, 7, at(1), false);
+        t.acquired(1, Some(S1), |_| true);
+        assert!(t.first_lost().is_none());
+        t.heard(2, S2, 8, at(2), false);
+        t.released();
+        t.acquired(2, Some(S2), |_| true);
+        assert_eq!(t.first_lost().map(|d| d.id), Some(8));
+    }
+
+    #[test]
+    fn a_duplicate_fails_only_when_every_fault_is_graceful() {
+        let graceful = FaultRates {
+            stop: 10.0,
+            forge: 5.0,
+            ..FaultRates::default()
+        };
+        let mut t = tracker(Protocol::Lease, graceful);
+        t.delivered(3);
+        assert!(t.take_violation().is_none());
+        t.delivered(3);
+        assert_eq!(t.take_violation().map(|v| v.0), Some("D1-graceful"));
+        let mixed = FaultRates {
+            stop: 10.0,
+            crash: 1.0,
+            ..FaultRates::default()
+        };
+        let mut t = tracker(Protocol::Lease, mixed);
+        t.delivered(3);
+        t.delivered(3);
+        assert!(t.take_violation().is_none());
+    }
+
+    #[test]
+    fn a_failover_counts_from_its_last_disturbance() {
+        let mut t = tracker(Protocol::Lease, FaultRates::default());
+        let bound = t.liveness_bound;
+        let end = at(10_000);
+        // Long after the fault, but soon after a later disturbance: within the bound.
+        t.failover(FaultKind::Cut, bound * 3, end, end.saturating_sub(bound / 2));
+        assert!(t.take_violation().is_none());
+        t.failover(FaultKind::Cut, bound * 3, end, Timestamp::ZERO);
+        assert_eq!(t.take_violation().map(|v| v.0), Some("failover"));
+        assert_eq!(t.failovers.len(), 2);
+    }
+}
