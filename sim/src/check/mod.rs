@@ -50,13 +50,13 @@
 //! | check | what it asks |
 //! |---|---|
 //! | `S1` | a channel's row names at most one live owner session |
-//! | `S2` | under Lease, never two processes in a holder phase, **whatever the declared drift**: a fence margin too small for it fails here. Under Classic S2 is not promised (a silently vanished holder may still believe while a standby took over): the split-brain time is reported in the [`Summary`], never failed |
+//! | `S2` | under Lease, never two processes in a holder phase, **whatever the declared drift**: a fence margin too small for it fails here. A believer whose session the server already ended without telling it (a partitioned holder whose backend was terminated) is measured as `split_brain_session_ended_s` instead, unless [`Scenario::strict_s2`]: only its self-fencing bounds that overlap. Under Classic S2 is not promised (a silently vanished holder may still believe while a standby took over): the split-brain time is reported in the [`Summary`], never failed |
 //! | `S3` | nothing is delivered by a lock that does not hold (delivery within tenure) |
 //! | `S4` | fencing tokens rise per channel |
 //! | `D1` | under Lease, no message delivered twice without the replay flag |
 //! | `D2` | no replay after a graceful release the winner heard, none under Classic |
 //! | `D1-graceful` | when the only faults are graceful stops, no message is delivered twice |
-//! | `lost` | no message is lost that its holder heard, nor one that the standby winning the next term heard on the connection it won on (Lease with replay on, unless that term reported a `Gap`; Classic after a release the server confirmed) |
+//! | `lost` | no message is lost that its holder heard, nor one that the standby winning the next term heard on the connection it won on (Lease with replay on, unless that term reported a `Gap` or began on a fresh row, the first after a schema drop, which has no predecessor to replay from; Classic after a release the server confirmed) |
 //! | `failover` | every failover completes within [`Scenario::liveness_bound`] of the last disturbance before it |
 //! | `liveness` | after the last disturbance someone holds within the same bound |
 //! | `load` | lock statements per second stay within [`load_bound`] |
