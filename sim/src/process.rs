@@ -635,10 +635,16 @@ impl World {
                     // A fresh row (the first term, or the first after a schema drop) has no
                     // predecessor to replay from.
                     let replays = *token != Some(FenceToken(1));
-                    let session = self.procs[p].lock_session(0).filter(|_| replays);
-                    tracker.acquired(p, session, |id| metrics.generation_of(id) == generation);
+                    let proc = &self.procs[p];
+                    let session = proc.lock_session(0).filter(|_| replays);
+                    let since = proc
+                        .listening_since
+                        .filter(|(s, _)| Some(*s) == session)
+                        .map(|(_, since)| since);
+                    tracker.acquired(p, session, since, |id| metrics.generation_of(id) == generation);
                 }
                 LockEvent::Gap { .. } => tracker.gap(p),
+                LockEvent::Drained => tracker.drained(self.engine.now),
                 LockEvent::Released => tracker.released(),
                 _ => {}
             }

@@ -48,9 +48,13 @@ pub(crate) struct Tracker {
     /// Where the debts of the latest term begin in `owed`, and its holder (a `Gap` right
     /// after its `Acquired` cancels them).
     latest_term: Option<(usize, usize)>,
-    /// The latest term ended with a release the server confirmed (Classic: its successor
-    /// buffered what followed the release marker).
-    released: bool,
+    /// When the latest term's holder reached its drain marker, while its release is not yet
+    /// confirmed.
+    drained: Option<Timestamp>,
+    /// When the latest term's holder reached its drain marker, if the server then confirmed its
+    /// release (Classic: a successor that listened since before buffered what followed the
+    /// release marker).
+    released: Option<Timestamp>,
     /// Every measured failover: its fault kind and latency.
     pub(crate) failovers: Vec<(FaultKind, Duration)>,
     /// The first failure found along the way.
@@ -77,7 +81,8 @@ impl Tracker {
             heard: vec![Vec::new(); scenario.processes],
             owed: Vec::new(),
             latest_term: None,
-            released: false,
+            drained: None,
+            released: None,
             failovers: Vec::new(),
             violation: None,
         }
@@ -114,13 +119,22 @@ impl Tracker {
     }
 
     /// Process `p` acquired the data channel on server session `session` (`None`: not on its
-    /// current connection, or a term that replays nothing); `same_generation`: of the schema its heard messages were
-    /// committed in (a term on a row made after a schema drop has no predecessor to replay
-    /// from).
-    pub(crate) fn acquired(&mut self, p: usize, session: Option<SessionId>, same_generation: impl Fn(u64) -> bool) {
+    /// current connection, or a term that replays nothing), which has listened since
+    /// `listening_since`; `same_generation`: of the schema its heard messages were committed in
+    /// (a term on a row made after a schema drop has no predecessor to replay from).
+    pub(crate) fn acquired(
+        &mut self,
+        p: usize,
+        session: Option<SessionId>,
+        listening_since: Option<Timestamp>,
+        same_generation: impl Fn(u64) -> bool,
+    ) {
         let successor_replays = match self.protocol {
             Protocol::Lease => self.replays,
-            Protocol::Classic => self.released,
+            // Only a standby that heard the release marker buffered what followed it.
+            Protocol::Classic => {
+                matches!((self.released, listening_since), (Some(drained), Some(since)) if since < drained)
+            }
         };
         let start = self.owed.len();
         if let (true, Some(session), Some(list)) = (successor_replays, session, self.heard.get(p)) {
@@ -141,7 +155,8 @@ impl Tracker {
             list.clear();
         }
         self.latest_term = Some((p, start));
-        self.released = false;
+        self.drained = None;
+        self.released = None;
     }
 
     /// Process `p`'s new term reported a `Gap`: what it owed may be missing.
@@ -153,9 +168,14 @@ impl Tracker {
         }
     }
 
+    /// The holder reached its drain marker at `at`.
+    pub(crate) fn drained(&mut self, at: Timestamp) {
+        self.drained = Some(at);
+    }
+
     /// The holder's release was confirmed by the server.
     pub(crate) fn released(&mut self) {
-        self.released = true;
+        self.released = self.drained;
     }
 
     /// A failover after a fault of `kind` ended at `now` after `latency`; `last_disturbance`:
@@ -269,7 +289,7 @@ mod tests {
         // Won on the connection it heard it on: owed.
         let mut t = tracker(Protocol::Lease, FaultRates::default());
         t.heard(1, S1, 7, at(1), false);
-        t.acquired(1, Some(S1), same);
+        t.acquired(1, Some(S1), None, same);
         assert_eq!(t.first_lost().map(|d| (d.id, d.why)), Some((7, Owed::HeardByWinner)));
         // Unless its term reported a Gap.
         t.gap(1);
@@ -277,31 +297,47 @@ mod tests {
         // Won on another connection (it reconnected since): not owed.
         let mut t = tracker(Protocol::Lease, FaultRates::default());
         t.heard(1, S1, 7, at(1), false);
-        t.acquired(1, Some(S2), same);
+        t.acquired(1, Some(S2), None, same);
         assert!(t.first_lost().is_none());
         // Someone else won first: only the first term after it was heard owes it.
         let mut t = tracker(Protocol::Lease, FaultRates::default());
         t.heard(1, S1, 7, at(1), false);
-        t.acquired(2, Some(S2), same);
-        t.acquired(1, Some(S1), same);
+        t.acquired(2, Some(S2), None, same);
+        t.acquired(1, Some(S1), None, same);
         assert!(t.first_lost().is_none());
         // A message of an older schema generation: not owed.
         let mut t = tracker(Protocol::Lease, FaultRates::default());
         t.heard(1, S1, 7, at(1), false);
-        t.acquired(1, Some(S1), |_| false);
+        t.acquired(1, Some(S1), None, |_| false);
         assert!(t.first_lost().is_none());
     }
 
     #[test]
-    fn a_classic_winner_owes_only_after_a_confirmed_release() {
+    fn a_classic_winner_owes_only_after_a_confirmed_release_it_listened_through() {
         let mut t = tracker(Protocol::Classic, FaultRates::default());
+        // No release: a takeover after a crash replays nothing under Classic.
         t.heard(1, S1, 7, at(1), false);
-        t.acquired(1, Some(S1), |_| true);
+        t.acquired(1, Some(S1), Some(at(0)), |_| true);
         assert!(t.first_lost().is_none());
-        t.heard(2, S2, 8, at(2), false);
+        // A release drained at 3 s and confirmed, the winner listening since 2 s: owed.
+        t.heard(2, S2, 8, at(4), false);
+        t.drained(at(3));
         t.released();
-        t.acquired(2, Some(S2), |_| true);
+        t.acquired(2, Some(S2), Some(at(2)), |_| true);
         assert_eq!(t.first_lost().map(|d| d.id), Some(8));
+        // A winner that began listening after the drain marker never buffered: not owed.
+        let mut t = tracker(Protocol::Classic, FaultRates::default());
+        t.drained(at(3));
+        t.released();
+        t.heard(2, S2, 8, at(4), false);
+        t.acquired(2, Some(S2), Some(at(4)), |_| true);
+        assert!(t.first_lost().is_none());
+        // A release the server did not confirm: not owed.
+        let mut t = tracker(Protocol::Classic, FaultRates::default());
+        t.drained(at(3));
+        t.heard(2, S2, 8, at(4), false);
+        t.acquired(2, Some(S2), Some(at(2)), |_| true);
+        assert!(t.first_lost().is_none());
     }
 
     #[test]
