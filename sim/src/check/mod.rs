@@ -56,7 +56,7 @@
 //! | `D1` | under Lease, no message delivered twice without the replay flag |
 //! | `D2` | no replay after a graceful release the winner heard, none under Classic |
 //! | `D1-graceful` | when the only faults are graceful stops, no message is delivered twice |
-//! | `lost` | no message is lost that its holder heard, nor one that the standby winning the next term heard on the connection it won on (Lease with replay on, unless that term reported a `Gap` or began on a fresh row, the first after a schema drop, which has no predecessor to replay from; Classic after a release the server confirmed) |
+//! | `lost` | no message is lost that its holder heard, nor one that the standby winning the next term heard on the connection it won on, after the old holder's drain marker if that one released (Lease with replay on, unless that term reported a `Gap` or began on a fresh row, the first after a schema drop, which has no predecessor to replay from; Classic only after a release the server confirmed, by a winner that listened since before the drain marker) |
 //! | `failover` | every failover completes within [`Scenario::liveness_bound`] of the last disturbance before it |
 //! | `liveness` | after the last disturbance someone holds within the same bound |
 //! | `load` | lock statements per second stay within [`load_bound`] |

@@ -17,7 +17,8 @@ use crate::world::World;
 enum Owed {
     /// Its holder heard it on the connection its term works on.
     HeardByHolder,
-    /// The standby that won the next term heard it, on the connection it won on.
+    /// The standby that won the next term heard it, on the connection it won on (after the
+    /// previous holder's drain marker, if that one released).
     HeardByWinner,
 }
 
@@ -129,17 +130,23 @@ impl Tracker {
         listening_since: Option<Timestamp>,
         same_generation: impl Fn(u64) -> bool,
     ) {
-        let successor_replays = match self.protocol {
-            Protocol::Lease => self.replays,
+        // What the winner owes of what it heard: after a release, only what followed the drain
+        // marker (what came before was the old holder's to deliver: a holder that missed it,
+        // say in a short cut, lost it, and a replay after a graceful release would break D2);
+        // after an involuntary end (Lease), everything since the previous acquisition.
+        let owed_after = match self.protocol {
+            Protocol::Lease if self.replays => Some(self.drained.unwrap_or(Timestamp::ZERO)),
+            Protocol::Lease => None,
             // Only a standby that heard the release marker buffered what followed it.
-            Protocol::Classic => {
-                matches!((self.released, listening_since), (Some(drained), Some(since)) if since < drained)
-            }
+            Protocol::Classic => match (self.released, listening_since) {
+                (Some(drained), Some(since)) if since < drained => Some(drained),
+                _ => None,
+            },
         };
         let start = self.owed.len();
-        if let (true, Some(session), Some(list)) = (successor_replays, session, self.heard.get(p)) {
+        if let (Some(after), Some(session), Some(list)) = (owed_after, session, self.heard.get(p)) {
             for &(s, id, at) in list {
-                if s == session && same_generation(id) {
+                if s == session && at > after && same_generation(id) {
                     self.owed.push(Debt {
                         id,
                         process: p,
@@ -310,6 +317,17 @@ mod tests {
         t.heard(1, S1, 7, at(1), false);
         t.acquired(1, Some(S1), None, |_| false);
         assert!(t.first_lost().is_none());
+    }
+
+    #[test]
+    fn after_a_lease_release_the_winner_owes_only_what_followed_the_drain_marker() {
+        let mut t = tracker(Protocol::Lease, FaultRates::default());
+        t.heard(1, S1, 7, at(1), false);
+        t.heard(1, S1, 8, at(4), false);
+        t.drained(at(3));
+        t.acquired(1, Some(S1), Some(at(0)), |_| true);
+        let owed: Vec<u64> = t.owed.iter().map(|d| d.id).collect();
+        assert_eq!(owed, [8]);
     }
 
     #[test]
