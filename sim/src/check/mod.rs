@@ -109,6 +109,7 @@ pub const LOAD_SLACK_PER_S: f64 = 0.1;
 /// The settings a fleet runs with, as ranges: every case draws one value of each. A fixed
 /// value is a range of one (`5..=5`). What no range covers comes from [`Spec::base`].
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct Spec {
     /// Everything the ranges do not set (query latencies, dead-peer detection, restart delay,
     /// warmup, ...). [`Spec::new`] starts from [`Scenario::default`] with a 10 s warmup, no
