@@ -23,6 +23,7 @@
 #![warn(missing_docs)]
 
 mod actions;
+pub mod check;
 mod checkers;
 pub mod db;
 mod engine;
@@ -38,5 +39,7 @@ mod trace;
 pub mod world;
 
 pub use metrics::{LatencyStats, MessageCounts, Report};
-pub use scenario::{Action, ActionSpec, FaultKind, FaultRates, FaultSpec, FaultTarget, Scenario, ScenarioError};
+pub use scenario::{
+    Action, ActionSpec, FaultKind, FaultRates, FaultSpec, FaultTarget, Mutant, Scenario, ScenarioError,
+};
 pub use world::{derive_seed, run, CheckFailure, Observation, Observed, SimError, World};

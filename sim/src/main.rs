@@ -435,6 +435,11 @@ struct ScenarioArgs {
     /// Fail D1 also for an unflagged re-delivery across a schema drop (true or false).
     #[arg(long, value_name = "BOOL")]
     strict_d1: Option<bool>,
+    /// Also run the property-testing API's checks (see `pgiplock_sim::check`; true or false).
+    #[arg(long, value_name = "BOOL")]
+    property_checks: Option<bool>,
+    #[arg(long, hide = true)]
+    mutant: Option<pgiplock_sim::Mutant>,
 }
 
 /// A CLI failure with its message.
@@ -489,8 +494,10 @@ impl ScenarioArgs {
             liveness_slack,
             max_steps,
             strict_s2,
-            strict_d1
+            strict_d1,
+            property_checks
         );
+        s.mutant = self.mutant.or(s.mutant);
         for (flag, field) in [
             (self.renew_interval, &mut s.renew_interval),
             (self.fence_margin, &mut s.fence_margin),
@@ -978,7 +985,8 @@ mod tests {
         let mut durations = BTreeMap::<String, usize>::new();
         for (path, cmd, arg) in &all {
             let id = arg.get_id().as_str();
-            if matches!(id, "help" | "version") {
+            // Hidden flags (the mutants, for testing the checkers) are not for users.
+            if matches!(id, "help" | "version") || arg.is_hide_set() {
                 continue;
             }
             let help = arg
@@ -1052,7 +1060,7 @@ mod tests {
             let sub = cmd.find_subcommand(sub).expect("subcommand");
             for arg in ScenarioArgs::augment_args(clap::Command::new("x")).get_arguments() {
                 let id = arg.get_id().as_str();
-                if matches!(id, "config" | "seed" | "faults" | "actions") {
+                if matches!(id, "config" | "seed" | "faults" | "actions") || arg.is_hide_set() {
                     continue;
                 }
                 assert!(defaults.contains_key(id), "no default for --{id}");

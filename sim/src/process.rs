@@ -12,12 +12,14 @@
 use std::time::Duration;
 
 use pgiplock_core::{
-    CallId, ChannelName, FenceToken, LockCall, LockEvent, LockKey, OpId, OpReply, Protocol, SchemaName, Session,
-    SessionConfig, SessionEvent, SessionId, SessionInput, SessionOp, SessionOutput, SignalKind, SplitMix64, Timestamp,
+    CallId, ChannelName, FenceToken, LockCall, LockEvent, LockKey, LostReason, OpId, OpReply, Protocol, SchemaName,
+    Session, SessionConfig, SessionEvent, SessionId, SessionInput, SessionOp, SessionOutput, SignalKind, SplitMix64,
+    Timestamp,
 };
 
 use crate::engine::Event;
 use crate::net::ClientMsg;
+use crate::scenario::Mutant;
 use crate::world::{derive_seed, Observed, World, STREAM_LOCK, STREAM_PROC, STREAM_SESSION};
 
 /// One lock of the process, as the application sees it.
@@ -36,6 +38,8 @@ struct LockView {
     gap: bool,
     /// The lock's `ignored_markers` as last read.
     ignored_markers: u64,
+    /// `Mutant::SkipFence`: the lock fenced itself and the process ignored it.
+    zombie: bool,
 }
 
 pub(crate) struct Proc {
@@ -406,14 +410,55 @@ impl World {
         let Some((core, server)) = self.procs[p].conn else {
             return;
         };
-        if server == session {
-            self.drive(
+        if server != session {
+            return;
+        }
+        if self.property.is_some() && self.channels[0].as_str() == channel {
+            if let Ok(id) = payload.parse::<u64>() {
+                let holding = self.checkers.believers[0].contains(&p) && self.procs[p].lock_session(0) == Some(session);
+                let now = self.engine.now;
+                if let Some(tracker) = self.property.as_deref_mut() {
+                    tracker.heard(p, session, id, now, holding);
+                }
+            }
+        }
+        let mutant = self.scenario.mutant.map(|m| (m, channel.clone(), payload.clone()));
+        self.drive(
+            p,
+            SessionInput::Notification {
+                session: core,
+                channel,
+                payload,
+                pid,
+            },
+        );
+        if let Some((mutant, channel, payload)) = mutant {
+            self.mutant_hears(p, mutant, &channel, payload);
+        }
+    }
+
+    /// A mutant process hands a data channel's notification to the application where the real
+    /// driver would not (see [`Mutant`]).
+    fn mutant_hears(&mut self, p: usize, mutant: Mutant, channel: &str, payload: String) {
+        let Some(li) = self.channels.iter().position(|c| c.as_str() == channel) else {
+            return;
+        };
+        let proc = &self.procs[p];
+        let Some(view) = proc.locks.get(li) else { return };
+        let deliver = match mutant {
+            Mutant::SkipFence => view.zombie,
+            Mutant::StandbyDelivers => !view.believes,
+        };
+        if deliver && proc.alive {
+            let local = proc.local(self.engine.now);
+            let lock = LockKey(li as u64);
+            self.output(
                 p,
-                SessionInput::Notification {
-                    session: core,
-                    channel,
+                local,
+                SessionOutput::Deliver {
+                    lock,
                     payload,
-                    pid,
+                    replay: false,
                 },
             );
         }
@@ -466,7 +511,8 @@ impl World {
         }
         for li in 0..self.channels.len() {
             let lock = session.lock(LockKey(li as u64));
-            let holds = lock.is_some_and(|l| l.phase().is_holder());
+            let zombie = proc.locks.get(li).is_some_and(|l| l.zombie);
+            let holds = lock.is_some_and(|l| l.phase().is_holder()) || zombie;
             self.checkers.set_believer(li, p, holds);
             let ignored = lock.map_or(0, |l| l.state().ignored_markers);
             if let Some(view) = proc.locks.get_mut(li) {
@@ -566,6 +612,9 @@ impl World {
                             !self.scenario.strict_d1 && proc.term_generation(li) > self.metrics.generation_of(id);
                         let uninformed = uninformed || across_drop;
                         let twice = self.metrics.delivered(id, p, replay, uninformed);
+                        if let Some(tracker) = self.property.as_deref_mut() {
+                            tracker.delivered(id);
+                        }
                         if twice && self.checkers.check_d1 && self.metrics.d1_violation.is_none() {
                             self.metrics.d1_violation = Some(format!(
                                 "message {id} delivered twice without the replay flag (now by process {p})"
@@ -601,12 +650,42 @@ impl World {
 
     fn lock_event(&mut self, p: usize, li: usize, event: LockEvent) {
         let generation = self.procs[p].reply_generation.unwrap_or(self.server.db.generation());
+        if let (0, Some(tracker)) = (li, self.property.as_deref_mut()) {
+            match &event {
+                LockEvent::Acquired { token } => {
+                    let metrics = &self.metrics;
+                    // A fresh row (the first term, or the first after a schema drop) has no
+                    // predecessor to replay from.
+                    let replays = *token != Some(FenceToken(1));
+                    let proc = &self.procs[p];
+                    let session = proc.lock_session(0).filter(|_| replays);
+                    let since = proc
+                        .listening_since
+                        .filter(|(s, _)| Some(*s) == session)
+                        .map(|(_, since)| since);
+                    tracker.acquired(p, session, since, |id| metrics.generation_of(id) == generation);
+                }
+                LockEvent::Gap { .. } => tracker.gap(p),
+                LockEvent::Drained => tracker.drained(self.engine.now),
+                LockEvent::Released => tracker.released(),
+                _ => {}
+            }
+        }
+        let skip_fence = self.scenario.mutant == Some(Mutant::SkipFence);
         let Some(view) = self.procs[p].locks.get_mut(li) else {
             return;
         };
         match &event {
+            LockEvent::Lost {
+                reason: LostReason::LeaseExpired,
+            } if skip_fence => {
+                // The mutant ignores the self-fence: it goes on believing (and delivering).
+                view.zombie = true;
+                self.trace.hash(&[104, p as u64, li as u64]);
+            }
             LockEvent::Acquired { token } => {
                 view.believes = true;
+                view.zombie = false;
                 view.term_generation = generation;
                 view.after_release =
                     token.and_then(|t| self.checkers.after_release.get(&(li, generation, t.0)).copied());

@@ -293,6 +293,52 @@ pub struct ActionSpec {
     pub process: Option<usize>,
 }
 
+/// A deliberately broken variant of the simulated process. It exists only to show that the
+/// checkers (and [`crate::check`]) catch what it breaks; no fleet behaves like this. It is
+/// never read from a scenario file, and the command line takes it only through a hidden flag
+/// (`--mutant skip-fence`) so that a printed replay command reproduces a mutant's failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Mutant {
+    /// A holder ignores its self-fence: when its lock reports `Lost { reason: LeaseExpired }`
+    /// the process keeps believing it holds and hands every notification of the channel it
+    /// hears afterwards to the application (until that lock acquires again or the process
+    /// ends). Expected to fail S2.
+    SkipFence,
+    /// A standby delivers without confirming: every notification of a data channel that a
+    /// process hears while its lock on that channel does not hold is handed to the application
+    /// anyway. Expected to fail S3.
+    StandbyDelivers,
+}
+
+impl Mutant {
+    /// Every mutant.
+    pub const ALL: [Mutant; 2] = [Mutant::SkipFence, Mutant::StandbyDelivers];
+
+    /// The name the hidden `--mutant` flag takes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mutant::SkipFence => "skip-fence",
+            Mutant::StandbyDelivers => "standby-delivers",
+        }
+    }
+}
+
+impl fmt::Display for Mutant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Mutant {
+    type Err = ScenarioError;
+    fn from_str(s: &str) -> Result<Self, ScenarioError> {
+        Mutant::ALL
+            .into_iter()
+            .find(|m| m.as_str() == s)
+            .ok_or_else(|| ScenarioError::Invalid(format!("unknown mutant {s:?}")))
+    }
+}
+
 /// Faults per hour of virtual time, each drawn as a Poisson process from the seed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(default)]
@@ -467,6 +513,16 @@ pub struct Scenario {
     /// Also fail D1 when a term begun on a row made after a schema drop delivers, unflagged, a
     /// message of an older generation that someone delivered already.
     pub strict_d1: bool,
+    /// Also run the checks of the property-testing API ([`crate::check`]): S2 and D1 under
+    /// Lease whatever the drift (a fence margin too small for the declared drift then fails S2
+    /// instead of going unchecked), no lost message that a holder heard or that the next
+    /// holder heard before winning, no duplicate when the only faults are graceful stops, every
+    /// failover within [`Scenario::liveness_bound`], the load within [`crate::check::load_bound`].
+    pub property_checks: bool,
+    /// Testing the checkers only: a deliberately broken process ([`Mutant`]). Never read from
+    /// or written to TOML.
+    #[serde(skip)]
+    pub mutant: Option<Mutant>,
 }
 
 impl Default for Scenario {
@@ -516,6 +572,8 @@ impl Default for Scenario {
             max_steps: 2_000_000_000,
             strict_s2: false,
             strict_d1: false,
+            property_checks: false,
+            mutant: None,
         }
     }
 }
@@ -741,6 +799,14 @@ impl Scenario {
         flag("max-steps", self.max_steps.to_string(), d.max_steps.to_string());
         flag("strict-s2", self.strict_s2.to_string(), d.strict_s2.to_string());
         flag("strict-d1", self.strict_d1.to_string(), d.strict_d1.to_string());
+        flag(
+            "property-checks",
+            self.property_checks.to_string(),
+            d.property_checks.to_string(),
+        );
+        if let Some(mutant) = self.mutant {
+            out.push(format!("--mutant {mutant}"));
+        }
         for f in &self.faults {
             let target = f.process.map_or_else(|| "holder".to_owned(), |p| p.to_string());
             out.push(format!("--fault {}@{}@{}", f.kind, fd(f.at), target));
@@ -792,6 +858,9 @@ impl Scenario {
         }
         if let Some(limit) = self.replay_limit {
             s.push_str(&format!(" replay_limit={limit}"));
+        }
+        if let Some(mutant) = self.mutant {
+            s.push_str(&format!(" MUTANT={mutant}"));
         }
         s
     }

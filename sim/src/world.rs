@@ -152,6 +152,8 @@ pub struct World {
     pub(crate) failure: Option<SimError>,
     /// The buffer a process's session outputs are drained into (reused by every input).
     pub(crate) outputs: Vec<SessionOutput>,
+    /// The property checks' state, when the scenario asks for them.
+    pub(crate) property: Option<Box<crate::check::track::Tracker>>,
 }
 
 impl World {
@@ -195,6 +197,9 @@ impl World {
             observations: None,
             failure: None,
             outputs: Vec::new(),
+            property: scenario
+                .property_checks
+                .then(|| Box::new(crate::check::track::Tracker::new(&scenario))),
             scenario,
         };
         let mut start_rng = SplitMix64::new(derive_seed(seed, STREAM_START, 0, 0));
@@ -224,13 +229,13 @@ impl World {
 
     /// Runs to the end of the scenario, checking invariants after every event.
     pub fn run(mut self) -> Result<Report, SimError> {
-        self.run_inner()
+        self.run_judged()
     }
 
     /// Like [`World::run`], also returning one line per event and per lock event (long).
     pub fn run_traced(mut self) -> (Result<Report, SimError>, Vec<String>) {
         self.trace.keep_lines();
-        let result = self.run_inner();
+        let result = self.run_judged();
         (result, self.trace.take_lines())
     }
 
@@ -244,7 +249,25 @@ impl World {
 
     /// Runs to the end of the scenario; the report. The world stays readable afterwards.
     pub fn finish(&mut self) -> Result<Report, SimError> {
-        self.run_inner()
+        self.run_judged()
+    }
+
+    /// Runs to the end, then gives the property checks' verdict (when the scenario asks for
+    /// them); a failure is kept like a checker's.
+    fn run_judged(&mut self) -> Result<Report, SimError> {
+        let report = self.run_inner()?;
+        if let Err(failure) = self.property_verdict(&report) {
+            let error = SimError::from(failure);
+            self.failure = Some(error.clone());
+            return Err(error);
+        }
+        Ok(report)
+    }
+
+    /// The failover latencies the property checks recorded (empty unless the scenario asks
+    /// for them), with their fault kinds.
+    pub(crate) fn property_failovers(&self) -> &[(crate::scenario::FaultKind, Duration)] {
+        self.property.as_deref().map_or(&[], |t| &t.failovers)
     }
 
     /// Schedules one more action, as if the scenario listed it (its time is clamped to the
