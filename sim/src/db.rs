@@ -317,6 +317,11 @@ impl SimDb {
             .unwrap_or_default()
     }
 
+    /// The oldest notification delivered to `session` and not yet taken.
+    pub fn pop_notification(&mut self, session: SessionId) -> Option<Notification> {
+        self.sessions.get_mut(&session)?.inbox.pop_front()
+    }
+
     /// Sessions that received notifications since the last call, in the order of their first one.
     pub fn take_notified(&mut self) -> Vec<SessionId> {
         std::mem::take(&mut self.notified)

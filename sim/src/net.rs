@@ -388,19 +388,19 @@ impl World {
     /// Ships every notification committed just now to its listeners, in commit order.
     pub(crate) fn fan_out(&mut self) {
         for session in self.server.db.take_notified() {
-            let notes = self.server.db.take_notifications(session);
-            if !self.server.conns.contains_key(&session) {
-                continue; // the publisher does not listen; nobody else lacks a connection
-            }
-            for n in notes {
-                self.server_send(
-                    session,
-                    ServerMsg::Notify {
-                        channel: n.channel,
-                        payload: n.payload,
-                        pid: n.sender_pid,
-                    },
-                );
+            // The publisher does not listen; nobody else lacks a connection.
+            let connected = self.server.conns.contains_key(&session);
+            while let Some(n) = self.server.db.pop_notification(session) {
+                if connected {
+                    self.server_send(
+                        session,
+                        ServerMsg::Notify {
+                            channel: n.channel,
+                            payload: n.payload,
+                            pid: n.sender_pid,
+                        },
+                    );
+                }
             }
         }
     }
