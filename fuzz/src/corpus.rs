@@ -482,7 +482,7 @@ pub fn names() -> Vec<(String, Vec<u8>)> {
 
 /// The seed corpus of [`scenario`](crate::scenario): both protocols, each fault kind alone at a
 /// high rate, all of them together (the process and server faults, then the connection faults),
-/// small and larger fleets.
+/// small and larger fleets, and processes that stand down and compete again.
 pub fn scenario() -> Vec<(String, Vec<u8>)> {
     // protocol, processes, minutes, interval, ttl, stop, crash, cut, terminate, restart
     let shapes: [(&str, [u8; 10]); 10] = [
@@ -506,13 +506,32 @@ pub fn scenario() -> Vec<(String, Vec<u8>)> {
         ("read_only", [0, 3, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7]),
         ("connection_faults", [0, 4, 3, 0, 0, 2, 2, 2, 2, 1, 3, 3, 3, 3, 3]),
     ];
+    // The fifteen bytes, then up to four stand-downs (process `b % 8`, at second `5 + b / 4`).
+    let stand_down_shapes: [(&str, [u8; 19]); 2] = [
+        (
+            "stand_downs",
+            [0, 3, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 41, 80, 122, 0],
+        ),
+        (
+            "stand_downs_with_faults",
+            [0, 4, 2, 1, 1, 2, 2, 2, 2, 0, 0, 0, 0, 0, 0, 40, 41, 42, 43],
+        ),
+    ];
     let mut corpus = Vec::new();
     for (protocol, name) in [(0u8, "lease"), (1u8, "classic")] {
-        let all = shapes.iter().map(|(shape, bytes)| (*shape, bytes.as_slice())).chain(
-            connection_shapes
-                .iter()
-                .map(|(shape, bytes)| (*shape, bytes.as_slice())),
-        );
+        let all = shapes
+            .iter()
+            .map(|(shape, bytes)| (*shape, bytes.as_slice()))
+            .chain(
+                connection_shapes
+                    .iter()
+                    .map(|(shape, bytes)| (*shape, bytes.as_slice())),
+            )
+            .chain(
+                stand_down_shapes
+                    .iter()
+                    .map(|(shape, bytes)| (*shape, bytes.as_slice())),
+            );
         for (i, (shape, bytes)) in all.enumerate() {
             let seed = 1000 + i as u64 + u64::from(protocol) * 100;
             let mut data = seed.to_le_bytes().to_vec();

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use pgiplock_core::Protocol;
 use pgiplock_sim::explore::{run_checked, swarm_scenario, ExploreError};
-use pgiplock_sim::{FaultRates, FaultTarget, SimError};
+use pgiplock_sim::{Action, ActionSpec, FaultRates, FaultTarget, SimError};
 
 use crate::bytes::Reader;
 
@@ -19,7 +19,9 @@ use crate::bytes::Reader;
 /// interval, the lease ttl, and the rates of stops, crashes, silent cuts, server-side
 /// terminations, server restarts, hanging connection handshakes, blips while connecting, lost
 /// setup replies, schema drops and read-only windows (`(b % 8) × 60` per hour, a quarter of that
-/// for the server-wide ones: faults come often in a short run).
+/// for the server-wide ones: faults come often in a short run); then up to four stand-downs, a
+/// byte each (`0` for none: a process `b % 8 % fleet` stands down at second `5 + b / 4`, and
+/// competes again 20 s later).
 ///
 /// ```
 /// pgiplock_fuzz::scenario(&[7, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 0]);
@@ -53,6 +55,26 @@ pub fn scenario(data: &[u8]) {
         // Forged markers draw no byte, so that the corpus keeps its meaning.
         forge: 0.0,
     };
+    // Stand-downs draw the bytes after the rates, so that older corpus entries (shorter) keep
+    // their meaning: a missing byte is zero, no stand-down.
+    for _ in 0..4 {
+        let b = r.byte();
+        if b == 0 {
+            continue;
+        }
+        let process = Some(usize::from(b % 8) % s.processes);
+        let at = Duration::from_secs(5 + u64::from(b / 4));
+        s.actions.push(ActionSpec {
+            at,
+            action: Action::StandDown,
+            process,
+        });
+        s.actions.push(ActionSpec {
+            at: at + Duration::from_secs(20),
+            action: Action::Compete,
+            process,
+        });
+    }
     s.fault_target = FaultTarget::Any;
     s.cut_duration = s.cut_duration.min(Duration::from_secs(30));
     s.max_steps = 2_000_000;

@@ -1,7 +1,7 @@
 //! Actions: the scenario's scheduled steps on one process, for tests that need an input at a
 //! chosen moment: a graceful release or an attempt through the process's core session (as an
 //! application's `release()` or `try_acquire()` would), a cut that lasts until a heal, a heal, a
-//! start. They run in the same event loop as everything else and are not counted as faults.
+//! start, a stand-down and competing again (`stand_down()` and `compete()`). They run in the same event loop as everything else and are not counted as faults.
 
 use pgiplock_core::LockCall;
 
@@ -27,6 +27,14 @@ impl World {
                 self.heal(p, epoch);
             }
             Action::Start => self.start_process(p),
+            Action::StandDown => {
+                self.procs[p].stood_down = true;
+                self.call_every_lock(p, LockCall::StandDown);
+            }
+            Action::Compete => {
+                self.procs[p].stood_down = false;
+                self.call_every_lock(p, LockCall::Init);
+            }
         }
     }
 

@@ -328,7 +328,7 @@ impl World {
                 .procs
                 .iter()
                 .zip(&self.links)
-                .any(|(proc, link)| proc.alive() && !link.cut)
+                .any(|(proc, link)| proc.alive() && !link.cut && !proc.stood_down)
             {
                 self.checkers.last_disturbance = now;
                 return Ok(());

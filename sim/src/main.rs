@@ -402,7 +402,8 @@ struct ScenarioArgs {
     /// start, holder or a process index (e.g. crash@90s@holder); repeatable [default: none].
     #[arg(long = "fault", value_name = "KIND@TIME@TARGET", value_parser = fault)]
     faults: Vec<FaultSpec>,
-    /// A scheduled action, action@time@target: release, acquire, cut, heal or start, a
+    /// A scheduled action, action@time@target: release, acquire, cut, heal, start, stand_down or
+    /// compete, a
     /// duration from the start, holder or a process index (e.g. release@10m@holder);
     /// repeatable [default: none].
     #[arg(long = "action", value_name = "ACTION@TIME@TARGET", value_parser = action)]

@@ -45,6 +45,9 @@ struct LockView {
 pub(crate) struct Proc {
     alive: bool,
     stopping: bool,
+    /// Its locks stood down (a `StandDown` action, until `Compete` or a restart): it does not
+    /// compete, so liveness does not count on it.
+    pub(crate) stood_down: bool,
     incarnation: u32,
     /// Clock rate in parts per million above (or below) real time.
     rate_ppm: i64,
@@ -74,6 +77,7 @@ impl Proc {
         Proc {
             alive: false,
             stopping: false,
+            stood_down: false,
             incarnation: 0,
             rate_ppm,
             session: None,
@@ -199,6 +203,7 @@ impl World {
         proc.incarnation += 1;
         proc.alive = true;
         proc.stopping = false;
+        proc.stood_down = false;
         proc.connecting = None;
         proc.conn = None;
         proc.armed = None;

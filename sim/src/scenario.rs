@@ -239,16 +239,23 @@ pub enum Action {
     /// Starts the process if it is not running (after a crash or a stop with no
     /// `restart_delay`).
     Start,
+    /// `LockCall::StandDown` on every lock of the process: a held lock is released gracefully,
+    /// and the process stays connected and listening but makes no attempt until `Compete`.
+    StandDown,
+    /// `LockCall::Init` on every lock of the process: it competes again after a `StandDown`.
+    Compete,
 }
 
 impl Action {
     /// All actions.
-    pub const ALL: [Action; 5] = [
+    pub const ALL: [Action; 7] = [
         Action::Release,
         Action::Acquire,
         Action::Cut,
         Action::Heal,
         Action::Start,
+        Action::StandDown,
+        Action::Compete,
     ];
 
     /// The snake_case name.
@@ -259,6 +266,8 @@ impl Action {
             Action::Cut => "cut",
             Action::Heal => "heal",
             Action::Start => "start",
+            Action::StandDown => "stand_down",
+            Action::Compete => "compete",
         }
     }
 }
