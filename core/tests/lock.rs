@@ -1589,3 +1589,92 @@ fn stand_down_during_a_takeover_of_a_stale_holder_drains_after_the_terminate() {
     let out = s.reply(1, &terminate, Reply::Terminate(TerminateOutcome::Terminated));
     assert_eq!(requests(&out), vec![DbOp::Drain { token: T1 }]);
 }
+
+/// The backend of a term on a row made after `DROP SCHEMA ... CASCADE`.
+const NEW_ROW_PID: i32 = 2222;
+
+/// A holder of term 3 whose schema was dropped under it: a standby made a new table and won its
+/// row (token 1, announced while we still held), and our next renewal finds the row not ours.
+/// Then what the new row's holder delivered arrives, and its first progress marker (it has
+/// acknowledged only its `acquired` marker, which came before our log began).
+fn superseded_by_a_new_row() -> Solo {
+    let mut s = Solo::new(Protocol::Lease);
+    let req = s.attempt();
+    s.reply(
+        1,
+        &req,
+        Reply::Acquire(AcquireReply {
+            holder_pid: Some(OWN_PID),
+            ..AcquireReply::won(Some(FenceToken(3)))
+        }),
+    );
+    assert_eq!(delivered(&s.data("254")), vec!["254"]);
+    s.marker_from(NEW_ROW_PID, Marker::Acquired(FenceToken(1)));
+    let (at, kind) = s.timeout();
+    assert_eq!(kind, TimerKind::Renew);
+    let renew = request(&s.at(at, Input::Tick));
+    let out = s.reply(1, &renew, Reply::Renew { owned: false });
+    assert_eq!(
+        events(&out),
+        vec![LockEvent::Lost {
+            reason: LostReason::Superseded
+        }]
+    );
+    assert!(delivered(&s.data("255")).is_empty());
+    assert!(delivered(&s.data("256")).is_empty());
+    s.marker_from(NEW_ROW_PID, progress(1, 1, Some(0)));
+    s
+}
+
+/// The new row's holder crashed: we win its term 2 with the table's word on term 1.
+fn win_the_new_rows_term_2(s: &mut Solo) -> Vec<Output> {
+    let (at, kind) = s.timeout();
+    assert_eq!(kind, TimerKind::Retry);
+    let req = request(&s.at(at, Input::Tick));
+    let reply = Reply::Acquire(AcquireReply {
+        holder_pid: Some(OWN_PID),
+        previous: Some(PreviousTerm {
+            token: FenceToken(1),
+            holder_pid: Some(NEW_ROW_PID),
+            released: false,
+        }),
+        ..AcquireReply::won(Some(FenceToken(2)))
+    });
+    s.reply(1, &req, reply)
+}
+
+#[test]
+fn a_takeover_on_a_row_made_after_a_schema_drop_flags_what_its_first_holder_may_have_delivered() {
+    // Our log began where our term 3 ended, but term 1 of the new row began before that: its
+    // holder may have delivered all of it, so all of it is a replay (tokens 3 and 1 belong to
+    // different tables and say nothing about which term ended first).
+    let mut s = superseded_by_a_new_row();
+    s.data("259");
+    let out = win_the_new_rows_term_2(&mut s);
+    assert_eq!(delivered(&out), vec!["255", "256", "259"]);
+    assert_eq!(replayed(&out), vec!["255", "256", "259"]);
+    assert!(!events(&out).iter().any(|e| matches!(e, LockEvent::Gap { .. })));
+    assert!(replayed(&s.data("live")).is_empty());
+}
+
+#[test]
+fn a_takeover_on_a_new_row_after_the_table_named_its_holder_flags_it_too() {
+    // As above, with a refused attempt in between that names the new row's term 1.
+    let mut s = superseded_by_a_new_row();
+    let (at, kind) = s.timeout();
+    assert_eq!(kind, TimerKind::Retry);
+    let req = request(&s.at(at, Input::Tick));
+    s.reply(
+        1,
+        &req,
+        Reply::Acquire(AcquireReply {
+            lease_remaining: Some(Duration::from_secs(1)),
+            holder_pid: Some(NEW_ROW_PID),
+            holder_token: Some(FenceToken(1)),
+            ..AcquireReply::locked()
+        }),
+    );
+    s.data("259");
+    let out = win_the_new_rows_term_2(&mut s);
+    assert_eq!(replayed(&out), vec!["255", "256", "259"]);
+}
