@@ -1678,3 +1678,88 @@ fn a_takeover_on_a_new_row_after_the_table_named_its_holder_flags_it_too() {
     let out = win_the_new_rows_term_2(&mut s);
     assert_eq!(replayed(&out), vec!["255", "256", "259"]);
 }
+
+#[test]
+fn a_standby_believes_the_new_rows_holder_once_the_table_names_it() {
+    // The table named term 5 of the old row; the schema is dropped and the new row's term 1 is
+    // named next. Its holder's markers are its, not stale: they compact the log, and its release
+    // wakes us for a lossless handover.
+    let mut s = standby_of_term_5();
+    let (at, _) = s.timeout();
+    let req = request(&s.at(at, Input::Tick));
+    s.reply(
+        1,
+        &req,
+        Reply::Acquire(AcquireReply {
+            lease_remaining: Some(Duration::from_secs(1)),
+            holder_pid: Some(NEW_ROW_PID),
+            holder_token: Some(FenceToken(1)),
+            ..AcquireReply::locked()
+        }),
+    );
+    s.data("acknowledged");
+    s.marker_from(NEW_ROW_PID, progress(1, 1, None));
+    assert_eq!(s.lock.state().replay_buffered, 1);
+    s.marker_from(NEW_ROW_PID, progress(1, 2, Some(1)));
+    assert_eq!(s.lock.state().replay_buffered, 0);
+    // A forger's copy of the new row's release is still ignored.
+    let forged = s.marker_from(FORGER_PID, Marker::Released(Some(FenceToken(1))));
+    assert!(!events(&forged).contains(&LockEvent::PeerReleased));
+    s.data("drained by its holder");
+    s.marker_from(NEW_ROW_PID, Marker::Draining(Some(FenceToken(1))));
+    s.data("after the drain");
+    let out = s.marker_from(NEW_ROW_PID, Marker::Released(Some(FenceToken(1))));
+    assert!(events(&out).contains(&LockEvent::PeerReleased), "{out:?}");
+    let (at, kind) = s.timeout();
+    assert_eq!(kind, TimerKind::Retry);
+    assert!(at <= s.now + Duration::from_millis(10), "woken within wake_jitter");
+    let req = request(&s.at(at, Input::Tick));
+    let reply = Reply::Acquire(AcquireReply {
+        holder_pid: Some(OWN_PID),
+        previous: Some(PreviousTerm {
+            token: FenceToken(1),
+            holder_pid: Some(NEW_ROW_PID),
+            released: true,
+        }),
+        ..AcquireReply::won(Some(FenceToken(2)))
+    });
+    let out = s.reply(1, &req, reply);
+    assert_eq!(delivered(&out), vec!["after the drain"]);
+    assert!(replayed(&out).is_empty());
+}
+
+#[test]
+fn a_new_rows_markers_under_a_known_token_are_kept_for_the_table_to_judge_at_the_win() {
+    // The table named term 2 of the old row (`PEER_PID`); the schema is dropped and, before the
+    // table says a word more, the new row reaches term 2 too, held by another backend. Its
+    // markers look forged and change nothing, but the log keeps them: at our win the table
+    // names that backend, and its drain marker is where delivery goes on, exactly once.
+    let mut s = Solo::new(Protocol::Lease);
+    let req = s.attempt();
+    s.reply(1, &req, held_by_peer(2, Duration::from_secs(2)));
+    s.data("before the drop");
+    s.marker_from(FORGER_PID, Marker::Acquired(FenceToken(1)));
+    let claimed = s.marker_from(NEW_ROW_PID, Marker::Acquired(FenceToken(2)));
+    assert!(events(&claimed)
+        .iter()
+        .any(|e| matches!(e, LockEvent::Warning(Warning::IgnoredMarkers { .. }))));
+    s.data("delivered by the new row's term 2");
+    s.marker_from(NEW_ROW_PID, Marker::Draining(Some(FenceToken(2))));
+    s.data("after its drain");
+    s.marker_from(NEW_ROW_PID, Marker::Released(Some(FenceToken(2))));
+    let (at, kind) = s.timeout();
+    assert_eq!(kind, TimerKind::Retry);
+    let req = request(&s.at(at, Input::Tick));
+    let reply = Reply::Acquire(AcquireReply {
+        holder_pid: Some(OWN_PID),
+        previous: Some(PreviousTerm {
+            token: FenceToken(2),
+            holder_pid: Some(NEW_ROW_PID),
+            released: true,
+        }),
+        ..AcquireReply::won(Some(FenceToken(3)))
+    });
+    let out = s.reply(1, &req, reply);
+    assert_eq!(delivered(&out), vec!["after its drain"]);
+    assert!(replayed(&out).is_empty());
+}
