@@ -608,13 +608,21 @@ impl Lock {
     /// The table named `token`'s holder backend `pid`: trust its markers, and let the replay log
     /// forget what that holder provably delivered.
     fn learn_holder(&mut self, token: FenceToken, pid: i32) {
-        if self.holder_known.is_some_and(|(known, _)| known > token) {
-            return;
-        }
-        self.holder_known = Some((token, pid));
+        self.table_named(token, pid);
         if let Some(replay) = &mut self.replay {
             replay.compact(token, pid);
         }
+    }
+
+    /// The table's newest word on the channel's term and holder. Replies come one at a time, so
+    /// it is never older than what an earlier reply said; on one row tokens only rise, so an
+    /// older token means the schema was dropped and the row began again at 1: what was known
+    /// of the dropped row's terms (and claims beyond them) says nothing about the new one's.
+    fn table_named(&mut self, token: FenceToken, pid: i32) {
+        if self.holder_known.is_some_and(|(known, _)| known > token) {
+            self.postponed_for = None;
+        }
+        self.holder_known = Some((token, pid));
     }
 
     /// Whether an unverified marker's term can follow the newest one the table named (the
@@ -1154,9 +1162,7 @@ impl Lock {
             (true, Some(token), _, Some(pid)) => {
                 // Our own term: no compaction, the log is about to be replayed whole.
                 self.own_pid = Some(pid);
-                if self.holder_known.map_or(true, |(known, _)| known <= token) {
-                    self.holder_known = Some((token, pid));
-                }
+                self.table_named(token, pid);
             }
             (true, _, _, pid) => self.own_pid = pid,
             (false, _, Some(token), Some(pid)) => self.learn_holder(token, pid),
@@ -1315,8 +1321,13 @@ impl Lock {
         match trust {
             Trust::Forged => {
                 // Anyone who can connect can NOTIFY: a marker of a known term that its holder's
-                // backend did not send changes nothing.
+                // backend did not send changes nothing. The log keeps it, never trusted: after a
+                // schema drop the new row's term of the same token is a real one, and the table
+                // may name its backend at our win (its absence would prove the log began later).
                 self.count_ignored(pid);
+                if let Some(replay) = &mut self.replay {
+                    replay.push_mark(pid, marker);
+                }
                 return;
             }
             Trust::Own => {

@@ -207,10 +207,10 @@ impl Replay {
                     {
                         (0, !drained)
                     }
-                    (None, Base::After { token, .. }) if token > previous.token => {
-                        // The log began after the previous term ended: everything here is ours.
-                        (0, false)
-                    }
+                    // A base newer than the previous term (`token > previous.token`) proves
+                    // nothing: on one row tokens only rise, so it means the schema was dropped
+                    // and the row began again at 1, and that term may have begun, and
+                    // delivered, before the log did. Only its cut or its release tells.
                     (None, _) if previous.released && self.dropped == 0 => {
                         // Released, and its drain marker is not here although nothing was
                         // dropped: the log began after it, so its holder delivered none of this.
@@ -388,6 +388,32 @@ mod tests {
         }
         let r = small.take(released, Some(t(6)), None);
         assert_eq!((payloads(&r), r.missing), (vec![("2", true)], 2));
+    }
+
+    #[test]
+    fn a_log_after_a_term_of_a_dropped_table_proves_nothing_about_the_new_rows_term() {
+        // Our term 3 ended when the schema was dropped; term 1 of the new row (backend 7) had
+        // begun before that, and has acknowledged only its `acquired` marker, which is not here.
+        let mut log = Replay::after_own(Some(t(3)), Some(P));
+        data(&mut log, &["a", "b"]);
+        log.push_mark(7, progress(1, 1, Some(0)));
+        data(&mut log, &["c"]);
+        log.compact(t(1), 7);
+        let new_row = PreviousTerm {
+            token: t(1),
+            holder_pid: Some(7),
+            released: false,
+        };
+        let r = log.clone().take(Some(new_row), Some(t(2)), Some(P));
+        assert_eq!(payloads(&r), [("a", true), ("b", true), ("c", true)]);
+        assert_eq!(r.missing, 0);
+        // Had it released before our log began, none of it would be its.
+        let released = Some(PreviousTerm {
+            released: true,
+            ..new_row
+        });
+        let r = log.take(released, Some(t(2)), Some(P));
+        assert_eq!(payloads(&r), [("a", false), ("b", false), ("c", false)]);
     }
 
     #[test]

@@ -1589,3 +1589,177 @@ fn stand_down_during_a_takeover_of_a_stale_holder_drains_after_the_terminate() {
     let out = s.reply(1, &terminate, Reply::Terminate(TerminateOutcome::Terminated));
     assert_eq!(requests(&out), vec![DbOp::Drain { token: T1 }]);
 }
+
+/// The backend of a term on a row made after `DROP SCHEMA ... CASCADE`.
+const NEW_ROW_PID: i32 = 2222;
+
+/// A holder of term 3 whose schema was dropped under it: a standby made a new table and won its
+/// row (token 1, announced while we still held), and our next renewal finds the row not ours.
+/// Then what the new row's holder delivered arrives, and its first progress marker (it has
+/// acknowledged only its `acquired` marker, which came before our log began).
+fn superseded_by_a_new_row() -> Solo {
+    let mut s = Solo::new(Protocol::Lease);
+    let req = s.attempt();
+    s.reply(
+        1,
+        &req,
+        Reply::Acquire(AcquireReply {
+            holder_pid: Some(OWN_PID),
+            ..AcquireReply::won(Some(FenceToken(3)))
+        }),
+    );
+    assert_eq!(delivered(&s.data("254")), vec!["254"]);
+    s.marker_from(NEW_ROW_PID, Marker::Acquired(FenceToken(1)));
+    let (at, kind) = s.timeout();
+    assert_eq!(kind, TimerKind::Renew);
+    let renew = request(&s.at(at, Input::Tick));
+    let out = s.reply(1, &renew, Reply::Renew { owned: false });
+    assert_eq!(
+        events(&out),
+        vec![LockEvent::Lost {
+            reason: LostReason::Superseded
+        }]
+    );
+    assert!(delivered(&s.data("255")).is_empty());
+    assert!(delivered(&s.data("256")).is_empty());
+    s.marker_from(NEW_ROW_PID, progress(1, 1, Some(0)));
+    s
+}
+
+/// The new row's holder crashed: we win its term 2 with the table's word on term 1.
+fn win_the_new_rows_term_2(s: &mut Solo) -> Vec<Output> {
+    let (at, kind) = s.timeout();
+    assert_eq!(kind, TimerKind::Retry);
+    let req = request(&s.at(at, Input::Tick));
+    let reply = Reply::Acquire(AcquireReply {
+        holder_pid: Some(OWN_PID),
+        previous: Some(PreviousTerm {
+            token: FenceToken(1),
+            holder_pid: Some(NEW_ROW_PID),
+            released: false,
+        }),
+        ..AcquireReply::won(Some(FenceToken(2)))
+    });
+    s.reply(1, &req, reply)
+}
+
+#[test]
+fn a_takeover_on_a_row_made_after_a_schema_drop_flags_what_its_first_holder_may_have_delivered() {
+    // Our log began where our term 3 ended, but term 1 of the new row began before that: its
+    // holder may have delivered all of it, so all of it is a replay (tokens 3 and 1 belong to
+    // different tables and say nothing about which term ended first).
+    let mut s = superseded_by_a_new_row();
+    s.data("259");
+    let out = win_the_new_rows_term_2(&mut s);
+    assert_eq!(delivered(&out), vec!["255", "256", "259"]);
+    assert_eq!(replayed(&out), vec!["255", "256", "259"]);
+    assert!(!events(&out).iter().any(|e| matches!(e, LockEvent::Gap { .. })));
+    assert!(replayed(&s.data("live")).is_empty());
+}
+
+#[test]
+fn a_takeover_on_a_new_row_after_the_table_named_its_holder_flags_it_too() {
+    // As above, with a refused attempt in between that names the new row's term 1.
+    let mut s = superseded_by_a_new_row();
+    let (at, kind) = s.timeout();
+    assert_eq!(kind, TimerKind::Retry);
+    let req = request(&s.at(at, Input::Tick));
+    s.reply(
+        1,
+        &req,
+        Reply::Acquire(AcquireReply {
+            lease_remaining: Some(Duration::from_secs(1)),
+            holder_pid: Some(NEW_ROW_PID),
+            holder_token: Some(FenceToken(1)),
+            ..AcquireReply::locked()
+        }),
+    );
+    s.data("259");
+    let out = win_the_new_rows_term_2(&mut s);
+    assert_eq!(replayed(&out), vec!["255", "256", "259"]);
+}
+
+#[test]
+fn a_standby_believes_the_new_rows_holder_once_the_table_names_it() {
+    // The table named term 5 of the old row; the schema is dropped and the new row's term 1 is
+    // named next. Its holder's markers are its, not stale: they compact the log, and its release
+    // wakes us for a lossless handover.
+    let mut s = standby_of_term_5();
+    let (at, _) = s.timeout();
+    let req = request(&s.at(at, Input::Tick));
+    s.reply(
+        1,
+        &req,
+        Reply::Acquire(AcquireReply {
+            lease_remaining: Some(Duration::from_secs(1)),
+            holder_pid: Some(NEW_ROW_PID),
+            holder_token: Some(FenceToken(1)),
+            ..AcquireReply::locked()
+        }),
+    );
+    s.data("acknowledged");
+    s.marker_from(NEW_ROW_PID, progress(1, 1, None));
+    assert_eq!(s.lock.state().replay_buffered, 1);
+    s.marker_from(NEW_ROW_PID, progress(1, 2, Some(1)));
+    assert_eq!(s.lock.state().replay_buffered, 0);
+    // A forger's copy of the new row's release is still ignored.
+    let forged = s.marker_from(FORGER_PID, Marker::Released(Some(FenceToken(1))));
+    assert!(!events(&forged).contains(&LockEvent::PeerReleased));
+    s.data("drained by its holder");
+    s.marker_from(NEW_ROW_PID, Marker::Draining(Some(FenceToken(1))));
+    s.data("after the drain");
+    let out = s.marker_from(NEW_ROW_PID, Marker::Released(Some(FenceToken(1))));
+    assert!(events(&out).contains(&LockEvent::PeerReleased), "{out:?}");
+    let (at, kind) = s.timeout();
+    assert_eq!(kind, TimerKind::Retry);
+    assert!(at <= s.now + Duration::from_millis(10), "woken within wake_jitter");
+    let req = request(&s.at(at, Input::Tick));
+    let reply = Reply::Acquire(AcquireReply {
+        holder_pid: Some(OWN_PID),
+        previous: Some(PreviousTerm {
+            token: FenceToken(1),
+            holder_pid: Some(NEW_ROW_PID),
+            released: true,
+        }),
+        ..AcquireReply::won(Some(FenceToken(2)))
+    });
+    let out = s.reply(1, &req, reply);
+    assert_eq!(delivered(&out), vec!["after the drain"]);
+    assert!(replayed(&out).is_empty());
+}
+
+#[test]
+fn a_new_rows_markers_under_a_known_token_are_kept_for_the_table_to_judge_at_the_win() {
+    // The table named term 2 of the old row (`PEER_PID`); the schema is dropped and, before the
+    // table says a word more, the new row reaches term 2 too, held by another backend. Its
+    // markers look forged and change nothing, but the log keeps them: at our win the table
+    // names that backend, and its drain marker is where delivery goes on, exactly once.
+    let mut s = Solo::new(Protocol::Lease);
+    let req = s.attempt();
+    s.reply(1, &req, held_by_peer(2, Duration::from_secs(2)));
+    s.data("before the drop");
+    s.marker_from(FORGER_PID, Marker::Acquired(FenceToken(1)));
+    let claimed = s.marker_from(NEW_ROW_PID, Marker::Acquired(FenceToken(2)));
+    assert!(events(&claimed)
+        .iter()
+        .any(|e| matches!(e, LockEvent::Warning(Warning::IgnoredMarkers { .. }))));
+    s.data("delivered by the new row's term 2");
+    s.marker_from(NEW_ROW_PID, Marker::Draining(Some(FenceToken(2))));
+    s.data("after its drain");
+    s.marker_from(NEW_ROW_PID, Marker::Released(Some(FenceToken(2))));
+    let (at, kind) = s.timeout();
+    assert_eq!(kind, TimerKind::Retry);
+    let req = request(&s.at(at, Input::Tick));
+    let reply = Reply::Acquire(AcquireReply {
+        holder_pid: Some(OWN_PID),
+        previous: Some(PreviousTerm {
+            token: FenceToken(2),
+            holder_pid: Some(NEW_ROW_PID),
+            released: true,
+        }),
+        ..AcquireReply::won(Some(FenceToken(3)))
+    });
+    let out = s.reply(1, &req, reply);
+    assert_eq!(delivered(&out), vec!["after its drain"]);
+    assert!(replayed(&out).is_empty());
+}
