@@ -369,6 +369,12 @@ impl Lock {
         }
     }
 
+    /// Lock-channel markers ignored so far because the term's holder did not send them (as
+    /// [`state`](Lock::state) reports, without building the rest).
+    pub fn ignored_markers(&self) -> u64 {
+        self.ignored_markers
+    }
+
     /// The next deadline and what it is for; `None` when nothing is scheduled.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<(Timestamp, TimerKind)> {
@@ -397,6 +403,12 @@ impl Lock {
             Input::Wake => {
                 if self.phase() == Phase::Standby && self.can_compete() {
                     self.schedule_wake();
+                }
+            }
+            Input::FireEarly(kind) => {
+                if matches!(kind, TimerKind::Renew | TimerKind::Retry) && self.timer(kind).is_some() {
+                    self.disarm(kind);
+                    self.on_timer(kind);
                 }
             }
             Input::TryAcquire => self.on_try_acquire(),

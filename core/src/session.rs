@@ -55,7 +55,7 @@ use std::time::Duration;
 
 use crate::config::{LockConfig, Protocol};
 use crate::event::{Input, LockEvent, LostReason, Output, SignalKind, Warning};
-use crate::lock::{Lock, Phase};
+use crate::lock::{Lock, Phase, TimerKind};
 use crate::name::{ChannelName, SchemaName};
 use crate::proto::{DbError, DbOp, Reply, RequestId, SessionId};
 use crate::rng::SplitMix64;
@@ -197,6 +197,22 @@ pub enum OpReply {
     Done,
     /// A lock operation's reply.
     Lock(Reply),
+    /// The reply to [`SessionOp::RenewMany`] or [`SessionOp::AcquireMany`]: one reply per
+    /// entry, in the entries' order.
+    Batch(Vec<Reply>),
+}
+
+/// One lock's part of a batched statement ([`SessionOp::RenewMany`],
+/// [`SessionOp::AcquireMany`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchEntry {
+    /// The lock's key (for an executor's own bookkeeping).
+    pub lock: LockKey,
+    /// The lock it is for.
+    pub target: Arc<LockTarget>,
+    /// Its operation: a [`DbOp::Renew`] in a `RenewMany`, [`DbOp::Acquire`] in an
+    /// `AcquireMany`.
+    pub op: DbOp,
 }
 
 /// Everything an executor needs to run a lock's operation, beside the connection's
@@ -248,6 +264,27 @@ pub enum SessionOp {
         /// The operation.
         op: DbOp,
     },
+    /// The renewals of several `Lease` locks whose tables are in `schema`, as one statement
+    /// (one transaction): each entry is exactly its [`DbOp::Renew`], conditional on its own row's
+    /// holder and token, its progress marker sent from this backend when its row was renewed;
+    /// one entry renewing nothing does not stop the others. Entries are sorted by channel, so
+    /// that concurrent batches take row locks in one order. Answer with [`OpReply::Batch`]: one
+    /// [`Reply::Renew`] per entry, in order.
+    RenewMany {
+        /// The schema of every entry's table.
+        schema: SchemaName,
+        /// The renewals, at least two.
+        entries: Vec<BatchEntry>,
+    },
+    /// The acquisition attempts of several `Lease` locks whose tables are in `schema`, as one
+    /// statement (one transaction): each entry is exactly its [`DbOp::Acquire`]. Sorted by
+    /// channel. Answer with [`OpReply::Batch`]: one [`Reply::Acquire`] per entry, in order.
+    AcquireMany {
+        /// The schema of every entry's table.
+        schema: SchemaName,
+        /// The attempts, at least two.
+        entries: Vec<BatchEntry>,
+    },
 }
 
 impl SessionOp {
@@ -258,6 +295,8 @@ impl SessionOp {
             SessionOp::Listen { .. } => "listen",
             SessionOp::Unlisten { .. } => "unlisten",
             SessionOp::Lock { op, .. } => op.name(),
+            SessionOp::RenewMany { .. } => "renew_many",
+            SessionOp::AcquireMany { .. } => "acquire_many",
         }
     }
 }
@@ -559,17 +598,29 @@ struct Entry {
     acquire_calls: VecDeque<CallId>,
     release_calls: Vec<CallId>,
     destroy_calls: Vec<CallId>,
-    /// The deadline this lock has in the timer set.
-    armed: Option<Timestamp>,
+    /// The deadline this lock has in the timer set, and what it is for.
+    armed: Option<(Timestamp, TimerKind)>,
     /// The reply being fed was refused as read-only: an `Acquire` call it answers fails so.
     refused_read_only: bool,
 }
 
 #[derive(Debug, Clone)]
 enum Route {
-    Lock { key: LockKey, id: RequestId },
-    Bootstrap { schema_key: (Protocol, SchemaName) },
-    Listen { key: LockKey },
+    Lock {
+        key: LockKey,
+        id: RequestId,
+    },
+    /// A batched statement: each entry's lock and request, in the reply's order; `None` for a
+    /// lock removed since.
+    Batch {
+        entries: Vec<Option<(LockKey, RequestId)>>,
+    },
+    Bootstrap {
+        schema_key: (Protocol, SchemaName),
+    },
+    Listen {
+        key: LockKey,
+    },
     Unlisten,
 }
 
@@ -618,6 +669,36 @@ pub struct Session {
     reset: Option<(SessionId, DownReason)>,
     /// Locks that stopped during the current input: removed after it.
     stopped: Vec<LockKey>,
+    /// `Lease` renewals and attempts the locks asked for during the current input, by kind and
+    /// schema: each group goes out as one statement at the input's end.
+    batches: BTreeMap<(BatchKind, SchemaName), Vec<Batched>>,
+    /// The longest window within which any lock's renewal or attempt joins a batch: the timer
+    /// scan of a batch stops there.
+    horizon: Duration,
+}
+
+/// One lock's request waiting for its batch: the lock, its request id and the operation.
+type Batched = (LockKey, RequestId, DbOp);
+
+/// What a batch carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum BatchKind {
+    Renew,
+    Acquire,
+}
+
+/// How early a lock's renewal joins a batch going out now: half its renew interval. Going early
+/// is safe (the lease is timed from the earlier send), and after one batch the renewals of a
+/// session fall due together, so it holds every lease with one statement per interval.
+fn renew_window(config: &LockConfig) -> Duration {
+    config.renew_interval / 2
+}
+
+/// How early a standby's attempt joins a batch going out now: a tenth of its retry bound. A
+/// standby retries at the lease's expiry as the server reported it, and leases renewed in one
+/// batch expire together, so their attempts fall due within the wake jitter of each other.
+fn retry_window(config: &LockConfig) -> Duration {
+    config.acquire_interval.min(config.lease_ttl) / 10
 }
 
 impl std::fmt::Debug for Session {
@@ -652,6 +733,8 @@ impl Session {
             closing: None,
             reset: None,
             stopped: Vec::new(),
+            batches: BTreeMap::new(),
+            horizon: Duration::ZERO,
         }
     }
 
@@ -683,6 +766,10 @@ impl Session {
         self.by_channel.insert(channel.lock_channel().to_owned(), key);
         self.by_channel.insert(channel.drain_channel().to_owned(), key);
         let lock = Lock::new(channel.clone(), config, seed);
+        self.horizon = self
+            .horizon
+            .max(renew_window(lock.config()))
+            .max(retry_window(lock.config()));
         let target = Arc::new(LockTarget {
             protocol: lock.config().protocol,
             schema,
@@ -712,6 +799,11 @@ impl Session {
     /// The lock of `key`, for checkers (read-only).
     pub fn lock(&self, key: LockKey) -> Option<&Lock> {
         self.locks.get(&key).map(|e| &e.lock)
+    }
+
+    /// The lock whose data, lock or drain channel is `channel` (a map lookup).
+    pub fn lock_of_channel(&self, channel: &str) -> Option<LockKey> {
+        self.by_channel.get(channel).copied()
     }
 
     /// Every lock, by key.
@@ -811,6 +903,7 @@ impl Session {
             SessionInput::Close { call } => self.on_close(call),
         }
         self.settle();
+        self.flush_batches();
     }
 
     // ----- time -----
@@ -1232,17 +1325,121 @@ impl Session {
             Route::Lock { key, id } => {
                 let result = match result {
                     Ok(OpReply::Lock(reply)) => Ok(reply),
-                    Ok(OpReply::Done) => Err(DbError::Failed("a setup reply to a lock operation".to_owned())),
+                    Ok(_) => Err(DbError::Failed("a setup or batch reply to a lock operation".to_owned())),
                     Err(error) => Err(error),
                 };
-                if let Err(error) = &result {
-                    self.on_lock_error(key, error);
-                }
-                self.feed(key, Input::DbResult { id, result });
-                if let Some(entry) = self.locks.get_mut(&key) {
-                    entry.refused_read_only = false;
+                self.lock_reply(key, id, result);
+            }
+            Route::Batch { entries } => {
+                // Each lock learns its own row's outcome as if it had sent its own statement; a
+                // failed statement failed for every lock in it.
+                let replies: Vec<Result<Reply, DbError>> = match result {
+                    Ok(OpReply::Batch(replies)) if replies.len() == entries.len() => {
+                        replies.into_iter().map(Ok).collect()
+                    }
+                    Ok(_) => {
+                        let error = DbError::Failed("a batch reply without one row per entry".to_owned());
+                        vec![Err(error); entries.len()]
+                    }
+                    Err(error) => vec![Err(error); entries.len()],
+                };
+                for (slot, result) in entries.into_iter().zip(replies) {
+                    if let Some((key, id)) = slot {
+                        self.lock_reply(key, id, result);
+                    }
                 }
             }
+        }
+    }
+
+    /// Feeds a lock the outcome of its request.
+    fn lock_reply(&mut self, key: LockKey, id: RequestId, result: Result<Reply, DbError>) {
+        if let Err(error) = &result {
+            self.on_lock_error(key, error);
+        }
+        self.feed(key, Input::DbResult { id, result });
+        if let Some(entry) = self.locks.get_mut(&key) {
+            entry.refused_read_only = false;
+        }
+    }
+
+    // ----- batches -----
+
+    /// Sends what the locks asked for during this input: every `Lease` renewal (attempt) of a
+    /// schema in one statement, joined first by the locks of that schema whose renewal (attempt)
+    /// falls due within their window; a group of one goes out as the lock's own operation.
+    fn flush_batches(&mut self) {
+        if self.batches.is_empty() {
+            return;
+        }
+        let Some(session) = self.current() else {
+            // The connection went within this input: its locks learnt `SessionDown`.
+            self.batches.clear();
+            return;
+        };
+        let horizon = self.now + self.horizon;
+        // Timers are ordered: the scan visits only the locks due within the longest window.
+        let due: Vec<(Timestamp, LockKey)> = self
+            .timers
+            .range((self.now, LockKey(0))..=(horizon, LockKey(u64::MAX)))
+            .copied()
+            .collect();
+        for (at, key) in due {
+            let Some(entry) = self.locks.get(&key) else { continue };
+            if entry.target.protocol != Protocol::Lease || entry.prep != Prep::Ready {
+                continue;
+            }
+            let (batch, window) = match entry.armed {
+                Some((_, TimerKind::Renew)) => (BatchKind::Renew, renew_window(entry.lock.config())),
+                Some((_, TimerKind::Retry)) => (BatchKind::Acquire, retry_window(entry.lock.config())),
+                _ => continue,
+            };
+            if at > self.now + window || !self.batches.contains_key(&(batch, entry.target.schema.clone())) {
+                continue;
+            }
+            let kind = match batch {
+                BatchKind::Renew => TimerKind::Renew,
+                BatchKind::Acquire => TimerKind::Retry,
+            };
+            self.feed(key, Input::FireEarly(kind));
+        }
+        for ((kind, schema), mut items) in std::mem::take(&mut self.batches) {
+            let target = |session: &Session, key: LockKey| session.locks.get(&key).map(|e| e.target.clone());
+            if let [(key, id, op)] = items.as_slice() {
+                let Some(target) = target(self, *key) else { continue };
+                let op = SessionOp::Lock {
+                    lock: *key,
+                    target,
+                    op: op.clone(),
+                };
+                let route = Route::Lock { key: *key, id: *id };
+                self.execute(session, op, route);
+                continue;
+            }
+            let mut entries = Vec::with_capacity(items.len());
+            let mut route = Vec::with_capacity(items.len());
+            for (key, id, op) in items.drain(..) {
+                if let Some(target) = target(self, key) {
+                    entries.push(BatchEntry { lock: key, target, op });
+                    route.push((key, id));
+                }
+            }
+            // One order for every session: concurrent batches lock rows without deadlocks.
+            let mut order: Vec<usize> = (0..entries.len()).collect();
+            order.sort_by(|a, b| {
+                entries[*a]
+                    .target
+                    .channel
+                    .as_str()
+                    .cmp(entries[*b].target.channel.as_str())
+            });
+            let entries: Vec<BatchEntry> = order.iter().map(|i| entries[*i].clone()).collect();
+            let route: Vec<Option<(LockKey, RequestId)>> = order.iter().map(|i| Some(route[*i])).collect();
+            let op = match kind {
+                BatchKind::Renew => SessionOp::RenewMany { schema, entries },
+                BatchKind::Acquire => SessionOp::AcquireMany { schema, entries },
+            };
+            self.execute(session, op, Route::Batch { entries: route });
         }
     }
 
@@ -1381,12 +1578,12 @@ impl Session {
 
     fn rearm(&mut self, key: LockKey) {
         let Some(entry) = self.locks.get_mut(&key) else { return };
-        let next = entry.lock.poll_timeout().map(|(at, _)| at);
+        let next = entry.lock.poll_timeout();
         if next != entry.armed {
-            if let Some(old) = entry.armed {
+            if let Some((old, _)) = entry.armed {
                 self.timers.remove(&(old, key));
             }
-            if let Some(at) = next {
+            if let Some((at, _)) = next {
                 self.timers.insert((at, key));
             }
             entry.armed = next;
@@ -1409,6 +1606,21 @@ impl Session {
                     return;
                 };
                 let Some(entry) = self.locks.get(&key) else { return };
+                let batch = match (&request.op, entry.target.protocol) {
+                    (DbOp::Renew { .. }, Protocol::Lease) => Some(BatchKind::Renew),
+                    (DbOp::Acquire, Protocol::Lease) => Some(BatchKind::Acquire),
+                    _ => None,
+                };
+                if let Some(kind) = batch {
+                    // Sent at the end of this input, with every other one of its kind: the lock
+                    // timed its request from now, which is when the batch goes.
+                    let schema = entry.target.schema.clone();
+                    self.batches
+                        .entry((kind, schema))
+                        .or_default()
+                        .push((key, request.id, request.op));
+                    return;
+                }
                 let op = SessionOp::Lock {
                     lock: key,
                     target: entry.target.clone(),
@@ -1475,17 +1687,33 @@ impl Session {
         let Some(mut entry) = self.locks.remove(&key) else {
             return;
         };
-        if let Some(at) = entry.armed.take() {
+        if let Some((at, _)) = entry.armed.take() {
             self.timers.remove(&(at, key));
         }
         self.by_channel.remove(entry.target.channel.as_str());
         self.by_channel.remove(entry.target.channel.lock_channel());
         self.by_channel.remove(entry.target.channel.drain_channel());
-        self.ops
-            .retain(|_, route| !matches!(route, Route::Lock { key: k, .. } | Route::Listen { key: k } if *k == key));
+        let mut gone = Vec::new();
+        self.ops.retain(|id, route| {
+            let keep = !matches!(route, Route::Lock { key: k, .. } | Route::Listen { key: k } if *k == key);
+            if !keep {
+                gone.push(*id);
+            }
+            keep
+        });
+        for route in self.ops.values_mut() {
+            if let Route::Batch { entries } = route {
+                for slot in entries.iter_mut() {
+                    if slot.is_some_and(|(k, _)| k == key) {
+                        *slot = None;
+                    }
+                }
+            }
+        }
         if let Link::Up(conn) = &mut self.link {
-            let live: BTreeSet<OpId> = self.ops.keys().copied().collect();
-            conn.setup.retain(|id, _| live.contains(id));
+            for id in gone {
+                conn.setup.remove(&id);
+            }
         }
         if matches!(entry.prep, Prep::Listening | Prep::Ready) {
             if let Some(session) = self.current() {
