@@ -248,6 +248,13 @@ pub enum SessionOp {
         /// The lock's protocol, which decides the channels.
         protocol: Protocol,
     },
+    /// `LISTEN` on the channels of several locks in one statement (a multi-statement batch),
+    /// as [`SessionOp::Listen`] does for each; the session sends locks that want setting up
+    /// while a `LISTEN` is in flight together once it is answered.
+    ListenMany {
+        /// Each lock's channel and protocol.
+        channels: Vec<(ChannelName, Protocol)>,
+    },
     /// `UNLISTEN` the channels of a lock.
     Unlisten {
         /// The channel.
@@ -293,6 +300,7 @@ impl SessionOp {
         match self {
             SessionOp::Bootstrap { .. } => "bootstrap",
             SessionOp::Listen { .. } => "listen",
+            SessionOp::ListenMany { .. } => "listen_many",
             SessionOp::Unlisten { .. } => "unlisten",
             SessionOp::Lock { op, .. } => op.name(),
             SessionOp::RenewMany { .. } => "renew_many",
@@ -621,6 +629,9 @@ enum Route {
     Listen {
         key: LockKey,
     },
+    ListenMany {
+        keys: Vec<LockKey>,
+    },
     Unlisten,
 }
 
@@ -632,6 +643,10 @@ struct Conn {
     setup: BTreeMap<OpId, Timestamp>,
     up_since: Timestamp,
     read_only_reported: bool,
+    /// Locks waiting for their `LISTEN`: sent together when none is in flight.
+    listen_queue: Vec<LockKey>,
+    /// The `LISTEN` statement in flight.
+    listen_in_flight: Option<OpId>,
 }
 
 enum Link {
@@ -658,8 +673,8 @@ pub struct Session {
     /// Boxed: a B-tree node holds eleven values, so unboxed a session with one lock would
     /// carry room for ten more.
     locks: BTreeMap<LockKey, Box<Entry>>,
-    /// Data channel and lock channel → lock.
-    by_channel: BTreeMap<String, LockKey>,
+    /// Channel → lock (its lock and drain channels strip to it).
+    by_channel: BTreeMap<ChannelName, LockKey>,
     /// Every lock's next deadline.
     timers: BTreeSet<(Timestamp, LockKey)>,
     ops: BTreeMap<OpId, Route>,
@@ -672,6 +687,8 @@ pub struct Session {
     /// `Lease` renewals and attempts the locks asked for during the current input, by kind and
     /// schema: each group goes out as one statement at the input's end.
     batches: BTreeMap<(BatchKind, SchemaName), Vec<Batched>>,
+    /// The distinct settings of the locks added so far, shared by them.
+    configs: Vec<Arc<LockConfig>>,
     /// The longest window within which any lock's renewal or attempt joins a batch: the timer
     /// scan of a batch stops there.
     horizon: Duration,
@@ -735,6 +752,7 @@ impl Session {
             stopped: Vec::new(),
             batches: BTreeMap::new(),
             horizon: Duration::ZERO,
+            configs: Vec::new(),
         }
     }
 
@@ -762,10 +780,18 @@ impl Session {
         if self.by_channel.contains_key(channel.as_str()) {
             return Err(AddLockError::DuplicateChannel(channel.as_str().to_owned()));
         }
-        self.by_channel.insert(channel.as_str().to_owned(), key);
-        self.by_channel.insert(channel.lock_channel().to_owned(), key);
-        self.by_channel.insert(channel.drain_channel().to_owned(), key);
-        let lock = Lock::new(channel.clone(), config, seed);
+        self.by_channel.insert(channel.clone(), key);
+        // Locks with the same settings share one copy (a session has few distinct ones).
+        let config = crate::lock::clamp_config(config);
+        let config = match self.configs.iter().find(|c| ***c == config) {
+            Some(shared) => shared.clone(),
+            None => {
+                let shared = Arc::new(config);
+                self.configs.push(shared.clone());
+                shared
+            }
+        };
+        let lock = Lock::with_config(channel.clone(), config, seed);
         self.horizon = self
             .horizon
             .max(renew_window(lock.config()))
@@ -803,7 +829,13 @@ impl Session {
 
     /// The lock whose data, lock or drain channel is `channel` (a map lookup).
     pub fn lock_of_channel(&self, channel: &str) -> Option<LockKey> {
-        self.by_channel.get(channel).copied()
+        // A channel name never begins with a reserved prefix: stripped, the lock and drain
+        // channels name their lock's own channel.
+        let name = channel
+            .strip_prefix(crate::name::LOCK_CHANNEL_PREFIX)
+            .or_else(|| channel.strip_prefix(crate::name::DRAIN_CHANNEL_PREFIX))
+            .unwrap_or(channel);
+        self.by_channel.get(name).copied()
     }
 
     /// Every lock, by key.
@@ -903,6 +935,7 @@ impl Session {
             SessionInput::Close { call } => self.on_close(call),
         }
         self.settle();
+        self.flush_listens();
         self.flush_batches();
     }
 
@@ -1046,6 +1079,8 @@ impl Session {
             setup: BTreeMap::new(),
             up_since: self.now,
             read_only_reported: false,
+            listen_queue: Vec::new(),
+            listen_in_flight: None,
         }));
         self.outputs
             .push_back(SessionOutput::Event(SessionEvent::Up { session, app, pid }));
@@ -1186,13 +1221,51 @@ impl Session {
         }
     }
 
+    /// Queues the lock's `LISTEN`: one statement at a time carries every lock that wants one,
+    /// so that setting up thousands of locks costs a few statements, not one each (their
+    /// replies would arrive one by one, and the last long after the setup timeout of the first).
     fn listen(&mut self, key: LockKey) {
-        let Some(session) = self.current() else { return };
+        let Link::Up(conn) = &mut self.link else { return };
         let Some(entry) = self.locks.get_mut(&key) else { return };
         entry.prep = Prep::Listening;
-        let channel = entry.target.channel.clone();
-        let protocol = entry.target.protocol;
-        self.execute(session, SessionOp::Listen { channel, protocol }, Route::Listen { key });
+        conn.listen_queue.push(key);
+    }
+
+    /// Sends the queued `LISTEN`s as one statement, unless one is in flight.
+    fn flush_listens(&mut self) {
+        let Some(session) = self.current() else { return };
+        let Link::Up(conn) = &mut self.link else { return };
+        if conn.listen_in_flight.is_some() || conn.listen_queue.is_empty() {
+            return;
+        }
+        let queued = std::mem::take(&mut conn.listen_queue);
+        let keys: Vec<LockKey> = queued
+            .into_iter()
+            .filter(|k| self.locks.get(k).is_some_and(|e| e.prep == Prep::Listening))
+            .collect();
+        let channel_of = |session: &Session, key: &LockKey| {
+            session
+                .locks
+                .get(key)
+                .map(|e| (e.target.channel.clone(), e.target.protocol))
+        };
+        let id = match keys.as_slice() {
+            [] => return,
+            [key] => {
+                let Some((channel, protocol)) = channel_of(self, key) else {
+                    return;
+                };
+                let route = Route::Listen { key: *key };
+                self.execute(session, SessionOp::Listen { channel, protocol }, route)
+            }
+            _ => {
+                let channels = keys.iter().filter_map(|k| channel_of(self, k)).collect();
+                self.execute(session, SessionOp::ListenMany { channels }, Route::ListenMany { keys })
+            }
+        };
+        if let Link::Up(conn) = &mut self.link {
+            conn.listen_in_flight = Some(id);
+        }
     }
 
     /// The locks of one schema that are at `prep` on the current connection.
@@ -1320,7 +1393,17 @@ impl Session {
         let done = |result: Result<OpReply, DbError>| result.map(|_| ());
         match route {
             Route::Bootstrap { schema_key } => self.on_bootstrapped(schema_key, done(result)),
-            Route::Listen { key } => self.on_listened(key, done(result)),
+            Route::Listen { key } => {
+                self.listen_answered(id);
+                self.on_listened(key, done(result));
+            }
+            Route::ListenMany { keys } => {
+                self.listen_answered(id);
+                let result = done(result);
+                for key in keys {
+                    self.on_listened(key, result.clone());
+                }
+            }
             Route::Unlisten => {}
             Route::Lock { key, id } => {
                 let result = match result {
@@ -1348,6 +1431,14 @@ impl Session {
                         self.lock_reply(key, id, result);
                     }
                 }
+            }
+        }
+    }
+
+    fn listen_answered(&mut self, id: OpId) {
+        if let Link::Up(conn) = &mut self.link {
+            if conn.listen_in_flight == Some(id) {
+                conn.listen_in_flight = None;
             }
         }
     }
@@ -1474,7 +1565,7 @@ impl Session {
         if self.current() != Some(session) {
             return;
         }
-        let Some(&key) = self.by_channel.get(&channel) else {
+        let Some(key) = self.lock_of_channel(&channel) else {
             return;
         };
         if self.locks.get(&key).is_some_and(|e| e.prep == Prep::Ready) {
@@ -1691,8 +1782,6 @@ impl Session {
             self.timers.remove(&(at, key));
         }
         self.by_channel.remove(entry.target.channel.as_str());
-        self.by_channel.remove(entry.target.channel.lock_channel());
-        self.by_channel.remove(entry.target.channel.drain_channel());
         let mut gone = Vec::new();
         self.ops.retain(|id, route| {
             let keep = !matches!(route, Route::Lock { key: k, .. } | Route::Listen { key: k } if *k == key);
@@ -1713,6 +1802,10 @@ impl Session {
         if let Link::Up(conn) = &mut self.link {
             for id in gone {
                 conn.setup.remove(&id);
+                if conn.listen_in_flight == Some(id) {
+                    // Its reply finds no route now: the queue must not wait for it.
+                    conn.listen_in_flight = None;
+                }
             }
         }
         if matches!(entry.prep, Prep::Listening | Prep::Ready) {

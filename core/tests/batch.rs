@@ -106,21 +106,17 @@ impl Rig {
         );
         let bootstrap = requests(&out, "bootstrap").pop().expect("a bootstrap");
         let out = self.reply(&bootstrap, Ok(OpReply::Done));
-        let listens = requests(&out, "listen");
-        assert_eq!(listens.len(), self.keys.len());
-        // Every `LISTEN` answered at one instant: the locks are ready together.
-        self.now = self.now + ms(1);
-        let mut out = Vec::new();
-        for listen in listens {
-            out.extend(self.after(
-                Duration::ZERO,
-                SessionInput::Reply {
-                    id: listen.id,
-                    result: Ok(OpReply::Done),
-                },
-            ));
+        // Every lock waited for the bootstrap: one statement listens for all of them.
+        let listens = if self.keys.len() == 1 {
+            requests(&out, "listen")
+        } else {
+            requests(&out, "listen_many")
+        };
+        assert_eq!(listens.len(), 1, "{out:?}");
+        if let SessionOp::ListenMany { channels } = &listens[0].op {
+            assert_eq!(channels.len(), self.keys.len());
         }
-        out
+        self.reply(&listens[0], Ok(OpReply::Done))
     }
 
     /// Ticks until the session asks for something; returns that.
@@ -486,6 +482,49 @@ fn a_batch_reply_of_the_wrong_length_fails_every_lock_instead_of_guessing() {
         })
         .count();
     assert_eq!(failed, 3);
+}
+
+#[test]
+fn locks_set_up_while_a_listen_is_in_flight_listen_together_once_it_is_answered() {
+    let mut rig = Rig::new(1, lease_config());
+    rig.up();
+    let schema = SchemaName::new("locks").unwrap();
+    for key in 1..=4u64 {
+        let channel = ChannelName::new(&format!("late{key}")).unwrap();
+        rig.session
+            .add_lock(LockKey(key), channel, schema.clone(), lease_config(), key)
+            .unwrap();
+    }
+    let init = |rig: &mut Rig, key: u64| {
+        rig.after(
+            Duration::ZERO,
+            SessionInput::Call {
+                call: CallId(100 + key),
+                lock: LockKey(key),
+                request: LockCall::Init,
+            },
+        )
+    };
+    // The first goes alone; the next three wait for it, then go as one statement.
+    let first = requests(&init(&mut rig, 1), "listen").pop().expect("a listen");
+    for key in 2..=4 {
+        let out = init(&mut rig, key);
+        assert!(out.iter().all(|o| !matches!(o, SessionOutput::Execute(_))), "{out:?}");
+    }
+    let out = rig.reply(&first, Ok(OpReply::Done));
+    let many = requests(&out, "listen_many").pop().expect("the rest in one statement");
+    let SessionOp::ListenMany { channels } = &many.op else {
+        unreachable!()
+    };
+    let names: Vec<&str> = channels.iter().map(|(c, _)| c.as_str()).collect();
+    assert_eq!(names, ["late2", "late3", "late4"]);
+    let out = rig.reply(&many, Ok(OpReply::Done));
+    for key in 2..=4u64 {
+        assert!(out.contains(&SessionOutput::CallDone {
+            call: CallId(100 + key),
+            result: Ok(CallReply::Done)
+        }));
+    }
 }
 
 #[test]

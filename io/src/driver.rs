@@ -644,6 +644,9 @@ impl Driver {
                     SessionOp::Listen { channel, protocol } => {
                         sql::listen(&client, &channel, protocol).await.map(|()| OpReply::Done)
                     }
+                    SessionOp::ListenMany { channels } => {
+                        sql::listen_many(&client, &channels).await.map(|()| OpReply::Done)
+                    }
                     SessionOp::Unlisten { channel, protocol } => {
                         sql::unlisten(&client, &channel, protocol).await.map(|()| OpReply::Done)
                     }

@@ -440,6 +440,16 @@ pub(crate) async fn listen(client: &Client, channel: &ChannelName, protocol: Pro
         .map_err(|e| db_error(&e))
 }
 
+/// `LISTEN` on the channels of several locks, in one multi-statement batch.
+pub(crate) async fn listen_many(client: &Client, channels: &[(ChannelName, Protocol)]) -> Result<(), DbError> {
+    let sql = channels
+        .iter()
+        .map(|(channel, protocol)| statements("LISTEN", channel, *protocol))
+        .collect::<Vec<_>>()
+        .join("; ");
+    client.batch_execute(&sql).await.map_err(|e| db_error(&e))
+}
+
 /// `UNLISTEN` the channels of a lock under `protocol`.
 pub(crate) async fn unlisten(client: &Client, channel: &ChannelName, protocol: Protocol) -> Result<(), DbError> {
     client

@@ -361,6 +361,21 @@ impl World {
                     channel.listened(*protocol).count() as u64,
                 )
             }
+            SessionOp::ListenMany { channels } => {
+                self.trace.hash(&[204, p as u64]);
+                let db = &mut self.server.db;
+                let result = channels.iter().try_for_each(|(channel, protocol)| {
+                    channel.listened(*protocol).try_for_each(|c| db.listen(session, c))
+                });
+                if result.is_ok() && channels.iter().any(|(c, _)| c.as_str() == self.channels[0].as_str()) {
+                    self.procs[p].listening_since = Some((session, now));
+                }
+                let statements = channels
+                    .iter()
+                    .map(|(c, protocol)| c.listened(*protocol).count() as u64)
+                    .sum();
+                (result.map(|()| OpReply::Done), statements)
+            }
             SessionOp::Unlisten { channel, protocol } => {
                 self.trace.hash(&[203, p as u64]);
                 let db = &mut self.server.db;
@@ -376,7 +391,10 @@ impl World {
             ),
         };
         self.metrics.statements(p, statements, now);
-        let setup = matches!(op, SessionOp::Bootstrap { .. } | SessionOp::Listen { .. });
+        let setup = matches!(
+            op,
+            SessionOp::Bootstrap { .. } | SessionOp::Listen { .. } | SessionOp::ListenMany { .. }
+        );
         if setup && self.faults.take_setup_reply_loss(p) {
             // The statement ran; its reply never reaches the client.
             self.trace.line(|| format!("  p{p} reply to {} lost", op.name()));
