@@ -115,6 +115,7 @@ pub async fn hold_many(
     } else {
         eprintln!("held {} of {channels}, not all, after {ms:.1} ms{failed}", held());
     }
+    eprintln!("heap {} kB", crate::memory::live_bytes() / 1024);
     emit(&json!({"event": "ready", "app": session.app_name(), "pid": std::process::id(), "t_us": now_us()}))?;
     let _ = stdin_closed().await;
     session.close().await;

@@ -511,11 +511,13 @@ async fn memory(args: &Args, url: &str, core: &memory::CoreBytes) -> Result<Stri
         "\nCore state, counted by the bench's global allocator over {n} locks (Lease defaults, channel names of 14 \
          bytes):\n\n| what | bytes |\n|---|---|\n| `size_of::<pgiplock_core::Lock>()` | {} |\n\
          | heap of one started `Lock` (after `SessionUp` and `Start`, outputs drained) | {} |\n\
-         | one started `Lock` in all | {} |\n| a core `Session` per lock added (entry, lock, channel routes; not connected) | {} |\n\n",
+         | one started `Lock` in all | {} |\n| a core `Session` per lock added (entry, lock, channel routes; not connected) | {} |\n\
+         | the same session per lock, connected and holding every lock | {} |\n\n",
         core.inline,
         fmt(core.lock_heap),
         fmt(core.inline as f64 + core.lock_heap),
         fmt(core.session_per_lock),
+        fmt(core.holding_per_lock),
         n = core.count
     );
     Ok(out)
@@ -720,7 +722,10 @@ fn main() {
     // Counted before the runtime exists, so that no other thread allocates meanwhile.
     let core = if args.wants(Measurement::Memory) {
         match memory::core_bytes(args.channels.max(1)) {
-            Ok(core) => Some(core),
+            Ok(core) => {
+                progress(&format!("memory: core bytes per lock {core:?}"));
+                Some(core)
+            }
             Err(e) => {
                 eprintln!("bench: counting the core's bytes: {e}");
                 std::process::exit(1);
