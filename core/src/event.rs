@@ -38,6 +38,12 @@ pub enum Input {
     /// Something that blocked attempts was repaired (the session bootstrapped a dropped schema
     /// again): a started standby attempts after the wake jitter instead of at its next retry.
     Wake,
+    /// The session batches requests of its locks: fire the lock's `Renew` or `Retry` timer now,
+    /// ahead of its deadline, so that its renewal or attempt joins a statement that goes out
+    /// now with others. A renewal may go early, never late (its lease is then timed from this
+    /// earlier send); an attempt going early at worst finds the lease still held. Ignored for
+    /// other timers, and when the timer is not armed.
+    FireEarly(crate::lock::TimerKind),
     /// A database session is ready: connected, schema present, listening on the data and lock
     /// channels.
     SessionUp(SessionId),

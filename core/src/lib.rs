@@ -62,7 +62,8 @@ pub use proto::{
 };
 pub use rng::SplitMix64;
 pub use session::{
-    AddLockError, CallError, CallId, CallReply, ConnPhase, DownReason, LockCall, LockKey, LockTarget, OpId, OpReply,
-    Session, SessionConfig, SessionEvent, SessionInput, SessionOp, SessionOutput, SessionRequest, SessionState,
+    AddLockError, BatchEntry, CallError, CallId, CallReply, ConnPhase, DownReason, LockCall, LockKey, LockTarget, OpId,
+    OpReply, Session, SessionConfig, SessionEvent, SessionInput, SessionOp, SessionOutput, SessionRequest,
+    SessionState,
 };
 pub use time::Timestamp;

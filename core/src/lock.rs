@@ -164,9 +164,9 @@ impl Stage {
 
     fn handover(&self) -> Option<&Handover> {
         match self {
-            Stage::Standby(standby) => standby.handover.as_ref(),
-            Stage::Draining(_, drain) => drain.handover.as_ref(),
-            Stage::Releasing(_, releasing) => releasing.handover.as_ref(),
+            Stage::Standby(standby) => standby.handover.as_deref(),
+            Stage::Draining(_, drain) => drain.handover.as_deref(),
+            Stage::Releasing(_, releasing) => releasing.handover.as_deref(),
             Stage::Holding(..) | Stage::Stopped => None,
         }
     }
@@ -177,7 +177,7 @@ impl Stage {
 struct Standby {
     /// What arrived since a peer's drain or release marker (or an `acquired` marker during our
     /// attempt), kept in case we win the next term.
-    handover: Option<Handover>,
+    handover: Option<Box<Handover>>,
     /// `TryAcquire` calls waiting for an answer.
     attempt_waiters: u32,
     /// An attempt fell due (`Start`, the retry timer) while another request was in flight.
@@ -203,7 +203,7 @@ struct Holding {
 struct Drain {
     /// `Some` once our own drain marker arrived: what follows it is the next holder's, buffered
     /// in case that is us again.
-    handover: Option<Handover>,
+    handover: Option<Box<Handover>>,
     /// The drain statement's reply arrived.
     confirmed: bool,
 }
@@ -213,7 +213,7 @@ struct Drain {
 struct Releasing {
     /// What followed our own drain marker; `None` when waiting for it timed out, or when the
     /// next term began.
-    handover: Option<Handover>,
+    handover: Option<Box<Handover>>,
     /// The term was reported (`Acquired`, then `Drained`): its release outcome is reported too.
     /// A term won while stopping is given back without a word.
     reported: bool,
@@ -273,7 +273,8 @@ impl Handover {
 #[derive(Debug, Clone)]
 pub struct Lock {
     channel: ChannelName,
-    config: LockConfig,
+    /// Shared between the locks of a session that have the same settings.
+    config: std::sync::Arc<LockConfig>,
     rng: SplitMix64,
     now: Timestamp,
     stage: Stage,
@@ -295,7 +296,8 @@ pub struct Lock {
     own_release: Option<Option<FenceToken>>,
     /// What a `Lease` standby kept for replay at a takeover (`None` while delivering, without a
     /// session, under `Classic`, or with replay turned off).
-    replay: Option<Replay>,
+    /// Boxed: a holder has none, and a session has thousands of locks.
+    replay: Option<Box<Replay>>,
     /// The newest term the lock table named to us, with its holder's backend pid.
     holder_known: Option<(FenceToken, i32)>,
     /// Our session's backend pid, as the table reported it when we won.
@@ -317,9 +319,14 @@ impl Lock {
     /// A lock for `channel` with `config`; `seed` drives its jitter. The config should have
     /// passed [`LockConfig::validate`]; out-of-range values are clamped, never a panic.
     pub fn new(channel: ChannelName, config: LockConfig, seed: u64) -> Self {
+        Lock::with_config(channel, std::sync::Arc::new(clamp_config(config)), seed)
+    }
+
+    /// A lock whose settings, already clamped, it may share with other locks.
+    pub(crate) fn with_config(channel: ChannelName, config: std::sync::Arc<LockConfig>, seed: u64) -> Self {
         Lock {
             channel,
-            config: clamp_config(config),
+            config,
             rng: SplitMix64::new(seed),
             now: Timestamp::ZERO,
             stage: Stage::Standby(Standby::default()),
@@ -364,9 +371,15 @@ impl Lock {
             stopping: self.stopping,
             pending: self.pending.as_ref().map(|p| p.op.name()),
             buffered: self.stage.handover().map_or(0, |handover| handover.messages.len()),
-            replay_buffered: self.replay.as_ref().map_or(0, Replay::len),
+            replay_buffered: self.replay.as_ref().map_or(0, |r| r.len()),
             ignored_markers: self.ignored_markers,
         }
+    }
+
+    /// Lock-channel markers ignored so far because the term's holder did not send them (as
+    /// [`state`](Lock::state) reports, without building the rest).
+    pub fn ignored_markers(&self) -> u64 {
+        self.ignored_markers
     }
 
     /// The next deadline and what it is for; `None` when nothing is scheduled.
@@ -382,7 +395,13 @@ impl Lock {
     /// The next output, or `None` when all are drained.
     #[must_use]
     pub fn poll_output(&mut self) -> Option<Output> {
-        self.outputs.pop_front()
+        let output = self.outputs.pop_front();
+        if output.is_none() && self.outputs.capacity() > 0 {
+            // Drained: a session of thousands of locks would otherwise keep room for a few
+            // outputs in every idle one.
+            self.outputs = VecDeque::new();
+        }
+        output
     }
 
     /// Feeds one input at time `now`. Never fails; time that goes backwards is clamped.
@@ -397,6 +416,12 @@ impl Lock {
             Input::Wake => {
                 if self.phase() == Phase::Standby && self.can_compete() {
                     self.schedule_wake();
+                }
+            }
+            Input::FireEarly(kind) => {
+                if matches!(kind, TimerKind::Renew | TimerKind::Retry) && self.timer(kind).is_some() {
+                    self.disarm(kind);
+                    self.on_timer(kind);
                 }
             }
             Input::TryAcquire => self.on_try_acquire(),
@@ -576,7 +601,7 @@ impl Lock {
     /// Starts a replay log that begins where our own term stopped delivering.
     fn replay_after_own(&mut self) {
         if self.replay_enabled() && self.session.is_some() {
-            self.replay = Some(Replay::after_own(self.token(), self.own_pid));
+            self.replay = Some(Box::new(Replay::after_own(self.token(), self.own_pid)));
         }
     }
 
@@ -1019,7 +1044,7 @@ impl Lock {
         self.session = Some(session);
         if self.replay_enabled() && self.phase() == Phase::Standby {
             // A new session hears only what is committed from now on.
-            self.replay = Some(Replay::listening());
+            self.replay = Some(Box::new(Replay::listening()));
         }
         self.own_pid = None;
         if self.started && self.phase() == Phase::Standby {
@@ -1393,7 +1418,7 @@ impl Lock {
                 if self.is_own(token) && matches!(self.stage, Stage::Draining(_, Drain { handover: None, .. })) =>
             {
                 let confirmed = self.drain_mut().is_some_and(|drain| {
-                    drain.handover = Some(Handover::default());
+                    drain.handover = Some(Box::default());
                     drain.confirmed
                 });
                 // From our own drain marker on the stream is the next holder's.
@@ -1428,7 +1453,7 @@ impl Lock {
             (Phase::Standby, Marker::Draining(_)) => {
                 // Everything after this point belongs to the next holder.
                 if let Some(standby) = self.standby_mut() {
-                    standby.handover = Some(Handover::default());
+                    standby.handover = Some(Box::default());
                     standby.acquired_during_attempt = None;
                 }
             }
@@ -1438,7 +1463,7 @@ impl Lock {
                     if standby.handover.is_none() {
                         standby.acquired_during_attempt = None;
                     }
-                    standby.handover.get_or_insert_with(Handover::default).released = true;
+                    standby.handover.get_or_insert_with(Box::default).released = true;
                 }
                 self.emit(LockEvent::PeerReleased);
                 if in_flight {
@@ -1462,7 +1487,7 @@ impl Lock {
                         // A takeover without a handover (crash, expiry): if this term is ours,
                         // what follows its marker is ours to deliver, even before the reply
                         // arrives.
-                        standby.handover = Some(Handover::default());
+                        standby.handover = Some(Box::default());
                     }
                     let newest = standby.acquired_during_attempt.map_or(token, |t| t.max(token));
                     standby.acquired_during_attempt = Some(newest);
@@ -1533,7 +1558,7 @@ impl Lock {
 /// Clamps every setting into a range the state machine can run with: positive durations of at
 /// least a microsecond (so every re-armed deadline lies strictly in the future), at most
 /// [`MAX_SETTING`], a jitter fraction within `0.0..=0.9` and a buffer of at least one message.
-fn clamp_config(mut config: LockConfig) -> LockConfig {
+pub(crate) fn clamp_config(mut config: LockConfig) -> LockConfig {
     let positive = |d: Duration| d.clamp(Duration::from_micros(1), MAX_SETTING);
     config.acquire_interval = positive(config.acquire_interval);
     config.renew_interval = positive(config.renew_interval);

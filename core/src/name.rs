@@ -105,8 +105,16 @@ fn check_identifier(kind: &'static str, name: &str, max: usize, hint: &'static s
 /// assert!(ChannelName::new("").is_err());
 /// assert!(ChannelName::new(&"x".repeat(51)).is_err());
 /// ```
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ChannelName {
+    /// Shared: a session keeps several copies of each of its locks' names (the lock, its
+    /// operations' targets, the handles), and a clone costs a reference count, not three
+    /// strings.
+    names: std::sync::Arc<ChannelNames>,
+}
+
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+struct ChannelNames {
     name: String,
     lock_channel: String,
     drain_channel: String,
@@ -131,26 +139,28 @@ impl ChannelName {
             });
         }
         Ok(ChannelName {
-            name: name.to_owned(),
-            lock_channel: format!("{LOCK_CHANNEL_PREFIX}{name}"),
-            drain_channel: format!("{DRAIN_CHANNEL_PREFIX}{name}"),
+            names: std::sync::Arc::new(ChannelNames {
+                name: name.to_owned(),
+                lock_channel: format!("{LOCK_CHANNEL_PREFIX}{name}"),
+                drain_channel: format!("{DRAIN_CHANNEL_PREFIX}{name}"),
+            }),
         })
     }
 
     /// The user's channel, as given.
     pub fn as_str(&self) -> &str {
-        &self.name
+        &self.names.name
     }
 
     /// The channel that carries this lock's release notifications (and, under `Lease`, its
     /// acquisition and drain markers).
     pub fn lock_channel(&self) -> &str {
-        &self.lock_channel
+        &self.names.lock_channel
     }
 
     /// The channel that carries a `Classic` holder's drain marker (Node does not listen to it).
     pub fn drain_channel(&self) -> &str {
-        &self.drain_channel
+        &self.names.drain_channel
     }
 
     /// The channels a session of `protocol` listens to for this lock: the channel itself, its
@@ -166,22 +176,41 @@ impl ChannelName {
     /// );
     /// ```
     pub fn listened(&self, protocol: Protocol) -> impl Iterator<Item = &str> {
-        let drain = (protocol == Protocol::Classic).then_some(self.drain_channel.as_str());
-        [Some(self.name.as_str()), Some(self.lock_channel.as_str()), drain]
-            .into_iter()
-            .flatten()
+        let drain = (protocol == Protocol::Classic).then_some(self.names.drain_channel.as_str());
+        [
+            Some(self.names.name.as_str()),
+            Some(self.names.lock_channel.as_str()),
+            drain,
+        ]
+        .into_iter()
+        .flatten()
+    }
+}
+
+/// Hashed as its name, consistently with `Borrow<str>`.
+impl std::hash::Hash for ChannelName {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
+    }
+}
+
+/// Ordered and hashed as its name (the other two are derived from it), so maps keyed by
+/// channel can be searched by name.
+impl std::borrow::Borrow<str> for ChannelName {
+    fn borrow(&self) -> &str {
+        self.as_str()
     }
 }
 
 impl fmt::Debug for ChannelName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&self.name, f)
+        fmt::Debug::fmt(&self.names.name, f)
     }
 }
 
 impl fmt::Display for ChannelName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.name)
+        f.write_str(&self.names.name)
     }
 }
 
@@ -237,13 +266,14 @@ impl fmt::Display for AppName {
 /// assert!(SchemaName::new("").is_err());
 /// ```
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct SchemaName(String);
+pub struct SchemaName(std::sync::Arc<str>);
 
 impl SchemaName {
     /// Validates `name`: 1 to 63 bytes, no NUL.
     pub fn new(name: &str) -> Result<Self, NameError> {
         check_identifier("schema", name, MAX_IDENTIFIER_BYTES, "")?;
-        Ok(SchemaName(name.to_owned()))
+        // Shared by the copies a session keeps of it (a clone costs a reference count).
+        Ok(SchemaName(std::sync::Arc::from(name)))
     }
 
     /// The name.

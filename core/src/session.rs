@@ -55,7 +55,7 @@ use std::time::Duration;
 
 use crate::config::{LockConfig, Protocol};
 use crate::event::{Input, LockEvent, LostReason, Output, SignalKind, Warning};
-use crate::lock::{Lock, Phase};
+use crate::lock::{Lock, Phase, TimerKind};
 use crate::name::{ChannelName, SchemaName};
 use crate::proto::{DbError, DbOp, Reply, RequestId, SessionId};
 use crate::rng::SplitMix64;
@@ -197,6 +197,22 @@ pub enum OpReply {
     Done,
     /// A lock operation's reply.
     Lock(Reply),
+    /// The reply to [`SessionOp::RenewMany`] or [`SessionOp::AcquireMany`]: one reply per
+    /// entry, in the entries' order.
+    Batch(Vec<Reply>),
+}
+
+/// One lock's part of a batched statement ([`SessionOp::RenewMany`],
+/// [`SessionOp::AcquireMany`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchEntry {
+    /// The lock's key (for an executor's own bookkeeping).
+    pub lock: LockKey,
+    /// The lock it is for.
+    pub target: Arc<LockTarget>,
+    /// Its operation: a [`DbOp::Renew`] in a `RenewMany`, [`DbOp::Acquire`] in an
+    /// `AcquireMany`.
+    pub op: DbOp,
 }
 
 /// Everything an executor needs to run a lock's operation, beside the connection's
@@ -232,6 +248,13 @@ pub enum SessionOp {
         /// The lock's protocol, which decides the channels.
         protocol: Protocol,
     },
+    /// `LISTEN` on the channels of several locks in one statement (a multi-statement batch),
+    /// as [`SessionOp::Listen`] does for each; the session sends locks that want setting up
+    /// while a `LISTEN` is in flight together once it is answered.
+    ListenMany {
+        /// Each lock's channel and protocol.
+        channels: Vec<(ChannelName, Protocol)>,
+    },
     /// `UNLISTEN` the channels of a lock.
     Unlisten {
         /// The channel.
@@ -248,6 +271,27 @@ pub enum SessionOp {
         /// The operation.
         op: DbOp,
     },
+    /// The renewals of several `Lease` locks whose tables are in `schema`, as one statement
+    /// (one transaction): each entry is exactly its [`DbOp::Renew`], conditional on its own row's
+    /// holder and token, its progress marker sent from this backend when its row was renewed;
+    /// one entry renewing nothing does not stop the others. Entries are sorted by channel, so
+    /// that concurrent batches take row locks in one order. Answer with [`OpReply::Batch`]: one
+    /// [`Reply::Renew`] per entry, in order.
+    RenewMany {
+        /// The schema of every entry's table.
+        schema: SchemaName,
+        /// The renewals, at least two.
+        entries: Vec<BatchEntry>,
+    },
+    /// The acquisition attempts of several `Lease` locks whose tables are in `schema`, as one
+    /// statement (one transaction): each entry is exactly its [`DbOp::Acquire`]. Sorted by
+    /// channel. Answer with [`OpReply::Batch`]: one [`Reply::Acquire`] per entry, in order.
+    AcquireMany {
+        /// The schema of every entry's table.
+        schema: SchemaName,
+        /// The attempts, at least two.
+        entries: Vec<BatchEntry>,
+    },
 }
 
 impl SessionOp {
@@ -256,8 +300,11 @@ impl SessionOp {
         match self {
             SessionOp::Bootstrap { .. } => "bootstrap",
             SessionOp::Listen { .. } => "listen",
+            SessionOp::ListenMany { .. } => "listen_many",
             SessionOp::Unlisten { .. } => "unlisten",
             SessionOp::Lock { op, .. } => op.name(),
+            SessionOp::RenewMany { .. } => "renew_many",
+            SessionOp::AcquireMany { .. } => "acquire_many",
         }
     }
 }
@@ -559,17 +606,32 @@ struct Entry {
     acquire_calls: VecDeque<CallId>,
     release_calls: Vec<CallId>,
     destroy_calls: Vec<CallId>,
-    /// The deadline this lock has in the timer set.
-    armed: Option<Timestamp>,
+    /// The deadline this lock has in the timer set, and what it is for.
+    armed: Option<(Timestamp, TimerKind)>,
     /// The reply being fed was refused as read-only: an `Acquire` call it answers fails so.
     refused_read_only: bool,
 }
 
 #[derive(Debug, Clone)]
 enum Route {
-    Lock { key: LockKey, id: RequestId },
-    Bootstrap { schema_key: (Protocol, SchemaName) },
-    Listen { key: LockKey },
+    Lock {
+        key: LockKey,
+        id: RequestId,
+    },
+    /// A batched statement: each entry's lock and request, in the reply's order; `None` for a
+    /// lock removed since.
+    Batch {
+        entries: Vec<Option<(LockKey, RequestId)>>,
+    },
+    Bootstrap {
+        schema_key: (Protocol, SchemaName),
+    },
+    Listen {
+        key: LockKey,
+    },
+    ListenMany {
+        keys: Vec<LockKey>,
+    },
     Unlisten,
 }
 
@@ -581,6 +643,10 @@ struct Conn {
     setup: BTreeMap<OpId, Timestamp>,
     up_since: Timestamp,
     read_only_reported: bool,
+    /// Locks waiting for their `LISTEN`: sent together when none is in flight.
+    listen_queue: Vec<LockKey>,
+    /// The `LISTEN` statement in flight.
+    listen_in_flight: Option<OpId>,
 }
 
 enum Link {
@@ -607,8 +673,8 @@ pub struct Session {
     /// Boxed: a B-tree node holds eleven values, so unboxed a session with one lock would
     /// carry room for ten more.
     locks: BTreeMap<LockKey, Box<Entry>>,
-    /// Data channel and lock channel → lock.
-    by_channel: BTreeMap<String, LockKey>,
+    /// Channel → lock (its lock and drain channels strip to it).
+    by_channel: BTreeMap<ChannelName, LockKey>,
     /// Every lock's next deadline.
     timers: BTreeSet<(Timestamp, LockKey)>,
     ops: BTreeMap<OpId, Route>,
@@ -618,6 +684,38 @@ pub struct Session {
     reset: Option<(SessionId, DownReason)>,
     /// Locks that stopped during the current input: removed after it.
     stopped: Vec<LockKey>,
+    /// `Lease` renewals and attempts the locks asked for during the current input, by kind and
+    /// schema: each group goes out as one statement at the input's end.
+    batches: BTreeMap<(BatchKind, SchemaName), Vec<Batched>>,
+    /// The distinct settings of the locks added so far, shared by them.
+    configs: Vec<Arc<LockConfig>>,
+    /// The longest window within which any lock's renewal or attempt joins a batch: the timer
+    /// scan of a batch stops there.
+    horizon: Duration,
+}
+
+/// One lock's request waiting for its batch: the lock, its request id and the operation.
+type Batched = (LockKey, RequestId, DbOp);
+
+/// What a batch carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum BatchKind {
+    Renew,
+    Acquire,
+}
+
+/// How early a lock's renewal joins a batch going out now: half its renew interval. Going early
+/// is safe (the lease is timed from the earlier send), and after one batch the renewals of a
+/// session fall due together, so it holds every lease with one statement per interval.
+fn renew_window(config: &LockConfig) -> Duration {
+    config.renew_interval / 2
+}
+
+/// How early a standby's attempt joins a batch going out now: a tenth of its retry bound. A
+/// standby retries at the lease's expiry as the server reported it, and leases renewed in one
+/// batch expire together, so their attempts fall due within the wake jitter of each other.
+fn retry_window(config: &LockConfig) -> Duration {
+    config.acquire_interval.min(config.lease_ttl) / 10
 }
 
 impl std::fmt::Debug for Session {
@@ -652,6 +750,9 @@ impl Session {
             closing: None,
             reset: None,
             stopped: Vec::new(),
+            batches: BTreeMap::new(),
+            horizon: Duration::ZERO,
+            configs: Vec::new(),
         }
     }
 
@@ -679,10 +780,22 @@ impl Session {
         if self.by_channel.contains_key(channel.as_str()) {
             return Err(AddLockError::DuplicateChannel(channel.as_str().to_owned()));
         }
-        self.by_channel.insert(channel.as_str().to_owned(), key);
-        self.by_channel.insert(channel.lock_channel().to_owned(), key);
-        self.by_channel.insert(channel.drain_channel().to_owned(), key);
-        let lock = Lock::new(channel.clone(), config, seed);
+        self.by_channel.insert(channel.clone(), key);
+        // Locks with the same settings share one copy (a session has few distinct ones).
+        let config = crate::lock::clamp_config(config);
+        let config = match self.configs.iter().find(|c| ***c == config) {
+            Some(shared) => shared.clone(),
+            None => {
+                let shared = Arc::new(config);
+                self.configs.push(shared.clone());
+                shared
+            }
+        };
+        let lock = Lock::with_config(channel.clone(), config, seed);
+        self.horizon = self
+            .horizon
+            .max(renew_window(lock.config()))
+            .max(retry_window(lock.config()));
         let target = Arc::new(LockTarget {
             protocol: lock.config().protocol,
             schema,
@@ -712,6 +825,17 @@ impl Session {
     /// The lock of `key`, for checkers (read-only).
     pub fn lock(&self, key: LockKey) -> Option<&Lock> {
         self.locks.get(&key).map(|e| &e.lock)
+    }
+
+    /// The lock whose data, lock or drain channel is `channel` (a map lookup).
+    pub fn lock_of_channel(&self, channel: &str) -> Option<LockKey> {
+        // A channel name never begins with a reserved prefix: stripped, the lock and drain
+        // channels name their lock's own channel.
+        let name = channel
+            .strip_prefix(crate::name::LOCK_CHANNEL_PREFIX)
+            .or_else(|| channel.strip_prefix(crate::name::DRAIN_CHANNEL_PREFIX))
+            .unwrap_or(channel);
+        self.by_channel.get(name).copied()
     }
 
     /// Every lock, by key.
@@ -811,6 +935,8 @@ impl Session {
             SessionInput::Close { call } => self.on_close(call),
         }
         self.settle();
+        self.flush_listens();
+        self.flush_batches();
     }
 
     // ----- time -----
@@ -953,6 +1079,8 @@ impl Session {
             setup: BTreeMap::new(),
             up_since: self.now,
             read_only_reported: false,
+            listen_queue: Vec::new(),
+            listen_in_flight: None,
         }));
         self.outputs
             .push_back(SessionOutput::Event(SessionEvent::Up { session, app, pid }));
@@ -1093,13 +1221,51 @@ impl Session {
         }
     }
 
+    /// Queues the lock's `LISTEN`: one statement at a time carries every lock that wants one,
+    /// so that setting up thousands of locks costs a few statements, not one each (their
+    /// replies would arrive one by one, and the last long after the setup timeout of the first).
     fn listen(&mut self, key: LockKey) {
-        let Some(session) = self.current() else { return };
+        let Link::Up(conn) = &mut self.link else { return };
         let Some(entry) = self.locks.get_mut(&key) else { return };
         entry.prep = Prep::Listening;
-        let channel = entry.target.channel.clone();
-        let protocol = entry.target.protocol;
-        self.execute(session, SessionOp::Listen { channel, protocol }, Route::Listen { key });
+        conn.listen_queue.push(key);
+    }
+
+    /// Sends the queued `LISTEN`s as one statement, unless one is in flight.
+    fn flush_listens(&mut self) {
+        let Some(session) = self.current() else { return };
+        let Link::Up(conn) = &mut self.link else { return };
+        if conn.listen_in_flight.is_some() || conn.listen_queue.is_empty() {
+            return;
+        }
+        let queued = std::mem::take(&mut conn.listen_queue);
+        let keys: Vec<LockKey> = queued
+            .into_iter()
+            .filter(|k| self.locks.get(k).is_some_and(|e| e.prep == Prep::Listening))
+            .collect();
+        let channel_of = |session: &Session, key: &LockKey| {
+            session
+                .locks
+                .get(key)
+                .map(|e| (e.target.channel.clone(), e.target.protocol))
+        };
+        let id = match keys.as_slice() {
+            [] => return,
+            [key] => {
+                let Some((channel, protocol)) = channel_of(self, key) else {
+                    return;
+                };
+                let route = Route::Listen { key: *key };
+                self.execute(session, SessionOp::Listen { channel, protocol }, route)
+            }
+            _ => {
+                let channels = keys.iter().filter_map(|k| channel_of(self, k)).collect();
+                self.execute(session, SessionOp::ListenMany { channels }, Route::ListenMany { keys })
+            }
+        };
+        if let Link::Up(conn) = &mut self.link {
+            conn.listen_in_flight = Some(id);
+        }
     }
 
     /// The locks of one schema that are at `prep` on the current connection.
@@ -1227,22 +1393,144 @@ impl Session {
         let done = |result: Result<OpReply, DbError>| result.map(|_| ());
         match route {
             Route::Bootstrap { schema_key } => self.on_bootstrapped(schema_key, done(result)),
-            Route::Listen { key } => self.on_listened(key, done(result)),
+            Route::Listen { key } => {
+                self.listen_answered(id);
+                self.on_listened(key, done(result));
+            }
+            Route::ListenMany { keys } => {
+                self.listen_answered(id);
+                let result = done(result);
+                for key in keys {
+                    self.on_listened(key, result.clone());
+                }
+            }
             Route::Unlisten => {}
             Route::Lock { key, id } => {
                 let result = match result {
                     Ok(OpReply::Lock(reply)) => Ok(reply),
-                    Ok(OpReply::Done) => Err(DbError::Failed("a setup reply to a lock operation".to_owned())),
+                    Ok(_) => Err(DbError::Failed("a setup or batch reply to a lock operation".to_owned())),
                     Err(error) => Err(error),
                 };
-                if let Err(error) = &result {
-                    self.on_lock_error(key, error);
-                }
-                self.feed(key, Input::DbResult { id, result });
-                if let Some(entry) = self.locks.get_mut(&key) {
-                    entry.refused_read_only = false;
+                self.lock_reply(key, id, result);
+            }
+            Route::Batch { entries } => {
+                // Each lock learns its own row's outcome as if it had sent its own statement; a
+                // failed statement failed for every lock in it.
+                let replies: Vec<Result<Reply, DbError>> = match result {
+                    Ok(OpReply::Batch(replies)) if replies.len() == entries.len() => {
+                        replies.into_iter().map(Ok).collect()
+                    }
+                    Ok(_) => {
+                        let error = DbError::Failed("a batch reply without one row per entry".to_owned());
+                        vec![Err(error); entries.len()]
+                    }
+                    Err(error) => vec![Err(error); entries.len()],
+                };
+                for (slot, result) in entries.into_iter().zip(replies) {
+                    if let Some((key, id)) = slot {
+                        self.lock_reply(key, id, result);
+                    }
                 }
             }
+        }
+    }
+
+    fn listen_answered(&mut self, id: OpId) {
+        if let Link::Up(conn) = &mut self.link {
+            if conn.listen_in_flight == Some(id) {
+                conn.listen_in_flight = None;
+            }
+        }
+    }
+
+    /// Feeds a lock the outcome of its request.
+    fn lock_reply(&mut self, key: LockKey, id: RequestId, result: Result<Reply, DbError>) {
+        if let Err(error) = &result {
+            self.on_lock_error(key, error);
+        }
+        self.feed(key, Input::DbResult { id, result });
+        if let Some(entry) = self.locks.get_mut(&key) {
+            entry.refused_read_only = false;
+        }
+    }
+
+    // ----- batches -----
+
+    /// Sends what the locks asked for during this input: every `Lease` renewal (attempt) of a
+    /// schema in one statement, joined first by the locks of that schema whose renewal (attempt)
+    /// falls due within their window; a group of one goes out as the lock's own operation.
+    fn flush_batches(&mut self) {
+        if self.batches.is_empty() {
+            return;
+        }
+        let Some(session) = self.current() else {
+            // The connection went within this input: its locks learnt `SessionDown`.
+            self.batches.clear();
+            return;
+        };
+        let horizon = self.now + self.horizon;
+        // Timers are ordered: the scan visits only the locks due within the longest window.
+        let due: Vec<(Timestamp, LockKey)> = self
+            .timers
+            .range((self.now, LockKey(0))..=(horizon, LockKey(u64::MAX)))
+            .copied()
+            .collect();
+        for (at, key) in due {
+            let Some(entry) = self.locks.get(&key) else { continue };
+            if entry.target.protocol != Protocol::Lease || entry.prep != Prep::Ready {
+                continue;
+            }
+            let (batch, window) = match entry.armed {
+                Some((_, TimerKind::Renew)) => (BatchKind::Renew, renew_window(entry.lock.config())),
+                Some((_, TimerKind::Retry)) => (BatchKind::Acquire, retry_window(entry.lock.config())),
+                _ => continue,
+            };
+            if at > self.now + window || !self.batches.contains_key(&(batch, entry.target.schema.clone())) {
+                continue;
+            }
+            let kind = match batch {
+                BatchKind::Renew => TimerKind::Renew,
+                BatchKind::Acquire => TimerKind::Retry,
+            };
+            self.feed(key, Input::FireEarly(kind));
+        }
+        for ((kind, schema), mut items) in std::mem::take(&mut self.batches) {
+            let target = |session: &Session, key: LockKey| session.locks.get(&key).map(|e| e.target.clone());
+            if let [(key, id, op)] = items.as_slice() {
+                let Some(target) = target(self, *key) else { continue };
+                let op = SessionOp::Lock {
+                    lock: *key,
+                    target,
+                    op: op.clone(),
+                };
+                let route = Route::Lock { key: *key, id: *id };
+                self.execute(session, op, route);
+                continue;
+            }
+            let mut entries = Vec::with_capacity(items.len());
+            let mut route = Vec::with_capacity(items.len());
+            for (key, id, op) in items.drain(..) {
+                if let Some(target) = target(self, key) {
+                    entries.push(BatchEntry { lock: key, target, op });
+                    route.push((key, id));
+                }
+            }
+            // One order for every session: concurrent batches lock rows without deadlocks.
+            let mut order: Vec<usize> = (0..entries.len()).collect();
+            order.sort_by(|a, b| {
+                entries[*a]
+                    .target
+                    .channel
+                    .as_str()
+                    .cmp(entries[*b].target.channel.as_str())
+            });
+            let entries: Vec<BatchEntry> = order.iter().map(|i| entries[*i].clone()).collect();
+            let route: Vec<Option<(LockKey, RequestId)>> = order.iter().map(|i| Some(route[*i])).collect();
+            let op = match kind {
+                BatchKind::Renew => SessionOp::RenewMany { schema, entries },
+                BatchKind::Acquire => SessionOp::AcquireMany { schema, entries },
+            };
+            self.execute(session, op, Route::Batch { entries: route });
         }
     }
 
@@ -1277,7 +1565,7 @@ impl Session {
         if self.current() != Some(session) {
             return;
         }
-        let Some(&key) = self.by_channel.get(&channel) else {
+        let Some(key) = self.lock_of_channel(&channel) else {
             return;
         };
         if self.locks.get(&key).is_some_and(|e| e.prep == Prep::Ready) {
@@ -1381,12 +1669,12 @@ impl Session {
 
     fn rearm(&mut self, key: LockKey) {
         let Some(entry) = self.locks.get_mut(&key) else { return };
-        let next = entry.lock.poll_timeout().map(|(at, _)| at);
+        let next = entry.lock.poll_timeout();
         if next != entry.armed {
-            if let Some(old) = entry.armed {
+            if let Some((old, _)) = entry.armed {
                 self.timers.remove(&(old, key));
             }
-            if let Some(at) = next {
+            if let Some((at, _)) = next {
                 self.timers.insert((at, key));
             }
             entry.armed = next;
@@ -1409,6 +1697,21 @@ impl Session {
                     return;
                 };
                 let Some(entry) = self.locks.get(&key) else { return };
+                let batch = match (&request.op, entry.target.protocol) {
+                    (DbOp::Renew { .. }, Protocol::Lease) => Some(BatchKind::Renew),
+                    (DbOp::Acquire, Protocol::Lease) => Some(BatchKind::Acquire),
+                    _ => None,
+                };
+                if let Some(kind) = batch {
+                    // Sent at the end of this input, with every other one of its kind: the lock
+                    // timed its request from now, which is when the batch goes.
+                    let schema = entry.target.schema.clone();
+                    self.batches
+                        .entry((kind, schema))
+                        .or_default()
+                        .push((key, request.id, request.op));
+                    return;
+                }
                 let op = SessionOp::Lock {
                     lock: key,
                     target: entry.target.clone(),
@@ -1475,17 +1778,35 @@ impl Session {
         let Some(mut entry) = self.locks.remove(&key) else {
             return;
         };
-        if let Some(at) = entry.armed.take() {
+        if let Some((at, _)) = entry.armed.take() {
             self.timers.remove(&(at, key));
         }
         self.by_channel.remove(entry.target.channel.as_str());
-        self.by_channel.remove(entry.target.channel.lock_channel());
-        self.by_channel.remove(entry.target.channel.drain_channel());
-        self.ops
-            .retain(|_, route| !matches!(route, Route::Lock { key: k, .. } | Route::Listen { key: k } if *k == key));
+        let mut gone = Vec::new();
+        self.ops.retain(|id, route| {
+            let keep = !matches!(route, Route::Lock { key: k, .. } | Route::Listen { key: k } if *k == key);
+            if !keep {
+                gone.push(*id);
+            }
+            keep
+        });
+        for route in self.ops.values_mut() {
+            if let Route::Batch { entries } = route {
+                for slot in entries.iter_mut() {
+                    if slot.is_some_and(|(k, _)| k == key) {
+                        *slot = None;
+                    }
+                }
+            }
+        }
         if let Link::Up(conn) = &mut self.link {
-            let live: BTreeSet<OpId> = self.ops.keys().copied().collect();
-            conn.setup.retain(|id, _| live.contains(id));
+            for id in gone {
+                conn.setup.remove(&id);
+                if conn.listen_in_flight == Some(id) {
+                    // Its reply finds no route now: the queue must not wait for it.
+                    conn.listen_in_flight = None;
+                }
+            }
         }
         if matches!(entry.prep, Prep::Listening | Prep::Ready) {
             if let Some(session) = self.current() {

@@ -305,9 +305,9 @@ struct Driver {
     failover_from: BTreeMap<LockKey, Instant>,
 }
 
-/// A finished request: its id, its outcome and, for a lock's `Acquire`, which lock sent it
-/// when (for the failover metric).
-type QueryDone = (OpId, Result<OpReply, DbError>, Option<(LockKey, Instant)>);
+/// A finished request: its id, its outcome and, for an `Acquire` (or a batch of them), which
+/// locks sent it when (for the failover metric).
+type QueryDone = (OpId, Result<OpReply, DbError>, Option<(Vec<LockKey>, Instant)>);
 
 impl Drop for Driver {
     fn drop(&mut self) {
@@ -374,15 +374,18 @@ impl Driver {
                 Wake::Conn(Some(ConnEvent::Notification { channel, payload, pid })) => {
                     if let Some(session) = self.conn.as_ref().map(|c| c.session) {
                         // Markers travel on the lock's own channels (`__PgIpLock__:`, `__PgIpDrain_:`).
-                        let marker = channel.starts_with("__PgIp");
+                        let marker = channel
+                            .starts_with("__PgIp")
+                            .then(|| self.core.lock_of_channel(&channel))
+                            .flatten();
                         self.feed(SessionInput::Notification {
                             session,
                             channel,
                             payload,
                             pid,
                         });
-                        if marker {
-                            self.record_ignored_markers();
+                        if let Some(key) = marker {
+                            self.record_ignored_markers(key);
                         }
                     }
                 }
@@ -400,8 +403,19 @@ impl Driver {
                     }
                 }
                 Wake::Query((id, result, acquire)) => {
-                    if let Some((key, sent)) = acquire {
-                        self.note_acquire_reply(key, sent, &result);
+                    if let Some((keys, sent)) = acquire {
+                        match &result {
+                            Ok(OpReply::Batch(replies)) => {
+                                for (key, reply) in keys.iter().zip(replies) {
+                                    self.note_acquire_reply(*key, sent, &Ok(OpReply::Lock(reply.clone())));
+                                }
+                            }
+                            _ => {
+                                for key in keys {
+                                    self.note_acquire_reply(key, sent, &result);
+                                }
+                            }
+                        }
                     }
                     self.feed(SessionInput::Reply { id, result });
                 }
@@ -462,12 +476,11 @@ impl Driver {
         shared.mark_stopped();
     }
 
-    fn record_ignored_markers(&self) {
-        for (key, lock) in self.core.locks() {
-            if let Some(shared) = self.locks.get(&key) {
-                metrics::counter!(crate::metrics::IGNORED_MARKERS, "channel" => shared.channel.as_str().to_owned())
-                    .absolute(lock.state().ignored_markers);
-            }
+    /// The ignored-marker count of the lock a marker was for (only its count can have moved).
+    fn record_ignored_markers(&self, key: LockKey) {
+        if let (Some(lock), Some(shared)) = (self.core.lock(key), self.locks.get(&key)) {
+            metrics::counter!(crate::metrics::IGNORED_MARKERS, "channel" => shared.channel.as_str().to_owned())
+                .absolute(lock.ignored_markers());
         }
     }
 
@@ -618,7 +631,8 @@ impl Driver {
                 lock,
                 op: DbOp::Acquire,
                 ..
-            } => Some((*lock, sent)),
+            } => Some((vec![*lock], sent)),
+            SessionOp::AcquireMany { entries, .. } => Some((entries.iter().map(|e| e.lock).collect(), sent)),
             _ => None,
         };
         self.queries.push(
@@ -629,6 +643,9 @@ impl Driver {
                     }
                     SessionOp::Listen { channel, protocol } => {
                         sql::listen(&client, &channel, protocol).await.map(|()| OpReply::Done)
+                    }
+                    SessionOp::ListenMany { channels } => {
+                        sql::listen_many(&client, &channels).await.map(|()| OpReply::Done)
                     }
                     SessionOp::Unlisten { channel, protocol } => {
                         sql::unlisten(&client, &channel, protocol).await.map(|()| OpReply::Done)
@@ -642,6 +659,18 @@ impl Driver {
                             lease_ttl: target.lease_ttl,
                         };
                         sql::execute(&client, &target, &op).await.map(OpReply::Lock)
+                    }
+                    SessionOp::RenewMany { schema, entries } => {
+                        let entries = batch_targets(&entries);
+                        sql::execute_batch(&client, &schema, &app, sql::BatchOp::Renew, &entries)
+                            .await
+                            .map(OpReply::Batch)
+                    }
+                    SessionOp::AcquireMany { schema, entries } => {
+                        let entries = batch_targets(&entries);
+                        sql::execute_batch(&client, &schema, &app, sql::BatchOp::Acquire, &entries)
+                            .await
+                            .map(OpReply::Batch)
                     }
                     other => Err(DbError::Failed(format!("operation {} is not supported", other.name()))),
                 };
@@ -836,6 +865,17 @@ impl Driver {
             other => tracing::debug!(channel = %channel, event = ?other, "lock event"),
         }
     }
+}
+
+fn batch_targets(entries: &[pgiplock_core::BatchEntry]) -> Vec<sql::BatchTarget> {
+    entries
+        .iter()
+        .map(|e| sql::BatchTarget {
+            channel: e.target.channel.clone(),
+            lease_ttl: e.target.lease_ttl,
+            op: e.op.clone(),
+        })
+        .collect()
 }
 
 async fn recv_event(conn: &mut Option<Conn>) -> Option<ConnEvent> {

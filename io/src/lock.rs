@@ -680,7 +680,10 @@ static REGISTRY: Mutex<Vec<std::sync::Weak<LockHandle>>> = Mutex::new(Vec::new()
 
 pub(crate) fn register(lock: &PgIpLock) {
     let mut registry = guard(&REGISTRY);
-    registry.retain(|l| l.strong_count() > 0);
+    if registry.len() == registry.capacity() {
+        // Only before the list would grow: amortised, creating n locks costs O(n), not O(n²).
+        registry.retain(|l| l.strong_count() > 0);
+    }
     registry.push(Arc::downgrade(&lock.handle));
 }
 

@@ -142,7 +142,7 @@ pub(crate) struct SessionShared {
     pub(crate) locks: BTreeMap<u64, Weak<LockShared>>,
     /// Channels with a live lock: one session is one holder identity, so it can hold a channel
     /// once.
-    pub(crate) channels: BTreeSet<String>,
+    pub(crate) channels: BTreeSet<ChannelName>,
 }
 
 pub(crate) struct SessionInner {
@@ -288,7 +288,7 @@ impl Session {
             if let Some(cause) = &session.ended {
                 return Err(Error::SessionEnded { cause: cause.clone() });
             }
-            if !session.channels.insert(channel.as_str().to_owned()) {
+            if !session.channels.insert(channel.clone()) {
                 return Err(Error::DuplicateLock {
                     channel: channel.as_str().to_owned(),
                 });

@@ -232,6 +232,43 @@ END
     )
 }
 
+/// Renews many leases of one session in one statement: each row exactly as `renew_v2` renews it
+/// (its own holder and token condition, its progress marker from this backend when renewed),
+/// one result row per channel in the arrays' order.
+fn lease_renew_many_body(qs: &str) -> String {
+    format!(
+        r#"
+BEGIN
+  FOR i IN 1 .. COALESCE(array_length(p_channels, 1), 0) LOOP
+    channel := p_channels[i];
+    renewed := {qs}.renew_v2(p_channels[i], p_lock_channels[i], p_app, p_tokens[i], p_ttl_us[i], p_seqs[i], p_acks[i]);
+    RETURN NEXT;
+  END LOOP;
+END
+"#
+    )
+}
+
+/// Many acquisition attempts of one session in one statement: each channel exactly as
+/// `acquire_v2` decides it, one result row per channel in the arrays' order.
+fn lease_acquire_many_body(qs: &str) -> String {
+    format!(
+        r#"
+BEGIN
+  FOR i IN 1 .. COALESCE(array_length(p_channels, 1), 0) LOOP
+    channel := p_channels[i];
+    SELECT a.acquired, a.token, a.remaining_us, a.stale_pid, a.stale_app, a.holder_token, a.holder_pid,
+           a.prev_token, a.prev_pid, a.prev_released
+      INTO acquired, token, remaining_us, stale_pid, stale_app, holder_token, holder_pid,
+           prev_token, prev_pid, prev_released
+      FROM {qs}.acquire_v2(p_channels[i], p_lock_channels[i], p_app, p_ttl_us[i]) a;
+    RETURN NEXT;
+  END LOOP;
+END
+"#
+    )
+}
+
 fn lease_terminate_body() -> String {
     r#"
 BEGIN
@@ -331,6 +368,24 @@ fn bootstrap_sql(protocol: Protocol, schema: &SchemaName) -> String {
                     Some(LEASE_LOCK_TIMEOUT),
                 ),
                 (
+                    "renew_many",
+                    "(p_app text, p_channels text[], p_lock_channels text[], p_tokens bigint[], p_ttl_us bigint[], \
+                     p_seqs bigint[], p_acks bigint[], OUT channel text, OUT renewed boolean) RETURNS SETOF record \
+                     LANGUAGE plpgsql SET lock_timeout = '2s' AS ",
+                    lease_renew_many_body(&qs),
+                    Some(LEASE_LOCK_TIMEOUT),
+                ),
+                (
+                    "acquire_many",
+                    "(p_app text, p_channels text[], p_lock_channels text[], p_ttl_us bigint[], OUT channel text, \
+                     OUT acquired boolean, OUT token bigint, OUT remaining_us bigint, OUT stale_pid integer, \
+                     OUT stale_app text, OUT holder_token bigint, OUT holder_pid integer, OUT prev_token bigint, \
+                     OUT prev_pid integer, OUT prev_released boolean) RETURNS SETOF record \
+                     LANGUAGE plpgsql SET lock_timeout = '2s' AS ",
+                    lease_acquire_many_body(&qs),
+                    Some(LEASE_LOCK_TIMEOUT),
+                ),
+                (
                     "terminate_stale",
                     "(p_pid integer, p_app text) RETURNS text LANGUAGE plpgsql AS ",
                     lease_terminate_body(),
@@ -371,7 +426,10 @@ pub async fn bootstrap(client: &Client, protocol: Protocol, schema: &SchemaName)
 /// every standby attempt and is compiled by the first.)
 fn warm_up_sql(schema: &SchemaName) -> String {
     let qs = quote_ident(schema.as_str());
-    format!("SELECT {qs}.release_v2(NULL, NULL, NULL, NULL), {qs}.renew_v2(NULL, NULL, NULL, NULL, NULL, NULL, NULL)")
+    format!(
+        "SELECT {qs}.release_v2(NULL, NULL, NULL, NULL), {qs}.renew_v2(NULL, NULL, NULL, NULL, NULL, NULL, NULL); \
+         SELECT * FROM {qs}.renew_many(NULL, '{{}}', '{{}}', '{{}}', '{{}}', '{{}}', '{{}}')"
+    )
 }
 
 /// `LISTEN` on the channels of a lock under `protocol` ([`ChannelName::listened`]).
@@ -380,6 +438,16 @@ pub(crate) async fn listen(client: &Client, channel: &ChannelName, protocol: Pro
         .batch_execute(&statements("LISTEN", channel, protocol))
         .await
         .map_err(|e| db_error(&e))
+}
+
+/// `LISTEN` on the channels of several locks, in one multi-statement batch.
+pub(crate) async fn listen_many(client: &Client, channels: &[(ChannelName, Protocol)]) -> Result<(), DbError> {
+    let sql = channels
+        .iter()
+        .map(|(channel, protocol)| statements("LISTEN", channel, *protocol))
+        .collect::<Vec<_>>()
+        .join("; ");
+    client.batch_execute(&sql).await.map_err(|e| db_error(&e))
 }
 
 /// `UNLISTEN` the channels of a lock under `protocol`.
@@ -564,6 +632,115 @@ pub async fn execute(client: &Client, target: &Target, op: &DbOp) -> Result<Repl
         (_, op) => return Err(DbError::Failed(format!("operation {} is not supported", op.name()))),
     };
     result.map_err(|e| db_error(&e))
+}
+
+/// Which batched operation [`execute_batch`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchOp {
+    /// Every entry's `DbOp::Renew` (`renew_many`).
+    Renew,
+    /// Every entry's `DbOp::Acquire` (`acquire_many`).
+    Acquire,
+}
+
+/// One lock of a batch: its channel, lease length and operation.
+#[derive(Debug, Clone)]
+pub struct BatchTarget {
+    /// The lock's channel.
+    pub channel: ChannelName,
+    /// Lease length.
+    pub lease_ttl: Duration,
+    /// Its operation (`DbOp::Renew` or `DbOp::Acquire`, as `op` says).
+    pub op: DbOp,
+}
+
+/// Runs the `Lease` operations of many locks of `app`'s session whose tables are in `schema` as
+/// one statement (`renew_many` or `acquire_many`: each entry exactly as its own `DbOp` would
+/// run, in one transaction); returns one reply per entry, in order. Implements
+/// `SessionOp::RenewMany` and `SessionOp::AcquireMany`.
+pub async fn execute_batch(
+    client: &Client,
+    schema: &SchemaName,
+    app: &str,
+    op: BatchOp,
+    entries: &[BatchTarget],
+) -> Result<Vec<Reply>, DbError> {
+    let qs = quote_ident(schema.as_str());
+    let channels: Vec<&str> = entries.iter().map(|e| e.channel.as_str()).collect();
+    let lock_channels: Vec<&str> = entries.iter().map(|e| e.channel.lock_channel()).collect();
+    let ttls: Vec<i64> = entries.iter().map(|e| ttl_micros(e.lease_ttl)).collect();
+    let rows = match op {
+        BatchOp::Renew => {
+            let number = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+            let mut tokens = Vec::with_capacity(entries.len());
+            let mut seqs = Vec::with_capacity(entries.len());
+            let mut acks = Vec::with_capacity(entries.len());
+            for entry in entries {
+                let DbOp::Renew { token, progress } = &entry.op else {
+                    return Err(DbError::Failed(format!("{} in a renewal batch", entry.op.name())));
+                };
+                tokens.push(token_param(*token)?);
+                seqs.push(progress.map(|p| number(p.seq)));
+                acks.push(progress.and_then(|p| p.ack).map(number));
+            }
+            let sql = format!("SELECT channel, renewed FROM {qs}.renew_many($1, $2, $3, $4, $5, $6, $7)");
+            let params: [(&(dyn ToSql + Sync), Type); 7] = [
+                (&app, Type::TEXT),
+                (&channels, Type::TEXT_ARRAY),
+                (&lock_channels, Type::TEXT_ARRAY),
+                (&tokens, Type::INT8_ARRAY),
+                (&ttls, Type::INT8_ARRAY),
+                (&seqs, Type::INT8_ARRAY),
+                (&acks, Type::INT8_ARRAY),
+            ];
+            client.query_typed(&sql, &params).await
+        }
+        BatchOp::Acquire => {
+            if let Some(entry) = entries.iter().find(|e| e.op != DbOp::Acquire) {
+                return Err(DbError::Failed(format!("{} in an acquisition batch", entry.op.name())));
+            }
+            let sql = format!(
+                "SELECT channel, acquired, token, remaining_us, stale_pid, stale_app, holder_token, holder_pid, \
+                 prev_token, prev_pid, prev_released FROM {qs}.acquire_many($1, $2, $3, $4)"
+            );
+            let params: [(&(dyn ToSql + Sync), Type); 4] = [
+                (&app, Type::TEXT),
+                (&channels, Type::TEXT_ARRAY),
+                (&lock_channels, Type::TEXT_ARRAY),
+                (&ttls, Type::INT8_ARRAY),
+            ];
+            client.query_typed(&sql, &params).await
+        }
+    }
+    .map_err(|e| db_error(&e))?;
+    if rows.len() != entries.len() {
+        return Err(DbError::Failed(format!(
+            "{} rows for a batch of {}",
+            rows.len(),
+            entries.len()
+        )));
+    }
+    // The function returns the rows in the arrays' order; each names its channel, checked.
+    let mut replies = Vec::with_capacity(rows.len());
+    for (row, entry) in rows.iter().zip(entries) {
+        let channel: Option<String> = row.try_get("channel").map_err(|e| db_error(&e))?;
+        if channel.as_deref() != Some(entry.channel.as_str()) {
+            return Err(DbError::Failed(format!(
+                "a batch row for channel {channel:?} where {:?} was expected",
+                entry.channel.as_str()
+            )));
+        }
+        replies.push(match op {
+            BatchOp::Renew => {
+                let renewed: Option<bool> = row.try_get("renewed").map_err(|e| db_error(&e))?;
+                Reply::Renew {
+                    owned: renewed.unwrap_or(false),
+                }
+            }
+            BatchOp::Acquire => lease_acquire_reply(Some(row))?,
+        });
+    }
+    Ok(replies)
 }
 
 /// Classic's "locked": `deadlock_check` raised P0001 with detail `LOCKED`.

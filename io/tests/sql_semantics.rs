@@ -100,7 +100,9 @@ async fn bootstrap_many(protocol: Protocol) {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(functions, if protocol == Protocol::Classic { 2 } else { 4 });
+    // Classic: deadlock_check, notify_lock; Lease: acquire_v2, renew_v2, release_v2,
+    // terminate_stale, and the batched renew_many and acquire_many.
+    assert_eq!(functions, if protocol == Protocol::Classic { 2 } else { 6 });
     if protocol == Protocol::Classic {
         let triggers: i64 = admin
             .client

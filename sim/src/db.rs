@@ -422,6 +422,53 @@ impl SimDb {
         }
     }
 
+    /// Runs the `Lease` operations of many locks of `session` as one statement and one committed
+    /// transaction at the server clock, as `renew_many` and `acquire_many` do: every entry
+    /// exactly as [`execute`](SimDb::execute) runs it alone, in the given order (every row
+    /// sees the same `now()`), its notifications delivered at the commit in that order; one
+    /// reply per entry. Each entry is `(channel, lease ttl, op)`; `op` must be `DbOp::Renew` or
+    /// `DbOp::Acquire`.
+    ///
+    /// A failure fails the whole statement, with nothing written: the conditions that fail an
+    /// entry (a dropped schema, a read-only server, a lost session) hold for the whole
+    /// statement and fail its first entry that writes, or its first entry at all, before
+    /// anything is written.
+    pub fn execute_batch(
+        &mut self,
+        session: SessionId,
+        entries: &[(ChannelName, Duration, DbOp)],
+    ) -> Result<Vec<Reply>, DbError> {
+        let backend = self.sessions.get_mut(&session).ok_or(DbError::SessionLost)?;
+        backend.statements += 1;
+        self.statements += 1;
+        let app = backend.app.clone();
+        let pid = backend.pid;
+        if self.schema_dropped {
+            return Err(DbError::server(
+                "42P01",
+                format!("relation \"{}.lease\" does not exist", Protocol::Lease.default_schema()),
+            ));
+        }
+        if let Some((_, _, op)) = entries
+            .iter()
+            .find(|(_, _, op)| !matches!(op, DbOp::Renew { .. } | DbOp::Acquire))
+        {
+            return Err(DbError::Failed(format!("{} in a batch", op.name())));
+        }
+        let renews = entries.iter().any(|(_, _, op)| matches!(op, DbOp::Renew { .. }));
+        if self.read_only && renews {
+            return Err(DbError::server(
+                "25006",
+                "cannot execute UPDATE in a read-only transaction".to_owned(),
+            ));
+        }
+        let mut replies = Vec::with_capacity(entries.len());
+        for (channel, ttl, op) in entries {
+            replies.push(self.execute_lease(pid, &app, channel, *ttl, op)?);
+        }
+        Ok(replies)
+    }
+
     fn app_is_live(&self, app: &str) -> bool {
         self.apps.contains_key(app)
     }

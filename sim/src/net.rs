@@ -329,6 +329,22 @@ impl World {
                 }
                 (result.map(OpReply::Lock), 1)
             }
+            // One statement for many locks' renewals or attempts, as the io crate's
+            // `renew_many` and `acquire_many`.
+            SessionOp::RenewMany { entries, .. } | SessionOp::AcquireMany { entries, .. } => {
+                self.checkers.rows_touched = true;
+                let ops: Vec<_> = entries
+                    .iter()
+                    .map(|e| (e.target.channel.clone(), e.target.lease_ttl, e.op.clone()))
+                    .collect();
+                let result = self.server.db.execute_batch(session, &ops);
+                if let Ok(replies) = &result {
+                    for (entry, reply) in entries.iter().zip(replies) {
+                        self.batch_entry_committed(p, entry, reply);
+                    }
+                }
+                (result.map(OpReply::Batch), 1)
+            }
             // As the io crate prepares a session: the schema bootstrap batch (one statement),
             // then `LISTEN` (`UNLISTEN`) on the channels of each lock (`ChannelName::listened`).
             SessionOp::Bootstrap { protocol, schema } => {
@@ -354,6 +370,21 @@ impl World {
                     channel.listened(*protocol).count() as u64,
                 )
             }
+            SessionOp::ListenMany { channels } => {
+                self.trace.hash(&[204, p as u64]);
+                let db = &mut self.server.db;
+                let result = channels.iter().try_for_each(|(channel, protocol)| {
+                    channel.listened(*protocol).try_for_each(|c| db.listen(session, c))
+                });
+                if result.is_ok() && channels.iter().any(|(c, _)| c.as_str() == self.channels[0].as_str()) {
+                    self.procs[p].listening_since = Some((session, now));
+                }
+                let statements = channels
+                    .iter()
+                    .map(|(c, protocol)| c.listened(*protocol).count() as u64)
+                    .sum();
+                (result.map(|()| OpReply::Done), statements)
+            }
             SessionOp::Unlisten { channel, protocol } => {
                 self.trace.hash(&[203, p as u64]);
                 let db = &mut self.server.db;
@@ -369,7 +400,10 @@ impl World {
             ),
         };
         self.metrics.statements(p, statements, now);
-        let setup = matches!(op, SessionOp::Bootstrap { .. } | SessionOp::Listen { .. });
+        let setup = matches!(
+            op,
+            SessionOp::Bootstrap { .. } | SessionOp::Listen { .. } | SessionOp::ListenMany { .. }
+        );
         if setup && self.faults.take_setup_reply_loss(p) {
             // The statement ran; its reply never reaches the client.
             self.trace.line(|| format!("  p{p} reply to {} lost", op.name()));
@@ -382,6 +416,33 @@ impl World {
             self.metrics.stale_terminations += 1;
             self.server_send(ended, ServerMsg::Ended);
             self.server.conns.remove(&ended);
+        }
+    }
+
+    /// The checkers' bookkeeping of one entry of a committed batch, as for the lock's own
+    /// operation.
+    fn batch_entry_committed(&mut self, p: usize, entry: &pgiplock_core::BatchEntry, reply: &Reply) {
+        let li = usize::try_from(entry.lock.0)
+            .ok()
+            .filter(|li| *li < self.channels.len());
+        let acquired = matches!(reply, Reply::Acquire(r) if r.acquired);
+        let generation = self.server.db.generation();
+        if let (Some(li), Reply::Acquire(r)) = (li, reply) {
+            // D2: a term that follows a graceful release replays nothing to a winner that was
+            // listening when the drain marker went out.
+            if let (true, Some(token), Some(previous)) = (r.acquired, r.token, r.previous) {
+                let drained = self.checkers.drained_at.get(&(li, generation, previous.token.0));
+                if let (true, Some(&at)) = (previous.released, drained) {
+                    self.checkers.after_release.insert((li, generation, token.0), at);
+                }
+            }
+        }
+        self.trace
+            .hash(&[200, p as u64, li.map_or(u64::MAX, |li| li as u64), u64::from(acquired)]);
+        if let Some(li) = li {
+            if let Some(row) = self.server.db.lease_row(entry.target.channel.as_str()) {
+                self.checkers.lease_row(&mut self.metrics, li, row.token, generation);
+            }
         }
     }
 

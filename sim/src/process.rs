@@ -567,6 +567,14 @@ impl World {
                         view.request_sent = Some(local);
                     }
                 }
+                if let SessionOp::RenewMany { entries, .. } | SessionOp::AcquireMany { entries, .. } = &request.op {
+                    for entry in entries {
+                        let li = usize::try_from(entry.lock.0).ok();
+                        if let Some(view) = li.and_then(|li| proc.locks.get_mut(li)) {
+                            view.request_sent = Some(local);
+                        }
+                    }
+                }
                 self.client_send(p, server, ClientMsg::Request { request });
             }
             SessionOutput::Lock { lock, event } => self.lock_event(p, lock.0 as usize, event),

@@ -18,5 +18,5 @@ pub mod proxy;
 /// [`bootstrap`](sql::bootstrap) creates (or checks) its schema, as a session would.
 #[cfg(feature = "sql")]
 pub mod sql {
-    pub use pgiplock::testkit::{bootstrap, execute, Target};
+    pub use pgiplock::testkit::{bootstrap, execute, execute_batch, BatchOp, BatchTarget, Target};
 }

@@ -10,7 +10,10 @@
 //! holder session, token, whether the holder's session is alive) and on the notifications every
 //! session received on the lock channels and the Classic drain channels, in order, each with the
 //! session that sent it (the server's `process_id`, the model's sender pid), which is what
-//! standbys judge markers by. Lease renewals carry progress markers.
+//! standbys judge markers by. Lease renewals carry progress markers. Under Lease a session also
+//! renews or attempts on every channel in one statement (`renew_many`, `acquire_many`, as a
+//! session with many locks batches them; the model's `execute_batch`), each channel's renewal
+//! naming its own token, and both worlds must agree on every entry's reply.
 //!
 //! An administrator may drop the lock schema (`DROP SCHEMA ... CASCADE` on the server,
 //! `drop_schema` in the model): lock operations then fail as schema missing (the server says
@@ -37,7 +40,7 @@ use pgiplock_core::{
     ChannelName, DbError, DbOp, FenceToken, Progress, Protocol, Reply, SchemaName, SessionId, Timestamp,
 };
 use pgiplock_sim::db::{DbConfig, SimDb};
-use pgiplock_testkit::sql::{bootstrap, execute, Target};
+use pgiplock_testkit::sql::{bootstrap, execute, execute_batch, BatchOp, BatchTarget, Target};
 use pgiplock_tests::{connect, database_url, unique_hex, Listener, TestSchema};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestError, TestRunner};
@@ -117,6 +120,15 @@ enum Step {
     ReadOnly {
         on: bool,
     },
+    /// Lease: slot `s` renews every channel in one statement, channel `c` naming `toks[c]`.
+    RenewMany {
+        s: usize,
+        toks: [Tok; CHANNELS],
+    },
+    /// Lease: slot `s` attempts every channel in one statement.
+    AcquireMany {
+        s: usize,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -149,8 +161,10 @@ fn step() -> impl Strategy<Value = Step> {
         3 => s.clone().prop_map(|s| Step::Reopen { s }),
         2 => c.prop_map(|c| Step::Expire { c }),
         1 => Just(Step::DropSchema),
-        2 => s.prop_map(|s| Step::Bootstrap { s }),
+        2 => s.clone().prop_map(|s| Step::Bootstrap { s }),
         1 => proptest::bool::ANY.prop_map(|on| Step::ReadOnly { on }),
+        3 => (s.clone(), tok(), tok()).prop_map(|(s, a, b)| Step::RenewMany { s, toks: [a, b] }),
+        3 => s.clone().prop_map(|s| Step::AcquireMany { s }),
     ]
 }
 
@@ -196,6 +210,8 @@ enum Outcome {
         released: bool,
     },
     Terminate(pgiplock_core::TerminateOutcome),
+    /// A batched statement's replies, one per channel in order.
+    Batch(Vec<Outcome>),
     Error(String),
     /// A step that is not an operation (session end, reconnection, waiting) was done.
     Done(&'static str),
@@ -502,6 +518,90 @@ impl Worlds {
         Ok((before, after, real, sim))
     }
 
+    /// Runs `op` (per channel, in channel order) for slot `s` on every channel as one statement
+    /// in both worlds, as `exec` runs one; returns the elapsed time before and after the real
+    /// statement and both outcomes.
+    async fn exec_batch(
+        &mut self,
+        s: usize,
+        kind: BatchOp,
+        ops: &[DbOp],
+    ) -> Result<(Duration, Duration, Outcome, Outcome), String> {
+        let targets: Vec<BatchTarget> = ops
+            .iter()
+            .enumerate()
+            .map(|(c, op)| BatchTarget {
+                channel: self.channels[c].clone(),
+                lease_ttl: self.ttl,
+                op: op.clone(),
+            })
+            .collect();
+        let listener = self.real[s].listener.as_ref().ok_or("real slot closed")?;
+        let before = self.elapsed();
+        let real = execute_batch(listener.client(), &self.schema, &self.apps[s], kind, &targets).await;
+        let after = self.elapsed();
+        let batch = |result: Result<Vec<Reply>, DbError>, pids: &BTreeMap<(i32, String), Who>| match result {
+            Ok(replies) => Outcome::Batch(
+                replies
+                    .into_iter()
+                    .map(|r| {
+                        outcome(
+                            Ok(r),
+                            |pid, app| pids.get(&(pid, app.to_owned())).copied(),
+                            |pid| who_of_pid(pids, pid),
+                        )
+                    })
+                    .collect(),
+            ),
+            Err(e) => Outcome::Error(error_kind(&e)),
+        };
+        let real = batch(real, &self.real_pids);
+        self.sim_clock(before);
+        let session = self.sim[s].session.ok_or("sim slot closed")?;
+        let entries: Vec<(ChannelName, Duration, DbOp)> = ops
+            .iter()
+            .enumerate()
+            .map(|(c, op)| (self.channels[c].clone(), self.ttl, op.clone()))
+            .collect();
+        // As in `exec`: attempts may cross an expiry on a busy machine.
+        let snapshot = (kind == BatchOp::Acquire).then(|| self.db.clone());
+        let mut sim = batch(self.db.execute_batch(session, &entries), &self.sim_pids);
+        if let (Some(mut late), true) = (snapshot, sim != real) {
+            late.advance_to(Timestamp::from_micros(
+                u64::try_from(after.as_micros()).unwrap_or(u64::MAX),
+            ));
+            let alt = batch(late.execute_batch(session, &entries), &self.sim_pids);
+            if alt == real {
+                self.log.push(format!(
+                    "     (the server read its clock late: model evaluated at {after:?} instead of {before:?})"
+                ));
+                self.db = late;
+                sim = alt;
+            }
+        }
+        Ok((before, after, real, sim))
+    }
+
+    /// Runs a batch for slot `s` in both worlds and keeps the expiry bookkeeping per channel.
+    async fn batch(&mut self, s: usize, kind: BatchOp, ops: &[DbOp]) -> Result<(Outcome, Outcome), String> {
+        let (before, after, real, sim) = self.exec_batch(s, kind, ops).await?;
+        if let Outcome::Batch(entries) = &sim {
+            for (c, entry) in entries.iter().enumerate() {
+                match entry {
+                    Outcome::Acquire {
+                        acquired: true, token, ..
+                    } => {
+                        self.expiry[c] = Some((before + self.ttl, after + self.ttl));
+                        self.tokens[s][c] = token.map(|t| t.0);
+                    }
+                    Outcome::Renew { owned: true } => self.expiry[c] = Some((before + self.ttl, after + self.ttl)),
+                    _ => {}
+                }
+            }
+        }
+        Ok((real, sim))
+    }
+
     /// Runs `op` for slot `s` on channel `c` in both worlds; returns `(real, sim)`.
     async fn op(&mut self, s: usize, c: usize, op: DbOp) -> Result<(Outcome, Outcome), String> {
         let (before, after, real, sim) = self.exec(s, c, &op, &op).await?;
@@ -668,6 +768,31 @@ impl Worlds {
                 };
                 Ok((done(real), done(sim)))
             }
+            Step::RenewMany { s, toks } => {
+                if !self.is_open(s) || self.protocol != Protocol::Lease {
+                    return skipped;
+                }
+                let mut ops = Vec::new();
+                for (c, tok) in toks.iter().enumerate() {
+                    let token = self.token(s, c, *tok);
+                    let progress = Some(Progress {
+                        seq: self.renewals,
+                        ack: self.renewals.checked_sub(1),
+                    });
+                    self.renewals += 1;
+                    ops.push(DbOp::Renew { token, progress });
+                }
+                self.batch(s, BatchOp::Renew, &ops).await
+            }
+            Step::AcquireMany { s } => {
+                if !self.is_open(s) || self.protocol != Protocol::Lease {
+                    return skipped;
+                }
+                for c in 0..CHANNELS {
+                    self.settle_expiry(c).await;
+                }
+                self.batch(s, BatchOp::Acquire, &[DbOp::Acquire, DbOp::Acquire]).await
+            }
             Step::ReadOnly { on } => {
                 if self.read_only == on {
                     return skipped;
@@ -810,6 +935,10 @@ fn tally_key(o: &Outcome) -> String {
             stale.is_some()
         ),
         Outcome::Error(e) => format!("error {e}"),
+        Outcome::Batch(entries) => format!(
+            "batch [{}]",
+            entries.iter().map(tally_key).collect::<Vec<_>>().join(", ")
+        ),
         other => format!("{other:?}"),
     }
 }

@@ -69,8 +69,12 @@ pub async fn raw_listen(url: &str, channel: &str) -> Result<(), BoxError> {
 }
 
 /// `hold-many`: one session with a lock on each of `prefix0 .. prefix{n-1}` in `schema`.
-/// With `expect_all`, `ready` waits until every lock is held; otherwise it follows `init()`.
-/// The number held goes to stderr.
+/// With `expect_all`, `ready` waits until every lock is held (at most [`HOLD_ALL_WAIT`]);
+/// otherwise it follows `init()`. Goes to stderr: `held <k> of <n> in <ms> ms`, the time from
+/// the start of this function (before the connection) until every lock was held, or
+/// `held <k> of <n>, not all, after <ms> ms` when the wait ended first (`init` calls that
+/// failed are counted on the same line); `ready` follows either way, so that the load of a
+/// session that cannot hold everything can be measured too.
 pub async fn hold_many(
     url: &str,
     schema: &str,
@@ -79,28 +83,44 @@ pub async fn hold_many(
     protocol: Protocol,
     expect_all: bool,
 ) -> Result<(), BoxError> {
+    let start = tokio::time::Instant::now();
     let session = Session::connect(url.parse()?).await?;
     let options = LockOptions::new().protocol(protocol).schema(schema);
     let mut locks = Vec::with_capacity(channels);
     for i in 0..channels {
         locks.push(session.lock(&format!("{prefix}{i}"), options.clone())?);
     }
-    for result in futures::future::join_all(locks.iter().map(|l| l.init())).await {
-        result?;
-    }
+    let failed_inits = futures::future::join_all(locks.iter().map(|l| l.init()))
+        .await
+        .into_iter()
+        .filter(Result::is_err)
+        .count();
     let held = || locks.iter().filter(|l| l.is_acquired()).count();
+    let mut all = !expect_all;
     if expect_all {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-        while held() < channels {
-            if tokio::time::Instant::now() > deadline {
-                return Err(format!("only {} of {channels} locks held after 120 s", held()).into());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let every = futures::future::join_all(locks.iter().map(|l| async move {
+            let mut state = l.state();
+            let _ = state.wait_for(|s| s.is_holding()).await;
+        }));
+        all = tokio::time::timeout(HOLD_ALL_WAIT, every).await.is_ok();
     }
-    eprintln!("held {} of {channels}", held());
+    let ms = start.elapsed().as_secs_f64() * 1000.0;
+    let failed = if failed_inits > 0 {
+        format!(" ({failed_inits} init calls failed)")
+    } else {
+        String::new()
+    };
+    if all {
+        eprintln!("held {} of {channels} in {ms:.1} ms{failed}", held());
+    } else {
+        eprintln!("held {} of {channels}, not all, after {ms:.1} ms{failed}", held());
+    }
+    eprintln!("heap {} kB", crate::memory::live_bytes() / 1024);
     emit(&json!({"event": "ready", "app": session.app_name(), "pid": std::process::id(), "t_us": now_us()}))?;
     let _ = stdin_closed().await;
     session.close().await;
     Ok(())
 }
+
+/// Longest wait of `hold-many --expect-all` for every lock to be held.
+pub const HOLD_ALL_WAIT: Duration = Duration::from_secs(120);

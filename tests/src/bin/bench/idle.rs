@@ -83,7 +83,7 @@ impl Window {
     }
 }
 
-async fn window(monitor: &Client, length: Duration) -> Result<Window, BoxError> {
+pub(crate) async fn window(monitor: &Client, length: Duration) -> Result<Window, BoxError> {
     // `pg_stat_statements` counts each statement as it ends; `pg_stat_database` learns a
     // backend's transactions when the backend flushes its counts (at most once a second, an
     // idle one within about ten), so commits and rollbacks may be off by the few transactions
@@ -188,7 +188,7 @@ async fn forge(
 /// A throwaway cluster with `pg_stat_statements` loaded and the workers' database created.
 pub struct Server {
     cluster: TempCluster,
-    monitor: Client,
+    pub(crate) monitor: Client,
 }
 
 async fn connect(config: &tokio_postgres::Config) -> Result<Client, BoxError> {
@@ -227,7 +227,7 @@ impl Server {
         Ok(Server { cluster, monitor })
     }
 
-    fn worker_url(&self) -> String {
+    pub(crate) fn worker_url(&self) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{WORKER_DB}", self.cluster.port())
     }
 

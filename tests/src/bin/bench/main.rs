@@ -25,6 +25,7 @@ mod helpers;
 mod idle;
 mod memory;
 mod probe;
+mod scale;
 mod sim;
 mod stats;
 mod throughput;
@@ -50,6 +51,9 @@ enum Measurement {
     Idle,
     /// Resident set of workers, of 1000-channel processes, and bytes of a core lock.
     Memory,
+    /// Statements per second, memory and time to hold every channel against the channel count
+    /// of one holder process and one standby process (throwaway cluster).
+    Scale,
     /// Delivery rate and lag through a holder's subscription next to a raw `LISTEN`.
     Throughput,
     /// The simulator's events per second.
@@ -152,6 +156,12 @@ struct Args {
     /// Channels of the many-channel memory processes (and locks of the core count).
     #[arg(long, default_value_t = 1000)]
     channels: usize,
+    /// Channel counts of the many-channel load (one holder process, one standby process).
+    #[arg(long, value_delimiter = ',', default_value = "1,100,1000,10000")]
+    scale_channels: Vec<usize>,
+    /// Length of each window of the many-channel load.
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    scale_window: Duration,
     /// Trials of the one-lock memory processes.
     #[arg(long, default_value_t = 3)]
     memory_trials: usize,
@@ -500,13 +510,61 @@ async fn memory(args: &Args, url: &str, core: &memory::CoreBytes) -> Result<Stri
         "\nCore state, counted by the bench's global allocator over {n} locks (Lease defaults, channel names of 14 \
          bytes):\n\n| what | bytes |\n|---|---|\n| `size_of::<pgiplock_core::Lock>()` | {} |\n\
          | heap of one started `Lock` (after `SessionUp` and `Start`, outputs drained) | {} |\n\
-         | one started `Lock` in all | {} |\n| a core `Session` per lock added (entry, lock, channel routes; not connected) | {} |\n\n",
+         | one started `Lock` in all | {} |\n| a core `Session` per lock added (entry, lock, channel routes; not connected) | {} |\n\
+         | the same session per lock, connected and holding every lock | {} |\n\n",
         core.inline,
         fmt(core.lock_heap),
         fmt(core.inline as f64 + core.lock_heap),
         fmt(core.session_per_lock),
+        fmt(core.holding_per_lock),
         n = core.count
     );
+    Ok(out)
+}
+
+async fn scale(args: &Args) -> Result<String, BoxError> {
+    progress("scale: starting a throwaway cluster with pg_stat_statements");
+    let server = idle::Server::start().await?;
+    let version = server.version().await?;
+    let mut out = format!(
+        "## Many channels in one process\n\nA throwaway cluster ({version}) with `pg_stat_statements`; default \
+         settings (Lease); per row one `bench hold-many` process (one `Session`, one lock per channel) takes every \
+         channel, then a second one waits on the same channels. Statements = `pg_stat_statements` calls + rollbacks \
+         of the workers' database over a window of {w}: the holder alone, then both (the standby's rate is the \
+         difference). Held in: from the holder process's start (before it connects) until it held every channel. \
+         RSS: `VmRSS` after each window, kB. Load average before: {}.\n\n\
+         | channels | holder statements/s | standby statements/s | holder held all in, ms | holder RSS kB | standby RSS kB | holder statements in window | both in window |\n\
+         |---|---|---|---|---|---|---|---|\n",
+        load_average(),
+        w = humantime::format_duration(args.scale_window),
+    );
+    for &channels in &args.scale_channels {
+        progress(&format!("scale: {channels} channels"));
+        let row = scale::measure(&server, channels.max(1), args.scale_window).await?;
+        progress(&format!(
+            "  {channels} channels: holder {} statements/s, standby {} statements/s",
+            fmt(row.holder_rate()),
+            fmt(row.standby_rate())
+        ));
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} + {} | {} + {} |",
+            row.channels,
+            fmt(row.holder_rate()),
+            fmt(row.standby_rate()),
+            match &row.held {
+                Ok(ms) => format!("{ms:.0}"),
+                Err(line) => format!("`{line}`"),
+            },
+            row.holder_rss.rss_kb,
+            row.standby_rss.rss_kb,
+            row.holder.statements,
+            row.holder.rollbacks,
+            row.both.statements,
+            row.both.rollbacks,
+        );
+    }
+    out.push('\n');
     Ok(out)
 }
 
@@ -626,6 +684,9 @@ async fn bench(args: &Args, core: Option<memory::CoreBytes>) -> Result<(), BoxEr
     if let Some(core) = core {
         emit(memory(args, &url, &core).await?);
     }
+    if args.wants(Measurement::Scale) {
+        emit(scale(args).await?);
+    }
     if args.wants(Measurement::Throughput) {
         emit(throughput(args, &url).await?);
     }
@@ -660,7 +721,10 @@ fn main() {
     // Counted before the runtime exists, so that no other thread allocates meanwhile.
     let core = if args.wants(Measurement::Memory) {
         match memory::core_bytes(args.channels.max(1)) {
-            Ok(core) => Some(core),
+            Ok(core) => {
+                progress(&format!("memory: core bytes per lock {core:?}"));
+                Some(core)
+            }
             Err(e) => {
                 eprintln!("bench: counting the core's bytes: {e}");
                 std::process::exit(1);

@@ -60,7 +60,8 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
 
-fn live_bytes() -> isize {
+/// Bytes live on the heap now (this binary's global allocator counts them).
+pub fn live_bytes() -> isize {
     LIVE_BYTES.load(Ordering::SeqCst)
 }
 
@@ -74,6 +75,9 @@ pub struct CoreBytes {
     /// Heap of a core `Session` per lock it was given (the lock, its entry, its channel routes),
     /// averaged over `count`.
     pub session_per_lock: f64,
+    /// The same session connected, every lock set up and holding (its first batch of attempts
+    /// won), averaged over `count`.
+    pub holding_per_lock: f64,
     /// Locks per measurement.
     pub count: usize,
 }
@@ -109,13 +113,74 @@ pub fn core_bytes(count: usize) -> Result<CoreBytes, BoxError> {
         )?;
     }
     let session_per_lock = (live_bytes() - before) as f64 / count as f64;
+    hold_all(&mut session, count)?;
+    let holding_per_lock = (live_bytes() - before) as f64 / count as f64;
     drop(session);
     Ok(CoreBytes {
         inline: std::mem::size_of::<Lock>(),
         lock_heap,
         session_per_lock,
+        holding_per_lock,
         count,
     })
+}
+
+/// Drives `session` (its `count` locks keyed 0..count) as a driver would until every lock
+/// holds: connect, bootstrap, listen, and every attempt won.
+fn hold_all(session: &mut Session, count: usize) -> Result<(), BoxError> {
+    use pgiplock_core::{
+        AcquireReply, CallId, FenceToken, LockCall, OpReply, Reply, SessionInput, SessionOp, SessionOutput, Timestamp,
+    };
+    let mut now = Timestamp::from_millis(1);
+    let mut pending = std::collections::VecDeque::new();
+    for i in 0..count {
+        let call = SessionInput::Call {
+            call: CallId(i as u64),
+            lock: LockKey(i as u64),
+            request: LockCall::Init,
+        };
+        pending.push_back(call);
+    }
+    let mut token = 0u64;
+    for _ in 0..1_000_000 {
+        let input = match pending.pop_front() {
+            Some(input) => input,
+            None if session.locks().all(|(_, l)| l.state().phase.is_holder()) => return Ok(()),
+            None => {
+                now = session.poll_timeout().ok_or("nothing to wait for")?.max(now);
+                SessionInput::Tick
+            }
+        };
+        session.handle_input(now, input);
+        while let Some(output) = session.poll_output() {
+            match output {
+                SessionOutput::Connect { session: id } => pending.push_back(SessionInput::Connected {
+                    session: id,
+                    app: "bench".into(),
+                    pid: 1,
+                }),
+                SessionOutput::Execute(request) => {
+                    let won = |token: &mut u64| {
+                        *token += 1;
+                        Reply::Acquire(AcquireReply::won(Some(FenceToken(*token))))
+                    };
+                    let result = match &request.op {
+                        SessionOp::AcquireMany { entries, .. } => {
+                            OpReply::Batch(entries.iter().map(|_| won(&mut token)).collect())
+                        }
+                        SessionOp::Lock { .. } => OpReply::Lock(won(&mut token)),
+                        _ => OpReply::Done,
+                    };
+                    pending.push_back(SessionInput::Reply {
+                        id: request.id,
+                        result: Ok(result),
+                    });
+                }
+                _ => {}
+            }
+        }
+    }
+    Err("the session did not hold every lock".into())
 }
 
 /// `VmRSS` and `VmHWM` of a process, in kB.
