@@ -63,11 +63,10 @@ enum ConnectFailure {
 
 type Connector = Arc<dyn Fn(Config) -> BoxFuture<'static, Result<Established, ConnectFailure>> + Send + Sync + 'static>;
 
-/// The identity query of every connection: backend pid, whether the server is in recovery or
-/// read-only, its address, its timeline (the first eight hex digits of its current WAL file's
+/// The identity query of every connection: backend pid, whether the server is in recovery, its
+/// address, its timeline (the first eight hex digits of its current WAL file's
 /// name, which any role may read; a standby has none) and its system identifier.
 const IDENTITY_SQL: &str = "SELECT pg_backend_pid(), pg_is_in_recovery(), \
-     current_setting('transaction_read_only') = 'on', \
      COALESCE(host(inet_server_addr()) || ':' || inet_server_port(), 'the unix socket'), \
      CASE WHEN pg_is_in_recovery() THEN NULL \
           ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::bigint END";
@@ -75,24 +74,20 @@ const IDENTITY_SQL: &str = "SELECT pg_backend_pid(), pg_is_in_recovery(), \
 /// Best effort: `pg_control_system()` may be revoked from the role.
 const SYSTEM_ID_SQL: &str = "SELECT system_identifier FROM pg_control_system()";
 
-/// Runs the identity queries: `Ok(None)` with a reason when the server is not writable.
+/// Runs the identity queries: `Ok(Err(reason))` when the server is a standby. A primary that
+/// refuses writes (`default_transaction_read_only`) is left to its first refused write
+/// (SQLSTATE 25006), which the core reports and leaves.
 async fn identify(client: &Client) -> Result<Result<(i32, Option<ServerIdentity>), String>, tokio_postgres::Error> {
     let row = client.query_one(IDENTITY_SQL, &[]).await?;
     let pid: i32 = row.try_get(0)?;
     let in_recovery: bool = row.try_get(1)?;
-    let read_only: bool = row.try_get(2)?;
-    let host: String = row.try_get(3)?;
+    let host: String = row.try_get(2)?;
     if in_recovery {
         return Ok(Err(format!(
             "{host} is a standby in recovery (pg_is_in_recovery()): locks need a writable primary"
         )));
     }
-    if read_only {
-        return Ok(Err(format!(
-            "{host} refuses writes (transaction_read_only is on): locks need a writable primary"
-        )));
-    }
-    let timeline: Option<i64> = row.try_get(4)?;
+    let timeline: Option<i64> = row.try_get(3)?;
     let system_id = match client.query_one(SYSTEM_ID_SQL, &[]).await {
         Ok(row) => row
             .try_get::<_, i64>(0)

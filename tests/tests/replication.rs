@@ -314,7 +314,9 @@ async fn a_worker_on_the_standby_warns_naming_it_and_holds_once_it_is_promoted()
     let (next, t_next, _) = fleet.wait_acquired_after(t_crash, &[both], bound).await;
     assert_eq!(next, on_standby);
     eprintln!(
-        "[lease async] a worker on the standby warned and held {:.0} ms after the promotion (bound {bound:?})",
+        "[lease async] a worker on the standby warned, then held {:.0} ms after the crash ({:.0} ms after pg_ctl \
+         promote returned; bound {bound:?})",
+        ms(t_crash, t_next),
         ms(t_promoted, t_next)
     );
     fleet.shutdown(Duration::from_secs(10)).await;
