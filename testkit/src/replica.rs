@@ -179,7 +179,8 @@ impl ReplicaPair {
 
     /// Waits (at most 30 s) until the replica has replayed everything the primary wrote so far.
     pub fn wait_caught_up(&self) -> Result<(), ClusterError> {
-        let lsn = query(&self.primary, "SELECT pg_current_wal_lsn()")?;
+        // The insert position: with synchronous_commit off the write position lags the last commit.
+        let lsn = query(&self.primary, "SELECT pg_current_wal_insert_lsn()")?;
         self.wait_for(
             &self.standby,
             "the replica to catch up",
