@@ -115,7 +115,8 @@ where
             let app = config.get_application_name().unwrap_or_default().to_owned();
             let (client, mut connection) = match config.connect(tls).await {
                 Ok(connected) => connected,
-                Err(e) if e.to_string().contains("does not allow writes") => {
+                // The words are in the error's source: its own message is "error connecting to server".
+                Err(e) if crate::error::describe(&e).contains("does not allow writes") => {
                     // tokio-postgres's target_session_attrs=read-write check, over every host.
                     return Err(ConnectFailure::NotWritable(format!(
                         "no writable server among {}: every host reached was a standby or read-only",
