@@ -322,3 +322,44 @@ async fn a_worker_on_the_standby_warns_naming_it_and_holds_once_it_is_promoted()
     fleet.shutdown(Duration::from_secs(10)).await;
     fleet.assert_invariants();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_reconnect_that_finds_only_the_standby_a_worker_warns_and_holds_once_it_is_promoted() {
+    let _heavy = heavy_guard().await;
+    let Some(pair) = pair(ReplicationMode::Async).await else {
+        return;
+    };
+    let mut fleet = Fleet::new(opts(&pair.url(), &unique_channel(), Protocol::Lease));
+    let worker = fleet.spawn();
+    fleet.wait_all_ready(STARTUP).await;
+    fleet.wait_holder(STARTUP).await;
+
+    // The primary is gone and the replica not yet promoted: every reconnection finds only a
+    // standby, and says so, naming both hosts.
+    let t_crash = now_us();
+    on_pair(&pair, ReplicaPair::crash_primary).await;
+    let hosts = format!(
+        "127.0.0.1:{}, 127.0.0.1:{}",
+        pair.primary().port(),
+        pair.standby().port()
+    );
+    wait_stderr(&fleet, worker, &format!("no writable server among {hosts}"), STARTUP).await;
+    let t_warned = now_us();
+    assert!(!fleet.worker(worker).has_exited(), "it keeps trying instead of exiting");
+    assert!(fleet.holders().is_empty(), "nobody holds without a writable server");
+
+    on_pair(&pair, ReplicaPair::promote).await;
+    let t_promoted = now_us();
+    let bound = TTL + INTERVAL + MAX_BACKOFF + SLACK;
+    let (next, t_next, token) = fleet.wait_acquired_after(t_crash, &[], bound).await;
+    assert_eq!(next, worker);
+    assert_eq!(token.map(|t| pgiplock::FenceToken(t).timeline()), Some(2));
+    eprintln!(
+        "[lease async] reconnect to the standby only: warned {:.0} ms after the crash; held {:.0} ms after pg_ctl \
+         promote returned (bound {bound:?})",
+        ms(t_crash, t_warned),
+        ms(t_promoted, t_next)
+    );
+    fleet.shutdown(Duration::from_secs(10)).await;
+    fleet.assert_invariants();
+}
