@@ -58,12 +58,12 @@ pub use name::{
 };
 pub use proto::{
     AcquireReply, DbError, DbOp, DbRequest, FenceToken, Marker, PreviousTerm, Progress, Reply, RequestId, SessionId,
-    StaleHolder, TerminateOutcome,
+    StaleHolder, TerminateOutcome, TOKEN_COUNTER_BITS,
 };
 pub use rng::SplitMix64;
 pub use session::{
     AddLockError, BatchEntry, CallError, CallId, CallReply, ConnPhase, DownReason, LockCall, LockKey, LockTarget, OpId,
-    OpReply, Session, SessionConfig, SessionEvent, SessionInput, SessionOp, SessionOutput, SessionRequest,
+    OpReply, ServerIdentity, Session, SessionConfig, SessionEvent, SessionInput, SessionOp, SessionOutput, SessionRequest,
     SessionState,
 };
 pub use time::Timestamp;

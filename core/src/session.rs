@@ -350,6 +350,26 @@ impl DownReason {
     }
 }
 
+/// Which server a connection reached, as it reports itself at connect: the database cluster
+/// (`pg_control_system()`'s system identifier, which a streaming replica shares with its
+/// primary) and the timeline it writes on (a promotion starts a new one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ServerIdentity {
+    /// The system identifier, if the role may read it.
+    pub system_id: Option<u64>,
+    /// The timeline the server writes on.
+    pub timeline: u32,
+}
+
+impl std::fmt::Display for ServerIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.system_id {
+            Some(id) => write!(f, "system {id}, timeline {}", self.timeline),
+            None => write!(f, "timeline {}", self.timeline),
+        }
+    }
+}
+
 /// A change of the connection, worth logging.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -390,6 +410,19 @@ pub enum SessionEvent {
         /// The operation that was refused.
         op: &'static str,
     },
+    /// This connection's server is not the one the previous connection reached: a failover
+    /// (a higher timeline: a replica was promoted), another cluster (a different system
+    /// identifier), or a server restored from an older backup (a lower timeline). Locks carry
+    /// on; a `Lease` row written on the older timeline is taken over only when its lease
+    /// expires (its holder's session lived on the other server).
+    ServerChanged {
+        /// The connection.
+        session: SessionId,
+        /// What the previous connection reported.
+        previous: ServerIdentity,
+        /// What this one reports.
+        current: ServerIdentity,
+    },
     /// The lock schema vanished (dropped under a running fleet): bootstrapping it again.
     SchemaMissing {
         /// The schema.
@@ -420,6 +453,14 @@ pub enum SessionInput {
         app: String,
         /// Its backend pid.
         pid: i32,
+    },
+    /// What the connection `session` reported about its server (optional: a driver that sends
+    /// none gets no [`SessionEvent::ServerChanged`]). Send it right after `Connected`.
+    Identified {
+        /// The connection.
+        session: SessionId,
+        /// Its server.
+        server: ServerIdentity,
     },
     /// The connection attempt `session` failed.
     ConnectFailed {
@@ -692,6 +733,8 @@ pub struct Session {
     /// The longest window within which any lock's renewal or attempt joins a batch: the timer
     /// scan of a batch stops there.
     horizon: Duration,
+    /// The server the latest identified connection reached.
+    server: Option<ServerIdentity>,
 }
 
 /// One lock's request waiting for its batch: the lock, its request id and the operation.
@@ -753,12 +796,18 @@ impl Session {
             batches: BTreeMap::new(),
             horizon: Duration::ZERO,
             configs: Vec::new(),
+            server: None,
         }
     }
 
     /// The configuration in force (clamped).
     pub fn config(&self) -> &SessionConfig {
         &self.config
+    }
+
+    /// The server the latest identified connection reached ([`SessionInput::Identified`]).
+    pub fn server(&self) -> Option<&ServerIdentity> {
+        self.server.as_ref()
     }
 
     /// Adds a lock on `channel`, its table in `schema`; `seed` drives its jitter. Nothing
@@ -909,6 +958,7 @@ impl Session {
         match input {
             SessionInput::Tick => {}
             SessionInput::Connected { session, app, pid } => self.on_connected(session, app, pid),
+            SessionInput::Identified { session, server } => self.on_identified(session, server),
             SessionInput::ConnectFailed { session, cause } => {
                 if matches!(self.link, Link::Connecting { session: s, .. } if s == session) {
                     self.connect_failed(session, cause);
@@ -1091,6 +1141,23 @@ impl Session {
         let keys: Vec<LockKey> = self.locks.iter().filter(|(_, e)| e.wanted).map(|(k, _)| *k).collect();
         for key in keys {
             self.prepare(key);
+        }
+    }
+
+    /// Records the server of the current connection and reports a change from the last one.
+    fn on_identified(&mut self, session: SessionId, server: ServerIdentity) {
+        if self.current() != Some(session) {
+            return;
+        }
+        if let Some(previous) = self.server.replace(server) {
+            if previous != server {
+                self.outputs
+                    .push_back(SessionOutput::Event(SessionEvent::ServerChanged {
+                        session,
+                        previous,
+                        current: server,
+                    }));
+            }
         }
     }
 

@@ -602,3 +602,81 @@ fn a_holder_whose_table_vanished_steps_down_at_once() {
     }));
     assert!(request(&out, "bootstrap").is_some());
 }
+
+#[test]
+fn a_new_timeline_at_a_reconnect_is_reported_once_and_the_same_server_is_not() {
+    let mut rig = Rig::new();
+    let first = rig.up();
+    let primary = ServerIdentity {
+        system_id: Some(42),
+        timeline: 1,
+    };
+    let out = rig.after(
+        ms(1),
+        SessionInput::Identified {
+            session: first,
+            server: primary,
+        },
+    );
+    assert!(
+        !has_event(&out, |e| matches!(e, SessionEvent::ServerChanged { .. })),
+        "{out:?}"
+    );
+    assert_eq!(rig.session.server(), Some(&primary));
+
+    // The connection drops; the next one reaches the same cluster on the next timeline.
+    rig.after(
+        ms(1),
+        SessionInput::Closed {
+            session: first,
+            error: None,
+        },
+    );
+    let out = rig.tick();
+    let second = connect_of(&out).expect("a reconnect");
+    rig.after(
+        ms(2),
+        SessionInput::Connected {
+            session: second,
+            app: "app-1".into(),
+            pid: 101,
+        },
+    );
+    // An identity for a connection that is not the current one changes nothing.
+    let stale = rig.after(
+        ms(1),
+        SessionInput::Identified {
+            session: first,
+            server: ServerIdentity {
+                system_id: Some(42),
+                timeline: 9,
+            },
+        },
+    );
+    assert!(!has_event(&stale, |e| matches!(e, SessionEvent::ServerChanged { .. })));
+    let promoted = ServerIdentity {
+        system_id: Some(42),
+        timeline: 2,
+    };
+    let out = rig.after(
+        ms(1),
+        SessionInput::Identified {
+            session: second,
+            server: promoted,
+        },
+    );
+    assert!(out.contains(&SessionOutput::Event(SessionEvent::ServerChanged {
+        session: second,
+        previous: primary,
+        current: promoted,
+    })));
+    assert_eq!(rig.session.server(), Some(&promoted));
+    let again = rig.after(
+        ms(1),
+        SessionInput::Identified {
+            session: second,
+            server: promoted,
+        },
+    );
+    assert!(!has_event(&again, |e| matches!(e, SessionEvent::ServerChanged { .. })));
+}

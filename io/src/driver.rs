@@ -16,12 +16,13 @@ use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use pgiplock_core::{
-    AppName, CallError, CallId, CallReply, DbError, DbOp, LockEvent, LockKey, OpId, OpReply, Reply, SessionEvent,
-    SessionId, SessionInput, SessionOp, SessionOutput, SessionRequest, Warning,
+    AppName, CallError, CallId, CallReply, DbError, DbOp, LockEvent, LockKey, OpId, OpReply, Reply, ServerIdentity,
+    SessionEvent, SessionId, SessionInput, SessionOp, SessionOutput, SessionRequest, Warning,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tokio_postgres::config::{Host, TargetSessionAttrs};
 use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 use tokio_postgres::{AsyncMessage, Client, Config, Socket};
 
@@ -46,12 +47,60 @@ struct Established {
     client: Arc<Client>,
     app: String,
     pid: i32,
+    /// Its server's identity, when it could be read.
+    server: Option<ServerIdentity>,
     events: mpsc::UnboundedReceiver<ConnEvent>,
     poller: JoinHandle<()>,
 }
 
-type Connector =
-    Arc<dyn Fn(Config) -> BoxFuture<'static, Result<Established, tokio_postgres::Error>> + Send + Sync + 'static>;
+/// Why a connection attempt failed.
+enum ConnectFailure {
+    /// The driver's error (unreachable, refused, authentication, ...).
+    Postgres(tokio_postgres::Error),
+    /// The server answered but is a standby in recovery or refuses writes; the words name it.
+    NotWritable(String),
+}
+
+type Connector = Arc<dyn Fn(Config) -> BoxFuture<'static, Result<Established, ConnectFailure>> + Send + Sync + 'static>;
+
+/// The identity query of every connection: backend pid, whether the server is in recovery, its
+/// address, its timeline (the first eight hex digits of its current WAL file's
+/// name, which any role may read; a standby has none) and its system identifier.
+const IDENTITY_SQL: &str = "SELECT pg_backend_pid(), pg_is_in_recovery(), \
+     COALESCE(host(inet_server_addr()) || ':' || inet_server_port(), 'the unix socket'), \
+     CASE WHEN pg_is_in_recovery() THEN NULL \
+          ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::bigint END";
+
+/// Best effort: `pg_control_system()` may be revoked from the role.
+const SYSTEM_ID_SQL: &str = "SELECT system_identifier FROM pg_control_system()";
+
+/// Runs the identity queries: `Ok(Err(reason))` when the server is a standby. A primary that
+/// refuses writes (`default_transaction_read_only`) is left to its first refused write
+/// (SQLSTATE 25006), which the core reports and leaves.
+async fn identify(client: &Client) -> Result<Result<(i32, Option<ServerIdentity>), String>, tokio_postgres::Error> {
+    let row = client.query_one(IDENTITY_SQL, &[]).await?;
+    let pid: i32 = row.try_get(0)?;
+    let in_recovery: bool = row.try_get(1)?;
+    let host: String = row.try_get(2)?;
+    if in_recovery {
+        return Ok(Err(format!(
+            "{host} is a standby in recovery (pg_is_in_recovery()): locks need a writable primary"
+        )));
+    }
+    let timeline: Option<i64> = row.try_get(3)?;
+    let system_id = match client.query_one(SYSTEM_ID_SQL, &[]).await {
+        Ok(row) => row
+            .try_get::<_, i64>(0)
+            .ok()
+            .map(|id| u64::from_ne_bytes(id.to_ne_bytes())),
+        Err(e) if e.as_db_error().is_some() => None,
+        Err(e) => return Err(e),
+    };
+    let server = timeline
+        .and_then(|t| u32::try_from(t).ok())
+        .map(|timeline| ServerIdentity { system_id, timeline });
+    Ok(Ok((pid, server)))
+}
 
 fn connector<T>(tls: T) -> Connector
 where
@@ -64,7 +113,18 @@ where
         let tls = tls.clone();
         async move {
             let app = config.get_application_name().unwrap_or_default().to_owned();
-            let (client, mut connection) = config.connect(tls).await?;
+            let (client, mut connection) = match config.connect(tls).await {
+                Ok(connected) => connected,
+                // The words are in the error's source: its own message is "error connecting to server".
+                Err(e) if crate::error::describe(&e).contains("does not allow writes") => {
+                    // tokio-postgres's target_session_attrs=read-write check, over every host.
+                    return Err(ConnectFailure::NotWritable(format!(
+                        "no writable server among {}: every host reached was a standby or read-only",
+                        hosts_of(&config)
+                    )));
+                }
+                Err(e) => return Err(ConnectFailure::Postgres(e)),
+            };
             let (tx, events) = mpsc::unbounded_channel();
             // Notifications only come out of `poll_message`; spawning the connection the usual
             // way would drop them. Its end becomes an event too, never silence.
@@ -97,21 +157,23 @@ where
                 }
             });
             let client = Arc::new(client);
-            let pid = match client.query_one("SELECT pg_backend_pid()", &[]).await {
-                Ok(row) => row.try_get::<_, i32>(0),
-                Err(e) => Err(e),
-            };
-            match pid {
-                Ok(pid) => Ok(Established {
+            match identify(&client).await {
+                Ok(Ok((pid, server))) => Ok(Established {
                     client,
                     app,
                     pid,
+                    server,
                     events,
                     poller,
                 }),
+                Ok(Err(not_writable)) => {
+                    // Never wait on a standby: close and let the core retry with backoff.
+                    poller.abort();
+                    Err(ConnectFailure::NotWritable(not_writable))
+                }
                 Err(e) => {
                     poller.abort();
-                    Err(e)
+                    Err(ConnectFailure::Postgres(e))
                 }
             }
         }
@@ -144,7 +206,30 @@ fn attempt_config(user: &Config, connect_timeout: Duration) -> Config {
     if config.get_keepalives_retries().is_none() {
         config.keepalives_retries(3);
     }
+    if config.get_hosts().len() > 1 && config.get_target_session_attrs() == TargetSessionAttrs::Any {
+        // Locks need a writable server: with several hosts, look for it (as libpq's
+        // target_session_attrs=read-write does) rather than settle on the first standby.
+        config.target_session_attrs(TargetSessionAttrs::ReadWrite);
+    }
     config
+}
+
+/// `host:port, host:port` of a configuration, for messages.
+fn hosts_of(config: &Config) -> String {
+    let ports = config.get_ports();
+    config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            let port = ports.get(i).or_else(|| ports.first()).copied().unwrap_or(5432);
+            match host {
+                Host::Tcp(name) => format!("{name}:{port}"),
+                Host::Unix(path) => format!("{}:{port}", path.display()),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Where a call's answer goes.
@@ -203,7 +288,9 @@ where
         queries: FuturesUnordered::new(),
         first: Some(first),
         first_deadline: Instant::now() + options.wait_limit(),
+        writable_deadline: Instant::now() + options.writable_limit(),
         last_connect_error: None,
+        not_writable: None,
         close_replies: Vec::new(),
         commands_open: true,
         closed: false,
@@ -264,10 +351,7 @@ impl Drop for Conn {
     }
 }
 
-type Attempt = (
-    SessionId,
-    BoxFuture<'static, Result<Established, tokio_postgres::Error>>,
-);
+type Attempt = (SessionId, BoxFuture<'static, Result<Established, ConnectFailure>>);
 
 struct Driver {
     core: pgiplock_core::Session,
@@ -286,7 +370,11 @@ struct Driver {
     /// Waits for the first connection's outcome ([`Session::connect`](crate::Session::connect)).
     first: Option<oneshot::Sender<Result<(), Error>>>,
     first_deadline: Instant,
+    /// How long the first connection keeps trying while it finds only standbys.
+    writable_deadline: Instant,
     last_connect_error: Option<tokio_postgres::Error>,
+    /// The last attempt reached a server that was not writable (its words).
+    not_writable: Option<String>,
     close_replies: Vec<oneshot::Sender<()>>,
     /// Some handle can still send commands (the channel has not reported its end).
     commands_open: bool,
@@ -323,7 +411,7 @@ enum Wake {
     Command(Option<Command>),
     Conn(Option<ConnEvent>),
     Query(QueryDone),
-    Connected(Result<Established, tokio_postgres::Error>),
+    Connected(Result<Established, ConnectFailure>),
     Timer,
 }
 
@@ -425,7 +513,7 @@ impl Driver {
                     };
                     match result {
                         Ok(established) => {
-                            let (app, pid) = (established.app.clone(), established.pid);
+                            let (app, pid, server) = (established.app.clone(), established.pid, established.server);
                             self.conn = Some(Conn {
                                 session,
                                 client: established.client,
@@ -434,10 +522,20 @@ impl Driver {
                                 poller: Some(established.poller),
                             });
                             self.feed(SessionInput::Connected { session, app, pid });
+                            if let Some(server) = server {
+                                self.feed(SessionInput::Identified { session, server });
+                            }
                         }
-                        Err(e) => {
+                        Err(ConnectFailure::Postgres(e)) => {
                             let cause = crate::error::describe(&e);
                             self.last_connect_error = Some(e);
+                            self.not_writable = None;
+                            self.feed(SessionInput::ConnectFailed { session, cause });
+                        }
+                        Err(ConnectFailure::NotWritable(cause)) => {
+                            tracing::warn!(attempt = session.0, cause = %cause, "not a writable server; disconnected, trying again");
+                            self.last_connect_error = None;
+                            self.not_writable = Some(cause.clone());
                             self.feed(SessionInput::ConnectFailed { session, cause });
                         }
                     }
@@ -756,11 +854,17 @@ impl Driver {
                 retry_in,
             } => {
                 tracing::warn!(attempt = session.0, cause = %cause, retry_in = ?retry_in, "connection attempt failed");
-                let give_up = retry_in.map_or(true, |d| Instant::now() + d > self.first_deadline);
+                // A standby may be a failover in progress: wait longer for a writable server.
+                let deadline = match self.not_writable {
+                    Some(_) => self.writable_deadline,
+                    None => self.first_deadline,
+                };
+                let give_up = retry_in.map_or(true, |d| Instant::now() + d > deadline);
                 if give_up {
                     if let Some(first) = self.first.take() {
-                        let error = match self.last_connect_error.take() {
-                            Some(e) if !cause.starts_with("no answer within") => Error::Connect(e),
+                        let error = match (self.last_connect_error.take(), self.not_writable.take()) {
+                            (_, Some(cause)) => Error::NotWritable { cause },
+                            (Some(e), None) if !cause.starts_with("no answer within") => Error::Connect(e),
                             _ => Error::ConnectTimeout {
                                 timeout: self.connect_timeout,
                             },
@@ -779,6 +883,25 @@ impl Driver {
                     op,
                     "the server is read-only (SQLSTATE 25006): locks need a writable primary; reconnecting \
                      (use a multi-host connection string with target_session_attrs=read-write to find one)"
+                );
+            }
+            SessionEvent::ServerChanged {
+                session,
+                previous,
+                current,
+            } => {
+                let what = if previous.system_id != current.system_id {
+                    "another database cluster"
+                } else if current.timeline > previous.timeline {
+                    "a failover (a replica was promoted)"
+                } else {
+                    "a server on an older timeline (restored from a backup?)"
+                };
+                tracing::warn!(
+                    connection = session.0,
+                    previous = %previous,
+                    current = %current,
+                    "the server changed: {what}; lease rows of the older timeline are taken over only when their lease expires"
                 );
             }
             SessionEvent::SchemaMissing { schema, error } => {
@@ -885,7 +1008,7 @@ async fn recv_event(conn: &mut Option<Conn>) -> Option<ConnEvent> {
     }
 }
 
-async fn poll_connecting(connecting: &mut Option<Attempt>) -> Result<Established, tokio_postgres::Error> {
+async fn poll_connecting(connecting: &mut Option<Attempt>) -> Result<Established, ConnectFailure> {
     match connecting {
         Some((_, attempt)) => attempt.await,
         None => std::future::pending().await,

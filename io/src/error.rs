@@ -71,6 +71,14 @@ pub enum Error {
     /// The server refuses writes (a hot standby, or `default_transaction_read_only`).
     #[error("the server is read-only (SQLSTATE 25006): locks need a writable primary")]
     ReadOnly,
+    /// Every server the first connection reached was a standby in recovery or refused writes,
+    /// for as long as [`SessionOptions::wait_for_writable`](crate::SessionOptions::wait_for_writable)
+    /// allowed.
+    #[error("no writable server: {cause}")]
+    NotWritable {
+        /// The last attempt's finding, naming the host.
+        cause: String,
+    },
     /// The session task ended abnormally; every lock of the session is gone with it.
     #[error("the session ended: {cause}")]
     SessionEnded {

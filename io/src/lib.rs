@@ -62,7 +62,7 @@ mod term;
 pub use error::{ConfigError, DbError, Error, NameError, PgError};
 pub use lock::{destroy_all, has_instances, LockMessage, LockOptions, PgIpLock, Subscription};
 pub use pgiplock_core::{FenceToken, LostReason, Protocol, SignalKind, Warning};
-pub use session::{Session, SessionOptions};
+pub use session::{Session, SessionOptions, DEFAULT_WAIT_FOR_WRITABLE};
 pub use signal::{shutdown_on_signal, spawn_signal_handler, Shutdown};
 pub use sql::{lock_status, lock_status_on, LockStatus};
 pub use term::{LockState, Term};

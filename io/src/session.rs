@@ -31,13 +31,19 @@ use crate::Error;
 pub struct SessionOptions {
     core: SessionConfig,
     wait_for_server: Duration,
+    wait_for_writable: Duration,
 }
+
+/// How long a first connection keeps trying when it reaches only standbys (a failover in
+/// progress), by default.
+pub const DEFAULT_WAIT_FOR_WRITABLE: Duration = Duration::from_secs(60);
 
 impl Default for SessionOptions {
     fn default() -> Self {
         SessionOptions {
             core: SessionConfig::default(),
             wait_for_server: Duration::ZERO,
+            wait_for_writable: DEFAULT_WAIT_FOR_WRITABLE,
         }
     }
 }
@@ -78,6 +84,21 @@ impl SessionOptions {
     pub fn wait_for_server(mut self, limit: Duration) -> Self {
         self.wait_for_server = limit;
         self
+    }
+
+    /// How long [`Session::connect`] keeps retrying (with the reconnect backoff) while every
+    /// server it reaches is a standby in recovery or refuses writes, as during a failover
+    /// between a primary's crash and a replica's promotion (default 60 s; at least the
+    /// [`wait_for_server`](Self::wait_for_server) limit). It then fails with
+    /// [`Error::NotWritable`] naming the host. A server that cannot be reached at all is
+    /// governed by `wait_for_server` alone.
+    pub fn wait_for_writable(mut self, limit: Duration) -> Self {
+        self.wait_for_writable = limit;
+        self
+    }
+
+    pub(crate) fn writable_limit(&self) -> Duration {
+        self.wait_for_writable.max(self.wait_for_server)
     }
 
     pub(crate) fn core(&self) -> SessionConfig {

@@ -148,7 +148,9 @@ BEGIN
   IF row_found AND r.holder IS NOT NULL AND r.holder IS DISTINCT FROM p_app AND r.expires_at > now() THEN
     SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a
                    WHERE a.pid = r.holder_pid AND a.application_name = r.holder) INTO holder_alive;
-    IF holder_alive THEN
+    -- A term of an older timeline was held through another server: its session cannot be seen
+    -- here, so only its lease's end frees it.
+    IF holder_alive OR {qs}.older_timeline(r.token) THEN
       remaining_us := GREATEST(0, (EXTRACT(EPOCH FROM (r.expires_at - now())) * 1000000)::bigint);
       holder_token := r.token;
       holder_pid := r.holder_pid;
@@ -164,7 +166,7 @@ BEGIN
   IF r.holder IS NOT NULL AND r.holder IS DISTINCT FROM p_app THEN
     SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a
                    WHERE a.pid = r.holder_pid AND a.application_name = r.holder) INTO holder_alive;
-    IF holder_alive AND r.expires_at > now() THEN
+    IF (holder_alive OR {qs}.older_timeline(r.token)) AND r.expires_at > now() THEN
       remaining_us := GREATEST(0, (EXTRACT(EPOCH FROM (r.expires_at - now())) * 1000000)::bigint);
       holder_token := r.token;
       holder_pid := r.holder_pid;
@@ -179,7 +181,7 @@ BEGIN
     prev_released := r.holder IS NULL;
   END IF;
   UPDATE {qs}.lease l
-     SET holder = p_app, holder_pid = pg_backend_pid(), token = l.token + 1,
+     SET holder = p_app, holder_pid = pg_backend_pid(), token = {qs}.next_token(l.token),
          expires_at = now() + p_ttl_us * INTERVAL '1 microsecond', acquired_at = now()
    WHERE l.channel = p_channel
   RETURNING l.token INTO token;
@@ -192,6 +194,41 @@ BEGIN
   PERFORM pg_notify(p_lock_channel, 'acquired:' || token);
 END
 "#
+    )
+}
+
+/// The timeline the server writes on, from its current WAL file's name (any role may read it;
+/// `pg_control_checkpoint()` lags a promotion until the next checkpoint); NULL in recovery, where
+/// every write fails as read-only anyway.
+fn lease_timeline_body() -> String {
+    "SELECT CASE WHEN pg_is_in_recovery() THEN NULL \
+     ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::bigint END"
+        .to_owned()
+}
+
+/// The one rule of token issue: the token after `p_prev` on the current timeline. A token is
+/// `(timeline - 1) << 40 | counter` ([`FenceToken::timeline`]): on the timeline of `p_prev` it is
+/// `p_prev + 1`; on a later one the counter goes on under the new timeline, so it exceeds every
+/// token of the earlier timelines, also those a lost replication tail took with it. Never less
+/// than `p_prev + 1`. Every statement that acquires calls it.
+fn lease_next_token_body(qs: &str) -> String {
+    format!(
+        "SELECT GREATEST(p_prev + 1, \
+         ((COALESCE({qs}.timeline(), 1) - 1) << {bits}) + (p_prev & {mask}) + 1)",
+        bits = pgiplock_core::TOKEN_COUNTER_BITS,
+        mask = (1u64 << pgiplock_core::TOKEN_COUNTER_BITS) - 1
+    )
+}
+
+/// Whether `p_token` was issued on an older timeline than the current one: its holder's session
+/// lived on another server, so "its session is gone" proves nothing here. Configurable per
+/// session or role: `pgiplock.old_timeline_takeover = 'session_gone'` takes such a row over as
+/// any other (at once, when its holder's session is not on this server).
+fn lease_older_timeline_body(qs: &str) -> String {
+    format!(
+        "SELECT COALESCE(current_setting('pgiplock.old_timeline_takeover', true), '') <> 'session_gone' \
+         AND COALESCE((p_token >> {bits}) + 1 < {qs}.timeline(), false)",
+        bits = pgiplock_core::TOKEN_COUNTER_BITS
     )
 }
 
@@ -389,6 +426,24 @@ fn bootstrap_sql(protocol: Protocol, schema: &SchemaName) -> String {
                     "terminate_stale",
                     "(p_pid integer, p_app text) RETURNS text LANGUAGE plpgsql AS ",
                     lease_terminate_body(),
+                    None,
+                ),
+                (
+                    "timeline",
+                    "() RETURNS bigint LANGUAGE sql AS ",
+                    lease_timeline_body(),
+                    None,
+                ),
+                (
+                    "next_token",
+                    "(p_prev bigint) RETURNS bigint LANGUAGE sql AS ",
+                    lease_next_token_body(&qs),
+                    None,
+                ),
+                (
+                    "older_timeline",
+                    "(p_token bigint) RETURNS boolean LANGUAGE sql AS ",
+                    lease_older_timeline_body(&qs),
                     None,
                 ),
             ];

@@ -101,8 +101,9 @@ async fn bootstrap_many(protocol: Protocol) {
         .unwrap()
         .get(0);
     // Classic: deadlock_check, notify_lock; Lease: acquire_v2, renew_v2, release_v2,
-    // terminate_stale, and the batched renew_many and acquire_many.
-    assert_eq!(functions, if protocol == Protocol::Classic { 2 } else { 6 });
+    // terminate_stale, the batched renew_many and acquire_many, and the token helpers timeline,
+    // next_token and older_timeline.
+    assert_eq!(functions, if protocol == Protocol::Classic { 2 } else { 9 });
     if protocol == Protocol::Classic {
         let triggers: i64 = admin
             .client
@@ -373,4 +374,65 @@ async fn lease_tokens_fencing_expiry_and_stale_holders() {
         .await
         .unwrap()
         .is_empty());
+}
+
+/// The token rule of `next_token`, on whatever timeline the test server writes: the counter
+/// goes on within a timeline, a token issued on this timeline starts above every token of the
+/// earlier ones, and a token never goes down (even one claiming a later timeline). The
+/// promotion itself is in `tests/tests/replication.rs`.
+#[tokio::test]
+async fn lease_tokens_carry_the_timeline_in_their_high_bits() {
+    let schema = unique("t_epoch");
+    let _cleanup = SchemaGuard::new(&schema);
+    let c = raw_client("epoch").await;
+    sql::bootstrap(&c.client, Protocol::Lease, &SchemaName::new(&schema).unwrap())
+        .await
+        .unwrap();
+    let qs = pgiplock_core::quote_ident(&schema);
+    let row = c
+        .client
+        .query_one(
+            &format!(
+                "SELECT {qs}.timeline(), ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::bigint"
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    let (timeline, from_wal): (i64, i64) = (row.get(0), row.get(1));
+    assert_eq!(timeline, from_wal);
+    let base = (timeline - 1) << pgiplock_core::TOKEN_COUNTER_BITS;
+    let next = |prev: i64| {
+        let sql = format!("SELECT {qs}.next_token($1)");
+        let client = &c.client;
+        async move { client.query_one(&sql, &[&prev]).await.unwrap().get::<_, i64>(0) }
+    };
+    let older = |token: i64| {
+        let sql = format!("SELECT {qs}.older_timeline($1)");
+        let client = &c.client;
+        async move { client.query_one(&sql, &[&token]).await.unwrap().get::<_, bool>(0) }
+    };
+    assert_eq!(next(0).await, base + 1, "a new row's first token");
+    assert_eq!(
+        next(base + 41).await,
+        base + 42,
+        "the counter goes on within a timeline"
+    );
+    let later = (timeline << pgiplock_core::TOKEN_COUNTER_BITS) + 5;
+    assert_eq!(next(later).await, later + 1, "never below the previous token");
+    assert!(!older(base + 3).await);
+    assert!(!older(later).await);
+    if timeline > 1 {
+        assert!(older(1).await, "a timeline-1 token is older here");
+        assert_eq!(next(7).await, base + 8, "above every token of timeline 1");
+    }
+    // A row's tokens come from it: on a single server (timeline 1) 1, 2, 3 as ever.
+    let t = target(Protocol::Lease, &schema, "epoch", &c.app, Duration::from_secs(5));
+    let first = acquire(&c, &t).await;
+    assert_eq!(first.token.map(|t| t.0), Some(u64::try_from(base + 1).unwrap()));
+    assert_eq!(
+        FenceToken(u64::try_from(base + 1).unwrap()).timeline(),
+        u64::try_from(timeline).unwrap()
+    );
+    drop_schema(&schema).await;
 }

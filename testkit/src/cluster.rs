@@ -107,6 +107,18 @@ impl TempCluster {
     }
 
     fn start_as(run_as: RunAs) -> Result<TempCluster, ClusterError> {
+        let mut cluster = Self::create(run_as)?;
+        cluster.initdb()?;
+        cluster.start_on_free_port()?;
+        Ok(cluster)
+    }
+
+    /// A cluster directory with nothing in it yet (no data directory, no server).
+    pub(crate) fn create_empty() -> Result<TempCluster, ClusterError> {
+        Self::create(run_as()?)
+    }
+
+    fn create(run_as: RunAs) -> Result<TempCluster, ClusterError> {
         let bin_dir = find_bin_dir().ok_or(ClusterError::BinariesNotFound)?;
         let dir = tempfile::Builder::new()
             .prefix("pgiplock-cluster-")
@@ -117,26 +129,77 @@ impl TempCluster {
         }
         let data_dir = dir.path().join("data");
         let log_file = dir.path().join("server.log");
-        let mut cluster = TempCluster {
+        Ok(TempCluster {
             dir,
             data_dir,
             log_file,
             bin_dir,
             port: 0,
             run_as,
-        };
-        cluster.initdb()?;
+        })
+    }
+
+    /// Picks a free port, appends our settings and starts the server, retrying on another port
+    /// when the first was taken meanwhile.
+    pub(crate) fn start_on_free_port(&mut self) -> Result<(), ClusterError> {
         let mut attempt = 1;
         loop {
-            cluster.port = free_port()?;
-            cluster.write_config()?;
-            match cluster.pg_ctl(&["start"]) {
-                Ok(()) => return Ok(cluster),
+            self.port = free_port()?;
+            self.write_config()?;
+            match self.pg_ctl(&["start"]) {
+                Ok(()) => return Ok(()),
                 // Most likely someone took the port between our probe and the server's bind.
                 Err(_) if attempt < START_ATTEMPTS => attempt += 1,
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// The data directory.
+    pub(crate) fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// Runs one of the server binaries (`pg_basebackup`, `psql`, ...) as the server user and
+    /// returns its standard output.
+    pub(crate) fn run_tool(&self, program: &str, args: &[OsString]) -> Result<String, ClusterError> {
+        let binary = self.tool(program);
+        let described = format!(
+            "{} {}",
+            binary.display(),
+            args.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ")
+        );
+        let output = self
+            .command(&binary, args)
+            .output()
+            .map_err(|e| ClusterError::io(format!("running {described}"), e))?;
+        if output.status.success() {
+            return Ok(String::from_utf8_lossy(&output.stdout).into_owned());
+        }
+        Err(ClusterError::Command {
+            command: described,
+            status: output.status.to_string(),
+            output: self.failure_text(&output),
+        })
+    }
+
+    /// Where `program` is: beside `initdb`, or else beside the file `pg_ctl` links to (a
+    /// `PATH` directory may link only the two binaries we look for).
+    fn tool(&self, program: &str) -> PathBuf {
+        let beside = self.bin_dir.join(program);
+        if beside.is_file() {
+            return beside;
+        }
+        std::fs::canonicalize(self.bin_dir.join("pg_ctl"))
+            .ok()
+            .and_then(|pg_ctl| pg_ctl.parent().map(|dir| dir.join(program)))
+            .filter(|linked| linked.is_file())
+            .unwrap_or(beside)
+    }
+
+    /// Runs `pg_ctl` with `action` (for example `["promote"]`), waiting up to 30 s.
+    pub(crate) fn control(&self, action: &[&str]) -> Result<(), ClusterError> {
+        self.pg_ctl(action)
     }
 
     /// The TCP port the server listens on (on `127.0.0.1`).
@@ -178,6 +241,12 @@ impl TempCluster {
     /// Starts a stopped server again, on the same port.
     pub fn start_again(&self) -> Result<(), ClusterError> {
         self.pg_ctl(&["start"])
+    }
+
+    /// Crashes the server: an immediate shutdown, as a power cut would (no checkpoint; clients
+    /// see their connections end). [`start_again`](Self::start_again) runs crash recovery.
+    pub fn crash(&self) -> Result<(), ClusterError> {
+        self.pg_ctl(&["stop", "-m", "immediate"])
     }
 
     fn initdb(&self) -> Result<(), ClusterError> {
@@ -234,24 +303,7 @@ impl TempCluster {
     }
 
     fn run_server_command(&self, program: &str, args: &[OsString]) -> Result<(), ClusterError> {
-        let binary = self.bin_dir.join(program);
-        let described = format!(
-            "{} {}",
-            binary.display(),
-            args.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ")
-        );
-        let output = self
-            .command(&binary, args)
-            .output()
-            .map_err(|e| ClusterError::io(format!("running {described}"), e))?;
-        if output.status.success() {
-            return Ok(());
-        }
-        Err(ClusterError::Command {
-            command: described,
-            status: output.status.to_string(),
-            output: self.failure_text(&output),
-        })
+        self.run_tool(program, args).map(|_| ())
     }
 
     /// Builds the command line, wrapped to run as the server user when needed.

@@ -258,6 +258,27 @@ fn message_line<'a>(channel: &'a str, message: &'a LockMessage) -> Option<Line<'
     })
 }
 
+/// How long `init` is tried again while the connection keeps failing (a failover between a
+/// primary's crash and a replica's promotion takes seconds to tens of seconds).
+const INIT_RETRY_WINDOW: Duration = Duration::from_secs(60);
+
+/// `init`, tried again while it fails only because the connection attempt in progress failed
+/// (the lock competes in the background meanwhile), for up to [`INIT_RETRY_WINDOW`].
+async fn init_through_failover(lock: &PgIpLock) -> Result<(), pgiplock::Error> {
+    let deadline = tokio::time::Instant::now() + INIT_RETRY_WINDOW;
+    loop {
+        match lock.init().await {
+            Err(pgiplock::Error::Disconnected { cause }) if tokio::time::Instant::now() < deadline => {
+                tracing::warn!(cause = %cause, "not connected while starting; trying again");
+                // `init` waits for the next connection attempt, whose backoff paces this loop;
+                // the floor keeps it from spinning should an attempt fail at once.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Runs a worker until SIGTERM/SIGINT (or the lock stops), then releases and exits.
 pub(crate) async fn run(args: WorkerArgs) -> Result<(), CliError> {
     let (config, options) = args.options()?;
@@ -271,7 +292,7 @@ pub(crate) async fn run(args: WorkerArgs) -> Result<(), CliError> {
     let mut subscription = lock.subscribe();
     tracing::info!(channel = %args.channel, schema = lock.schema_name(), app = %session.app_name(), "worker starting");
     let started = tokio::select! {
-        started = lock.init() => started.map(|()| true),
+        started = init_through_failover(&lock) => started.map(|()| true),
         () = stop.requested() => Ok(false),
     };
     let result = match started {
