@@ -63,7 +63,7 @@ pub use proto::{
 pub use rng::SplitMix64;
 pub use session::{
     AddLockError, BatchEntry, CallError, CallId, CallReply, ConnPhase, DownReason, LockCall, LockKey, LockTarget, OpId,
-    OpReply, ServerIdentity, Session, SessionConfig, SessionEvent, SessionInput, SessionOp, SessionOutput, SessionRequest,
-    SessionState,
+    OpReply, ServerIdentity, Session, SessionConfig, SessionEvent, SessionInput, SessionOp, SessionOutput,
+    SessionRequest, SessionState,
 };
 pub use time::Timestamp;
