@@ -83,8 +83,9 @@ fn two_processes_with_forgers_and_read_only_windows() -> Scenario {
     }
 }
 
-fn passes_d1(scenario: &Scenario, seed: u64, flags: &str) {
-    assert_eq!(scenario.to_cli_args(), flags, "the scenario is the one found");
+/// Runs `scenario` with D1 checked (its drift within the bound) and every other checker; the
+/// report, which must show a schema drop.
+fn passes_across_a_drop(scenario: &Scenario, seed: u64) -> pgiplock_sim::Report {
     assert!(scenario.drift < scenario.drift_bound(), "D1 is checked");
     let report = common::run_ok(scenario, seed);
     assert!(
@@ -92,6 +93,12 @@ fn passes_d1(scenario: &Scenario, seed: u64, flags: &str) {
         "{}",
         report.table()
     );
+    report
+}
+
+fn passes_d1(scenario: &Scenario, seed: u64, flags: &str) {
+    assert_eq!(scenario.to_cli_args(), flags, "the scenario is the one found");
+    let report = passes_across_a_drop(scenario, seed);
     assert!(report.flagged_duplicates > 0, "{}", report.table());
 }
 
@@ -161,14 +168,7 @@ fn found_1753() -> Scenario {
 
 #[test]
 fn the_new_rows_terms_are_believed_after_a_schema_drop_seed_1753() {
-    let scenario = found_1753();
-    assert!(scenario.drift < scenario.drift_bound(), "D1 is checked");
-    let report = common::run_ok(&scenario, 1753);
-    assert!(
-        report.messages_by_fault.contains_key("schema_drop"),
-        "{}",
-        report.table()
-    );
+    passes_across_a_drop(&found_1753(), 1753);
 }
 
 fn found_2699() -> Scenario {
@@ -205,14 +205,7 @@ fn found_2699() -> Scenario {
 
 #[test]
 fn the_new_rows_terms_are_believed_after_a_schema_drop_seed_2699() {
-    let scenario = found_2699();
-    assert!(scenario.drift < scenario.drift_bound(), "D1 is checked");
-    let report = common::run_ok(&scenario, 2699);
-    assert!(
-        report.messages_by_fault.contains_key("schema_drop"),
-        "{}",
-        report.table()
-    );
+    passes_across_a_drop(&found_2699(), 2699);
 }
 
 fn found_2877() -> Scenario {
@@ -249,14 +242,7 @@ fn found_2877() -> Scenario {
 
 #[test]
 fn the_new_rows_terms_are_believed_after_a_schema_drop_seed_2877() {
-    let scenario = found_2877();
-    assert!(scenario.drift < scenario.drift_bound(), "D1 is checked");
-    let report = common::run_ok(&scenario, 2877);
-    assert!(
-        report.messages_by_fault.contains_key("schema_drop"),
-        "{}",
-        report.table()
-    );
+    passes_across_a_drop(&found_2877(), 2877);
 }
 
 fn found_3804() -> Scenario {
@@ -293,12 +279,5 @@ fn found_3804() -> Scenario {
 
 #[test]
 fn the_new_rows_terms_are_believed_after_a_schema_drop_seed_3804() {
-    let scenario = found_3804();
-    assert!(scenario.drift < scenario.drift_bound(), "D1 is checked");
-    let report = common::run_ok(&scenario, 3804);
-    assert!(
-        report.messages_by_fault.contains_key("schema_drop"),
-        "{}",
-        report.table()
-    );
+    passes_across_a_drop(&found_3804(), 3804);
 }
