@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use pgiplock::{LockOptions, Session};
 use pgiplock_core::quote_ident;
-use pgiplock_tests::{now_us, Protocol};
+use pgiplock_tests::{now_us, EventKind, Fleet, Protocol};
 use serde_json::json;
 use tokio_postgres::{AsyncMessage, NoTls};
 
@@ -24,6 +24,21 @@ fn emit(line: &serde_json::Value) -> Result<(), BoxError> {
     writeln!(stdout, "{line}")?;
     stdout.flush()?;
     Ok(())
+}
+
+/// The plain-text lines (`held ...`, `heap ...`) worker `index` of `fleet` printed on stdout,
+/// one per line: complete once its `ready` was seen, since they come before it on the same pipe.
+pub fn report(fleet: &Fleet, index: usize) -> String {
+    let mut out = String::new();
+    for event in fleet.events() {
+        if let EventKind::Unparsed { line } = &event.kind {
+            if event.worker == index {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
 }
 
 /// Completes when stdin reaches its end (the bench closed it or died).
@@ -70,11 +85,12 @@ pub async fn raw_listen(url: &str, channel: &str) -> Result<(), BoxError> {
 
 /// `hold-many`: one session with a lock on each of `prefix0 .. prefix{n-1}` in `schema`.
 /// With `expect_all`, `ready` waits until every lock is held (at most [`HOLD_ALL_WAIT`]);
-/// otherwise it follows `init()`. Goes to stderr: `held <k> of <n> in <ms> ms`, the time from
+/// otherwise it follows `init()`. Prints, on stdout before `ready` (see [`report`]):
+/// `held <k> of <n> in <ms> ms`, the time from
 /// the start of this function (before the connection) until every lock was held, or
 /// `held <k> of <n>, not all, after <ms> ms` when the wait ended first (`init` calls that
 /// failed are counted on the same line); `ready` follows either way, so that the load of a
-/// session that cannot hold everything can be measured too.
+/// session that cannot hold everything can be measured too; then `heap <kB> kB`.
 pub async fn hold_many(
     url: &str,
     schema: &str,
@@ -110,12 +126,13 @@ pub async fn hold_many(
     } else {
         String::new()
     };
+    // On stdout, before `ready`: whoever sees `ready` has these lines too (one pipe, in order).
     if all {
-        eprintln!("held {} of {channels} in {ms:.1} ms{failed}", held());
+        println!("held {} of {channels} in {ms:.1} ms{failed}", held());
     } else {
-        eprintln!("held {} of {channels}, not all, after {ms:.1} ms{failed}", held());
+        println!("held {} of {channels}, not all, after {ms:.1} ms{failed}", held());
     }
-    eprintln!("heap {} kB", crate::memory::live_bytes() / 1024);
+    println!("heap {} kB", crate::memory::live_bytes() / 1024);
     emit(&json!({"event": "ready", "app": session.app_name(), "pid": std::process::id(), "t_us": now_us()}))?;
     let _ = stdin_closed().await;
     session.close().await;

@@ -17,9 +17,9 @@ use crate::{progress, BoxError};
 /// The workers' database: the monitor connects to `postgres`, so none of its own statements or
 /// transactions are counted.
 const WORKER_DB: &str = "bench_idle";
-/// Time after the last worker is ready before a window opens: start-up statements stay out,
-/// and so do their transaction counts, which an idle backend reports within about ten seconds.
-const WARMUP: Duration = Duration::from_secs(12);
+// Windows open `--warmup` (12 s by default) after the last worker is ready: start-up
+// statements stay out, and so do their transaction counts, which an idle backend reports
+// within about ten seconds.
 /// Bound on every wait for a worker event.
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -236,19 +236,26 @@ impl Server {
         Ok(self.monitor.query_one("SELECT version()", &[]).await?.get(0))
     }
 
-    /// Measures `protocol` at its default settings over two windows of `length`.
-    pub async fn measure(&self, protocol: Protocol, standbys: usize, length: Duration) -> Result<Load, BoxError> {
+    /// Measures `protocol` at its default settings over two windows of `length`, each opened
+    /// `warmup` after the workers are ready.
+    pub async fn measure(
+        &self,
+        protocol: Protocol,
+        standbys: usize,
+        length: Duration,
+        warmup: Duration,
+    ) -> Result<Load, BoxError> {
         let opts = WorkerOpts::new(&self.worker_url(), &unique_channel(), None, protocol);
         let mut fleet = Fleet::new(opts);
         let holder = fleet.spawn();
         fleet.wait_ready(holder, WAIT).await;
         fleet.wait_holder(WAIT).await;
-        tokio::time::sleep(WARMUP).await;
+        tokio::time::sleep(warmup).await;
         progress(&format!("  {protocol}: the holder alone for {length:?}"));
         let alone = window(&self.monitor, length).await?;
         fleet.spawn_many(standbys);
         fleet.wait_all_ready(WAIT).await;
-        tokio::time::sleep(WARMUP).await;
+        tokio::time::sleep(warmup).await;
         progress(&format!(
             "  {protocol}: the holder and {standbys} standbys for {length:?}"
         ));
@@ -259,7 +266,7 @@ impl Server {
         let channel = fleet.base().channel.clone();
         let stop = tokio_util::sync::CancellationToken::new();
         let forger = tokio::spawn(forge(self.cluster.config(), protocol, channel, stop.clone()));
-        tokio::time::sleep(WARMUP).await;
+        tokio::time::sleep(warmup).await;
         let forged = window(&self.monitor, length).await?;
         stop.cancel();
         let forged_sent = forger.await??;

@@ -128,8 +128,8 @@ struct Args {
     /// Floor-probe trials just before each handover or crash.
     #[arg(long, default_value_t = 3)]
     probes: usize,
-    /// Acquire intervals of the crash failover (`default` is the worker's: 30 s).
-    #[arg(long, value_delimiter = ',', default_value = "default,1s", value_parser = parse_interval)]
+    /// Acquire intervals of the crash failover, durations or `default` (the worker's: 30 s).
+    #[arg(long, value_name = "DURATION", value_delimiter = ',', default_value = "default,1s", value_parser = parse_interval)]
     crash_intervals: Vec<Interval>,
     /// Crashes per fleet at the default interval (each may wait up to 30 s under Classic).
     #[arg(long, default_value_t = 5)]
@@ -137,9 +137,13 @@ struct Args {
     /// Standbys of the crash failover's fleets.
     #[arg(long, default_value_t = 10)]
     crash_standbys: usize,
-    /// Length of each idle-load window (the holder alone, then with the standbys).
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    /// Length of each idle-load window (the holder alone, then with the standbys), a duration.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
     window: Duration,
+    /// Wait after set-up before each idle-load and many-channel window opens, a duration
+    /// (shorter lets start-up statements into the window: for smoke runs only).
+    #[arg(long, value_name = "DURATION", default_value = "12s", value_parser = parse_duration)]
+    warmup: Duration,
     /// Standbys of the idle load.
     #[arg(long, default_value_t = 10)]
     idle_standbys: usize,
@@ -159,8 +163,8 @@ struct Args {
     /// Channel counts of the many-channel load (one holder process, one standby process).
     #[arg(long, value_delimiter = ',', default_value = "1,100,1000,10000")]
     scale_channels: Vec<usize>,
-    /// Length of each window of the many-channel load.
-    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    /// Length of each window of the many-channel load, a duration.
+    #[arg(long, value_name = "DURATION", default_value = "20s", value_parser = parse_duration)]
     scale_window: Duration,
     /// Trials of the one-lock memory processes.
     #[arg(long, default_value_t = 3)]
@@ -171,9 +175,16 @@ struct Args {
     /// Processes of the simulator's large run.
     #[arg(long, default_value_t = 1000)]
     sim_processes: usize,
-    /// Virtual time of the simulator's large run.
-    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    /// Virtual time of the simulator's large run, a duration.
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration)]
     sim_duration: Duration,
+    /// Virtual time of the simulator's default-scenario run, a duration (default: the
+    /// scenario's own, 12h).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    sim_default_duration: Option<Duration>,
+    /// Millions of SplitMix64 draws of the CPU probe before each simulator trial.
+    #[arg(long, value_name = "MILLIONS", default_value_t = sim::PROBE_ITERATIONS / 1_000_000)]
+    probe_draws: u64,
     /// Helper: the channel to listen on.
     #[arg(long, hide = true)]
     channel: Option<String>,
@@ -362,7 +373,9 @@ async fn idle(args: &Args) -> Result<String, BoxError> {
     let mut queries = String::new();
     for &protocol in &args.protocols {
         progress(&format!("idle: {protocol}"));
-        let load = server.measure(protocol, args.idle_standbys, args.window).await?;
+        let load = server
+            .measure(protocol, args.idle_standbys, args.window, args.warmup)
+            .await?;
         let rows = [
             (
                 "holder (alone)",
@@ -540,7 +553,7 @@ async fn scale(args: &Args) -> Result<String, BoxError> {
     );
     for &channels in &args.scale_channels {
         progress(&format!("scale: {channels} channels"));
-        let row = scale::measure(&server, channels.max(1), args.scale_window).await?;
+        let row = scale::measure(&server, channels.max(1), args.scale_window, args.warmup).await?;
         progress(&format!(
             "  {channels} channels: holder {} statements/s, standby {} statements/s",
             fmt(row.holder_rate()),
@@ -612,9 +625,15 @@ async fn throughput(args: &Args, url: &str) -> Result<String, BoxError> {
 }
 
 async fn simulator(args: &Args) -> Result<String, BoxError> {
-    let (n, processes, duration) = (args.sim_trials, args.sim_processes, args.sim_duration);
+    let options = sim::SimOptions {
+        trials: args.sim_trials,
+        processes: args.sim_processes,
+        duration: args.sim_duration,
+        default_duration: args.sim_default_duration,
+        probe_iterations: args.probe_draws.saturating_mul(1_000_000),
+    };
     progress("sim: events per second");
-    let runs = tokio::task::spawn_blocking(move || sim::measure(n, processes, duration))
+    let runs = tokio::task::spawn_blocking(move || sim::measure(&options))
         .await
         .map_err(|e| format!("the simulator's thread failed: {e}"))??;
     let mut out = format!(
@@ -623,7 +642,7 @@ async fn simulator(args: &Args) -> Result<String, BoxError> {
          core the trial had). Load average before: {}.\n\n\
          | run | events | n | events/s median | min | max | probe M draws/s median | min | max | events per probe draw (median) |\n\
          |---|---|---|---|---|---|---|---|---|---|\n",
-        sim::PROBE_ITERATIONS / 1_000_000,
+        args.probe_draws,
         load_average()
     );
     for run in &runs {

@@ -269,10 +269,10 @@ pub async fn many_locks(url: &str, channels: usize) -> Result<ManyLocks, BoxErro
     let mut fleet = Fleet::new(WorkerOpts::new(url, &prefix, Some(schema.name()), Protocol::Lease));
     let holder = fleet.spawn_command(command(true)?);
     fleet.wait_ready(holder, WAIT).await;
-    progress(&format!("  holder: {}", fleet.worker(holder).stderr().trim()));
+    progress(&format!("  holder: {}", crate::helpers::report(&fleet, holder).trim()));
     let waiter = fleet.spawn_command(command(false)?);
     fleet.wait_ready(waiter, WAIT).await;
-    progress(&format!("  waiter: {}", fleet.worker(waiter).stderr().trim()));
+    progress(&format!("  waiter: {}", crate::helpers::report(&fleet, waiter).trim()));
     tokio::time::sleep(SETTLE).await;
     let out = ManyLocks {
         channels,

@@ -15,8 +15,6 @@ use crate::{progress, BoxError};
 
 /// Bound on waits for the processes (ten thousand locks take a while before batching).
 const WAIT: Duration = Duration::from_secs(300);
-/// Time after set-up before a window opens: start-up statements stay out of it.
-const WARMUP: Duration = Duration::from_secs(12);
 
 /// One channel count's figures.
 #[derive(Debug)]
@@ -48,22 +46,23 @@ impl Scale {
     }
 }
 
-/// `held <k> of <n> in <ms> ms` from a `hold-many` process's stderr; the line itself when it
+/// `held <k> of <n> in <ms> ms` from a `hold-many` process's report; the line itself when it
 /// says something else (not all held).
-fn held_ms(stderr: &str) -> Result<f64, String> {
-    let line = stderr
+fn held_ms(report: &str) -> Result<f64, String> {
+    let line = report
         .lines()
         .rev()
         .find(|l| l.starts_with("held "))
-        .ok_or_else(|| format!("no `held` line: {stderr}"))?;
+        .ok_or_else(|| format!("no `held` line: {report}"))?;
     line.split(" in ")
         .nth(1)
         .and_then(|ms| ms.trim_end_matches(" ms").trim().parse().ok())
         .ok_or_else(|| line.to_owned())
 }
 
-/// Measures `channels` channels on `server`, windows of `length`.
-pub async fn measure(server: &Server, channels: usize, length: Duration) -> Result<Scale, BoxError> {
+/// Measures `channels` channels on `server`: the holder alone, then with the standby, each
+/// window of `length` opened `warmup` after set-up (start-up statements stay out of it).
+pub async fn measure(server: &Server, channels: usize, length: Duration, warmup: Duration) -> Result<Scale, BoxError> {
     let url = server.worker_url();
     let schema = format!("bench_scale_{}", unique_hex());
     let prefix = format!("s{}_", unique_hex());
@@ -79,10 +78,10 @@ pub async fn measure(server: &Server, channels: usize, length: Duration) -> Resu
     let mut fleet = Fleet::new(WorkerOpts::new(&url, &prefix, Some(&schema), Protocol::Lease));
     let holder = fleet.spawn_command(command(true)?);
     fleet.wait_ready(holder, WAIT).await;
-    let stderr = fleet.worker(holder).stderr();
-    progress(&format!("  {channels} channels, holder: {}", stderr.trim()));
-    let held = held_ms(&stderr);
-    tokio::time::sleep(WARMUP).await;
+    let report = crate::helpers::report(&fleet, holder);
+    progress(&format!("  {channels} channels, holder: {}", report.trim()));
+    let held = held_ms(&report);
+    tokio::time::sleep(warmup).await;
     progress(&format!("  {channels} channels: the holder alone for {length:?}"));
     let holder_window = window(&server.monitor, length).await?;
     let holder_rss = rss_of(fleet.worker(holder).pid)?;
@@ -90,9 +89,9 @@ pub async fn measure(server: &Server, channels: usize, length: Duration) -> Resu
     fleet.wait_ready(standby, WAIT).await;
     progress(&format!(
         "  {channels} channels, standby: {}",
-        fleet.worker(standby).stderr().trim()
+        crate::helpers::report(&fleet, standby).trim()
     ));
-    tokio::time::sleep(WARMUP).await;
+    tokio::time::sleep(warmup).await;
     progress(&format!(
         "  {channels} channels: the holder and the standby for {length:?}"
     ));

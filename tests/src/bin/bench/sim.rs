@@ -10,8 +10,23 @@ use tokio::time::Instant;
 
 use crate::BoxError;
 
-/// Iterations of the CPU probe.
+/// Iterations of the CPU probe unless told otherwise (`--probe-draws`, in millions).
 pub const PROBE_ITERATIONS: u64 = 200_000_000;
+
+/// What to run: the trials, the large fleet, and the sizes of the default run and the probe.
+#[derive(Debug, Clone, Copy)]
+pub struct SimOptions {
+    /// Trials of each run.
+    pub trials: usize,
+    /// Processes of the large run.
+    pub processes: usize,
+    /// Virtual time of the large run.
+    pub duration: Duration,
+    /// Virtual time of the default scenario's run (`None`: the scenario's own).
+    pub default_duration: Option<Duration>,
+    /// Iterations of the CPU probe before each trial.
+    pub probe_iterations: u64,
+}
 
 /// One scenario's trials.
 #[derive(Debug, Clone)]
@@ -27,26 +42,26 @@ pub struct SimRun {
 }
 
 /// Millions of SplitMix64 draws per second on this thread.
-fn cpu_probe() -> f64 {
+fn cpu_probe(iterations: u64) -> f64 {
     let mut rng = SplitMix64::new(1);
     let start = Instant::now();
     let mut acc = 0u64;
-    for _ in 0..PROBE_ITERATIONS {
+    for _ in 0..iterations {
         acc ^= rng.next_u64();
     }
     std::hint::black_box(acc);
-    PROBE_ITERATIONS as f64 / start.elapsed().as_secs_f64()
+    iterations as f64 / start.elapsed().as_secs_f64()
 }
 
-fn trials(label: String, scenario: &Scenario, n: usize) -> Result<SimRun, BoxError> {
+fn trials(label: String, scenario: &Scenario, options: &SimOptions) -> Result<SimRun, BoxError> {
     let mut run = SimRun {
         label,
         events: 0,
         events_per_s: Vec::new(),
         probe_per_s: Vec::new(),
     };
-    for _ in 0..n {
-        run.probe_per_s.push(cpu_probe());
+    for _ in 0..options.trials {
+        run.probe_per_s.push(cpu_probe(options.probe_iterations.max(1)));
         let start = Instant::now();
         let report = pgiplock_sim::run(scenario, 1)?;
         let wall = start.elapsed().as_secs_f64();
@@ -63,16 +78,20 @@ fn trials(label: String, scenario: &Scenario, n: usize) -> Result<SimRun, BoxErr
 }
 
 /// The default scenario and `processes` Classic processes at a 1 s interval for `duration`
-/// (as `pgiplock-sim bench`), `n` trials each, seed 1.
-pub fn measure(n: usize, processes: usize, duration: Duration) -> Result<Vec<SimRun>, BoxError> {
-    let base = Scenario::default();
+/// (as `pgiplock-sim bench`), `trials` each, seed 1.
+pub fn measure(options: &SimOptions) -> Result<Vec<SimRun>, BoxError> {
+    let (processes, duration) = (options.processes, options.duration);
+    let mut base = Scenario::default();
+    if let Some(d) = options.default_duration {
+        base.duration = d;
+    }
     let default_run = trials(
         format!(
             "default scenario ({} processes, {:?} virtual)",
             base.processes, base.duration
         ),
         &base,
-        n,
+        options,
     )?;
     let big = Scenario {
         protocol: pgiplock_core::Protocol::Classic,
@@ -92,7 +111,7 @@ pub fn measure(n: usize, processes: usize, duration: Duration) -> Result<Vec<Sim
     let big_run = trials(
         format!("{processes} processes, Classic, 1 s interval, {duration:?} virtual"),
         &big,
-        n,
+        options,
     )?;
     Ok(vec![default_run, big_run])
 }
