@@ -17,8 +17,8 @@ pub enum ScenarioError {
     /// A value out of range.
     #[error("invalid scenario: {0}")]
     Invalid(String),
-    /// A duration that does not parse.
-    #[error("invalid duration {0:?} (expected e.g. 500ms, 5s, 15m, 2h)")]
+    /// A duration that does not parse; the message says why (`5` has no unit: write 5s or 5ms).
+    #[error("{0}")]
     Duration(String),
     /// A TOML file that does not parse.
     #[error("invalid scenario file: {0}")]
@@ -28,7 +28,7 @@ pub enum ScenarioError {
 /// Parses `250us`, `500ms`, `5s`, `1.5s`, `15m`, `2h`, `1d`, `1h 30m` by the rule of every CLI
 /// of the project ([`pgiplock_core::parse_duration`]): a unit is required, at most 10000d.
 pub fn parse_duration(text: &str) -> Result<Duration, ScenarioError> {
-    pgiplock_core::parse_duration(text).map_err(|e| ScenarioError::Invalid(e.to_string()))
+    pgiplock_core::parse_duration(text).map_err(|e| ScenarioError::Duration(e.to_string()))
 }
 
 /// Formats a duration in the largest unit that divides it exactly (`90s`, `15m`, `250ms`).
