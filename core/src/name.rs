@@ -105,20 +105,18 @@ fn check_identifier(kind: &'static str, name: &str, max: usize, hint: &'static s
 /// assert!(ChannelName::new("").is_err());
 /// assert!(ChannelName::new(&"x".repeat(51)).is_err());
 /// ```
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone)]
 pub struct ChannelName {
     /// Shared: a session keeps several copies of each of its locks' names (the lock, its
-    /// operations' targets, the handles), and a clone costs a reference count, not three
-    /// strings.
-    names: std::sync::Arc<ChannelNames>,
+    /// operations' targets, the handles), and a clone costs a reference count. The three
+    /// names live in one string, `__PgIpLock__:<name>__PgIpDrain_:<name>`: both prefixes are
+    /// [`PREFIX_BYTES`] long, so each name is a slice of it found by arithmetic.
+    names: std::sync::Arc<Box<str>>,
 }
 
-#[derive(PartialEq, Eq, PartialOrd, Ord)]
-struct ChannelNames {
-    name: String,
-    lock_channel: String,
-    drain_channel: String,
-}
+/// The length of both lock-channel prefixes.
+const PREFIX_BYTES: usize = LOCK_CHANNEL_PREFIX.len();
+const _: () = assert!(LOCK_CHANNEL_PREFIX.len() == DRAIN_CHANNEL_PREFIX.len());
 
 impl ChannelName {
     /// Validates `name`.
@@ -138,29 +136,31 @@ impl ChannelName {
                 prefix,
             });
         }
+        let names = format!("{LOCK_CHANNEL_PREFIX}{name}{DRAIN_CHANNEL_PREFIX}{name}");
         Ok(ChannelName {
-            names: std::sync::Arc::new(ChannelNames {
-                name: name.to_owned(),
-                lock_channel: format!("{LOCK_CHANNEL_PREFIX}{name}"),
-                drain_channel: format!("{DRAIN_CHANNEL_PREFIX}{name}"),
-            }),
+            names: std::sync::Arc::new(names.into_boxed_str()),
         })
+    }
+
+    /// The byte length of the user's channel name.
+    fn name_len(&self) -> usize {
+        self.names.len() / 2 - PREFIX_BYTES
     }
 
     /// The user's channel, as given.
     pub fn as_str(&self) -> &str {
-        &self.names.name
+        &self.names[PREFIX_BYTES..PREFIX_BYTES + self.name_len()]
     }
 
     /// The channel that carries this lock's release notifications (and, under `Lease`, its
     /// acquisition and drain markers).
     pub fn lock_channel(&self) -> &str {
-        &self.names.lock_channel
+        &self.names[..PREFIX_BYTES + self.name_len()]
     }
 
     /// The channel that carries a `Classic` holder's drain marker (Node does not listen to it).
     pub fn drain_channel(&self) -> &str {
-        &self.names.drain_channel
+        &self.names[PREFIX_BYTES + self.name_len()..]
     }
 
     /// The channels a session of `protocol` listens to for this lock: the channel itself, its
@@ -176,14 +176,33 @@ impl ChannelName {
     /// );
     /// ```
     pub fn listened(&self, protocol: Protocol) -> impl Iterator<Item = &str> {
-        let drain = (protocol == Protocol::Classic).then_some(self.names.drain_channel.as_str());
-        [
-            Some(self.names.name.as_str()),
-            Some(self.names.lock_channel.as_str()),
-            drain,
-        ]
-        .into_iter()
-        .flatten()
+        let drain = (protocol == Protocol::Classic).then_some(self.drain_channel());
+        [Some(self.as_str()), Some(self.lock_channel()), drain]
+            .into_iter()
+            .flatten()
+    }
+}
+
+/// Compared as its name (the other two are derived from it).
+impl PartialEq for ChannelName {
+    fn eq(&self, other: &Self) -> bool {
+        self.names == other.names
+    }
+}
+
+impl Eq for ChannelName {}
+
+/// Ordered as its name, consistently with `Borrow<str>`, so maps keyed by channel can be
+/// searched by name.
+impl Ord for ChannelName {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_str().cmp(other.as_str())
+    }
+}
+
+impl PartialOrd for ChannelName {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
     }
 }
 
@@ -204,13 +223,13 @@ impl std::borrow::Borrow<str> for ChannelName {
 
 impl fmt::Debug for ChannelName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&self.names.name, f)
+        fmt::Debug::fmt(self.as_str(), f)
     }
 }
 
 impl fmt::Display for ChannelName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.names.name)
+        f.write_str(self.as_str())
     }
 }
 
@@ -315,6 +334,38 @@ pub fn quote_ident(ident: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_three_names_come_back_whole_and_order_follows_the_name() {
+        for name in [
+            "a",
+            "jobs",
+            "Orders \"EU\" ✓",
+            "__PgIpLock",
+            "x_PgIpDrain_:y",
+            &"é".repeat(25),
+        ] {
+            let c = ChannelName::new(name).unwrap();
+            assert_eq!(c.as_str(), name);
+            assert_eq!(c.lock_channel(), format!("{LOCK_CHANNEL_PREFIX}{name}"));
+            assert_eq!(c.drain_channel(), format!("{DRAIN_CHANNEL_PREFIX}{name}"));
+            assert_eq!(c.to_string(), name);
+            assert_eq!(format!("{c:?}"), format!("{name:?}"));
+        }
+        // Ordered as the names are, whatever follows a name inside the shared string.
+        let names = ["ab", "abA", "ab_", "ab\u{7f}", "b", "A", "a"];
+        let mut channels: Vec<ChannelName> = names.iter().map(|n| ChannelName::new(n).unwrap()).collect();
+        channels.sort();
+        let mut sorted = names.to_vec();
+        sorted.sort();
+        assert_eq!(channels.iter().map(ChannelName::as_str).collect::<Vec<_>>(), sorted);
+        let map: std::collections::BTreeMap<ChannelName, usize> = channels.into_iter().zip(0..).collect();
+        for name in names {
+            assert!(map.contains_key(name), "{name} is found by its name");
+        }
+        assert_eq!(ChannelName::new("ab").unwrap(), ChannelName::new("ab").unwrap());
+        assert_ne!(ChannelName::new("ab").unwrap(), ChannelName::new("abA").unwrap());
+    }
 
     #[test]
     fn channel_limits() {

@@ -228,9 +228,17 @@ pub(crate) struct LockShared {
     ended: Mutex<Option<String>>,
     /// The current term, while holding; set before `state` says so.
     term: Mutex<Option<(Term, tokio::time::Instant)>>,
-    state: watch::Sender<LockState>,
+    state: Mutex<StateCell>,
     /// `stand_down` came and no `init`/`compete` since: a standby is reported as stood down.
     stood_down: AtomicBool,
+}
+
+/// A lock's state, and the watch that publishes it while anyone may be watching: made by the
+/// first [`PgIpLock::state`] call, dropped at a change that finds no receiver left (a watch
+/// costs about 350 bytes, and a session may have ten thousand locks nobody watches).
+struct StateCell {
+    current: LockState,
+    watch: Option<watch::Sender<LockState>>,
 }
 
 fn guard<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -259,7 +267,10 @@ impl LockShared {
             release_handlers: Mutex::new(Vec::new()),
             ended: Mutex::new(None),
             term: Mutex::new(None),
-            state: watch::channel(LockState::Standby).0,
+            state: Mutex::new(StateCell {
+                current: LockState::Standby,
+                watch: None,
+            }),
             stood_down: AtomicBool::new(false),
         }
     }
@@ -295,20 +306,39 @@ impl LockShared {
         self.token.store(token.map_or(0, |t| t.0), Ordering::SeqCst);
         self.acquired.store(state.is_holding(), Ordering::SeqCst);
         // Once stopped, the state stays stopped.
-        self.state.send_if_modified(|current| {
-            if *current == state || *current == LockState::Stopped {
-                return false;
+        let mut cell = guard(&self.state);
+        if cell.current == state || cell.current == LockState::Stopped {
+            return;
+        }
+        cell.current = state;
+        if let Some(watch) = &cell.watch {
+            if watch.receiver_count() == 0 {
+                // Nobody watches: the next `state()` makes a new watch with the state then.
+                cell.watch = None;
+            } else {
+                watch.send_replace(state);
             }
-            *current = state;
-            true
-        });
+        }
+    }
+
+    /// A receiver of the lock's state, the current one marked seen.
+    pub(crate) fn watch_state(&self) -> watch::Receiver<LockState> {
+        let mut cell = guard(&self.state);
+        let current = cell.current;
+        cell.watch
+            .get_or_insert_with(|| watch::Sender::new(current))
+            .subscribe()
+    }
+
+    fn current_state(&self) -> LockState {
+        guard(&self.state).current
     }
 
     /// Records a `stand_down` (`true`) or `init`/`compete` (`false`) as the session's task
     /// takes the call, and the standby's state with it.
     pub(crate) fn set_stood_down(&self, stood_down: bool) {
         self.stood_down.store(stood_down, Ordering::SeqCst);
-        let current = *self.state.borrow();
+        let current = self.current_state();
         if matches!(current, LockState::Standby | LockState::StoodDown) {
             self.set_state(current, "stood_down");
         }
@@ -535,7 +565,7 @@ impl PgIpLock {
     /// # }
     /// ```
     pub fn state(&self) -> watch::Receiver<LockState> {
-        self.shared().state.subscribe()
+        self.shared().watch_state()
     }
 
     /// The current term, while holding.
@@ -774,5 +804,44 @@ mod tests {
             .lease_ttl(Duration::from_millis(5))
             .to_config()
             .is_err());
+    }
+
+    fn shared() -> LockShared {
+        LockShared::new(
+            LockKey(1),
+            ChannelName::new("jobs").unwrap(),
+            SchemaName::new("pgip_lock").unwrap(),
+            Protocol::Lease,
+            Duration::from_secs(1),
+        )
+    }
+
+    #[test]
+    fn the_state_watch_is_made_on_demand_and_dropped_when_nobody_watches() {
+        let lock = shared();
+        assert!(guard(&lock.state).watch.is_none(), "no watch before anyone asks");
+        let mut rx = lock.watch_state();
+        assert_eq!(*rx.borrow_and_update(), LockState::Standby);
+        lock.set_state(LockState::Holding { token: None }, "test");
+        assert!(rx.has_changed().unwrap(), "a watcher sees the change");
+        assert_eq!(*rx.borrow_and_update(), LockState::Holding { token: None });
+        drop(rx);
+        lock.set_state(LockState::Releasing, "test");
+        assert!(
+            guard(&lock.state).watch.is_none(),
+            "a change nobody watches drops the watch"
+        );
+        // A new watcher starts from the state of the moment, and sees what follows.
+        let mut rx = lock.watch_state();
+        assert_eq!(*rx.borrow_and_update(), LockState::Releasing);
+        lock.mark_stopped();
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(*rx.borrow(), LockState::Stopped);
+        lock.set_state(LockState::Standby, "test");
+        assert_eq!(
+            *lock.watch_state().borrow(),
+            LockState::Stopped,
+            "stopped stays stopped"
+        );
     }
 }

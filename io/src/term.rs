@@ -1,6 +1,9 @@
 //! Terms as scopes: each acquisition is a [`Term`] whose cancellation token ends with it, and a
 //! lock's [`LockState`] as a watch.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+
 use pgiplock_core::FenceToken;
 use tokio_util::sync::CancellationToken;
 
@@ -47,14 +50,22 @@ impl LockState {
 #[derive(Debug, Clone)]
 pub struct Term {
     token: Option<FenceToken>,
-    cancel: CancellationToken,
+    inner: Arc<TermInner>,
+}
+
+/// The end of a term, and its cancellation token made on first demand: a session may hold
+/// thousands of terms whose token nobody asks for, and a token costs about 120 bytes.
+#[derive(Debug, Default)]
+struct TermInner {
+    over: AtomicBool,
+    cancel: OnceLock<CancellationToken>,
 }
 
 impl Term {
     pub(crate) fn new(token: Option<FenceToken>) -> Self {
         Term {
             token,
-            cancel: CancellationToken::new(),
+            inner: Arc::default(),
         }
     }
 
@@ -66,20 +77,66 @@ impl Term {
 
     /// The token cancelled when the term ends. Hand a child of it to the term's work.
     pub fn cancellation(&self) -> &CancellationToken {
-        &self.cancel
+        let cancel = self.inner.cancel.get_or_init(CancellationToken::new);
+        // A term that ended before its token was made hands out a cancelled one. `end` stores
+        // `over` before it looks for a token, and this looks at `over` after the token exists:
+        // one of the two sees the other, so the token is always cancelled once the term ends.
+        if self.inner.over.load(Ordering::SeqCst) {
+            cancel.cancel();
+        }
+        cancel
     }
 
     /// Whether the term has ended.
     pub fn is_over(&self) -> bool {
-        self.cancel.is_cancelled()
+        self.inner.over.load(Ordering::SeqCst)
     }
 
     /// Completes when the term ends (at once if it has).
     pub async fn ended(&self) {
-        self.cancel.cancelled().await;
+        self.cancellation().cancelled().await;
     }
 
     pub(crate) fn end(&self) {
-        self.cancel.cancel();
+        self.inner.over.store(true, Ordering::SeqCst);
+        if let Some(cancel) = self.inner.cancel.get() {
+            cancel.cancel();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_asked_for_before_the_end_is_cancelled_by_it() {
+        let term = Term::new(None);
+        let token = term.cancellation().clone();
+        let clone = term.clone();
+        assert!(!term.is_over() && !token.is_cancelled());
+        clone.end();
+        assert!(term.is_over() && token.is_cancelled());
+    }
+
+    #[test]
+    fn a_token_asked_for_after_the_end_comes_cancelled() {
+        let term = Term::new(None);
+        term.end();
+        assert!(term.is_over());
+        assert!(term.cancellation().is_cancelled());
+        assert!(term.clone().cancellation().is_cancelled());
+    }
+
+    #[tokio::test]
+    async fn ended_completes_for_a_term_ended_before_or_while_waiting() {
+        let term = Term::new(None);
+        let waiter = tokio::spawn({
+            let term = term.clone();
+            async move { term.ended().await }
+        });
+        term.end();
+        waiter.await.expect("the waiter ends with the term");
+        term.ended().await;
     }
 }
