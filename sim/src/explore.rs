@@ -94,17 +94,25 @@ pub fn default_sweep(base: &Scenario) -> Vec<Scenario> {
     out
 }
 
-/// The cartesian product of the given settings on `base` (Lease ttls apply to Lease only).
+/// The cartesian product of the given settings on `base` (Lease ttls apply to Lease only; no
+/// channel counts: the base's).
 pub fn grid(
     base: &Scenario,
     protocols: &[Protocol],
     intervals: &[Duration],
     ttls: &[Duration],
     processes: &[usize],
+    channels: &[usize],
 ) -> Vec<Scenario> {
+    let base_channels = [base.channels];
+    let channels = if channels.is_empty() {
+        &base_channels[..]
+    } else {
+        channels
+    };
     let mut out = Vec::new();
     for &protocol in protocols {
-        for &n in processes {
+        for (&n, &ch) in processes.iter().flat_map(|n| channels.iter().map(move |ch| (n, ch))) {
             for &interval in intervals {
                 let ttls: Vec<Option<Duration>> = match protocol {
                     Protocol::Lease if !ttls.is_empty() => ttls.iter().copied().map(Some).collect(),
@@ -114,6 +122,7 @@ pub fn grid(
                     let mut s = base.clone();
                     s.protocol = protocol;
                     s.processes = n;
+                    s.channels = ch;
                     s.acquire_interval = interval;
                     if let Some(ttl) = ttl {
                         s.lease_ttl = ttl;
@@ -151,9 +160,10 @@ pub fn sweep_table(points: &[SweepPoint]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<8} {:>5} {:>8} {:>5} {:>9} {:>9} {:>10} {:>7} {:>6} {:>4} {:>7} {:>11} {:>11} {:>13} {:>11}",
+        "{:<8} {:>5} {:>5} {:>8} {:>5} {:>9} {:>9} {:>10} {:>7} {:>6} {:>4} {:>7} {:>11} {:>11} {:>13} {:>11}",
         "protocol",
         "procs",
+        "chans",
         "interval",
         "ttl",
         "stmt/s",
@@ -172,9 +182,10 @@ pub fn sweep_table(points: &[SweepPoint]) -> String {
         let r = &p.report;
         let _ = writeln!(
             out,
-            "{:<8} {:>5} {:>8} {:>5} {:>9.3} {:>9.3} {:>10.1} {:>7.3} {:>6} {:>4} {:>7.1} {:>11} {:>11} {:>13} {:>11}",
+            "{:<8} {:>5} {:>5} {:>8} {:>5} {:>9.3} {:>9.3} {:>10.1} {:>7.3} {:>6} {:>4} {:>7.1} {:>11} {:>11} {:>13} {:>11}",
             r.protocol,
             r.processes,
+            p.scenario.channels,
             r.acquire_interval,
             r.lease_ttl,
             r.statements_per_s,
@@ -230,7 +241,7 @@ pub fn messages_table(points: &[SweepPoint]) -> String {
 /// The sweep as CSV, one row per setting.
 pub fn sweep_csv(points: &[SweepPoint]) -> String {
     let mut out = String::from(
-        "protocol,processes,acquire_interval_s,lease_ttl_s,statements_per_s,statements_per_s_per_process,loss_window_s,loss_window_pct,longest_outage_s,published,lost_messages,duplicates,split_brain_s,stop_p50_s,stop_max_s,crash_p50_s,crash_max_s,cut_p50_s,cut_max_s,terminate_p50_s,terminate_max_s,events,trace_hash\n",
+        "protocol,processes,channels,acquire_interval_s,lease_ttl_s,statements_per_s,statements_per_s_per_process,loss_window_s,loss_window_pct,longest_outage_s,published,lost_messages,duplicates,split_brain_s,stop_p50_s,stop_max_s,crash_p50_s,crash_max_s,cut_p50_s,cut_max_s,terminate_p50_s,terminate_max_s,events,trace_hash\n",
     );
     for p in points {
         let r = &p.report;
@@ -245,9 +256,10 @@ pub fn sweep_csv(points: &[SweepPoint]) -> String {
         };
         let _ = writeln!(
             out,
-            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
             r.protocol,
             r.processes,
+            p.scenario.channels,
             p.scenario.acquire_interval.as_secs_f64(),
             ttl,
             r.statements_per_s,
@@ -376,6 +388,7 @@ pub fn tune_candidates(base: &Scenario, protocol: Option<Protocol>) -> Vec<Scena
             &secs(&[1, 2, 5, 10, 30, 60, 120]),
             &[],
             &[base.processes],
+            &[],
         ));
     }
     if protocol != Some(Protocol::Classic) {
@@ -385,6 +398,7 @@ pub fn tune_candidates(base: &Scenario, protocol: Option<Protocol>) -> Vec<Scena
             &secs(&[30]),
             &secs(&[2, 3, 5, 10, 20, 30, 60]),
             &[base.processes],
+            &[],
         ));
     }
     out

@@ -57,7 +57,7 @@ enum Command {
     },
     /// Vary timings, print the trade-off table, write CSV and an SVG chart.
     ///
-    /// With none of --intervals, --ttls and --process-counts it runs the default sweep's
+    /// With none of --intervals, --ttls, --process-counts and --channel-counts it runs the default sweep's
     /// settings on the scenario (classic at 1s, 5s, 30s, 120s; lease at 5s/10s, 30s/3s,
     /// 30s/10s, 30s/30s interval/ttl); with any of them, every combination of the values given
     /// (the scenario's own for the others). Every setting runs with the same seed.
@@ -85,6 +85,10 @@ enum Command {
         /// default sweep's settings].
         #[arg(long = "process-counts", value_name = "N", value_delimiter = ',')]
         process_counts: Vec<usize>,
+        /// Channel counts to sweep (locks per process), comma-separated counts: load against
+        /// channels and processes [default: the scenario's, or the default sweep's settings].
+        #[arg(long = "channel-counts", value_name = "N", value_delimiter = ',')]
+        channel_counts: Vec<usize>,
         /// CSV output file, one row per setting.
         #[arg(long, value_name = "FILE", default_value = "sweep.csv")]
         csv: PathBuf,
@@ -609,9 +613,18 @@ fn real_main(cli: Cli) -> Result<(), CliError> {
             intervals,
             ttls,
             process_counts,
+            channel_counts,
             csv,
             svg,
-        }) => cmd_sweep(&scenario, &protocols, &intervals, &ttls, &process_counts, &csv, &svg),
+        }) => cmd_sweep(
+            &scenario,
+            &protocols,
+            &intervals,
+            &ttls,
+            (&process_counts, &channel_counts),
+            &csv,
+            &svg,
+        ),
         Some(Command::Tune {
             scenario,
             max_loss_per_day,
@@ -743,14 +756,14 @@ fn cmd_sweep(
     names: &[String],
     intervals: &[Duration],
     ttls: &[Duration],
-    counts: &[usize],
+    (counts, channel_counts): (&[usize], &[usize]),
     csv: &std::path::Path,
     svg: &std::path::Path,
 ) -> Result<(), CliError> {
     let base = args.scenario()?;
     let seed = args.seed()?;
     let protocols = protocols(names)?;
-    let scenarios = if intervals.is_empty() && ttls.is_empty() && counts.is_empty() {
+    let scenarios = if intervals.is_empty() && ttls.is_empty() && counts.is_empty() && channel_counts.is_empty() {
         explore::default_sweep(&base)
             .into_iter()
             .filter(|s| protocols.contains(&s.protocol))
@@ -766,7 +779,7 @@ fn cmd_sweep(
         } else {
             counts.to_vec()
         };
-        explore::grid(&base, &protocols, &intervals, ttls, &counts)
+        explore::grid(&base, &protocols, &intervals, ttls, &counts, channel_counts)
     };
     out!(
         "seed={seed} scenario=sweep of {} settings, base: {}",

@@ -85,6 +85,39 @@ fn sweep_writes_csv_and_svg() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+#[test]
+fn sweep_over_channel_counts_prints_a_row_per_count() {
+    let dir = std::env::temp_dir().join(format!("pgiplock-sim-test-chans-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let csv = dir.join("s.csv");
+    let out = sim(&[
+        "sweep",
+        "--protocols",
+        "lease",
+        "--process-counts",
+        "2",
+        "--channel-counts",
+        "1,3",
+        "--duration",
+        "5m",
+        "--csv",
+        csv.to_str().unwrap(),
+        "--svg",
+        dir.join("s.svg").to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.lines().any(|l| l.contains(" chans ")), "{table}");
+    let text = std::fs::read_to_string(&csv).unwrap();
+    let rows: Vec<&str> = text.lines().skip(1).collect();
+    assert_eq!(rows.len(), 2, "{text}");
+    assert!(
+        rows[0].starts_with("lease,2,1,") && rows[1].starts_with("lease,2,3,"),
+        "{text}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// Flags that take a duration or `none` parse (and reach the scenario line).
 #[test]
 fn optional_duration_flags_parse() {
