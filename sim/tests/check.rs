@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use pgiplock_core::Protocol;
 use pgiplock_sim::check::{load_bound, CheckError, Spec, SpecError, LOAD_SLACK, LOAD_SLACK_PER_S};
-use pgiplock_sim::{FaultKind, FaultRates, Scenario};
+use pgiplock_sim::{Action, FaultKind, FaultRates, Scenario};
 #[cfg(feature = "proptest")]
 use proptest::prelude::*;
 
@@ -86,6 +86,39 @@ fn my_classic_settings_pass_and_report_split_brain_instead_of_failing() {
     let summary = ok_summary(&spec, cases().max(2), first_seed());
     assert_eq!(summary.lease_split_brain_s.count, 0);
     assert!(summary.classic_split_brain_s.max > 0.0, "{summary}");
+}
+
+/// Stand-downs drawn into the cases: each case takes some processes out of the competition and
+/// back, and every check still holds (a stood-down holder hands over gracefully; a fleet whose
+/// every process stood down is not a liveness failure).
+#[test]
+fn cases_with_stand_downs_pass_every_check() {
+    for protocol in [Protocol::Lease, Protocol::Classic] {
+        let mut spec = my_settings(protocol);
+        spec.stand_downs = 2..=4;
+        spec.stand_down_pause = s(5)..=s(60);
+        let case = spec.case(first_seed()).unwrap();
+        let stand_downs = case
+            .scenario
+            .actions
+            .iter()
+            .filter(|a| a.action == Action::StandDown)
+            .count();
+        assert!(
+            (2..=4).contains(&stand_downs),
+            "{protocol}: {:?}",
+            case.scenario.actions
+        );
+        let summary = ok_summary(&spec, cases().div_ceil(2), first_seed());
+        assert!(summary.load_over_bound.max <= 1.0, "{protocol}: {summary}");
+    }
+    // With none asked for, the cases draw exactly what they drew before: no actions.
+    assert!(my_settings(Protocol::Lease)
+        .case(7)
+        .unwrap()
+        .scenario
+        .actions
+        .is_empty());
 }
 
 #[cfg(feature = "proptest")]
@@ -177,10 +210,15 @@ fn the_printed_command_replays_the_case_exactly() {
     for kind in FaultKind::ALL {
         spec.fault_rates.insert(kind, 10.0..=60.0);
     }
+    // Drawn stand-downs replay too (as `--action stand_down@...` and `compete`).
+    spec.stand_downs = 1..=3;
+    spec.stand_down_pause = s(1)..=s(20);
     for seed in [3, 4, 5] {
         let case = spec.case(seed).unwrap();
         let run = case.check().unwrap_or_else(|c| panic!("{c}"));
         let command = case.command();
+        assert!(command.contains("--action stand_down@"), "{command}");
+        assert!(command.contains("--action compete@"), "{command}");
         let args: Vec<&str> = command.split_whitespace().skip(1).collect();
         let out = Command::new(env!("CARGO_BIN_EXE_pgiplock-sim"))
             .args(&args)

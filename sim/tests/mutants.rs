@@ -113,6 +113,18 @@ fn a_standby_that_delivers_before_confirming_is_caught() {
     assert_eq!(c.scenario.fault_rates.crash, 0.0, "{c}");
 }
 
+/// With stand-downs drawn into the cases the mutant is still caught, and the shrink drops the
+/// stand-downs it does not need (all of them: the mutant alone fails S3).
+#[test]
+fn a_standby_that_delivers_is_caught_among_stand_downs_and_they_shrink_away() {
+    let mut spec = fleet();
+    spec.base.mutant = Some(Mutant::StandbyDelivers);
+    spec.stand_downs = 2..=3;
+    let c = expect_counterexample(&spec, 3, "S3");
+    assert!(c.original.actions.len() >= 4, "{c}");
+    assert!(c.scenario.actions.is_empty(), "{c}");
+}
+
 /// The same fleets, seeds and case counts without the breaks pass: the counterexamples above
 /// come from the mutants and from the drift beyond the margin.
 #[test]
@@ -123,6 +135,11 @@ fn the_unbroken_fleets_pass() {
     let mut spec = fleet();
     spec.fence_margin = Some(ms(100)..=ms(300));
     if let Err(e) = spec.check(20, first_seed()) {
+        panic!("{e}");
+    }
+    let mut spec = fleet();
+    spec.stand_downs = 2..=3;
+    if let Err(e) = spec.check(3, first_seed()) {
         panic!("{e}");
     }
 }

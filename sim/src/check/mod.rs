@@ -71,7 +71,8 @@
 //! ranges (each fault kind at the low end of its range one time in four, so that cases with
 //! fewer kinds occur) and then drives the run. A failing case is shrunk deterministically with
 //! the same seed: fewer processes, a shorter run, fewer fault kinds and lower rates, fewer
-//! channels, each kept only if the same check still fails, within [`Spec::shrink_runs`] runs.
+//! channels, fewer drawn stand-downs ([`Spec::stand_downs`]), each kept only if the same check
+//! still fails, within [`Spec::shrink_runs`] runs.
 //!
 //! # Proof that the checks bite
 //!
@@ -94,7 +95,7 @@ use std::time::Duration;
 use pgiplock_core::{Protocol, SplitMix64, Timestamp};
 
 use crate::metrics::{LatencyStats, MessageCounts, Report};
-use crate::scenario::{format_duration, FaultKind, FaultRates, Scenario, ScenarioError};
+use crate::scenario::{format_duration, Action, ActionSpec, FaultKind, FaultRates, Scenario, ScenarioError};
 use crate::world::{derive_seed, SimError, World};
 
 /// The random stream that draws a case's scenario from its seed.
@@ -144,6 +145,12 @@ pub struct Spec {
     pub fault_rates: BTreeMap<FaultKind, RangeInclusive<f64>>,
     /// How long a silent disconnect lasts.
     pub cut_duration: RangeInclusive<Duration>,
+    /// Stand-downs per case: each takes a drawn process out of the competition at a drawn time
+    /// after the warmup (`stand_down`: a holder hands over gracefully, a standby stops
+    /// attempting) and lets it compete again after [`Spec::stand_down_pause`].
+    pub stand_downs: RangeInclusive<usize>,
+    /// How long a stood-down process stays out before it competes again.
+    pub stand_down_pause: RangeInclusive<Duration>,
     /// Most runs one shrink may take.
     pub shrink_runs: u32,
 }
@@ -186,6 +193,8 @@ impl Spec {
             .into_iter()
             .collect(),
             cut_duration: fixed(base.cut_duration),
+            stand_downs: 0..=0,
+            stand_down_pause: Duration::from_secs(5)..=Duration::from_secs(60),
             shrink_runs: 40,
             base,
         }
@@ -225,6 +234,8 @@ impl Spec {
         ordered("net_delay", &self.net_delay)?;
         ordered("drift", &self.drift)?;
         ordered("cut_duration", &self.cut_duration)?;
+        ordered("stand_downs", &self.stand_downs)?;
+        ordered("stand_down_pause", &self.stand_down_pause)?;
         for (kind, r) in &self.fault_rates {
             ordered(kind.as_str(), r)?;
         }
@@ -298,7 +309,30 @@ impl Spec {
                     (*kind, rate)
                 })
                 .collect(),
+            actions: Vec::new(),
         };
+        // Drawn last, and only when asked for: the other draws of a seed stay what they were.
+        let mut draw = draw;
+        if *self.stand_downs.end() > 0 {
+            let n = count(&mut r, &self.stand_downs);
+            let from = self.base.warmup.min(draw.duration);
+            let window = from..=draw.duration.max(from);
+            for _ in 0..n {
+                let at = draw_duration(&mut r, &window);
+                let process = r.below_inclusive(draw.processes.max(1) as u64 - 1) as usize;
+                let pause = draw_duration(&mut r, &self.stand_down_pause);
+                draw.actions.push(ActionSpec {
+                    at,
+                    action: Action::StandDown,
+                    process: Some(process),
+                });
+                draw.actions.push(ActionSpec {
+                    at: at + pause,
+                    action: Action::Compete,
+                    process: Some(process),
+                });
+            }
+        }
         Case {
             seed,
             scenario: self.scenario(&draw),
@@ -324,6 +358,7 @@ impl Spec {
         for (kind, rate) in &d.fault_rates {
             *s.fault_rates.of_mut(*kind) = *rate;
         }
+        s.actions.extend(d.actions.iter().cloned());
         s.property_checks = true;
         s
     }
@@ -353,6 +388,7 @@ impl Spec {
             drift: pick(&self.drift, high),
             cut_duration: pick(&self.cut_duration, high),
             fault_rates: self.fault_rates.iter().map(|(k, r)| (*k, pick(r, high))).collect(),
+            actions: Vec::new(),
         }
     }
 
@@ -463,6 +499,19 @@ impl Spec {
                 });
             }
         }
+        // Fewer stand-downs: each one with its return to the competition, then all of them
+        // (the base's own actions stay).
+        let drawn: Vec<usize> = (self.base.actions.len()..s.actions.len()).step_by(2).collect();
+        for &i in drawn.iter().rev() {
+            let mut c = s.clone();
+            c.actions.drain(i..(i + 2).min(c.actions.len()));
+            out.push(c);
+        }
+        if drawn.len() > 1 {
+            let mut c = s.clone();
+            c.actions.truncate(self.base.actions.len());
+            out.push(c);
+        }
         out
     }
 }
@@ -484,6 +533,8 @@ pub(crate) struct Draw {
     pub(crate) drift: f64,
     pub(crate) cut_duration: Duration,
     pub(crate) fault_rates: Vec<(FaultKind, f64)>,
+    /// Drawn stand-downs, each followed by its `compete`.
+    pub(crate) actions: Vec<ActionSpec>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -527,7 +578,8 @@ fn draw_f64(r: &mut SplitMix64, range: &RangeInclusive<f64>, per: f64) -> f64 {
 ///           = processes × setup × (6 + read_only_duration / 5 s)   read-only: every process
 ///                                                            reconnects under the backoff
 ///           = 0                                              forge (a foreign session's)
-/// faults    = Σ faults_of_kind × per_fault / measured seconds
+/// actions   = (stand_down and compete actions) × (processes × channels + 2 × channels)
+/// faults    = (Σ faults_of_kind × per_fault + actions) / measured seconds
 /// bound     = LOAD_SLACK × (idle + faults) + LOAD_SLACK_PER_S
 /// ```
 pub fn load_bound(s: &Scenario, report: &Report) -> f64 {
@@ -554,7 +606,10 @@ pub fn load_bound(s: &Scenario, report: &Report) -> f64 {
             report.faults.get(kind.as_str()).copied().unwrap_or(0) as f64 * per_fault
         })
         .sum();
-    let faults = statements / report.virtual_time_s.max(1.0);
+    // A stand-down hands over like a stop (every standby wakes and attempts) and its return
+    // attempts once per lock; counted whenever they fall.
+    let actions = s.actions.len() as f64 * (n * ch + 2.0 * ch);
+    let faults = (statements + actions) / report.virtual_time_s.max(1.0);
     LOAD_SLACK * (idle + faults) + LOAD_SLACK_PER_S
 }
 

@@ -9,6 +9,7 @@ use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 
 use super::{Case, Counterexample, Draw, Spec, SpecError};
+use crate::scenario::{Action, ActionSpec};
 
 fn durations(range: &RangeInclusive<Duration>) -> BoxedStrategy<Duration> {
     let (lo, hi) = (range.start().as_micros() as u64, range.end().as_micros() as u64);
@@ -72,14 +73,42 @@ impl Spec {
             reals(&self.drift, 1e6),
             durations(&self.cut_duration),
         );
-        Ok((fleet, timings, world, rates, any::<u64>()).prop_map(
+        // Each stand-down: where in the run after the warmup (a fraction), which process (a
+        // fraction of the fleet) and the pause before it competes again; fewer on shrinking.
+        let stand_downs = proptest::collection::vec(
+            (0.0..=1.0f64, 0.0..1.0f64, durations(&self.stand_down_pause)),
+            self.stand_downs.clone(),
+        );
+        let warmup = self.base.warmup;
+        Ok((fleet, timings, world, rates, stand_downs, any::<u64>()).prop_map(
             move |(
                 (protocol, processes, channels, duration),
                 (acquire_interval, lease_ttl, renew_interval, fence_margin, request_timeout),
                 (publish_rate, net_delay, drift, cut_duration),
                 rates,
+                stand_downs,
                 seed,
             )| {
+                let from = warmup.min(duration);
+                let actions = stand_downs
+                    .into_iter()
+                    .flat_map(|(when, who, pause)| {
+                        let at = from + (duration - from).mul_f64(when);
+                        let process = Some(((who * processes as f64) as usize).min(processes.saturating_sub(1)));
+                        [
+                            ActionSpec {
+                                at,
+                                action: Action::StandDown,
+                                process,
+                            },
+                            ActionSpec {
+                                at: at + pause,
+                                action: Action::Compete,
+                                process,
+                            },
+                        ]
+                    })
+                    .collect();
                 let draw = Draw {
                     protocol: protocols[protocol],
                     processes,
@@ -95,6 +124,7 @@ impl Spec {
                     drift,
                     cut_duration,
                     fault_rates: kinds.iter().copied().zip(rates).collect(),
+                    actions,
                 };
                 Case {
                     seed,
