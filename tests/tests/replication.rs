@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pgiplock_testkit::cluster::ClusterError;
-use pgiplock_testkit::replica::{ReplicaPair, ReplicationMode};
+use pgiplock_testkit::replica::{ReplicaOptions, ReplicaPair, ReplicationMode};
 use pgiplock_tests::*;
 
 const STARTUP: Duration = Duration::from_secs(30);
@@ -449,4 +449,98 @@ async fn async_crash_and_promote_an_old_long_lease_is_taken_over_one_ttl_after_i
     );
     fleet.shutdown(Duration::from_secs(10)).await;
     fleet.assert_invariants();
+}
+
+/// Handovers on a primary whose replica streams through a link that delays everything by
+/// `delay` (`ReplicaOptions::replication_delay`), then a crash right after the last one and a
+/// promotion: under async the acquisitions still in flight on the link are lost with the
+/// primary, and every token issued after the promotion must still exceed every token before it
+/// (the new timeline's high bits). The lost tail is measured from the replica's row just before
+/// the promotion; it is reported, not asserted (how much was in flight depends on the machine).
+async fn lagging_handovers_then_crash_and_promote(mode: ReplicationMode, delay: Duration, handovers: usize) {
+    let _heavy = heavy_guard().await;
+    let options = ReplicaOptions {
+        replication_delay: Some(delay),
+    };
+    let pair = match tokio::task::spawn_blocking(move || ReplicaPair::start_with(mode, options))
+        .await
+        .expect("pair start task")
+    {
+        Ok(pair) => Arc::new(pair),
+        Err(ClusterError::BinariesNotFound) => return eprintln!("skipped: {}", ClusterError::BinariesNotFound),
+        Err(e) => panic!("cannot start a primary with a delayed replica: {e}"),
+    };
+    let channel = unique_channel();
+    let mut fleet = Fleet::new(opts(&pair.url(), &channel, Protocol::Lease));
+    fleet.spawn_many(3);
+    fleet.wait_all_ready(STARTUP).await;
+    let (mut holder, _, _) = fleet.wait_holder(STARTUP).await;
+    on_pair(&pair, ReplicaPair::wait_caught_up).await;
+    for _ in 0..handovers {
+        let t = now_us();
+        fleet.worker(holder).terminate();
+        let (next, _, _) = fleet.wait_acquired_after(t, &[holder], STARTUP).await;
+        fleet.wait_exit(holder, STARTUP).await;
+        fleet.spawn();
+        holder = next;
+    }
+    // At once after the last acquisition: what the link still holds is lost with the primary.
+    let t_crash = now_us();
+    let before = max_token_until(&fleet, t_crash).expect("tokens before the crash");
+    on_pair(&pair, ReplicaPair::crash_primary).await;
+    let row = format!("SELECT token FROM pgiplock_lease.lease WHERE channel = '{channel}'");
+    let replicated: u64 = query_standby(&pair, row).await.parse().unwrap_or(0);
+    on_pair(&pair, ReplicaPair::promote).await;
+    let t_promoted = now_us();
+    let bound = TTL + INTERVAL + MAX_BACKOFF + SLACK;
+    let (next, t_next, token) = fleet.wait_acquired_after(t_crash, &[], bound).await;
+    let token = token.expect("a Lease token");
+    assert_eq!(
+        pgiplock::FenceToken(token).timeline(),
+        2,
+        "token {token} names timeline 2"
+    );
+    // One more handover on the new primary: its token too is above everything before.
+    let t = now_us();
+    fleet.worker(next).terminate();
+    let (_, _, later) = fleet.wait_acquired_after(t, &[next], STARTUP).await;
+    let after: Vec<u64> = fleet
+        .intervals()
+        .iter()
+        .filter(|i| i.start_us > t_crash)
+        .filter_map(|i| i.token)
+        .collect();
+    assert!(
+        later.is_some() && after.len() >= 2,
+        "two terms after the promotion: {after:?}"
+    );
+    assert!(
+        after.iter().all(|t| *t > before),
+        "a token after the promotion ({after:?}) is not above every token before it (max {before})"
+    );
+    eprintln!(
+        "[lease {mode}] {handovers} handovers through a replication link delayed {delay:?}, then crash + promote: \
+         tokens before max {before}, the replica had {replicated} ({} acquisitions lost with the primary); w{next} \
+         holds {:.0} ms after the crash ({:.0} ms after pg_ctl promote returned); tokens after {after:?}",
+        before.saturating_sub(replicated),
+        ms(t_crash, t_next),
+        ms(t_promoted, t_next),
+        mode = mode.as_str(),
+    );
+    fleet.shutdown(Duration::from_secs(10)).await;
+    fleet.assert_invariants();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_lagging_replica_handovers_then_crash_and_promote_tokens_rise() {
+    lagging_handovers_then_crash_and_promote(ReplicationMode::Async, Duration::from_millis(500), 5).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lagging_replica_heavier_runs() {
+    if !full() {
+        return eprintln!("skipped: set PGIPLOCK_REPLICA_FULL=1 for the heavier lagging-replica runs");
+    }
+    lagging_handovers_then_crash_and_promote(ReplicationMode::Async, Duration::from_millis(1500), 20).await;
+    lagging_handovers_then_crash_and_promote(ReplicationMode::Sync, Duration::from_millis(200), 10).await;
 }
