@@ -162,6 +162,20 @@ impl Checkers {
         self.max_token[li] = (generation, max);
     }
 
+    /// The highest fence token acquired on channel `li` so far.
+    pub(crate) fn max_token_of(&self, li: usize) -> u64 {
+        self.max_token.get(li).map_or(0, |(_, t)| *t)
+    }
+
+    /// A promoted replica's tables replaced the rows: a row's token may be below the last one
+    /// seen (the tail lost); acquired tokens must still rise (`max_token` is kept).
+    pub(crate) fn rows_replaced(&mut self) {
+        for (_, token) in &mut self.lease_token {
+            *token = 0;
+        }
+        self.rows_touched = true;
+    }
+
     /// S4: after a commit in schema generation `generation`, channel `li`'s lease row carries
     /// `token`.
     pub(crate) fn lease_row(&mut self, metrics: &mut Metrics, li: usize, token: u64, generation: u64) {

@@ -80,6 +80,27 @@ pub struct LeaseRow {
     pub seen: Option<(u64, Timestamp)>,
 }
 
+/// The lock tables as a replica applies them: what a promoted replica starts from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicatedTables {
+    lease: BTreeMap<String, LeaseRow>,
+    classic: BTreeMap<String, String>,
+    schema_dropped: bool,
+    generation: u64,
+}
+
+impl ReplicatedTables {
+    /// The token of a user channel's Lease row (0 without one).
+    pub fn lease_token(&self, channel: &str) -> u64 {
+        self.lease.get(channel).map_or(0, |r| r.token)
+    }
+
+    /// A user channel's Lease row.
+    pub fn lease_row(&self, channel: &str) -> Option<&LeaseRow> {
+        self.lease.get(channel)
+    }
+}
+
 /// When a held row of an older timeline, whose holder's session is not on this server, may be
 /// taken over (`pgiplock.old_timeline_takeover`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -161,6 +182,25 @@ impl SimDb {
             timeline: 1,
             old_timeline_takeover: OldTimelineTakeover::default(),
         }
+    }
+
+    /// The lock tables as they stand (what a replica receives of the commits so far).
+    pub fn replicated_tables(&self) -> ReplicatedTables {
+        ReplicatedTables {
+            lease: self.lease.clone(),
+            classic: self.classic.clone(),
+            schema_dropped: self.schema_dropped,
+            generation: self.generation,
+        }
+    }
+
+    /// Replaces the lock tables with a replica's (a promotion: what it had not applied is
+    /// lost). Sessions are the caller's business (a crash has ended them).
+    pub fn restore_replicated_tables(&mut self, tables: ReplicatedTables) {
+        self.lease = tables.lease;
+        self.classic = tables.classic;
+        self.schema_dropped = tables.schema_dropped;
+        self.generation = tables.generation;
     }
 
     /// The timeline the server writes on.

@@ -72,6 +72,14 @@ pub(crate) enum Event {
     Action {
         index: usize,
     },
+    /// Replication: the primary crashes and the address moves to the replica (failover `index`).
+    Failover {
+        index: usize,
+    },
+    /// Replication: the replica of failover `index` is promoted.
+    Promote {
+        index: usize,
+    },
     Publish,
     PublishCommit {
         id: u64,
@@ -98,6 +106,8 @@ impl Event {
             Event::Blip { .. } => 16,
             Event::ReadOnlyEnd => 17,
             Event::Action { .. } => 18,
+            Event::Failover { .. } => 19,
+            Event::Promote { .. } => 20,
         }
     }
 }
@@ -287,6 +297,7 @@ impl World {
             self.trace.hash(&[at.as_micros(), event.tag()]);
             self.trace.line(|| format!("{at:?} {event:?}"));
             self.handle(event);
+            self.replicate();
             self.check()?;
         }
         Ok(())
@@ -305,9 +316,11 @@ impl World {
         self.engine.now = self.end;
         let unresolved = self.faults.pending.len();
         let hash = self.trace.digest();
-        Ok(self
+        let mut report = self
             .metrics
-            .report(&self.scenario, self.seed, self.engine.steps, unresolved, hash))
+            .report(&self.scenario, self.seed, self.engine.steps, unresolved, hash);
+        report.replication = self.failover_reports();
+        Ok(report)
     }
 
     /// Hands an event to the module it belongs to.
@@ -340,6 +353,8 @@ impl World {
             Event::Blip { p } => self.blip(p),
             Event::ReadOnlyEnd => self.read_only_end(),
             Event::Action { index } => self.action(index),
+            Event::Failover { index } => self.failover(index),
+            Event::Promote { index } => self.promote(index),
             Event::Publish => self.publish(),
             Event::PublishCommit { id } => self.publish_commit(id),
         }
