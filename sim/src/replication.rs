@@ -212,6 +212,11 @@ pub(crate) struct Replica {
     split_brain_at_crash_us: u64,
     /// The data channel's highest token at the crash (to see the first one after).
     token_at_crash: u64,
+    /// Nobody has believed it holds the data channel at some moment since the crash (so the
+    /// next believer is a new term, also under Classic, which has no tokens).
+    vacant_since_crash: bool,
+    /// When the open failover's replica is promoted.
+    promote_at: Timestamp,
 }
 
 fn secs(t: Timestamp) -> f64 {
@@ -232,6 +237,8 @@ impl World {
             failovers: Vec::new(),
             split_brain_at_crash_us: 0,
             token_at_crash: 0,
+            vacant_since_crash: false,
+            promote_at: Timestamp::ZERO,
         });
         for (index, at) in self.scenario.replication.failovers.clone().into_iter().enumerate() {
             self.engine.schedule(Timestamp::ZERO + at, Event::Failover { index });
@@ -248,6 +255,7 @@ impl World {
         let lag = self.scenario.replication.apply_lag();
         let max_token = self.checkers.max_token_of(0);
         let split_brain = self.metrics.split_brain_us();
+        let believed = !self.checkers.believers[0].is_empty();
         let Some(replica) = self.replica.as_mut() else {
             return;
         };
@@ -262,8 +270,13 @@ impl World {
             }
         }
         if let Some(open) = replica.failovers.last_mut() {
-            if open.first_token_after.is_none() && max_token != replica.token_at_crash {
+            replica.vacant_since_crash |= !believed;
+            let new_term = max_token != replica.token_at_crash;
+            if open.first_token_after.is_none() && new_term {
                 open.first_token_after = Some(max_token);
+            }
+            let held_again = believed && (new_term || replica.vacant_since_crash);
+            if open.new_holder_after_promote_s.is_none() && now >= replica.promote_at && held_again {
                 open.new_holder_after_promote_s = Some(round3(secs(now) - open.promoted_s));
             }
             open.split_brain_s = round3((split_brain - replica.split_brain_at_crash_us) as f64 / 1e6);
@@ -292,6 +305,8 @@ impl World {
         replica.pending.clear();
         replica.split_brain_at_crash_us = split_brain;
         replica.token_at_crash = max_token;
+        replica.vacant_since_crash = false;
+        replica.promote_at = promote_at;
         replica.failovers.push(FailoverReport {
             crash_s: secs(now),
             promoted_s: secs(promote_at),
