@@ -99,6 +99,13 @@ impl ReplicatedTables {
     pub fn lease_row(&self, channel: &str) -> Option<&LeaseRow> {
         self.lease.get(channel)
     }
+
+    /// Every lease's expiry `by` later (written on a clock that ran `by` ahead of this one).
+    pub fn shift_expiries(&mut self, by: Duration) {
+        for row in self.lease.values_mut() {
+            row.expires_at = row.expires_at.map(|e| e + by);
+        }
+    }
 }
 
 /// When a held row of an older timeline, whose holder's session is not on this server, may be

@@ -173,6 +173,7 @@ fn scenario_defaults() -> BTreeMap<String, String> {
     out.insert("sync_commit_wait".to_owned(), format_duration(r.sync_commit_wait));
     out.insert("promote_after".to_owned(), format_duration(r.promote_after));
     out.insert("failover_at".to_owned(), "none".to_owned());
+    out.insert("clock_skew".to_owned(), format_duration(r.clock_skew));
     for (key, value) in &fields {
         match value {
             serde_json::Value::Object(rates) if key == "fault_rates" => {
@@ -472,6 +473,10 @@ struct ScenarioArgs {
     /// start, comma-separated, e.g. 10m,2h (needs --replication async or sync).
     #[arg(long = "failover-at", value_name = "DURATION", value_delimiter = ',', value_parser = dur)]
     failover_at: Vec<Duration>,
+    /// Replication: how far the old primary's clock ran ahead of the replica's, so that the
+    /// replicated leases end that much later on the promoted server (a duration).
+    #[arg(long, value_name = "DURATION", value_parser = dur)]
+    clock_skew: Option<Duration>,
 }
 
 /// A CLI failure with its message.
@@ -545,6 +550,7 @@ impl ScenarioArgs {
             (self.replication_lag, &mut s.replication.lag),
             (self.sync_commit_wait, &mut s.replication.sync_commit_wait),
             (self.promote_after, &mut s.replication.promote_after),
+            (self.clock_skew, &mut s.replication.clock_skew),
         ] {
             if let Some(value) = flag {
                 *field = value;

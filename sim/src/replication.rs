@@ -115,6 +115,11 @@ pub struct Replication {
     /// first).
     #[serde(with = "dur")]
     pub promote_after: Duration,
+    /// How far the old primary's clock ran ahead of the replica's (default 0): the replicated
+    /// leases' expiries, written on the old clock, end this much later on the promoted server,
+    /// which only the one-ttl cap of an older timeline's row bounds.
+    #[serde(with = "dur")]
+    pub clock_skew: Duration,
     /// Testing the checkers only: the promoted replica stays on the old timeline (tokens then
     /// go back when the tail was lost, which S4 must catch). Never read from or written to TOML.
     #[serde(skip)]
@@ -129,6 +134,7 @@ impl Default for Replication {
             sync_commit_wait: Duration::from_millis(1),
             failovers: Vec::new(),
             promote_after: Duration::from_secs(10),
+            clock_skew: Duration::ZERO,
             no_timeline_bump: false,
         }
     }
@@ -164,8 +170,9 @@ impl Replication {
         if self.failovers.len() > 1000 {
             return Err("at most 1000 failovers".to_owned());
         }
-        if self.lag > Duration::from_secs(86_400) || self.promote_after > Duration::from_secs(86_400) {
-            return Err("replication lag and promote_after must be at most 1 d".to_owned());
+        let day = Duration::from_secs(86_400);
+        if self.lag > day || self.promote_after > day || self.clock_skew > day {
+            return Err("replication lag, promote_after and clock_skew must be at most 1 d".to_owned());
         }
         Ok(())
     }
@@ -295,7 +302,8 @@ impl World {
         let Some(replica) = self.replica.as_mut() else {
             return;
         };
-        let tables = replica.applied.clone();
+        let mut tables = replica.applied.clone();
+        tables.shift_expiries(self.scenario.replication.clock_skew);
         let replicated_token = tables.lease_token(&data_channel);
         let replicated_expiry = tables
             .lease_row(&data_channel)

@@ -824,6 +824,7 @@ impl Scenario {
         flag("replication-lag", fd(r.0.lag), fd(r.1.lag));
         flag("sync-commit-wait", fd(r.0.sync_commit_wait), fd(r.1.sync_commit_wait));
         flag("promote-after", fd(r.0.promote_after), fd(r.1.promote_after));
+        flag("clock-skew", fd(r.0.clock_skew), fd(r.1.clock_skew));
         if !r.0.failovers.is_empty() {
             let times: Vec<String> = r.0.failovers.iter().map(|t| fd(*t)).collect();
             out.push(format!("--failover-at {}", times.join(",")));

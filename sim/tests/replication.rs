@@ -166,3 +166,47 @@ fn the_command_line_compares_async_and_sync_side_by_side() {
     assert!(header.is_some(), "a two-column table: {text}");
     assert!(text.contains("tokens after each promotion > before"), "{text}");
 }
+
+/// The old primary's clock ran an hour ahead: the replicated row's lease ends an hour after
+/// the promotion on the promoted server's clock, and only the one-ttl cap from its first
+/// sighting bounds the outage: a new holder no earlier than one ttl after the promotion (the
+/// first sighting is at or after it) and within ttl + the retry bound of it.
+#[test]
+fn a_replicated_lease_far_in_the_future_is_taken_over_one_ttl_after_its_sighting() {
+    let seed = seed(1);
+    let mut scenario = failover_scenario(ReplicationMode::Async, s(2));
+    scenario.replication.clock_skew = s(3600);
+    let report = run_ok(&scenario, seed);
+    let [f] = report.replication.as_slice() else {
+        panic!("one failover: {:?}", report.replication)
+    };
+    let expiry = f.replicated_expiry_s.expect("a held replicated row");
+    assert!(
+        expiry > f.promoted_s + 3000.0,
+        "the lease runs for most of an hour: {f:?}"
+    );
+    let after = f.new_holder_after_promote_s.expect("a new holder");
+    let ttl = scenario.lease_ttl.as_secs_f64();
+    assert!(
+        after >= ttl,
+        "taken over {after} s after the promotion, before one ttl: {f:?}"
+    );
+    assert!(
+        after <= ttl + scenario.acquire_interval.as_secs_f64() + 1.0,
+        "the cap, not the hour, freed it: {f:?}"
+    );
+    assert!(f.first_token_after.is_some_and(|t| t > f.max_token_before), "{f:?}");
+    assert_eq!(f.split_brain_s, 0.0, "{f:?}");
+}
+
+/// Connections made while the address leads to the standby (before the promotion) land on a
+/// read-only server: the sessions report it and reconnect; nobody holds meanwhile.
+#[test]
+fn before_the_promotion_the_fleet_meets_a_read_only_standby() {
+    let report = run_ok(&failover_scenario(ReplicationMode::Async, s(10)), seed(1));
+    let read_only = report.session_events.get("read_only_refused").copied().unwrap_or(0)
+        + report.session_events.get("read_only").copied().unwrap_or(0);
+    assert!(read_only > 0, "{:?}", report.session_events);
+    let f = &report.replication[0];
+    assert!(f.new_holder_after_promote_s.is_some_and(|t| t >= 0.0), "{f:?}");
+}
