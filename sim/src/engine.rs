@@ -80,6 +80,10 @@ pub(crate) enum Event {
     Promote {
         index: usize,
     },
+    /// Replication: the old primary that failover `index` left up is stopped.
+    OldPrimaryDown {
+        index: usize,
+    },
     Publish,
     PublishCommit {
         id: u64,
@@ -108,6 +112,7 @@ impl Event {
             Event::Action { .. } => 18,
             Event::Failover { .. } => 19,
             Event::Promote { .. } => 20,
+            Event::OldPrimaryDown { .. } => 21,
         }
     }
 }
@@ -323,8 +328,16 @@ impl World {
         Ok(report)
     }
 
-    /// Hands an event to the module it belongs to.
+    /// Hands an event to the module it belongs to (to the old primary's connections when a
+    /// partition left one up).
     fn handle(&mut self, event: Event) {
+        if self.replica.is_some() && self.on_old_primary(&event) {
+            return self.handle_on_old_primary(event);
+        }
+        self.handle_event(event)
+    }
+
+    pub(crate) fn handle_event(&mut self, event: Event) {
         match event {
             Event::ProcStart { p } => self.start_process(p),
             Event::SessionTimer { p, inc } => self.session_timer(p, inc),
@@ -355,6 +368,7 @@ impl World {
             Event::Action { index } => self.action(index),
             Event::Failover { index } => self.failover(index),
             Event::Promote { index } => self.promote(index),
+            Event::OldPrimaryDown { index } => self.old_primary_down(index),
             Event::Publish => self.publish(),
             Event::PublishCommit { id } => self.publish_commit(id),
         }

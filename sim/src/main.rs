@@ -174,6 +174,7 @@ fn scenario_defaults() -> BTreeMap<String, String> {
     out.insert("promote_after".to_owned(), format_duration(r.promote_after));
     out.insert("failover_at".to_owned(), "none".to_owned());
     out.insert("clock_skew".to_owned(), format_duration(r.clock_skew));
+    out.insert("old_primary_up".to_owned(), "none".to_owned());
     for (key, value) in &fields {
         match value {
             serde_json::Value::Object(rates) if key == "fault_rates" => {
@@ -477,6 +478,11 @@ struct ScenarioArgs {
     /// replicated leases end that much later on the promoted server (a duration).
     #[arg(long, value_name = "DURATION", value_parser = dur)]
     clock_skew: Option<Duration>,
+    /// Replication: a partition instead of a crash: the old primary stays up this long after
+    /// each failover with its holder still connected (a duration such as 60s, or none: it
+    /// crashes).
+    #[arg(long, value_name = "DURATION", value_parser = opt_dur)]
+    old_primary_up: Option<MaybeDuration>,
 }
 
 /// A CLI failure with its message.
@@ -557,6 +563,9 @@ impl ScenarioArgs {
             }
         }
         s.replication.failovers.extend(self.failover_at.iter().copied());
+        if let Some(MaybeDuration(up)) = self.old_primary_up {
+            s.replication.old_primary_up = up;
+        }
         for (flag, field) in [
             (self.renew_interval, &mut s.renew_interval),
             (self.fence_margin, &mut s.fence_margin),

@@ -8,6 +8,13 @@
 //! report measures each failover (the tail lost, the first token after, the time to a new holder,
 //! the split brain until the next one).
 //!
+//! With `old_primary_up` the failover is a partition instead of a crash: the old primary stays
+//! up for that long, and the holder's connection stays on it (an old client keeps talking to
+//! it); everyone else's sessions end and reconnect to the address, which leads to the replica.
+//! Under async the old primary confirms its holder's renewals, so two processes believe they
+//! hold until it is stopped; under sync its commits wait for the lost synchronous standby, so
+//! the old holder's renewals go unanswered and it fences itself.
+//!
 //! Off by default (`Replication::mode = none`): nothing here runs, and a run is byte-identical
 //! to one of a build without it.
 
@@ -19,7 +26,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::db::ReplicatedTables;
 use crate::engine::Event;
+use crate::net::{ClientMsg, Server, ServerMsg};
 use crate::world::World;
+use pgiplock_core::{DbOp, Protocol, SessionId, SessionOp};
 
 /// How the primary replicates.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -78,6 +87,23 @@ mod dur {
         parse_duration(&text).map_err(serde::de::Error::custom)
     }
 
+    pub mod opt {
+        use super::*;
+
+        pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+            match d {
+                Some(d) => s.serialize_str(&format_duration(*d)),
+                None => s.serialize_none(),
+            }
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+            let text = Option::<String>::deserialize(d)?;
+            text.map(|t| parse_duration(&t).map_err(serde::de::Error::custom))
+                .transpose()
+        }
+    }
+
     pub mod many {
         use super::*;
 
@@ -120,6 +146,10 @@ pub struct Replication {
     /// which only the one-ttl cap of an older timeline's row bounds.
     #[serde(with = "dur")]
     pub clock_skew: Duration,
+    /// A partition instead of a crash: the old primary stays up this long after each failover,
+    /// its holder still connected to it (default: none, the primary crashes).
+    #[serde(with = "dur::opt")]
+    pub old_primary_up: Option<Duration>,
     /// Testing the checkers only: the promoted replica stays on the old timeline (tokens then
     /// go back when the tail was lost, which S4 must catch). Never read from or written to TOML.
     #[serde(skip)]
@@ -135,6 +165,7 @@ impl Default for Replication {
             failovers: Vec::new(),
             promote_after: Duration::from_secs(10),
             clock_skew: Duration::ZERO,
+            old_primary_up: None,
             no_timeline_bump: false,
         }
     }
@@ -224,6 +255,19 @@ pub(crate) struct Replica {
     vacant_since_crash: bool,
     /// When the open failover's replica is promoted.
     promote_at: Timestamp,
+    /// Who believed it held the data channel at the crash.
+    believers_at_crash: std::collections::BTreeSet<usize>,
+    /// The old primary left up by a partition, with its holder's connection.
+    old: Option<OldPrimary>,
+}
+
+/// An old primary that a partition left up: its server (database and connections) and the
+/// holder whose connection stayed on it.
+pub(crate) struct OldPrimary {
+    server: Server,
+    holder: usize,
+    /// The failover that left it up.
+    index: usize,
 }
 
 fn secs(t: Timestamp) -> f64 {
@@ -246,6 +290,8 @@ impl World {
             token_at_crash: 0,
             vacant_since_crash: false,
             promote_at: Timestamp::ZERO,
+            believers_at_crash: std::collections::BTreeSet::new(),
+            old: None,
         });
         for (index, at) in self.scenario.replication.failovers.clone().into_iter().enumerate() {
             self.engine.schedule(Timestamp::ZERO + at, Event::Failover { index });
@@ -262,10 +308,12 @@ impl World {
         let lag = self.scenario.replication.apply_lag();
         let max_token = self.checkers.max_token_of(0);
         let split_brain = self.metrics.split_brain_us();
-        let believed = !self.checkers.believers[0].is_empty();
+        let believers = &self.checkers.believers[0];
+        let believed = !believers.is_empty();
         let Some(replica) = self.replica.as_mut() else {
             return;
         };
+        let newcomer = believers.iter().any(|p| !replica.believers_at_crash.contains(p));
         let tables = self.server.db.replicated_tables();
         if tables != replica.last {
             replica.last = tables.clone();
@@ -282,7 +330,7 @@ impl World {
             if open.first_token_after.is_none() && new_term {
                 open.first_token_after = Some(max_token);
             }
-            let held_again = believed && (new_term || replica.vacant_since_crash);
+            let held_again = believed && (new_term || replica.vacant_since_crash || newcomer);
             if open.new_holder_after_promote_s.is_none() && now >= replica.promote_at && held_again {
                 open.new_holder_after_promote_s = Some(round3(secs(now) - open.promoted_s));
             }
@@ -314,6 +362,7 @@ impl World {
         replica.split_brain_at_crash_us = split_brain;
         replica.token_at_crash = max_token;
         replica.vacant_since_crash = false;
+        replica.believers_at_crash = self.checkers.believers[0].clone();
         replica.promote_at = promote_at;
         replica.failovers.push(FailoverReport {
             crash_s: secs(now),
@@ -329,6 +378,10 @@ impl World {
         });
         self.trace.hash(&[400, index as u64]);
         self.trace.line(|| format!("  failover {index}: the primary crashes"));
+        let holder = self.serving();
+        if let (Some(up), Some((holder, _))) = (self.scenario.replication.old_primary_up, holder) {
+            self.leave_old_primary_up(index, holder, up);
+        }
         self.server_restart();
         self.server.db.restore_replicated_tables(tables);
         self.server.db.set_read_only(true);
@@ -354,9 +407,126 @@ impl World {
             .line(|| format!("  failover {index}: the replica is promoted to timeline {timeline}"));
     }
 
+    /// A partition: the old primary (a copy of the server as it stands) keeps the holder's
+    /// connections; the server the address leads to forgets them without telling the holder.
+    fn leave_old_primary_up(&mut self, index: usize, holder: usize, up: Duration) {
+        // An old primary already left up by an earlier failover is stopped first.
+        if let Some(earlier) = self.replica.as_ref().and_then(|r| r.old.as_ref()).map(|o| o.index) {
+            self.old_primary_down(earlier);
+        }
+        let mut old = Server::new(self.seed, self.scenario.terminate_permitted);
+        old.db = self.server.db.clone();
+        old.publisher = None;
+        let sessions: Vec<SessionId> = self
+            .server
+            .conns
+            .iter()
+            .filter(|(_, c)| c.p == holder)
+            .map(|(s, _)| *s)
+            .collect();
+        for session in sessions {
+            if let Some(conn) = self.server.conns.remove(&session) {
+                old.conns.insert(session, conn);
+            }
+            self.server.db.close_session(session);
+        }
+        self.trace.hash(&[402, index as u64, holder as u64]);
+        self.trace
+            .line(|| format!("  failover {index}: the old primary stays up with p{holder}'s connection"));
+        if let Some(replica) = self.replica.as_mut() {
+            replica.old = Some(OldPrimary {
+                server: old,
+                holder,
+                index,
+            });
+        }
+        self.engine
+            .schedule(self.engine.now + up, Event::OldPrimaryDown { index });
+    }
+
+    /// Whether `event` belongs to the old primary's connections.
+    pub(crate) fn on_old_primary(&self, event: &Event) -> bool {
+        let Some(old) = self.replica.as_ref().and_then(|r| r.old.as_ref()) else {
+            return false;
+        };
+        let session = match event {
+            Event::ToServer {
+                msg: ClientMsg::Connect { .. },
+                ..
+            } => return false,
+            Event::ToServer { session, .. }
+            | Event::ServerCommit { session, .. }
+            | Event::ToClient { session, .. }
+            | Event::ServerClose { session }
+            | Event::ServerDeadPeer { session, .. }
+            | Event::ClientUserTimeout { session, .. } => session,
+            _ => return false,
+        };
+        old.server.conns.contains_key(session)
+    }
+
+    /// Runs `event` against the old primary: the server is swapped for it meanwhile. Under sync
+    /// replication a statement that writes waits for the lost synchronous standby, forever;
+    /// reads (Classic's ownership check, `LISTEN`, a bootstrap with nothing to create) answer.
+    pub(crate) fn handle_on_old_primary(&mut self, event: Event) {
+        if let Event::ServerCommit { request, .. } = &event {
+            if self.scenario.replication.mode == ReplicationMode::Sync && writes(&request.op) {
+                return;
+            }
+        }
+        self.swap_old_primary();
+        self.checkers.on_old_primary = true;
+        self.handle_event(event);
+        self.checkers.on_old_primary = false;
+        self.swap_old_primary();
+    }
+
+    fn swap_old_primary(&mut self) {
+        if let Some(old) = self.replica.as_mut().and_then(|r| r.old.as_mut()) {
+            std::mem::swap(&mut self.server, &mut old.server);
+        }
+    }
+
+    /// The old primary that failover `index` left up is stopped (an operator, a failover
+    /// manager): its sessions end.
+    pub(crate) fn old_primary_down(&mut self, index: usize) {
+        let current = self.replica.as_ref().and_then(|r| r.old.as_ref()).map(|o| o.index);
+        if current != Some(index) {
+            return;
+        }
+        self.trace.hash(&[403, index as u64]);
+        self.swap_old_primary();
+        let sessions: Vec<SessionId> = self.server.conns.keys().copied().collect();
+        for session in sessions {
+            self.server_send(session, ServerMsg::Ended);
+            self.server.db.close_session(session);
+        }
+        self.server.conns.clear();
+        self.swap_old_primary();
+        let holder = self.replica.as_mut().and_then(|r| r.old.take()).map_or(0, |o| o.holder);
+        self.trace
+            .line(|| format!("  failover {index}: the old primary stops (p{holder} was on it)"));
+        self.checkers.last_disturbance = self.engine.now;
+    }
+
     /// The failovers so far (empty without replication).
     pub(crate) fn failover_reports(&self) -> Vec<FailoverReport> {
         self.replica.as_ref().map(|r| r.failovers.clone()).unwrap_or_default()
+    }
+}
+
+/// Whether a statement writes (and so, on a primary with synchronous replication, waits for
+/// the standby at commit). An attempt writes only when it takes the lock or records a sighting:
+/// counted as writing, since the old primary's rows are its own timeline's and free rows are
+/// what an attempt there would find worth taking.
+fn writes(op: &SessionOp) -> bool {
+    match op {
+        SessionOp::Lock { target, op, .. } => !matches!(
+            (target.protocol, op),
+            (Protocol::Classic, DbOp::Renew { .. }) | (_, DbOp::Drain { .. }) | (_, DbOp::TerminateStale { .. })
+        ),
+        SessionOp::RenewMany { .. } | SessionOp::AcquireMany { .. } => true,
+        _ => false,
     }
 }
 

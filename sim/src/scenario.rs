@@ -825,6 +825,7 @@ impl Scenario {
         flag("sync-commit-wait", fd(r.0.sync_commit_wait), fd(r.1.sync_commit_wait));
         flag("promote-after", fd(r.0.promote_after), fd(r.1.promote_after));
         flag("clock-skew", fd(r.0.clock_skew), fd(r.1.clock_skew));
+        flag("old-primary-up", fo(r.0.old_primary_up), fo(r.1.old_primary_up));
         if !r.0.failovers.is_empty() {
             let times: Vec<String> = r.0.failovers.iter().map(|t| fd(*t)).collect();
             out.push(format!("--failover-at {}", times.join(",")));

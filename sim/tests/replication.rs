@@ -8,6 +8,9 @@
 //!   server hands the replicated row over no earlier than its lease's end (the old-timeline
 //!   rule, the one-ttl cap not binding here); no split brain;
 //! - sync: nothing lost;
+//! - a partition (`old_primary_up`): under async two holders, one per server, until the old
+//!   primary is stopped (bounded by its remaining up-time); under sync the old holder's
+//!   renewals wait for the lost standby and it fences itself first;
 //! - a promotion that does not bump the timeline (a checkers-only switch) makes tokens go back,
 //!   and S4 catches it;
 //! - the run is deterministic, and a scenario without replication is untouched (the
@@ -209,4 +212,58 @@ fn before_the_promotion_the_fleet_meets_a_read_only_standby() {
     assert!(read_only > 0, "{:?}", report.session_events);
     let f = &report.replication[0];
     assert!(f.new_holder_after_promote_s.is_some_and(|t| t >= 0.0), "{f:?}");
+}
+
+/// A partition instead of a crash: the old primary stays up `up` with the holder's connection
+/// on it. Three processes, ttl 3 s, promoted 2 s after the failover at 600 s.
+fn partition_scenario(mode: ReplicationMode, up: Duration) -> Scenario {
+    let mut scenario = quiet(Protocol::Lease, 3, s(1200));
+    scenario.lease_ttl = s(3);
+    scenario.acquire_interval = s(1);
+    scenario.server_down = Duration::from_millis(200);
+    scenario.replication.mode = mode;
+    scenario.replication.lag = Duration::from_millis(500);
+    scenario.replication.failovers = vec![s(600)];
+    scenario.replication.promote_after = s(2);
+    scenario.replication.old_primary_up = Some(up);
+    scenario
+}
+
+/// Async: the old primary confirms its holder's renewals, so it believes it holds until the old
+/// primary is stopped, while the promoted side has its own holder: the split brain lasts from
+/// the new holder's acquisition to the old primary's stop, at most `up - promote_after`.
+#[test]
+fn async_old_primary_left_up_two_holders_until_it_is_stopped() {
+    let up = s(60);
+    let scenario = partition_scenario(ReplicationMode::Async, up);
+    let report = run_ok(&scenario, seed(1));
+    let f = &report.replication[0];
+    let bound = (up - scenario.replication.promote_after).as_secs_f64();
+    assert!(f.split_brain_s > 0.0, "two holders while the old primary is up: {f:?}");
+    assert!(f.split_brain_s <= bound, "at most {bound} s: {f:?}");
+    let after = f.new_holder_after_promote_s.expect("a holder on the promoted side");
+    assert!(
+        (f.split_brain_s - (bound - after)).abs() < 0.5,
+        "from the new holder to the old primary's stop: {f:?}"
+    );
+    assert!(f.first_token_after.is_some_and(|t| FenceToken(t).timeline() == 2));
+    assert_eq!(report, run_ok(&scenario, seed(1)), "deterministic with two servers too");
+}
+
+/// Sync: the old primary's commits wait for the lost synchronous standby, so its holder's
+/// renewals go unanswered and it fences itself (`ttl - fence_margin` after its last confirmed
+/// renewal was sent) before the promoted server frees the row: no split brain.
+#[test]
+fn sync_old_primary_left_up_the_old_holder_fences_itself_first() {
+    let scenario = partition_scenario(ReplicationMode::Sync, s(60));
+    let report = run_ok(&scenario, seed(1));
+    let f = &report.replication[0];
+    assert_eq!(f.split_brain_s, 0.0, "{f:?}");
+    assert_eq!(report.split_brain_s, 0.0);
+    assert!(
+        report.lost_reasons.get("lease_expired").copied().unwrap_or(0) >= 1,
+        "the old holder fenced itself: {:?}",
+        report.lost_reasons
+    );
+    assert!(f.new_holder_after_promote_s.is_some(), "{f:?}");
 }
