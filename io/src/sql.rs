@@ -140,6 +140,7 @@ DECLARE
   r {qs}.lease%ROWTYPE;
   row_found boolean;
   holder_alive boolean := false;
+  free_at timestamptz;
 BEGIN
   acquired := false;
   -- Losers cost a read: a live, unexpired holder is reported without writing or locking.
@@ -148,10 +149,16 @@ BEGIN
   IF row_found AND r.holder IS NOT NULL AND r.holder IS DISTINCT FROM p_app AND r.expires_at > now() THEN
     SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a
                    WHERE a.pid = r.holder_pid AND a.application_name = r.holder) INTO holder_alive;
+    IF holder_alive THEN
+      free_at := r.expires_at;
     -- A term of an older timeline was held through another server: its session cannot be seen
-    -- here, so only its lease's end frees it.
-    IF holder_alive OR {qs}.older_timeline(r.token) THEN
-      remaining_us := GREATEST(0, (EXTRACT(EPOCH FROM (r.expires_at - now())) * 1000000)::bigint);
+    -- here, so only its lease's end frees it, capped at one ttl from its first sighting here.
+    -- Not sighted yet: the locked path below records the sighting.
+    ELSIF {qs}.older_timeline(r.token) AND r.seen_token IS NOT DISTINCT FROM r.token THEN
+      free_at := {qs}.old_timeline_free_at(r.expires_at, r.seen_at, p_ttl_us);
+    END IF;
+    IF free_at > now() THEN
+      remaining_us := GREATEST(0, (EXTRACT(EPOCH FROM (free_at - now())) * 1000000)::bigint);
       holder_token := r.token;
       holder_pid := r.holder_pid;
       RETURN;
@@ -163,14 +170,27 @@ BEGIN
   -- Decide again under the row lock: a concurrent acquirer may have won meanwhile.
   SELECT * INTO r FROM {qs}.lease l WHERE l.channel = p_channel FOR UPDATE;
   holder_alive := false;
+  free_at := NULL;
   IF r.holder IS NOT NULL AND r.holder IS DISTINCT FROM p_app THEN
     SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a
                    WHERE a.pid = r.holder_pid AND a.application_name = r.holder) INTO holder_alive;
-    IF (holder_alive OR {qs}.older_timeline(r.token)) AND r.expires_at > now() THEN
-      remaining_us := GREATEST(0, (EXTRACT(EPOCH FROM (r.expires_at - now())) * 1000000)::bigint);
-      holder_token := r.token;
-      holder_pid := r.holder_pid;
-      RETURN;
+    IF r.expires_at > now() THEN
+      IF holder_alive THEN
+        free_at := r.expires_at;
+      ELSIF {qs}.older_timeline(r.token) THEN
+        IF r.seen_token IS DISTINCT FROM r.token THEN
+          -- The first sighting of this term on this server: the cap counts from here.
+          UPDATE {qs}.lease l SET seen_token = r.token, seen_at = now() WHERE l.channel = p_channel;
+          r.seen_at := now();
+        END IF;
+        free_at := {qs}.old_timeline_free_at(r.expires_at, r.seen_at, p_ttl_us);
+      END IF;
+      IF free_at > now() THEN
+        remaining_us := GREATEST(0, (EXTRACT(EPOCH FROM (free_at - now())) * 1000000)::bigint);
+        holder_token := r.token;
+        holder_pid := r.holder_pid;
+        RETURN;
+      END IF;
     END IF;
   END IF;
   -- The term before ours, for the winner's replay: its token, the backend that sent its
@@ -195,6 +215,17 @@ BEGIN
 END
 "#
     )
+}
+
+/// When a held row of an older timeline, whose holder's session is not on this server, is free:
+/// at its replicated expiry `p_expires`, but no later than one ttl (`p_ttl_us`, the attempting
+/// process's) after it was first sighted on this server (`p_seen`), so that a long lease or a
+/// clock ahead on the old primary costs at most one ttl of outage after a failover.
+/// `pgiplock.old_timeline_takeover = 'expiry'` waits for the replicated expiry alone.
+fn lease_old_timeline_free_at_body() -> String {
+    "SELECT CASE WHEN COALESCE(current_setting('pgiplock.old_timeline_takeover', true), '') = 'expiry' \
+     THEN p_expires ELSE LEAST(p_expires, p_seen + p_ttl_us * INTERVAL '1 microsecond') END"
+        .to_owned()
 }
 
 /// The timeline the server writes on, from its current WAL file's name (any role may read it;
@@ -236,7 +267,8 @@ fn lease_renew_body(qs: &str) -> String {
     format!(
         r#"
 BEGIN
-  UPDATE {qs}.lease l SET expires_at = now() + p_ttl_us * INTERVAL '1 microsecond'
+  -- A renewal here makes the term this server's own again: an older sighting no longer counts.
+  UPDATE {qs}.lease l SET expires_at = now() + p_ttl_us * INTERVAL '1 microsecond', seen_token = NULL
    WHERE l.channel = p_channel AND l.holder = p_app AND l.token = p_token;
   IF NOT FOUND THEN
     RETURN false;
@@ -374,8 +406,18 @@ fn bootstrap_sql(protocol: Protocol, schema: &SchemaName) -> String {
         Protocol::Lease => {
             let table_lit = quote_literal(&format!("{qs}.lease"));
             body.push_str(&format!(
-                "IF to_regclass({table_lit}) IS NULL THEN\n  CREATE TABLE {qs}.lease (channel text PRIMARY KEY, holder text, holder_pid integer, token bigint NOT NULL, expires_at timestamptz, acquired_at timestamptz);\nEND IF;\n"
+                "IF to_regclass({table_lit}) IS NULL THEN\n  CREATE TABLE {qs}.lease (channel text PRIMARY KEY, holder text, holder_pid integer, token bigint NOT NULL, expires_at timestamptz, acquired_at timestamptz, seen_token bigint, seen_at timestamptz);\nEND IF;\n"
             ));
+            // Tables of earlier versions get the sighting columns; checked first, as the ALTER
+            // takes the table's lock.
+            for (column, kind) in [("seen_token", "bigint"), ("seen_at", "timestamptz")] {
+                body.push_str(&format!(
+                    "IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute WHERE attrelid = to_regclass({table_lit}) \
+                     AND attname = {} AND NOT attisdropped) THEN\n  ALTER TABLE {qs}.lease ADD COLUMN {} {kind};\nEND IF;\n",
+                    quote_literal(column),
+                    quote_ident(column)
+                ));
+            }
             // Row-lock waits are bounded: an operation stuck behind a foreign transaction fails
             // and is retried, instead of being abandoned by a session reset and left blocked on
             // the server.
@@ -438,6 +480,12 @@ fn bootstrap_sql(protocol: Protocol, schema: &SchemaName) -> String {
                     "next_token",
                     "(p_prev bigint) RETURNS bigint LANGUAGE sql AS ",
                     lease_next_token_body(&qs),
+                    None,
+                ),
+                (
+                    "old_timeline_free_at",
+                    "(p_expires timestamptz, p_seen timestamptz, p_ttl_us bigint) RETURNS timestamptz LANGUAGE sql AS ",
+                    lease_old_timeline_free_at_body(),
                     None,
                 ),
                 (

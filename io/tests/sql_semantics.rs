@@ -102,8 +102,8 @@ async fn bootstrap_many(protocol: Protocol) {
         .get(0);
     // Classic: deadlock_check, notify_lock; Lease: acquire_v2, renew_v2, release_v2,
     // terminate_stale, the batched renew_many and acquire_many, and the token helpers timeline,
-    // next_token and older_timeline.
-    assert_eq!(functions, if protocol == Protocol::Classic { 2 } else { 9 });
+    // next_token, older_timeline and old_timeline_free_at.
+    assert_eq!(functions, if protocol == Protocol::Classic { 2 } else { 10 });
     if protocol == Protocol::Classic {
         let triggers: i64 = admin
             .client
@@ -434,5 +434,191 @@ async fn lease_tokens_carry_the_timeline_in_their_high_bits() {
         FenceToken(u64::try_from(base + 1).unwrap()).timeline(),
         u64::try_from(timeline).unwrap()
     );
+    drop_schema(&schema).await;
+}
+
+/// A held row of an older timeline whose holder's session is not on this server is taken over
+/// at its replicated expiry, but no later than one ttl (the attempting process's) after the
+/// first attempt on this server saw it; `'expiry'` waits for the replicated expiry alone,
+/// `'session_gone'` takes it at once. The promotion is faked by redefining the schema's
+/// `timeline()` one above the server's (a real one is in `tests/tests/replication.rs`).
+#[tokio::test]
+async fn lease_an_older_timeline_row_is_taken_over_one_ttl_after_it_was_first_seen() {
+    let schema = unique("t_oldtl");
+    let _cleanup = SchemaGuard::new(&schema);
+    let qs = pgiplock_core::quote_ident(&schema);
+    let admin = admin().await;
+    sql::bootstrap(&admin.client, Protocol::Lease, &SchemaName::new(&schema).unwrap())
+        .await
+        .unwrap();
+    let timeline: i64 = admin
+        .client
+        .query_one(&format!("SELECT {qs}.timeline()"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    let cap = Duration::from_millis(400);
+    // The old primary's holder: a lease of an hour, as a long ttl or a clock far ahead would give.
+    let old = raw_client(&unique("old")).await;
+    let old_app = old.app.clone();
+    let held = acquire(
+        &old,
+        &target(Protocol::Lease, &schema, "oldtl", &old.app, Duration::from_secs(3600)),
+    )
+    .await;
+    assert!(held.acquired);
+    let old_token = held.token.unwrap();
+    drop(old);
+    wait_backend_gone(&admin.client, &old_app).await;
+    admin
+        .client
+        .batch_execute(&format!(
+            "CREATE OR REPLACE FUNCTION {qs}.timeline() RETURNS bigint LANGUAGE sql AS 'SELECT {}::bigint'",
+            timeline + 1
+        ))
+        .await
+        .unwrap();
+
+    let new = raw_client(&unique("new")).await;
+    let t_new = target(Protocol::Lease, &schema, "oldtl", &new.app, cap);
+    let first = acquire(&new, &t_new).await;
+    assert!(!first.acquired, "refused at its first sighting");
+    assert_eq!(first.holder_token, Some(old_token));
+    let left = first.lease_remaining.expect("the time left until the cap");
+    assert!(left <= cap && left > Duration::ZERO, "{left:?} left, at most one ttl");
+    let seen: (Option<i64>, bool) = {
+        let row = admin
+            .client
+            .query_one(
+                &format!("SELECT seen_token, seen_at IS NOT NULL FROM {qs}.lease WHERE channel = 'oldtl'"),
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert_eq!(
+        seen,
+        (Some(i64::try_from(old_token.0).unwrap()), true),
+        "the sighting is recorded"
+    );
+    let again = acquire(&new, &t_new).await;
+    assert!(!again.acquired && again.lease_remaining.is_some_and(|l| l <= left));
+
+    // Waiting for the replicated expiry alone: an hour.
+    let patient = raw_client(&unique("patient")).await;
+    patient
+        .client
+        .batch_execute("SET pgiplock.old_timeline_takeover = 'expiry'")
+        .await
+        .unwrap();
+    let t_patient = target(Protocol::Lease, &schema, "oldtl", &patient.app, cap);
+    let waits = acquire(&patient, &t_patient).await;
+    assert!(!waits.acquired && waits.lease_remaining.is_some_and(|l| l > Duration::from_secs(3000)));
+
+    // The server's clock passes the cap (a real wait: the cap is what is tested).
+    admin
+        .client
+        .batch_execute(&format!(
+            "SELECT pg_sleep(GREATEST(0, EXTRACT(EPOCH FROM (seen_at + INTERVAL '{} milliseconds' - clock_timestamp())))) \
+             FROM {qs}.lease WHERE channel = 'oldtl'",
+            cap.as_millis()
+        ))
+        .await
+        .unwrap();
+    assert!(!acquire(&patient, &t_patient).await.acquired, "'expiry' still waits");
+    let won = acquire(&new, &t_new).await;
+    assert!(won.acquired, "taken over one ttl after the sighting");
+    let token = won.token.unwrap();
+    assert_eq!(token.timeline(), u64::try_from(timeline + 1).unwrap());
+    assert!(token > old_token);
+    assert_eq!(won.previous.map(|p| p.token), Some(old_token));
+    let waited_us: i64 = admin
+        .client
+        .query_one(
+            &format!("SELECT (EXTRACT(EPOCH FROM (acquired_at - seen_at)) * 1000000)::bigint FROM {qs}.lease WHERE channel = 'oldtl'"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        waited_us >= i64::try_from(cap.as_micros()).unwrap(),
+        "taken over {waited_us} us after the sighting, before one ttl"
+    );
+
+    // 'session_gone': an older timeline's row is free at once when its session is not here.
+    let quick_app = unique("quick");
+    let quick = raw_client(&quick_app).await;
+    let t_quick = target(
+        Protocol::Lease,
+        &schema,
+        "oldtl2",
+        &quick.app,
+        Duration::from_secs(3600),
+    );
+    assert!(acquire(&quick, &t_quick).await.acquired);
+    drop(quick);
+    wait_backend_gone(&admin.client, &quick_app).await;
+    admin
+        .client
+        .batch_execute(&format!(
+            "CREATE OR REPLACE FUNCTION {qs}.timeline() RETURNS bigint LANGUAGE sql AS 'SELECT {}::bigint'",
+            timeline + 2
+        ))
+        .await
+        .unwrap();
+    patient
+        .client
+        .batch_execute("SET pgiplock.old_timeline_takeover = 'session_gone'")
+        .await
+        .unwrap();
+    let t_at_once = target(Protocol::Lease, &schema, "oldtl2", &patient.app, cap);
+    assert!(
+        acquire(&patient, &t_at_once).await.acquired,
+        "'session_gone' takes it at once"
+    );
+    drop_schema(&schema).await;
+}
+
+/// A lease table of an earlier version (without the sighting columns) gets them at the next
+/// bootstrap, rows and tokens kept, and works with the new functions.
+#[tokio::test]
+async fn lease_bootstrap_adds_the_sighting_columns_to_an_earlier_table() {
+    let schema = unique("t_upgrade");
+    let _cleanup = SchemaGuard::new(&schema);
+    let qs = pgiplock_core::quote_ident(&schema);
+    let admin = admin().await;
+    admin
+        .client
+        .batch_execute(&format!(
+            "CREATE SCHEMA {qs}; CREATE TABLE {qs}.lease (channel text PRIMARY KEY, holder text, holder_pid integer, \
+             token bigint NOT NULL, expires_at timestamptz, acquired_at timestamptz); \
+             INSERT INTO {qs}.lease (channel, token) VALUES ('up', 41)"
+        ))
+        .await
+        .unwrap();
+    sql::bootstrap(&admin.client, Protocol::Lease, &SchemaName::new(&schema).unwrap())
+        .await
+        .unwrap();
+    let columns: i64 = admin
+        .client
+        .query_one(
+            "SELECT count(*) FROM information_schema.columns WHERE table_schema = $1 AND table_name = 'lease' \
+             AND column_name IN ('seen_token', 'seen_at')",
+            &[&schema],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(columns, 2);
+    let c = raw_client(&unique("up")).await;
+    let won = acquire(
+        &c,
+        &target(Protocol::Lease, &schema, "up", &c.app, Duration::from_secs(5)),
+    )
+    .await;
+    assert!(won.acquired);
+    assert_eq!(won.token.map(|t| t.counter()), Some(42), "the row's counter goes on");
     drop_schema(&schema).await;
 }

@@ -85,6 +85,9 @@ pub(crate) struct Checkers {
     check_s2: bool,
     /// A commit or a new session happened since the last S1 check.
     pub(crate) rows_touched: bool,
+    /// The event being handled runs on an old primary a partition left up: S4 follows the
+    /// server the address leads to (the old side's tokens are of the older timeline, below).
+    pub(crate) on_old_primary: bool,
     /// Channel 0 has two believers only because one's session ended without it knowing.
     pub(crate) s2_gap: bool,
     liveness_bound: Duration,
@@ -121,6 +124,7 @@ impl Checkers {
             check_d1: scenario.protocol == Protocol::Lease
                 && (scenario.drift < scenario.drift_bound() || scenario.property_checks),
             rows_touched: false,
+            on_old_primary: false,
             s2_gap: false,
             liveness_bound: scenario.liveness_bound(),
             stuck_deadline: None,
@@ -149,6 +153,9 @@ impl Checkers {
     /// schema takes the token sequence with it (as PostgreSQL does after `DROP SCHEMA`), which
     /// is S4's one stated exemption.
     pub(crate) fn token_acquired(&mut self, metrics: &mut Metrics, p: usize, li: usize, t: u64, generation: u64) {
+        if self.on_old_primary {
+            return; // the other side of a partition: its own, older, token sequence
+        }
         let (max_generation, max) = self.max_token[li];
         if generation < max_generation {
             return; // a term of a dropped schema, reported late
@@ -162,9 +169,26 @@ impl Checkers {
         self.max_token[li] = (generation, max);
     }
 
+    /// The highest fence token acquired on channel `li` so far.
+    pub(crate) fn max_token_of(&self, li: usize) -> u64 {
+        self.max_token.get(li).map_or(0, |(_, t)| *t)
+    }
+
+    /// A promoted replica's tables replaced the rows: a row's token may be below the last one
+    /// seen (the tail lost); acquired tokens must still rise (`max_token` is kept).
+    pub(crate) fn rows_replaced(&mut self) {
+        for (_, token) in &mut self.lease_token {
+            *token = 0;
+        }
+        self.rows_touched = true;
+    }
+
     /// S4: after a commit in schema generation `generation`, channel `li`'s lease row carries
     /// `token`.
     pub(crate) fn lease_row(&mut self, metrics: &mut Metrics, li: usize, token: u64, generation: u64) {
+        if self.on_old_primary {
+            return;
+        }
         let (last_generation, last) = self.lease_token[li];
         if generation == last_generation && token < last {
             metrics

@@ -74,6 +74,52 @@ pub struct LeaseRow {
     pub token: u64,
     /// Expiry on the server clock.
     pub expires_at: Option<Timestamp>,
+    /// The first sighting of a term of an older timeline on this server (`seen_token`,
+    /// `seen_at`): the one-ttl cap of its takeover counts from it, while the row still has
+    /// that token. Cleared by a renewal.
+    pub seen: Option<(u64, Timestamp)>,
+}
+
+/// The lock tables as a replica applies them: what a promoted replica starts from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicatedTables {
+    lease: BTreeMap<String, LeaseRow>,
+    classic: BTreeMap<String, String>,
+    schema_dropped: bool,
+    generation: u64,
+}
+
+impl ReplicatedTables {
+    /// The token of a user channel's Lease row (0 without one).
+    pub fn lease_token(&self, channel: &str) -> u64 {
+        self.lease.get(channel).map_or(0, |r| r.token)
+    }
+
+    /// A user channel's Lease row.
+    pub fn lease_row(&self, channel: &str) -> Option<&LeaseRow> {
+        self.lease.get(channel)
+    }
+
+    /// Every lease's expiry `by` later (written on a clock that ran `by` ahead of this one).
+    pub fn shift_expiries(&mut self, by: Duration) {
+        for row in self.lease.values_mut() {
+            row.expires_at = row.expires_at.map(|e| e + by);
+        }
+    }
+}
+
+/// When a held row of an older timeline, whose holder's session is not on this server, may be
+/// taken over (`pgiplock.old_timeline_takeover`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OldTimelineTakeover {
+    /// At its replicated expiry, but no later than one ttl after its first sighting here (the
+    /// default).
+    #[default]
+    Capped,
+    /// At its replicated expiry only (`'expiry'`).
+    Expiry,
+    /// As any other row: at once, its session not being here (`'session_gone'`).
+    SessionGone,
 }
 
 /// A backend as `pg_stat_activity` shows it, plus its `LISTEN` set and notification inbox.
@@ -114,6 +160,10 @@ pub struct SimDb {
     generation: u64,
     /// Writes fail with SQLSTATE 25006.
     read_only: bool,
+    /// The timeline the server writes on (1 until a promotion): the high bits of the tokens it
+    /// issues.
+    timeline: u64,
+    old_timeline_takeover: OldTimelineTakeover,
 }
 
 impl SimDb {
@@ -136,7 +186,59 @@ impl SimDb {
             schema_dropped: false,
             generation: 0,
             read_only: false,
+            timeline: 1,
+            old_timeline_takeover: OldTimelineTakeover::default(),
         }
+    }
+
+    /// The lock tables as they stand (what a replica receives of the commits so far).
+    pub fn replicated_tables(&self) -> ReplicatedTables {
+        ReplicatedTables {
+            lease: self.lease.clone(),
+            classic: self.classic.clone(),
+            schema_dropped: self.schema_dropped,
+            generation: self.generation,
+        }
+    }
+
+    /// Replaces the lock tables with a replica's (a promotion: what it had not applied is
+    /// lost). Sessions are the caller's business (a crash has ended them).
+    pub fn restore_replicated_tables(&mut self, tables: ReplicatedTables) {
+        self.lease = tables.lease;
+        self.classic = tables.classic;
+        self.schema_dropped = tables.schema_dropped;
+        self.generation = tables.generation;
+    }
+
+    /// The timeline the server writes on.
+    pub fn timeline(&self) -> u64 {
+        self.timeline
+    }
+
+    /// Puts the server on `timeline` (a promotion starts the next one): tokens issued from now
+    /// on carry it, and rows of earlier timelines are taken over by their own rule.
+    pub fn set_timeline(&mut self, timeline: u64) {
+        self.timeline = timeline.max(1);
+    }
+
+    /// The server-wide `pgiplock.old_timeline_takeover` of the model.
+    pub fn set_old_timeline_takeover(&mut self, rule: OldTimelineTakeover) {
+        self.old_timeline_takeover = rule;
+    }
+
+    /// The token after `prev` on the current timeline, as the SQL `next_token` issues it:
+    /// `(timeline - 1) << 40 | counter`, never below `prev + 1`.
+    pub fn next_token(&self, prev: u64) -> u64 {
+        let bits = pgiplock_core::TOKEN_COUNTER_BITS;
+        let mask = (1u64 << bits) - 1;
+        (prev + 1).max(((self.timeline - 1) << bits) + (prev & mask) + 1)
+    }
+
+    /// Whether `token` was issued on an older timeline and such rows wait for their lease (the
+    /// SQL `older_timeline`).
+    fn older_timeline(&self, token: u64) -> bool {
+        self.old_timeline_takeover != OldTimelineTakeover::SessionGone
+            && (token >> pgiplock_core::TOKEN_COUNTER_BITS) + 1 < self.timeline
     }
 
     /// The server clock (`now()` in SQL).
@@ -545,34 +647,56 @@ impl SimDb {
                     (Some(h), Some(p)) => db.session_of(p, h).is_some(),
                     _ => false,
                 };
-                let (free, stale) = match row {
-                    None => (true, None),
-                    Some(r) if r.holder.is_none() => (true, None),
-                    Some(r) if r.holder.as_deref() == Some(app) => (true, None),
-                    Some(r) if !holder_live(self, r) => (true, None),
+                // `Some(free_at)` when a holder other than us is not yet replaceable; a first
+                // sighting of an older timeline's term is recorded (a write) on the way.
+                let mut sighting = None;
+                let (blocked_until, stale) = match row {
+                    None => (None, None),
+                    Some(r) if r.holder.is_none() => (None, None),
+                    Some(r) if r.holder.as_deref() == Some(app) => (None, None),
                     Some(r) if r.expires_at.map_or(true, |e| e <= now) => {
                         let stale = match (&r.holder, r.holder_pid) {
-                            (Some(h), Some(p)) => Some(StaleHolder { pid: p, app: h.clone() }),
+                            (Some(h), Some(p)) if holder_live(self, r) => Some(StaleHolder { pid: p, app: h.clone() }),
                             _ => None,
                         };
-                        (true, stale)
+                        (None, stale)
                     }
-                    Some(_) => (false, None),
+                    Some(r) if holder_live(self, r) => (r.expires_at, None),
+                    Some(r) if self.older_timeline(r.token) => {
+                        let seen_at = match r.seen {
+                            Some((t, at)) if t == r.token => at,
+                            _ => {
+                                sighting = Some((r.token, now));
+                                now
+                            }
+                        };
+                        let expires = r.expires_at.unwrap_or(now);
+                        let free_at = match self.old_timeline_takeover {
+                            OldTimelineTakeover::Expiry => expires,
+                            _ => expires.min(seen_at + ttl),
+                        };
+                        (Some(free_at).filter(|f| *f > now), None)
+                    }
+                    Some(_) => (None, None),
                 };
-                if !free {
-                    let remaining = row.and_then(|r| r.expires_at).map(|e| e.saturating_duration_since(now));
-                    return Ok(Reply::Acquire(AcquireReply {
-                        lease_remaining: remaining,
-                        holder_token: row.map(|r| FenceToken(r.token)),
-                        holder_pid: row.and_then(|r| r.holder_pid),
-                        ..AcquireReply::locked()
-                    }));
-                }
-                if self.read_only {
+                // Both a sighting and a takeover run the locked path (SELECT ... FOR UPDATE).
+                if self.read_only && (sighting.is_some() || blocked_until.is_none()) {
                     return Err(DbError::server(
                         "25006",
                         "cannot execute UPDATE in a read-only transaction".to_owned(),
                     ));
+                }
+                if let (Some(seen), Some(r)) = (sighting, self.lease.get_mut(key)) {
+                    r.seen = Some(seen);
+                }
+                let row = self.lease.get(key);
+                if let Some(free_at) = blocked_until {
+                    return Ok(Reply::Acquire(AcquireReply {
+                        lease_remaining: Some(free_at.saturating_duration_since(now)),
+                        holder_token: row.map(|r| FenceToken(r.token)),
+                        holder_pid: row.and_then(|r| r.holder_pid),
+                        ..AcquireReply::locked()
+                    }));
                 }
                 // The term before ours, for the winner's replay (the row keeps its holder's pid
                 // after a release).
@@ -581,12 +705,14 @@ impl SimDb {
                     holder_pid: r.holder_pid,
                     released: r.holder.is_none(),
                 });
-                let token = row.map_or(0, |r| r.token) + 1;
+                let token = self.next_token(row.map_or(0, |r| r.token));
                 let new_row = LeaseRow {
                     holder: Some(app.to_owned()),
                     holder_pid: Some(pid),
                     token,
                     expires_at: Some(now + ttl),
+                    // Kept, as the SQL keeps it: it names the old token, so it no longer counts.
+                    seen: row.and_then(|r| r.seen),
                 };
                 match self.lease.get_mut(key) {
                     Some(row) => *row = new_row,
@@ -606,6 +732,7 @@ impl SimDb {
                 let owned = match (self.lease.get_mut(key), token) {
                     (Some(row), Some(t)) if row.holder.as_deref() == Some(app) && row.token == t.0 => {
                         row.expires_at = Some(now + ttl);
+                        row.seen = None;
                         true
                     }
                     _ => false,

@@ -72,6 +72,18 @@ pub(crate) enum Event {
     Action {
         index: usize,
     },
+    /// Replication: the primary crashes and the address moves to the replica (failover `index`).
+    Failover {
+        index: usize,
+    },
+    /// Replication: the replica of failover `index` is promoted.
+    Promote {
+        index: usize,
+    },
+    /// Replication: the old primary that failover `index` left up is stopped.
+    OldPrimaryDown {
+        index: usize,
+    },
     Publish,
     PublishCommit {
         id: u64,
@@ -98,6 +110,9 @@ impl Event {
             Event::Blip { .. } => 16,
             Event::ReadOnlyEnd => 17,
             Event::Action { .. } => 18,
+            Event::Failover { .. } => 19,
+            Event::Promote { .. } => 20,
+            Event::OldPrimaryDown { .. } => 21,
         }
     }
 }
@@ -287,6 +302,7 @@ impl World {
             self.trace.hash(&[at.as_micros(), event.tag()]);
             self.trace.line(|| format!("{at:?} {event:?}"));
             self.handle(event);
+            self.replicate();
             self.check()?;
         }
         Ok(())
@@ -305,13 +321,23 @@ impl World {
         self.engine.now = self.end;
         let unresolved = self.faults.pending.len();
         let hash = self.trace.digest();
-        Ok(self
+        let mut report = self
             .metrics
-            .report(&self.scenario, self.seed, self.engine.steps, unresolved, hash))
+            .report(&self.scenario, self.seed, self.engine.steps, unresolved, hash);
+        report.replication = self.failover_reports();
+        Ok(report)
     }
 
-    /// Hands an event to the module it belongs to.
+    /// Hands an event to the module it belongs to (to the old primary's connections when a
+    /// partition left one up).
     fn handle(&mut self, event: Event) {
+        if self.replica.is_some() && self.on_old_primary(&event) {
+            return self.handle_on_old_primary(event);
+        }
+        self.handle_event(event)
+    }
+
+    pub(crate) fn handle_event(&mut self, event: Event) {
         match event {
             Event::ProcStart { p } => self.start_process(p),
             Event::SessionTimer { p, inc } => self.session_timer(p, inc),
@@ -340,6 +366,9 @@ impl World {
             Event::Blip { p } => self.blip(p),
             Event::ReadOnlyEnd => self.read_only_end(),
             Event::Action { index } => self.action(index),
+            Event::Failover { index } => self.failover(index),
+            Event::Promote { index } => self.promote(index),
+            Event::OldPrimaryDown { index } => self.old_primary_down(index),
             Event::Publish => self.publish(),
             Event::PublishCommit { id } => self.publish_commit(id),
         }

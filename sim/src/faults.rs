@@ -317,7 +317,7 @@ impl World {
         }
     }
 
-    fn server_restart(&mut self) {
+    pub(crate) fn server_restart(&mut self) {
         let sessions: Vec<SessionId> = self.server.conns.keys().copied().collect();
         for session in sessions {
             self.server_send(session, ServerMsg::Ended);

@@ -33,12 +33,14 @@ mod indexed_heap;
 pub mod metrics;
 mod net;
 mod process;
+pub mod replication;
 pub mod scenario;
 mod session_map;
 mod trace;
 pub mod world;
 
 pub use metrics::{LatencyStats, MessageCounts, Report};
+pub use replication::{FailoverReport, Replication, ReplicationMode};
 pub use scenario::{
     Action, ActionSpec, FaultKind, FaultRates, FaultSpec, FaultTarget, Mutant, Scenario, ScenarioError,
 };

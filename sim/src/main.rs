@@ -17,7 +17,7 @@ use pgiplock_sim::explore::{self, ExploreError, SweepPoint, TuneTarget};
 use pgiplock_sim::scenario::{
     format_duration, parse_action, parse_fault, ActionSpec, FaultKind, FaultSpec, FaultTarget,
 };
-use pgiplock_sim::{Report, Scenario, SimError};
+use pgiplock_sim::{ReplicationMode, Report, Scenario, SimError};
 
 /// How every duration flag reads its value; shown under every `--help`.
 const DURATIONS_HELP: &str = "Durations are a number with a unit: 250ms, 5s, 1.5s, 1m30s, 2h, 0s (units ns, us, ms, \
@@ -54,6 +54,11 @@ enum Command {
         /// Print every event, one line each (long!) [default: off].
         #[arg(long)]
         trace: bool,
+        /// Run the scenario twice, with async and with sync replication (the other replication
+        /// settings as given; without --failover-at one failover at half the duration), and
+        /// print the two runs' figures side by side, in seconds and counts [default: off].
+        #[arg(long)]
+        compare_replication: bool,
     },
     /// Vary timings, print the trade-off table, write CSV and an SVG chart.
     ///
@@ -165,6 +170,15 @@ fn scenario_defaults() -> BTreeMap<String, String> {
         serde_json::Value::Bool(_) | serde_json::Value::Number(_) => Some(v.to_string()),
         _ => None,
     };
+    // Replication is left out of a lone server's scenario: its flags' defaults are stated here.
+    let r = pgiplock_sim::Replication::default();
+    out.insert("replication".to_owned(), r.mode.to_string());
+    out.insert("replication_lag".to_owned(), format_duration(r.lag));
+    out.insert("sync_commit_wait".to_owned(), format_duration(r.sync_commit_wait));
+    out.insert("promote_after".to_owned(), format_duration(r.promote_after));
+    out.insert("failover_at".to_owned(), "none".to_owned());
+    out.insert("clock_skew".to_owned(), format_duration(r.clock_skew));
+    out.insert("old_primary_up".to_owned(), "none".to_owned());
     for (key, value) in &fields {
         match value {
             serde_json::Value::Object(rates) if key == "fault_rates" => {
@@ -445,6 +459,34 @@ struct ScenarioArgs {
     property_checks: Option<bool>,
     #[arg(long, hide = true)]
     mutant: Option<pgiplock_sim::Mutant>,
+    /// Replication of the server: none (a lone server), async (the replica applies each commit
+    /// --replication-lag after it; a failover loses the rest) or sync (every commit waits for
+    /// the replica).
+    #[arg(long, value_name = "MODE")]
+    replication: Option<ReplicationMode>,
+    /// Async replication: how long after a commit the replica has applied it (a duration).
+    #[arg(long, value_name = "DURATION", value_parser = dur)]
+    replication_lag: Option<Duration>,
+    /// Sync replication: what each statement waits more for the replica (a duration).
+    #[arg(long, value_name = "DURATION", value_parser = dur)]
+    sync_commit_wait: Option<Duration>,
+    /// Replication: from a failover's crash to the replica's promotion; meanwhile the server
+    /// refuses connections for --server-down, then answers read-only (a duration).
+    #[arg(long, value_name = "DURATION", value_parser = dur)]
+    promote_after: Option<Duration>,
+    /// Replication: when the primary crashes and its replica takes over, durations from the
+    /// start, comma-separated, e.g. 10m,2h (needs --replication async or sync).
+    #[arg(long = "failover-at", value_name = "DURATION", value_delimiter = ',', value_parser = dur)]
+    failover_at: Vec<Duration>,
+    /// Replication: how far the old primary's clock ran ahead of the replica's, so that the
+    /// replicated leases end that much later on the promoted server (a duration).
+    #[arg(long, value_name = "DURATION", value_parser = dur)]
+    clock_skew: Option<Duration>,
+    /// Replication: a partition instead of a crash: the old primary stays up this long after
+    /// each failover with its holder still connected (a duration such as 60s, or none: it
+    /// crashes).
+    #[arg(long, value_name = "DURATION", value_parser = opt_dur)]
+    old_primary_up: Option<MaybeDuration>,
 }
 
 /// A CLI failure with its message.
@@ -459,6 +501,14 @@ impl<E: std::fmt::Display> From<E> for CliError {
 
 impl ScenarioArgs {
     fn scenario(&self) -> Result<Scenario, CliError> {
+        let s = self.unchecked_scenario()?;
+        s.validate()?;
+        Ok(s)
+    }
+
+    /// The scenario the flags describe, not yet validated (`--compare-replication` sets the
+    /// replication mode itself).
+    fn unchecked_scenario(&self) -> Result<Scenario, CliError> {
         let mut s = match &self.config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
@@ -503,6 +553,23 @@ impl ScenarioArgs {
             property_checks
         );
         s.mutant = self.mutant.or(s.mutant);
+        if let Some(mode) = self.replication {
+            s.replication.mode = mode;
+        }
+        for (flag, field) in [
+            (self.replication_lag, &mut s.replication.lag),
+            (self.sync_commit_wait, &mut s.replication.sync_commit_wait),
+            (self.promote_after, &mut s.replication.promote_after),
+            (self.clock_skew, &mut s.replication.clock_skew),
+        ] {
+            if let Some(value) = flag {
+                *field = value;
+            }
+        }
+        s.replication.failovers.extend(self.failover_at.iter().copied());
+        if let Some(MaybeDuration(up)) = self.old_primary_up {
+            s.replication.old_primary_up = up;
+        }
         for (flag, field) in [
             (self.renew_interval, &mut s.renew_interval),
             (self.fence_margin, &mut s.fence_margin),
@@ -545,7 +612,6 @@ impl ScenarioArgs {
         }
         s.faults.extend(self.faults.iter().cloned());
         s.actions.extend(self.actions.iter().cloned());
-        s.validate()?;
         Ok(s)
     }
 
@@ -606,7 +672,14 @@ fn main() -> ExitCode {
 fn real_main(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         None => default_sweep(),
-        Some(Command::Run { scenario, json, trace }) => cmd_run(&scenario, json, trace),
+        Some(Command::Run {
+            scenario,
+            compare_replication: true,
+            ..
+        }) => cmd_compare_replication(&scenario),
+        Some(Command::Run {
+            scenario, json, trace, ..
+        }) => cmd_run(&scenario, json, trace),
         Some(Command::Sweep {
             scenario,
             protocols,
@@ -735,6 +808,73 @@ fn cmd_run(args: &ScenarioArgs, json: bool, trace: bool) -> Result<(), CliError>
     let report = explore::run_checked(&scenario, seed, twice()).map_err(|e| CliError(explain(&e, "run")))?;
     print_report(&report, json);
     Ok(())
+}
+
+/// `run --compare-replication`: the scenario with async and with sync replication, one column
+/// each.
+fn cmd_compare_replication(args: &ScenarioArgs) -> Result<(), CliError> {
+    let mut base = args.unchecked_scenario()?;
+    let seed = args.seed()?;
+    if base.replication.failovers.is_empty() {
+        base.replication.failovers.push(base.duration / 2);
+    }
+    let mut reports = Vec::new();
+    for mode in [ReplicationMode::Async, ReplicationMode::Sync] {
+        let mut scenario = base.clone();
+        scenario.replication.mode = mode;
+        scenario.validate()?;
+        out!(
+            "seed={seed} scenario: {} (as flags: {})",
+            scenario.summary(),
+            scenario.to_cli_args()
+        );
+        reports.push(explore::run_checked(&scenario, seed, twice()).map_err(|e| CliError(explain(&e, "run")))?);
+    }
+    print!("{}", replication_table(&reports[0], &reports[1]));
+    Ok(())
+}
+
+/// The figures of an async and a sync run, side by side.
+fn replication_table(a: &Report, s: &Report) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(out, "{:<44} {:>14} {:>14}", "", "async", "sync");
+    let mut row = |name: &str, f: &dyn Fn(&Report) -> String| {
+        let _ = writeln!(out, "{name:<44} {:>14} {:>14}", f(a), f(s));
+    };
+    let sum = |r: &Report, f: fn(&pgiplock_sim::FailoverReport) -> u64| r.replication.iter().map(f).sum::<u64>();
+    let worst = |r: &Report, f: fn(&pgiplock_sim::FailoverReport) -> Option<f64>| {
+        let v: Vec<f64> = r.replication.iter().filter_map(f).collect();
+        if v.len() < r.replication.len() {
+            "none (some)".to_owned()
+        } else {
+            format!("{:.3}", v.iter().copied().fold(0.0, f64::max))
+        }
+    };
+    row("failovers", &|r| r.replication.len().to_string());
+    row("acquisitions lost with the primary", &|r| {
+        sum(r, |f| f.lost_acquisitions).to_string()
+    });
+    row("tokens after each promotion > before", &|r| {
+        let ok = r
+            .replication
+            .iter()
+            .all(|f| f.first_token_after.map_or(true, |t| t > f.max_token_before));
+        if ok { "yes" } else { "NO" }.to_owned()
+    });
+    row("new holder after the promotion, max s", &|r| {
+        worst(r, |f| f.new_holder_after_promote_s)
+    });
+    row("split brain per failover, max s", &|r| {
+        format!(
+            "{:.3}",
+            r.replication.iter().map(|f| f.split_brain_s).fold(0.0, f64::max)
+        )
+    });
+    row("split brain, whole run, s", &|r| format!("{:.3}", r.split_brain_s));
+    row("loss window, s", &|r| format!("{:.3}", r.loss_window_s));
+    row("statements/s", &|r| format!("{:.3}", r.statements_per_s));
+    out
 }
 
 fn print_report(report: &Report, json: bool) {

@@ -127,6 +127,11 @@ impl Metrics {
         }
     }
 
+    /// Time with two or more believers so far, microseconds.
+    pub(crate) fn split_brain_us(&self) -> u64 {
+        self.split_brain_us
+    }
+
     /// Statements executed for process `p` at `at`.
     pub fn statements(&mut self, p: usize, n: u64, at: Timestamp) {
         if at >= self.warmup {
@@ -303,6 +308,7 @@ impl Metrics {
             gap_events: self.gap_events,
             gap_missing: self.gap_missing,
             split_brain_s: round3(self.split_brain_us as f64 / 1e6),
+            replication: Vec::new(),
             split_brain_session_ended_s: round3(self.split_brain_gap_us as f64 / 1e6),
             statements_per_s: round3(per_s(self.statements_total)),
             statements_per_s_per_process_mean: round3(per_s(self.statements_total) / processes as f64),
@@ -451,6 +457,9 @@ pub struct Report {
     pub gap_missing: u64,
     /// Time with two or more processes believing they hold, seconds.
     pub split_brain_s: f64,
+    /// Per failover of a replicated server (empty without replication).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub replication: Vec<crate::replication::FailoverReport>,
     /// Of which: an old holder's session had ended at the server without it knowing (it was
     /// partitioned when its backend was terminated or dropped as a dead peer).
     pub split_brain_session_ended_s: f64,
@@ -527,6 +536,22 @@ impl Report {
             "split-brain time       {:.3} s (of which old holder's session ended unknown to it: {:.3} s)",
             self.split_brain_s, self.split_brain_session_ended_s
         );
+        for (i, f) in self.replication.iter().enumerate() {
+            let or_none = |x: Option<f64>| x.map_or_else(|| "none".to_owned(), |s| format!("{s:.3} s"));
+            let _ = writeln!(
+                out,
+                "failover {i:<13} crash {:.3} s, promoted {:.3} s (timeline {}); tokens before max {}, replica had {} ({} acquisitions lost), first after {}; new holder {} after the promotion; split brain {:.3} s",
+                f.crash_s,
+                f.promoted_s,
+                f.timeline,
+                f.max_token_before,
+                f.replicated_token,
+                f.lost_acquisitions,
+                f.first_token_after.map_or_else(|| "none".to_owned(), |t| t.to_string()),
+                or_none(f.new_holder_after_promote_s),
+                f.split_brain_s
+            );
+        }
         let _ = writeln!(
             out,
             "statements/s           total {:.3}, per process mean {:.3}, max {:.3}",

@@ -117,7 +117,7 @@ impl Server {
         let extra = (s.query_mean.as_micros() as f64 - min).max(0.0);
         let draw = -(1.0 - self.rng.unit()).ln() * extra;
         let us = (min + draw).min(s.query_max.as_micros() as f64);
-        Duration::from_micros(us as u64)
+        Duration::from_micros(us as u64) + s.replication.commit_wait()
     }
 }
 

@@ -532,6 +532,10 @@ pub struct Scenario {
     /// or written to TOML.
     #[serde(skip)]
     pub mutant: Option<Mutant>,
+    /// A replica of the server and its failovers ([`crate::replication`]; default: none, a
+    /// lone server).
+    #[serde(skip_serializing_if = "crate::replication::Replication::is_none")]
+    pub replication: crate::replication::Replication,
 }
 
 impl Default for Scenario {
@@ -583,6 +587,7 @@ impl Default for Scenario {
             strict_d1: false,
             property_checks: false,
             mutant: None,
+            replication: crate::replication::Replication::default(),
         }
     }
 }
@@ -637,6 +642,7 @@ impl Scenario {
     pub fn validate(&self) -> Result<(), ScenarioError> {
         self.lock_config().validate()?;
         let invalid = |m: &str| Err(ScenarioError::Invalid(m.to_owned()));
+        self.replication.validate().map_err(ScenarioError::Invalid)?;
         if self.processes == 0 || self.processes > 100_000 {
             return invalid("processes must be within 1..=100000");
         }
@@ -813,6 +819,17 @@ impl Scenario {
             self.property_checks.to_string(),
             d.property_checks.to_string(),
         );
+        let r = (&self.replication, &d.replication);
+        flag("replication", r.0.mode.to_string(), r.1.mode.to_string());
+        flag("replication-lag", fd(r.0.lag), fd(r.1.lag));
+        flag("sync-commit-wait", fd(r.0.sync_commit_wait), fd(r.1.sync_commit_wait));
+        flag("promote-after", fd(r.0.promote_after), fd(r.1.promote_after));
+        flag("clock-skew", fd(r.0.clock_skew), fd(r.1.clock_skew));
+        flag("old-primary-up", fo(r.0.old_primary_up), fo(r.1.old_primary_up));
+        if !r.0.failovers.is_empty() {
+            let times: Vec<String> = r.0.failovers.iter().map(|t| fd(*t)).collect();
+            out.push(format!("--failover-at {}", times.join(",")));
+        }
         if let Some(mutant) = self.mutant {
             out.push(format!("--mutant {mutant}"));
         }
@@ -867,6 +884,20 @@ impl Scenario {
         }
         if let Some(limit) = self.replay_limit {
             s.push_str(&format!(" replay_limit={limit}"));
+        }
+        // Only when on, so that a lone server's line is as it always was.
+        let r = &self.replication;
+        if !r.is_none() {
+            s.push_str(&format!(" replication={}", r.mode));
+            match r.mode {
+                crate::replication::ReplicationMode::Async => s.push_str(&format!(" lag={}", format_duration(r.lag))),
+                _ => s.push_str(&format!(" sync_commit_wait={}", format_duration(r.sync_commit_wait))),
+            }
+            s.push_str(&format!(
+                " failovers={} promote_after={}",
+                r.failovers.len(),
+                format_duration(r.promote_after)
+            ));
         }
         if let Some(mutant) = self.mutant {
             s.push_str(&format!(" MUTANT={mutant}"));

@@ -150,6 +150,8 @@ pub struct World {
     pub(crate) observations: Option<Vec<Observation>>,
     /// The first checker failure; the world does not run on after it.
     pub(crate) failure: Option<SimError>,
+    /// The replica and its failovers (`None` without replication).
+    pub(crate) replica: Option<crate::replication::Replica>,
     /// The buffer a process's session outputs are drained into (reused by every input).
     pub(crate) outputs: Vec<SessionOutput>,
     /// The property checks' state, when the scenario asks for them.
@@ -196,6 +198,7 @@ impl World {
             trace: Trace::new(),
             observations: None,
             failure: None,
+            replica: None,
             outputs: Vec::new(),
             property: scenario
                 .property_checks
@@ -219,6 +222,7 @@ impl World {
         if world.scenario.publish_rate > 0.0 {
             world.engine.schedule(warmup, Event::Publish);
         }
+        world.replication_start();
         Ok(world)
     }
 

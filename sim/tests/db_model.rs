@@ -232,3 +232,70 @@ fn notifications_arrive_in_commit_order_to_every_listener() {
     }
     assert_eq!(db.statements(), 4 + 1 + 2 + 1);
 }
+
+/// After a promotion (the model's `set_timeline`), tokens carry the new timeline in their high
+/// bits, and a held row of the older timeline whose holder's session is not here is taken over
+/// at its expiry but no later than one ttl after its first sighting, as the SQL does
+/// (`io/tests/sql_semantics.rs` has the same case on a real server).
+#[test]
+fn lease_an_older_timeline_row_is_taken_over_one_ttl_after_its_first_sighting() {
+    use pgiplock_sim::db::OldTimelineTakeover;
+    let mut db = SimDb::new(DbConfig::default());
+    let ch = ChannelName::new("jobs").unwrap();
+    let (old, _) = db.open_session("old");
+    let long = Duration::from_secs(3600);
+    let Ok(Reply::Acquire(held)) = db.execute(old, Protocol::Lease, &ch, long, &DbOp::Acquire) else {
+        panic!()
+    };
+    assert_eq!(held.token, Some(FenceToken(1)));
+    db.close_session(old);
+    db.set_timeline(2);
+    let (new, _) = db.open_session("new");
+    db.advance_to(Timestamp::from_micros(1_000_000));
+    let first = acquire(&mut db, new, Protocol::Lease, &ch);
+    assert!(!first.acquired);
+    assert_eq!(first.lease_remaining, Some(TTL), "one ttl from the sighting");
+    assert_eq!(
+        db.lease_row("jobs").unwrap().seen,
+        Some((1, Timestamp::from_micros(1_000_000)))
+    );
+    db.advance_to(Timestamp::from_micros(6_000_000));
+    assert_eq!(
+        acquire(&mut db, new, Protocol::Lease, &ch).lease_remaining,
+        Some(Duration::from_secs(5)),
+        "the sighting is not moved by later attempts"
+    );
+    db.set_old_timeline_takeover(OldTimelineTakeover::Expiry);
+    db.advance_to(Timestamp::from_micros(11_000_000));
+    assert!(!acquire(&mut db, new, Protocol::Lease, &ch).acquired, "'expiry' waits");
+    db.set_old_timeline_takeover(OldTimelineTakeover::Capped);
+    let won = acquire(&mut db, new, Protocol::Lease, &ch);
+    assert!(won.acquired);
+    let token = won.token.unwrap();
+    assert_eq!(token.timeline(), 2);
+    assert_eq!(token.counter(), 2);
+    // A renewal clears the sighting; the new term is on this timeline and waits as any.
+    let renewed = db.execute(
+        new,
+        Protocol::Lease,
+        &ch,
+        TTL,
+        &DbOp::Renew {
+            token: Some(token),
+            progress: None,
+        },
+    );
+    assert_eq!(renewed, Ok(Reply::Renew { owned: true }));
+    assert_eq!(db.lease_row("jobs").unwrap().seen, None);
+    // 'session_gone': at once.
+    let other = ChannelName::new("other").unwrap();
+    let (gone, _) = db.open_session("gone");
+    assert!(matches!(
+        db.execute(gone, Protocol::Lease, &other, long, &DbOp::Acquire),
+        Ok(Reply::Acquire(r)) if r.acquired
+    ));
+    db.close_session(gone);
+    db.set_timeline(3);
+    db.set_old_timeline_takeover(OldTimelineTakeover::SessionGone);
+    assert!(acquire(&mut db, new, Protocol::Lease, &other).acquired);
+}

@@ -65,7 +65,7 @@ pub enum ClusterError {
 }
 
 impl ClusterError {
-    fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         ClusterError::Io {
             context: context.into(),
             source,

@@ -1,8 +1,10 @@
-//! A TCP proxy that can silently blackhole its connections: the network cut of a holder.
+//! A TCP proxy that can silently blackhole its connections (the network cut of a holder) and
+//! delay what it forwards (a slow link, such as a lagging replication connection).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -15,7 +17,11 @@ use tokio_util::sync::CancellationToken;
 /// end sees a FIN or an RST; the kernel still acknowledges what arrives, exactly as a peer
 /// whose replies are lost in the network. New connections accepted during a cut are not
 /// forwarded either. [`heal`] resumes forwarding, including bytes held during the cut. Dropping
-/// the proxy closes everything.
+/// the proxy closes everything. A proxy started with [`start_delayed`] holds every chunk it
+/// reads for a fixed delay before writing it on, in order, in both directions (a link with that
+/// latency; throughput is not limited).
+///
+/// [`start_delayed`]: BlackholeProxy::start_delayed
 ///
 /// [`cut`]: BlackholeProxy::cut
 /// [`heal`]: BlackholeProxy::heal
@@ -30,6 +36,11 @@ pub struct BlackholeProxy {
 impl BlackholeProxy {
     /// Listens on `127.0.0.1:0` and forwards to `target`. Must run inside a tokio runtime.
     pub async fn start(target: SocketAddr) -> std::io::Result<BlackholeProxy> {
+        Self::start_delayed(target, Duration::ZERO).await
+    }
+
+    /// As [`start`](Self::start), holding everything it forwards for `delay`, each direction.
+    pub async fn start_delayed(target: SocketAddr, delay: Duration) -> std::io::Result<BlackholeProxy> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let cut = watch::Sender::new(false);
@@ -47,7 +58,7 @@ impl BlackholeProxy {
                     },
                 };
                 count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(forward(client, target, cut_rx.clone(), stop.clone()));
+                tokio::spawn(forward(client, target, cut_rx.clone(), stop.clone(), delay));
             }
         });
         Ok(BlackholeProxy {
@@ -119,7 +130,13 @@ async fn wait_healed(cut: &mut watch::Receiver<bool>, shutdown: &CancellationTok
     }
 }
 
-async fn forward(client: TcpStream, target: SocketAddr, mut cut: watch::Receiver<bool>, shutdown: CancellationToken) {
+async fn forward(
+    client: TcpStream,
+    target: SocketAddr,
+    mut cut: watch::Receiver<bool>,
+    shutdown: CancellationToken,
+    delay: Duration,
+) {
     // A cut network lets no new connection through either: connect only once healed.
     if !wait_healed(&mut cut, &shutdown).await {
         return;
@@ -136,10 +153,78 @@ async fn forward(client: TcpStream, target: SocketAddr, mut cut: watch::Receiver
     let (client_read, client_write) = client.into_split();
     let (server_read, server_write) = server.into_split();
     // Both directions live in this task, so both sockets stay open until both ends are done.
-    tokio::join!(
-        pump(client_read, server_write, cut.clone(), shutdown.clone()),
-        pump(server_read, client_write, cut, shutdown),
-    );
+    if delay.is_zero() {
+        tokio::join!(
+            pump(client_read, server_write, cut.clone(), shutdown.clone()),
+            pump(server_read, client_write, cut, shutdown),
+        );
+    } else {
+        tokio::join!(
+            pump_delayed(client_read, server_write, cut.clone(), shutdown.clone(), delay),
+            pump_delayed(server_read, client_write, cut, shutdown, delay),
+        );
+    }
+}
+
+/// Chunks in flight on a delayed link, per direction (the reader waits when it is full).
+const DELAY_LINE: usize = 4096;
+
+/// As [`pump`], each chunk written `delay` after it was read: a reader and a writer joined by a
+/// queue of `(due, bytes)`, so that the delay adds latency, not a limit on throughput.
+async fn pump_delayed(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    cut: watch::Receiver<bool>,
+    shutdown: CancellationToken,
+    delay: Duration,
+) {
+    let (line, mut arriving) = tokio::sync::mpsc::channel::<(tokio::time::Instant, Vec<u8>)>(DELAY_LINE);
+    let (mut read_cut, read_stop) = (cut.clone(), shutdown.clone());
+    let reader = async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            if !wait_healed(&mut read_cut, &read_stop).await {
+                return;
+            }
+            let n = tokio::select! {
+                _ = read_stop.cancelled() => return,
+                changed = read_cut.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                read = from.read(&mut buf) => match read {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                },
+            };
+            let due = tokio::time::Instant::now() + delay;
+            if line.send((due, buf[..n].to_vec())).await.is_err() {
+                return;
+            }
+        }
+        // Dropping `line` here ends the writer once it has written what is queued.
+    };
+    let (mut write_cut, write_stop) = (cut, shutdown);
+    let writer = async move {
+        while let Some((due, bytes)) = arriving.recv().await {
+            tokio::select! {
+                _ = write_stop.cancelled() => return,
+                _ = tokio::time::sleep_until(due) => {}
+            }
+            if !wait_healed(&mut write_cut, &write_stop).await {
+                return;
+            }
+            tokio::select! {
+                _ = write_stop.cancelled() => return,
+                written = to.write_all(&bytes) => if written.is_err() { return },
+            }
+        }
+        // The reader saw the end: pass it on (FIN), after the data, as the network would.
+        let _ = to.shutdown().await;
+    };
+    tokio::join!(reader, writer);
 }
 
 async fn pump(
@@ -280,6 +365,23 @@ mod tests {
             Ok(Err(e)) => panic!("read failed: {e}"),
             Err(_) => None,
         }
+    }
+
+    #[tokio::test]
+    async fn a_delayed_proxy_forwards_in_order_no_earlier_than_its_delay_each_way() {
+        let (target, _, _) = echo_server().await;
+        let delay = Duration::from_millis(100);
+        let proxy = BlackholeProxy::start_delayed(target, delay).await.expect("proxy");
+        let mut client = TcpStream::connect(proxy.addr()).await.expect("connect");
+        let sent = tokio::time::Instant::now();
+        for chunk in [&b"one "[..], b"two ", b"three"] {
+            client.write_all(chunk).await.expect("write");
+        }
+        let reply = read_exact_within(&mut client, 13, Duration::from_secs(10)).await;
+        assert_eq!(reply.as_deref(), Some(&b"one two three"[..]), "in order, nothing lost");
+        // A lower bound only: the echo crossed the proxy twice.
+        assert!(sent.elapsed() >= 2 * delay, "held for the delay each way");
+        drop(client);
     }
 
     #[tokio::test]

@@ -25,6 +25,7 @@ use std::ffi::OsString;
 use std::time::{Duration, Instant};
 
 use crate::cluster::{ClusterError, TempCluster};
+use crate::proxy::BlackholeProxy;
 
 /// Bound of every wait of the pair for a replication state.
 const STATE_WAIT: Duration = Duration::from_secs(30);
@@ -50,14 +51,91 @@ impl ReplicationMode {
     }
 }
 
+/// Options of a [`ReplicaPair`] beyond its mode.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplicaOptions {
+    /// Route the replication connection through a [`BlackholeProxy`] that holds everything it
+    /// forwards for this long, each direction: an asynchronous replica then lags the primary by
+    /// about this much (a synchronous primary's commits wait about twice as long).
+    pub replication_delay: Option<Duration>,
+}
+
 /// A primary and its streaming replica; see the [module documentation](self).
 #[derive(Debug)]
 pub struct ReplicaPair {
     primary: TempCluster,
     standby: TempCluster,
     mode: ReplicationMode,
-    /// The replica's `primary_conninfo` as `pg_basebackup -R` wrote it.
+    /// The replica's `primary_conninfo`: as `pg_basebackup -R` wrote it, or through the link.
     conninfo: String,
+    /// The delaying proxy on the replication connection, if any.
+    link: Option<DelayedLink>,
+}
+
+/// A [`BlackholeProxy`] with a delay on a thread of its own with its own runtime, so that the
+/// blocking pair can own it and drop it from anywhere (also inside a test's runtime).
+#[derive(Debug)]
+struct DelayedLink {
+    addr: std::net::SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl DelayedLink {
+    fn start(target: std::net::SocketAddr, delay: Duration) -> Result<DelayedLink, ClusterError> {
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("replication-link".to_owned())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(runtime) => runtime,
+                    Err(e) => {
+                        let _ = addr_tx.send(Err(e));
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    match BlackholeProxy::start_delayed(target, delay).await {
+                        Ok(proxy) => {
+                            let _ = addr_tx.send(Ok(proxy.addr()));
+                            // Until the pair drops the link (or drops it without a word).
+                            let _ = stopped.await;
+                            drop(proxy);
+                        }
+                        Err(e) => {
+                            let _ = addr_tx.send(Err(e));
+                        }
+                    }
+                });
+            })
+            .map_err(|e| ClusterError::io("starting the replication link's thread", e))?;
+        let addr = addr_rx
+            .recv_timeout(STATE_WAIT)
+            .map_err(|e| {
+                ClusterError::io(
+                    "starting the replication link",
+                    std::io::Error::new(std::io::ErrorKind::TimedOut, e.to_string()),
+                )
+            })?
+            .map_err(|e| ClusterError::io("starting the replication link", e))?;
+        Ok(DelayedLink {
+            addr,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for DelayedLink {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 impl ReplicaPair {
@@ -65,6 +143,12 @@ impl ReplicaPair {
     /// starts the replica and waits (at most 30 s) until it streams, and in sync mode until the
     /// primary counts it as its synchronous standby.
     pub fn start(mode: ReplicationMode) -> Result<ReplicaPair, ClusterError> {
+        Self::start_with(mode, ReplicaOptions::default())
+    }
+
+    /// As [`start`](Self::start), with `options`; with a replication delay the replica streams
+    /// through the delaying link before this returns.
+    pub fn start_with(mode: ReplicationMode, options: ReplicaOptions) -> Result<ReplicaPair, ClusterError> {
         let primary = TempCluster::start()?;
         let mut standby = TempCluster::create_empty()?;
         let data = standby.data_dir().to_path_buf();
@@ -88,13 +172,40 @@ impl ReplicaPair {
         primary.run_tool("pg_basebackup", &args)?;
         standby.start_on_free_port()?;
         let conninfo = query(&standby, "SHOW primary_conninfo")?;
-        let pair = ReplicaPair {
+        let mut pair = ReplicaPair {
             primary,
             standby,
             mode,
             conninfo,
+            link: None,
         };
         pair.wait_for(&pair.primary, "the replica to stream", STREAMING, "1")?;
+        if let Some(delay) = options.replication_delay {
+            let target = std::net::SocketAddr::from(([127, 0, 0, 1], pair.primary.port()));
+            let link = DelayedLink::start(target, delay)?;
+            let direct = format!("port={}", pair.primary.port());
+            if !pair.conninfo.contains(&direct) {
+                return Err(ClusterError::Command {
+                    command: "SHOW primary_conninfo".to_owned(),
+                    status: format!("no {direct} to route through the link"),
+                    output: pair.conninfo.clone(),
+                });
+            }
+            pair.conninfo = pair.conninfo.replace(&direct, &format!("port={}", link.addr.port()));
+            let port = link.addr.port();
+            pair.link = Some(link);
+            pair.set_conninfo()?;
+            // The wal receiver restarts with the new conninfo: wait until it streams from the link.
+            pair.wait_for(
+                &pair.standby,
+                "the replica to stream through the delaying link",
+                &format!(
+                    "SELECT count(*) FROM pg_stat_wal_receiver WHERE status = 'streaming' AND sender_port = {port}"
+                ),
+                "1",
+            )?;
+            pair.wait_for(&pair.primary, "the replica to stream", STREAMING, "1")?;
+        }
         if mode == ReplicationMode::Sync {
             query(&pair.primary, "ALTER SYSTEM SET synchronous_standby_names = '*'")?;
             query(&pair.primary, "ALTER SYSTEM SET synchronous_commit = 'on'")?;
@@ -168,13 +279,23 @@ impl ReplicaPair {
     /// Resumes replication after [`pause_replication`](Self::pause_replication) and waits until
     /// the replica streams again.
     pub fn resume_replication(&self) -> Result<(), ClusterError> {
+        self.set_conninfo()?;
+        self.wait_for(&self.primary, "the replica to stream again", STREAMING, "1")
+    }
+
+    /// The port of the delaying link on the replication connection, if the pair has one.
+    pub fn link_port(&self) -> Option<u16> {
+        self.link.as_ref().map(|link| link.addr.port())
+    }
+
+    /// Sets the replica's `primary_conninfo` to the pair's and reloads.
+    fn set_conninfo(&self) -> Result<(), ClusterError> {
         let conninfo = self.conninfo.replace('\'', "''");
         query(
             &self.standby,
             &format!("ALTER SYSTEM SET primary_conninfo = '{conninfo}'"),
         )?;
-        query(&self.standby, "SELECT pg_reload_conf()")?;
-        self.wait_for(&self.primary, "the replica to stream again", STREAMING, "1")
+        query(&self.standby, "SELECT pg_reload_conf()").map(|_| ())
     }
 
     /// Waits (at most 30 s) until the replica has replayed everything the primary wrote so far.
@@ -290,6 +411,37 @@ mod tests {
         let (primary, standby) = (pair.primary().dir().to_path_buf(), pair.standby().dir().to_path_buf());
         drop(pair);
         assert!(!primary.exists() && !standby.exists(), "directories left behind");
+    }
+
+    #[test]
+    fn async_pair_streams_through_a_delaying_link_and_promotes() {
+        let delayed = ReplicaOptions {
+            replication_delay: Some(Duration::from_millis(200)),
+        };
+        let pair = match ReplicaPair::start_with(ReplicationMode::Async, delayed) {
+            Ok(pair) => pair,
+            Err(ClusterError::BinariesNotFound) => return eprintln!("skipped: {}", ClusterError::BinariesNotFound),
+            Err(e) => panic!("starting a delayed replica pair: {e}"),
+        };
+        let port = pair.link_port().expect("a link");
+        assert_eq!(
+            query(pair.standby(), "SELECT sender_port FROM pg_stat_wal_receiver").unwrap(),
+            port.to_string(),
+            "the replica streams from the link"
+        );
+        query(pair.primary(), "CREATE TABLE t (n int); INSERT INTO t VALUES (1)").unwrap();
+        pair.wait_caught_up().unwrap();
+        assert_eq!(query(pair.standby(), "SELECT count(*) FROM t").unwrap(), "1");
+        pair.pause_replication().unwrap();
+        pair.resume_replication().unwrap();
+        assert_eq!(
+            query(pair.standby(), "SELECT sender_port FROM pg_stat_wal_receiver").unwrap(),
+            port.to_string(),
+            "resumed through the link"
+        );
+        pair.crash_primary().unwrap();
+        pair.promote().unwrap();
+        assert_eq!(pair.timeline(pair.standby()).unwrap(), 2);
     }
 
     #[test]

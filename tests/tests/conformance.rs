@@ -20,7 +20,12 @@
 //! 42P01 for a table, 42883 for a function; both are compared as `DbError::is_schema_missing`)
 //! until a session bootstraps it again, and what follows (tokens starting again from 1) is
 //! compared as before. The server may turn read-only (every session's transactions `READ ONLY`;
-//! the model's read-only mode): writes fail as `DbError::is_read_only`.
+//! the model's read-only mode): writes fail as `DbError::is_read_only`. Under Lease the server
+//! may be promoted: the model moves to the next timeline and the real schema's `timeline()` is
+//! redefined to return it (again after every bootstrap, so a bootstrap is not compared while
+//! the server is read-only), so tokens carry the new timeline and rows of the older one are
+//! taken over by their rule (at their expiry, but no later than one ttl after the first attempt
+//! that saw them; the expiry bookkeeping below follows that sighting).
 //!
 //! Time: the model's server clock follows the real elapsed time (it is advanced to the moment
 //! each real statement is sent). The real server computes an expiry somewhere between sending
@@ -37,7 +42,7 @@ use std::time::Duration;
 
 use pgiplock::lock_status_on;
 use pgiplock_core::{
-    ChannelName, DbError, DbOp, FenceToken, Progress, Protocol, Reply, SchemaName, SessionId, Timestamp,
+    quote_ident, ChannelName, DbError, DbOp, FenceToken, Progress, Protocol, Reply, SchemaName, SessionId, Timestamp,
 };
 use pgiplock_sim::db::{DbConfig, SimDb};
 use pgiplock_testkit::sql::{bootstrap, execute, execute_batch, BatchOp, BatchTarget, Target};
@@ -53,6 +58,8 @@ const CHANNELS: usize = 2;
 const TTLS_MS: [u64; 3] = [60, 120, 200];
 /// Uncertainty allowed around a real expiry (statement latency, scheduling).
 const GUARD: Duration = Duration::from_millis(30);
+/// How many times the case's ttl an `AcquireLong` asks for.
+const LONG: u32 = 10;
 /// Bound on every wait for the server (a backend to exit, a sentinel to arrive).
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -73,6 +80,12 @@ enum Tok {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Step {
     Acquire {
+        s: usize,
+        c: usize,
+    },
+    /// Lease: an acquisition with a lease `LONG` times the case's ttl (a holder with a long
+    /// ttl, or a server clock ahead), which the one-ttl cap of an older timeline's row cuts short.
+    AcquireLong {
         s: usize,
         c: usize,
     },
@@ -129,6 +142,10 @@ enum Step {
     AcquireMany {
         s: usize,
     },
+    /// Lease: the server moves to the next timeline, as a promoted replica does (faked on the
+    /// real server by redefining the schema's `timeline()`): rows written before are of an
+    /// older timeline from now on.
+    Promote,
 }
 
 #[derive(Debug, Clone)]
@@ -152,6 +169,7 @@ fn step() -> impl Strategy<Value = Step> {
     let c = 0..CHANNELS;
     prop_oneof![
         6 => (s.clone(), c.clone()).prop_map(|(s, c)| Step::Acquire { s, c }),
+        2 => (s.clone(), c.clone()).prop_map(|(s, c)| Step::AcquireLong { s, c }),
         3 => (s.clone(), c.clone(), tok()).prop_map(|(s, c, tok)| Step::Renew { s, c, tok }),
         1 => (s.clone(), c.clone(), tok()).prop_map(|(s, c, tok)| Step::Drain { s, c, tok }),
         3 => (s.clone(), c.clone(), tok()).prop_map(|(s, c, tok)| Step::Release { s, c, tok }),
@@ -165,6 +183,7 @@ fn step() -> impl Strategy<Value = Step> {
         1 => proptest::bool::ANY.prop_map(|on| Step::ReadOnly { on }),
         3 => (s.clone(), tok(), tok()).prop_map(|(s, a, b)| Step::RenewMany { s, toks: [a, b] }),
         3 => s.clone().prop_map(|s| Step::AcquireMany { s }),
+        2 => Just(Step::Promote),
     ]
 }
 
@@ -312,6 +331,10 @@ struct Worlds {
     read_only: bool,
     /// Renewals sent so far: numbers their progress markers.
     renewals: u64,
+    /// After a `Promote`: the timeline the real schema's `timeline()` is redefined to return.
+    promoted: Option<u64>,
+    /// First sightings of an older timeline's term so far (for the tally).
+    sightings: u64,
     log: Vec<String>,
 }
 
@@ -346,8 +369,22 @@ impl Worlds {
             expiry: vec![None; CHANNELS],
             tokens: vec![vec![None; CHANNELS]; SLOTS],
             read_only: false,
+            promoted: None,
+            sightings: 0,
             log: Vec::new(),
         };
+        if case.protocol == Protocol::Lease {
+            let sql = format!("SELECT {}.timeline()", quote_ident(worlds.schema.as_str()));
+            let row = worlds
+                .observer
+                .query_one(&sql, &[])
+                .await
+                .map_err(|e| format!("timeline: {e}"))?;
+            let timeline: i64 = row.get(0);
+            worlds
+                .db
+                .set_timeline(u64::try_from(timeline).map_err(|e| e.to_string())?);
+        }
         for s in 0..SLOTS {
             worlds.real.push(RealSlot {
                 listener: None,
@@ -584,7 +621,9 @@ impl Worlds {
 
     /// Runs a batch for slot `s` in both worlds and keeps the expiry bookkeeping per channel.
     async fn batch(&mut self, s: usize, kind: BatchOp, ops: &[DbOp]) -> Result<(Outcome, Outcome), String> {
+        let seen = self.sightings();
         let (before, after, real, sim) = self.exec_batch(s, kind, ops).await?;
+        self.note_sightings(&seen, before, after);
         if let Outcome::Batch(entries) = &sim {
             for (c, entry) in entries.iter().enumerate() {
                 match entry {
@@ -604,7 +643,9 @@ impl Worlds {
 
     /// Runs `op` for slot `s` on channel `c` in both worlds; returns `(real, sim)`.
     async fn op(&mut self, s: usize, c: usize, op: DbOp) -> Result<(Outcome, Outcome), String> {
+        let seen = self.sightings();
         let (before, after, real, sim) = self.exec(s, c, &op, &op).await?;
+        self.note_sightings(&seen, before, after);
         // Where the real server put the lease's expiry, as far as we can tell from here.
         if self.protocol == Protocol::Lease {
             match &sim {
@@ -620,6 +661,27 @@ impl Worlds {
             }
         }
         Ok((real, sim))
+    }
+
+    /// Per channel, the model's sighting of an older timeline's term.
+    fn sightings(&self) -> Vec<Option<(u64, Timestamp)>> {
+        self.channels
+            .iter()
+            .map(|c| self.db.lease_row(c.as_str()).and_then(|r| r.seen))
+            .collect()
+    }
+
+    /// A statement between `before` and `after` recorded a first sighting of an older
+    /// timeline's term: the row is free one ttl after it, if not earlier.
+    fn note_sightings(&mut self, seen_before: &[Option<(u64, Timestamp)>], before: Duration, after: Duration) {
+        for (c, seen) in self.sightings().into_iter().enumerate() {
+            if seen.is_some() && seen != seen_before[c] {
+                self.sightings += 1;
+                if let Some((lo, hi)) = self.expiry[c] {
+                    self.expiry[c] = Some((lo.min(before + self.ttl), hi.min(after + self.ttl)));
+                }
+            }
+        }
     }
 
     /// Waits, in both worlds, until the lease of `c` has certainly expired.
@@ -658,6 +720,17 @@ impl Worlds {
                     self.settle_expiry(c).await;
                 }
                 self.op(s, c, DbOp::Acquire).await
+            }
+            Step::AcquireLong { s, c } => {
+                if !self.is_open(s) || self.protocol != Protocol::Lease {
+                    return skipped;
+                }
+                self.settle_expiry(c).await;
+                let ttl = self.ttl;
+                self.ttl = ttl * LONG;
+                let result = self.op(s, c, DbOp::Acquire).await;
+                self.ttl = ttl;
+                result
             }
             Step::Renew { s, c, tok } => {
                 if !self.is_open(s) {
@@ -755,11 +828,15 @@ impl Worlds {
                 Ok((Outcome::Done("schema dropped"), Outcome::Done("schema dropped")))
             }
             Step::Bootstrap { s } => {
-                if !self.is_open(s) {
+                // A bootstrap puts the real `timeline()` back, which a read-only server refuses.
+                if !self.is_open(s) || (self.promoted.is_some() && self.read_only) {
                     return skipped;
                 }
                 let listener = self.real[s].listener.as_ref().ok_or("real slot closed")?;
                 let real = bootstrap(listener.client(), self.protocol, &self.schema).await;
+                if real.is_ok() {
+                    self.fake_timeline().await?;
+                }
                 let session = self.sim[s].session.ok_or("sim slot closed")?;
                 let sim = self.db.bootstrap(session, self.protocol, &self.schema);
                 let done = |r: Result<(), DbError>| match r {
@@ -793,6 +870,15 @@ impl Worlds {
                 }
                 self.batch(s, BatchOp::Acquire, &[DbOp::Acquire, DbOp::Acquire]).await
             }
+            Step::Promote => {
+                if self.protocol != Protocol::Lease || self.db.schema_dropped() {
+                    return skipped;
+                }
+                self.promoted = Some(self.db.timeline() + 1);
+                self.fake_timeline().await?;
+                self.db.set_timeline(self.db.timeline() + 1);
+                Ok((Outcome::Done("promoted"), Outcome::Done("promoted")))
+            }
             Step::ReadOnly { on } => {
                 if self.read_only == on {
                     return skipped;
@@ -808,6 +894,23 @@ impl Worlds {
                 Ok((Outcome::Done(done), Outcome::Done(done)))
             }
         }
+    }
+
+    /// After a `Promote`: redefines the real schema's `timeline()` to return the promoted
+    /// timeline (again after a bootstrap restored the real one).
+    async fn fake_timeline(&self) -> Result<(), String> {
+        let Some(timeline) = self.promoted else {
+            return Ok(());
+        };
+        let sql = format!(
+            "SET lock_timeout = '10s'; CREATE OR REPLACE FUNCTION {}.timeline() RETURNS bigint LANGUAGE sql AS \
+             'SELECT {timeline}::bigint'",
+            quote_ident(self.schema.as_str())
+        );
+        self.observer
+            .batch_execute(&sql)
+            .await
+            .map_err(|e| format!("fake timeline: {e}"))
     }
 
     /// Every lock row, as `pgiplock status` reads it from the server and as the model holds it
@@ -962,9 +1065,20 @@ async fn run_case(case: &Case, tally: &Tally) -> Result<(), String> {
 
 async fn run_steps(worlds: &mut Worlds, case: &Case, tally: &Tally) -> Result<(), String> {
     for (i, step) in case.steps.iter().enumerate() {
+        let sightings = worlds.sightings;
         let (real, sim) = worlds.step(step).await?;
         let kind = format!("{:?} {}", case.protocol, tally_key(&sim));
         *tally.lock().unwrap_or_else(|e| e.into_inner()).entry(kind).or_default() += 1;
+        if worlds.sightings > sightings {
+            *tally
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(format!(
+                    "{:?} first sightings of an older timeline's term",
+                    case.protocol
+                ))
+                .or_default() += worlds.sightings - sightings;
+        }
         worlds.log.push(format!("{i:>2} {step:?} -> {sim}"));
         if real != sim {
             return Err(format!(
@@ -1030,4 +1144,62 @@ fn sim_db_conforms_to_postgres() {
         }
         Err(e) => panic!("{e}"),
     }
+}
+
+/// The promotion path step by step, which random sequences reach rarely: a long lease whose
+/// holder's session ends, a promotion, attempts that sight the older timeline's row (one of
+/// them on a read-only server, which refuses the sighting's write), the one-ttl cap, the
+/// takeover with a token of the new timeline, a renewal, a second promotion.
+#[test]
+fn sim_db_conforms_to_postgres_across_a_promotion() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| panic!("runtime: {e}"));
+    let steps = vec![
+        Step::AcquireLong { s: 0, c: 0 },
+        Step::AcquireLong { s: 2, c: 1 },
+        Step::Close { s: 0 },
+        Step::Promote,
+        Step::ReadOnly { on: true },
+        Step::Acquire { s: 1, c: 0 },
+        Step::ReadOnly { on: false },
+        Step::Acquire { s: 1, c: 0 },
+        Step::Acquire { s: 1, c: 0 },
+        Step::AcquireMany { s: 1 },
+        Step::Expire { c: 0 },
+        Step::Acquire { s: 1, c: 0 },
+        Step::Renew {
+            s: 1,
+            c: 0,
+            tok: Tok::Mine,
+        },
+        Step::Close { s: 2 },
+        Step::Promote,
+        Step::Bootstrap { s: 1 },
+        Step::AcquireMany { s: 1 },
+        Step::Expire { c: 1 },
+        Step::AcquireMany { s: 1 },
+    ];
+    let tally = Tally::default();
+    for ttl in [Duration::from_millis(120), Duration::from_millis(200)] {
+        let case = Case {
+            protocol: Protocol::Lease,
+            ttl,
+            steps: steps.clone(),
+        };
+        runtime
+            .block_on(run_case(&case, &tally))
+            .unwrap_or_else(|e| panic!("the model and PostgreSQL disagree: {e}"));
+    }
+    let tally = tally.lock().unwrap_or_else(|e| e.into_inner());
+    let sightings = tally
+        .get("Lease first sightings of an older timeline's term")
+        .copied()
+        .unwrap_or(0);
+    assert!(
+        sightings >= 4,
+        "the cases sighted older rows ({sightings}); tally {tally:?}"
+    );
 }
