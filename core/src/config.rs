@@ -88,6 +88,13 @@ pub enum ConfigError {
     /// The handover buffer must hold at least one message.
     #[error("handover buffer must hold at least one message")]
     EmptyBuffer,
+    /// Fair share needs the `Lease` protocol: `Classic` speaks exactly what `@imqueue/pg-pubsub`
+    /// speaks, which has no member table and no counts.
+    #[error("balance needs the lease protocol (classic speaks only what @imqueue/pg-pubsub speaks)")]
+    BalanceNeedsLease,
+    /// A balance group name that is empty, longer than 63 bytes or not printable ASCII.
+    #[error("balance group {0:?} must be 1 to 63 bytes of printable ASCII")]
+    BadBalanceGroup(String),
 }
 
 /// Longest accepted duration for any setting: one day.
@@ -180,6 +187,10 @@ pub struct LockConfig {
     pub replay_limit: usize,
     /// Most payload bytes a `Lease` standby keeps for replay (beside `replay_limit`).
     pub replay_bytes: usize,
+    /// Fair share (`Lease` only): the balance group this lock competes in, or `None` (the
+    /// default) to compete for it alone. The sessions of a group converge to holding about
+    /// `channels / sessions` of its channels each (see [`BalanceCounts`](crate::BalanceCounts)).
+    pub balance: Option<String>,
 }
 
 impl LockConfig {
@@ -203,6 +214,7 @@ impl LockConfig {
             handover_buffer: 10_000,
             replay_limit: 65_536,
             replay_bytes: 64 << 20,
+            balance: None,
         }
     }
 
@@ -274,6 +286,15 @@ impl LockConfig {
         }
         if self.handover_buffer == 0 {
             return Err(ConfigError::EmptyBuffer);
+        }
+        if let Some(group) = &self.balance {
+            if self.protocol != Protocol::Lease {
+                return Err(ConfigError::BalanceNeedsLease);
+            }
+            let printable = group.bytes().all(|b| (0x20..0x7f).contains(&b));
+            if group.is_empty() || group.len() > 63 || !printable {
+                return Err(ConfigError::BadBalanceGroup(group.clone()));
+            }
         }
         if self.protocol == Protocol::Lease {
             if self.fence_margin >= self.lease_ttl {

@@ -36,6 +36,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod balance;
 pub mod check;
 mod config;
 mod duration;
@@ -48,6 +49,7 @@ mod rng;
 mod session;
 mod time;
 
+pub use balance::{BalanceCounts, MAX_FREE_LISTED};
 pub use config::{ConfigError, LockConfig, Protocol, MAX_SETTING, MIN_INTERVAL, MIN_LEASE_TTL};
 pub use duration::{parse_duration, DurationError, MAX_DURATION};
 pub use event::{Input, LockEvent, LostReason, Output, SignalKind, Warning};

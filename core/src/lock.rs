@@ -567,6 +567,11 @@ impl Lock {
         self.stage.phase()
     }
 
+    /// Whether an acquisition attempt of this lock is in flight.
+    pub fn attempting(&self) -> bool {
+        self.acquire_in_flight()
+    }
+
     /// The session the lock is using, if one is up (as [`state`](Lock::state) reports).
     pub fn session(&self) -> Option<SessionId> {
         self.session

@@ -53,11 +53,12 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::balance::BalanceCounts;
 use crate::config::{LockConfig, Protocol};
 use crate::event::{Input, LockEvent, LostReason, Output, SignalKind, Warning};
 use crate::lock::{Lock, Phase, TimerKind};
 use crate::name::{ChannelName, SchemaName};
-use crate::proto::{DbError, DbOp, Reply, RequestId, SessionId};
+use crate::proto::{AcquireReply, DbError, DbOp, Reply, RequestId, SessionId};
 use crate::rng::SplitMix64;
 use crate::time::{duration_micros, Timestamp};
 
@@ -200,6 +201,8 @@ pub enum OpReply {
     /// The reply to [`SessionOp::RenewMany`] or [`SessionOp::AcquireMany`]: one reply per
     /// entry, in the entries' order.
     Batch(Vec<Reply>),
+    /// The reply to [`SessionOp::Balance`]: the group's counts as the table has them.
+    Balance(BalanceCounts),
 }
 
 /// One lock's part of a batched statement ([`SessionOp::RenewMany`],
@@ -292,6 +295,24 @@ pub enum SessionOp {
         /// The attempts, at least two.
         entries: Vec<BatchEntry>,
     },
+    /// Fair share ([`LockConfig::balance`]): in one transaction, record this session (its
+    /// `application_name` and backend pid) as a member of `group` in `schema`, or forget it when
+    /// `leave`; add `register` to the group's channels (kept, like lease rows); forget members
+    /// whose session is gone from `pg_stat_activity`; then answer [`OpReply::Balance`] with the
+    /// group's channel count and, per live member in `application_name` order, the channels of
+    /// the group whose lease it holds (holder and holder pid its own, unexpired), marking this
+    /// session's place. Sent alongside the renewals and attempts of the group's locks, at most
+    /// once per half renew interval.
+    Balance {
+        /// The schema of the group's lock table.
+        schema: SchemaName,
+        /// The group's name.
+        group: String,
+        /// Channels of the group to record (the first time on each connection).
+        register: Vec<ChannelName>,
+        /// This session no longer competes in the group.
+        leave: bool,
+    },
 }
 
 impl SessionOp {
@@ -305,6 +326,7 @@ impl SessionOp {
             SessionOp::Lock { op, .. } => op.name(),
             SessionOp::RenewMany { .. } => "renew_many",
             SessionOp::AcquireMany { .. } => "acquire_many",
+            SessionOp::Balance { .. } => "balance",
         }
     }
 }
@@ -674,6 +696,33 @@ enum Route {
         keys: Vec<LockKey>,
     },
     Unlisten,
+    /// A group's counts query; `register` the locks whose channels it records.
+    Balance {
+        group: GroupKey,
+        register: Vec<LockKey>,
+    },
+}
+
+/// A balance group: the schema of its table and its name.
+type GroupKey = (SchemaName, String);
+
+/// What a session knows of one balance group it competes in.
+struct Group {
+    /// Its locks on this session.
+    locks: BTreeSet<LockKey>,
+    /// Those whose channel the table recorded on the current connection.
+    registered: BTreeSet<LockKey>,
+    /// What the table said last.
+    counts: Option<BalanceCounts>,
+    /// The counts query in flight.
+    asking: Option<OpId>,
+    /// When the last counts query went out.
+    asked_at: Option<Timestamp>,
+    /// The shortest renew interval of its locks: the counts are asked at most every half of it.
+    renew_interval: Duration,
+    /// Locks whose channel is likely free: a release was heard, or the counts listed it free,
+    /// since the table last answered one of their attempts. Their attempts go first.
+    known_free: BTreeSet<LockKey>,
 }
 
 struct Conn {
@@ -735,6 +784,8 @@ pub struct Session {
     horizon: Duration,
     /// The server the latest identified connection reached.
     server: Option<ServerIdentity>,
+    /// The balance groups of its locks.
+    groups: BTreeMap<GroupKey, Group>,
 }
 
 /// One lock's request waiting for its batch: the lock, its request id and the operation.
@@ -797,6 +848,7 @@ impl Session {
             horizon: Duration::ZERO,
             configs: Vec::new(),
             server: None,
+            groups: BTreeMap::new(),
         }
     }
 
@@ -845,6 +897,25 @@ impl Session {
             .horizon
             .max(renew_window(lock.config()))
             .max(retry_window(lock.config()));
+        if let Some(name) = lock
+            .config()
+            .balance
+            .clone()
+            .filter(|_| lock.config().protocol == Protocol::Lease)
+        {
+            let renew_interval = lock.config().renew_interval;
+            let group = self.groups.entry((schema.clone(), name)).or_insert_with(|| Group {
+                locks: BTreeSet::new(),
+                registered: BTreeSet::new(),
+                counts: None,
+                asking: None,
+                asked_at: None,
+                renew_interval,
+                known_free: BTreeSet::new(),
+            });
+            group.locks.insert(key);
+            group.renew_interval = group.renew_interval.min(renew_interval);
+        }
         let target = Arc::new(LockTarget {
             protocol: lock.config().protocol,
             schema,
@@ -1132,6 +1203,12 @@ impl Session {
             listen_queue: Vec::new(),
             listen_in_flight: None,
         }));
+        // A new backend: the table knows none of its channels as ours yet.
+        for group in self.groups.values_mut() {
+            group.registered.clear();
+            group.asking = None;
+            group.asked_at = None;
+        }
         self.outputs
             .push_back(SessionOutput::Event(SessionEvent::Up { session, app, pid }));
         if self.closing.is_some() {
@@ -1472,6 +1549,7 @@ impl Session {
                 }
             }
             Route::Unlisten => {}
+            Route::Balance { group, register } => self.on_balance_counts(id, group, register, result),
             Route::Lock { key, id } => {
                 let result = match result {
                     Ok(OpReply::Lock(reply)) => Ok(reply),
@@ -1512,6 +1590,9 @@ impl Session {
 
     /// Feeds a lock the outcome of its request.
     fn lock_reply(&mut self, key: LockKey, id: RequestId, result: Result<Reply, DbError>) {
+        if matches!(result, Ok(Reply::Acquire(_))) && !self.groups.is_empty() {
+            self.note_table_answered(key);
+        }
         if let Err(error) = &result {
             self.on_lock_error(key, error);
         }
@@ -1561,7 +1642,17 @@ impl Session {
             };
             self.feed(key, Input::FireEarly(kind));
         }
+        let refused = self.balance_attempts();
+        let mut touched: BTreeSet<GroupKey> = BTreeSet::new();
         for ((kind, schema), mut items) in std::mem::take(&mut self.batches) {
+            // The counts of each group that sends something go along with it.
+            for (key, _, _) in &items {
+                if let Some(name) = self.locks.get(key).and_then(|e| e.lock.config().balance.as_ref()) {
+                    if !touched.iter().any(|(s, n)| s == &schema && n == name) {
+                        touched.insert((schema.clone(), name.clone()));
+                    }
+                }
+            }
             let target = |session: &Session, key: LockKey| session.locks.get(&key).map(|e| e.target.clone());
             if let [(key, id, op)] = items.as_slice() {
                 let Some(target) = target(self, *key) else { continue };
@@ -1598,6 +1689,254 @@ impl Session {
                 BatchKind::Acquire => SessionOp::AcquireMany { schema, entries },
             };
             self.execute(session, op, Route::Batch { entries: route });
+        }
+        for group in touched {
+            self.ask_counts(session, group);
+        }
+        for (key, id, retry) in refused {
+            // Not sent: the table would have let it win a channel beyond its fair share. It
+            // retries when fresher counts may allow it.
+            let reply = AcquireReply {
+                lease_remaining: Some(retry),
+                ..AcquireReply::locked()
+            };
+            self.feed(
+                key,
+                Input::DbResult {
+                    id,
+                    result: Ok(Reply::Acquire(reply)),
+                },
+            );
+        }
+        if !self.batches.is_empty() {
+            // A refused attempt asked for nothing at once; this guards the invariant that a
+            // request never waits for the next input.
+            self.flush_batches();
+        }
+    }
+
+    // ----- fair share -----
+
+    /// Takes out of the attempt batches those of balanced locks beyond their group's
+    /// allowance ([`BalanceCounts::allowance`]); returns them with the delay after which each
+    /// retries. An attempt an `acquire()` call waits for is always sent.
+    fn balance_attempts(&mut self) -> Vec<(LockKey, RequestId, Duration)> {
+        let mut refused = Vec::new();
+        if self.groups.is_empty() {
+            return refused;
+        }
+        let group_of = |locks: &BTreeMap<LockKey, Box<Entry>>, schema: &SchemaName, key: &LockKey| {
+            let name = locks.get(key)?.lock.config().balance.as_ref()?;
+            Some((schema.clone(), name.clone()))
+        };
+        // Each group's attempts in this input: in flight already from their locks' view.
+        let mut this_input: BTreeMap<GroupKey, u64> = BTreeMap::new();
+        for ((kind, schema), items) in &self.batches {
+            if *kind == BatchKind::Acquire {
+                for (key, _, _) in items {
+                    if let Some(group_key) = group_of(&self.locks, schema, key) {
+                        *this_input.entry(group_key).or_default() += 1;
+                    }
+                }
+            }
+        }
+        // What each group may still attempt: its allowance given what it holds or is winning.
+        let mut allowances: BTreeMap<GroupKey, u64> = BTreeMap::new();
+        for (group_key, attempts) in this_input {
+            let Some(group) = self.groups.get(&group_key) else {
+                continue;
+            };
+            let Some(counts) = &group.counts else { continue };
+            let (mut held, mut in_flight) = (0u64, 0u64);
+            for entry in group.locks.iter().filter_map(|k| self.locks.get(k)) {
+                held += u64::from(entry.lock.phase() == Phase::Holding);
+                in_flight += u64::from(entry.lock.attempting());
+            }
+            let owned = held + in_flight.saturating_sub(attempts);
+            allowances.insert(group_key, counts.allowance(owned));
+        }
+        for ((kind, schema), items) in self.batches.iter_mut() {
+            if *kind != BatchKind::Acquire {
+                continue;
+            }
+            // The attempts that count against an allowance, in the order they may go: first
+            // those of channels known to be free (a release heard and not asked since), then the
+            // rest; each class in an order of this session's own draw, so that the members of a
+            // group do not all try the same channels first.
+            let mut candidates: Vec<(bool, u64, usize)> = Vec::new();
+            for (i, (key, _, _)) in items.iter().enumerate() {
+                let Some(group_key) = group_of(&self.locks, schema, key) else {
+                    continue;
+                };
+                if !allowances.contains_key(&group_key) {
+                    continue;
+                }
+                let explicit = self.locks.get(key).is_some_and(|e| !e.acquire_calls.is_empty());
+                let known_free = self.groups.get(&group_key).is_some_and(|g| g.known_free.contains(key));
+                let rank = if explicit { 0 } else { self.rng.next_u64() | 1 };
+                candidates.push((!known_free, rank, i));
+            }
+            candidates.sort_unstable();
+            let mut keep = vec![true; items.len()];
+            for (_, rank, i) in candidates {
+                let (key, id, _) = &items[i];
+                let Some(group_key) = group_of(&self.locks, schema, key) else {
+                    continue;
+                };
+                let Some(allowance) = allowances.get_mut(&group_key) else {
+                    continue;
+                };
+                // An attempt an `acquire()` call waits for always goes.
+                if rank == 0 || *allowance > 0 {
+                    *allowance = allowance.saturating_sub(1);
+                    continue;
+                }
+                let retry = self
+                    .groups
+                    .get(&group_key)
+                    .map_or(Duration::from_secs(1), |g| g.renew_interval);
+                refused.push((*key, *id, retry));
+                keep[i] = false;
+            }
+            let mut keep = keep.into_iter();
+            items.retain(|_| keep.next().unwrap_or(true));
+        }
+        self.batches.retain(|_, items| !items.is_empty());
+        refused
+    }
+
+    /// Asks for `group`'s counts alongside the statement that just went out, unless a query is
+    /// in flight or one went out within half a renew interval (and no channel waits to be
+    /// recorded).
+    fn ask_counts(&mut self, session: SessionId, group_key: GroupKey) {
+        let Some(group) = self.groups.get(&group_key) else {
+            return;
+        };
+        let register: Vec<LockKey> = group
+            .locks
+            .iter()
+            .filter(|k| !group.registered.contains(k))
+            .filter(|k| self.locks.get(k).is_some_and(|e| e.prep == Prep::Ready))
+            .copied()
+            .collect();
+        let fresh = group
+            .asked_at
+            .is_some_and(|at| self.now.saturating_duration_since(at) < group.renew_interval / 2);
+        if group.asking.is_some() || (fresh && register.is_empty()) {
+            return;
+        }
+        let channels = register
+            .iter()
+            .filter_map(|k| self.locks.get(k))
+            .map(|e| e.target.channel.clone())
+            .collect();
+        let op = SessionOp::Balance {
+            schema: group_key.0.clone(),
+            group: group_key.1.clone(),
+            register: channels,
+            leave: false,
+        };
+        let route = Route::Balance {
+            group: group_key.clone(),
+            register,
+        };
+        let id = self.execute(session, op, route);
+        if let Some(group) = self.groups.get_mut(&group_key) {
+            group.asking = Some(id);
+            group.asked_at = Some(self.now);
+        }
+    }
+
+    /// The table's counts of a group: remember them and release what exceeds the fair share
+    /// ([`BalanceCounts::to_release`]), by the ordinary graceful release (drain marker first).
+    fn on_balance_counts(
+        &mut self,
+        id: OpId,
+        group_key: GroupKey,
+        register: Vec<LockKey>,
+        result: Result<OpReply, DbError>,
+    ) {
+        let Some(group) = self.groups.get_mut(&group_key) else {
+            return;
+        };
+        if group.asking == Some(id) {
+            group.asking = None;
+        }
+        let counts = match result {
+            Ok(OpReply::Balance(counts)) => counts,
+            // Without counts the group competes as it did; the next statement asks again.
+            _ => return,
+        };
+        group.registered.extend(register);
+        // What the table reports free goes first among the attempts.
+        for channel in &counts.free {
+            if let Some(key) = self.by_channel.get(channel.as_str()) {
+                if group.locks.contains(key) {
+                    group.known_free.insert(*key);
+                }
+            }
+        }
+        group.counts = Some(counts.clone());
+        let holding: Vec<LockKey> = group
+            .locks
+            .iter()
+            .filter(|k| self.locks.get(k).is_some_and(|e| e.lock.phase() == Phase::Holding))
+            .copied()
+            .collect();
+        let give = usize::try_from(counts.to_release(holding.len() as u64)).unwrap_or(usize::MAX);
+        // The last channels by key: a stable choice, so repeated counts pick the same ones.
+        for key in holding.into_iter().rev().take(give) {
+            self.feed(key, Input::Release);
+        }
+    }
+
+    fn group_of_lock(&self, key: LockKey) -> Option<GroupKey> {
+        let entry = self.locks.get(&key)?;
+        let name = entry.lock.config().balance.as_ref()?;
+        Some((entry.target.schema.clone(), name.clone()))
+    }
+
+    /// A release of `key`'s channel was heard: its attempt goes first.
+    fn note_peer_released(&mut self, key: LockKey) {
+        if let Some(group) = self.group_of_lock(key).and_then(|g| self.groups.get_mut(&g)) {
+            group.known_free.insert(key);
+        }
+    }
+
+    /// The table answered an attempt of `key`: what it knew of the channel is now the table's.
+    fn note_table_answered(&mut self, key: LockKey) {
+        if let Some(group) = self.group_of_lock(key).and_then(|g| self.groups.get_mut(&g)) {
+            group.known_free.remove(&key);
+        }
+    }
+
+    /// `key` left `group`: the last lock of a group tells the table this session left it.
+    fn leave_group(&mut self, group_key: GroupKey, key: LockKey) {
+        let Some(group) = self.groups.get_mut(&group_key) else {
+            return;
+        };
+        group.locks.remove(&key);
+        group.registered.remove(&key);
+        group.known_free.remove(&key);
+        if !group.locks.is_empty() {
+            return;
+        }
+        self.groups.remove(&group_key);
+        if let Some(session) = self.current() {
+            let op = SessionOp::Balance {
+                schema: group_key.0.clone(),
+                group: group_key.1.clone(),
+                register: Vec::new(),
+                leave: true,
+            };
+            self.execute(
+                session,
+                op,
+                Route::Balance {
+                    group: group_key,
+                    register: Vec::new(),
+                },
+            );
         }
     }
 
@@ -1813,6 +2152,9 @@ impl Session {
     }
 
     fn on_lock_event(&mut self, key: LockKey, event: LockEvent) {
+        if event == LockEvent::PeerReleased && !self.groups.is_empty() {
+            self.note_peer_released(key);
+        }
         let Some(entry) = self.locks.get_mut(&key) else { return };
         // A release call completes when the release is confirmed or failed (or the term ended
         // otherwise); a destroy call when the lock stopped.
@@ -1849,6 +2191,9 @@ impl Session {
             self.timers.remove(&(at, key));
         }
         self.by_channel.remove(entry.target.channel.as_str());
+        if let Some(name) = entry.lock.config().balance.clone() {
+            self.leave_group((entry.target.schema.clone(), name), key);
+        }
         let mut gone = Vec::new();
         self.ops.retain(|id, route| {
             let keep = !matches!(route, Route::Lock { key: k, .. } | Route::Listen { key: k } if *k == key);

@@ -770,6 +770,14 @@ impl Driver {
                             .await
                             .map(OpReply::Batch)
                     }
+                    SessionOp::Balance {
+                        schema,
+                        group,
+                        register,
+                        leave,
+                    } => sql::balance(&client, &schema, &app, &group, &register, leave)
+                        .await
+                        .map(OpReply::Balance),
                     other => Err(DbError::Failed(format!("operation {} is not supported", other.name()))),
                 };
                 metrics::histogram!(crate::metrics::REQUEST_SECONDS, "op" => op_name)

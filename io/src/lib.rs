@@ -73,7 +73,7 @@ pub use term::{LockState, Term};
 #[cfg(feature = "testkit")]
 #[doc(hidden)]
 pub mod testkit {
-    pub use crate::sql::{bootstrap, execute, execute_batch, BatchOp, BatchTarget, Target};
+    pub use crate::sql::{balance, bootstrap, execute, execute_batch, BatchOp, BatchTarget, Target};
 }
 
 /// The README's examples, compiled as doc tests so that they cannot drift from the API.

@@ -40,6 +40,7 @@ pub struct LockOptions {
     seed: Option<u64>,
     replay_limit: Option<usize>,
     wake_jitter: Option<Duration>,
+    balance: Option<String>,
 }
 
 impl LockOptions {
@@ -105,6 +106,28 @@ impl LockOptions {
         self
     }
 
+    /// Fair share across the fleet (`Lease` only; off by default): this lock competes in the
+    /// balance `group` (1 to 63 bytes of printable ASCII; its scope is the lock table's schema).
+    /// The sessions that compete in a group converge to holding about `channels / sessions` of
+    /// its channels each (within one), moving channels by the ordinary graceful handover when a
+    /// session joins or leaves; a crashed session's channels go to the survivors below their
+    /// share. Sizes and membership come from the table (the group's channels recorded there, its
+    /// sessions alive in `pg_stat_activity`), never from configuration. Every session of a group
+    /// should compete for the same channels. Under `Classic`, [`Session::lock`] refuses it with
+    /// [`Error::InvalidOptions`] (`ConfigError::BalanceNeedsLease`): Classic speaks only what
+    /// `@imqueue/pg-pubsub` speaks.
+    ///
+    /// ```
+    /// use pgiplock::{LockOptions, Protocol};
+    /// let options = LockOptions::new().balance("workers");
+    /// assert_eq!(options.to_config().unwrap().balance.as_deref(), Some("workers"));
+    /// assert!(LockOptions::new().protocol(Protocol::Classic).balance("workers").to_config().is_err());
+    /// ```
+    pub fn balance(mut self, group: &str) -> Self {
+        self.balance = Some(group.to_owned());
+        self
+    }
+
     /// Seed of the retry jitter (default random).
     pub fn seed(mut self, seed: u64) -> Self {
         self.seed = Some(seed);
@@ -146,6 +169,7 @@ impl LockOptions {
         if let Some(jitter) = self.wake_jitter {
             config.wake_jitter = jitter;
         }
+        config.balance = self.balance.clone();
         config.validate()?;
         Ok(config)
     }

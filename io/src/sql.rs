@@ -9,8 +9,8 @@
 use std::time::Duration;
 
 use pgiplock_core::{
-    quote_ident, AcquireReply, ChannelName, DbError, DbOp, FenceToken, Marker, PreviousTerm, Protocol, Reply,
-    SchemaName, StaleHolder, TerminateOutcome, LOCK_CHANNEL_PREFIX,
+    quote_ident, AcquireReply, BalanceCounts, ChannelName, DbError, DbOp, FenceToken, Marker, PreviousTerm, Protocol,
+    Reply, SchemaName, StaleHolder, TerminateOutcome, LOCK_CHANNEL_PREFIX,
 };
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
@@ -338,6 +338,61 @@ END
     )
 }
 
+/// Fair share: records (or forgets, on `p_leave`) this session as a member of `p_group` and
+/// `p_channels` as the group's, forgets members whose session is gone (the rule the lease uses
+/// for "its holder's session is gone"), and returns one row per live member in bytewise
+/// application-name order: the channels of the group whose unexpired lease it holds, the
+/// group's channel count, whether it is the caller, and (on every row) up to
+/// `MAX_FREE_LISTED` of the group's channels that nobody holds (no live holder with an
+/// unexpired lease), in bytewise order.
+fn lease_balance_body(qs: &str) -> String {
+    format!(
+        r#"
+#variable_conflict use_column
+DECLARE
+  n bigint;
+  f text[];
+BEGIN
+  IF p_leave THEN
+    DELETE FROM {qs}.balance_member m WHERE m.grp = p_group AND m.app = p_app;
+  ELSE
+    INSERT INTO {qs}.balance_member AS m (grp, app, pid) VALUES (p_group, p_app, pg_backend_pid())
+      ON CONFLICT (grp, app) DO UPDATE SET pid = EXCLUDED.pid WHERE m.pid IS DISTINCT FROM EXCLUDED.pid;
+    IF COALESCE(array_length(p_channels, 1), 0) > 0 THEN
+      INSERT INTO {qs}.balance_channel (grp, channel)
+        SELECT p_group, c FROM unnest(p_channels) AS c ON CONFLICT DO NOTHING;
+    END IF;
+  END IF;
+  DELETE FROM {qs}.balance_member m
+   WHERE m.grp = p_group
+     AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a
+                     WHERE a.pid = m.pid AND a.application_name = m.app);
+  SELECT count(*) INTO n FROM {qs}.balance_channel c WHERE c.grp = p_group;
+  SELECT COALESCE(array_agg(x.channel), '{{}}') INTO f FROM (
+    SELECT c.channel FROM {qs}.balance_channel c
+     WHERE c.grp = p_group
+       AND NOT EXISTS (SELECT 1 FROM {qs}.lease l
+                        JOIN pg_catalog.pg_stat_activity a
+                          ON a.pid = l.holder_pid AND a.application_name = l.holder
+                       WHERE l.channel = c.channel AND l.expires_at > now())
+     ORDER BY c.channel COLLATE "C" LIMIT {max_free}) x;
+  RETURN QUERY
+    SELECT m.app, COALESCE(h.held, 0)::bigint, n, m.app = p_app, f
+      FROM {qs}.balance_member m
+      LEFT JOIN (SELECT l.holder, l.holder_pid, count(*) AS held
+                   FROM {qs}.lease l
+                   JOIN {qs}.balance_channel c ON c.grp = p_group AND c.channel = l.channel
+                  WHERE l.holder IS NOT NULL AND l.expires_at > now()
+                  GROUP BY l.holder, l.holder_pid) h
+        ON h.holder = m.app AND h.holder_pid = m.pid
+     WHERE m.grp = p_group
+     ORDER BY m.app COLLATE "C";
+END
+"#,
+        max_free = pgiplock_core::MAX_FREE_LISTED
+    )
+}
+
 fn lease_terminate_body() -> String {
     r#"
 BEGIN
@@ -418,6 +473,13 @@ fn bootstrap_sql(protocol: Protocol, schema: &SchemaName) -> String {
                     quote_ident(column)
                 ));
             }
+            // Fair share: the members of each balance group and the group's channels.
+            let member_lit = quote_literal(&format!("{qs}.balance_member"));
+            let channel_lit = quote_literal(&format!("{qs}.balance_channel"));
+            body.push_str(&format!(
+                "IF to_regclass({member_lit}) IS NULL THEN\n  CREATE TABLE {qs}.balance_member (grp text NOT NULL, app text NOT NULL, pid integer NOT NULL, PRIMARY KEY (grp, app));\nEND IF;\n\
+                 IF to_regclass({channel_lit}) IS NULL THEN\n  CREATE TABLE {qs}.balance_channel (grp text NOT NULL, channel text NOT NULL, PRIMARY KEY (grp, channel));\nEND IF;\n"
+            ));
             // Row-lock waits are bounded: an operation stuck behind a foreign transaction fails
             // and is retried, instead of being abandoned by a session reset and left blocked on
             // the server.
@@ -462,6 +524,14 @@ fn bootstrap_sql(protocol: Protocol, schema: &SchemaName) -> String {
                      OUT prev_pid integer, OUT prev_released boolean) RETURNS SETOF record \
                      LANGUAGE plpgsql SET lock_timeout = '2s' AS ",
                     lease_acquire_many_body(&qs),
+                    Some(LEASE_LOCK_TIMEOUT),
+                ),
+                (
+                    "balance_v1",
+                    "(p_group text, p_app text, p_channels text[], p_leave boolean, OUT app text, OUT held bigint, \
+                     OUT channels bigint, OUT is_self boolean, OUT free text[]) RETURNS SETOF record \
+                     LANGUAGE plpgsql SET lock_timeout = '2s' AS ",
+                    lease_balance_body(&qs),
                     Some(LEASE_LOCK_TIMEOUT),
                 ),
                 (
@@ -844,6 +914,52 @@ pub async fn execute_batch(
         });
     }
     Ok(replies)
+}
+
+/// Runs `SessionOp::Balance` for `app`'s session: records it as a member of `group` in
+/// `schema` (or forgets it, `leave`) with `register` as the group's channels, and returns the
+/// group's counts as the table has them.
+pub async fn balance(
+    client: &Client,
+    schema: &SchemaName,
+    app: &str,
+    group: &str,
+    register: &[ChannelName],
+    leave: bool,
+) -> Result<BalanceCounts, DbError> {
+    let qs = quote_ident(schema.as_str());
+    let channels: Vec<&str> = register.iter().map(|c| c.as_str()).collect();
+    let sql = format!("SELECT app, held, channels, is_self, free FROM {qs}.balance_v1($1, $2, $3, $4)");
+    let params: [(&(dyn ToSql + Sync), Type); 4] = [
+        (&group, Type::TEXT),
+        (&app, Type::TEXT),
+        (&channels, Type::TEXT_ARRAY),
+        (&leave, Type::BOOL),
+    ];
+    let rows = client.query_typed(&sql, &params).await.map_err(|e| db_error(&e))?;
+    let bad = |e: tokio_postgres::Error| db_error(&e);
+    let mut counts = BalanceCounts::default();
+    for (i, row) in rows.iter().enumerate() {
+        let held: Option<i64> = row.try_get("held").map_err(bad)?;
+        let channels: Option<i64> = row.try_get("channels").map_err(bad)?;
+        let is_self: Option<bool> = row.try_get("is_self").map_err(bad)?;
+        counts
+            .members
+            .push(held.and_then(|h| u64::try_from(h).ok()).unwrap_or(0));
+        counts.channels = channels.and_then(|n| u64::try_from(n).ok()).unwrap_or(0);
+        if is_self == Some(true) {
+            counts.own = Some(i);
+        }
+        if i == 0 {
+            let free: Option<Vec<String>> = row.try_get("free").map_err(bad)?;
+            counts.free = free.unwrap_or_default();
+        }
+    }
+    if rows.is_empty() {
+        // No live member listed (we just left): the group's size is unknown and irrelevant.
+        counts.channels = 0;
+    }
+    Ok(counts)
 }
 
 /// Classic's "locked": `deadlock_check` raised P0001 with detail `LOCKED`.

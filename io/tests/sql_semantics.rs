@@ -101,9 +101,9 @@ async fn bootstrap_many(protocol: Protocol) {
         .unwrap()
         .get(0);
     // Classic: deadlock_check, notify_lock; Lease: acquire_v2, renew_v2, release_v2,
-    // terminate_stale, the batched renew_many and acquire_many, and the token helpers timeline,
-    // next_token, older_timeline and old_timeline_free_at.
-    assert_eq!(functions, if protocol == Protocol::Classic { 2 } else { 10 });
+    // terminate_stale, the batched renew_many and acquire_many, the token helpers timeline,
+    // next_token, older_timeline and old_timeline_free_at, and fair share's balance_v1.
+    assert_eq!(functions, if protocol == Protocol::Classic { 2 } else { 11 });
     if protocol == Protocol::Classic {
         let triggers: i64 = admin
             .client

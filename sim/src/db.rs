@@ -33,8 +33,8 @@ use std::time::Duration;
 
 use crate::session_map::SessionMap;
 use pgiplock_core::{
-    AcquireReply, ChannelName, DbError, DbOp, FenceToken, Marker, PreviousTerm, Protocol, Reply, SessionId,
-    StaleHolder, TerminateOutcome, Timestamp,
+    AcquireReply, BalanceCounts, ChannelName, DbError, DbOp, FenceToken, Marker, PreviousTerm, Protocol, Reply,
+    SessionId, StaleHolder, TerminateOutcome, Timestamp, MAX_FREE_LISTED,
 };
 
 /// Server-wide settings of the model.
@@ -164,6 +164,10 @@ pub struct SimDb {
     /// issues.
     timeline: u64,
     old_timeline_takeover: OldTimelineTakeover,
+    /// Fair share: per balance group, its members (application name -> backend pid).
+    balance_members: BTreeMap<String, BTreeMap<String, i32>>,
+    /// Fair share: per balance group, its channels.
+    balance_channels: BTreeMap<String, BTreeSet<String>>,
 }
 
 impl SimDb {
@@ -188,6 +192,8 @@ impl SimDb {
             read_only: false,
             timeline: 1,
             old_timeline_takeover: OldTimelineTakeover::default(),
+            balance_members: BTreeMap::new(),
+            balance_channels: BTreeMap::new(),
         }
     }
 
@@ -378,6 +384,8 @@ impl SimDb {
         self.generation += 1;
         self.classic.clear();
         self.lease.clear();
+        self.balance_members.clear();
+        self.balance_channels.clear();
     }
 
     /// Whether the lock schema is dropped (and not bootstrapped since).
@@ -569,6 +577,90 @@ impl SimDb {
             replies.push(self.execute_lease(pid, &app, channel, *ttl, op)?);
         }
         Ok(replies)
+    }
+
+    /// Fair share, as the io crate's `balance_v1` runs it (one statement, one transaction):
+    /// records `session` as a member of `group` (or forgets it, `leave`) and `register` as the
+    /// group's channels, forgets members whose session is gone, and returns the group's channel
+    /// count and, per live member in bytewise application-name order, the channels of the group
+    /// whose unexpired lease it holds under its own name and pid.
+    pub fn balance(
+        &mut self,
+        session: SessionId,
+        group: &str,
+        register: &[ChannelName],
+        leave: bool,
+    ) -> Result<BalanceCounts, DbError> {
+        let backend = self.sessions.get_mut(&session).ok_or(DbError::SessionLost)?;
+        backend.statements += 1;
+        self.statements += 1;
+        let app = backend.app.to_string();
+        let pid = backend.pid;
+        if self.schema_dropped {
+            return Err(DbError::server(
+                "42P01",
+                format!(
+                    "relation \"{}.balance_member\" does not exist",
+                    Protocol::Lease.default_schema()
+                ),
+            ));
+        }
+        if self.read_only {
+            return Err(DbError::server(
+                "25006",
+                "cannot execute INSERT in a read-only transaction".to_owned(),
+            ));
+        }
+        let members = self.balance_members.entry(group.to_owned()).or_default();
+        if leave {
+            members.remove(&app);
+        } else {
+            members.insert(app.clone(), pid);
+            let channels = self.balance_channels.entry(group.to_owned()).or_default();
+            for channel in register {
+                channels.insert(channel.as_str().to_owned());
+            }
+        }
+        let mut members = self.balance_members.remove(group).unwrap_or_default();
+        members.retain(|member, pid| self.session_of(*pid, member).is_some());
+        let channels = self.balance_channels.get(group);
+        let now = self.now;
+        let mut counts = BalanceCounts {
+            channels: channels.map_or(0, |c| c.len() as u64),
+            ..BalanceCounts::default()
+        };
+        // Per holder: the group's channels whose unexpired lease it holds; and the channels
+        // nobody holds (no live holder with an unexpired lease), in channel order.
+        let mut held: BTreeMap<(&str, i32), u64> = BTreeMap::new();
+        for channel in channels.into_iter().flatten() {
+            let mut taken = false;
+            if let Some(LeaseRow {
+                holder: Some(holder),
+                holder_pid: Some(holder_pid),
+                expires_at: Some(expires_at),
+                ..
+            }) = self.lease.get(channel)
+            {
+                if *expires_at > now {
+                    *held.entry((holder.as_str(), *holder_pid)).or_default() += 1;
+                    taken = self.session_of(*holder_pid, holder).is_some();
+                }
+            }
+            if !taken && counts.free.len() < MAX_FREE_LISTED {
+                counts.free.push(channel.clone());
+            }
+        }
+        // BTreeMap<String, _> orders bytewise, as `ORDER BY app COLLATE "C"`.
+        for (i, (member, member_pid)) in members.iter().enumerate() {
+            counts
+                .members
+                .push(held.get(&(member.as_str(), *member_pid)).copied().unwrap_or(0));
+            if *member == app {
+                counts.own = Some(i);
+            }
+        }
+        self.balance_members.insert(group.to_owned(), members);
+        Ok(counts)
     }
 
     fn app_is_live(&self, app: &str) -> bool {

@@ -306,6 +306,10 @@ struct ScenarioArgs {
     /// Channels (locks) per process; the publisher and the metrics use the first (a count).
     #[arg(long, value_name = "N")]
     channels: Option<usize>,
+    /// Fair share, lease only: every process's locks compete in one balance group, so that the
+    /// fleet converges to about channels / processes each (true or false).
+    #[arg(long, value_name = "BOOL")]
+    balance: Option<bool>,
     /// Virtual time simulated (a duration).
     #[arg(long, value_name = "DURATION", value_parser = dur)]
     duration: Option<Duration>,
@@ -523,6 +527,7 @@ impl ScenarioArgs {
         set!(
             processes,
             channels,
+            balance,
             duration,
             warmup,
             acquire_interval,

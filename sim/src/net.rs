@@ -345,6 +345,20 @@ impl World {
                 }
                 (result.map(OpReply::Batch), 1)
             }
+            // Fair share, as the io crate's `balance_v1` (one statement).
+            SessionOp::Balance {
+                group, register, leave, ..
+            } => {
+                self.trace
+                    .hash(&[205, p as u64, u64::from(*leave), register.len() as u64]);
+                (
+                    self.server
+                        .db
+                        .balance(session, group, register, *leave)
+                        .map(OpReply::Balance),
+                    1,
+                )
+            }
             // As the io crate prepares a session: the schema bootstrap batch (one statement),
             // then `LISTEN` (`UNLISTEN`) on the channels of each lock (`ChannelName::listened`).
             SessionOp::Bootstrap { protocol, schema } => {

@@ -216,7 +216,14 @@ impl World {
         );
         let schema = SchemaName::new(self.scenario.protocol.default_schema()).ok();
         for (li, channel) in self.channels.iter().enumerate() {
-            let lock_seed = derive_seed(seed, STREAM_LOCK, p as u64, (u64::from(inc) << 8) | li as u64);
+            // The first 256 channels keep the seeds they always had; beyond, the incarnation
+            // moves up so that channel and incarnation never collide.
+            let stream = if li < 256 {
+                (u64::from(inc) << 8) | li as u64
+            } else {
+                (u64::from(inc) << 32) | li as u64
+            };
+            let lock_seed = derive_seed(seed, STREAM_LOCK, p as u64, stream);
             let added = schema.clone().map(|schema| {
                 session.add_lock(
                     LockKey(li as u64),
@@ -445,7 +452,7 @@ impl World {
     /// A mutant process hands a data channel's notification to the application where the real
     /// driver would not (see [`Mutant`]).
     fn mutant_hears(&mut self, p: usize, mutant: Mutant, channel: &str, payload: String) {
-        let Some(li) = self.channels.iter().position(|c| c.as_str() == channel) else {
+        let Some(li) = self.channel_index(channel) else {
             return;
         };
         let proc = &self.procs[p];

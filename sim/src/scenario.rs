@@ -412,6 +412,12 @@ impl FaultRates {
     }
 }
 
+/// Most channels a scenario may have.
+pub const MAX_CHANNELS: usize = 10_000;
+
+/// The balance group of a scenario with [`Scenario::balance`].
+pub const BALANCE_GROUP: &str = "sim";
+
 /// A whole simulation setting. `Scenario::default()` is the default sweep's base.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -423,6 +429,9 @@ pub struct Scenario {
     pub processes: usize,
     /// Channels (locks) per process; the publisher and the metrics use the first.
     pub channels: usize,
+    /// Fair share (Lease only): every lock of every process competes in one balance group, so
+    /// that the fleet converges to about `channels / processes` channels each.
+    pub balance: bool,
     /// Virtual time simulated.
     #[serde(with = "dur")]
     pub duration: Duration,
@@ -544,6 +553,7 @@ impl Default for Scenario {
             protocol: Protocol::Lease,
             processes: 10,
             channels: 1,
+            balance: false,
             duration: Duration::from_secs(12 * 3600),
             warmup: Duration::from_secs(60),
             acquire_interval: Duration::from_secs(30),
@@ -615,6 +625,9 @@ impl Scenario {
         if let Some(limit) = self.replay_limit {
             c.replay_limit = limit;
         }
+        if self.balance {
+            c.balance = Some(BALANCE_GROUP.to_owned());
+        }
         match self.protocol {
             Protocol::Lease => {
                 // The derivations of the library's options (renew, margin, request timeout).
@@ -646,8 +659,8 @@ impl Scenario {
         if self.processes == 0 || self.processes > 100_000 {
             return invalid("processes must be within 1..=100000");
         }
-        if self.channels == 0 || self.channels > 64 {
-            return invalid("channels must be within 1..=64");
+        if self.channels == 0 || self.channels > MAX_CHANNELS {
+            return invalid("channels must be within 1..=10000");
         }
         if self.duration.is_zero() || self.duration > Duration::from_secs(366 * 86_400) {
             return invalid("duration must be within (0, 366 d]");
@@ -739,6 +752,7 @@ impl Scenario {
         flag("protocol", self.protocol.to_string(), d.protocol.to_string());
         flag("processes", self.processes.to_string(), d.processes.to_string());
         flag("channels", self.channels.to_string(), d.channels.to_string());
+        flag("balance", self.balance.to_string(), d.balance.to_string());
         let fd = |x: Duration| format_duration(x);
         let fo = |x: Option<Duration>| x.map_or_else(|| "none".to_owned(), format_duration);
         flag("duration", fd(self.duration), fd(d.duration));

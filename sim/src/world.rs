@@ -13,6 +13,7 @@
 //! - `trace`: the trace hash and the trace lines;
 //! - [`crate::metrics`]: what the report measures.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use pgiplock_core::{
@@ -133,6 +134,8 @@ pub struct World {
     /// Every process's session settings.
     pub(crate) session_config: SessionConfig,
     pub(crate) channels: Vec<ChannelName>,
+    /// Channel name -> index in `channels`.
+    pub(crate) channel_indexes: BTreeMap<ChannelName, usize>,
     pub(crate) end: Timestamp,
     pub(crate) warmup: Timestamp,
     pub(crate) publish_until: Timestamp,
@@ -179,11 +182,13 @@ impl World {
         let server = Server::new(seed, scenario.terminate_permitted);
         let metrics = Metrics::new(scenario.processes, warmup, end);
         let session_config = session_config(scenario.connect_timeout, scenario.setup_timeout);
+        let channel_indexes = channels.iter().cloned().enumerate().map(|(i, c)| (c, i)).collect();
         let mut world = World {
             seed,
             config,
             session_config,
             channels,
+            channel_indexes,
             end,
             warmup,
             publish_until,
@@ -318,6 +323,12 @@ impl World {
     /// Channel `i` (`ch{i}`), the data channel being channel 0.
     pub fn channel(&self, i: usize) -> Option<&ChannelName> {
         self.channels.get(i)
+    }
+
+    /// The index of the channel named `name` (a map lookup, not a scan: a fleet may have
+    /// thousands of channels).
+    pub fn channel_index(&self, name: &str) -> Option<usize> {
+        self.channel_indexes.get(name).copied()
     }
 
     /// The running processes whose lock on channel `i` is in a holder phase, in index order.

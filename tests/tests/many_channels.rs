@@ -143,6 +143,88 @@ async fn idle_load_of_a_thousand_channels_on_two_sessions_is_within_the_goals() 
     drop(cluster);
 }
 
+/// Waits (bounded) until each of `sessions` holds exactly `share` of its locks, waking on every
+/// state change.
+async fn shared(sessions: &[&[PgIpLock]], share: usize) {
+    let mut watches: Vec<_> = sessions
+        .iter()
+        .flat_map(|locks| locks.iter().map(|l| l.state()))
+        .collect();
+    let counts = |sessions: &[&[PgIpLock]]| -> Vec<usize> {
+        sessions
+            .iter()
+            .map(|locks| locks.iter().filter(|l| l.is_acquired()).count())
+            .collect()
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let now = counts(sessions);
+        if now.iter().all(|n| *n == share) {
+            return;
+        }
+        let changed = futures::future::select_all(watches.iter_mut().map(|w| Box::pin(w.changed())));
+        if tokio::time::timeout_at(deadline, changed).await.is_err() {
+            panic!("not {share} each after {WAIT:?}: {now:?}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_load_of_a_thousand_balanced_channels_on_two_sessions() {
+    const CHANNELS: usize = 1000;
+    const WINDOW: Duration = Duration::from_secs(20);
+    let _heavy = heavy_guard().await;
+    let (cluster, monitor) = cluster_with_statements().await;
+    let roles = [format!("a_{}", unique_hex()), format!("b_{}", unique_hex())];
+    monitor
+        .batch_execute(&format!(
+            "CREATE ROLE \"{}\" LOGIN SUPERUSER; CREATE ROLE \"{}\" LOGIN SUPERUSER",
+            roles[0], roles[1]
+        ))
+        .await
+        .expect("roles");
+    let config = |role: &str| {
+        let mut config = cluster.config();
+        config.user(role);
+        config
+    };
+    let options = LockOptions::new().protocol(Protocol::Lease).balance("load");
+    let prefix = format!("b{}_", unique_hex());
+    let first = Session::connect(config(&roles[0])).await.expect("first session");
+    let first_locks = locks(&first, &prefix, CHANNELS, &options).await;
+    all_held(&first_locks).await;
+    let second = Session::connect(config(&roles[1])).await.expect("second session");
+    let second_locks = locks(&second, &prefix, CHANNELS, &options).await;
+    shared(&[&first_locks, &second_locks], CHANNELS / 2).await;
+
+    let role_names = [roles[0].as_str(), roles[1].as_str()];
+    tokio::time::sleep(WINDOW).await;
+    let before = calls_by_role(&monitor, &role_names).await;
+    tokio::time::sleep(WINDOW).await;
+    let after = calls_by_role(&monitor, &role_names).await;
+    let calls = [after[0] - before[0], after[1] - before[1]];
+    let seconds = WINDOW.as_secs_f64();
+    eprintln!(
+        "{CHANNELS} balanced channels on 2 sessions, {WINDOW:?}: {} and {} statements ({:.2}/s and {:.2}/s)",
+        calls[0],
+        calls[1],
+        calls[0] as f64 / seconds,
+        calls[1] as f64 / seconds
+    );
+    // Each session holds 500 and waits for 500: its renewals and the counts beside them, one
+    // statement each per renew interval (2 s), and attempts only at the peer's lease ends.
+    for n in calls {
+        assert!(n >= 1, "a session renewed nothing in {WINDOW:?}");
+        assert!(n as f64 <= 1.25 * seconds, "{n} statements in {WINDOW:?}");
+    }
+    // Still 500 each: a steady fleet moves nothing.
+    assert_eq!(first_locks.iter().filter(|l| l.is_acquired()).count(), CHANNELS / 2);
+    assert_eq!(second_locks.iter().filter(|l| l.is_acquired()).count(), CHANNELS / 2);
+    first.close().await;
+    second.close().await;
+    drop(cluster);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_holder_cut_off_fences_every_channel_before_its_lease_ends_on_the_server() {
     const CHANNELS: usize = 300;

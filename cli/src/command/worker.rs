@@ -27,9 +27,9 @@ pub(crate) struct WorkerArgs {
     #[command(flatten)]
     database: DatabaseArgs,
     /// The channel whose lock to compete for; its notifications are printed while holding
-    /// (required).
-    #[arg(long, value_name = "NAME")]
-    channel: String,
+    /// (required; repeat it to compete for several channels on one session).
+    #[arg(long, value_name = "NAME", required = true)]
+    channel: Vec<String>,
     /// Longest wait of a standby between two attempts to acquire (a duration)
     /// [default: 30s].
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
@@ -58,13 +58,20 @@ pub(crate) struct WorkerArgs {
     /// duration) [default: 20ms under lease, 0s under classic].
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     wake_jitter: Option<Duration>,
+    /// Fair share, lease protocol only: compete in this balance group, so that the workers of
+    /// the group hold about an equal share of its channels each (a group name) [default: none,
+    /// every lock competes alone].
+    #[arg(long, value_name = "GROUP")]
+    balance: Option<String>,
 }
 
 impl WorkerArgs {
     /// Validates everything before connecting, so bad input fails fast with exit code 2.
     fn options(&self) -> Result<(tokio_postgres::Config, LockOptions), CliError> {
         let config = self.database.config()?;
-        ChannelName::new(&self.channel).map_err(|e| CliError::Usage(format!("invalid --channel: {e}")))?;
+        for channel in &self.channel {
+            ChannelName::new(channel).map_err(|e| CliError::Usage(format!("invalid --channel: {e}")))?;
+        }
         let mut options = LockOptions::new().protocol(self.protocol.protocol());
         if let Some(schema) = &self.schema {
             SchemaName::new(schema).map_err(|e| CliError::Usage(format!("invalid --schema: {e}")))?;
@@ -87,6 +94,9 @@ impl WorkerArgs {
         }
         if let Some(jitter) = self.wake_jitter {
             options = options.wake_jitter(jitter);
+        }
+        if let Some(group) = &self.balance {
+            options = options.balance(group);
         }
         options
             .to_config()
@@ -288,11 +298,15 @@ pub(crate) async fn run(args: WorkerArgs) -> Result<(), CliError> {
         session = Session::connect(config) => session?,
         () = stop.requested() => return Ok(()),
     };
-    let lock = session.lock(&args.channel, options)?;
-    let mut subscription = lock.subscribe();
-    tracing::info!(channel = %args.channel, schema = lock.schema_name(), app = %session.app_name(), "worker starting");
+    let mut locks = Vec::with_capacity(args.channel.len());
+    for channel in &args.channel {
+        locks.push(session.lock(channel, options.clone())?);
+    }
+    let mut subscriptions: Vec<Subscription> = locks.iter().map(|l| l.subscribe()).collect();
+    let channels = args.channel.join(",");
+    tracing::info!(channels = %channels, schema = locks[0].schema_name(), app = %session.app_name(), "worker starting");
     let started = tokio::select! {
-        started = init_through_failover(&lock) => started.map(|()| true),
+        started = init_all(&locks) => started.map(|()| true),
         () = stop.requested() => Ok(false),
     };
     let result = match started {
@@ -302,23 +316,46 @@ pub(crate) async fn run(args: WorkerArgs) -> Result<(), CliError> {
         }
         // Stopped while starting: release whatever init() may already have taken.
         Ok(false) => Ok(()),
-        // Printed once the lock competes, so a reader knows this worker can take over from now on.
+        // Printed once the locks compete, so a reader knows this worker can take over from now on.
         Ok(true) => match emit(&Line::Ready {
             app: session.app_name(),
             pid: std::process::id(),
             t_us: now_us(),
         }) {
-            Ok(()) => tokio::select! {
-                printed = print_messages(&lock, &mut subscription) => printed,
-                () = stop.requested() => Ok(()),
-            },
+            Ok(()) => {
+                let printing = locks
+                    .iter()
+                    .zip(subscriptions.iter_mut())
+                    .map(|(lock, subscription)| Box::pin(print_messages(lock, subscription)));
+                tokio::select! {
+                    (printed, _, _) = futures::future::select_all(printing) => printed,
+                    () = stop.requested() => Ok(()),
+                }
+            }
             Err(e) => Err(e),
         },
     };
-    tracing::info!(channel = %args.channel, "worker stopping");
-    let shutdown = shutdown(&lock, &mut subscription, args.shutdown_bound()).await;
+    tracing::info!(channels = %channels, "worker stopping");
+    let bound = args.shutdown_bound();
+    let shutdowns = locks
+        .iter()
+        .zip(subscriptions.iter_mut())
+        .map(|(lock, subscription)| shutdown(lock, subscription, bound));
+    let shutdown = futures::future::join_all(shutdowns)
+        .await
+        .into_iter()
+        .collect::<Result<Vec<()>, CliError>>()
+        .map(|_| ());
     let _ = tokio::time::timeout(args.shutdown_bound(), session.close()).await;
     result.and(shutdown)
+}
+
+/// [`init_through_failover`] for every lock, the first error if any.
+async fn init_all(locks: &[PgIpLock]) -> Result<(), pgiplock::Error> {
+    for result in futures::future::join_all(locks.iter().map(init_through_failover)).await {
+        result?;
+    }
+    Ok(())
 }
 
 /// Prints every subscription message; returns only when the lock stops by itself (an error:
