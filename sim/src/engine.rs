@@ -76,6 +76,11 @@ pub(crate) enum Event {
     PublishCommit {
         id: u64,
     },
+    /// A process has handled the terminate signal (after `client_signal_cost`): it releases.
+    Signal {
+        p: usize,
+        inc: u32,
+    },
 }
 
 impl Event {
@@ -98,6 +103,7 @@ impl Event {
             Event::Blip { .. } => 16,
             Event::ReadOnlyEnd => 17,
             Event::Action { .. } => 18,
+            Event::Signal { .. } => 19,
         }
     }
 }
@@ -342,6 +348,11 @@ impl World {
             Event::Action { index } => self.action(index),
             Event::Publish => self.publish(),
             Event::PublishCommit { id } => self.publish_commit(id),
+            Event::Signal { p, inc } => {
+                if self.procs[p].runs(inc) {
+                    self.stop_process(p);
+                }
+            }
         }
     }
 }

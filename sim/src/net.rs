@@ -491,7 +491,16 @@ impl World {
         if link.cut {
             return;
         }
-        let at = (now + self.scenario.net_delay).max(link.to_client_last);
+        let mut at = (now + self.scenario.net_delay).max(link.to_client_last);
+        if let Some(host) = self.host.as_mut() {
+            // The process's session sees the message once it has handled it.
+            let cost = match msg {
+                ServerMsg::Notify { .. } => host.notify_cost,
+                ServerMsg::Reply { .. } => host.reply_cost,
+                _ => Duration::ZERO,
+            };
+            at = host.run(p, at, cost);
+        }
         link.to_client_last = at;
         let epoch = link.epoch;
         self.engine.schedule(

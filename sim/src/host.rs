@@ -1,0 +1,126 @@
+//! The clients' CPU: what a process spends handling a notification, a reply or a signal before
+//! the statement it causes leaves, and the cores the fleet's processes share.
+//!
+//! Arithmetic, not events: when the server sends a message, its arrival time is known (the
+//! one-way delay is constant), so the time its handling ends is computed there and the message
+//! is delivered to the process's session then. Jobs take a core in the order they are booked,
+//! which is their arrival order because every link has the same delay; a process handles its
+//! own jobs one at a time (one session task), and `cores` processes at most run at once. With
+//! no costs set the world has no `Host` and nothing changes.
+
+use std::time::Duration;
+
+use pgiplock_core::Timestamp;
+
+use crate::scenario::Scenario;
+
+/// The host CPU shared by the simulated clients.
+pub(crate) struct Host {
+    /// When each core is free again; empty: a core per process (no contention).
+    cores: Vec<Timestamp>,
+    /// When each process has handled its last booked job.
+    busy_until: Vec<Timestamp>,
+    pub(crate) notify_cost: Duration,
+    pub(crate) reply_cost: Duration,
+    pub(crate) signal_cost: Duration,
+}
+
+impl Host {
+    /// The host of `scenario`, or `None` when it sets no client cost.
+    pub(crate) fn of(scenario: &Scenario) -> Option<Host> {
+        let costs = [
+            scenario.client_notify_cost,
+            scenario.client_reply_cost,
+            scenario.client_signal_cost,
+        ];
+        if costs.iter().all(Duration::is_zero) {
+            return None;
+        }
+        Some(Host {
+            cores: vec![Timestamp::ZERO; scenario.host_cores],
+            busy_until: vec![Timestamp::ZERO; scenario.processes],
+            notify_cost: scenario.client_notify_cost,
+            reply_cost: scenario.client_reply_cost,
+            signal_cost: scenario.client_signal_cost,
+        })
+    }
+
+    /// Books a job of process `p` that becomes ready at `ready` and needs `cost` of CPU; the
+    /// time it is done. It starts once the process finished its previous job and a core is
+    /// free (the one free first).
+    pub(crate) fn run(&mut self, p: usize, ready: Timestamp, cost: Duration) -> Timestamp {
+        if cost.is_zero() {
+            return ready;
+        }
+        let own = self.busy_until.get(p).copied().unwrap_or(Timestamp::ZERO);
+        let mut start = ready.max(own);
+        let core = self
+            .cores
+            .iter()
+            .enumerate()
+            .min_by_key(|(i, free)| (**free, *i))
+            .map(|(i, _)| i);
+        if let Some(core) = core {
+            start = start.max(self.cores[core]);
+        }
+        let done = start + cost;
+        if let Some(core) = core {
+            self.cores[core] = done;
+        }
+        if let Some(own) = self.busy_until.get_mut(p) {
+            *own = done;
+        }
+        done
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(cores: usize, processes: usize) -> Host {
+        let s = Scenario {
+            processes,
+            host_cores: cores,
+            client_notify_cost: Duration::from_millis(1),
+            ..Scenario::default()
+        };
+        Host::of(&s).expect("a cost is set")
+    }
+
+    #[test]
+    fn k_jobs_at_once_on_c_cores_end_at_ceil_i_over_c_costs() {
+        let cost = Duration::from_millis(1);
+        for cores in 1..=4 {
+            let mut h = host(cores, 9);
+            let t = Timestamp::from_micros(5_000);
+            for p in 0..9 {
+                let i = p as u32 + 1;
+                assert_eq!(
+                    h.run(p, t, cost),
+                    t + cost * i.div_ceil(cores as u32),
+                    "cores {cores}, job {i}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_process_handles_its_jobs_one_at_a_time_and_no_cores_means_one_each() {
+        let cost = Duration::from_millis(2);
+        let mut h = host(0, 3);
+        let t = Timestamp::from_micros(1_000);
+        assert_eq!(h.run(0, t, cost), t + cost);
+        assert_eq!(h.run(1, t, cost), t + cost);
+        assert_eq!(h.run(0, t, cost), t + cost * 2);
+        // Ready after the process is idle again: no wait.
+        let later = Timestamp::from_micros(100_000);
+        assert_eq!(h.run(0, later, cost), later + cost);
+        assert_eq!(h.run(2, later, Duration::ZERO), later);
+    }
+
+    #[test]
+    fn no_cost_no_host() {
+        assert!(Host::of(&Scenario::default()).is_none());
+    }
+}
