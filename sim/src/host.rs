@@ -7,6 +7,9 @@
 //! which is their arrival order because every link has the same delay; a process handles its
 //! own jobs one at a time (one session task), and `cores` processes at most run at once. With
 //! no costs set the world has no `Host` and nothing changes.
+//!
+//! The server may share the host (as on one machine with the fleet): `server_statement_cost` is
+//! a backend's CPU time per statement, on the same cores, before the statement's own latency.
 
 use std::time::Duration;
 
@@ -23,6 +26,7 @@ pub(crate) struct Host {
     pub(crate) notify_cost: Duration,
     pub(crate) reply_cost: Duration,
     pub(crate) signal_cost: Duration,
+    pub(crate) statement_cost: Duration,
 }
 
 impl Host {
@@ -32,6 +36,7 @@ impl Host {
             scenario.client_notify_cost,
             scenario.client_reply_cost,
             scenario.client_signal_cost,
+            scenario.server_statement_cost,
         ];
         if costs.iter().all(Duration::is_zero) {
             return None;
@@ -42,6 +47,7 @@ impl Host {
             notify_cost: scenario.client_notify_cost,
             reply_cost: scenario.client_reply_cost,
             signal_cost: scenario.client_signal_cost,
+            statement_cost: scenario.server_statement_cost,
         })
     }
 
@@ -53,7 +59,25 @@ impl Host {
             return ready;
         }
         let own = self.busy_until.get(p).copied().unwrap_or(Timestamp::ZERO);
-        let mut start = ready.max(own);
+        let done = self.on_a_core(ready.max(own), cost);
+        if let Some(own) = self.busy_until.get_mut(p) {
+            *own = done;
+        }
+        done
+    }
+
+    /// Books a statement's CPU at the server's backend that is ready to run it at `ready` (its
+    /// previous statement done): the time its CPU work is done.
+    pub(crate) fn run_statement(&mut self, ready: Timestamp) -> Timestamp {
+        if self.statement_cost.is_zero() {
+            return ready;
+        }
+        self.on_a_core(ready, self.statement_cost)
+    }
+
+    /// A job on the core free first, not before `ready`: the time it is done.
+    fn on_a_core(&mut self, ready: Timestamp, cost: Duration) -> Timestamp {
+        let mut start = ready;
         let core = self
             .cores
             .iter()
@@ -66,9 +90,6 @@ impl Host {
         let done = start + cost;
         if let Some(core) = core {
             self.cores[core] = done;
-        }
-        if let Some(own) = self.busy_until.get_mut(p) {
-            *own = done;
         }
         done
     }
@@ -117,6 +138,25 @@ mod tests {
         let later = Timestamp::from_micros(100_000);
         assert_eq!(h.run(0, later, cost), later + cost);
         assert_eq!(h.run(2, later, Duration::ZERO), later);
+    }
+
+    #[test]
+    fn statements_share_the_cores_with_the_clients() {
+        let mut s = Scenario {
+            processes: 2,
+            host_cores: 1,
+            client_notify_cost: Duration::from_millis(1),
+            server_statement_cost: Duration::from_millis(2),
+            ..Scenario::default()
+        };
+        let mut h = Host::of(&s).expect("a cost is set");
+        let t = Timestamp::from_micros(0);
+        assert_eq!(h.run(0, t, Duration::from_millis(1)), t + Duration::from_millis(1));
+        assert_eq!(h.run_statement(t), t + Duration::from_millis(3));
+        assert_eq!(h.run(1, t, Duration::from_millis(1)), t + Duration::from_millis(4));
+        s.host_cores = 0;
+        let mut h = Host::of(&s).expect("a cost is set");
+        assert_eq!(h.run_statement(t), t + Duration::from_millis(2));
     }
 
     #[test]

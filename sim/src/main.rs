@@ -367,6 +367,10 @@ struct ScenarioArgs {
     /// (a duration, 0s: instant).
     #[arg(long, value_name = "DURATION", value_parser = dur)]
     client_signal_cost: Option<Duration>,
+    /// Server backend CPU time per statement, on one of --host-cores when the server shares the
+    /// fleet's host, before the statement's latency (a duration, 0s: none).
+    #[arg(long, value_name = "DURATION", value_parser = dur)]
+    server_statement_cost: Option<Duration>,
     /// Cores the processes share for the client costs: k woken at once take ceil(k / cores)
     /// rounds (a count, 0: a core per process).
     #[arg(long, value_name = "N")]
@@ -505,6 +509,7 @@ impl ScenarioArgs {
             client_notify_cost,
             client_reply_cost,
             client_signal_cost,
+            server_statement_cost,
             host_cores,
             drift,
             terminate_permitted,

@@ -261,7 +261,11 @@ impl World {
                 let Some(c) = self.server.conns.get_mut(&session) else {
                     return;
                 };
-                let at = c.busy_until.max(now) + latency;
+                let mut ready = c.busy_until.max(now);
+                if let Some(host) = self.host.as_mut() {
+                    ready = host.run_statement(ready);
+                }
+                let at = ready + latency;
                 c.busy_until = at;
                 self.engine.schedule(at, Event::ServerCommit { p, session, request });
             }

@@ -495,6 +495,10 @@ pub struct Scenario {
     /// shutdown path (0: instant).
     #[serde(with = "dur")]
     pub client_signal_cost: Duration,
+    /// Server backend CPU time per statement, on one of the `host_cores` when the server shares
+    /// the fleet's host, before the statement's execution latency (0: none).
+    #[serde(with = "dur")]
+    pub server_statement_cost: Duration,
     /// Cores the fleet's processes share for the client costs above: k processes woken at once
     /// take ceil(k / cores) rounds (0: a core per process, no contention).
     pub host_cores: usize,
@@ -579,6 +583,7 @@ impl Default for Scenario {
             client_notify_cost: Duration::ZERO,
             client_reply_cost: Duration::ZERO,
             client_signal_cost: Duration::ZERO,
+            server_statement_cost: Duration::ZERO,
             host_cores: 0,
             drift: 0.0001,
             terminate_permitted: true,
@@ -695,8 +700,14 @@ impl Scenario {
             return invalid("an action names a process index beyond the fleet");
         }
         let second = Duration::from_secs(1);
-        if self.client_notify_cost > second || self.client_reply_cost > second || self.client_signal_cost > second {
-            return invalid("client costs must be at most 1s each");
+        let costs = [
+            self.client_notify_cost,
+            self.client_reply_cost,
+            self.client_signal_cost,
+            self.server_statement_cost,
+        ];
+        if costs.iter().any(|c| *c > second) {
+            return invalid("client and statement costs must be at most 1s each");
         }
         if self.host_cores > 100_000 {
             return invalid("host_cores must be within 0..=100000");
@@ -813,6 +824,11 @@ impl Scenario {
             "client-signal-cost",
             fd(self.client_signal_cost),
             fd(d.client_signal_cost),
+        );
+        flag(
+            "server-statement-cost",
+            fd(self.server_statement_cost),
+            fd(d.server_statement_cost),
         );
         flag("host-cores", self.host_cores.to_string(), d.host_cores.to_string());
         flag("drift", self.drift.to_string(), d.drift.to_string());

@@ -1,5 +1,5 @@
-//! The clients' CPU costs (`client_notify_cost`, `client_reply_cost`, `client_signal_cost`) and
-//! the cores they share (`host_cores`): k standbys woken at once on C cores send their attempts
+//! The clients' CPU costs (`client_notify_cost`, `client_reply_cost`, `client_signal_cost`), the
+//! server's (`server_statement_cost`) and the cores they share (`host_cores`): k standbys woken at once on C cores send their attempts
 //! ceil(i / C) costs after the notification, the signal delays the release by its cost, zero
 //! costs leave every run as it was, and runs with costs stay deterministic.
 
@@ -169,6 +169,7 @@ fn runs_with_costs_are_deterministic_and_differ_from_runs_without() {
         s.client_notify_cost = Duration::from_micros(700);
         s.client_reply_cost = Duration::from_micros(300);
         s.client_signal_cost = Duration::from_millis(2);
+        s.server_statement_cost = Duration::from_micros(200);
         s.host_cores = 2;
         let a = common::run_ok(&s, seed);
         let b = common::run_ok(&s, seed);
@@ -183,6 +184,7 @@ fn runs_with_costs_are_deterministic_and_differ_from_runs_without() {
             "--client-notify-cost 700us",
             "--client-reply-cost 300us",
             "--client-signal-cost 2ms",
+            "--server-statement-cost 200us",
             "--host-cores 2",
         ] {
             assert!(flags.contains(flag), "{flag} missing from {flags}");
