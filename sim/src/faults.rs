@@ -179,7 +179,7 @@ impl World {
                     FaultKind::Stop => match self.host.as_mut().filter(|h| !h.signal_cost.is_zero()) {
                         Some(host) => {
                             let cost = host.signal_cost;
-                            let done = host.run(p, now, cost);
+                            let done = host.wait(p, now, cost);
                             let inc = self.procs[p].incarnation();
                             self.engine.schedule(done, Event::Signal { p, inc });
                         }

@@ -1,5 +1,9 @@
-//! The clients' CPU: what a process spends handling a notification, a reply or a signal before
+//! The clients' costs: what a process spends handling a notification, a reply or a signal before
 //! the statement it causes leaves, and the cores the fleet's processes share.
+//!
+//! A notification, a reply and a statement take CPU time on one of the cores; a signal takes
+//! time of the process alone (its wake-up and shutdown path, measured as a latency), so it
+//! delays the process but holds no core.
 //!
 //! Arithmetic, not events: when the server sends a message, its arrival time is known (the
 //! one-way delay is constant), so the time its handling ends is computed there and the message
@@ -73,6 +77,20 @@ impl Host {
             return ready;
         }
         self.on_a_core(ready, self.statement_cost)
+    }
+
+    /// Process `p` waits `delay` on its own, on no core (a wake-up of its threads), once it is
+    /// ready at `ready` and done with its previous job: the time it is done.
+    pub(crate) fn wait(&mut self, p: usize, ready: Timestamp, delay: Duration) -> Timestamp {
+        if delay.is_zero() {
+            return ready;
+        }
+        let own = self.busy_until.get(p).copied().unwrap_or(Timestamp::ZERO);
+        let done = ready.max(own) + delay;
+        if let Some(own) = self.busy_until.get_mut(p) {
+            *own = done;
+        }
+        done
     }
 
     /// A job on the core free first, not before `ready`: the time it is done.
@@ -157,6 +175,17 @@ mod tests {
         s.host_cores = 0;
         let mut h = Host::of(&s).expect("a cost is set");
         assert_eq!(h.run_statement(t), t + Duration::from_millis(2));
+    }
+
+    #[test]
+    fn a_wait_holds_the_process_but_no_core() {
+        let mut h = host(1, 2);
+        let t = Timestamp::from_micros(0);
+        let ms = Duration::from_millis;
+        assert_eq!(h.wait(0, t, ms(5)), t + ms(5));
+        // The other process has the one core at once; process 0 queues behind its own wait.
+        assert_eq!(h.run(1, t, ms(1)), t + ms(1));
+        assert_eq!(h.run(0, t, ms(1)), t + ms(6));
     }
 
     #[test]

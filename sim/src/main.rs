@@ -363,8 +363,8 @@ struct ScenarioArgs {
     /// --host-cores (a duration, 0s: instant).
     #[arg(long, value_name = "DURATION", value_parser = dur)]
     client_reply_cost: Option<Duration>,
-    /// Time from SIGTERM to a process's first statement of its release, on one of --host-cores
-    /// (a duration, 0s: instant).
+    /// Time from SIGTERM to a process's first statement of its release, the process's own (a
+    /// duration, 0s: instant).
     #[arg(long, value_name = "DURATION", value_parser = dur)]
     client_signal_cost: Option<Duration>,
     /// Server backend CPU time per statement, on one of --host-cores when the server shares the

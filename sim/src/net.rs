@@ -497,13 +497,12 @@ impl World {
         }
         let mut at = (now + self.scenario.net_delay).max(link.to_client_last);
         if let Some(host) = self.host.as_mut() {
-            // The process's session sees the message once it has handled it.
-            let cost = match msg {
-                ServerMsg::Notify { .. } => host.notify_cost,
-                ServerMsg::Reply { .. } => host.reply_cost,
-                _ => Duration::ZERO,
+            // The process's session sees the message once it has handled it, on a core.
+            at = match msg {
+                ServerMsg::Notify { .. } => host.run(p, at, host.notify_cost),
+                ServerMsg::Reply { .. } => host.run(p, at, host.reply_cost),
+                _ => at,
             };
-            at = host.run(p, at, cost);
         }
         link.to_client_last = at;
         let epoch = link.epoch;

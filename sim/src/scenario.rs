@@ -487,12 +487,13 @@ pub struct Scenario {
     /// `host_cores`.
     #[serde(with = "dur")]
     pub client_notify_cost: Duration,
-    /// Client CPU time to handle one reply, from its arrival to the next statement leaving (or
-    /// the event it reports) (0: instant).
+    /// Client CPU time to handle one reply (and to send the statement before it), from its
+    /// arrival to the next statement leaving or the event it reports, on one of the
+    /// `host_cores` (0: instant).
     #[serde(with = "dur")]
     pub client_reply_cost: Duration,
     /// Time from SIGTERM to the process's first statement of its release: the wake-up and the
-    /// shutdown path (0: instant).
+    /// shutdown path, the process's own (it holds none of the `host_cores`) (0: instant).
     #[serde(with = "dur")]
     pub client_signal_cost: Duration,
     /// Server backend CPU time per statement, on one of the `host_cores` when the server shares
