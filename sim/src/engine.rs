@@ -88,6 +88,11 @@ pub(crate) enum Event {
     PublishCommit {
         id: u64,
     },
+    /// A process has handled the terminate signal (after `client_signal_cost`): it releases.
+    Signal {
+        p: usize,
+        inc: u32,
+    },
 }
 
 impl Event {
@@ -113,6 +118,7 @@ impl Event {
             Event::Failover { .. } => 19,
             Event::Promote { .. } => 20,
             Event::OldPrimaryDown { .. } => 21,
+            Event::Signal { .. } => 22,
         }
     }
 }
@@ -371,6 +377,11 @@ impl World {
             Event::OldPrimaryDown { index } => self.old_primary_down(index),
             Event::Publish => self.publish(),
             Event::PublishCommit { id } => self.publish_commit(id),
+            Event::Signal { p, inc } => {
+                if self.procs[p].runs(inc) {
+                    self.stop_process(p);
+                }
+            }
         }
     }
 }

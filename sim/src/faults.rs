@@ -176,7 +176,15 @@ impl World {
                     return;
                 }
                 match kind {
-                    FaultKind::Stop => self.stop_process(p),
+                    FaultKind::Stop => match self.host.as_mut().filter(|h| !h.signal_cost.is_zero()) {
+                        Some(host) => {
+                            let cost = host.signal_cost;
+                            let done = host.wait(p, now, cost);
+                            let inc = self.procs[p].incarnation();
+                            self.engine.schedule(done, Event::Signal { p, inc });
+                        }
+                        None => self.stop_process(p),
+                    },
                     FaultKind::Crash => self.crash(p),
                     FaultKind::Cut => self.cut(p, Some(self.scenario.cut_duration)),
                     FaultKind::Terminate => self.terminate(p),

@@ -29,6 +29,7 @@ pub mod db;
 mod engine;
 pub mod explore;
 mod faults;
+mod host;
 mod indexed_heap;
 pub mod metrics;
 mod net;

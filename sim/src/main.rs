@@ -377,6 +377,26 @@ struct ScenarioArgs {
     /// After a crash, time until the server sees the connection end (a duration).
     #[arg(long, value_name = "DURATION", value_parser = dur)]
     crash_close_delay: Option<Duration>,
+    /// Client CPU time per notification heard, from its arrival to the statement it causes
+    /// leaving, on one of --host-cores (a duration, 0s: instant).
+    #[arg(long, value_name = "DURATION", value_parser = dur)]
+    client_notify_cost: Option<Duration>,
+    /// Client CPU time per reply, from its arrival to the next statement leaving, on one of
+    /// --host-cores (a duration, 0s: instant).
+    #[arg(long, value_name = "DURATION", value_parser = dur)]
+    client_reply_cost: Option<Duration>,
+    /// Time from SIGTERM to a process's first statement of its release, the process's own (a
+    /// duration, 0s: instant).
+    #[arg(long, value_name = "DURATION", value_parser = dur)]
+    client_signal_cost: Option<Duration>,
+    /// Server backend CPU time per statement, on one of --host-cores when the server shares the
+    /// fleet's host, before the statement's latency (a duration, 0s: none).
+    #[arg(long, value_name = "DURATION", value_parser = dur)]
+    server_statement_cost: Option<Duration>,
+    /// Cores the processes share for the client costs: k woken at once take ceil(k / cores)
+    /// rounds (a count, 0: a core per process).
+    #[arg(long, value_name = "N")]
+    host_cores: Option<usize>,
     /// Clock rate drift bound: each process's clock runs at a rate drawn in 1 +/- drift (a
     /// fraction).
     #[arg(long, value_name = "FRACTION")]
@@ -545,6 +565,11 @@ impl ScenarioArgs {
             connect_timeout,
             setup_timeout,
             crash_close_delay,
+            client_notify_cost,
+            client_reply_cost,
+            client_signal_cost,
+            server_statement_cost,
+            host_cores,
             drift,
             terminate_permitted,
             cut_duration,

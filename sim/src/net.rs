@@ -261,7 +261,11 @@ impl World {
                 let Some(c) = self.server.conns.get_mut(&session) else {
                     return;
                 };
-                let at = c.busy_until.max(now) + latency;
+                let mut ready = c.busy_until.max(now);
+                if let Some(host) = self.host.as_mut() {
+                    ready = host.run_statement(ready);
+                }
+                let at = ready + latency;
                 c.busy_until = at;
                 self.engine.schedule(at, Event::ServerCommit { p, session, request });
             }
@@ -505,7 +509,15 @@ impl World {
         if link.cut {
             return;
         }
-        let at = (now + self.scenario.net_delay).max(link.to_client_last);
+        let mut at = (now + self.scenario.net_delay).max(link.to_client_last);
+        if let Some(host) = self.host.as_mut() {
+            // The process's session sees the message once it has handled it, on a core.
+            at = match msg {
+                ServerMsg::Notify { .. } => host.run(p, at, host.notify_cost),
+                ServerMsg::Reply { .. } => host.run(p, at, host.reply_cost),
+                _ => at,
+            };
+        }
         link.to_client_last = at;
         let epoch = link.epoch;
         self.engine.schedule(

@@ -491,6 +491,27 @@ pub struct Scenario {
     /// After a crash, time until the server sees the connection end (the OS closes the socket).
     #[serde(with = "dur")]
     pub crash_close_delay: Duration,
+    /// Client CPU time to handle one notification: from its arrival to the statement it causes
+    /// leaving (0: instant). Every notification a process hears costs it this, on one of the
+    /// `host_cores`.
+    #[serde(with = "dur")]
+    pub client_notify_cost: Duration,
+    /// Client CPU time to handle one reply (and to send the statement before it), from its
+    /// arrival to the next statement leaving or the event it reports, on one of the
+    /// `host_cores` (0: instant).
+    #[serde(with = "dur")]
+    pub client_reply_cost: Duration,
+    /// Time from SIGTERM to the process's first statement of its release: the wake-up and the
+    /// shutdown path, the process's own (it holds none of the `host_cores`) (0: instant).
+    #[serde(with = "dur")]
+    pub client_signal_cost: Duration,
+    /// Server backend CPU time per statement, on one of the `host_cores` when the server shares
+    /// the fleet's host, before the statement's execution latency (0: none).
+    #[serde(with = "dur")]
+    pub server_statement_cost: Duration,
+    /// Cores the fleet's processes share for the client costs above: k processes woken at once
+    /// take ceil(k / cores) rounds (0: a core per process, no contention).
+    pub host_cores: usize,
     /// Clock rate drift bound: every process's clock runs at a rate drawn in `1 ± drift`.
     pub drift: f64,
     /// Whether lock sessions may `pg_terminate_backend` each other.
@@ -574,6 +595,11 @@ impl Default for Scenario {
             connect_timeout: Duration::from_secs(5),
             setup_timeout: Duration::from_secs(5),
             crash_close_delay: Duration::from_millis(1),
+            client_notify_cost: Duration::ZERO,
+            client_reply_cost: Duration::ZERO,
+            client_signal_cost: Duration::ZERO,
+            server_statement_cost: Duration::ZERO,
+            host_cores: 0,
             drift: 0.0001,
             terminate_permitted: true,
             fault_rates: FaultRates {
@@ -693,6 +719,19 @@ impl Scenario {
         {
             return invalid("an action names a process index beyond the fleet");
         }
+        let second = Duration::from_secs(1);
+        let costs = [
+            self.client_notify_cost,
+            self.client_reply_cost,
+            self.client_signal_cost,
+            self.server_statement_cost,
+        ];
+        if costs.iter().any(|c| *c > second) {
+            return invalid("client and statement costs must be at most 1s each");
+        }
+        if self.host_cores > 100_000 {
+            return invalid("host_cores must be within 0..=100000");
+        }
         if self.max_steps == 0 {
             return invalid("max_steps must be positive");
         }
@@ -796,6 +835,23 @@ impl Scenario {
         flag("connect-timeout", fd(self.connect_timeout), fd(d.connect_timeout));
         flag("setup-timeout", fd(self.setup_timeout), fd(d.setup_timeout));
         flag("crash-close-delay", fd(self.crash_close_delay), fd(d.crash_close_delay));
+        flag(
+            "client-notify-cost",
+            fd(self.client_notify_cost),
+            fd(d.client_notify_cost),
+        );
+        flag("client-reply-cost", fd(self.client_reply_cost), fd(d.client_reply_cost));
+        flag(
+            "client-signal-cost",
+            fd(self.client_signal_cost),
+            fd(d.client_signal_cost),
+        );
+        flag(
+            "server-statement-cost",
+            fd(self.server_statement_cost),
+            fd(d.server_statement_cost),
+        );
+        flag("host-cores", self.host_cores.to_string(), d.host_cores.to_string());
         flag("drift", self.drift.to_string(), d.drift.to_string());
         flag(
             "terminate-permitted",

@@ -24,6 +24,7 @@ use crate::checkers::Checkers;
 use crate::db::SimDb;
 use crate::engine::{Engine, Event};
 use crate::faults::Faults;
+use crate::host::Host;
 use crate::metrics::{Metrics, Report};
 use crate::net::{Link, Server};
 use crate::process::{session_config, Proc};
@@ -145,6 +146,8 @@ pub struct World {
     /// Per process, its link to the server.
     pub(crate) links: Vec<Link>,
     pub(crate) server: Server,
+    /// The clients' CPU, when the scenario gives them costs.
+    pub(crate) host: Option<Host>,
     pub(crate) faults: Faults,
     pub(crate) checkers: Checkers,
     pub(crate) metrics: Metrics,
@@ -197,6 +200,7 @@ impl World {
             alive_count: 0,
             links,
             server,
+            host: Host::of(&scenario),
             faults,
             checkers,
             metrics,

@@ -6,21 +6,39 @@
 //! - crash failover latency: SIGKILL to the holder → the next `acquired`;
 //! - idle load: statements per second at the server for the 10 processes over 20 s.
 //!
-//! The simulator's latency model is set from the cluster's measured loopback round trip and
-//! lock-statement time. Prints a markdown table on stdout, progress on stderr.
+//! The simulator's model is set from what is measured on the same machine first, not fitted:
+//!
+//! - the loopback round trip (`SELECT 1`) and a lock statement's time at the server;
+//! - the CPU costs, from the scheduler's accounting (`/proc/<pid>/task/*/schedstat`, every
+//!   thread) of Classic standbys and of their backends while our own session commits `NOTIFY`
+//!   on their channels: a drain marker they ignore (the host CPU of one notification,
+//!   `client_notify_cost`) and a `'1'`, which each answers with an attempt (the rest of the
+//!   backend's cycle is `server_statement_cost`, the rest of the process's `client_reply_cost`);
+//! - the latencies, from the workers' own trace log (`pgiplock::driver=trace`, wall-clock
+//!   timestamps in microseconds, one clock for every process of the host): a lone worker's
+//!   SIGTERM → drain statement (`client_signal_cost`), its drain → release statement against
+//!   the model, and the attempts of one and of nine standbys woken at once, rank by rank,
+//!   against ceil(i / cores) × the CPU of a wake-up (`host_cores` = the machine's cores);
+//! - `pg_stat_statements` per lock statement during the fleet runs.
+//!
+//! Then it prints a markdown table of sim, real and sim / real per row on stdout, progress on
+//! stderr. The simulator's latencies come from its recorded events, to the microsecond.
 //!
 //! ```text
 //! cargo build --release -p pgiplock-cli
 //! cargo run --release -p pgiplock-tests --bin calibrate
 //! ```
 //!
-//! Env `CALIBRATE_REPEAT` (default 5): handovers and crashes per protocol in the real fleet.
+//! Env `CALIBRATE_REPEAT` (default 20): handovers and crashes per protocol in the real fleet;
+//! `CALIBRATE_TRIALS` (default 30): trials of each client-cost measurement;
+//! `CALIBRATE_PARAMS_ONLY=1`: measure and print the parameters only.
 
 use std::time::Duration;
 
 use pgiplock::LockOptions;
+use pgiplock_core::LockEvent;
 use pgiplock_core::{ChannelName, DbOp, FenceToken, Protocol, SchemaName};
-use pgiplock_sim::{FaultKind, FaultRates, FaultSpec, Scenario};
+use pgiplock_sim::{FaultKind, FaultRates, FaultSpec, Observed, Scenario, World};
 use pgiplock_testkit::cluster::TempCluster;
 use pgiplock_testkit::sql::{bootstrap, execute, Target};
 use pgiplock_tests::{ms, now_us, unique_channel, EventKind, Fleet, WorkerOpts, PROTOCOLS};
@@ -232,9 +250,400 @@ struct Measured {
     idle: Vec<f64>,
 }
 
+// ----- client costs, measured on the real workers -----
+
+/// The client costs of the simulator's model, as measured (medians).
+#[derive(Debug, Clone)]
+struct Costs {
+    /// A woken standby's process: CPU time per notification (and the attempt it makes).
+    notify: Duration,
+    /// A woken standby's backend: CPU time per statement (and the notification it delivers).
+    statement: Duration,
+    /// Per protocol (Classic, Lease): the drain's reply → the release statement leaving.
+    reply: [Duration; 2],
+    /// Per protocol: SIGTERM → the drain statement leaving.
+    signal: [Duration; 2],
+    /// The machine's cores.
+    cores: usize,
+    /// What the table's notes print: one line per measured quantity.
+    lines: Vec<String>,
+}
+
+impl Costs {
+    fn slot(protocol: Protocol) -> usize {
+        usize::from(protocol == Protocol::Lease)
+    }
+    fn reply_of(&self, protocol: Protocol) -> Duration {
+        self.reply[Costs::slot(protocol)]
+    }
+    fn signal_of(&self, protocol: Protocol) -> Duration {
+        self.signal[Costs::slot(protocol)]
+    }
+}
+
+/// What the worker's trace log says, with its wall-clock time in microseconds.
+#[derive(Debug, Clone, PartialEq)]
+enum LogKind {
+    /// The session handed a statement to the connection (`request op="..."`).
+    Request(String),
+    Stopping,
+    Drained,
+    Released,
+    Acquired,
+}
+
+/// The lines of a worker's stderr that the measurements use. The log format is
+/// tracing-subscriber's: `2026-12-02T06:19:08.610263Z TRACE pgiplock::driver: request op="drain"`.
+fn log_events(stderr: &str) -> Vec<(i64, LogKind)> {
+    let mut out = Vec::new();
+    for line in stderr.lines() {
+        let Some((stamp, rest)) = line.split_once(' ') else {
+            continue;
+        };
+        let Ok(t) = humantime::parse_rfc3339(stamp) else {
+            continue;
+        };
+        let Ok(since) = t.duration_since(std::time::UNIX_EPOCH) else {
+            continue;
+        };
+        let t_us = i64::try_from(since.as_micros()).unwrap_or(i64::MAX);
+        let Some((_, message)) = rest.split_once(": ") else {
+            continue;
+        };
+        let kind = if let Some(op) = message.strip_prefix("request op=") {
+            LogKind::Request(op.trim_matches('"').to_owned())
+        } else if message.starts_with("worker stopping") {
+            LogKind::Stopping
+        } else if message.starts_with("lock drained") {
+            LogKind::Drained
+        } else if message.starts_with("lock released") {
+            LogKind::Released
+        } else if message.starts_with("lock acquired") {
+            LogKind::Acquired
+        } else {
+            continue;
+        };
+        out.push((t_us, kind));
+    }
+    out
+}
+
+/// The first event `want` at or after `from_us`.
+fn first_after(events: &[(i64, LogKind)], from_us: i64, want: &LogKind) -> Option<i64> {
+    events.iter().find(|(t, k)| *t >= from_us && k == want).map(|(t, _)| *t)
+}
+
+fn us(d_us: i64) -> Duration {
+    Duration::from_micros(u64::try_from(d_us).unwrap_or(0))
+}
+
+/// `median [p10–p90] (n)` in milliseconds, to the microsecond.
+fn spread(samples: &[Duration]) -> String {
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    format!(
+        "{:.3} ms [p10 {:.3} – p90 {:.3}] (n={})",
+        ms(percentile(samples, 0.5)),
+        ms(percentile(samples, 0.1)),
+        ms(percentile(samples, 0.9)),
+        samples.len()
+    )
+}
+
+/// The log filter of the measuring workers: the driver's statements at trace level.
+const MEASURE_LOG: &str = "pgiplock=info,pgiplock::driver=trace";
+
+/// A lone worker, `trials` times: SIGTERM → drain statement, drain statement → release
+/// statement (one reply handled in between), with nobody else woken.
+async fn measure_lone(cluster: &TempCluster, protocol: Protocol, trials: usize) -> (Vec<Duration>, Vec<Duration>) {
+    let mut signal = Vec::new();
+    let mut drain_round = Vec::new();
+    let mut opts =
+        WorkerOpts::new(&cluster.url(), &unique_channel(), None, protocol).acquire_interval(ACQUIRE_INTERVAL);
+    if protocol == Protocol::Lease {
+        opts = opts.lease_ttl(LEASE_TTL);
+    }
+    for _ in 0..trials {
+        let mut fleet = Fleet::new(opts.clone());
+        fleet.spawn();
+        fleet.wait_holder(WAIT).await;
+        // Idle, as a holder is when its signal comes.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let t0 = now_us();
+        fleet.worker(0).terminate();
+        fleet.wait_exit(0, WAIT).await;
+        let log = log_events(&fleet.worker(0).stderr());
+        let drain = first_after(&log, t0, &LogKind::Request("drain".to_owned()));
+        let release = drain.and_then(|d| first_after(&log, d, &LogKind::Request("release".to_owned())));
+        if let (Some(d), Some(r)) = (drain, release) {
+            signal.push(us(d - t0));
+            drain_round.push(us(r - d));
+        }
+    }
+    (signal, drain_round)
+}
+
+/// CPU time process `pid` has run so far, all its threads (`/proc/<pid>/task/*/schedstat`, the
+/// scheduler's nanoseconds on a CPU); `None` off Linux or once it is gone.
+fn cpu_time(pid: i32) -> Option<Duration> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut ns = 0u64;
+    for task in tasks.flatten() {
+        let text = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
+        ns += text
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Some(Duration::from_nanos(ns))
+}
+
+/// What one woken standby cost, per trial: its latencies and the CPU time of its process and of
+/// its server backend.
+struct Fanout {
+    /// Per trial, the standbys' latencies from the commit to their attempt, sorted.
+    latencies: Vec<Vec<Duration>>,
+    /// Per standby, its process's CPU time per trial.
+    client_cpu: Vec<Duration>,
+    /// Per standby, its backend's CPU time per trial.
+    server_cpu: Vec<Duration>,
+    /// The same two per notification that causes no statement (a drain marker from our session,
+    /// which every standby ignores).
+    client_cpu_quiet: Vec<Duration>,
+    server_cpu_quiet: Vec<Duration>,
+}
+
+/// A Classic fleet of one holder and `standbys` standbys (retrying only every minute); `trials`
+/// times our own session commits `NOTIFY` `'1'` on the lock channel, which every standby takes
+/// for a release and answers with an attempt. Per trial, the standbys' latencies from the
+/// commit (our reply less a one-way delay) to their attempt leaving, sorted.
+async fn measure_fanout(
+    cluster: &TempCluster,
+    standbys: usize,
+    trials: usize,
+    rtt: Duration,
+) -> Result<Fanout, BoxError> {
+    let channel = unique_channel();
+    let opts =
+        WorkerOpts::new(&cluster.url(), &channel, None, Protocol::Classic).acquire_interval(Duration::from_secs(60));
+    let mut fleet = Fleet::new(opts);
+    for _ in 0..=standbys {
+        fleet.spawn();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    fleet.wait_all_ready(WAIT).await;
+    let (holder, _, _) = fleet.wait_holder(WAIT).await;
+    // Every standby's first attempt is over; the next comes in a minute.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let client = connect(&cluster.config()).await?;
+    // Each standby's process and its backend (by the application name it reported).
+    let mut pids = Vec::new();
+    for w in (0..=standbys).filter(|w| *w != holder) {
+        let app = fleet.wait_ready(w, WAIT).await;
+        let backend: i32 = client
+            .query_one("SELECT pid FROM pg_stat_activity WHERE application_name = $1", &[&app])
+            .await?
+            .get(0);
+        pids.push((fleet.worker(w).pid, backend));
+    }
+    let cpu = |pids: &[(i32, i32)]| -> Vec<(Option<Duration>, Option<Duration>)> {
+        pids.iter().map(|(w, b)| (cpu_time(*w), cpu_time(*b))).collect()
+    };
+    let cpu_before = cpu(&pids);
+    let lock_channel = ChannelName::new(&channel)?.lock_channel().to_owned();
+    let sql = format!("NOTIFY \"{lock_channel}\", '1'");
+    let one_way = i64::try_from(rtt.as_micros() / 2).unwrap_or(0);
+    let mut commits = Vec::new();
+    for _ in 0..trials {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        // The statement reaches the server one way later; its reply may come back to us after
+        // the standbys (we compete for the same cores), so the reference is the sending.
+        commits.push(now_us() + one_way);
+        client.batch_execute(&sql).await?;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let cpu_after = cpu(&pids);
+    let per_trial = |before: Option<Duration>, after: Option<Duration>| {
+        after
+            .zip(before)
+            .map(|(a, b)| a.saturating_sub(b) / u32::try_from(trials.max(1)).unwrap_or(1))
+    };
+    let deltas = |before: &[(Option<Duration>, Option<Duration>)], after: &[(Option<Duration>, Option<Duration>)]| {
+        let client: Vec<Duration> = before
+            .iter()
+            .zip(after)
+            .filter_map(|(b, a)| per_trial(b.0, a.0))
+            .collect();
+        let server: Vec<Duration> = before
+            .iter()
+            .zip(after)
+            .filter_map(|(b, a)| per_trial(b.1, a.1))
+            .collect();
+        (client, server)
+    };
+    let (client_cpu, server_cpu) = deltas(&cpu_before, &cpu_after);
+    // The same number of notifications that cause nothing: a foreign drain marker.
+    let drain_channel = ChannelName::new(&channel)?.drain_channel().to_owned();
+    let quiet_sql = format!("NOTIFY \"{drain_channel}\", 'draining'");
+    let quiet_before = cpu(&pids);
+    for _ in 0..trials {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        client.batch_execute(&quiet_sql).await?;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (client_cpu_quiet, server_cpu_quiet) = deltas(&quiet_before, &cpu(&pids));
+    let logs: Vec<Vec<(i64, LogKind)>> = (0..=standbys)
+        .filter(|w| *w != holder)
+        .map(|w| log_events(&fleet.worker(w).stderr()))
+        .collect();
+    let acquire = LogKind::Request("acquire".to_owned());
+    let mut out = Vec::new();
+    for &commit in &commits {
+        let mut latencies: Vec<Duration> = logs
+            .iter()
+            .filter_map(|log| first_after(log, commit - one_way, &acquire).filter(|t| t - commit < 200_000))
+            .map(|t| us(t - commit))
+            .collect();
+        if latencies.len() == standbys {
+            latencies.sort();
+            out.push(latencies);
+        }
+    }
+    fleet.shutdown(WAIT).await;
+    Ok(Fanout {
+        latencies: out,
+        client_cpu,
+        server_cpu,
+        client_cpu_quiet,
+        server_cpu_quiet,
+    })
+}
+
+/// Measures the client costs (see the module's doc).
+async fn measure_costs(cluster: &TempCluster, latency: &Latency, trials: usize) -> Result<Costs, BoxError> {
+    // The measuring workers log their statements; the fleets of the table do not.
+    std::env::set_var("PGIPLOCK_TEST_LOG", MEASURE_LOG);
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let mut lines = Vec::new();
+    let mut signal = [Duration::ZERO; 2];
+    let mut reply = [Duration::ZERO; 2];
+    progress(&format!("classic: one standby woken {trials} times"));
+    let one = measure_fanout(cluster, 1, trials, latency.rtt).await?;
+    let single: Vec<Duration> = one.latencies.iter().map(|l| l[0]).collect();
+    progress(&format!("classic: nine standbys woken {trials} times"));
+    let nine = measure_fanout(cluster, 9, trials, latency.rtt).await?;
+    let all = |f: fn(&Fanout) -> &Vec<Duration>| -> Vec<Duration> { f(&one).iter().chain(f(&nine)).copied().collect() };
+    let client_cycle = all(|f| &f.client_cpu);
+    let server_cycle = all(|f| &f.server_cpu);
+    let client_quiet = all(|f| &f.client_cpu_quiet);
+    let server_quiet = all(|f| &f.server_cpu_quiet);
+    // A notification costs the host its delivery by the backend and its handling by the
+    // process; the attempt it causes costs the backend the rest of the cycle.
+    let notify_samples: Vec<Duration> = client_quiet.iter().zip(&server_quiet).map(|(c, b)| *c + *b).collect();
+    let statement_samples: Vec<Duration> = server_cycle
+        .iter()
+        .zip(&server_quiet)
+        .map(|(cycle, quiet)| cycle.saturating_sub(*quiet))
+        .collect();
+    let reply_cpu: Vec<Duration> = client_cycle
+        .iter()
+        .zip(&client_quiet)
+        .map(|(cycle, quiet)| cycle.saturating_sub(*quiet))
+        .collect();
+    let notify = percentile(&notify_samples, 0.5);
+    let statement = percentile(&statement_samples, 0.5);
+    lines.push(format!(
+        "classic: CPU time per standby and wake-up (schedstat of every thread; per standby, over {trials} wake-ups): \
+         an ignored notification: process {}, backend {}, together (client_notify_cost) {}",
+        spread(&client_quiet),
+        spread(&server_quiet),
+        spread(&notify_samples)
+    ));
+    lines.push(format!(
+        "classic: a notification answered with an attempt: process {}, backend {}; the attempt's statement at the backend (server_statement_cost) {}; its reply at the process {}",
+        spread(&client_cycle),
+        spread(&server_cycle),
+        spread(&statement_samples),
+        spread(&reply_cpu)
+    ));
+    lines.push(format!(
+        "classic: notification → the one woken standby's attempt {}",
+        spread(&single)
+    ));
+    let per_wake = notify + statement;
+    let mut ranks = Vec::new();
+    for i in 0..9 {
+        let at_rank: Vec<Duration> = nine.latencies.iter().map(|l| l[i]).collect();
+        // All the work of the standbys woken before it, on `cores`: ceil(i / cores) wake-ups.
+        let model = per_wake * ((i as u32 + 1).div_ceil(cores as u32));
+        ranks.push(format!(
+            "{}: {:.2} ({:.2})",
+            i + 1,
+            percentile(&at_rank, 0.5).as_secs_f64() * 1000.0,
+            model.as_secs_f64() * 1000.0
+        ));
+    }
+    lines.push(format!(
+        "classic: nine standbys woken at once on {cores} cores, median ms of the i-th attempt over {} trials \
+         (in brackets ceil(i / cores) × (client_notify_cost + server_statement_cost)): {}",
+        nine.latencies.len(),
+        ranks.join(", ")
+    ));
+    // A lone worker: its signal's latency, and its drain round trip against what the model
+    // makes of it (round trip, the statement's CPU and execution, the reply's CPU).
+    let reply_cost = percentile(&reply_cpu, 0.5);
+    let round = latency.rtt + statement + latency.query_mean + reply_cost;
+    for protocol in PROTOCOLS {
+        progress(&format!("{protocol}: a lone worker stopped {trials} times"));
+        let (signals, rounds) = measure_lone(cluster, protocol, trials).await;
+        signal[Costs::slot(protocol)] = percentile(&signals, 0.5);
+        reply[Costs::slot(protocol)] = reply_cost;
+        lines.push(format!(
+            "{protocol}: a lone worker, SIGTERM → drain statement (client_signal_cost) {}",
+            spread(&signals)
+        ));
+        lines.push(format!(
+            "{protocol}: a lone worker, drain statement → release statement {} (the model: round trip + statement CPU + execution + reply CPU = {:.3} ms)",
+            spread(&rounds),
+            round.as_secs_f64() * 1000.0
+        ));
+    }
+    std::env::remove_var("PGIPLOCK_TEST_LOG");
+    Ok(Costs {
+        notify,
+        statement,
+        reply,
+        signal,
+        cores,
+        lines,
+    })
+}
+
+/// `pg_stat_statements` of the lock statements since the last reset: calls and server time.
+async fn statement_times(cluster: &TempCluster) -> Result<Vec<String>, BoxError> {
+    let client = connect(&cluster.config()).await?;
+    let rows = client
+        .query(
+            "SELECT left(regexp_replace(query, '\\s+', ' ', 'g'), 60), calls, mean_exec_time, min_exec_time, max_exec_time \
+             FROM pg_stat_statements WHERE query ~* 'pgip_?lock' AND query !~* 'pg_stat_statements' AND calls >= 5 \
+             ORDER BY calls DESC LIMIT 12",
+            &[],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let query: String = r.get(0);
+            let calls: i64 = r.get(1);
+            let (mean, min, max): (f64, f64, f64) = (r.get(2), r.get(3), r.get(4));
+            format!("`{query}…` calls {calls}, server time mean {mean:.3} ms [{min:.3}–{max:.3}]")
+        })
+        .collect())
+}
+
 // ----- simulator -----
 
-fn sim_scenario(protocol: Protocol, latency: &Latency) -> Result<Scenario, BoxError> {
+fn sim_scenario(protocol: Protocol, latency: &Latency, costs: &Costs) -> Result<Scenario, BoxError> {
     let mut options = LockOptions::new().protocol(protocol).acquire_interval(ACQUIRE_INTERVAL);
     if protocol == Protocol::Lease {
         options = options.lease_ttl(LEASE_TTL);
@@ -258,14 +667,42 @@ fn sim_scenario(protocol: Protocol, latency: &Latency) -> Result<Scenario, BoxEr
     s.query_min = latency.query_min;
     s.query_mean = latency.query_mean;
     s.query_max = s.query_max.max(latency.query_mean);
+    s.client_notify_cost = costs.notify;
+    s.client_reply_cost = costs.reply_of(protocol);
+    s.client_signal_cost = costs.signal_of(protocol);
+    s.server_statement_cost = costs.statement;
+    s.host_cores = costs.cores;
     s.warmup = Duration::from_secs(10);
     s.duration = s.warmup + IDLE_WINDOW;
     s.validate()?;
     Ok(s)
 }
 
-fn simulate(protocol: Protocol, latency: &Latency) -> Result<Measured, BoxError> {
-    let base = sim_scenario(protocol, latency)?;
+/// The time from the fault to the first acquisition after it, from the recorded events (the
+/// report rounds to milliseconds).
+fn sim_failover(s: &Scenario, seed: u64, fault_at: Duration) -> Result<Option<Duration>, BoxError> {
+    let mut world = World::new(s.clone(), seed)?;
+    world.record();
+    world.finish()?;
+    let at = pgiplock_core::Timestamp::ZERO + fault_at;
+    Ok(world
+        .observations()
+        .iter()
+        .find(|o| {
+            o.at >= at
+                && matches!(
+                    o.event,
+                    Observed::Lock {
+                        lock: 0,
+                        event: LockEvent::Acquired { .. }
+                    }
+                )
+        })
+        .map(|o| o.at.saturating_duration_since(at)))
+}
+
+fn simulate(protocol: Protocol, latency: &Latency, costs: &Costs) -> Result<Measured, BoxError> {
+    let base = sim_scenario(protocol, latency, costs)?;
     let mut out = Measured {
         handover: Vec::new(),
         crash: Vec::new(),
@@ -277,16 +714,16 @@ fn simulate(protocol: Protocol, latency: &Latency) -> Result<Measured, BoxError>
         for (kind, samples) in [(FaultKind::Stop, &mut out.handover), (FaultKind::Crash, &mut out.crash)] {
             let mut s = base.clone();
             // One fault on the holder, well after the start, with time to fail over.
+            let at = Duration::from_secs(12);
             s.faults = vec![FaultSpec {
-                at: Duration::from_secs(12),
+                at,
                 kind,
                 process: None,
             }];
             s.duration = Duration::from_secs(20);
-            let report = pgiplock_sim::run(&s, seed)?;
-            match report.failover.get(kind.as_str()) {
-                Some(stats) if stats.count > 0 => samples.push(Duration::from_secs_f64(stats.p50_s)),
-                _ => progress(&format!("sim {protocol} seed {seed}: no failover after {kind}")),
+            match sim_failover(&s, seed, at)? {
+                Some(latency) => samples.push(latency),
+                None => progress(&format!("sim {protocol} seed {seed}: no failover after {kind}")),
             }
         }
     }
@@ -400,53 +837,107 @@ async fn measure_real(
     })
 }
 
+fn env_count(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// The ratio of two medians, as the table prints it.
+fn ratio(sim: &[Duration], real: &[Duration]) -> String {
+    let (s, r) = (percentile(sim, 0.5), percentile(real, 0.5));
+    if sim.is_empty() || real.is_empty() || r.is_zero() {
+        return "—".to_owned();
+    }
+    format!("{:.2}", s.as_secs_f64() / r.as_secs_f64())
+}
+
+fn rate_ratio(sim: &[f64], real: &[f64]) -> String {
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v.get((v.len().max(1) - 1) / 2).copied()
+    };
+    match (median(sim), median(real)) {
+        (Some(s), Some(r)) if r > 0.0 => format!("{:.2}", s / r),
+        _ => "—".to_owned(),
+    }
+}
+
 async fn calibrate(cluster: &TempCluster) -> Result<String, BoxError> {
-    let repeat = std::env::var("CALIBRATE_REPEAT")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5usize);
+    let repeat = env_count("CALIBRATE_REPEAT", 20);
+    let trials = env_count("CALIBRATE_TRIALS", 30);
     let counter = enable_statement_counting(cluster).await;
     let latency = measure_latency(cluster).await?;
     progress(&format!(
         "loopback: SELECT 1 round trip {:?}; lock statement server time p10 {:?}, median {:?}",
         latency.rtt, latency.query_min, latency.query_mean
     ));
-    let mut rows = Vec::new();
-    for protocol in PROTOCOLS {
-        progress(&format!("{protocol}: simulating {SIM_SEEDS} seeds"));
-        let sim = simulate(protocol, &latency)?;
-        progress(&format!("{protocol}: real fleet of {PROCESSES} workers"));
-        let real = measure_real(cluster, &counter, protocol, repeat).await?;
-        rows.push((protocol, sim, real));
+    let costs = measure_costs(cluster, &latency, trials).await?;
+    for line in &costs.lines {
+        progress(line);
     }
-    let mut out = String::new();
-    out.push_str(&format!(
-        "{PROCESSES} processes, acquire interval {}s, lease ttl {}s (Lease); loopback round trip {:.3} ms, \
-         lock statement {:.3} ms at the server; latency in ms as median [min–max] (n = simulated seeds / \
-         real repetitions; the simulator reports whole milliseconds); idle load over {}s, real statements counted as {}.\n\n",
-        ACQUIRE_INTERVAL.as_secs(),
-        LEASE_TTL.as_secs(),
+    let mut params = String::new();
+    params.push_str(&format!(
+        "Measured parameters (median [p10 – p90]): loopback round trip {:.3} ms, lock statement {:.3} ms at the server, host cores {}.\n\n",
         latency.rtt.as_secs_f64() * 1000.0,
         latency.query_mean.as_secs_f64() * 1000.0,
+        costs.cores
+    ));
+    for line in &costs.lines {
+        params.push_str(&format!("- {line}\n"));
+    }
+    if std::env::var_os("CALIBRATE_PARAMS_ONLY").is_some() {
+        return Ok(params);
+    }
+    let mut rows = Vec::new();
+    let mut statements = Vec::new();
+    for protocol in PROTOCOLS {
+        progress(&format!("{protocol}: simulating {SIM_SEEDS} seeds"));
+        let sim = simulate(protocol, &latency, &costs)?;
+        progress(&format!("{protocol}: real fleet of {PROCESSES} workers"));
+        if matches!(counter, Counter::Statements) {
+            let client = connect(&cluster.config()).await?;
+            client.batch_execute("SELECT pg_stat_statements_reset()").await?;
+        }
+        let real = measure_real(cluster, &counter, protocol, repeat).await?;
+        if matches!(counter, Counter::Statements) {
+            for line in statement_times(cluster).await? {
+                statements.push(format!("{protocol}: {line}"));
+            }
+        }
+        rows.push((protocol, sim, real));
+    }
+    let mut out = params;
+    out.push_str("\nLock statements at the server during the fleet runs (`pg_stat_statements`):\n\n");
+    for line in &statements {
+        out.push_str(&format!("- {line}\n"));
+    }
+    out.push_str(&format!(
+        "\n{PROCESSES} processes, acquire interval {}s, lease ttl {}s (Lease); latency in ms as median [min–max] \
+         (n = simulated seeds / real repetitions); idle load over {}s, real statements counted as {}.\n\n",
+        ACQUIRE_INTERVAL.as_secs(),
+        LEASE_TTL.as_secs(),
         IDLE_WINDOW.as_secs(),
         counter.source()
     ));
-    out.push_str("| metric | protocol | sim | real |\n|---|---|---|---|\n");
+    out.push_str("| metric | protocol | sim | real | sim / real |\n|---|---|---|---|---|\n");
     for (protocol, sim, real) in &rows {
         out.push_str(&format!(
-            "| graceful handover latency, ms (SIGTERM → next acquired) | {protocol} | {} | {} |\n",
+            "| graceful handover latency, ms (SIGTERM → next acquired) | {protocol} | {} | {} | {} |\n",
             describe(&sim.handover),
-            describe(&real.handover)
+            describe(&real.handover),
+            ratio(&sim.handover, &real.handover)
         ));
         out.push_str(&format!(
-            "| crash failover latency, ms (SIGKILL → next acquired) | {protocol} | {} | {} |\n",
+            "| crash failover latency, ms (SIGKILL → next acquired) | {protocol} | {} | {} | {} |\n",
             describe(&sim.crash),
-            describe(&real.crash)
+            describe(&real.crash),
+            ratio(&sim.crash, &real.crash)
         ));
         out.push_str(&format!(
-            "| idle load, statements/s ({PROCESSES} processes) | {protocol} | {} | {} |\n",
+            "| idle load, statements/s ({PROCESSES} processes) | {protocol} | {} | {} | {} |\n",
             describe_rate(&sim.idle),
-            describe_rate(&real.idle)
+            describe_rate(&real.idle),
+            rate_ratio(&sim.idle, &real.idle)
         ));
     }
     Ok(out)
