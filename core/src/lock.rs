@@ -376,6 +376,12 @@ impl Lock {
         }
     }
 
+    /// Whether a request of the lock awaits its reply (as [`state`](Lock::state)'s `pending`
+    /// reports, without building the rest).
+    pub fn has_pending(&self) -> bool {
+        self.pending.is_some()
+    }
+
     /// Lock-channel markers ignored so far because the term's holder did not send them (as
     /// [`state`](Lock::state) reports, without building the rest).
     pub fn ignored_markers(&self) -> u64 {

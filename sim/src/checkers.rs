@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::Duration;
 
-use pgiplock_core::{ConnPhase, LockKey, Protocol, SessionId, Timestamp};
+use pgiplock_core::{ConnPhase, Protocol, SessionId, Timestamp};
 
 use crate::indexed_heap::IndexedHeap;
 use crate::metrics::Metrics;
@@ -396,11 +396,13 @@ impl World {
             if let Some(sent) = state.oldest_setup {
                 consider(Wait::Setup, sent, self.scenario.setup_timeout);
             }
-            for li in 0..self.channels.len() {
-                let pending = session
-                    .lock(LockKey(li as u64))
-                    .is_some_and(|l| l.state().pending.is_some());
-                if let (true, Some(sent)) = (pending, proc.request_sent(li)) {
+            // The session's locks in key order, the lock of channel `li` under key `li`.
+            for (key, lock) in session.locks() {
+                let Ok(li) = usize::try_from(key.0) else { continue };
+                if li >= self.channels.len() || !lock.has_pending() {
+                    continue;
+                }
+                if let Some(sent) = proc.request_sent(li) {
                     consider(Wait::Request(li), sent, self.config.request_timeout);
                 }
             }

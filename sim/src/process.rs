@@ -40,6 +40,8 @@ struct LockView {
     ignored_markers: u64,
     /// `Mutant::SkipFence`: the lock fenced itself and the process ignored it.
     zombie: bool,
+    /// What the believers checker was last told of this lock (it starts with nobody).
+    in_checker: bool,
 }
 
 pub(crate) struct Proc {
@@ -521,17 +523,31 @@ impl World {
             proc.armed = global;
             self.engine.arm(p, proc.incarnation, global);
         }
+        // Every lock, walked in key order beside the session's own (no lookup per lock), and
+        // the checker told only of a change: a process of a thousand channels pays for the
+        // walk, not for a thousand set operations per input.
+        let mut locks = session.locks().peekable();
         for li in 0..self.channels.len() {
-            let lock = session.lock(LockKey(li as u64));
-            let zombie = proc.locks.get(li).is_some_and(|l| l.zombie);
+            let key = LockKey(li as u64);
+            while locks.next_if(|(k, _)| *k < key).is_some() {}
+            let lock = locks.next_if(|(k, _)| *k == key).map(|(_, l)| l);
+            let view = proc.locks.get_mut(li);
+            let zombie = view.as_ref().is_some_and(|l| l.zombie);
             let holds = lock.is_some_and(|l| l.phase().is_holder()) || zombie;
-            self.checkers.set_believer(li, p, holds);
-            let ignored = lock.map_or(0, |l| l.state().ignored_markers);
-            if let Some(view) = proc.locks.get_mut(li) {
-                self.metrics.ignored_markers += ignored.saturating_sub(view.ignored_markers);
-                view.ignored_markers = ignored;
+            let ignored = lock.map_or(0, |l| l.ignored_markers());
+            match view {
+                Some(view) => {
+                    if view.in_checker != holds {
+                        self.checkers.set_believer(li, p, holds);
+                        view.in_checker = holds;
+                    }
+                    self.metrics.ignored_markers += ignored.saturating_sub(view.ignored_markers);
+                    view.ignored_markers = ignored;
+                }
+                None => self.checkers.set_believer(li, p, holds),
             }
         }
+        drop(locks);
         self.phase_bounds_of(p);
         let proc = &self.procs[p];
         if proc.stopping && proc.session.as_ref().is_some_and(|s| s.state().locks == 0) {
