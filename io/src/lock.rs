@@ -244,7 +244,8 @@ pub(crate) struct LockShared {
     acquired: AtomicBool,
     /// The current token, 0 when none (tokens start at 1).
     token: AtomicU64,
-    subscribers: Mutex<Vec<mpsc::UnboundedSender<LockMessage>>>,
+    /// Each message with the instant the session's task published it.
+    subscribers: Mutex<Vec<mpsc::UnboundedSender<(LockMessage, tokio::time::Instant)>>>,
     /// Set (under the subscribers' mutex) once the lock is gone.
     stopped: AtomicBool,
     release_handlers: Mutex<Vec<ReleaseHandler>>,
@@ -376,7 +377,8 @@ impl LockShared {
     }
 
     pub(crate) fn broadcast(&self, message: LockMessage) {
-        guard(&self.subscribers).retain(|tx| tx.send(message.clone()).is_ok());
+        let at = tokio::time::Instant::now();
+        guard(&self.subscribers).retain(|tx| tx.send((message.clone(), at)).is_ok());
     }
 
     /// The lock is gone: end every subscription, now and later.
@@ -706,25 +708,33 @@ impl PgIpLock {
 /// A lock's stream of [`LockMessage`]s; ends after [`LockMessage::Stopped`].
 #[derive(Debug)]
 pub struct Subscription {
-    rx: mpsc::UnboundedReceiver<LockMessage>,
+    rx: mpsc::UnboundedReceiver<(LockMessage, tokio::time::Instant)>,
 }
 
 impl Subscription {
     /// The next message, or `None` once the lock is destroyed.
     pub async fn next(&mut self) -> Option<LockMessage> {
+        self.rx.recv().await.map(|(message, _)| message)
+    }
+
+    /// The next message with the instant the session's task published it, or `None` once the
+    /// lock is destroyed. A consumer that runs late can still tell when a state change
+    /// happened: a `Drained` is published before the release statement is sent, so its
+    /// instant precedes any other process's acquisition, whenever the consumer gets to it.
+    pub async fn next_timed(&mut self) -> Option<(LockMessage, tokio::time::Instant)> {
         self.rx.recv().await
     }
 
     /// The next message if one is queued.
     pub fn try_next(&mut self) -> Option<LockMessage> {
-        self.rx.try_recv().ok()
+        self.rx.try_recv().ok().map(|(message, _)| message)
     }
 }
 
 impl futures::Stream for Subscription {
     type Item = LockMessage;
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<LockMessage>> {
-        self.rx.poll_recv(cx)
+        self.rx.poll_recv(cx).map(|m| m.map(|(message, _)| message))
     }
 }
 

@@ -3,7 +3,8 @@
 //! The line format is stable (tests and the demo parse it):
 //! `{"event":"ready","app":..,"pid":..,"t_us":..}`, then `acquired` (with `token`), `lost`
 //! (with `reason`), `released`, `message` (with `payload`, and `replay` when it was replayed at
-//! a takeover), `gap` (with `missing`), each with `channel` and `t_us`.
+//! a takeover), `gap` (with `missing`), each with `channel` and `t_us`: the wall clock, in
+//! microseconds, when the session published the event (not when it was printed).
 
 use std::io::{Read as _, Write as _};
 use std::time::Duration;
@@ -225,9 +226,23 @@ fn emit(line: &Line<'_>) -> Result<(), CliError> {
         .map_err(|e| CliError::io("writing to stdout", e))
 }
 
-/// The line for a subscription message; `None` for `Stopped`, which has no line.
+/// The line for a subscription message, stamped now; `None` for `Stopped`.
+#[cfg(test)]
 fn message_line<'a>(channel: &'a str, message: &'a LockMessage) -> Option<Line<'a>> {
-    let t_us = now_us();
+    message_line_at(channel, message, now_us())
+}
+
+/// The wall-clock stamp of `at`, an instant of the monotonic clock not long ago: the moment
+/// the session's task published a message, which the printing may follow by a while on a busy
+/// host (a `drained` printed after the next holder's `acquired` would look like an overlap).
+fn wall_us(at: tokio::time::Instant) -> u64 {
+    let ago = u64::try_from(at.elapsed().as_micros()).unwrap_or(u64::MAX);
+    now_us().saturating_sub(ago)
+}
+
+/// The line for a subscription message published at `t_us`; `None` for `Stopped`, which has
+/// no line.
+fn message_line_at<'a>(channel: &'a str, message: &'a LockMessage, t_us: u64) -> Option<Line<'a>> {
     Some(match message {
         LockMessage::Acquired { token } => Line::Acquired {
             channel,
@@ -361,8 +376,8 @@ async fn init_all(locks: &[PgIpLock]) -> Result<(), pgiplock::Error> {
 /// Prints every subscription message; returns only when the lock stops by itself (an error:
 /// nobody asked it to) or stdout is gone.
 async fn print_messages(lock: &PgIpLock, subscription: &mut Subscription) -> Result<(), CliError> {
-    while let Some(message) = subscription.next().await {
-        if let Some(line) = message_line(lock.channel(), &message) {
+    while let Some((message, at)) = subscription.next_timed().await {
+        if let Some(line) = message_line_at(lock.channel(), &message, wall_us(at)) {
             emit(&line)?;
         }
         if message == LockMessage::Stopped {
@@ -395,10 +410,10 @@ async fn shutdown(lock: &PgIpLock, subscription: &mut Subscription, bound: Durat
                 });
                 grace_end = tokio::time::Instant::now() + DRAIN_GRACE;
             }
-            message = subscription.next() => {
-                let Some(message) = message else { break };
+            message = subscription.next_timed() => {
+                let Some((message, at)) = message else { break };
                 saw_outcome |= matches!(message, LockMessage::Released | LockMessage::ReleaseFailed { .. });
-                if let Some(line) = message_line(lock.channel(), &message) {
+                if let Some(line) = message_line_at(lock.channel(), &message, wall_us(at)) {
                     emit(&line)?;
                 }
                 if message == LockMessage::Stopped {
