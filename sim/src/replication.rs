@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use crate::db::ReplicatedTables;
 use crate::engine::Event;
 use crate::net::{ClientMsg, Server, ServerMsg};
+use crate::scenario::dur;
 use crate::world::World;
 use pgiplock_core::{DbOp, Protocol, SessionId, SessionOp};
 
@@ -69,54 +70,6 @@ impl std::str::FromStr for ReplicationMode {
             "async" => Ok(ReplicationMode::Async),
             "sync" => Ok(ReplicationMode::Sync),
             other => Err(format!("unknown replication mode {other:?} (none, async or sync)")),
-        }
-    }
-}
-
-mod dur {
-    use crate::scenario::{format_duration, parse_duration};
-    use serde::{Deserialize, Deserializer, Serializer};
-    use std::time::Duration;
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&format_duration(*d))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let text = String::deserialize(d)?;
-        parse_duration(&text).map_err(serde::de::Error::custom)
-    }
-
-    pub mod opt {
-        use super::*;
-
-        pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
-            match d {
-                Some(d) => s.serialize_str(&format_duration(*d)),
-                None => s.serialize_none(),
-            }
-        }
-
-        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-            let text = Option::<String>::deserialize(d)?;
-            text.map(|t| parse_duration(&t).map_err(serde::de::Error::custom))
-                .transpose()
-        }
-    }
-
-    pub mod many {
-        use super::*;
-
-        pub fn serialize<S: Serializer>(d: &[Duration], s: S) -> Result<S::Ok, S::Error> {
-            s.collect_seq(d.iter().map(|d| format_duration(*d)))
-        }
-
-        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
-            let texts = Vec::<String>::deserialize(d)?;
-            texts
-                .iter()
-                .map(|t| parse_duration(t).map_err(serde::de::Error::custom))
-                .collect()
         }
     }
 }

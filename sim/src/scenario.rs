@@ -51,7 +51,9 @@ pub fn format_duration(d: Duration) -> String {
     format!("{us}us")
 }
 
-mod dur {
+/// Durations in TOML and JSON as the CLI writes them (`90s`, `250ms`): one value, an optional
+/// one, a list.
+pub(crate) mod dur {
     use super::{format_duration, parse_duration};
     use serde::{Deserialize, Deserializer, Serializer};
     use std::time::Duration;
@@ -63,6 +65,39 @@ mod dur {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let text = String::deserialize(d)?;
         parse_duration(&text).map_err(serde::de::Error::custom)
+    }
+
+    pub mod opt {
+        use super::*;
+
+        pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+            match d {
+                Some(d) => s.serialize_str(&format_duration(*d)),
+                None => s.serialize_none(),
+            }
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+            let text = Option::<String>::deserialize(d)?;
+            text.map(|t| parse_duration(&t).map_err(serde::de::Error::custom))
+                .transpose()
+        }
+    }
+
+    pub mod many {
+        use super::*;
+
+        pub fn serialize<S: Serializer>(d: &[Duration], s: S) -> Result<S::Ok, S::Error> {
+            s.collect_seq(d.iter().map(|d| format_duration(*d)))
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
+            let texts = Vec::<String>::deserialize(d)?;
+            texts
+                .iter()
+                .map(|t| parse_duration(t).map_err(serde::de::Error::custom))
+                .collect()
+        }
     }
 }
 
@@ -77,25 +112,6 @@ mod proto {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Protocol, D::Error> {
         let text = String::deserialize(d)?;
         text.parse().map_err(serde::de::Error::custom)
-    }
-}
-
-mod opt_dur {
-    use super::{format_duration, parse_duration};
-    use serde::{Deserialize, Deserializer, Serializer};
-    use std::time::Duration;
-
-    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
-        match d {
-            Some(d) => s.serialize_str(&format_duration(*d)),
-            None => s.serialize_none(),
-        }
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        let text = Option::<String>::deserialize(d)?;
-        text.map(|t| parse_duration(&t).map_err(serde::de::Error::custom))
-            .transpose()
     }
 }
 
@@ -447,10 +463,10 @@ pub struct Scenario {
     #[serde(with = "dur")]
     pub lease_ttl: Duration,
     /// Renew / ownership-check interval; default: ttl / 5 (Lease), 30 s (Classic).
-    #[serde(with = "opt_dur")]
+    #[serde(with = "dur::opt")]
     pub renew_interval: Option<Duration>,
     /// Self-fencing margin; default ttl / 10.
-    #[serde(with = "opt_dur")]
+    #[serde(with = "dur::opt")]
     pub fence_margin: Option<Duration>,
     /// A request unanswered for this long resets the session.
     #[serde(with = "dur")]
@@ -526,7 +542,7 @@ pub struct Scenario {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub actions: Vec<ActionSpec>,
     /// A stopped or crashed process starts again after this long (`None`: never).
-    #[serde(with = "opt_dur")]
+    #[serde(with = "dur::opt")]
     pub restart_delay: Option<Duration>,
     /// How long a silent disconnect lasts.
     #[serde(with = "dur")]
