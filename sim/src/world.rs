@@ -214,6 +214,7 @@ impl World {
                 .then(|| Box::new(crate::check::track::Tracker::new(&scenario))),
             scenario,
         };
+        world.engine.set_lane_delay(Some(world.scenario.net_delay));
         let mut start_rng = SplitMix64::new(derive_seed(seed, STREAM_START, 0, 0));
         for p in 0..world.procs.len() {
             // Processes start within the first second, in a seeded order.
