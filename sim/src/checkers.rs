@@ -231,10 +231,12 @@ impl World {
         }
         self.checkers.believers[0].iter().find_map(|&p| {
             let proc = &self.procs[p];
+            // The cheap tests first: the lock's session is a lookup in the core's lock table.
+            if !proc.alive() || self.links[p].cut {
+                return None;
+            }
             let session = proc.lock_session(0)?;
-            let ok = proc.alive()
-                && !self.links[p].cut
-                && proc.session() == Some(session)
+            let ok = proc.session() == Some(session)
                 && self.server.conns.get(&session).is_some_and(|c| !c.client_closed)
                 && self.server.db.is_alive(session);
             ok.then_some((p, session))
@@ -247,10 +249,13 @@ impl World {
         self.checkers.available = serving.is_some();
         if let Some(holder) = serving {
             self.checkers.last_available = now;
-            for (kind, latency) in self.faults.resolve(holder, now) {
-                self.metrics.failover(kind, latency);
-                if let Some(tracker) = self.property.as_deref_mut() {
-                    tracker.failover(kind, latency, now, self.checkers.last_disturbance);
+            // Nearly always no fault waits for a new holder: no vector to build and drop.
+            if !self.faults.pending.is_empty() {
+                for (kind, latency) in self.faults.resolve(holder, now) {
+                    self.metrics.failover(kind, latency);
+                    if let Some(tracker) = self.property.as_deref_mut() {
+                        tracker.failover(kind, latency, now, self.checkers.last_disturbance);
+                    }
                 }
             }
         }
