@@ -2,9 +2,17 @@
 //! acquire interval 1 s, lease ttl 3 s) measured in `pgiplock-sim` and with real
 //! `pgiplock worker` processes on a throwaway PostgreSQL cluster, under both protocols:
 //!
-//! - graceful handover latency: SIGTERM to the holder → the next `acquired`;
-//! - crash failover latency: SIGKILL to the holder → the next `acquired`;
+//! - graceful handover latency: SIGTERM to the holder → the next `acquired`, and the part of it
+//!   from the holder's release statement leaving;
+//! - crash failover latency: SIGKILL to the holder → the next `acquired`, and the part of it
+//!   from the first attempt that leaves a standby after the SIGKILL (the whole spreads over a
+//!   retry interval, the instant the next standby happens to retry; this part is the same
+//!   quantity in both with no retry phase in it);
 //! - idle load: statements per second at the server for the 10 processes over 20 s.
+//!
+//! The real parts come from the fleet workers' trace logs (the statements each hands to its
+//! connection), the simulated ones from the recorded `Request`s: both are the instant the
+//! statement leaves the process.
 //!
 //! The simulator's model is set from what is measured on the same machine first, not fitted:
 //!
@@ -14,6 +22,11 @@
 //!   on their channels: a drain marker they ignore (the host CPU of one notification,
 //!   `client_notify_cost`) and a `'1'`, which each answers with an attempt (the rest of the
 //!   backend's cycle is `server_statement_cost`, the rest of the process's `client_reply_cost`);
+//! - per protocol, from the fleet of the table itself (the simulation of a protocol runs after
+//!   its real fleet): the execution time of the protocol's attempt statement
+//!   (`pg_stat_statements` min, mean and max) as the simulation's `query_min`, `query_mean` and
+//!   `query_max`, and, printed only, the CPU time of its ten backends over the idle window per
+//!   statement counted (a Lease statement costs the server about as much CPU as a Classic one);
 //! - the latencies, from the workers' own trace log (`pgiplock::driver=trace`, wall-clock
 //!   timestamps in microseconds, one clock for every process of the host): a lone worker's
 //!   SIGTERM → drain statement (`client_signal_cost`), its drain → release statement against
@@ -37,7 +50,7 @@ use std::time::Duration;
 
 use pgiplock::LockOptions;
 use pgiplock_core::LockEvent;
-use pgiplock_core::{ChannelName, DbOp, FenceToken, Protocol, SchemaName};
+use pgiplock_core::{ChannelName, DbOp, FenceToken, Protocol, SchemaName, SessionOp};
 use pgiplock_sim::{FaultKind, FaultRates, FaultSpec, Observed, Scenario, World};
 use pgiplock_testkit::cluster::TempCluster;
 use pgiplock_testkit::sql::{bootstrap, execute, Target};
@@ -73,6 +86,8 @@ struct Latency {
     query_min: Duration,
     /// The same, median.
     query_mean: Duration,
+    /// The longest (`None`: the simulator's default).
+    query_max: Option<Duration>,
 }
 
 /// How the load is counted at the server.
@@ -204,6 +219,7 @@ async fn measure_latency(cluster: &TempCluster) -> Result<Latency, BoxError> {
         rtt,
         query_min,
         query_mean,
+        query_max: None,
     })
 }
 
@@ -247,6 +263,10 @@ fn describe_rate(samples: &[f64]) -> String {
 struct Measured {
     handover: Vec<Duration>,
     crash: Vec<Duration>,
+    /// Graceful handover from the old holder's release statement leaving to the acquisition.
+    handover_release: Vec<Duration>,
+    /// Crash failover from the first attempt that leaves after the crash to the acquisition.
+    crash_attempt: Vec<Duration>,
     idle: Vec<f64>,
 }
 
@@ -641,6 +661,32 @@ async fn statement_times(cluster: &TempCluster) -> Result<Vec<String>, BoxError>
         .collect())
 }
 
+/// The execution time at the server of `protocol`'s attempt statement (`DbOp::Acquire`) since
+/// the last reset of `pg_stat_statements`: min, mean and max (the statements that completed:
+/// a Classic attempt that finds the lock taken fails and is not counted).
+async fn attempt_time(
+    cluster: &TempCluster,
+    protocol: Protocol,
+) -> Result<Option<(Duration, Duration, Duration)>, BoxError> {
+    let pattern = match protocol {
+        Protocol::Classic => "^INSERT INTO \\S+\\.lock AS l ",
+        _ => "^SELECT acquired, token, remaining_us",
+    };
+    let client = connect(&cluster.config()).await?;
+    let row = client
+        .query_opt(
+            "SELECT min_exec_time, mean_exec_time, max_exec_time, calls \
+             FROM pg_stat_statements WHERE query ~ $1 ORDER BY calls DESC LIMIT 1",
+            &[&pattern],
+        )
+        .await?;
+    let ms = |v: f64| Duration::from_secs_f64(v.max(0.0) / 1000.0);
+    Ok(row.and_then(|r| {
+        let calls: i64 = r.get(3);
+        (calls >= 5).then(|| (ms(r.get(0)), ms(r.get(1)), ms(r.get(2))))
+    }))
+}
+
 // ----- simulator -----
 
 fn sim_scenario(protocol: Protocol, latency: &Latency, costs: &Costs) -> Result<Scenario, BoxError> {
@@ -666,7 +712,7 @@ fn sim_scenario(protocol: Protocol, latency: &Latency, costs: &Costs) -> Result<
     s.net_delay = latency.rtt / 2;
     s.query_min = latency.query_min;
     s.query_mean = latency.query_mean;
-    s.query_max = s.query_max.max(latency.query_mean);
+    s.query_max = latency.query_max.unwrap_or(s.query_max).max(latency.query_mean);
     s.client_notify_cost = costs.notify;
     s.client_reply_cost = costs.reply_of(protocol);
     s.client_signal_cost = costs.signal_of(protocol);
@@ -678,27 +724,48 @@ fn sim_scenario(protocol: Protocol, latency: &Latency, costs: &Costs) -> Result<
     Ok(s)
 }
 
-/// The time from the fault to the first acquisition after it, from the recorded events (the
-/// report rounds to milliseconds).
-fn sim_failover(s: &Scenario, seed: u64, fault_at: Duration) -> Result<Option<Duration>, BoxError> {
+/// From the recorded events (the report rounds to milliseconds): the time from the fault to
+/// the first acquisition after it, and from the first statement that leaves a process at or
+/// after the fault (an attempt after a crash, the holder's release after a stop) to the first
+/// acquisition after that statement.
+fn sim_failover(s: &Scenario, seed: u64, fault_at: Duration) -> Result<(Option<Duration>, Option<Duration>), BoxError> {
     let mut world = World::new(s.clone(), seed)?;
     world.record();
     world.finish()?;
     let at = pgiplock_core::Timestamp::ZERO + fault_at;
-    Ok(world
-        .observations()
+    let obs = world.observations();
+    let acquired_after = |from: pgiplock_core::Timestamp| {
+        obs.iter()
+            .find(|o| {
+                o.at >= from
+                    && matches!(
+                        o.event,
+                        Observed::Lock {
+                            lock: 0,
+                            event: LockEvent::Acquired { .. }
+                        }
+                    )
+            })
+            .map(|o| o.at.saturating_duration_since(from))
+    };
+    let stop = s.faults.iter().any(|f| f.kind == FaultKind::Stop);
+    let statement = obs
         .iter()
         .find(|o| {
             o.at >= at
-                && matches!(
-                    o.event,
-                    Observed::Lock {
-                        lock: 0,
-                        event: LockEvent::Acquired { .. }
+                && match &o.event {
+                    Observed::Request(SessionOp::Lock { op, .. }) => {
+                        if stop {
+                            matches!(op, DbOp::Release { .. })
+                        } else {
+                            matches!(op, DbOp::Acquire)
+                        }
                     }
-                )
+                    _ => false,
+                }
         })
-        .map(|o| o.at.saturating_duration_since(at)))
+        .map(|o| o.at);
+    Ok((acquired_after(at), statement.and_then(acquired_after)))
 }
 
 fn simulate(protocol: Protocol, latency: &Latency, costs: &Costs) -> Result<Measured, BoxError> {
@@ -706,6 +773,8 @@ fn simulate(protocol: Protocol, latency: &Latency, costs: &Costs) -> Result<Meas
     let mut out = Measured {
         handover: Vec::new(),
         crash: Vec::new(),
+        handover_release: Vec::new(),
+        crash_attempt: Vec::new(),
         idle: Vec::new(),
     };
     for seed in 1..=SIM_SEEDS {
@@ -721,9 +790,14 @@ fn simulate(protocol: Protocol, latency: &Latency, costs: &Costs) -> Result<Meas
                 process: None,
             }];
             s.duration = Duration::from_secs(20);
-            match sim_failover(&s, seed, at)? {
+            let (from_fault, from_attempt) = sim_failover(&s, seed, at)?;
+            match from_fault {
                 Some(latency) => samples.push(latency),
                 None => progress(&format!("sim {protocol} seed {seed}: no failover after {kind}")),
+            }
+            match kind {
+                FaultKind::Crash => out.crash_attempt.extend(from_attempt),
+                _ => out.handover_release.extend(from_attempt),
             }
         }
     }
@@ -733,12 +807,15 @@ fn simulate(protocol: Protocol, latency: &Latency, costs: &Costs) -> Result<Meas
 // ----- real workers -----
 
 /// Sends SIGTERM (or SIGKILL) to the current holder and waits for another worker's `acquired`;
-/// returns the latency, then starts a replacement so that the fleet stays at [`PROCESSES`].
+/// returns the latency and, from the workers' trace logs, the time to that `acquired` from the
+/// first attempt that left another worker at or after a SIGKILL, or from the holder's release
+/// statement after a SIGTERM; then starts a replacement so that the fleet stays at
+/// [`PROCESSES`].
 ///
 /// `round` spreads the fault's phase against the standbys' retry timers: a fault right after
 /// a replacement started would meet that newcomer's immediate first attempt, not the fleet's
 /// steady state.
-async fn fault_once(fleet: &mut Fleet, crash: bool, round: usize) -> Duration {
+async fn fault_once(fleet: &mut Fleet, crash: bool, round: usize) -> (Duration, Option<Duration>) {
     let phase = (round as f64 * 0.381_966).fract();
     tokio::time::sleep(ACQUIRE_INTERVAL * 2 + ACQUIRE_INTERVAL.mul_f64(phase)).await;
     let (holder, _, _) = fleet.wait_holder(WAIT).await;
@@ -750,6 +827,19 @@ async fn fault_once(fleet: &mut Fleet, crash: bool, round: usize) -> Duration {
     }
     let (_, t_acquired, _) = fleet.wait_acquired_after(t0, &[holder], WAIT).await;
     fleet.wait_exit(holder, WAIT).await;
+    let first_statement = if crash {
+        let acquire = LogKind::Request("acquire".to_owned());
+        fleet
+            .workers()
+            .iter()
+            .filter(|w| w.index != holder)
+            .filter_map(|w| first_after(&log_events(&w.stderr()), t0, &acquire))
+            .min()
+    } else {
+        let release = LogKind::Request("release".to_owned());
+        first_after(&log_events(&fleet.worker(holder).stderr()), t0, &release)
+    }
+    .filter(|t| *t <= t_acquired);
     if !crash {
         // Where the time goes: the old holder's release, then the standbys' race.
         let released = fleet
@@ -766,7 +856,7 @@ async fn fault_once(fleet: &mut Fleet, crash: bool, round: usize) -> Duration {
     }
     let replacement = fleet.spawn();
     fleet.wait_ready(replacement, WAIT).await;
-    Duration::from_micros(u64::try_from(t_acquired - t0).unwrap_or(0))
+    (us(t_acquired - t0), first_statement.map(|t| us(t_acquired - t)))
 }
 
 async fn measure_real(
@@ -774,12 +864,14 @@ async fn measure_real(
     counter: &Counter,
     protocol: Protocol,
     repeat: usize,
-) -> Result<Measured, BoxError> {
+) -> Result<(Measured, Option<Duration>), BoxError> {
     let mut opts =
         WorkerOpts::new(&cluster.url(), &unique_channel(), None, protocol).acquire_interval(ACQUIRE_INTERVAL);
     if protocol == Protocol::Lease {
         opts = opts.lease_ttl(LEASE_TTL);
     }
+    // The workers log their statements (the rows from the release and from the first attempt).
+    std::env::set_var("PGIPLOCK_TEST_LOG", MEASURE_LOG);
     let mut fleet = Fleet::new(opts);
     // Staggered over one interval, as the simulator starts its processes: workers started at
     // the same instant would keep their retry timers close together for many intervals.
@@ -794,9 +886,23 @@ async fn measure_real(
 
     progress(&format!("{protocol}: idle load over {IDLE_WINDOW:?}"));
     let client = connect(&cluster.config()).await?;
+    // The fleet's backends (by the application name each worker reported): their CPU time over
+    // the idle window, per statement counted, printed next to the woken standbys' figure.
+    let mut backends = Vec::new();
+    for w in 0..PROCESSES {
+        let app = fleet.wait_ready(w, WAIT).await;
+        let pid: i32 = client
+            .query_one("SELECT pid FROM pg_stat_activity WHERE application_name = $1", &[&app])
+            .await?
+            .get(0);
+        backends.push(pid);
+    }
+    let backend_cpu = |pids: &[i32]| -> Option<Duration> { pids.iter().map(|p| cpu_time(*p)).sum() };
     let before = counter.read(&client).await?;
+    let cpu_before = backend_cpu(&backends);
     let start = Instant::now();
     tokio::time::sleep(IDLE_WINDOW).await;
+    let cpu_after = backend_cpu(&backends);
     let after = counter.read(&client).await?;
     let elapsed = start.elapsed().as_secs_f64();
     // Our own reads: the first one's transaction (statements are filtered out by their text).
@@ -805,22 +911,32 @@ async fn measure_real(
         Counter::Transactions => 1,
     };
     let idle = (after - before - own) as f64 / elapsed;
+    let statements = u32::try_from(after - before - own).unwrap_or(0);
+    let statement_cpu = cpu_after
+        .zip(cpu_before)
+        .filter(|_| statements > 0)
+        .map(|(a, b)| a.saturating_sub(b) / statements.max(1));
 
     // Crashes first: a graceful release wakes every standby at once, which leaves their retry
     // timers in step for a while, and a crash soon after would meet that, not the steady state.
     let mut crash = Vec::new();
+    let mut crash_attempt = Vec::new();
     for i in 0..repeat {
-        let d = fault_once(&mut fleet, true, i).await;
+        let (d, from_attempt) = fault_once(&mut fleet, true, i).await;
         progress(&format!(
-            "{protocol}: crash {}: {:.1} ms",
+            "{protocol}: crash {}: {:.1} ms (first attempt after it → acquired {})",
             i + 1,
-            d.as_secs_f64() * 1000.0
+            d.as_secs_f64() * 1000.0,
+            from_attempt.map_or("—".to_owned(), |a| format!("{:.1} ms", a.as_secs_f64() * 1000.0))
         ));
         crash.push(d);
+        crash_attempt.extend(from_attempt);
     }
     let mut handover = Vec::new();
+    let mut handover_release = Vec::new();
     for i in 0..repeat {
-        let d = fault_once(&mut fleet, false, i).await;
+        let (d, from_release) = fault_once(&mut fleet, false, i).await;
+        handover_release.extend(from_release);
         progress(&format!(
             "{protocol}: handover {}: {:.1} ms",
             i + 1,
@@ -830,11 +946,17 @@ async fn measure_real(
     }
     fleet.assert_well_formed();
     fleet.shutdown(WAIT).await;
-    Ok(Measured {
-        handover,
-        crash,
-        idle: vec![idle],
-    })
+    std::env::remove_var("PGIPLOCK_TEST_LOG");
+    Ok((
+        Measured {
+            handover,
+            handover_release,
+            crash,
+            crash_attempt,
+            idle: vec![idle],
+        },
+        statement_cpu,
+    ))
 }
 
 fn env_count(name: &str, default: usize) -> usize {
@@ -890,21 +1012,50 @@ async fn calibrate(cluster: &TempCluster) -> Result<String, BoxError> {
     }
     let mut rows = Vec::new();
     let mut statements = Vec::new();
+    let mut statement_costs = Vec::new();
     for protocol in PROTOCOLS {
-        progress(&format!("{protocol}: simulating {SIM_SEEDS} seeds"));
-        let sim = simulate(protocol, &latency, &costs)?;
         progress(&format!("{protocol}: real fleet of {PROCESSES} workers"));
         if matches!(counter, Counter::Statements) {
             let client = connect(&cluster.config()).await?;
             client.batch_execute("SELECT pg_stat_statements_reset()").await?;
         }
-        let real = measure_real(cluster, &counter, protocol, repeat).await?;
+        let (real, statement_cpu) = measure_real(cluster, &counter, protocol, repeat).await?;
         if matches!(counter, Counter::Statements) {
             for line in statement_times(cluster).await? {
                 statements.push(format!("{protocol}: {line}"));
             }
         }
+        statement_costs.push(format!(
+            "{protocol}: the fleet's backends over the idle window, CPU time per statement counted {}",
+            statement_cpu.map_or("— (not readable)".to_owned(), |d| format!(
+                "{:.3} ms",
+                d.as_secs_f64() * 1000.0
+            ))
+        ));
+        // The protocol's own attempt at the server, from the fleet run: its execution time.
+        let mut latency = latency;
+        if matches!(counter, Counter::Statements) {
+            if let Some((min, mean, max)) = attempt_time(cluster, protocol).await? {
+                latency.query_min = min;
+                latency.query_mean = mean.max(min);
+                latency.query_max = Some(max.max(mean));
+                statement_costs.push(format!(
+                    "{protocol}: the attempt's execution time at the server during the fleet run (pg_stat_statements min, mean, max: the simulation's query_min, query_mean, query_max) {:.3}, {:.3}, {:.3} ms",
+                    min.as_secs_f64() * 1000.0,
+                    mean.as_secs_f64() * 1000.0,
+                    max.as_secs_f64() * 1000.0
+                ));
+            }
+        }
+        for line in &statement_costs[statement_costs.len().saturating_sub(2)..] {
+            progress(line);
+        }
+        progress(&format!("{protocol}: simulating {SIM_SEEDS} seeds"));
+        let sim = simulate(protocol, &latency, &costs)?;
         rows.push((protocol, sim, real));
+    }
+    for line in &statement_costs {
+        params.push_str(&format!("- {line}\n"));
     }
     let mut out = params;
     out.push_str("\nLock statements at the server during the fleet runs (`pg_stat_statements`):\n\n");
@@ -928,10 +1079,22 @@ async fn calibrate(cluster: &TempCluster) -> Result<String, BoxError> {
             ratio(&sim.handover, &real.handover)
         ));
         out.push_str(&format!(
+            "| graceful handover latency, ms (the holder's release statement → next acquired) | {protocol} | {} | {} | {} |\n",
+            describe(&sim.handover_release),
+            describe(&real.handover_release),
+            ratio(&sim.handover_release, &real.handover_release)
+        ));
+        out.push_str(&format!(
             "| crash failover latency, ms (SIGKILL → next acquired) | {protocol} | {} | {} | {} |\n",
             describe(&sim.crash),
             describe(&real.crash),
             ratio(&sim.crash, &real.crash)
+        ));
+        out.push_str(&format!(
+            "| crash failover latency, ms (first attempt after the SIGKILL → next acquired) | {protocol} | {} | {} | {} |\n",
+            describe(&sim.crash_attempt),
+            describe(&real.crash_attempt),
+            ratio(&sim.crash_attempt, &real.crash_attempt)
         ));
         out.push_str(&format!(
             "| idle load, statements/s ({PROCESSES} processes) | {protocol} | {} | {} | {} |\n",
