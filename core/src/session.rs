@@ -1644,6 +1644,16 @@ impl Session {
         }
         let refused = self.balance_attempts();
         let mut touched: BTreeSet<GroupKey> = BTreeSet::new();
+        // A group whose every attempt was held back asks for fresh counts all the same: without
+        // them a member that holds nothing (so renews nothing) would judge by the counts it had
+        // last, and never see that a place came free.
+        for (key, _, _) in &refused {
+            if let Some(entry) = self.locks.get(key) {
+                if let Some(name) = entry.lock.config().balance.as_ref() {
+                    touched.insert((entry.target.schema.clone(), name.clone()));
+                }
+            }
+        }
         for ((kind, schema), mut items) in std::mem::take(&mut self.batches) {
             // The counts of each group that sends something go along with it.
             for (key, _, _) in &items {

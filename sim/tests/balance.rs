@@ -185,3 +185,55 @@ fn balanced_fleets_converge_stay_put_and_share_a_crashed_members_channels() {
         world.finish().expect("the run passes every checker");
     }
 }
+
+/// A member that holds nothing renews nothing: when its attempts are held back by its share,
+/// it must still ask for fresh counts, or it never learns that a place came free. Three
+/// processes, two channels (a share of 0, two places of 1): the holder of one channel is cut
+/// off silently for longer than the server takes to drop it; its lease runs out after the ttl,
+/// and the member without a channel must take it then, not only when the server drops the cut
+/// session (the liveness checker's bound is the ttl's).
+#[test]
+fn a_member_without_channels_takes_a_silently_cut_members_channel_after_the_ttl() {
+    let cut_at = Duration::from_secs(120);
+    let scenario = Scenario {
+        processes: 3,
+        channels: 2,
+        balance: true,
+        duration: Duration::from_secs(600),
+        warmup: Duration::ZERO,
+        publish_rate: 0.0,
+        fault_rates: FaultRates::default(),
+        restart_delay: None,
+        cut_duration: Duration::from_secs(400),
+        server_keepalive_detect: Duration::from_secs(300),
+        server_retransmit_detect: Duration::from_secs(300),
+        faults: vec![FaultSpec {
+            at: cut_at,
+            kind: FaultKind::Cut,
+            process: None,
+        }],
+        ..Scenario::default()
+    };
+    let ttl = scenario.lease_ttl;
+    for seed in 1..=3 {
+        let mut world = World::new(scenario.clone(), seed).expect("a valid scenario");
+        world.record();
+        world
+            .run_until(cut_at + Duration::from_secs(1))
+            .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        let live: Vec<usize> = (0..3).collect();
+        let before = held(&world, &live);
+        let idle: Vec<usize> = before.iter().filter(|(_, n)| **n == 0).map(|(p, _)| *p).collect();
+        assert_eq!(idle.len(), 1, "seed {seed}: one member holds nothing: {before:?}");
+        // Well after the ttl, long before the server drops the cut session.
+        world
+            .run_until(cut_at + ttl * 4)
+            .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        let after = held(&world, &live);
+        assert_eq!(
+            after.get(&idle[0]),
+            Some(&1),
+            "seed {seed}: the member that held nothing took the cut member's channel: {before:?} -> {after:?}"
+        );
+    }
+}
