@@ -280,3 +280,71 @@ async fn a_silent_holder_is_still_bounded_by_its_lease() {
     assert!(!before(&admin.client, &acquired_at, &old_expiry).await);
     s2.close().await;
 }
+
+/// The wait procedure itself, on connections of the test's own: `timeout` at its bound while the
+/// holder lives, `gone` when its session ends, and only once `pg_stat_activity` no longer shows
+/// it (a dying backend drops its advisory locks first), so that an attempt right after sees the
+/// holder gone; `unwatched` for a pid holding no advisory lock.
+#[tokio::test]
+async fn the_wait_answers_each_outcome_and_gone_only_once_the_backend_left() {
+    use pgiplock_core::{AwaitOutcome, SchemaName};
+    let schema = unique("t_watch");
+    let _cleanup = SchemaGuard::new(&schema);
+    let channel = unique("jobs");
+    let admin = admin().await;
+    let s = bootstrapped_session(&schema).await;
+    let name = SchemaName::new(&schema).unwrap();
+    let holder = raw_holder(&schema, &channel, true).await;
+    let waiter = raw_client(&unique("waiter")).await;
+    let max = Duration::from_millis(50);
+    let outcome = pgiplock::testkit::await_holder(&waiter.client, &name, holder.pid, max)
+        .await
+        .unwrap();
+    assert_eq!(outcome, AwaitOutcome::Timeout);
+    let outcome = pgiplock::testkit::await_holder(&waiter.client, &name, waiter.pid, max)
+        .await
+        .unwrap();
+    assert_eq!(outcome, AwaitOutcome::Unwatched);
+    let wait = pgiplock::testkit::await_holder(&waiter.client, &name, holder.pid, WAIT);
+    let kill = async {
+        wait_watch_query(&admin.client, waiter.pid).await;
+        admin
+            .client
+            .execute("SELECT pg_terminate_backend($1)", &[&holder.pid])
+            .await
+            .unwrap();
+    };
+    let (outcome, ()) = tokio::join!(wait, kill);
+    assert_eq!(outcome.unwrap(), AwaitOutcome::Gone);
+    let listed: i64 = admin
+        .client
+        .query_one("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", &[&holder.pid])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        listed, 0,
+        "gone answered while the holder was still in pg_stat_activity"
+    );
+    s.close().await;
+}
+
+/// Until backend `pid` runs the wait.
+async fn wait_watch_query(admin: &Client, pid: i32) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let n: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND state = 'active' AND query LIKE '%await_holder%'",
+                &[&pid],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if n == 1 {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the wait did not start");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
