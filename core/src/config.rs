@@ -191,6 +191,17 @@ pub struct LockConfig {
     /// default) to compete for it alone. The sessions of a group converge to holding about
     /// `channels / sessions` of its channels each (see [`BalanceCounts`](crate::BalanceCounts)).
     pub balance: Option<String>,
+    /// Crash failover without polling (`Lease` only; on by default, ignored under `Classic`):
+    /// a standby whose holder is another process waits on that holder's session advisory lock
+    /// over a second, dedicated connection of its session, and attempts as soon as the
+    /// holder's session ends instead of at the lease's expiry; while it waits it sends no
+    /// periodic attempt. Costs one more connection per process; turn it off behind
+    /// transaction-mode poolers (PgBouncer), where session advisory locks do not work.
+    pub crash_watch: bool,
+    /// How long one wait of the crash watch lasts at most before it is issued again (default
+    /// 60 s): a waiting statement holds its backend's snapshot (`backend_xmin`), and so holds
+    /// back vacuum, for at most this long.
+    pub crash_watch_refresh: Duration,
 }
 
 impl LockConfig {
@@ -215,7 +226,14 @@ impl LockConfig {
             replay_limit: 65_536,
             replay_bytes: 64 << 20,
             balance: None,
+            crash_watch: protocol == Protocol::Lease,
+            crash_watch_refresh: Duration::from_secs(60),
         }
+    }
+
+    /// Whether this lock takes part in the crash watch (`Lease` and `crash_watch`).
+    pub fn watches_crashes(&self) -> bool {
+        self.protocol == Protocol::Lease && self.crash_watch
     }
 
     /// Sets the lease length and the timings derived from it, the one place these derivations
@@ -251,6 +269,7 @@ impl LockConfig {
             ("request_timeout", self.request_timeout),
             ("shutdown_timeout", self.shutdown_timeout),
             ("marker_wait", self.marker_wait),
+            ("crash_watch_refresh", self.crash_watch_refresh),
         ];
         for (name, value) in positive {
             if value.is_zero() {
@@ -275,6 +294,7 @@ impl LockConfig {
             ("renew_interval", self.renew_interval, MIN_INTERVAL),
             ("request_timeout", self.request_timeout, MIN_INTERVAL),
             ("shutdown_timeout", self.shutdown_timeout, MIN_INTERVAL),
+            ("crash_watch_refresh", self.crash_watch_refresh, MIN_INTERVAL),
         ]);
         for (name, value, min) in floors {
             if value < min {

@@ -44,6 +44,14 @@ pub enum Input {
     /// earlier send); an attempt going early at worst finds the lease still held. Ignored for
     /// other timers, and when the timer is not armed.
     FireEarly(crate::lock::TimerKind),
+    /// The session's crash watch waits (`true`) or no longer waits (`false`) on the holder this
+    /// `Lease` standby was last refused by ([`Lock::watch_holder`](crate::Lock::watch_holder)).
+    /// While watched, the standby makes no periodic attempt: the watch tells it when the holder
+    /// is gone. Unwatched, its ordinary retry schedule applies again.
+    Watched(bool),
+    /// The crash watch saw the holder's session end (or its lease expire, or its rows
+    /// released): a started standby attempts now.
+    HolderGone,
     /// A database session is ready: connected, schema present, listening on the data and lock
     /// channels.
     SessionUp(SessionId),

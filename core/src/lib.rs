@@ -48,6 +48,7 @@ mod replay;
 mod rng;
 mod session;
 mod time;
+pub mod watch;
 
 pub use balance::{BalanceCounts, MAX_FREE_LISTED};
 pub use config::{ConfigError, LockConfig, Protocol, MAX_SETTING, MIN_INTERVAL, MIN_LEASE_TTL};
@@ -69,3 +70,4 @@ pub use session::{
     SessionRequest, SessionState,
 };
 pub use time::Timestamp;
+pub use watch::{AwaitOutcome, WatchFailure};

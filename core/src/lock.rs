@@ -313,6 +313,15 @@ pub struct Lock {
     postponed_for: Option<FenceToken>,
     /// `StandDown` came and no `Start` since: a term won on its own is released at once.
     stood_down: bool,
+    /// The backend pid of the holder that refused our last attempt (`Lease`), for the crash
+    /// watch; cleared by a won attempt, a session's end and [`Input::HolderGone`].
+    refused_by: Option<i32>,
+    /// The session's crash watch waits on `refused_by`: no periodic attempts meanwhile.
+    watched: bool,
+    /// When the lease that refused our last attempt expires, as the server reported it.
+    refused_until: Option<Timestamp>,
+    /// The deadline of the ordinary retry last scheduled (a watch cancels that one, not a wake).
+    periodic_retry: Option<Timestamp>,
 }
 
 impl Lock {
@@ -348,6 +357,10 @@ impl Lock {
             defer_until: None,
             postponed_for: None,
             stood_down: false,
+            refused_by: None,
+            watched: false,
+            refused_until: None,
+            periodic_retry: None,
         }
     }
 
@@ -428,6 +441,14 @@ impl Lock {
                 if matches!(kind, TimerKind::Renew | TimerKind::Retry) && self.timer(kind).is_some() {
                     self.disarm(kind);
                     self.on_timer(kind);
+                }
+            }
+            Input::Watched(watched) => self.on_watched(watched),
+            Input::HolderGone => {
+                self.watched = false;
+                self.refused_by = None;
+                if self.phase() == Phase::Standby && self.can_compete() {
+                    self.arm_earlier(TimerKind::Retry, self.now);
                 }
             }
             Input::TryAcquire => self.on_try_acquire(),
@@ -774,10 +795,48 @@ impl Lock {
         }
     }
 
+    /// The holder the session's crash watch should wait on for this lock: the backend pid of
+    /// the holder that refused its last attempt, while it is a started `Lease` standby with
+    /// `crash_watch` on.
+    pub fn watch_holder(&self) -> Option<i32> {
+        if !self.config.watches_crashes() || self.phase() != Phase::Standby || !self.can_compete() {
+            return None;
+        }
+        self.refused_by.filter(|pid| Some(*pid) != self.own_pid)
+    }
+
+    /// Whether the session's crash watch currently waits on this lock's holder.
+    pub fn is_watched(&self) -> bool {
+        self.watched
+    }
+
+    fn on_watched(&mut self, watched: bool) {
+        if self.watched == watched {
+            return;
+        }
+        self.watched = watched;
+        // Watched: the ordinary retry is not needed (a wake still is). Unwatched: the ordinary
+        // schedule again, from what the last refusal said.
+        if watched && self.timer(TimerKind::Retry).is_some() && self.timer(TimerKind::Retry) == self.periodic_retry {
+            self.disarm(TimerKind::Retry);
+        }
+        if !watched && self.phase() == Phase::Standby && self.timer(TimerKind::Retry).is_none() {
+            let remaining = self.refused_until.map(|at| at.saturating_duration_since(self.now));
+            self.schedule_retry(remaining);
+        }
+    }
+
     fn schedule_retry(&mut self, lease_remaining: Option<Duration>) {
+        if let Some(remaining) = lease_remaining {
+            self.refused_until = Some(self.now + remaining);
+        }
+        if self.watched && self.config.watches_crashes() {
+            return;
+        }
         if self.started && !self.stopping {
             let delay = self.retry_delay(lease_remaining);
             self.arm(TimerKind::Retry, self.now + delay);
+            self.periodic_retry = Some(self.now + delay);
         }
     }
 
@@ -1073,6 +1132,7 @@ impl Lock {
             self.defer_until = Some(expiry + Duration::from_millis(1));
         }
         self.session = None;
+        self.refused_by = None;
         self.replay = None;
         self.pending = None;
         self.disarm(TimerKind::RequestTimeout);
@@ -1204,6 +1264,10 @@ impl Lock {
             (false, _, Some(token), Some(pid)) => self.learn_holder(token, pid),
             (false, ..) => {}
         }
+        self.refused_by = match (reply.acquired, reply.holder_token, reply.holder_pid) {
+            (false, Some(_), Some(pid)) => Some(pid),
+            _ => None,
+        };
         if reply.acquired && (self.stopping || self.phase() == Phase::Stopped) {
             // Won while stopping: give it back at once, without ever reporting it.
             self.answer_waiters(false);
@@ -1576,6 +1640,7 @@ pub(crate) fn clamp_config(mut config: LockConfig) -> LockConfig {
     config.request_timeout = positive(config.request_timeout);
     config.shutdown_timeout = positive(config.shutdown_timeout);
     config.marker_wait = positive(config.marker_wait);
+    config.crash_watch_refresh = positive(config.crash_watch_refresh);
     config.lease_ttl = positive(config.lease_ttl);
     config.wake_jitter = config.wake_jitter.min(MAX_SETTING);
     config.fence_margin = config.fence_margin.min(MAX_SETTING);

@@ -61,6 +61,7 @@ use crate::name::{ChannelName, SchemaName};
 use crate::proto::{AcquireReply, DbError, DbOp, Reply, RequestId, SessionId};
 use crate::rng::SplitMix64;
 use crate::time::{duration_micros, Timestamp};
+use crate::watch::{wait_bounds, AwaitOutcome, Holder, Wait, Watch, WatchFailure, WatchLink};
 
 /// Identifies a lock within its session; chosen by the driver when it adds the lock.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
@@ -203,6 +204,8 @@ pub enum OpReply {
     Batch(Vec<Reply>),
     /// The reply to [`SessionOp::Balance`]: the group's counts as the table has them.
     Balance(BalanceCounts),
+    /// The reply to [`SessionOp::AwaitHolder`].
+    Await(AwaitOutcome),
 }
 
 /// One lock's part of a batched statement ([`SessionOp::RenewMany`],
@@ -313,6 +316,19 @@ pub enum SessionOp {
         /// This session no longer competes in the group.
         leave: bool,
     },
+    /// The crash watch's wait, sent only on the watch connection ([`SessionOutput::WatchConnect`]):
+    /// block until the session of backend `pid` no longer holds its advisory lock of `schema`
+    /// ([`AwaitOutcome::Gone`]), its earliest lease in `schema` expires (`Expired`), it holds no
+    /// lease there (`Released`), or `max` passes (`Timeout`); `Unwatched` at once if that
+    /// session holds no such advisory lock. Answer with [`OpReply::Await`].
+    AwaitHolder {
+        /// The schema of the holder's lease rows (and of its advisory lock's key).
+        schema: SchemaName,
+        /// The holder's backend pid.
+        pid: i32,
+        /// The longest wait.
+        max: Duration,
+    },
 }
 
 impl SessionOp {
@@ -327,6 +343,7 @@ impl SessionOp {
             SessionOp::RenewMany { .. } => "renew_many",
             SessionOp::AcquireMany { .. } => "acquire_many",
             SessionOp::Balance { .. } => "balance",
+            SessionOp::AwaitHolder { .. } => "await_holder",
         }
     }
 }
@@ -414,6 +431,19 @@ pub enum SessionEvent {
         /// Delay before the next attempt.
         retry_in: Option<Duration>,
     },
+    /// The crash watch's connection is up ([`crate::watch`]).
+    WatchUp {
+        /// The watch connection.
+        session: SessionId,
+    },
+    /// The crash watch stopped: its standbys fall back to their ordinary retries; the watch
+    /// connects again after `retry_in`.
+    WatchDown {
+        /// Why.
+        reason: WatchFailure,
+        /// Delay before the watch connects again.
+        retry_in: Duration,
+    },
     /// A connection attempt failed or timed out; the next follows after `retry_in`.
     ConnectFailed {
         /// The attempt.
@@ -498,6 +528,27 @@ pub enum SessionInput {
         /// Why, if known.
         error: Option<String>,
     },
+    /// The crash watch's connection `session` ([`SessionOutput::WatchConnect`]) is up.
+    WatchConnected {
+        /// The attempt.
+        session: SessionId,
+    },
+    /// The crash watch's connection attempt `session` failed.
+    WatchConnectFailed {
+        /// The attempt.
+        session: SessionId,
+        /// Why, in words.
+        cause: String,
+        /// The server refused it for its connection limit (SQLSTATE 53300).
+        connection_limit: bool,
+    },
+    /// The crash watch's connection `session` ended.
+    WatchClosed {
+        /// The connection.
+        session: SessionId,
+        /// Why, if known.
+        error: Option<String>,
+    },
     /// The reply to a [`SessionRequest`].
     Reply {
         /// The request's id.
@@ -560,6 +611,24 @@ pub enum SessionOutput {
     },
     /// Run an operation.
     Execute(SessionRequest),
+    /// Open the crash watch's second connection (same settings as the session's, its own
+    /// `application_name`); answer with `WatchConnected`, `WatchConnectFailed`, and
+    /// `WatchClosed` when it ends. Only [`SessionOp::AwaitHolder`] runs on it.
+    WatchConnect {
+        /// The attempt's (and, once up, the connection's) id.
+        session: SessionId,
+    },
+    /// Cancel the statement running on the watch connection `session` (its reply is no
+    /// longer wanted).
+    WatchCancel {
+        /// The watch connection.
+        session: SessionId,
+    },
+    /// Close (or abandon the attempt of) the watch connection `session`; no input is needed.
+    WatchDisconnect {
+        /// The watch connection.
+        session: SessionId,
+    },
     /// A lock's state changed.
     Lock {
         /// The lock.
@@ -701,6 +770,8 @@ enum Route {
         group: GroupKey,
         register: Vec<LockKey>,
     },
+    /// The crash watch's wait.
+    Await,
 }
 
 /// A balance group: the schema of its table and its name.
@@ -786,6 +857,10 @@ pub struct Session {
     server: Option<ServerIdentity>,
     /// The balance groups of its locks.
     groups: BTreeMap<GroupKey, Group>,
+    /// The crash watch.
+    watch: Watch,
+    /// The backend pid of the current connection.
+    own_pid: Option<i32>,
 }
 
 /// One lock's request waiting for its batch: the lock, its request id and the operation.
@@ -849,6 +924,8 @@ impl Session {
             configs: Vec::new(),
             server: None,
             groups: BTreeMap::new(),
+            watch: Watch::new(),
+            own_pid: None,
         }
     }
 
@@ -1008,10 +1085,7 @@ impl Session {
             Link::Closed => None,
         };
         let lock = self.timers.iter().next().map(|(at, _)| *at);
-        match (link, lock) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [link, lock, self.watch.deadline()].into_iter().flatten().min()
     }
 
     /// The next output, or `None` when all are drained.
@@ -1041,6 +1115,26 @@ impl Session {
                 }
             }
             SessionInput::Reply { id, result } => self.on_reply(id, result),
+            SessionInput::WatchConnected { session } => self.on_watch_connected(session),
+            SessionInput::WatchConnectFailed {
+                session,
+                cause,
+                connection_limit,
+            } => {
+                if matches!(self.watch.link, WatchLink::Connecting { session: s, .. } if s == session) {
+                    let reason = if connection_limit {
+                        WatchFailure::ConnectionLimit(cause)
+                    } else {
+                        WatchFailure::ConnectFailed(cause)
+                    };
+                    self.watch_down(reason, false);
+                }
+            }
+            SessionInput::WatchClosed { session, error } => {
+                if matches!(self.watch.link, WatchLink::Up { session: s } if s == session) {
+                    self.watch_down(WatchFailure::Closed(error), false);
+                }
+            }
             SessionInput::Notification {
                 session,
                 channel,
@@ -1056,6 +1150,7 @@ impl Session {
             SessionInput::Close { call } => self.on_close(call),
         }
         self.settle();
+        self.update_watch();
         self.flush_listens();
         self.flush_batches();
     }
@@ -1086,6 +1181,7 @@ impl Session {
             }
             _ => {}
         }
+        self.watch_fire_due();
         // Every lock fed here re-arms strictly later than now (the lock guarantees it), so this
         // ends; the bound guards against a bug, not an expected path.
         for _ in 0..=self.locks.len() {
@@ -1209,6 +1305,7 @@ impl Session {
             group.asking = None;
             group.asked_at = None;
         }
+        self.own_pid = Some(pid);
         self.outputs
             .push_back(SessionOutput::Event(SessionEvent::Up { session, app, pid }));
         if self.closing.is_some() {
@@ -1549,6 +1646,7 @@ impl Session {
                 }
             }
             Route::Unlisten => {}
+            Route::Await => self.on_await_reply(id, result),
             Route::Balance { group, register } => self.on_balance_counts(id, group, register, result),
             Route::Lock { key, id } => {
                 let result = match result {
@@ -2081,6 +2179,7 @@ impl Session {
         entry.lock.handle_input(self.now, input);
         self.drain(key);
         self.rearm(key);
+        self.note_holder(key);
     }
 
     fn rearm(&mut self, key: LockKey) {
@@ -2200,6 +2299,8 @@ impl Session {
         if let Some((at, _)) = entry.armed.take() {
             self.timers.remove(&(at, key));
         }
+        self.watch.note(key, None);
+        self.watch.watched.remove(&key);
         self.by_channel.remove(entry.target.channel.as_str());
         if let Some(name) = entry.lock.config().balance.clone() {
             self.leave_group((entry.target.schema.clone(), name), key);
@@ -2260,5 +2361,212 @@ impl Session {
             self.done(call, result);
         }
         self.outputs.push_back(SessionOutput::LockRemoved { lock: key });
+    }
+}
+
+// ----- the crash watch -----
+
+impl Session {
+    /// Records which holder `key` waits on after an input (a map lookup when nothing changed).
+    fn note_holder(&mut self, key: LockKey) {
+        let Some(entry) = self.locks.get(&key) else { return };
+        let holder = entry
+            .lock
+            .watch_holder()
+            .filter(|_| matches!(entry.prep, Prep::Ready))
+            .map(|pid| (entry.target.schema.clone(), pid));
+        self.watch.note(key, holder);
+    }
+
+    /// The delay before the watch connects again after a failure: the shortest acquire
+    /// interval of the watching locks (their ordinary retries cover the gap).
+    fn watch_backoff(&self) -> Duration {
+        self.configs
+            .iter()
+            .filter(|c| c.watches_crashes())
+            .map(|c| c.acquire_interval)
+            .min()
+            .unwrap_or(Duration::from_secs(30))
+    }
+
+    fn watch_fire_due(&mut self) {
+        match self.watch.link {
+            WatchLink::Down { retry_at } if retry_at <= self.now => self.watch.link = WatchLink::Idle,
+            WatchLink::Connecting { deadline, .. } if deadline <= self.now => {
+                let cause = format!(
+                    "no answer within the connect timeout of {:?}",
+                    self.config.connect_timeout
+                );
+                self.watch_down(WatchFailure::ConnectFailed(cause), true);
+            }
+            _ => {}
+        }
+        if self.watch.wait.as_ref().is_some_and(|w| w.deadline <= self.now) {
+            self.watch_down(WatchFailure::Timeout, true);
+        }
+    }
+
+    /// The watch stopped: forget its wait, close its connection if `tell_driver`, connect again
+    /// after the backoff; the watched locks get their ordinary retries back (at the next
+    /// [`update_watch`](Session::update_watch)).
+    fn watch_down(&mut self, reason: WatchFailure, tell_driver: bool) {
+        if let Some(wait) = self.watch.wait.take() {
+            self.ops.remove(&wait.id);
+        }
+        if let (true, Some(session)) = (tell_driver, self.watch.session()) {
+            self.outputs.push_back(SessionOutput::WatchDisconnect { session });
+        }
+        let retry_in = self.watch_backoff();
+        self.watch.link = WatchLink::Down {
+            retry_at: self.now + retry_in,
+        };
+        self.outputs
+            .push_back(SessionOutput::Event(SessionEvent::WatchDown { reason, retry_in }));
+    }
+
+    fn on_watch_connected(&mut self, session: SessionId) {
+        match self.watch.link {
+            WatchLink::Connecting { session: s, .. } if s == session => {
+                self.watch.link = WatchLink::Up { session };
+                self.outputs
+                    .push_back(SessionOutput::Event(SessionEvent::WatchUp { session }));
+            }
+            _ => self.outputs.push_back(SessionOutput::WatchDisconnect { session }),
+        }
+    }
+
+    fn on_await_reply(&mut self, id: OpId, result: Result<OpReply, DbError>) {
+        let Some(wait) = self.watch.wait.take_if_id(id) else {
+            return;
+        };
+        match result {
+            Ok(OpReply::Await(outcome)) if outcome.frees() => {
+                let keys: Vec<LockKey> = self
+                    .watch
+                    .holders
+                    .get(&wait.holder)
+                    .map(|keys| keys.iter().copied().collect())
+                    .unwrap_or_default();
+                for key in keys {
+                    self.watch.watched.remove(&key);
+                    self.feed(key, Input::HolderGone);
+                }
+            }
+            Ok(OpReply::Await(AwaitOutcome::Timeout)) => {}
+            Ok(OpReply::Await(_)) => {
+                self.watch.unwatchable.insert(wait.holder);
+            }
+            // A cancel meant for the wait before this one: issue it again.
+            Err(DbError::Server { code, .. }) if code == SQLSTATE_QUERY_CANCELED => {}
+            Ok(other) => self.watch_down(WatchFailure::Failed(format!("unexpected reply {other:?}")), true),
+            Err(error) => self.watch_down(WatchFailure::Failed(error.to_string()), true),
+        }
+    }
+
+    /// Chooses the holder to watch, opens the watch connection, issues, cancels and re-issues
+    /// the wait, and tells the locks whether their holder is watched.
+    fn update_watch(&mut self) {
+        if self.closing.is_some() || matches!(self.link, Link::Closed) {
+            if let Some(session) = self.watch.session() {
+                self.outputs.push_back(SessionOutput::WatchDisconnect { session });
+            }
+            if let Some(wait) = self.watch.wait.take() {
+                self.ops.remove(&wait.id);
+            }
+            self.watch.link = WatchLink::Idle;
+        }
+        let main = self.current();
+        let desired = main.and_then(|_| self.watch.choose(self.own_pid));
+        if self.closing.is_none() {
+            match self.watch.link {
+                WatchLink::Idle if desired.is_some() => {
+                    let session = self.new_session_id();
+                    self.watch.link = WatchLink::Connecting {
+                        session,
+                        deadline: self.now + self.config.connect_timeout,
+                    };
+                    self.outputs.push_back(SessionOutput::WatchConnect { session });
+                }
+                WatchLink::Up { session } => {
+                    if self
+                        .watch
+                        .wait
+                        .as_ref()
+                        .is_some_and(|w| Some(&w.holder) != desired.as_ref())
+                    {
+                        if let Some(wait) = self.watch.wait.take() {
+                            self.ops.remove(&wait.id);
+                        }
+                        self.outputs.push_back(SessionOutput::WatchCancel { session });
+                    }
+                    if let (None, Some(holder)) = (&self.watch.wait, desired) {
+                        self.issue_wait(session, holder);
+                    }
+                }
+                _ => {}
+            }
+        }
+        let now_watched: BTreeSet<LockKey> = self
+            .watch
+            .wait
+            .as_ref()
+            .and_then(|w| self.watch.holders.get(&w.holder))
+            .cloned()
+            .unwrap_or_default();
+        if now_watched != self.watch.watched {
+            let before = std::mem::replace(&mut self.watch.watched, now_watched.clone());
+            for key in before.difference(&now_watched) {
+                self.feed(*key, Input::Watched(false));
+            }
+            for key in now_watched.difference(&before) {
+                self.feed(*key, Input::Watched(true));
+            }
+        }
+    }
+
+    fn issue_wait(&mut self, session: SessionId, holder: Holder) {
+        let Some(config) = self
+            .watch
+            .holders
+            .get(&holder)
+            .and_then(|keys| keys.iter().next())
+            .and_then(|key| self.locks.get(key))
+            .map(|entry| entry.lock.config().clone())
+        else {
+            return;
+        };
+        let (max, answer_within) = wait_bounds(config.crash_watch_refresh, config.request_timeout);
+        let id = OpId(self.next_op);
+        self.next_op += 1;
+        self.ops.insert(id, Route::Await);
+        let op = SessionOp::AwaitHolder {
+            schema: holder.0.clone(),
+            pid: holder.1,
+            max,
+        };
+        self.outputs
+            .push_back(SessionOutput::Execute(SessionRequest { id, session, op }));
+        self.watch.wait = Some(Wait {
+            id,
+            holder,
+            deadline: self.now + answer_within,
+        });
+    }
+}
+
+/// SQLSTATE of a statement cancelled on request.
+const SQLSTATE_QUERY_CANCELED: &str = "57014";
+
+trait TakeIfId {
+    fn take_if_id(&mut self, id: OpId) -> Option<Wait>;
+}
+
+impl TakeIfId for Option<Wait> {
+    fn take_if_id(&mut self, id: OpId) -> Option<Wait> {
+        if self.as_ref().is_some_and(|w| w.id == id) {
+            self.take()
+        } else {
+            None
+        }
     }
 }

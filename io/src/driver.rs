@@ -63,6 +63,27 @@ enum ConnectFailure {
 
 type Connector = Arc<dyn Fn(Config) -> BoxFuture<'static, Result<Established, ConnectFailure>> + Send + Sync + 'static>;
 
+/// Sends a cancel request for the statement running on a connection (the crash watch's wait).
+type Canceller = Arc<dyn Fn(tokio_postgres::CancelToken) -> BoxFuture<'static, ()> + Send + Sync + 'static>;
+
+fn canceller<T>(tls: T) -> Canceller
+where
+    T: MakeTlsConnect<Socket> + Clone + Send + Sync + 'static,
+    T::Stream: Send,
+    T::TlsConnect: Send,
+    <T::TlsConnect as TlsConnect<Socket>>::Future: Send,
+{
+    Arc::new(move |token: tokio_postgres::CancelToken| {
+        let tls = tls.clone();
+        async move {
+            if let Err(e) = token.cancel_query(tls).await {
+                tracing::debug!(error = %e, "cancelling the crash watch's wait failed");
+            }
+        }
+        .boxed()
+    })
+}
+
 /// The identity query of every connection: backend pid, whether the server is in recovery, its
 /// address, its timeline (the first eight hex digits of its current WAL file's
 /// name, which any role may read; a standby has none) and its system identifier.
@@ -276,7 +297,10 @@ where
         core: pgiplock_core::Session::new(core_config, crate::lock::random_u64()),
         clock,
         user_config: config,
-        connector: connector(tls),
+        connector: connector(tls.clone()),
+        canceller: canceller(tls),
+        watch: None,
+        watch_connecting: None,
         connect_timeout,
         commands,
         shared: shared.clone(),
@@ -358,6 +382,10 @@ struct Driver {
     clock: Clock,
     user_config: Config,
     connector: Connector,
+    canceller: Canceller,
+    /// The crash watch's connection (never used for anything but its wait).
+    watch: Option<Conn>,
+    watch_connecting: Option<Attempt>,
     connect_timeout: Duration,
     commands: mpsc::UnboundedReceiver<Command>,
     shared: Arc<Mutex<SessionShared>>,
@@ -412,6 +440,8 @@ enum Wake {
     Conn(Option<ConnEvent>),
     Query(QueryDone),
     Connected(Result<Established, ConnectFailure>),
+    WatchConn(Option<ConnEvent>),
+    WatchConnected(Result<Established, ConnectFailure>),
     Timer,
 }
 
@@ -435,6 +465,8 @@ impl Driver {
                     Some(done) = self.queries.next(), if !self.queries.is_empty() => Wake::Query(done),
                     command = self.commands.recv(), if accept_commands => Wake::Command(command),
                     result = poll_connecting(&mut self.connecting), if self.connecting.is_some() => Wake::Connected(result),
+                    event = recv_event(&mut self.watch) => Wake::WatchConn(event),
+                    result = poll_connecting(&mut self.watch_connecting), if self.watch_connecting.is_some() => Wake::WatchConnected(result),
                     () = sleep_until(deadline) => Wake::Timer,
                 }
             } else {
@@ -444,6 +476,8 @@ impl Driver {
                     event = recv_event(&mut self.conn) => Wake::Conn(event),
                     Some(done) = self.queries.next(), if !self.queries.is_empty() => Wake::Query(done),
                     result = poll_connecting(&mut self.connecting), if self.connecting.is_some() => Wake::Connected(result),
+                    event = recv_event(&mut self.watch) => Wake::WatchConn(event),
+                    result = poll_connecting(&mut self.watch_connecting), if self.watch_connecting.is_some() => Wake::WatchConnected(result),
                     () = sleep_until(deadline) => Wake::Timer,
                 }
             };
@@ -540,6 +574,51 @@ impl Driver {
                         }
                     }
                 }
+                Wake::WatchConn(Some(ConnEvent::Notification { .. })) => {}
+                Wake::WatchConn(event) => {
+                    let error = match event {
+                        Some(ConnEvent::Closed(Some(e))) => Some(crate::error::describe(&e)),
+                        _ => Some("closed by the server".to_owned()),
+                    };
+                    if let Some(conn) = self.watch.take() {
+                        tracing::debug!(error = ?error, "the crash watch's connection ended");
+                        self.feed(SessionInput::WatchClosed {
+                            session: conn.session,
+                            error,
+                        });
+                    }
+                }
+                Wake::WatchConnected(result) => {
+                    let Some((session, _)) = self.watch_connecting.take() else {
+                        continue;
+                    };
+                    match result {
+                        Ok(established) => {
+                            self.watch = Some(Conn {
+                                session,
+                                client: established.client,
+                                app: established.app,
+                                events: established.events,
+                                poller: Some(established.poller),
+                            });
+                            self.feed(SessionInput::WatchConnected { session });
+                        }
+                        Err(failure) => {
+                            let (cause, connection_limit) = match failure {
+                                ConnectFailure::Postgres(e) => (
+                                    crate::error::describe(&e),
+                                    e.code() == Some(&tokio_postgres::error::SqlState::TOO_MANY_CONNECTIONS),
+                                ),
+                                ConnectFailure::NotWritable(cause) => (cause, false),
+                            };
+                            self.feed(SessionInput::WatchConnectFailed {
+                                session,
+                                cause,
+                                connection_limit,
+                            });
+                        }
+                    }
+                }
                 Wake::Timer => self.feed(SessionInput::Tick),
             }
         }
@@ -607,7 +686,7 @@ impl Driver {
             } => {
                 let added = self
                     .core
-                    .add_lock(key, shared.channel.clone(), shared.schema.clone(), config, seed);
+                    .add_lock(key, shared.channel.clone(), shared.schema.clone(), *config, seed);
                 match added {
                     Ok(()) => {
                         self.locks.insert(key, shared);
@@ -677,6 +756,40 @@ impl Driver {
                     self.conn = None;
                 }
             }
+            SessionOutput::WatchConnect { session } => {
+                let mut config = attempt_config(&self.user_config, self.connect_timeout);
+                if let Some(conn) = &self.conn {
+                    // The session's own name with a suffix: an operator sees whose watch it is.
+                    config.application_name(format!("{}/watch", conn.app));
+                }
+                tracing::debug!(attempt = session.0, "connecting the crash watch");
+                self.watch_connecting = Some((session, (self.connector)(config)));
+            }
+            SessionOutput::WatchCancel { session } => {
+                if let Some(watch) = self.watch.as_ref().filter(|w| w.session == session) {
+                    tokio::spawn((self.canceller)(watch.client.cancel_token()));
+                }
+            }
+            SessionOutput::WatchDisconnect { session } => {
+                if self.watch.as_ref().is_some_and(|w| w.session == session) {
+                    self.watch = None;
+                }
+                if self.watch_connecting.as_ref().is_some_and(|(s, _)| *s == session) {
+                    self.watch_connecting = None;
+                }
+            }
+            SessionOutput::Event(SessionEvent::WatchDown { reason, retry_in }) => match &reason {
+                pgiplock_core::WatchFailure::ConnectionLimit(cause) => tracing::warn!(
+                    cause = %cause,
+                    retry_in = ?retry_in,
+                    "the crash watch's connection was refused for the connection limit; standbys fall back to lease expiry"
+                ),
+                other => tracing::info!(
+                    reason = ?other,
+                    retry_in = ?retry_in,
+                    "the crash watch stopped; standbys fall back to lease expiry"
+                ),
+            },
             SessionOutput::Execute(request) => self.execute(request),
             SessionOutput::Lock { lock, event } => self.on_lock_event(lock, event),
             SessionOutput::Deliver { lock, payload, replay } => {
@@ -705,13 +818,16 @@ impl Driver {
                 self.closed = true;
                 self.conn = None;
                 self.connecting = None;
+                self.watch = None;
+                self.watch_connecting = None;
             }
             other => tracing::debug!(output = ?other, "session output"),
         }
     }
 
     fn execute(&mut self, request: SessionRequest) {
-        let Some(conn) = self.conn.as_ref().filter(|c| c.session == request.session) else {
+        let watch = self.watch.as_ref().filter(|c| c.session == request.session);
+        let Some(conn) = self.conn.as_ref().filter(|c| c.session == request.session).or(watch) else {
             // The core already forgot it (the connection is gone).
             return;
         };
@@ -778,6 +894,9 @@ impl Driver {
                     } => sql::balance(&client, &schema, &app, &group, &register, leave)
                         .await
                         .map(OpReply::Balance),
+                    SessionOp::AwaitHolder { schema, pid, max } => {
+                        sql::await_holder(&client, &schema, pid, max).await.map(OpReply::Await)
+                    }
                     other => Err(DbError::Failed(format!("operation {} is not supported", other.name()))),
                 };
                 metrics::histogram!(crate::metrics::REQUEST_SECONDS, "op" => op_name)

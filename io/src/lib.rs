@@ -73,7 +73,9 @@ pub use term::{LockState, Term};
 #[cfg(feature = "testkit")]
 #[doc(hidden)]
 pub mod testkit {
-    pub use crate::sql::{balance, bootstrap, execute, execute_batch, BatchOp, BatchTarget, Target};
+    pub use crate::sql::{
+        await_holder, balance, bootstrap, execute, execute_batch, holder_key, BatchOp, BatchTarget, Target,
+    };
 }
 
 /// The README's examples, compiled as doc tests so that they cannot drift from the API.

@@ -41,6 +41,8 @@ pub struct LockOptions {
     replay_limit: Option<usize>,
     wake_jitter: Option<Duration>,
     balance: Option<String>,
+    crash_watch: Option<bool>,
+    crash_watch_refresh: Option<Duration>,
 }
 
 impl LockOptions {
@@ -128,6 +130,27 @@ impl LockOptions {
         self
     }
 
+    /// Crash failover without polling (`Lease`; on by default, ignored under `Classic`): a
+    /// standby refused by another process's holder waits for that holder's session to end over
+    /// a second connection of the session, and attempts at once when it does, instead of at the
+    /// lease's expiry; meanwhile it makes no periodic attempt. One wait per session (for the
+    /// holder of most of its standbys; the others keep their ordinary retries). Costs one more
+    /// connection per session; turn it off behind transaction-mode poolers such as PgBouncer,
+    /// where session advisory locks do not work. Where the second connection cannot be opened
+    /// (connection limit reached) standbys fall back to lease expiry.
+    pub fn crash_watch(mut self, on: bool) -> Self {
+        self.crash_watch = Some(on);
+        self
+    }
+
+    /// The longest single wait of the crash watch before it is issued again (default 60 s, at
+    /// least 10 ms): a waiting statement holds back vacuum (its backend's `xmin`) for at most
+    /// this long.
+    pub fn crash_watch_refresh(mut self, refresh: Duration) -> Self {
+        self.crash_watch_refresh = Some(refresh);
+        self
+    }
+
     /// Seed of the retry jitter (default random).
     pub fn seed(mut self, seed: u64) -> Self {
         self.seed = Some(seed);
@@ -170,6 +193,12 @@ impl LockOptions {
             config.wake_jitter = jitter;
         }
         config.balance = self.balance.clone();
+        if let Some(on) = self.crash_watch {
+            config.crash_watch = on;
+        }
+        if let Some(refresh) = self.crash_watch_refresh {
+            config.crash_watch_refresh = refresh;
+        }
         config.validate()?;
         Ok(config)
     }

@@ -133,7 +133,8 @@ pub(crate) enum Command {
     Register {
         key: LockKey,
         shared: Arc<LockShared>,
-        config: LockConfig,
+        /// Boxed: the largest variant by far, and commands are queued.
+        config: Box<LockConfig>,
         seed: u64,
     },
     Call {
@@ -319,7 +320,7 @@ impl Session {
         let registered = self.send(Command::Register {
             key,
             shared: shared.clone(),
-            config,
+            config: Box::new(config),
             seed: options.seed_value(),
         });
         if let Err(e) = registered {

@@ -83,6 +83,82 @@ fn advisory_key(schema: &SchemaName) -> i64 {
     i64::from_ne_bytes(hash.to_ne_bytes())
 }
 
+/// The first key of the session advisory lock every `Lease` session of `schema` holds (with its
+/// backend pid as the second), so that the crash watch of other processes can wait for its
+/// session to end: FNV-1a of `"pgiplock holder:" + schema`, folded to a non-negative int4 (so
+/// that it reads the same in `pg_locks.classid`).
+pub fn holder_key(schema: &SchemaName) -> i32 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in "pgiplock holder:".bytes().chain(schema.as_str().bytes()) {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    ((hash ^ (hash >> 32)) & 0x7fff_ffff) as i32
+}
+
+/// The crash watch's wait, a procedure (see [`SessionOp::AwaitHolder`](pgiplock_core::SessionOp)).
+/// Bounded by `p_max_us`; it re-reads the holder's earliest lease expiry whenever its lock wait
+/// times out (the holder renews meanwhile), and commits before every wait, so that the lock it
+/// takes on the lease table to read it is not held while it waits (DDL on the table, a
+/// `DROP SCHEMA`, would otherwise queue behind it and block every lock statement). A dying
+/// backend releases its advisory locks before its `pg_stat_activity` entry goes, so before
+/// answering `gone` it waits (at most 200 ms) until the entry is gone too: the standby's
+/// attempt then finds the holder's session gone.
+fn lease_await_holder_body(qs: &str) -> String {
+    format!(
+        r#"
+DECLARE
+  v_end timestamptz := clock_timestamp() + p_max_us * INTERVAL '1 microsecond';
+  v_expiry timestamptz;
+  v_wait_ms bigint;
+  v_gone boolean;
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_locks l
+                 WHERE l.locktype = 'advisory' AND l.classid = p_key::oid AND l.objid = p_pid::oid
+                   AND l.objsubid = 2 AND l.pid = p_pid AND l.mode = 'ExclusiveLock' AND l.granted
+                   AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d WHERE d.datname = current_database())) THEN
+    outcome := 'unwatched';
+    RETURN;
+  END IF;
+  LOOP
+    SELECT min(r.expires_at) INTO v_expiry FROM {qs}.lease r WHERE r.holder_pid = p_pid AND r.holder IS NOT NULL;
+    IF v_expiry IS NULL THEN
+      outcome := 'released';
+      RETURN;
+    END IF;
+    IF v_expiry <= clock_timestamp() THEN
+      outcome := 'expired';
+      RETURN;
+    END IF;
+    IF clock_timestamp() >= v_end THEN
+      outcome := 'timeout';
+      RETURN;
+    END IF;
+    COMMIT;
+    v_wait_ms := GREATEST(1, ceil(EXTRACT(EPOCH FROM (LEAST(v_end, v_expiry) - clock_timestamp())) * 1000))::bigint;
+    PERFORM set_config('lock_timeout', v_wait_ms || 'ms', true);
+    BEGIN
+      PERFORM pg_advisory_lock_shared(p_key, p_pid);
+      PERFORM pg_advisory_unlock_shared(p_key, p_pid);
+      v_gone := true;
+    EXCEPTION WHEN lock_not_available THEN
+      v_gone := false;
+    END;
+    IF v_gone THEN
+      FOR i IN 1..40 LOOP
+        PERFORM pg_stat_clear_snapshot();
+        EXIT WHEN NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a WHERE a.pid = p_pid);
+        PERFORM pg_sleep(0.005);
+      END LOOP;
+      outcome := 'gone';
+      RETURN;
+    END IF;
+  END LOOP;
+END
+"#
+    )
+}
+
 /// `IF NOT EXISTS (function) THEN CREATE ...` for one function. With `replace` (our own schema)
 /// an existing function whose body or `SET` clause (`Some("name=value")`) differs from ours is
 /// replaced; without, an existing one is left alone (the Classic schema may have been created
@@ -569,6 +645,16 @@ fn bootstrap_sql(protocol: Protocol, schema: &SchemaName) -> String {
                 let def = format!("{signature}{}", dollar_quote(&fn_body, "fn"));
                 body.push_str(&ensure_function(schema, name, &def, &fn_body, Some(setting)));
             }
+            // The crash watch's wait: a procedure, so that it can commit between its waits.
+            let wait = lease_await_holder_body(&qs);
+            let def = format!(
+                "(p_key integer, p_pid integer, p_max_us bigint, INOUT outcome text DEFAULT NULL) LANGUAGE plpgsql AS {}",
+                dollar_quote(&wait, "fn")
+            );
+            body.push_str(
+                &ensure_function(schema, "await_holder", &def, &wait, Some(None))
+                    .replace("CREATE OR REPLACE FUNCTION", "CREATE OR REPLACE PROCEDURE"),
+            );
         }
     }
     body.push_str("END\n");
@@ -597,12 +683,43 @@ pub async fn bootstrap(client: &Client, protocol: Protocol, schema: &SchemaName)
 /// at its first call, and the first `release_v2` of a session cost 6.5 ms against 0.25 ms after
 /// (measured with psql on PostgreSQL 15), a third of a graceful handover. (`acquire_v2` runs at
 /// every standby attempt and is compiled by the first.)
+///
+/// First, the session takes its holder advisory lock ([`holder_key`]) if it does not hold it
+/// yet: no extra round trip, and it works on a read-only server too.
 fn warm_up_sql(schema: &SchemaName) -> String {
     let qs = quote_ident(schema.as_str());
+    let key = holder_key(schema);
     format!(
-        "SELECT {qs}.release_v2(NULL, NULL, NULL, NULL), {qs}.renew_v2(NULL, NULL, NULL, NULL, NULL, NULL, NULL); \
+        "SELECT pg_advisory_lock({key}, pg_backend_pid()) WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_locks l \
+         WHERE l.locktype = 'advisory' AND l.classid = {key}::oid AND l.objid = pg_backend_pid()::oid AND l.objsubid = 2 \
+         AND l.pid = pg_backend_pid() AND l.granted); \
+         SELECT {qs}.release_v2(NULL, NULL, NULL, NULL), {qs}.renew_v2(NULL, NULL, NULL, NULL, NULL, NULL, NULL); \
          SELECT * FROM {qs}.renew_many(NULL, '{{}}', '{{}}', '{{}}', '{{}}', '{{}}', '{{}}')"
     )
+}
+
+/// The crash watch's wait on the session of backend `pid` (its advisory lock of `schema`), at
+/// most `max`.
+pub async fn await_holder(
+    client: &Client,
+    schema: &SchemaName,
+    pid: i32,
+    max: Duration,
+) -> Result<pgiplock_core::AwaitOutcome, DbError> {
+    let qs = quote_ident(schema.as_str());
+    let max_us = i64::try_from(max.as_micros()).unwrap_or(i64::MAX);
+    // The simple protocol: a procedure that commits may not run in an extended-protocol
+    // statement's transaction.
+    let sql = format!("CALL {qs}.await_holder({}, {pid}, {max_us})", holder_key(schema));
+    let messages = client.simple_query(&sql).await.map_err(|e| db_error(&e))?;
+    let word = messages
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .unwrap_or_default();
+    pgiplock_core::AwaitOutcome::parse(&word).ok_or_else(|| DbError::Failed(format!("await_holder answered {word:?}")))
 }
 
 /// `LISTEN` on the channels of a lock under `protocol` ([`ChannelName::listened`]).

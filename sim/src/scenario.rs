@@ -670,6 +670,10 @@ impl Scenario {
         if self.balance {
             c.balance = Some(BALANCE_GROUP.to_owned());
         }
+        // The database model has no session advisory locks nor a second connection per
+        // process yet: the crash watch stays off, and crash failover waits for lease expiry as
+        // before (sim/README.md).
+        c.crash_watch = false;
         match self.protocol {
             Protocol::Lease => {
                 // The derivations of the library's options (renew, margin, request timeout).

@@ -64,6 +64,11 @@ pub(crate) struct WorkerArgs {
     /// every lock competes alone].
     #[arg(long, value_name = "GROUP")]
     balance: Option<String>,
+    /// Crash failover without polling, lease protocol only: standbys wait on the holder's
+    /// session over one more connection per process and take over as soon as it ends; false
+    /// (e.g. behind a transaction-mode pooler) waits for the lease's expiry [default: true].
+    #[arg(long, value_name = "BOOL")]
+    crash_watch: Option<bool>,
 }
 
 impl WorkerArgs {
@@ -98,6 +103,9 @@ impl WorkerArgs {
         }
         if let Some(group) = &self.balance {
             options = options.balance(group);
+        }
+        if let Some(on) = self.crash_watch {
+            options = options.crash_watch(on);
         }
         options
             .to_config()
