@@ -372,6 +372,10 @@ fn spread(samples: &[Duration]) -> String {
 /// The log filter of the measuring workers: the driver's statements at trace level.
 const MEASURE_LOG: &str = "pgiplock=info,pgiplock::driver=trace";
 
+/// The real Lease workers run without the crash watch: the simulator's processes do not model
+/// it (its scenarios turn it off), and both sides must run the same protocol.
+const CRASH_WATCH_ARGS: &[&str] = &["--crash-watch", "false"];
+
 /// A lone worker, `trials` times: SIGTERM → drain statement, drain statement → release
 /// statement (one reply handled in between), with nobody else woken.
 async fn measure_lone(cluster: &TempCluster, protocol: Protocol, trials: usize) -> (Vec<Duration>, Vec<Duration>) {
@@ -381,6 +385,7 @@ async fn measure_lone(cluster: &TempCluster, protocol: Protocol, trials: usize) 
         WorkerOpts::new(&cluster.url(), &unique_channel(), None, protocol).acquire_interval(ACQUIRE_INTERVAL);
     if protocol == Protocol::Lease {
         opts = opts.lease_ttl(LEASE_TTL);
+        opts.extra_args.extend(CRASH_WATCH_ARGS.iter().map(|a| a.to_string()));
     }
     for _ in 0..trials {
         let mut fleet = Fleet::new(opts.clone());
@@ -869,6 +874,7 @@ async fn measure_real(
         WorkerOpts::new(&cluster.url(), &unique_channel(), None, protocol).acquire_interval(ACQUIRE_INTERVAL);
     if protocol == Protocol::Lease {
         opts = opts.lease_ttl(LEASE_TTL);
+        opts.extra_args.extend(CRASH_WATCH_ARGS.iter().map(|a| a.to_string()));
     }
     // The workers log their statements (the rows from the release and from the first attempt).
     std::env::set_var("PGIPLOCK_TEST_LOG", MEASURE_LOG);
