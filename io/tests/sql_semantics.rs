@@ -102,8 +102,9 @@ async fn bootstrap_many(protocol: Protocol) {
         .get(0);
     // Classic: deadlock_check, notify_lock; Lease: acquire_v2, renew_v2, release_v2,
     // terminate_stale, the batched renew_many and acquire_many, the token helpers timeline,
-    // next_token, older_timeline and old_timeline_free_at, and fair share's balance_v1.
-    assert_eq!(functions, if protocol == Protocol::Classic { 2 } else { 11 });
+    // next_token, older_timeline and old_timeline_free_at, fair share's balance_v1, and the
+    // crash watch's procedure await_holder.
+    assert_eq!(functions, if protocol == Protocol::Classic { 2 } else { 12 });
     if protocol == Protocol::Classic {
         let triggers: i64 = admin
             .client
