@@ -33,8 +33,8 @@ use std::time::Duration;
 
 use crate::session_map::SessionMap;
 use pgiplock_core::{
-    AcquireReply, BalanceCounts, ChannelName, DbError, DbOp, FenceToken, Marker, PreviousTerm, Protocol, Reply,
-    SessionId, StaleHolder, TerminateOutcome, Timestamp, MAX_FREE_LISTED,
+    AcquireReply, AwaitOutcome, BalanceCounts, ChannelName, DbError, DbOp, FenceToken, Marker, PreviousTerm, Protocol,
+    Reply, SessionId, StaleHolder, TerminateOutcome, Timestamp, MAX_FREE_LISTED,
 };
 
 /// Server-wide settings of the model.
@@ -131,6 +131,22 @@ struct Backend {
     listening: BTreeSet<String>,
     inbox: VecDeque<Notification>,
     statements: u64,
+    /// It holds its `Lease` holder advisory lock (taken by the warm-up after the bootstrap),
+    /// until the session ends.
+    holder_lock: bool,
+}
+
+/// Where a crash watch's wait ([`SimDb::await_begin`], [`SimDb::await_step`]) stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AwaitState {
+    /// It answers this.
+    Done(AwaitOutcome),
+    /// It waits on the holder's advisory lock until `wake` (the holder's earliest expiry or the
+    /// wait's end, whichever is first), or until the holder's session ends (`Gone`).
+    Waiting {
+        /// When it looks at the holder's rows again.
+        wake: Timestamp,
+    },
 }
 
 /// The database server model. See the module documentation.
@@ -168,6 +184,9 @@ pub struct SimDb {
     balance_members: BTreeMap<String, BTreeMap<String, i32>>,
     /// Fair share: per balance group, its channels.
     balance_channels: BTreeMap<String, BTreeSet<String>>,
+    /// Sessions ended since the last take, with their pid and whether they held their holder
+    /// advisory lock (the crash watch's waits on them answer `gone`).
+    ended: Vec<(SessionId, i32, bool)>,
 }
 
 impl SimDb {
@@ -194,6 +213,7 @@ impl SimDb {
             old_timeline_takeover: OldTimelineTakeover::default(),
             balance_members: BTreeMap::new(),
             balance_channels: BTreeMap::new(),
+            ended: Vec::new(),
         }
     }
 
@@ -273,6 +293,7 @@ impl SimDb {
                 listening: BTreeSet::new(),
                 inbox: VecDeque::new(),
                 statements: 0,
+                holder_lock: false,
             },
         );
         (id, pid)
@@ -290,6 +311,7 @@ impl SimDb {
             }
         }
         self.pids.remove(&backend.pid);
+        self.ended.push((session, backend.pid, backend.holder_lock));
         for channel in &backend.listening {
             if let Some(set) = self.listeners.get_mut(channel) {
                 set.remove(&session);
@@ -358,7 +380,7 @@ impl SimDb {
     pub fn bootstrap(
         &mut self,
         session: SessionId,
-        _protocol: Protocol,
+        protocol: Protocol,
         schema: &pgiplock_core::SchemaName,
     ) -> Result<(), DbError> {
         let backend = self.sessions.get_mut(&session).ok_or(DbError::SessionLost)?;
@@ -373,7 +395,74 @@ impl SimDb {
             }
             self.schema_dropped = false;
         }
+        // The warm-up that follows a `Lease` bootstrap takes the session's holder advisory lock
+        // (it works on a read-only server too).
+        if protocol == Protocol::Lease {
+            if let Some(backend) = self.sessions.get_mut(&session) {
+                backend.holder_lock = true;
+            }
+        }
         Ok(())
+    }
+
+    /// Sessions ended since the last call: (session, pid, held its holder advisory lock).
+    pub fn take_ended(&mut self) -> Vec<(SessionId, i32, bool)> {
+        std::mem::take(&mut self.ended)
+    }
+
+    /// Whether sessions ended since the last [`take_ended`](SimDb::take_ended).
+    pub fn has_ended(&self) -> bool {
+        !self.ended.is_empty()
+    }
+
+    /// Whether the live session of backend `pid` holds its holder advisory lock.
+    pub fn holds_holder_lock(&self, pid: i32) -> bool {
+        self.pids
+            .get(&pid)
+            .and_then(|s| self.sessions.get(s))
+            .is_some_and(|b| b.holder_lock)
+    }
+
+    /// `CALL await_holder(key, pid, max)` on `session` (one statement), as the io crate's
+    /// procedure: `unwatched` at once if backend `pid` holds no holder advisory lock, else the
+    /// first look at its rows ([`await_step`](SimDb::await_step)) with the wait ending at `end`.
+    pub fn await_begin(&mut self, session: SessionId, pid: i32, end: Timestamp) -> Result<AwaitState, DbError> {
+        let backend = self.sessions.get_mut(&session).ok_or(DbError::SessionLost)?;
+        backend.statements += 1;
+        self.statements += 1;
+        if self.schema_dropped {
+            return Err(DbError::server(
+                "42883",
+                "procedure await_holder(integer, integer, bigint) does not exist".to_owned(),
+            ));
+        }
+        if !self.holds_holder_lock(pid) {
+            return Ok(AwaitState::Done(AwaitOutcome::Unwatched));
+        }
+        Ok(self.await_step(pid, end))
+    }
+
+    /// One turn of the wait's loop, as the procedure's: `gone` if the holder's session ended
+    /// (its advisory lock went with it); `released` if backend `pid` holds no lease row
+    /// (`holder IS NOT NULL`); `expired` once the earliest expiry of its rows passed; `timeout`
+    /// at `end`; else it waits again until the earliest of those.
+    pub fn await_step(&self, pid: i32, end: Timestamp) -> AwaitState {
+        if !self.holds_holder_lock(pid) {
+            return AwaitState::Done(AwaitOutcome::Gone);
+        }
+        let expiry = self
+            .lease
+            .values()
+            .filter(|r| r.holder_pid == Some(pid) && r.holder.is_some())
+            .filter_map(|r| r.expires_at)
+            .min();
+        let now = self.now;
+        match expiry {
+            None => AwaitState::Done(AwaitOutcome::Released),
+            Some(at) if at <= now => AwaitState::Done(AwaitOutcome::Expired),
+            Some(_) if now >= end => AwaitState::Done(AwaitOutcome::Timeout),
+            Some(at) => AwaitState::Waiting { wake: at.min(end) },
+        }
     }
 
     /// `DROP SCHEMA ... CASCADE` by an administrator: every lock row is gone (tokens start again

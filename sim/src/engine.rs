@@ -5,7 +5,7 @@ use std::cmp::{Ordering, Reverse};
 use std::collections::{BinaryHeap, VecDeque};
 use std::time::Duration;
 
-use pgiplock_core::{SessionId, SessionRequest, Timestamp};
+use pgiplock_core::{OpId, SessionId, SessionRequest, Timestamp};
 
 use crate::indexed_heap::IndexedHeap;
 use crate::metrics::Report;
@@ -94,6 +94,12 @@ pub(crate) enum Event {
         p: usize,
         inc: u32,
     },
+    /// A crash watch's wait on the server connection `session` looks at the holder's rows
+    /// again (the holder's earliest expiry, or the wait's end).
+    AwaitWake {
+        session: SessionId,
+        id: OpId,
+    },
 }
 
 impl Event {
@@ -120,6 +126,7 @@ impl Event {
             Event::Promote { .. } => 20,
             Event::OldPrimaryDown { .. } => 21,
             Event::Signal { .. } => 22,
+            Event::AwaitWake { .. } => 23,
         }
     }
 }
@@ -416,6 +423,10 @@ impl World {
                     self.stop_process(p);
                 }
             }
+            Event::AwaitWake { session, id } => self.await_wake(session, id),
+        }
+        if self.server.db.has_ended() {
+            self.waits_gone();
         }
     }
 }

@@ -310,6 +310,12 @@ struct ScenarioArgs {
     /// fleet converges to about channels / processes each (true or false).
     #[arg(long, value_name = "BOOL")]
     balance: Option<bool>,
+    /// The crash watch, lease only: a process whose standbys another process's holder refused
+    /// waits on that holder's session on a second connection, so a crashed holder is replaced
+    /// once the server ends its session, not at a standby's next retry (true or false; default:
+    /// the library's, true).
+    #[arg(long, value_name = "BOOL")]
+    crash_watch: Option<bool>,
     /// Virtual time simulated (a duration).
     #[arg(long, value_name = "DURATION", value_parser = dur)]
     duration: Option<Duration>,
@@ -548,6 +554,7 @@ impl ScenarioArgs {
             processes,
             channels,
             balance,
+            crash_watch,
             duration,
             warmup,
             acquire_interval,

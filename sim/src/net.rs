@@ -7,9 +7,11 @@
 
 use std::time::Duration;
 
-use pgiplock_core::{DbError, DbOp, OpId, OpReply, Reply, SessionId, SessionOp, SessionRequest, SplitMix64, Timestamp};
+use pgiplock_core::{
+    AwaitOutcome, DbError, DbOp, OpId, OpReply, Reply, SessionId, SessionOp, SessionRequest, SplitMix64, Timestamp,
+};
 
-use crate::db::{DbConfig, SimDb};
+use crate::db::{AwaitState, DbConfig, SimDb};
 use crate::engine::Event;
 use crate::scenario::Scenario;
 use crate::session_map::SessionMap;
@@ -17,8 +19,14 @@ use crate::world::{derive_seed, World, STREAM_SERVER};
 
 #[derive(Debug, Clone)]
 pub(crate) enum ClientMsg {
-    Connect { attempt: u64 },
-    Request { request: SessionRequest },
+    Connect {
+        attempt: u64,
+    },
+    Request {
+        request: SessionRequest,
+    },
+    /// The cancel request for the statement running on the connection (the crash watch's wait).
+    Cancel,
     Close,
 }
 
@@ -82,9 +90,31 @@ pub(crate) struct ServerConn {
     retransmit_armed: bool,
 }
 
+/// The number the trace hash folds in for a wait's outcome.
+fn outcome_tag(outcome: AwaitOutcome) -> u64 {
+    match outcome {
+        AwaitOutcome::Gone => 1,
+        AwaitOutcome::Expired => 2,
+        AwaitOutcome::Released => 3,
+        AwaitOutcome::Timeout => 4,
+        _ => 5,
+    }
+}
+
+/// A crash watch's wait in progress on a server connection.
+pub(crate) struct Wait {
+    id: OpId,
+    /// The holder's backend pid.
+    pid: i32,
+    /// When it answers `timeout`.
+    end: Timestamp,
+}
+
 /// The PostgreSQL server: the database model, its connections, and the publisher's session.
 pub(crate) struct Server {
     pub(crate) db: SimDb,
+    /// The crash watch's waits in progress, per server connection.
+    pub(crate) waits: std::collections::BTreeMap<SessionId, Wait>,
     pub(crate) up: bool,
     /// Query latencies.
     rng: SplitMix64,
@@ -105,6 +135,7 @@ impl Server {
             up: true,
             rng: SplitMix64::new(derive_seed(seed, STREAM_SERVER, 0, 0)),
             conns: SessionMap::default(),
+            waits: std::collections::BTreeMap::new(),
             publisher: Some(publisher),
             forger: None,
             publisher_busy: Timestamp::ZERO,
@@ -161,7 +192,7 @@ impl World {
                     c.client_closed = true;
                 }
             }
-            ClientMsg::Connect { .. } => {}
+            ClientMsg::Connect { .. } | ClientMsg::Cancel => {}
         }
     }
 
@@ -269,9 +300,95 @@ impl World {
                 c.busy_until = at;
                 self.engine.schedule(at, Event::ServerCommit { p, session, request });
             }
+            ClientMsg::Cancel => {
+                // The wait ends with the cancel's error (SQLSTATE 57014); anything else has
+                // finished already.
+                if let Some(wait) = self.server.waits.remove(&session) {
+                    let error = DbError::server("57014", "canceling statement due to user request".to_owned());
+                    let generation = self.server.db.generation();
+                    self.server_send(
+                        session,
+                        ServerMsg::Reply {
+                            id: wait.id,
+                            result: Err(error),
+                            generation,
+                        },
+                    );
+                }
+            }
             ClientMsg::Close => {
                 self.server.db.close_session(session);
                 self.server.conns.remove(&session);
+            }
+        }
+    }
+
+    /// A crash watch's wait looks at the holder's rows again.
+    pub(crate) fn await_wake(&mut self, session: SessionId, id: OpId) {
+        let Some(wait) = self.server.waits.get(&session).filter(|w| w.id == id) else {
+            return;
+        };
+        let (pid, end) = (wait.pid, wait.end);
+        self.server.db.advance_to(self.engine.now);
+        let state = self.server.db.await_step(pid, end);
+        self.await_state(session, id, pid, end, state);
+    }
+
+    /// Answers a wait that is done, or keeps it and schedules its next look.
+    fn await_state(&mut self, session: SessionId, id: OpId, pid: i32, end: Timestamp, state: AwaitState) {
+        match state {
+            AwaitState::Done(outcome) => {
+                self.server.waits.remove(&session);
+                self.trace.hash(&[206, outcome_tag(outcome)]);
+                let generation = self.server.db.generation();
+                self.server_send(
+                    session,
+                    ServerMsg::Reply {
+                        id,
+                        result: Ok(OpReply::Await(outcome)),
+                        generation,
+                    },
+                );
+            }
+            AwaitState::Waiting { wake } => {
+                self.server.waits.insert(session, Wait { id, pid, end });
+                self.engine.schedule(wake, Event::AwaitWake { session, id });
+            }
+        }
+    }
+
+    /// Sessions ended: a wait on one that held its holder advisory lock answers `gone` at once
+    /// (the model's backend leaves `pg_stat_activity` with its locks); a waiting session that
+    /// ended takes its wait with it.
+    pub(crate) fn waits_gone(&mut self) {
+        let ended = self.server.db.take_ended();
+        if self.server.waits.is_empty() {
+            return;
+        }
+        for (session, pid, holder_lock) in ended {
+            self.server.waits.remove(&session);
+            if !holder_lock {
+                continue;
+            }
+            let gone: Vec<(SessionId, OpId)> = self
+                .server
+                .waits
+                .iter()
+                .filter(|(_, w)| w.pid == pid)
+                .map(|(s, w)| (*s, w.id))
+                .collect();
+            for (waiting, id) in gone {
+                self.server.waits.remove(&waiting);
+                self.trace.hash(&[206, outcome_tag(AwaitOutcome::Gone)]);
+                let generation = self.server.db.generation();
+                self.server_send(
+                    waiting,
+                    ServerMsg::Reply {
+                        id,
+                        result: Ok(OpReply::Await(AwaitOutcome::Gone)),
+                        generation,
+                    },
+                );
             }
         }
     }
@@ -411,6 +528,18 @@ impl World {
                     result.map(|()| OpReply::Done),
                     channel.listened(*protocol).count() as u64,
                 )
+            }
+            // The crash watch's wait: answered now, or once its outcome occurs (no reply yet).
+            SessionOp::AwaitHolder { pid, max, .. } => {
+                let end = now + *max;
+                match self.server.db.await_begin(session, *pid, end) {
+                    Ok(state) => {
+                        self.metrics.statements(p, 1, now);
+                        self.await_state(session, id, *pid, end, state);
+                        return;
+                    }
+                    Err(error) => (Err(error), 1),
+                }
             }
             other => (
                 Err(DbError::Failed(format!("operation {} is not supported", other.name()))),

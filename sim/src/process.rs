@@ -63,6 +63,10 @@ pub(crate) struct Proc {
     connecting: Option<SessionId>,
     /// The connection that is up: the core's id and the server's.
     conn: Option<(SessionId, SessionId)>,
+    /// The crash watch's connection attempt in progress (the core's id).
+    watch_connecting: Option<SessionId>,
+    /// The crash watch's connection that is up: the core's id and the server's.
+    watch_conn: Option<(SessionId, SessionId)>,
     next_call: u64,
     /// The server connection that LISTENs the data channel, and since when (D2).
     pub(crate) listening_since: Option<(SessionId, Timestamp)>,
@@ -86,6 +90,8 @@ impl Proc {
             locks: Vec::new(),
             armed: None,
             connecting: None,
+            watch_connecting: None,
+            watch_conn: None,
             conn: None,
             next_call: 1,
             listening_since: None,
@@ -208,6 +214,8 @@ impl World {
         proc.stood_down = false;
         proc.connecting = None;
         proc.conn = None;
+        proc.watch_connecting = None;
+        proc.watch_conn = None;
         proc.armed = None;
         self.engine.arm(p, 0, None);
         proc.next_call = 1;
@@ -311,6 +319,8 @@ impl World {
         proc.armed = None;
         self.engine.arm(p, 0, None);
         proc.connecting = None;
+        proc.watch_connecting = None;
+        proc.watch_conn = None;
         let conn = proc.conn.take();
         self.alive_count -= 1;
         self.checkers.forget(p);
@@ -341,6 +351,10 @@ impl World {
                     pid,
                 },
             );
+        } else if proc.watch_connecting == Some(core) {
+            proc.watch_connecting = None;
+            proc.watch_conn = Some((core, session));
+            self.drive(p, SessionInput::WatchConnected { session: core });
         } else {
             // The attempt was abandoned: its socket is gone.
             self.client_close(p, session);
@@ -359,6 +373,16 @@ impl World {
                     cause: "connection refused".to_owned(),
                 },
             );
+        } else if self.procs[p].watch_connecting == Some(core) {
+            self.procs[p].watch_connecting = None;
+            self.drive(
+                p,
+                SessionInput::WatchConnectFailed {
+                    session: core,
+                    cause: "connection refused".to_owned(),
+                    connection_limit: false,
+                },
+            );
         }
     }
 
@@ -368,6 +392,14 @@ impl World {
             self.drive(
                 p,
                 SessionInput::Closed {
+                    session: core,
+                    error: Some("closed by the server".to_owned()),
+                },
+            );
+        } else if let Some(core) = self.take_watch_conn(p, session) {
+            self.drive(
+                p,
+                SessionInput::WatchClosed {
                     session: core,
                     error: Some("closed by the server".to_owned()),
                 },
@@ -389,7 +421,27 @@ impl World {
                     error: Some("tcp_user_timeout".to_owned()),
                 },
             );
+        } else if let Some(core) = self.take_watch_conn(p, session) {
+            self.client_close(p, session);
+            self.drive(
+                p,
+                SessionInput::WatchClosed {
+                    session: core,
+                    error: Some("tcp_user_timeout".to_owned()),
+                },
+            );
         }
+    }
+
+    /// Forgets the watch connection if it is `session`; returns the core's id of it.
+    fn take_watch_conn(&mut self, p: usize, session: SessionId) -> Option<SessionId> {
+        let proc = &mut self.procs[p];
+        let (core, server) = proc.watch_conn?;
+        if server != session {
+            return None;
+        }
+        proc.watch_conn = None;
+        Some(core)
     }
 
     /// Forgets the connection if it is `session`; returns the core's id of it.
@@ -412,7 +464,9 @@ impl World {
         result: Result<OpReply, pgiplock_core::DbError>,
         generation: u64,
     ) {
-        if self.procs[p].conn.is_some_and(|(_, server)| server == session) {
+        if self.procs[p].watch_conn.is_some_and(|(_, server)| server == session) {
+            self.drive(p, SessionInput::Reply { id, result });
+        } else if self.procs[p].conn.is_some_and(|(_, server)| server == session) {
             self.procs[p].reply_generation = Some(generation);
             self.drive(p, SessionInput::Reply { id, result });
             self.procs[p].reply_generation = None;
@@ -578,6 +632,38 @@ impl World {
                     }
                 }
             }
+            SessionOutput::WatchConnect { session } => {
+                self.procs[p].watch_connecting = Some(session);
+                self.client_send(p, SessionId(0), ClientMsg::Connect { attempt: session.0 });
+            }
+            SessionOutput::WatchCancel { session } => {
+                if let Some((core, server)) = self.procs[p].watch_conn {
+                    if core == session {
+                        self.client_send(p, server, ClientMsg::Cancel);
+                    }
+                }
+            }
+            SessionOutput::WatchDisconnect { session } => {
+                let proc = &mut self.procs[p];
+                if proc.watch_connecting == Some(session) {
+                    proc.watch_connecting = None;
+                }
+                if let Some((core, server)) = proc.watch_conn {
+                    if core == session {
+                        proc.watch_conn = None;
+                        self.client_close(p, server);
+                    }
+                }
+            }
+            SessionOutput::Execute(request) if matches!(request.op, SessionOp::AwaitHolder { .. }) => {
+                self.observe(p, || Observed::Request(request.op.clone()));
+                let Some((core, server)) = self.procs[p].watch_conn else {
+                    return;
+                };
+                if core == request.session {
+                    self.client_send(p, server, ClientMsg::Request { request });
+                }
+            }
             SessionOutput::Execute(request) => {
                 self.observe(p, || Observed::Request(request.op.clone()));
                 let proc = &mut self.procs[p];
@@ -669,6 +755,8 @@ impl World {
                     SessionEvent::ReadOnly { .. } => Some("read_only_refused"),
                     SessionEvent::SchemaMissing { .. } => Some("schema_missing"),
                     SessionEvent::BootstrapFailed { .. } => Some("bootstrap_failed"),
+                    SessionEvent::WatchUp { .. } => Some("watch_up"),
+                    SessionEvent::WatchDown { .. } => Some("watch_down"),
                     _ => None,
                 };
                 if let Some(name) = name {

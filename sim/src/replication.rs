@@ -412,7 +412,8 @@ impl World {
             | Event::ToClient { session, .. }
             | Event::ServerClose { session }
             | Event::ServerDeadPeer { session, .. }
-            | Event::ClientUserTimeout { session, .. } => session,
+            | Event::ClientUserTimeout { session, .. }
+            | Event::AwaitWake { session, .. } => session,
             _ => return false,
         };
         old.server.conns.contains_key(session)

@@ -448,6 +448,10 @@ pub struct Scenario {
     /// Fair share (Lease only): every lock of every process competes in one balance group, so
     /// that the fleet converges to about `channels / processes` channels each.
     pub balance: bool,
+    /// The crash watch (Lease only, `LockConfig::crash_watch`): a process whose standbys another
+    /// process's holder refused waits on that holder's session on a second connection, and its
+    /// standbys attempt as soon as the holder's session ends. Defaults to the library's default.
+    pub crash_watch: bool,
     /// Virtual time simulated.
     #[serde(with = "dur")]
     pub duration: Duration,
@@ -591,6 +595,7 @@ impl Default for Scenario {
             processes: 10,
             channels: 1,
             balance: false,
+            crash_watch: LockConfig::new(Protocol::Lease).crash_watch,
             duration: Duration::from_secs(12 * 3600),
             warmup: Duration::from_secs(60),
             acquire_interval: Duration::from_secs(30),
@@ -670,10 +675,7 @@ impl Scenario {
         if self.balance {
             c.balance = Some(BALANCE_GROUP.to_owned());
         }
-        // The database model has no session advisory locks nor a second connection per
-        // process yet: the crash watch stays off, and crash failover waits for lease expiry as
-        // before (sim/README.md).
-        c.crash_watch = false;
+        c.crash_watch = self.crash_watch;
         match self.protocol {
             Protocol::Lease => {
                 // The derivations of the library's options (renew, margin, request timeout).
@@ -812,6 +814,7 @@ impl Scenario {
         flag("processes", self.processes.to_string(), d.processes.to_string());
         flag("channels", self.channels.to_string(), d.channels.to_string());
         flag("balance", self.balance.to_string(), d.balance.to_string());
+        flag("crash-watch", self.crash_watch.to_string(), d.crash_watch.to_string());
         let fd = |x: Duration| format_duration(x);
         let fo = |x: Option<Duration>| x.map_or_else(|| "none".to_owned(), format_duration);
         flag("duration", fd(self.duration), fd(d.duration));

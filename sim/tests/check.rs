@@ -251,6 +251,8 @@ fn the_load_bound_is_what_the_timings_imply() {
         publish_rate: 2.0,
         fault_rates: FaultRates::default(),
         property_checks: true,
+        // The formula's standbys poll; with the crash watch they wait instead (below).
+        crash_watch: false,
         ..Scenario::default()
     };
     let report = pgiplock_sim::run(&scenario, 1).unwrap();
@@ -262,5 +264,17 @@ fn the_load_bound_is_what_the_timings_imply() {
     assert!(
         measured <= bound && measured > 0.6 * bound,
         "{measured} against {bound}"
+    );
+    // With the crash watch the standbys send one wait per `crash_watch_refresh` instead of
+    // their attempts: the holder's renewals are most of the load.
+    let watched = Scenario {
+        crash_watch: true,
+        ..scenario
+    };
+    let report = pgiplock_sim::run(&watched, 1).unwrap();
+    let measured_watched = report.statements_per_s;
+    assert!(
+        measured_watched <= bound && measured_watched < 0.6 * measured,
+        "{measured_watched} against {measured} without the watch"
     );
 }

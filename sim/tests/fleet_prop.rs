@@ -732,8 +732,11 @@ fn cut_then_crashed_holder_is_taken_over_after_the_lease() {
 
 /// The server drops a holder's session while the holder's side stays half-open (what its TCP
 /// stack does after keepalive gives up; here a cut link, then its backend terminated) at `drop`.
-fn server_drop(protocol: Protocol, drop: Duration) -> (World, Report) {
+/// With `crash_watch` (Lease) the standby's wait answers `gone` at the termination and it
+/// attempts at once; without, it attempts at its own schedule.
+fn server_drop(protocol: Protocol, drop: Duration, crash_watch: bool) -> (World, Report) {
     let mut s = fleet(protocol, 2, Duration::from_secs(42));
+    s.crash_watch = crash_watch;
     if protocol == Protocol::Classic {
         s.renew_interval = Some(Duration::from_secs(30));
     }
@@ -752,7 +755,7 @@ fn server_drop(protocol: Protocol, drop: Duration) -> (World, Report) {
 /// reports as the old holder's session ended unknown to it.
 #[test]
 fn server_dropped_holder_classic_split_brain_lease_none() {
-    let (w, r) = server_drop(Protocol::Classic, ms(2_000));
+    let (w, r) = server_drop(Protocol::Classic, ms(2_000), false);
     let holder = acquisitions(&w)[0].1;
     let (overlap_time, _) = overlap(&w);
     assert!(overlap_time > Duration::from_secs(10), "{overlap_time:?}");
@@ -760,8 +763,9 @@ fn server_dropped_holder_classic_split_brain_lease_none() {
     assert_eq!(w.holders(0), vec![1 - holder], "Classic: the standby holds in the end");
 
     // Lease: the drop lands just after a standby attempt, before the holder's next renewal; the
-    // standby's next attempt is at the lease's expiry, after the old holder fenced itself.
-    let (quiet, _) = server_drop(Protocol::Lease, Duration::from_secs(41));
+    // standby's next attempt is at the lease's expiry, after the old holder fenced itself
+    // (without the crash watch, which would have the standby attempt at the drop: below).
+    let (quiet, _) = server_drop(Protocol::Lease, Duration::from_secs(41), false);
     let holder = acquisitions(&quiet)[0].1;
     let standby = 1 - holder;
     let (attempt, _) = *lock_ops(&quiet, standby)
@@ -773,7 +777,7 @@ fn server_dropped_holder_classic_split_brain_lease_none() {
         .iter()
         .any(|(t, op)| *t > attempt && *t <= Timestamp::ZERO + drop && matches!(op, DbOp::Renew { .. }));
     assert!(!renewed_between, "the drop must precede the holder's next renewal");
-    let (w, r) = server_drop(Protocol::Lease, drop);
+    let (w, r) = server_drop(Protocol::Lease, drop, false);
     assert_eq!(overlap(&w).0, Duration::ZERO);
     assert_eq!(r.split_brain_s, 0.0);
     assert!(has(&w, holder, |e| matches!(
@@ -786,7 +790,15 @@ fn server_dropped_holder_classic_split_brain_lease_none() {
 
     // Lease, the drop earlier in the renewal period: the standby's attempt finds the session
     // gone; the overlap is all of the exempted kind.
-    let (w, r) = server_drop(Protocol::Lease, ms(2_000));
+    let (w, r) = server_drop(Protocol::Lease, ms(2_000), false);
+    assert!(overlap(&w).0 > Duration::ZERO);
+    assert_eq!(r.split_brain_s, r.split_brain_session_ended_s);
+    assert_eq!(w.holders(0), vec![standby]);
+
+    // Lease with the crash watch, the drop just after a standby attempt: the wait answers
+    // `gone` at the termination and the standby takes over at once, while the cut holder still
+    // believes until it fences itself: the overlap is all of the exempted kind too.
+    let (w, r) = server_drop(Protocol::Lease, drop, true);
     assert!(overlap(&w).0 > Duration::ZERO);
     assert_eq!(r.split_brain_s, r.split_brain_session_ended_s);
     assert_eq!(w.holders(0), vec![standby]);

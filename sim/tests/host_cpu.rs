@@ -148,17 +148,28 @@ fn busy(protocol: Protocol) -> Scenario {
 
 #[test]
 fn zero_costs_reproduce_the_runs_without_the_model() {
-    // Trace hashes of seed 11 from before the client costs existed.
+    // Trace hashes of seed 11 from before the client costs existed (and the crash watch: off).
     for (protocol, hash) in [
         (Protocol::Lease, "75f0d79b52704cd2"),
         (Protocol::Classic, "77ed5182d68e47e3"),
     ] {
         for cores in [0, 1, 2] {
             let mut s = busy(protocol);
+            s.crash_watch = false;
             s.host_cores = cores;
             assert_eq!(common::run_ok(&s, 11).trace_hash, hash, "{protocol}, {cores} cores");
         }
     }
+    // With the crash watch (the default), the core count changes nothing either.
+    let hashes: Vec<String> = [0, 1, 2]
+        .into_iter()
+        .map(|cores| {
+            let mut s = busy(Protocol::Lease);
+            s.host_cores = cores;
+            common::run_ok(&s, 11).trace_hash
+        })
+        .collect();
+    assert!(hashes.iter().all(|h| *h == hashes[0]), "{hashes:?}");
 }
 
 #[test]

@@ -21,5 +21,7 @@ pub mod replica;
 /// [`bootstrap`](sql::bootstrap) creates (or checks) its schema, as a session would.
 #[cfg(feature = "sql")]
 pub mod sql {
-    pub use pgiplock::testkit::{balance, bootstrap, execute, execute_batch, BatchOp, BatchTarget, Target};
+    pub use pgiplock::testkit::{
+        await_holder, balance, bootstrap, execute, execute_batch, BatchOp, BatchTarget, Target,
+    };
 }

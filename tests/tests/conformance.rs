@@ -44,8 +44,8 @@ use pgiplock::lock_status_on;
 use pgiplock_core::{
     quote_ident, ChannelName, DbError, DbOp, FenceToken, Progress, Protocol, Reply, SchemaName, SessionId, Timestamp,
 };
-use pgiplock_sim::db::{DbConfig, SimDb};
-use pgiplock_testkit::sql::{bootstrap, execute, execute_batch, BatchOp, BatchTarget, Target};
+use pgiplock_sim::db::{AwaitState, DbConfig, SimDb};
+use pgiplock_testkit::sql::{await_holder, bootstrap, execute, execute_batch, BatchOp, BatchTarget, Target};
 use pgiplock_tests::{connect, database_url, unique_hex, Listener, TestSchema};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestError, TestRunner};
@@ -142,6 +142,12 @@ enum Step {
     AcquireMany {
         s: usize,
     },
+    /// Lease: slot `s` runs the crash watch's wait on `target`'s backend with no time to wait
+    /// (`max` 0): unwatched, released, expired or timeout, as things stand.
+    AwaitHolder {
+        s: usize,
+        target: usize,
+    },
     /// Lease: the server moves to the next timeline, as a promoted replica does (faked on the
     /// real server by redefining the schema's `timeline()`): rows written before are of an
     /// older timeline from now on.
@@ -183,6 +189,7 @@ fn step() -> impl Strategy<Value = Step> {
         1 => proptest::bool::ANY.prop_map(|on| Step::ReadOnly { on }),
         3 => (s.clone(), tok(), tok()).prop_map(|(s, a, b)| Step::RenewMany { s, toks: [a, b] }),
         3 => s.clone().prop_map(|s| Step::AcquireMany { s }),
+        2 => (s.clone(), s.clone()).prop_map(|(s, target)| Step::AwaitHolder { s, target }),
         2 => Just(Step::Promote),
     ]
 }
@@ -232,6 +239,8 @@ enum Outcome {
     /// A batched statement's replies, one per channel in order.
     Batch(Vec<Outcome>),
     Error(String),
+    /// The crash watch's wait answered this.
+    Await(&'static str),
     /// A step that is not an operation (session end, reconnection, waiting) was done.
     Done(&'static str),
     /// The step did not apply (its session is closed, or nothing to do).
@@ -869,6 +878,32 @@ impl Worlds {
                     self.settle_expiry(c).await;
                 }
                 self.batch(s, BatchOp::Acquire, &[DbOp::Acquire, DbOp::Acquire]).await
+            }
+            Step::AwaitHolder { s, target } => {
+                if !self.is_open(s) || self.protocol != Protocol::Lease {
+                    return skipped;
+                }
+                // Away from every lease's expiry, so that both worlds see it on the same side.
+                for c in 0..CHANNELS {
+                    self.settle_expiry(c).await;
+                }
+                let answer = |r: Result<pgiplock_core::AwaitOutcome, DbError>| match r {
+                    Ok(outcome) => Outcome::Await(outcome.as_str()),
+                    Err(e) => Outcome::Error(error_kind(&e)),
+                };
+                let listener = self.real[s].listener.as_ref().ok_or("real slot closed")?;
+                let real = await_holder(listener.client(), &self.schema, self.real[target].pid, Duration::ZERO).await;
+                let real = answer(real);
+                let at = self.elapsed();
+                self.sim_clock(at);
+                let session = self.sim[s].session.ok_or("sim slot closed")?;
+                let now = self.db.now();
+                let sim = match self.db.await_begin(session, self.sim[target].pid, now) {
+                    Ok(AwaitState::Done(outcome)) => Ok(outcome),
+                    Ok(AwaitState::Waiting { .. }) => Err(DbError::Failed("a wait of no time waits".to_owned())),
+                    Err(e) => Err(e),
+                };
+                Ok((real, answer(sim)))
             }
             Step::Promote => {
                 if self.protocol != Protocol::Lease || self.db.schema_dropped() {
