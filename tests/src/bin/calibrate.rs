@@ -372,9 +372,11 @@ fn spread(samples: &[Duration]) -> String {
 /// The log filter of the measuring workers: the driver's statements at trace level.
 const MEASURE_LOG: &str = "pgiplock=info,pgiplock::driver=trace";
 
-/// The real Lease workers run without the crash watch: the simulator's processes do not model
-/// it (its scenarios turn it off), and both sides must run the same protocol.
-const CRASH_WATCH_ARGS: &[&str] = &["--crash-watch", "false"];
+/// Whether the Lease processes, real and simulated alike, wait on the holder's session (the
+/// crash watch). Off: the calibrated quantities (a standby's retries, its attempts after a
+/// crash) are those of the polling path, and the model answers the watch's `gone` as soon as
+/// the session ends where the server answers once the backend left `pg_stat_activity`.
+const CRASH_WATCH: bool = false;
 
 /// A lone worker, `trials` times: SIGTERM → drain statement, drain statement → release
 /// statement (one reply handled in between), with nobody else woken.
@@ -385,7 +387,8 @@ async fn measure_lone(cluster: &TempCluster, protocol: Protocol, trials: usize) 
         WorkerOpts::new(&cluster.url(), &unique_channel(), None, protocol).acquire_interval(ACQUIRE_INTERVAL);
     if protocol == Protocol::Lease {
         opts = opts.lease_ttl(LEASE_TTL);
-        opts.extra_args.extend(CRASH_WATCH_ARGS.iter().map(|a| a.to_string()));
+        opts.extra_args
+            .extend(["--crash-watch".to_owned(), CRASH_WATCH.to_string()]);
     }
     for _ in 0..trials {
         let mut fleet = Fleet::new(opts.clone());
@@ -723,6 +726,7 @@ fn sim_scenario(protocol: Protocol, latency: &Latency, costs: &Costs) -> Result<
     s.client_signal_cost = costs.signal_of(protocol);
     s.server_statement_cost = costs.statement;
     s.host_cores = costs.cores;
+    s.crash_watch = CRASH_WATCH;
     s.warmup = Duration::from_secs(10);
     s.duration = s.warmup + IDLE_WINDOW;
     s.validate()?;
@@ -874,7 +878,8 @@ async fn measure_real(
         WorkerOpts::new(&cluster.url(), &unique_channel(), None, protocol).acquire_interval(ACQUIRE_INTERVAL);
     if protocol == Protocol::Lease {
         opts = opts.lease_ttl(LEASE_TTL);
-        opts.extra_args.extend(CRASH_WATCH_ARGS.iter().map(|a| a.to_string()));
+        opts.extra_args
+            .extend(["--crash-watch".to_owned(), CRASH_WATCH.to_string()]);
     }
     // The workers log their statements (the rows from the release and from the first attempt).
     std::env::set_var("PGIPLOCK_TEST_LOG", MEASURE_LOG);
