@@ -102,8 +102,9 @@ pub fn holder_key(schema: &SchemaName) -> i32 {
 /// takes on the lease table to read it is not held while it waits (DDL on the table, a
 /// `DROP SCHEMA`, would otherwise queue behind it and block every lock statement). A dying
 /// backend releases its advisory locks before its `pg_stat_activity` entry goes, so before
-/// answering `gone` it waits (at most 200 ms) until the entry is gone too: the standby's
-/// attempt then finds the holder's session gone.
+/// answering `gone` it waits (at most 1 s: on a loaded host a dying backend was seen to take
+/// longer than 200 ms) until the entry is gone too: the standby's attempt then finds the
+/// holder's session gone.
 fn lease_await_holder_body(qs: &str) -> String {
     format!(
         r#"
@@ -145,7 +146,7 @@ BEGIN
       v_gone := false;
     END;
     IF v_gone THEN
-      FOR i IN 1..40 LOOP
+      FOR i IN 1..200 LOOP
         PERFORM pg_stat_clear_snapshot();
         EXIT WHEN NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a WHERE a.pid = p_pid);
         PERFORM pg_sleep(0.005);
