@@ -319,8 +319,9 @@ pub enum SessionOp {
     /// The crash watch's wait, sent only on the watch connection ([`SessionOutput::WatchConnect`]):
     /// block until the session of backend `pid` no longer holds its advisory lock of `schema`
     /// ([`AwaitOutcome::Gone`]), its earliest lease in `schema` expires (`Expired`), it holds no
-    /// lease there (`Released`), or `max` passes (`Timeout`); `Unwatched` at once if that
-    /// session holds no such advisory lock. Answer with [`OpReply::Await`].
+    /// lease there (`Released`), or `max` passes (`Timeout`); `Gone` at once if there is no
+    /// such session, `Unwatched` if it is alive but holds no such advisory lock. Answer with
+    /// [`OpReply::Await`].
     AwaitHolder {
         /// The schema of the holder's lease rows (and of its advisory lock's key).
         schema: SchemaName,

@@ -29,7 +29,8 @@ use crate::time::Timestamp;
 /// What one wait of the crash watch found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum AwaitOutcome {
-    /// The holder's session ended (its advisory lock was released).
+    /// The holder's session ended (its advisory lock was released during the wait, or it had
+    /// ended before the wait looked).
     Gone,
     /// The holder's earliest lease expired (a silent holder: its lease bounds it as before).
     Expired,
@@ -37,8 +38,8 @@ pub enum AwaitOutcome {
     Released,
     /// Nothing happened within the wait's bound: it is issued again.
     Timeout,
-    /// The holder's session holds no advisory lock (an older version, or its session is
-    /// already gone): its standbys keep their ordinary retries.
+    /// The holder's session is alive but holds no advisory lock (an older version): its
+    /// standbys keep their ordinary retries.
     Unwatched,
 }
 

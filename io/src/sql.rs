@@ -100,11 +100,15 @@ pub fn holder_key(schema: &SchemaName) -> i32 {
 /// Bounded by `p_max_us`; it re-reads the holder's earliest lease expiry whenever its lock wait
 /// times out (the holder renews meanwhile), and commits before every wait, so that the lock it
 /// takes on the lease table to read it is not held while it waits (DDL on the table, a
-/// `DROP SCHEMA`, would otherwise queue behind it and block every lock statement). A dying
-/// backend releases its advisory locks before its `pg_stat_activity` entry goes, so before
-/// answering `gone` it waits (at most 1 s: on a loaded host a dying backend was seen to take
-/// longer than 200 ms) until the entry is gone too: the standby's attempt then finds the
-/// holder's session gone.
+/// `DROP SCHEMA`, would otherwise queue behind it and block every lock statement).
+///
+/// A dying backend releases its advisory locks before its `pg_stat_activity` entry goes, so
+/// `gone` is answered only once the entry is gone too (the standby's attempt then finds the
+/// holder's session gone): after the lock wait ends, and also when the holder's lock is missing
+/// at the start, because its session ended (or began to) before the wait looked. A holder still
+/// listed without the lock 1 s later never took it (an older version): `unwatched`. The 1 s
+/// bounds both polls; the window between the two steps of a backend's exit is normally far
+/// shorter.
 fn lease_await_holder_body(qs: &str) -> String {
     format!(
         r#"
@@ -114,12 +118,20 @@ DECLARE
   v_wait_ms bigint;
   v_gone boolean;
 BEGIN
-  IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_locks l
-                 WHERE l.locktype = 'advisory' AND l.classid = p_key::oid AND l.objid = p_pid::oid
-                   AND l.objsubid = 2 AND l.pid = p_pid AND l.mode = 'ExclusiveLock' AND l.granted
-                   AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d WHERE d.datname = current_database())) THEN
-    outcome := 'unwatched';
-    RETURN;
+  IF NOT {held} THEN
+    FOR i IN 1..200 LOOP
+      PERFORM pg_stat_clear_snapshot();
+      IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a WHERE a.pid = p_pid) THEN
+        outcome := 'gone';
+        RETURN;
+      END IF;
+      EXIT WHEN {held};
+      PERFORM pg_sleep(0.005);
+    END LOOP;
+    IF NOT {held} THEN
+      outcome := 'unwatched';
+      RETURN;
+    END IF;
   END IF;
   LOOP
     SELECT min(r.expires_at) INTO v_expiry FROM {qs}.lease r WHERE r.holder_pid = p_pid AND r.holder IS NOT NULL;
@@ -156,7 +168,11 @@ BEGIN
     END IF;
   END LOOP;
 END
-"#
+"#,
+        held = "EXISTS (SELECT 1 FROM pg_catalog.pg_locks l \
+                WHERE l.locktype = 'advisory' AND l.classid = p_key::oid AND l.objid = p_pid::oid \
+                  AND l.objsubid = 2 AND l.pid = p_pid AND l.mode = 'ExclusiveLock' AND l.granted \
+                  AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d WHERE d.datname = current_database()))"
     )
 }
 

@@ -284,7 +284,8 @@ async fn a_silent_holder_is_still_bounded_by_its_lease() {
 /// The wait procedure itself, on connections of the test's own: `timeout` at its bound while the
 /// holder lives, `gone` when its session ends, and only once `pg_stat_activity` no longer shows
 /// it (a dying backend drops its advisory locks first), so that an attempt right after sees the
-/// holder gone; `unwatched` for a pid holding no advisory lock.
+/// holder gone; `gone` at once when its session ended before the wait began (the crash raced the
+/// wait's start); `unwatched` for a live session holding no advisory lock.
 #[tokio::test]
 async fn the_wait_answers_each_outcome_and_gone_only_once_the_backend_left() {
     use pgiplock_core::{AwaitOutcome, SchemaName};
@@ -326,6 +327,11 @@ async fn the_wait_answers_each_outcome_and_gone_only_once_the_backend_left() {
         listed, 0,
         "gone answered while the holder was still in pg_stat_activity"
     );
+    // A holder whose session ended before the wait looked (a crash racing the wait's start).
+    let outcome = pgiplock::testkit::await_holder(&waiter.client, &name, holder.pid, max)
+        .await
+        .unwrap();
+    assert_eq!(outcome, AwaitOutcome::Gone);
     s.close().await;
 }
 

@@ -424,8 +424,10 @@ impl SimDb {
     }
 
     /// `CALL await_holder(key, pid, max)` on `session` (one statement), as the io crate's
-    /// procedure: `unwatched` at once if backend `pid` holds no holder advisory lock, else the
-    /// first look at its rows ([`await_step`](SimDb::await_step)) with the wait ending at `end`.
+    /// procedure: `gone` at once if backend `pid` has no session, `unwatched` if its session
+    /// holds no holder advisory lock (the server answers that after a bounded poll of 1 s, which
+    /// the model leaves out), else the first look at its rows ([`await_step`](SimDb::await_step))
+    /// with the wait ending at `end`.
     pub fn await_begin(&mut self, session: SessionId, pid: i32, end: Timestamp) -> Result<AwaitState, DbError> {
         let backend = self.sessions.get_mut(&session).ok_or(DbError::SessionLost)?;
         backend.statements += 1;
@@ -435,6 +437,9 @@ impl SimDb {
                 "42883",
                 "procedure await_holder(integer, integer, bigint) does not exist".to_owned(),
             ));
+        }
+        if !self.pids.contains_key(&pid) {
+            return Ok(AwaitState::Done(AwaitOutcome::Gone));
         }
         if !self.holds_holder_lock(pid) {
             return Ok(AwaitState::Done(AwaitOutcome::Unwatched));

@@ -143,7 +143,8 @@ enum Step {
         s: usize,
     },
     /// Lease: slot `s` runs the crash watch's wait on `target`'s backend with no time to wait
-    /// (`max` 0): unwatched, released, expired or timeout, as things stand.
+    /// (`max` 0): gone (a closed slot's old backend), unwatched, released, expired or timeout,
+    /// as things stand.
     AwaitHolder {
         s: usize,
         target: usize,
