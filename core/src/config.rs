@@ -168,7 +168,9 @@ pub struct LockConfig {
     pub request_timeout: Duration,
     /// Standbys woken by a release notification attempt after a uniform delay in
     /// `[0, wake_jitter]`, so that one of them wins before the others write (`Lease`: the
-    /// winner's acquisition marker cancels the rest). Zero under `Classic`, which has no such
+    /// winner's acquisition marker cancels the rest). A `Lease` release that names a successor
+    /// (the longest-waiting live standby) wakes that one at once and the others after
+    /// `wake_jitter` plus their jitter. Zero under `Classic`, which has no such
     /// marker, so every woken standby attempts anyway, and whose Node standbys attempt at once:
     /// a delay would only make ours lose every race to them.
     pub wake_jitter: Duration,

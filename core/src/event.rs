@@ -52,6 +52,11 @@ pub enum Input {
     /// The crash watch saw the holder's session end (or its lease expire, or its rows
     /// released): a started standby attempts now.
     HolderGone,
+    /// The backend pid of the lock's database session, before its
+    /// [`SessionUp`](Input::SessionUp) (the [`Session`](crate::Session) feeds it). A `Lease`
+    /// release marker that names this pid as the successor makes this standby attempt at once;
+    /// a lock never told its pid is never the named successor.
+    BackendPid(i32),
     /// A database session is ready: connected, schema present, listening on the data and lock
     /// channels.
     SessionUp(SessionId),

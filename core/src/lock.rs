@@ -184,6 +184,8 @@ struct Standby {
     attempt_due: bool,
     /// A release notification arrived while an acquisition was in flight.
     woken: bool,
+    /// The successor that release named (`Lease`), for the wake after the attempt.
+    woken_successor: Option<i32>,
     /// An `acquired:<t>` marker that arrived while our own acquisition was in flight: it may be
     /// our own (its reply decides) or a peer's.
     acquired_during_attempt: Option<FenceToken>,
@@ -322,6 +324,9 @@ pub struct Lock {
     refused_until: Option<Timestamp>,
     /// The deadline of the ordinary retry last scheduled (a watch cancels that one, not a wake).
     periodic_retry: Option<Timestamp>,
+    /// The backend pid of our session ([`Input::BackendPid`]): a release naming it makes us the
+    /// successor.
+    backend_pid: Option<i32>,
 }
 
 impl Lock {
@@ -361,6 +366,7 @@ impl Lock {
             watched: false,
             refused_until: None,
             periodic_retry: None,
+            backend_pid: None,
         }
     }
 
@@ -456,6 +462,7 @@ impl Lock {
             Input::StandDown => self.on_stand_down(),
             Input::Stop => self.on_stop(None),
             Input::Signal(kind) => self.on_stop(Some(kind)),
+            Input::BackendPid(pid) => self.backend_pid = Some(pid),
             Input::SessionUp(session) => self.on_session_up(session),
             Input::SessionDown(session) => {
                 if self.session == Some(session) {
@@ -841,8 +848,21 @@ impl Lock {
     }
 
     fn schedule_wake(&mut self) {
+        self.schedule_wake_after(None);
+    }
+
+    /// The attempt after a peer's release that named `successor` (`Lease`): at once if it named
+    /// our backend; after one `wake_jitter` plus the jitter if it named another (whose
+    /// `acquired` marker then cancels it, or, when that successor cannot take it, we do); after
+    /// the jitter alone when it named none.
+    fn schedule_wake_after(&mut self, successor: Option<i32>) {
         if self.started && !self.stopping {
-            let delay = self.jitter(self.config.wake_jitter);
+            let jitter = self.config.wake_jitter;
+            let delay = match successor {
+                Some(pid) if Some(pid) == self.backend_pid => Duration::ZERO,
+                Some(_) => jitter.saturating_add(self.jitter(jitter)),
+                None => self.jitter(jitter),
+            };
             self.arm_earlier(TimerKind::Retry, self.now + delay);
         }
     }
@@ -1305,12 +1325,13 @@ impl Lock {
         let Some(standby) = self.standby_mut() else { return };
         // A peer's `acquired` marker cancels any wake, as does the wake itself once taken.
         let woken = std::mem::take(&mut standby.woken);
+        let successor = standby.woken_successor.take();
         if acquired_marker.is_some() {
             // A peer won while we were asking: the stream is its.
             standby.handover = None;
             self.schedule_retry(reply.lease_remaining);
         } else if woken {
-            self.schedule_wake();
+            self.schedule_wake_after(successor);
         } else {
             // The holder may still be between its drain marker and its release: keep the buffer.
             // Under `Lease` a winner's `acquired` marker drops it; under `Classic` (no such
@@ -1348,7 +1369,11 @@ impl Lock {
         if channel == self.channel.as_str() {
             self.on_data(payload);
         } else if let Some(marker) = Marker::read(self.config.protocol, &self.channel, channel, &payload) {
-            self.on_marker(marker, pid);
+            let successor = match self.config.protocol {
+                Protocol::Lease => Marker::successor(&payload),
+                Protocol::Classic => None,
+            };
+            self.on_marker(marker, pid, successor);
         }
     }
 
@@ -1412,7 +1437,8 @@ impl Lock {
         }
     }
 
-    fn on_marker(&mut self, marker: Marker, pid: i32) {
+    /// A lock-channel marker from backend `pid`; `successor`: the standby a release named.
+    fn on_marker(&mut self, marker: Marker, pid: i32, successor: Option<i32>) {
         let token = match marker {
             Marker::Draining(token) | Marker::Released(token) => token,
             Marker::Acquired(token) | Marker::Progress(token, _) => Some(token),
@@ -1544,9 +1570,10 @@ impl Lock {
                 if in_flight {
                     if let Some(standby) = self.standby_mut() {
                         standby.woken = true;
+                        standby.woken_successor = successor;
                     }
                 } else {
-                    self.schedule_wake();
+                    self.schedule_wake_after(successor);
                 }
             }
             (Phase::Standby, Marker::Acquired(token)) if self.acquire_in_flight() => {
@@ -1575,6 +1602,7 @@ impl Lock {
                 if let Some(standby) = self.standby_mut() {
                     standby.handover = None;
                     standby.woken = false;
+                    standby.woken_successor = None;
                 }
                 if self.can_compete() && self.pending.is_none() {
                     let ttl = self.config.lease_ttl;

@@ -421,6 +421,36 @@ impl Marker {
         }
     }
 
+    /// The payload of a `Lease` release that names its successor: `released:<token>:<pid>`,
+    /// the backend pid of the standby the release transaction chose to attempt first (the
+    /// longest-waiting live one). [`parse`](Marker::parse) reads it as
+    /// `Released(Some(token))`, [`successor`](Marker::successor) reads the pid.
+    ///
+    /// ```
+    /// use pgiplock_core::{FenceToken, Marker};
+    /// let p = Marker::release_payload(FenceToken(7), Some(4242));
+    /// assert_eq!(p, "released:7:4242");
+    /// assert_eq!(Marker::parse(&p), Some(Marker::Released(Some(FenceToken(7)))));
+    /// assert_eq!(Marker::successor(&p), Some(4242));
+    /// assert_eq!(Marker::release_payload(FenceToken(7), None), "released:7");
+    /// assert_eq!(Marker::successor("released:7"), None);
+    /// assert_eq!(Marker::parse("released:7:x"), None);
+    /// ```
+    pub fn release_payload(token: FenceToken, successor: Option<i32>) -> String {
+        match successor {
+            Some(pid) => format!("released:{token}:{pid}"),
+            None => format!("released:{token}"),
+        }
+    }
+
+    /// The successor a `Lease` release payload names ([`release_payload`](Marker::release_payload)).
+    pub fn successor(payload: &str) -> Option<i32> {
+        let rest = payload.strip_prefix("released:")?;
+        let (token, pid) = rest.split_once(':')?;
+        token.parse::<u64>().ok()?;
+        pid.parse::<i32>().ok()
+    }
+
     /// Parses a lock-channel payload. Any payload that is not one of ours is a release, as in
     /// `@imqueue/pg-pubsub`, whose standbys treat every notification as "lock released".
     pub fn parse(payload: &str) -> Option<Marker> {
@@ -432,7 +462,14 @@ impl Marker {
             return token(rest).map(|t| Marker::Draining(Some(t)));
         }
         if let Some(rest) = payload.strip_prefix("released:") {
-            return token(rest).map(|t| Marker::Released(Some(t)));
+            let (t, successor) = match rest.split_once(':') {
+                Some((t, pid)) => (t, Some(pid)),
+                None => (rest, None),
+            };
+            if successor.is_some_and(|pid| pid.parse::<i32>().is_err()) {
+                return None;
+            }
+            return token(t).map(|t| Marker::Released(Some(t)));
         }
         if let Some(rest) = payload.strip_prefix("acquired:") {
             return token(rest).map(Marker::Acquired);

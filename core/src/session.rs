@@ -1597,6 +1597,9 @@ impl Session {
                 for call in inits {
                     self.done(call, Ok(CallReply::Done));
                 }
+                if let Some(pid) = self.own_pid {
+                    self.feed(key, Input::BackendPid(pid));
+                }
                 self.feed(key, Input::SessionUp(session));
                 for _ in early {
                     self.feed(key, Input::TryAcquire);

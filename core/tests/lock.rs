@@ -244,6 +244,75 @@ fn release_marker_wakes_within_wake_jitter_and_acquired_marker_cancels_it() {
     }
 }
 
+/// A `Lease` release names the standby that waited longest, by backend pid: that standby
+/// attempts at once; any other waits one wake jitter more than its jitter, so that the
+/// successor's `acquired` marker comes first (and cancels it), or, when the successor cannot
+/// take it, attempts all the same. A forged release naming us changes nothing.
+#[test]
+fn the_named_successor_attempts_at_once_the_others_a_wake_jitter_later() {
+    let jitter = fast_config(Protocol::Lease).wake_jitter;
+    let release = |s: &mut Solo, pid: i32, successor: i32| {
+        let channel = s.lock.channel().lock_channel().to_owned();
+        s.after(
+            0,
+            Input::Notification {
+                session: S1,
+                channel,
+                payload: Marker::release_payload(FenceToken(4), Some(successor)),
+                pid,
+            },
+        )
+    };
+    let holder_said = || {
+        Reply::Acquire(AcquireReply {
+            lease_remaining: Some(Duration::from_secs(2)),
+            holder_pid: Some(PEER_PID),
+            holder_token: Some(FenceToken(4)),
+            ..AcquireReply::locked()
+        })
+    };
+    for seed in 0..8 {
+        // Named: the attempt goes out with the release's notification.
+        let mut s = Solo::with(fast_config(Protocol::Lease), seed);
+        s.after(0, Input::BackendPid(OWN_PID));
+        let req = s.attempt();
+        s.reply(1, &req, holder_said());
+        let forged = release(&mut s, FORGER_PID, OWN_PID);
+        assert!(requests(&forged).is_empty(), "a forged release woke us: {forged:?}");
+        let out = release(&mut s, PEER_PID, OWN_PID);
+        assert!(events(&out).contains(&LockEvent::PeerReleased));
+        assert_eq!(requests(&out), vec![DbOp::Acquire], "the successor attempts at once");
+
+        // Another named: between one and two wake jitters; the successor's win cancels it.
+        let mut s = Solo::with(fast_config(Protocol::Lease), seed);
+        s.after(0, Input::BackendPid(OWN_PID));
+        let req = s.attempt();
+        s.reply(1, &req, holder_said());
+        let out = release(&mut s, PEER_PID, OWN_PID + 1);
+        assert!(requests(&out).is_empty());
+        let (at, kind) = s.timeout();
+        assert_eq!(kind, TimerKind::Retry);
+        assert!(
+            at >= s.now + jitter && at <= s.now + jitter * 2,
+            "{at:?} against {:?}",
+            s.now
+        );
+        s.marker(Marker::Acquired(FenceToken(5)));
+        assert!(
+            s.timeout().0 >= s.now + Duration::from_secs(2),
+            "the successor's win cancels it"
+        );
+
+        // Never told its pid: never the successor.
+        let mut s = Solo::with(fast_config(Protocol::Lease), seed);
+        let req = s.attempt();
+        s.reply(1, &req, holder_said());
+        let out = release(&mut s, PEER_PID, OWN_PID);
+        assert!(requests(&out).is_empty());
+        assert!(s.timeout().0 >= s.now + jitter);
+    }
+}
+
 #[test]
 fn release_marker_during_an_attempt_wakes_after_it() {
     let mut s = Solo::new(Protocol::Classic);

@@ -102,7 +102,9 @@ impl LockOptions {
     /// Spread of the standbys woken by a release: each attempts after a uniform delay in
     /// `[0, wake_jitter]` (Lease default 20 ms, so that the first winner's `acquired` marker
     /// spares the others an attempt; Classic 0). Zero hands over fastest, at the cost of one
-    /// refused attempt (a read, no write) per woken standby.
+    /// refused attempt (a read, no write) per woken standby. Under Lease the standby a release
+    /// names as its successor (the one that waited longest) attempts at once whatever this is;
+    /// the others after `wake_jitter` plus their jitter, in case it cannot.
     pub fn wake_jitter(mut self, jitter: Duration) -> Self {
         self.wake_jitter = Some(jitter);
         self

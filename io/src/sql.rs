@@ -254,6 +254,7 @@ BEGIN
       remaining_us := GREATEST(0, (EXTRACT(EPOCH FROM (free_at - now())) * 1000000)::bigint);
       holder_token := r.token;
       holder_pid := r.holder_pid;
+      {note_waiter}
       RETURN;
     END IF;
   END IF;
@@ -282,6 +283,7 @@ BEGIN
         remaining_us := GREATEST(0, (EXTRACT(EPOCH FROM (free_at - now())) * 1000000)::bigint);
         holder_token := r.token;
         holder_pid := r.holder_pid;
+        {note_waiter}
         RETURN;
       END IF;
     END IF;
@@ -300,13 +302,37 @@ BEGIN
   RETURNING l.token INTO token;
   acquired := true;
   holder_pid := pg_backend_pid();
+  -- The winner waits no more (best effort, as the waiter's record: see note_waiter_sql).
+  BEGIN
+    DELETE FROM {qs}.lease_waiter w WHERE w.channel = p_channel AND w.app = p_app;
+  EXCEPTION WHEN insufficient_privilege THEN NULL;
+  END;
   IF holder_alive THEN
     stale_pid := r.holder_pid;
     stale_app := r.holder;
   END IF;
   PERFORM pg_notify(p_lock_channel, 'acquired:' || token);
 END
-"#
+"#,
+        note_waiter = note_waiter_sql(qs)
+    )
+}
+
+/// A refused standby records itself as a waiter of the channel (once per backend: later
+/// refusals only read), so that a release can name it the successor ([`lease_release_body`]).
+/// Best effort: on a read-only server, or without rights on the table (a role set up for an
+/// earlier version), the attempt is refused as before and nobody names it.
+fn note_waiter_sql(qs: &str) -> String {
+    format!(
+        r#"BEGIN
+        IF NOT EXISTS (SELECT 1 FROM {qs}.lease_waiter w
+                        WHERE w.channel = p_channel AND w.app = p_app AND w.pid = pg_backend_pid()) THEN
+          INSERT INTO {qs}.lease_waiter AS w (channel, app, pid, since)
+            VALUES (p_channel, p_app, pg_backend_pid(), now())
+            ON CONFLICT (channel, app) DO UPDATE SET pid = EXCLUDED.pid, since = EXCLUDED.since;
+        END IF;
+      EXCEPTION WHEN read_only_sql_transaction OR insufficient_privilege THEN NULL;
+      END;"#
     )
 }
 
@@ -377,9 +403,15 @@ END
     )
 }
 
+/// The release names its successor: the live waiter that waited longest (first refused by a
+/// holder of the channel), by its backend pid in the marker (`released:<token>:<pid>`). It
+/// attempts at once, the other standbys only after a wake jitter more, so one attempt usually
+/// suffices; waiters whose session is gone are forgotten here.
 fn lease_release_body(qs: &str) -> String {
     format!(
         r#"
+DECLARE
+  v_next integer;
 BEGIN
   -- holder_pid stays: the next winner learns which backend sent this term's markers.
   UPDATE {qs}.lease l SET holder = NULL, expires_at = NULL
@@ -387,7 +419,17 @@ BEGIN
   IF NOT FOUND THEN
     RETURN false;
   END IF;
-  PERFORM pg_notify(p_lock_channel, 'released:' || p_token);
+  BEGIN
+    DELETE FROM {qs}.lease_waiter w
+     WHERE w.channel = p_channel
+       AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a WHERE a.pid = w.pid AND a.application_name = w.app);
+    SELECT w.pid INTO v_next FROM {qs}.lease_waiter w
+     WHERE w.channel = p_channel AND w.app IS DISTINCT FROM p_app
+     ORDER BY w.since, w.app COLLATE "C" LIMIT 1;
+  EXCEPTION WHEN insufficient_privilege THEN
+    v_next := NULL;
+  END;
+  PERFORM pg_notify(p_lock_channel, 'released:' || p_token || COALESCE(':' || v_next, ''));
   RETURN true;
 END
 "#
@@ -566,6 +608,11 @@ fn bootstrap_sql(protocol: Protocol, schema: &SchemaName) -> String {
                     quote_ident(column)
                 ));
             }
+            // The standbys waiting on each channel, for a release to name its successor.
+            let waiter_lit = quote_literal(&format!("{qs}.lease_waiter"));
+            body.push_str(&format!(
+                "IF to_regclass({waiter_lit}) IS NULL THEN\n  CREATE TABLE {qs}.lease_waiter (channel text NOT NULL, app text NOT NULL, pid integer NOT NULL, since timestamptz NOT NULL, PRIMARY KEY (channel, app));\nEND IF;\n"
+            ));
             // Fair share: the members of each balance group and the group's channels.
             let member_lit = quote_literal(&format!("{qs}.balance_member"));
             let channel_lit = quote_literal(&format!("{qs}.balance_channel"));

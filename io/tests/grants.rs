@@ -40,6 +40,7 @@ fn grants(protocol: Protocol, schema: &str, role: &str) -> String {
         Protocol::Lease => format!(
             "GRANT USAGE ON SCHEMA {qs} TO {qr};
              GRANT SELECT, INSERT, UPDATE ON {qs}.lease TO {qr};
+             GRANT SELECT, INSERT, UPDATE, DELETE ON {qs}.lease_waiter TO {qr};
              GRANT EXECUTE ON FUNCTION {qs}.acquire_v2, {qs}.renew_v2, {qs}.release_v2, {qs}.terminate_stale, \
                {qs}.renew_many, {qs}.acquire_many, {qs}.timeline, {qs}.next_token, {qs}.older_timeline, \
                {qs}.old_timeline_free_at TO {qr};

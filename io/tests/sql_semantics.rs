@@ -285,10 +285,14 @@ async fn lease_tokens_fencing_expiry_and_stale_holders() {
     assert!(!renew(&a, &ta, Some(FenceToken(2))).await);
     assert!(!renew(&b, &tb, Some(FenceToken(1))).await);
 
-    // Release with the right token notifies; the row stays and tokens go on.
+    // Release with the right token notifies, naming the refused standby as the successor; the
+    // row stays and tokens go on.
     assert!(!release(&b, &tb, Some(FenceToken(1))).await);
     assert!(release(&a, &ta, Some(FenceToken(1))).await);
-    assert_eq!(b.notification().await, (lock_channel.clone(), "released:1".to_owned()));
+    assert_eq!(
+        b.notification().await,
+        (lock_channel.clone(), format!("released:1:{}", b.pid))
+    );
     let r = acquire(&b, &tb).await;
     assert!(r.acquired);
     tokens.push(r.token.unwrap());

@@ -180,6 +180,9 @@ pub struct SimDb {
     /// issues.
     timeline: u64,
     old_timeline_takeover: OldTimelineTakeover,
+    /// Lease: per channel, its refused standbys (application name -> backend pid and the time
+    /// of its first refusal from that backend), for a release to name its successor.
+    waiters: BTreeMap<String, BTreeMap<String, (i32, Timestamp)>>,
     /// Fair share: per balance group, its members (application name -> backend pid).
     balance_members: BTreeMap<String, BTreeMap<String, i32>>,
     /// Fair share: per balance group, its channels.
@@ -211,6 +214,7 @@ impl SimDb {
             read_only: false,
             timeline: 1,
             old_timeline_takeover: OldTimelineTakeover::default(),
+            waiters: BTreeMap::new(),
             balance_members: BTreeMap::new(),
             balance_channels: BTreeMap::new(),
             ended: Vec::new(),
@@ -478,6 +482,7 @@ impl SimDb {
         self.generation += 1;
         self.classic.clear();
         self.lease.clear();
+        self.waiters.clear();
         self.balance_members.clear();
         self.balance_channels.clear();
     }
@@ -875,6 +880,13 @@ impl SimDb {
                 if let (Some(seen), Some(r)) = (sighting, self.lease.get_mut(key)) {
                     r.seen = Some(seen);
                 }
+                if blocked_until.is_some() && !self.read_only {
+                    // The refused standby records itself as a waiter (once per backend).
+                    let waiters = self.waiters.entry(key.to_owned()).or_default();
+                    if waiters.get(app).map(|(p, _)| *p) != Some(pid) {
+                        waiters.insert(app.to_owned(), (pid, now));
+                    }
+                }
                 let row = self.lease.get(key);
                 if let Some(free_at) = blocked_until {
                     return Ok(Reply::Acquire(AcquireReply {
@@ -905,6 +917,9 @@ impl SimDb {
                     None => {
                         self.lease.insert(key.to_owned(), new_row);
                     }
+                }
+                if let Some(waiters) = self.waiters.get_mut(key) {
+                    waiters.remove(app);
                 }
                 self.deliver(pid, lock_channel, &Marker::Acquired(FenceToken(token)).payload());
                 Ok(Reply::Acquire(AcquireReply {
@@ -942,8 +957,9 @@ impl SimDb {
                     }
                     _ => false,
                 };
-                if released {
-                    self.deliver(pid, lock_channel, &Marker::Released(*token).payload());
+                if let (true, Some(token)) = (released, token) {
+                    let successor = self.successor(key, app);
+                    self.deliver(pid, lock_channel, &Marker::release_payload(*token, successor));
                 }
                 Ok(Reply::Release { released })
             }
@@ -953,6 +969,23 @@ impl SimDb {
             } => Ok(Reply::Terminate(self.terminate_stale(*target, target_app))),
             _ => Err(DbError::Failed(format!("unsupported operation {}", op.name()))),
         }
+    }
+
+    /// The successor a `Lease` release of `channel` by `app` names, as `release_v2` picks it:
+    /// waiters whose session is gone are forgotten, then the one refused first (ties by
+    /// application name, bytewise) other than `app`.
+    fn successor(&mut self, channel: &str, app: &str) -> Option<i32> {
+        let mut waiters = self.waiters.remove(channel)?;
+        waiters.retain(|waiter, (pid, _)| self.session_of(*pid, waiter).is_some());
+        let next = waiters
+            .iter()
+            .filter(|(waiter, _)| waiter.as_str() != app)
+            .min_by(|(a, (_, at_a)), (b, (_, at_b))| at_a.cmp(at_b).then_with(|| a.as_bytes().cmp(b.as_bytes())))
+            .map(|(_, (pid, _))| *pid);
+        if !waiters.is_empty() {
+            self.waiters.insert(channel.to_owned(), waiters);
+        }
+        next
     }
 
     fn terminate_stale(&mut self, pid: i32, app: &str) -> TerminateOutcome {

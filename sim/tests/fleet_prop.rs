@@ -664,6 +664,8 @@ fn classic_cut_holder_blocks_takeover() {
 /// was dropped, and lost when that same process won the next term (the others dropped theirs on
 /// its `acquired`). Here the releaser asks again 6 ms after its release, while messages keep
 /// coming every 700 µs, under several latencies; it must win the next term and lose nothing.
+/// The two others stand down first (they still listen and buffer): the release would otherwise
+/// name one of them, which attempts at once and wins.
 #[test]
 fn message_after_own_drain_marker_is_kept_for_the_next_term() {
     let latencies = [
@@ -683,6 +685,9 @@ fn message_after_own_drain_marker_is_kept_for_the_next_term() {
             let mut w = world(s, seed);
             run_until(&mut w, ms(2_100));
             let holder = w.holders(0)[0];
+            for other in (0..3).filter(|p| *p != holder) {
+                w.add_action(action(ms(2_100), Action::StandDown, Some(other))).unwrap();
+            }
             w.add_action(action(ms(2_100), Action::Release, Some(holder))).unwrap();
             w.add_action(action(ms(2_106), Action::Acquire, Some(holder))).unwrap();
             let r = finish(&mut w);

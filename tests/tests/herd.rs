@@ -10,7 +10,12 @@ use pgiplock_tests::*;
 async fn a_release_costs_one_winning_write_not_one_per_standby() {
     let _heavy = heavy_guard().await;
     let schema = TestSchema::new();
-    let mut fleet = Fleet::new(worker_opts(&schema, Protocol::Lease).acquire_interval(Duration::from_secs(60)));
+    let opts = worker_opts(&schema, Protocol::Lease).acquire_interval(Duration::from_secs(60));
+    let lock_channel = pgiplock_core::ChannelName::new(&opts.channel)
+        .expect("channel")
+        .lock_channel()
+        .to_owned();
+    let mut fleet = Fleet::new(opts);
     let standbys = 7;
     fleet.spawn_many(standbys + 1);
     fleet.wait_all_ready(Duration::from_secs(30)).await;
@@ -35,6 +40,7 @@ async fn a_release_costs_one_winning_write_not_one_per_standby() {
         .await
         .unwrap_or_else(|e| panic!("installing the write log: {e}"));
 
+    let mut markers = Listener::connect(&database_url(), &[&lock_channel]).await;
     let t_stop = now_us();
     fleet.worker(holder).terminate();
     let (_, t_acquired, next_token) = fleet
@@ -97,6 +103,21 @@ async fn a_release_costs_one_winning_write_not_one_per_standby() {
     assert_eq!(releases, 1, "one release write");
     assert_eq!(acquisitions, 1, "one winning write");
     assert!(others.is_empty(), "losing standbys wrote: {others:?}");
+
+    // The release named its successor, and the successor won.
+    let successor = loop {
+        let (_, payload) = markers.next(Duration::from_secs(5)).await.expect("the release marker");
+        if payload.starts_with("released:") {
+            break pgiplock_core::Marker::successor(&payload);
+        }
+    };
+    let winner: Option<i32> = admin
+        .query_one(&format!("SELECT holder_pid FROM {qs}.lease"), &[])
+        .await
+        .unwrap_or_else(|e| panic!("reading the lease: {e}"))
+        .get(0);
+    assert!(successor.is_some(), "the release named no successor");
+    assert_eq!(successor, winner, "the named successor won");
 
     fleet.shutdown(Duration::from_secs(15)).await;
     fleet.assert_invariants();

@@ -1,0 +1,148 @@
+//! The named successor (`Lease`): a release names the live standby that waited longest, by its
+//! backend pid in the release marker; that standby attempts at once, the others a wake jitter
+//! later. Waiters whose session is gone are forgotten, and a named successor that does not
+//! attempt stalls nobody.
+//!
+//! The leases here are long (30 s) and the crash watch is off, so that no retry and no watch can
+//! take over within the tests' waits: a takeover can only come from the release marker.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use pgiplock::{LockOptions, PgIpLock, Protocol};
+use pgiplock_core::{quote_ident, ChannelName, Marker};
+use tokio_postgres::Client;
+
+fn handoff_options(schema: &str) -> LockOptions {
+    options(Protocol::Lease, schema)
+        .acquire_interval(Duration::from_secs(60))
+        .lease_ttl(Duration::from_secs(30))
+        .crash_watch(false)
+}
+
+async fn wait_acquired(lock: &PgIpLock) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !lock.is_acquired() {
+        assert!(tokio::time::Instant::now() < deadline, "the lock was not acquired");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A connection listening on `channel`'s lock channel.
+async fn lock_channel_listener(channel: &str) -> RawClient {
+    let listener = raw_client(&unique("listener")).await;
+    let lock_channel = ChannelName::new(channel).unwrap().lock_channel().to_owned();
+    listener
+        .client
+        .batch_execute(&format!("LISTEN {}", quote_ident(&lock_channel)))
+        .await
+        .expect("listen");
+    listener
+}
+
+/// The next release marker the listener hears.
+async fn release_marker(listener: &mut RawClient) -> String {
+    loop {
+        let (_, payload) = listener.notification().await;
+        if payload.starts_with("released:") {
+            return payload;
+        }
+    }
+}
+
+async fn add_waiter(admin: &Client, schema: &str, channel: &str, app: &str, pid: i32) {
+    let sql = format!(
+        "INSERT INTO {}.lease_waiter (channel, app, pid, since) VALUES ($1, $2, $3, now() - INTERVAL '1 hour')",
+        quote_ident(schema)
+    );
+    admin
+        .execute(&sql, &[&channel, &app, &pid])
+        .await
+        .expect("add a waiter");
+}
+
+async fn waiters(admin: &Client, schema: &str, channel: &str) -> Vec<String> {
+    let sql = format!(
+        "SELECT app FROM {}.lease_waiter WHERE channel = $1 ORDER BY since, app COLLATE \"C\"",
+        quote_ident(schema)
+    );
+    admin
+        .query(&sql, &[&channel])
+        .await
+        .expect("waiters")
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// Two refused standbys and the row of a waiter whose session is gone (registered first): the
+/// release forgets the dead one and names the standby refused first, which takes over; the
+/// other stays a standby.
+#[tokio::test]
+async fn a_release_names_the_longest_waiting_live_standby_and_it_takes_over() {
+    let schema = unique("t_handoff");
+    let _cleanup = SchemaGuard::new(&schema);
+    let channel = unique("jobs");
+    let admin = admin().await;
+    let s1 = session().await;
+    let l1 = s1.lock(&channel, handoff_options(&schema)).unwrap();
+    l1.init().await.unwrap();
+    wait_acquired(&l1).await;
+    let s2 = session().await;
+    let l2 = s2.lock(&channel, handoff_options(&schema)).unwrap();
+    l2.init().await.unwrap();
+    assert!(!l2.acquire().await.unwrap(), "refused by the holder");
+    let s3 = session().await;
+    let l3 = s3.lock(&channel, handoff_options(&schema)).unwrap();
+    l3.init().await.unwrap();
+    assert!(!l3.acquire().await.unwrap(), "refused by the holder");
+    let gone = unique("gone");
+    add_waiter(&admin.client, &schema, &channel, &gone, i32::MAX).await;
+    assert_eq!(
+        waiters(&admin.client, &schema, &channel).await,
+        vec![gone.clone(), s2.app_name(), s3.app_name()]
+    );
+
+    let mut listener = lock_channel_listener(&channel).await;
+    l1.release().await.unwrap();
+    let marker = release_marker(&mut listener).await;
+    assert_eq!(Marker::successor(&marker), s2.backend_pid(), "{marker}");
+    wait_acquired(&l2).await;
+    assert!(!l3.is_acquired());
+    // The winner left the waiters, and the dead one was forgotten.
+    assert_eq!(waiters(&admin.client, &schema, &channel).await, vec![s3.app_name()]);
+    for s in [s1, s2, s3] {
+        s.close().await;
+    }
+}
+
+/// A named successor that never attempts (a live session registered as the longest waiter):
+/// the other standby takes over a wake jitter later, long before its retry would.
+#[tokio::test]
+async fn a_named_successor_that_does_not_attempt_stalls_nobody() {
+    let schema = unique("t_handoff");
+    let _cleanup = SchemaGuard::new(&schema);
+    let channel = unique("jobs");
+    let admin = admin().await;
+    let s1 = session().await;
+    let l1 = s1.lock(&channel, handoff_options(&schema)).unwrap();
+    l1.init().await.unwrap();
+    wait_acquired(&l1).await;
+    let s2 = session().await;
+    let l2 = s2.lock(&channel, handoff_options(&schema)).unwrap();
+    l2.init().await.unwrap();
+    assert!(!l2.acquire().await.unwrap(), "refused by the holder");
+    let idle = raw_client(&unique("idle")).await;
+    add_waiter(&admin.client, &schema, &channel, &idle.app, idle.pid).await;
+
+    let mut listener = lock_channel_listener(&channel).await;
+    l1.release().await.unwrap();
+    let marker = release_marker(&mut listener).await;
+    assert_eq!(Marker::successor(&marker), Some(idle.pid), "{marker}");
+    wait_acquired(&l2).await;
+    for s in [s1, s2] {
+        s.close().await;
+    }
+}
