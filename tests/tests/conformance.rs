@@ -42,7 +42,8 @@ use std::time::Duration;
 
 use pgiplock::lock_status_on;
 use pgiplock_core::{
-    quote_ident, ChannelName, DbError, DbOp, FenceToken, Progress, Protocol, Reply, SchemaName, SessionId, Timestamp,
+    quote_ident, ChannelName, DbError, DbOp, FenceToken, Marker, Progress, Protocol, Reply, SchemaName, SessionId,
+    Timestamp,
 };
 use pgiplock_sim::db::{AwaitState, DbConfig, SimDb};
 use pgiplock_testkit::sql::{await_holder, bootstrap, execute, execute_batch, BatchOp, BatchTarget, Target};
@@ -298,6 +299,18 @@ fn outcome(
 /// The session that had backend `pid` (the newest, should the OS have reused a pid).
 fn who_of_pid(pids: &BTreeMap<(i32, String), Who>, pid: i32) -> Option<Who> {
     pids.iter().filter(|((p, _), _)| *p == pid).map(|(_, who)| *who).max()
+}
+
+/// A release marker's named successor (a backend pid, different in each world) as the session
+/// it names: `released:<t>:<slot>.<generation>`; any other payload as it is.
+fn named_by_who(pids: &BTreeMap<(i32, String), Who>, payload: String) -> String {
+    match (Marker::successor(&payload), Marker::parse(&payload)) {
+        (Some(pid), Some(Marker::Released(Some(token)))) => match who_of_pid(pids, pid) {
+            Some(who) => format!("released:{token}:{}.{}", who.slot, who.generation),
+            None => format!("released:{token}:unknown"),
+        },
+        _ => payload,
+    }
 }
 
 /// A notification as both worlds compare it: channel, payload, and the sending session.
@@ -1015,13 +1028,16 @@ impl Worlds {
                 .drain_until_sentinel_with_senders(&self.sentinels[s], WAIT)
                 .await
                 .into_iter()
-                .map(|(c, p, pid)| (c, p, who_of_pid(&self.real_pids, pid)))
+                .map(|(c, p, pid)| (c, named_by_who(&self.real_pids, p), who_of_pid(&self.real_pids, pid)))
                 .collect();
             let sim = self
                 .db
                 .take_notifications(session)
                 .into_iter()
-                .map(|n| (n.channel, n.payload, who_of_pid(&self.sim_pids, n.sender_pid)))
+                .map(|n| {
+                    let payload = named_by_who(&self.sim_pids, n.payload);
+                    (n.channel, payload, who_of_pid(&self.sim_pids, n.sender_pid))
+                })
                 .collect();
             out.push((s, real, sim));
         }
