@@ -49,9 +49,14 @@ pub enum Input {
     /// While watched, the standby makes no periodic attempt: the watch tells it when the holder
     /// is gone. Unwatched, its ordinary retry schedule applies again.
     Watched(bool),
-    /// The crash watch saw the holder's session end (or its lease expire, or its rows
-    /// released): a started standby attempts now.
+    /// The crash watch saw the holder's session end (or its lease expire): a started standby
+    /// attempts now.
     HolderGone,
+    /// The crash watch saw the holder hold no lease any more (a release, or its row taken or
+    /// dropped): the standby is no longer watched and keeps its schedule; a release's own
+    /// marker wakes it (the named successor at once, the others after their delay), so the
+    /// watch does not wake every standby of a release at once.
+    HolderReleased,
     /// The backend pid of the lock's database session, before its
     /// [`SessionUp`](Input::SessionUp) (the [`Session`](crate::Session) feeds it). A `Lease`
     /// release marker that names this pid as the successor makes this standby attempt at once;

@@ -457,6 +457,10 @@ impl Lock {
                     self.arm_earlier(TimerKind::Retry, self.now);
                 }
             }
+            Input::HolderReleased => {
+                self.refused_by = None;
+                self.on_watched(false);
+            }
             Input::TryAcquire => self.on_try_acquire(),
             Input::Release => self.on_release(),
             Input::StandDown => self.on_stand_down(),

@@ -2451,9 +2451,15 @@ impl Session {
                     .get(&wait.holder)
                     .map(|keys| keys.iter().copied().collect())
                     .unwrap_or_default();
+                // A release is followed by its marker, which wakes its successor first: waking
+                // every watching standby at once here would undo that.
+                let input = match outcome {
+                    AwaitOutcome::Released => Input::HolderReleased,
+                    _ => Input::HolderGone,
+                };
                 for key in keys {
                     self.watch.watched.remove(&key);
-                    self.feed(key, Input::HolderGone);
+                    self.feed(key, input.clone());
                 }
             }
             Ok(OpReply::Await(AwaitOutcome::Timeout)) => {}

@@ -186,6 +186,24 @@ fn a_refused_standby_waits_on_its_holder_and_attempts_at_once_when_it_is_gone() 
     assert!(!rig.session.lock(KEY).unwrap().is_watched());
 }
 
+/// `released`: the release's own marker wakes the standbys (its named successor first), so the
+/// watch's answer sends no attempt; the standby is no longer watched and has its ordinary retry
+/// back, and the watch does not wait on that holder again.
+#[test]
+fn a_released_holder_leaves_the_wake_to_the_release_marker() {
+    let mut rig = Rig::new(true);
+    let (_, wait) = rig.watching();
+    let out = rig.reply(&wait, Ok(OpReply::Await(AwaitOutcome::Released)));
+    assert_eq!(attempts(&out), 0, "{out:?}");
+    assert!(
+        request(&out, "await_holder").is_none(),
+        "no new wait on a holder that holds nothing"
+    );
+    assert!(!rig.session.lock(KEY).unwrap().is_watched());
+    let later = run_for(&mut rig, ms(3_000));
+    assert_eq!(attempts(&later), 1, "the ordinary retry is back: {later:?}");
+}
+
 #[test]
 fn a_wait_that_times_out_is_issued_again() {
     let mut rig = Rig::new(true);
