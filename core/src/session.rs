@@ -58,7 +58,7 @@ use crate::config::{LockConfig, Protocol};
 use crate::event::{Input, LockEvent, LostReason, Output, SignalKind, Warning};
 use crate::lock::{Lock, Phase, TimerKind};
 use crate::name::{ChannelName, SchemaName};
-use crate::proto::{AcquireReply, DbError, DbOp, Reply, RequestId, SessionId};
+use crate::proto::{AcquireReply, DbError, DbOp, Marker, Reply, RequestId, SessionId};
 use crate::rng::SplitMix64;
 use crate::time::{duration_micros, Timestamp};
 use crate::watch::{wait_bounds, AwaitOutcome, Holder, Wait, Watch, WatchFailure, WatchLink};
@@ -93,6 +93,13 @@ pub struct SessionConfig {
     /// that a fleet does not reconnect in lockstep after a server restart. A connection that
     /// stays up this long resets the backoff to `backoff_min`.
     pub backoff_max: Duration,
+    /// How long a connection stays open after a `Lease` lock stopped with a release that named
+    /// a successor, waiting for the successor's `acquired` marker before it is closed (or, with
+    /// the session still open, the lock's channels unlistened). A backend's exit takes
+    /// milliseconds of server CPU, which a successor's winning statement would otherwise share
+    /// on a small host; waiting for it moves that cost past the handover. A release that named
+    /// nobody waits for nothing. `Duration::ZERO` closes at once.
+    pub handover_linger: Duration,
 }
 
 impl Default for SessionConfig {
@@ -102,6 +109,7 @@ impl Default for SessionConfig {
             setup_timeout: Duration::from_secs(5),
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
+            handover_linger: Duration::from_millis(50),
         }
     }
 }
@@ -115,6 +123,7 @@ impl SessionConfig {
         self.setup_timeout = floor(self.setup_timeout);
         self.backoff_min = floor(self.backoff_min);
         self.backoff_max = floor(self.backoff_max).max(self.backoff_min);
+        self.handover_linger = self.handover_linger.min(crate::config::MAX_SETTING);
         self
     }
 }
@@ -743,6 +752,18 @@ struct Entry {
     armed: Option<(Timestamp, TimerKind)>,
     /// The reply being fed was refused as read-only: an `Acquire` call it answers fails so.
     refused_read_only: bool,
+    /// The lock's stop released its term, confirmed (`Released` while stopping).
+    released_at_stop: bool,
+    /// While stopping: the handover needs no wait (our own release marker named nobody, or
+    /// another backend's `acquired` marker already arrived).
+    handed_over: bool,
+}
+
+/// A stopped lock's channel, still listened until the successor its release named confirms.
+struct Linger {
+    channel: ChannelName,
+    protocol: Protocol,
+    until: Timestamp,
 }
 
 #[derive(Debug, Clone)]
@@ -862,6 +883,8 @@ pub struct Session {
     watch: Watch,
     /// The backend pid of the current connection.
     own_pid: Option<i32>,
+    /// Released locks' channels waiting for their successors ([`SessionConfig::handover_linger`]).
+    lingers: Vec<Linger>,
 }
 
 /// One lock's request waiting for its batch: the lock, its request id and the operation.
@@ -927,6 +950,7 @@ impl Session {
             groups: BTreeMap::new(),
             watch: Watch::new(),
             own_pid: None,
+            lingers: Vec::new(),
         }
     }
 
@@ -1015,6 +1039,8 @@ impl Session {
                 destroy_calls: Vec::new(),
                 armed: None,
                 refused_read_only: false,
+                released_at_stop: false,
+                handed_over: false,
             }),
         );
         Ok(())
@@ -1086,7 +1112,8 @@ impl Session {
             Link::Closed => None,
         };
         let lock = self.timers.iter().next().map(|(at, _)| *at);
-        [link, lock, self.watch.deadline()].into_iter().flatten().min()
+        let linger = self.lingers.iter().map(|l| l.until).min();
+        [link, lock, self.watch.deadline(), linger].into_iter().flatten().min()
     }
 
     /// The next output, or `None` when all are drained.
@@ -1183,6 +1210,10 @@ impl Session {
             _ => {}
         }
         self.watch_fire_due();
+        if self.lingers.iter().any(|l| l.until <= self.now) {
+            let now = self.now;
+            self.end_lingers(|l| l.until <= now);
+        }
         // Every lock fed here re-arms strictly later than now (the lock guarantees it), so this
         // ends; the bound guards against a bug, not an expected path.
         for _ in 0..=self.locks.len() {
@@ -1212,7 +1243,11 @@ impl Session {
                 }
                 continue;
             }
-            if self.closing.is_some() && self.locks.is_empty() && !matches!(self.link, Link::Closed) {
+            if self.closing.is_some()
+                && self.locks.is_empty()
+                && self.lingers.is_empty()
+                && !matches!(self.link, Link::Closed)
+            {
                 self.finish_close();
                 continue;
             }
@@ -1350,6 +1385,7 @@ impl Session {
         }
         // Late replies of this connection find no route and are ignored.
         self.ops.clear();
+        self.lingers.clear();
         let retry_in = self.schedule_reconnect();
         self.outputs.push_back(SessionOutput::Event(SessionEvent::Down {
             session,
@@ -2083,9 +2119,28 @@ impl Session {
         if self.current() != Some(session) {
             return;
         }
+        if !self.lingers.is_empty() {
+            let own = self.own_pid;
+            self.end_lingers(|l| handed_over(l.protocol, &l.channel, &channel, &payload, pid, own));
+        }
         let Some(key) = self.lock_of_channel(&channel) else {
             return;
         };
+        let own = self.own_pid;
+        if let Some(entry) = self.locks.get_mut(&key) {
+            if entry.lock.state().stopping
+                && handed_over(
+                    entry.target.protocol,
+                    &entry.target.channel,
+                    &channel,
+                    &payload,
+                    pid,
+                    own,
+                )
+            {
+                entry.handed_over = true;
+            }
+        }
         if self.locks.get(&key).is_some_and(|e| e.prep == Prep::Ready) {
             self.feed(
                 key,
@@ -2273,6 +2328,7 @@ impl Session {
         // otherwise); a destroy call when the lock stopped.
         let (finished, result): (Vec<CallId>, Result<CallReply, CallError>) = match &event {
             LockEvent::Lost { .. } | LockEvent::Released => {
+                entry.released_at_stop = event == LockEvent::Released && entry.lock.state().stopping;
                 (entry.release_calls.drain(..).collect(), Ok(CallReply::Done))
             }
             LockEvent::ReleaseFailed { reason } => (
@@ -2293,6 +2349,27 @@ impl Session {
         self.outputs.push_back(SessionOutput::Lock { lock: key, event });
         for call in finished {
             self.done(call, result.clone());
+        }
+    }
+
+    /// Ends the lingers `done` picks: their channels are unlistened unless a lock listens on
+    /// them again, or the session is closing (its connection closes next).
+    fn end_lingers(&mut self, done: impl Fn(&Linger) -> bool) {
+        let (ended, kept): (Vec<Linger>, Vec<Linger>) = std::mem::take(&mut self.lingers).into_iter().partition(done);
+        self.lingers = kept;
+        if self.closing.is_some() {
+            return;
+        }
+        let Some(session) = self.current() else { return };
+        for linger in ended {
+            if self.by_channel.contains_key(linger.channel.as_str()) {
+                continue;
+            }
+            let op = SessionOp::Unlisten {
+                channel: linger.channel,
+                protocol: linger.protocol,
+            };
+            self.execute(session, op, Route::Unlisten);
         }
     }
 
@@ -2339,7 +2416,18 @@ impl Session {
             if let Some(session) = self.current() {
                 let channel = entry.target.channel.clone();
                 let protocol = entry.target.protocol;
-                self.execute(session, SessionOp::Unlisten { channel, protocol }, Route::Unlisten);
+                let linger = self.config.handover_linger;
+                if entry.released_at_stop && protocol == Protocol::Lease && !entry.handed_over && !linger.is_zero() {
+                    // Its successor's `acquired` marker comes on this channel: until then (or the
+                    // bound) the connection stays open and listening.
+                    self.lingers.push(Linger {
+                        channel,
+                        protocol,
+                        until: self.now + linger,
+                    });
+                } else {
+                    self.execute(session, SessionOp::Unlisten { channel, protocol }, Route::Unlisten);
+                }
             }
         }
         let calls: Vec<(CallId, Result<CallReply, CallError>)> = entry
@@ -2578,5 +2666,15 @@ impl TakeIfId for Option<Wait> {
         } else {
             None
         }
+    }
+}
+
+/// Whether a notification on `on` ends the wait of `channel`'s released lock for its successor:
+/// another backend's `acquired` marker, or our own release marker naming no successor.
+fn handed_over(protocol: Protocol, channel: &ChannelName, on: &str, payload: &str, pid: i32, own: Option<i32>) -> bool {
+    match Marker::read(protocol, channel, on, payload) {
+        Some(Marker::Acquired(_)) => Some(pid) != own,
+        Some(Marker::Released(_)) => Some(pid) == own && Marker::successor(payload).is_none(),
+        _ => false,
     }
 }

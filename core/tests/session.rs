@@ -32,7 +32,11 @@ struct Rig {
 
 impl Rig {
     fn new() -> Rig {
-        let mut session = Session::new(SessionConfig::default(), 3);
+        Rig::with_config(SessionConfig::default())
+    }
+
+    fn with_config(config: SessionConfig) -> Rig {
+        let mut session = Session::new(config, 3);
         session
             .add_lock(
                 KEY,
@@ -352,8 +356,151 @@ fn an_abandoned_holder_is_released_and_removed() {
     let release = request(&out, "release").expect("then releases");
     let out = rig.reply(&release, Ok(OpReply::Lock(Reply::Release { released: true })));
     assert!(out.contains(&SessionOutput::LockRemoved { lock: KEY }));
-    assert!(request(&out, "unlisten").is_some());
     assert!(rig.session.lock(KEY).is_none());
+    // Its channels stay listened until the successor confirms (or the linger's bound).
+    assert!(request(&out, "unlisten").is_none());
+    let out = rig.tick();
+    assert!(request(&out, "unlisten").is_some(), "{out:?}");
+}
+
+/// A lock-channel notification on the rig's channel.
+fn marker(session: SessionId, payload: &str, pid: i32) -> SessionInput {
+    SessionInput::Notification {
+        session,
+        channel: "__PgIpLock__:jobs".into(),
+        payload: payload.into(),
+        pid,
+    }
+}
+
+/// Holds the rig's lock (token 1) and stops it by `stop`, answering its drain and release;
+/// `before_reply`: notifications fed just before the release's reply. Returns the release
+/// reply's outputs.
+fn release_held(rig: &mut Rig, stop: SessionInput, before_reply: &[SessionInput]) -> Vec<SessionOutput> {
+    let acquire = request(&rig.out, "acquire").unwrap();
+    rig.reply(&acquire, acquired(1));
+    let out = rig.after(ms(1), stop);
+    let drain = request(&out, "drain").expect("drains first");
+    let out = rig.reply(&drain, Ok(OpReply::Lock(Reply::Drained)));
+    let out = if request(&out, "release").is_none() {
+        rig.tick()
+    } else {
+        out
+    };
+    let release = request(&out, "release").expect("then releases");
+    for input in before_reply {
+        rig.after(Duration::ZERO, input.clone());
+    }
+    rig.reply(&release, Ok(OpReply::Lock(Reply::Release { released: true })))
+}
+
+#[test]
+fn a_released_lock_listens_until_the_named_successor_confirms() {
+    let mut rig = Rig::new();
+    let session = rig.up();
+    let out = release_held(&mut rig, SessionInput::Abandon { lock: KEY }, &[]);
+    assert!(out.contains(&SessionOutput::LockRemoved { lock: KEY }));
+    assert!(request(&out, "unlisten").is_none());
+    // Our own release marker names backend 200: still waiting.
+    let out = rig.after(ms(1), marker(session, "released:1:200", 100));
+    assert!(request(&out, "unlisten").is_none(), "{out:?}");
+    // Our own `acquired` could not come now, and another backend's does: the wait ends.
+    let out = rig.after(ms(1), marker(session, "acquired:2", 200));
+    let unlisten = request(&out, "unlisten").expect("then unlistens");
+    rig.reply(&unlisten, Ok(OpReply::Done));
+    // Nothing is left to wait for.
+    assert_eq!(rig.session.poll_timeout(), None);
+}
+
+#[test]
+fn close_after_a_release_closes_the_connection_once_the_successor_confirms() {
+    let mut rig = Rig::new();
+    let session = rig.up();
+    let out = release_held(&mut rig, SessionInput::Close { call: CallId(9) }, &[]);
+    assert!(out.contains(&SessionOutput::LockRemoved { lock: KEY }));
+    assert!(!out.contains(&SessionOutput::Disconnect { session }), "{out:?}");
+    assert_eq!(rig.session.state().phase, ConnPhase::Up);
+    // Another lock's channel and a forged claim from our own backend change nothing.
+    let other = SessionInput::Notification {
+        session,
+        channel: "__PgIpLock__:other".into(),
+        payload: "acquired:2".into(),
+        pid: 200,
+    };
+    let out = rig.after(ms(1), other);
+    assert!(!out.contains(&SessionOutput::Disconnect { session }));
+    let out = rig.after(ms(1), marker(session, "acquired:2", 100));
+    assert!(!out.contains(&SessionOutput::Disconnect { session }));
+    let out = rig.after(ms(1), marker(session, "acquired:2", 200));
+    assert!(out.contains(&SessionOutput::Disconnect { session }), "{out:?}");
+    // No unlisten: the connection closes instead.
+    assert!(request(&out, "unlisten").is_none());
+    assert_eq!(out.last(), Some(&SessionOutput::Closed));
+}
+
+#[test]
+fn close_after_a_release_waits_for_a_silent_successor_only_the_linger() {
+    let mut rig = Rig::new();
+    let session = rig.up();
+    let out = release_held(&mut rig, SessionInput::Close { call: CallId(9) }, &[]);
+    assert!(!out.contains(&SessionOutput::Disconnect { session }));
+    let released_at = rig.now;
+    let out = rig.tick();
+    assert_eq!(rig.now, released_at + SessionConfig::default().handover_linger);
+    assert!(out.contains(&SessionOutput::Disconnect { session }), "{out:?}");
+    assert!(out.contains(&SessionOutput::CallDone {
+        call: CallId(9),
+        result: Ok(CallReply::Done)
+    }));
+}
+
+#[test]
+fn a_release_that_named_nobody_closes_at_once() {
+    let mut rig = Rig::new();
+    let session = rig.up();
+    // Our own marker names no successor; it may come before the release's reply.
+    let early = [marker(session, "released:1", 100)];
+    let out = release_held(&mut rig, SessionInput::Close { call: CallId(9) }, &early);
+    assert!(out.contains(&SessionOutput::Disconnect { session }), "{out:?}");
+    assert_eq!(out.last(), Some(&SessionOutput::Closed));
+}
+
+#[test]
+fn a_zero_linger_closes_at_once() {
+    let mut config = SessionConfig::default();
+    config.handover_linger = Duration::ZERO;
+    let mut rig = Rig::with_config(config);
+    let session = rig.up();
+    let out = release_held(&mut rig, SessionInput::Close { call: CallId(9) }, &[]);
+    assert!(out.contains(&SessionOutput::Disconnect { session }), "{out:?}");
+}
+
+#[test]
+fn a_lock_added_again_during_the_linger_keeps_its_channel_listened() {
+    let mut rig = Rig::new();
+    let session = rig.up();
+    release_held(&mut rig, SessionInput::Abandon { lock: KEY }, &[]);
+    rig.session
+        .add_lock(
+            LockKey(2),
+            ChannelName::new("jobs").unwrap(),
+            SchemaName::new("locks").unwrap(),
+            lock_config(),
+            6,
+        )
+        .unwrap();
+    let out = rig.after(
+        ms(1),
+        SessionInput::Call {
+            call: CallId(20),
+            lock: LockKey(2),
+            request: LockCall::Init,
+        },
+    );
+    let listen = request(&out, "listen").expect("the new lock listens");
+    rig.reply(&listen, Ok(OpReply::Done));
+    let out = rig.after(ms(1), marker(session, "acquired:2", 200));
+    assert!(request(&out, "unlisten").is_none(), "{out:?}");
 }
 
 #[test]

@@ -146,3 +146,48 @@ async fn a_named_successor_that_does_not_attempt_stalls_nobody() {
         s.close().await;
     }
 }
+
+/// A session closed after its release named a successor keeps its connection until that
+/// successor's `acquired` marker arrives. The linger here is far beyond the test's wait, so
+/// `close` returns in time only because the marker came (and by then the successor's row is
+/// committed); the successor's own close, whose release names nobody, does not wait at all.
+#[tokio::test]
+async fn close_waits_for_the_named_successor_and_for_nobody_else() {
+    let schema = unique("t_handoff");
+    let _cleanup = SchemaGuard::new(&schema);
+    let channel = unique("jobs");
+    let admin = admin().await;
+    let lingering = || {
+        pgiplock::Session::connect_with(
+            config(),
+            tokio_postgres::NoTls,
+            pgiplock::SessionOptions::new().handover_linger(Duration::from_secs(3600)),
+        )
+    };
+    let s1 = lingering().await.expect("connect");
+    let l1 = s1.lock(&channel, handoff_options(&schema)).unwrap();
+    l1.init().await.unwrap();
+    wait_acquired(&l1).await;
+    let s2 = lingering().await.expect("connect");
+    let l2 = s2.lock(&channel, handoff_options(&schema)).unwrap();
+    l2.init().await.unwrap();
+    assert!(!l2.acquire().await.unwrap(), "refused by the holder");
+
+    tokio::time::timeout(WAIT, s1.close())
+        .await
+        .expect("the close waits for the successor's marker, not for the linger");
+    let holder: Option<String> = admin
+        .client
+        .query_one(
+            &format!("SELECT holder FROM {}.lease WHERE channel = $1", quote_ident(&schema)),
+            &[&channel],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(holder, Some(s2.app_name()));
+    wait_acquired(&l2).await;
+    tokio::time::timeout(WAIT, s2.close())
+        .await
+        .expect("a release that named nobody closes at once");
+}

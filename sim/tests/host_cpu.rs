@@ -149,9 +149,11 @@ fn busy(protocol: Protocol) -> Scenario {
 #[test]
 fn zero_costs_reproduce_the_runs_without_the_model() {
     // Trace hashes of seed 11 from before the client costs existed (and the crash watch: off);
-    // Lease's pinned again when releases began to name a successor (it was 75f0d79b52704cd2).
+    // Lease's pinned again when releases began to name a successor (it was 75f0d79b52704cd2,
+    // then ef08c940f129d415) and when a stopping session began to wait for its successor's
+    // `acquired` marker before it closes its connection.
     for (protocol, hash) in [
-        (Protocol::Lease, "ef08c940f129d415"),
+        (Protocol::Lease, "6614da9cf0b73e82"),
         (Protocol::Classic, "77ed5182d68e47e3"),
     ] {
         for cores in [0, 1, 2] {
