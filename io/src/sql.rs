@@ -419,6 +419,10 @@ BEGIN
   IF NOT FOUND THEN
     RETURN false;
   END IF;
+  -- The commit need not wait for its WAL flush: a release lost to a server crash only leaves
+  -- the lease to expire, and the successor's acquisition, which commits after it and waits for
+  -- its own flush (and a synchronous standby), makes it durable too.
+  PERFORM set_config('synchronous_commit', 'off', true);
   BEGIN
     DELETE FROM {qs}.lease_waiter w
      WHERE w.channel = p_channel

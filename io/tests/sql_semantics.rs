@@ -627,3 +627,37 @@ async fn lease_bootstrap_adds_the_sighting_columns_to_an_earlier_table() {
     assert_eq!(won.token.map(|t| t.counter()), Some(42), "the row's counter goes on");
     drop_schema(&schema).await;
 }
+
+#[tokio::test]
+async fn lease_a_release_commits_without_waiting_for_its_wal_flush_and_nothing_else_does() {
+    let schema = unique("t_lease_async");
+    let _cleanup = SchemaGuard::new(&schema);
+    let channel = unique("jobs");
+    let name = SchemaName::new(&schema).unwrap();
+    let a = raw_client(&unique("app-a")).await;
+    sql::bootstrap(&a.client, Protocol::Lease, &name).await.unwrap();
+    let ta = target(Protocol::Lease, &schema, &channel, &a.app, Duration::from_secs(30));
+    let setting = || async {
+        let rows = a.client.query_one("SHOW synchronous_commit", &[]).await.unwrap();
+        rows.get::<_, String>(0)
+    };
+    let before = setting().await;
+    if before == "off" {
+        eprintln!("synchronous_commit is off on this server: nothing to tell apart");
+        return;
+    }
+    // The acquisition waits for its flush (its token must survive a crash).
+    a.client.batch_execute("BEGIN").await.unwrap();
+    let token = acquire(&a, &ta).await.token;
+    assert_eq!(setting().await, before);
+    a.client.batch_execute("COMMIT").await.unwrap();
+    // A release that releases nothing changes nothing; one that releases commits asynchronously,
+    // for its own transaction only.
+    a.client.batch_execute("BEGIN").await.unwrap();
+    assert!(!release(&a, &ta, Some(FenceToken(999))).await);
+    assert_eq!(setting().await, before);
+    assert!(release(&a, &ta, token).await);
+    assert_eq!(setting().await, "off");
+    a.client.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(setting().await, before);
+}
