@@ -231,9 +231,10 @@ async fn nothing_is_lost_across_every_failover_a_standby_can_see() {
         published.len(),
         &lost[..lost.len().min(50)]
     );
-    // Tenures never overlap, and every event fits.
+    // Tenures never overlap (but a terminated holder may print its loss late), and every event
+    // fits.
     rig.fleet.assert_well_formed();
-    rig.fleet.assert_no_overlap();
+    rig.fleet.assert_no_overlap_but_late_session_loss();
 
     // Per failover: the winner's replays (flagged) and the duplicates among them.
     let events = rig.fleet.events();
