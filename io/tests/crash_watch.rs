@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use pgiplock::{LockOptions, PgIpLock, Session};
+use pgiplock::{LockOptions, Session};
 use tokio_postgres::Client;
 
 /// Lease 3 s, retries only at the lease's end (the default interval of 30 s is longer): an
@@ -18,14 +18,6 @@ fn watch_options(schema: &str) -> LockOptions {
         .schema(schema)
         .lease_ttl(Duration::from_secs(3))
         .shutdown_timeout(Duration::from_secs(2))
-}
-
-async fn wait_acquired(lock: &PgIpLock) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !lock.is_acquired() {
-        assert!(tokio::time::Instant::now() < deadline, "the lock was not acquired");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }
 
 /// The watch backend of `session` once its wait runs: its pid and the wait's start.

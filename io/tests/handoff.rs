@@ -11,7 +11,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use pgiplock::{LockOptions, PgIpLock, Protocol};
+use pgiplock::{LockOptions, Protocol};
 use pgiplock_core::{quote_ident, ChannelName, Marker};
 use tokio_postgres::Client;
 
@@ -20,14 +20,6 @@ fn handoff_options(schema: &str) -> LockOptions {
         .acquire_interval(Duration::from_secs(60))
         .lease_ttl(Duration::from_secs(30))
         .crash_watch(false)
-}
-
-async fn wait_acquired(lock: &PgIpLock) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !lock.is_acquired() {
-        assert!(tokio::time::Instant::now() < deadline, "the lock was not acquired");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }
 
 /// A connection listening on `channel`'s lock channel.

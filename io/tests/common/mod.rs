@@ -196,6 +196,15 @@ pub fn options(protocol: Protocol, schema: &str) -> LockOptions {
         .shutdown_timeout(Duration::from_secs(2))
 }
 
+/// Waits until `lock` holds, at most [`WAIT`] (on its state watch, not by polling).
+pub async fn wait_acquired(lock: &pgiplock::PgIpLock) {
+    let mut state = lock.state();
+    tokio::time::timeout(WAIT, state.wait_for(|s| s.is_holding()))
+        .await
+        .expect("the lock was not acquired in time")
+        .expect("the lock stopped before it was acquired");
+}
+
 /// A session on the test server.
 pub async fn session() -> Session {
     Session::connect(config()).await.expect("connect")
