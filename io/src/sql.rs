@@ -739,11 +739,20 @@ pub async fn bootstrap(client: &Client, protocol: Protocol, schema: &SchemaName)
     if protocol == Protocol::Lease {
         // Best effort: on a read-only server the no-op UPDATEs fail after compiling, which is
         // all this is for; a lost connection shows at the next operation.
-        if let Err(e) = client.batch_execute(&warm_up_sql(schema)).await {
+        if let Err(e) = warm_up(client, schema).await {
             tracing::debug!(error = %e, "warming up the lock functions failed");
         }
     }
     Ok(())
+}
+
+/// Runs every path of the `Lease` lock functions of `schema` once on this connection, rolled
+/// back ([`warm_up_sql`]); [`bootstrap`] does, and ignores its failure.
+pub async fn warm_up(client: &Client, schema: &SchemaName) -> Result<(), DbError> {
+    client
+        .batch_execute(&warm_up_sql(schema))
+        .await
+        .map_err(|e| db_error(&e))
 }
 
 /// Runs every path of the lock functions once when the session starts, so that each statement
@@ -751,7 +760,8 @@ pub async fn bootstrap(client: &Client, protocol: Protocol, schema: &SchemaName)
 /// its first execution, and the first winning `acquire_v2` of a session took 8.6 ms against 1.2 ms
 /// after, its first refusal 4.2 ms against 1.0, its first `release_v2` 3.8 ms against 1.2
 /// (psql on PostgreSQL 15, the same server): a graceful handover runs a first release and a
-/// first win back to back.
+/// first win back to back. The takeovers (of a holder whose session is gone, and of a live
+/// holder's expired lease) run the branches a crash failover and a silent disconnect need.
 ///
 /// The calls work on a channel of this backend's own (`__pgiplock_warm_up__:<pid>`, nobody
 /// listens on its lock channel) inside a block that raises at its end, so everything they
@@ -780,6 +790,14 @@ BEGIN
   PERFORM {qs}.renew_v2(ch, lc, me, t, 10000000, 1, NULL);
   PERFORM * FROM {qs}.renew_many(me, ARRAY[ch], ARRAY[lc], ARRAY[t], ARRAY[10000000::bigint], ARRAY[2::bigint], ARRAY[1::bigint]);
   PERFORM {qs}.release_v2(ch, lc, me, t);
+  -- A takeover: of a holder whose session is gone (a crash), then of a live holder's expired
+  -- lease (a silent disconnect; this backend plays the holder).
+  UPDATE {qs}.lease l SET holder = me || ' (gone)', holder_pid = 0, expires_at = now() + INTERVAL '1 hour'
+   WHERE l.channel = ch;
+  PERFORM * FROM {qs}.acquire_v2(ch, lc, me || ' (warm-up)', 10000000);
+  UPDATE {qs}.lease l SET holder = me, holder_pid = pg_backend_pid(), expires_at = now() - INTERVAL '1 second'
+   WHERE l.channel = ch;
+  PERFORM * FROM {qs}.acquire_v2(ch, lc, me || ' (warm-up)', 10000000);
   RAISE EXCEPTION USING ERRCODE = 'P0001', MESSAGE = 'pgiplock warm-up: rolled back';
 EXCEPTION WHEN raise_exception THEN NULL;
 END

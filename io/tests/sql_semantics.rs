@@ -661,3 +661,40 @@ async fn lease_a_release_commits_without_waiting_for_its_wal_flush_and_nothing_e
     a.client.batch_execute("COMMIT").await.unwrap();
     assert_eq!(setting().await, before);
 }
+
+#[tokio::test]
+async fn lease_the_bootstrap_warm_up_leaves_no_row_and_no_notification() {
+    let schema = unique("t_lease_warm");
+    let _cleanup = SchemaGuard::new(&schema);
+    let name = SchemaName::new(&schema).unwrap();
+    let mut listener = raw_client(&unique("listener")).await;
+    listener
+        .client
+        .batch_execute("LISTEN \"__pgiplock_warm_up__\"")
+        .await
+        .unwrap();
+    let a = raw_client(&unique("app-a")).await;
+    // The bootstrap runs the warm-up: a win, a refusal, batched calls, a release and both
+    // takeovers (of a gone session, of an expired lease), all rolled back.
+    sql::bootstrap(&a.client, Protocol::Lease, &name).await.unwrap();
+    let count = |table: &str| format!("SELECT count(*) FROM {}.{table}", pgiplock_core::quote_ident(&schema));
+    for table in ["lease", "lease_waiter"] {
+        let n: i64 = a.client.query_one(&count(table), &[]).await.unwrap().get(0);
+        assert_eq!(n, 0, "{table}");
+    }
+    // Every path runs without an error (the bootstrap ignores one), and again leaves nothing.
+    sql::warm_up(&a.client, &name).await.expect("the warm-up runs");
+    for table in ["lease", "lease_waiter"] {
+        let n: i64 = a.client.query_one(&count(table), &[]).await.unwrap().get(0);
+        assert_eq!(n, 0, "{table}");
+    }
+    // Notifications arrive in commit order: the first one is the sentinel sent after it.
+    a.client
+        .batch_execute("NOTIFY \"__pgiplock_warm_up__\", 'sentinel'")
+        .await
+        .unwrap();
+    assert_eq!(
+        listener.notification().await,
+        ("__pgiplock_warm_up__".to_owned(), "sentinel".to_owned())
+    );
+}
