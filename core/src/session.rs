@@ -270,12 +270,16 @@ pub enum SessionOp {
         /// Each lock's channel and protocol.
         channels: Vec<(ChannelName, Protocol)>,
     },
-    /// `UNLISTEN` the channels of a lock.
+    /// `UNLISTEN` the channels of a lock. Under `Lease` the backend also stops waiting for the
+    /// channel: its row in `schema`'s waiter table goes (best effort, like the row itself), so
+    /// that no release names as its successor a backend that no longer hears the marker.
     Unlisten {
         /// The channel.
         channel: ChannelName,
         /// The lock's protocol, which decides the channels.
         protocol: Protocol,
+        /// The schema of the lock's table.
+        schema: SchemaName,
     },
     /// A lock's operation (semantics on [`DbOp`]).
     Lock {
@@ -763,6 +767,7 @@ struct Entry {
 struct Linger {
     channel: ChannelName,
     protocol: Protocol,
+    schema: SchemaName,
     until: Timestamp,
 }
 
@@ -2368,6 +2373,7 @@ impl Session {
             let op = SessionOp::Unlisten {
                 channel: linger.channel,
                 protocol: linger.protocol,
+                schema: linger.schema,
             };
             self.execute(session, op, Route::Unlisten);
         }
@@ -2416,6 +2422,7 @@ impl Session {
             if let Some(session) = self.current() {
                 let channel = entry.target.channel.clone();
                 let protocol = entry.target.protocol;
+                let schema = entry.target.schema.clone();
                 let linger = self.config.handover_linger;
                 if entry.released_at_stop && protocol == Protocol::Lease && !entry.handed_over && !linger.is_zero() {
                     // Its successor's `acquired` marker comes on this channel: until then (or the
@@ -2423,10 +2430,16 @@ impl Session {
                     self.lingers.push(Linger {
                         channel,
                         protocol,
+                        schema,
                         until: self.now + linger,
                     });
                 } else {
-                    self.execute(session, SessionOp::Unlisten { channel, protocol }, Route::Unlisten);
+                    let op = SessionOp::Unlisten {
+                        channel,
+                        protocol,
+                        schema,
+                    };
+                    self.execute(session, op, Route::Unlisten);
                 }
             }
         }

@@ -861,9 +861,13 @@ impl Driver {
                     SessionOp::ListenMany { channels } => {
                         sql::listen_many(&client, &channels).await.map(|()| OpReply::Done)
                     }
-                    SessionOp::Unlisten { channel, protocol } => {
-                        sql::unlisten(&client, &channel, protocol).await.map(|()| OpReply::Done)
-                    }
+                    SessionOp::Unlisten {
+                        channel,
+                        protocol,
+                        schema,
+                    } => sql::unlisten(&client, &channel, protocol, &schema)
+                        .await
+                        .map(|()| OpReply::Done),
                     SessionOp::Lock { target, op, .. } => {
                         let target = Target {
                             protocol: target.protocol,

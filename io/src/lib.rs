@@ -74,7 +74,8 @@ pub use term::{LockState, Term};
 #[doc(hidden)]
 pub mod testkit {
     pub use crate::sql::{
-        await_holder, balance, bootstrap, execute, execute_batch, holder_key, warm_up, BatchOp, BatchTarget, Target,
+        await_holder, balance, bootstrap, execute, execute_batch, holder_key, unlisten, warm_up, BatchOp, BatchTarget,
+        Target,
     };
 }
 

@@ -847,12 +847,39 @@ pub(crate) async fn listen_many(client: &Client, channels: &[(ChannelName, Proto
     client.batch_execute(&sql).await.map_err(|e| db_error(&e))
 }
 
-/// `UNLISTEN` the channels of a lock under `protocol`.
-pub(crate) async fn unlisten(client: &Client, channel: &ChannelName, protocol: Protocol) -> Result<(), DbError> {
-    client
-        .batch_execute(&statements("UNLISTEN", channel, protocol))
-        .await
-        .map_err(|e| db_error(&e))
+/// `UNLISTEN` the channels of a lock under `protocol`; under `Lease` the backend also leaves
+/// the channel's waiters in `schema` ([`forget_waiter_sql`]).
+pub async fn unlisten(
+    client: &Client,
+    channel: &ChannelName,
+    protocol: Protocol,
+    schema: &SchemaName,
+) -> Result<(), DbError> {
+    let mut sql = statements("UNLISTEN", channel, protocol);
+    if protocol == Protocol::Lease {
+        sql.push_str("; ");
+        sql.push_str(&forget_waiter_sql(schema, channel));
+    }
+    client.batch_execute(&sql).await.map_err(|e| db_error(&e))
+}
+
+/// Deletes this backend's waiter row of `channel`, so that a release does not name a backend
+/// that stopped listening. Best effort, as the row itself ([`note_waiter_sql`]): a missing
+/// table or schema, a role without rights on it or a read-only server leave it as it is,
+/// and the `UNLISTEN` of the same batch (one implicit transaction) still commits.
+fn forget_waiter_sql(schema: &SchemaName, channel: &ChannelName) -> String {
+    let body = format!(
+        "BEGIN DELETE FROM {}.lease_waiter w WHERE w.channel = {} AND w.pid = pg_backend_pid(); \
+         EXCEPTION WHEN OTHERS THEN NULL; END",
+        quote_ident(schema.as_str()),
+        quote_literal(channel.as_str())
+    );
+    // A dollar quote whose tag the body does not contain (names may hold any character).
+    let mut tag = String::from("$pgiplock_unlisten$");
+    while body.contains(&tag) {
+        tag.insert(tag.len() - 1, '_');
+    }
+    format!("DO {tag}{body}{tag}")
 }
 
 /// `LISTEN "a"; LISTEN "b"; ...` over the channels of a lock.

@@ -110,6 +110,60 @@ async fn a_release_names_the_longest_waiting_live_standby_and_it_takes_over() {
     }
 }
 
+/// A standby that removes its lock while its session stays open stops waiting: its `UNLISTEN`
+/// batch deletes its waiter row, so the release names the standby that still listens. With no
+/// listening waiter left, the release names nobody.
+#[tokio::test]
+async fn a_standby_that_removes_its_lock_is_named_no_more() {
+    let schema = unique("t_handoff");
+    let _cleanup = SchemaGuard::new(&schema);
+    let channel = unique("jobs");
+    let admin = admin().await;
+    let s1 = session().await;
+    let l1 = s1.lock(&channel, handoff_options(&schema)).unwrap();
+    l1.init().await.unwrap();
+    wait_acquired(&l1).await;
+    let s2 = session().await;
+    let l2 = s2.lock(&channel, handoff_options(&schema)).unwrap();
+    l2.init().await.unwrap();
+    assert!(!l2.acquire().await.unwrap(), "refused by the holder");
+    let s3 = session().await;
+    let l3 = s3.lock(&channel, handoff_options(&schema)).unwrap();
+    l3.init().await.unwrap();
+    assert!(!l3.acquire().await.unwrap(), "refused by the holder");
+    assert_eq!(
+        waiters(&admin.client, &schema, &channel).await,
+        vec![s2.app_name(), s3.app_name()]
+    );
+
+    // The longest waiter leaves. Its connection runs statements in order, so once another lock
+    // of its session is set up (its `LISTEN` answered), the `UNLISTEN` batch has committed.
+    l2.destroy().await.unwrap();
+    let other = s2.lock(&unique("other"), handoff_options(&schema)).unwrap();
+    other.init().await.unwrap();
+    assert_eq!(waiters(&admin.client, &schema, &channel).await, vec![s3.app_name()]);
+
+    let mut listener = lock_channel_listener(&channel).await;
+    l1.release().await.unwrap();
+    let marker = release_marker(&mut listener).await;
+    assert_eq!(Marker::successor(&marker), s3.backend_pid(), "{marker}");
+    wait_acquired(&l3).await;
+
+    // The old holder waits again and leaves too: the next release has nobody to name.
+    assert!(!l1.acquire().await.unwrap(), "refused by the new holder");
+    assert_eq!(waiters(&admin.client, &schema, &channel).await, vec![s1.app_name()]);
+    l1.destroy().await.unwrap();
+    let other1 = s1.lock(&unique("other"), handoff_options(&schema)).unwrap();
+    other1.init().await.unwrap();
+    assert!(waiters(&admin.client, &schema, &channel).await.is_empty());
+    l3.release().await.unwrap();
+    let marker = release_marker(&mut listener).await;
+    assert_eq!(Marker::successor(&marker), None, "{marker}");
+    for s in [s1, s2, s3] {
+        s.close().await;
+    }
+}
+
 /// A named successor that never attempts (a live session registered as the longest waiter):
 /// the other standby takes over a wake jitter later, long before its retry would.
 #[tokio::test]

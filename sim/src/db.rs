@@ -378,6 +378,29 @@ impl SimDb {
         Ok(())
     }
 
+    /// Live backends (the sessions a connection limit counts).
+    pub fn backends(&self) -> usize {
+        self.pids.len()
+    }
+
+    /// The backend of `session` stops waiting for `channel` (the `Lease` `UNLISTEN` batch): its
+    /// waiter row goes, so that no release names it. A read-only server keeps it (the delete
+    /// fails there, and the batch ignores that).
+    pub fn forget_waiter(&mut self, session: SessionId, channel: &str) {
+        if self.read_only {
+            return;
+        }
+        let Some(pid) = self.sessions.get(&session).map(|s| s.pid) else {
+            return;
+        };
+        if let Some(waiters) = self.waiters.get_mut(channel) {
+            waiters.retain(|_, (p, _)| *p != pid);
+            if waiters.is_empty() {
+                self.waiters.remove(channel);
+            }
+        }
+    }
+
     /// The schema bootstrap batch of `protocol` (one statement): creates the schema, its tables
     /// and functions if they are missing, else changes nothing. On a read-only server it succeeds
     /// only if there is nothing to create.

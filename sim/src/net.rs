@@ -8,7 +8,8 @@
 use std::time::Duration;
 
 use pgiplock_core::{
-    AwaitOutcome, DbError, DbOp, OpId, OpReply, Reply, SessionId, SessionOp, SessionRequest, SplitMix64, Timestamp,
+    AwaitOutcome, DbError, DbOp, OpId, OpReply, Protocol, Reply, SessionId, SessionOp, SessionRequest, SplitMix64,
+    Timestamp,
 };
 
 use crate::db::{AwaitState, DbConfig, SimDb};
@@ -520,13 +521,18 @@ impl World {
                     .sum();
                 (result.map(|()| OpReply::Done), statements)
             }
-            SessionOp::Unlisten { channel, protocol } => {
+            SessionOp::Unlisten { channel, protocol, .. } => {
                 self.trace.hash(&[203, p as u64]);
                 let db = &mut self.server.db;
                 let result = channel.listened(*protocol).try_for_each(|c| db.unlisten(session, c));
+                // Under Lease the batch also deletes the backend's waiter row (one more statement).
+                let lease = *protocol == Protocol::Lease;
+                if result.is_ok() && lease {
+                    db.forget_waiter(session, channel.as_str());
+                }
                 (
                     result.map(|()| OpReply::Done),
-                    channel.listened(*protocol).count() as u64,
+                    channel.listened(*protocol).count() as u64 + u64::from(lease),
                 )
             }
             // The crash watch's wait: answered now, or once its outcome occurs (no reply yet).

@@ -22,6 +22,6 @@ pub mod replica;
 #[cfg(feature = "sql")]
 pub mod sql {
     pub use pgiplock::testkit::{
-        await_holder, balance, bootstrap, execute, execute_batch, warm_up, BatchOp, BatchTarget, Target,
+        await_holder, balance, bootstrap, execute, execute_batch, unlisten, warm_up, BatchOp, BatchTarget, Target,
     };
 }

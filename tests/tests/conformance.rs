@@ -46,7 +46,7 @@ use pgiplock_core::{
     Timestamp,
 };
 use pgiplock_sim::db::{AwaitState, DbConfig, SimDb};
-use pgiplock_testkit::sql::{await_holder, bootstrap, execute, execute_batch, BatchOp, BatchTarget, Target};
+use pgiplock_testkit::sql::{await_holder, bootstrap, execute, execute_batch, unlisten, BatchOp, BatchTarget, Target};
 use pgiplock_tests::{connect, database_url, unique_hex, Listener, TestSchema};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestError, TestRunner};
@@ -154,6 +154,13 @@ enum Step {
     /// real server by redefining the schema's `timeline()`): rows written before are of an
     /// older timeline from now on.
     Promote,
+    /// Slot `s` stops listening for channel `c` as a session does when it removes the lock:
+    /// the library's `UNLISTEN` batch, which under Lease also deletes the backend's waiter row,
+    /// so that no later release names it.
+    Unlisten {
+        s: usize,
+        c: usize,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -185,7 +192,7 @@ fn step() -> impl Strategy<Value = Step> {
             .prop_map(|(s, target, wrong_app)| Step::Terminate { s, target, wrong_app }),
         1 => s.clone().prop_map(|s| Step::Close { s }),
         3 => s.clone().prop_map(|s| Step::Reopen { s }),
-        2 => c.prop_map(|c| Step::Expire { c }),
+        2 => c.clone().prop_map(|c| Step::Expire { c }),
         1 => Just(Step::DropSchema),
         2 => s.clone().prop_map(|s| Step::Bootstrap { s }),
         1 => proptest::bool::ANY.prop_map(|on| Step::ReadOnly { on }),
@@ -193,6 +200,7 @@ fn step() -> impl Strategy<Value = Step> {
         3 => s.clone().prop_map(|s| Step::AcquireMany { s }),
         2 => (s.clone(), s.clone()).prop_map(|(s, target)| Step::AwaitHolder { s, target }),
         2 => Just(Step::Promote),
+        1 => (s.clone(), c.clone()).prop_map(|(s, c)| Step::Unlisten { s, c }),
     ]
 }
 
@@ -919,6 +927,27 @@ impl Worlds {
                 };
                 Ok((real, answer(sim)))
             }
+            Step::Unlisten { s, c } => {
+                if !self.is_open(s) {
+                    return skipped;
+                }
+                let listener = self.real[s].listener.as_ref().ok_or("real slot closed")?;
+                let channel = &self.channels[c];
+                let real = unlisten(listener.client(), channel, self.protocol, &self.schema).await;
+                let session = self.sim[s].session.ok_or("sim slot closed")?;
+                let db = &mut self.db;
+                let sim = channel
+                    .listened(self.protocol)
+                    .try_for_each(|ch| db.unlisten(session, ch));
+                if sim.is_ok() && self.protocol == Protocol::Lease {
+                    db.forget_waiter(session, channel.as_str());
+                }
+                let done = |r: Result<(), DbError>| match r {
+                    Ok(()) => Outcome::Done("unlistened"),
+                    Err(e) => Outcome::Error(error_kind(&e)),
+                };
+                Ok((done(real), done(sim)))
+            }
             Step::Promote => {
                 if self.protocol != Protocol::Lease || self.db.schema_dropped() {
                     return skipped;
@@ -1098,14 +1127,15 @@ fn tally_key(o: &Outcome) -> String {
     }
 }
 
-async fn run_case(case: &Case, tally: &Tally) -> Result<(), String> {
+/// Runs `case` in both worlds; on agreement, the log of its steps and of what each slot heard.
+async fn run_case(case: &Case, tally: &Tally) -> Result<Vec<String>, String> {
     let schema = TestSchema::new();
     let mut worlds = Worlds::new(case, &schema).await?;
     let result = run_steps(&mut worlds, case, tally).await;
     let log = std::mem::take(&mut worlds.log);
     worlds.close().await;
     drop(schema);
-    result.map_err(|e| {
+    result.map(|()| log.clone()).map_err(|e| {
         format!(
             "{e}\nsteps so far ({:?}, ttl {:?}):\n  {}",
             case.protocol,
@@ -1183,7 +1213,10 @@ fn sim_db_conforms_to_postgres() {
     let tally = Tally::default();
     let mut runner = TestRunner::new(config);
     let result = runner.run(&case(), |case| {
-        runtime.block_on(run_case(&case, &tally)).map_err(TestCaseError::fail)
+        runtime
+            .block_on(run_case(&case, &tally))
+            .map(drop)
+            .map_err(TestCaseError::fail)
     });
     eprintln!("steps compared, by the model's outcome:");
     for (kind, n) in tally.lock().unwrap_or_else(|e| e.into_inner()).iter() {
@@ -1254,4 +1287,50 @@ fn sim_db_conforms_to_postgres_across_a_promotion() {
         sightings >= 4,
         "the cases sighted older rows ({sightings}); tally {tally:?}"
     );
+}
+
+/// A waiter that stops listening (its lock removed, its session still open) is forgotten in
+/// both worlds: the release names the other waiter, and once that one unlistened too, nobody.
+#[test]
+fn sim_db_conforms_to_postgres_when_waiters_unlisten() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| panic!("runtime: {e}"));
+    let release = |s| Step::Release {
+        s,
+        c: 0,
+        tok: Tok::Mine,
+    };
+    let steps = vec![
+        Step::AcquireLong { s: 0, c: 0 },
+        Step::Acquire { s: 1, c: 0 },
+        Step::Acquire { s: 2, c: 0 },
+        Step::Unlisten { s: 1, c: 0 },
+        release(0),
+        Step::Acquire { s: 0, c: 0 },
+        Step::Acquire { s: 1, c: 0 },
+        Step::Unlisten { s: 1, c: 0 },
+        Step::Unlisten { s: 2, c: 0 },
+        release(0),
+    ];
+    let case = Case {
+        protocol: Protocol::Lease,
+        ttl: Duration::from_millis(200),
+        steps,
+    };
+    let tally = Tally::default();
+    let log = runtime
+        .block_on(run_case(&case, &tally))
+        .unwrap_or_else(|e| panic!("the model and PostgreSQL disagree: {e}"));
+    // What the releasing slot heard: its release markers, with the successor as slot.generation.
+    let released: Vec<&str> = log
+        .iter()
+        .filter(|line| line.starts_with("     slot 0 heard"))
+        .flat_map(|line| line.split('"').filter(|p| p.starts_with("released:")))
+        .collect();
+    assert_eq!(released.len(), 2, "two releases heard: {log:#?}");
+    assert!(released[0].ends_with(":2.1"), "the listening waiter named: {log:#?}");
+    assert_eq!(released[1].matches(':').count(), 1, "nobody named: {log:#?}");
 }
