@@ -10,7 +10,7 @@ use std::io::{Read as _, Write as _};
 use std::time::Duration;
 
 use clap::Args;
-use pgiplock::{LockMessage, LockOptions, PgIpLock, Session, Subscription};
+use pgiplock::{LockMessage, LockOptions, PgIpLock, Session, SessionOptions, Subscription};
 use pgiplock_core::{ChannelName, SchemaName};
 use serde::Serialize;
 use tokio::signal::unix::{signal, Signal, SignalKind};
@@ -69,9 +69,23 @@ pub(crate) struct WorkerArgs {
     /// (e.g. behind a transaction-mode pooler) waits for the lease's expiry [default: true].
     #[arg(long, value_name = "BOOL")]
     crash_watch: Option<bool>,
+    /// After a lease release at shutdown that named a successor, how long the connection stays
+    /// open for that successor's `acquired` marker; 0s closes at once (a duration)
+    /// [default: 50ms].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    handover_linger: Option<Duration>,
 }
 
 impl WorkerArgs {
+    /// The session's options: the defaults, with `--handover-linger` if given.
+    fn session_options(&self) -> SessionOptions {
+        let options = SessionOptions::new();
+        match self.handover_linger {
+            Some(linger) => options.handover_linger(linger),
+            None => options,
+        }
+    }
+
     /// Validates everything before connecting, so bad input fails fast with exit code 2.
     fn options(&self) -> Result<(tokio_postgres::Config, LockOptions), CliError> {
         let config = self.database.config()?;
@@ -120,7 +134,11 @@ impl WorkerArgs {
     }
 
     fn shutdown_bound(&self) -> Duration {
-        self.shutdown_timeout.unwrap_or(Duration::from_secs(1)) + SHUTDOWN_SLACK
+        // `close` also waits for a named successor, at most the handover linger.
+        let linger = self
+            .handover_linger
+            .unwrap_or(pgiplock_core::SessionConfig::default().handover_linger);
+        self.shutdown_timeout.unwrap_or(Duration::from_secs(1)) + linger + SHUTDOWN_SLACK
     }
 }
 
@@ -318,7 +336,7 @@ pub(crate) async fn run(args: WorkerArgs) -> Result<(), CliError> {
     let mut stop = StopRequests::install(args.exit_on_stdin_eof)?;
 
     let session = tokio::select! {
-        session = Session::connect(config) => session?,
+        session = Session::connect_with(config, tokio_postgres::NoTls, args.session_options()) => session?,
         () = stop.requested() => return Ok(()),
     };
     let mut locks = Vec::with_capacity(args.channel.len());
@@ -481,6 +499,37 @@ mod tests {
         assert_eq!(stated_default("lease-ttl"), lease.lease_ttl);
         assert_eq!(stated_default("wake-jitter"), lease.wake_jitter);
         assert_eq!(LockConfig::new(Protocol::Classic).wake_jitter, Duration::ZERO);
+        let session = pgiplock_core::SessionConfig::default();
+        assert_eq!(stated_default("handover-linger"), session.handover_linger);
+    }
+
+    #[test]
+    fn the_shutdown_bound_covers_the_handover_linger() {
+        use clap::Parser;
+        let worker = |extra: &[&str]| {
+            let mut argv = vec![
+                "pgiplock",
+                "worker",
+                "--database-url",
+                "postgres://localhost/db",
+                "--channel",
+                "jobs",
+            ];
+            argv.extend_from_slice(extra);
+            match super::super::Cli::try_parse_from(argv).expect("parses").command {
+                super::super::Command::Worker(args) => args,
+                _ => panic!("not the worker"),
+            }
+        };
+        let default = worker(&[]);
+        assert_eq!(default.shutdown_bound(), Duration::from_millis(1050) + SHUTDOWN_SLACK);
+        let long = worker(&["--handover-linger", "10s", "--shutdown-timeout", "2s"]);
+        assert_eq!(long.handover_linger, Some(Duration::from_secs(10)));
+        assert_eq!(long.shutdown_bound(), Duration::from_secs(12) + SHUTDOWN_SLACK);
+        assert_eq!(
+            worker(&["--handover-linger", "0s"]).handover_linger,
+            Some(Duration::ZERO)
+        );
     }
 
     fn json(line: Option<Line<'_>>) -> serde_json::Value {
