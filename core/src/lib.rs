@@ -67,7 +67,7 @@ pub use rng::SplitMix64;
 pub use session::{
     AddLockError, BatchEntry, CallError, CallId, CallReply, ConnPhase, DownReason, LockCall, LockKey, LockTarget, OpId,
     OpReply, ServerIdentity, Session, SessionConfig, SessionEvent, SessionInput, SessionOp, SessionOutput,
-    SessionRequest, SessionState,
+    SessionRequest, SessionState, WATCH_IDLE_CLOSE, WATCH_LIMIT_BACKOFF,
 };
 pub use time::Timestamp;
 pub use watch::{AwaitOutcome, WatchFailure};

@@ -2494,7 +2494,24 @@ impl Session {
             .unwrap_or(Duration::from_secs(30))
     }
 
+    /// Closes the watch's connection (or its attempt) and forgets its wait. A wait in flight is
+    /// cancelled first: a closed client does not end a blocked statement on the server, which
+    /// would keep its slot until the wait's bound.
+    fn close_watch(&mut self) {
+        self.watch.idle_until = None;
+        let Some(session) = self.watch.session() else { return };
+        if let Some(wait) = self.watch.wait.take() {
+            self.ops.remove(&wait.id);
+            self.outputs.push_back(SessionOutput::WatchCancel { session });
+        }
+        self.outputs.push_back(SessionOutput::WatchDisconnect { session });
+        self.watch.link = WatchLink::Idle;
+    }
+
     fn watch_fire_due(&mut self) {
+        if matches!(self.watch.link, WatchLink::Up { .. }) && self.watch.idle_until.is_some_and(|at| at <= self.now) {
+            self.close_watch();
+        }
         match self.watch.link {
             WatchLink::Down { retry_at } if retry_at <= self.now => self.watch.link = WatchLink::Idle,
             WatchLink::Connecting { deadline, .. } if deadline <= self.now => {
@@ -2521,7 +2538,12 @@ impl Session {
         if let (true, Some(session)) = (tell_driver, self.watch.session()) {
             self.outputs.push_back(SessionOutput::WatchDisconnect { session });
         }
-        let retry_in = self.watch_backoff();
+        let retry_in = match reason {
+            // The server is full: another try soon would take a slot that a process's own
+            // listening connection may need (after a restart, say).
+            WatchFailure::ConnectionLimit(_) => self.watch_backoff().max(WATCH_LIMIT_BACKOFF),
+            _ => self.watch_backoff(),
+        };
         self.watch.link = WatchLink::Down {
             retry_at: self.now + retry_in,
         };
@@ -2587,7 +2609,13 @@ impl Session {
             self.watch.link = WatchLink::Idle;
         }
         let main = self.current();
+        if main.is_none() {
+            // Without its listening connection the process cannot take over: the watch's
+            // connection would only hold a server slot, which the reconnection may need.
+            self.close_watch();
+        }
         let desired = main.and_then(|_| self.watch.choose(self.own_pid));
+        let nothing_to_watch = desired.is_none();
         if self.closing.is_none() {
             match self.watch.link {
                 WatchLink::Idle if desired.is_some() => {
@@ -2616,6 +2644,14 @@ impl Session {
                 }
                 _ => {}
             }
+        }
+        // Nothing to watch (this process holds every lock it waits on, or its standbys know no
+        // live holder): the connection closes after `WATCH_IDLE_CLOSE`, which outlasts a
+        // handover's moment without a holder.
+        if matches!(self.watch.link, WatchLink::Up { .. }) && nothing_to_watch {
+            self.watch.idle_until.get_or_insert(self.now + WATCH_IDLE_CLOSE);
+        } else {
+            self.watch.idle_until = None;
         }
         let now_watched: BTreeSet<LockKey> = self
             .watch
@@ -2667,6 +2703,15 @@ impl Session {
 
 /// SQLSTATE of a statement cancelled on request.
 const SQLSTATE_QUERY_CANCELED: &str = "57014";
+
+/// The crash watch's wait before it connects again after the server refused its connection for
+/// the connection limit (the longer of this and the ordinary watch backoff): at the limit the
+/// watch's connections compete with the fleet's own listening connections for the slots.
+pub const WATCH_LIMIT_BACKOFF: Duration = Duration::from_secs(600);
+
+/// How long the crash watch's connection stays open with nothing to watch (the process holds
+/// every lock it waits on, or knows no live holder) before it closes, freeing its server slot.
+pub const WATCH_IDLE_CLOSE: Duration = Duration::from_secs(60);
 
 trait TakeIfId {
     fn take_if_id(&mut self, id: OpId) -> Option<Wait>;

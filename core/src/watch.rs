@@ -131,6 +131,9 @@ pub(crate) struct Watch {
     pub(crate) watched: BTreeSet<LockKey>,
     /// Holders whose wait answered `unwatched`.
     pub(crate) unwatchable: BTreeSet<Holder>,
+    /// While the connection is up with nothing to watch: when it closes (it holds a server
+    /// slot that the fleet's own connections may need).
+    pub(crate) idle_until: Option<Timestamp>,
 }
 
 impl Watch {
@@ -142,6 +145,7 @@ impl Watch {
             holder_of: BTreeMap::new(),
             watched: BTreeSet::new(),
             unwatchable: BTreeSet::new(),
+            idle_until: None,
         }
     }
 
@@ -185,6 +189,7 @@ impl Watch {
         let link = match &self.link {
             WatchLink::Down { retry_at } => Some(*retry_at),
             WatchLink::Connecting { deadline, .. } => Some(*deadline),
+            WatchLink::Up { .. } => self.idle_until,
             _ => None,
         };
         let wait = self.wait.as_ref().map(|w| w.deadline);

@@ -308,8 +308,67 @@ fn the_connection_limit_is_reported_as_such() {
             ..
         })
     )));
-    let later = run_for(&mut rig, ms(2_600));
-    assert_eq!(attempts(&later), 1, "{later:?}");
+    let refused_at = rig.now;
+    // Refused attempts at every lease end meanwhile; the watch stays off for the long backoff
+    // (not the acquire interval of 1 s), then connects again.
+    let (at, again) = refuse_until(&mut rig, refused_at + WATCH_LIMIT_BACKOFF * 2).expect("the watch connects again");
+    assert!(again != watch);
+    let waited = at.saturating_duration_since(refused_at);
+    assert!(
+        waited >= WATCH_LIMIT_BACKOFF && waited < WATCH_LIMIT_BACKOFF + ms(5_000),
+        "connected again after {waited:?}"
+    );
+}
+
+/// A standby that takes over has nothing left to watch: its watch connection stays open for
+/// `WATCH_IDLE_CLOSE` (so that a handover's moment without a holder does not cost a reconnect)
+/// and then closes, freeing its server slot.
+#[test]
+fn a_watch_with_nothing_to_watch_closes_after_its_idle_bound() {
+    let mut rig = Rig::new(true);
+    let (watch, wait) = rig.watching();
+    let out = rig.reply(&wait, Ok(OpReply::Await(AwaitOutcome::Gone)));
+    // From here the standby knows no live holder: nothing to watch.
+    let idle_since = rig.now;
+    let attempt = request(&out, "acquire").expect("an attempt at once");
+    let won = Ok(OpReply::Lock(Reply::Acquire(AcquireReply::won(Some(FenceToken(2))))));
+    let mut out = rig.reply(&attempt, won);
+    assert!(rig.session.lock(KEY).unwrap().phase().is_holder());
+    // The holder's renewals are answered; the watch's connection closes at its idle bound.
+    let closed_at = loop {
+        if out.contains(&SessionOutput::WatchDisconnect { session: watch }) {
+            break rig.now;
+        }
+        assert!(
+            rig.now < idle_since + WATCH_IDLE_CLOSE * 2,
+            "the idle watch never closed"
+        );
+        out = match request(&out, "renew") {
+            Some(renew) => rig.reply(&renew, Ok(OpReply::Lock(Reply::Renew { owned: true }))),
+            None => rig.tick(),
+        };
+    };
+    let idle = closed_at.saturating_duration_since(idle_since);
+    assert!(
+        idle >= WATCH_IDLE_CLOSE && idle < WATCH_IDLE_CLOSE + ms(1_000),
+        "closed after {idle:?}"
+    );
+    assert!(rig.session.lock(KEY).unwrap().phase().is_holder());
+}
+
+/// Ticks through the deadlines up to `until`, refusing every attempt; the instant and session
+/// of the first watch connection on the way.
+fn refuse_until(rig: &mut Rig, until: Timestamp) -> Option<(Timestamp, SessionId)> {
+    loop {
+        let at = rig.session.poll_timeout().filter(|at| *at <= until)?;
+        let mut out = rig.at(at, SessionInput::Tick);
+        if let Some(attempt) = request(&out, "acquire") {
+            out.extend(rig.refuse(&attempt));
+        }
+        if let Some(watch) = watch_connect(&out) {
+            return Some((rig.now, watch));
+        }
+    }
 }
 
 #[test]
@@ -323,8 +382,11 @@ fn without_crash_watch_nothing_changes() {
     assert_eq!(attempts(&later), 1);
 }
 
+/// Without its main connection the process cannot take over: the wait is cancelled and the
+/// watch's connection closed, so that it holds no server slot the reconnection may need; the
+/// watch connects again once the main connection is back and the holder still refuses.
 #[test]
-fn losing_the_main_connection_cancels_the_wait() {
+fn losing_the_main_connection_cancels_the_wait_and_closes_the_watch() {
     let mut rig = Rig::new(true);
     let (watch, wait) = rig.watching();
     let main = rig.session.current().unwrap();
@@ -335,8 +397,18 @@ fn losing_the_main_connection_cancels_the_wait() {
             error: None,
         },
     );
-    assert!(out.contains(&SessionOutput::WatchCancel { session: watch }), "{out:?}");
+    let cancel = out
+        .iter()
+        .position(|o| *o == SessionOutput::WatchCancel { session: watch });
+    let close = out
+        .iter()
+        .position(|o| *o == SessionOutput::WatchDisconnect { session: watch });
+    assert!(cancel.is_some() && close > cancel, "cancelled, then closed: {out:?}");
     // The cancelled wait's reply is ignored.
     let out = rig.reply(&wait, Ok(OpReply::Await(AwaitOutcome::Gone)));
     assert_eq!(attempts(&out), 0);
+    assert!(
+        watch_connect(&out).is_none(),
+        "no watch without the main connection: {out:?}"
+    );
 }

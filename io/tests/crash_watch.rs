@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use pgiplock::{LockOptions, Session};
+use pgiplock::{LockOptions, Protocol, Session};
 use tokio_postgres::Client;
 
 /// Lease 3 s, retries only at the lease's end (the default interval of 30 s is longer): an
@@ -345,4 +345,56 @@ async fn wait_watch_query(admin: &Client, pid: i32) {
         assert!(tokio::time::Instant::now() < deadline, "the wait did not start");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// A role at its connection limit (`CONNECTION LIMIT 1`): the standby's listening connection
+/// takes the role's one slot, the crash watch's connection is refused for the limit (SQLSTATE
+/// 53300), and the standby falls back to the lease: a dead holder is taken over once its lease
+/// expired, not before, and the role never had a second connection.
+#[tokio::test]
+async fn at_the_connection_limit_the_standby_falls_back_to_the_lease() {
+    let schema = unique("t_watch");
+    let _cleanup = SchemaGuard::new(&schema);
+    let role = unique("pgiplock_limited");
+    let _role_cleanup = RoleGuard(role.clone());
+    let channel = unique("jobs");
+    let admin = admin().await;
+    let s1 = session().await;
+    let l1 = s1.lock(&channel, watch_options(&schema)).unwrap();
+    l1.init().await.unwrap();
+    wait_acquired(&l1).await;
+    let qr = pgiplock_core::quote_ident(&role);
+    admin
+        .client
+        .batch_execute(&format!(
+            "CREATE ROLE {qr} LOGIN CONNECTION LIMIT 1; {}",
+            grants(Protocol::Lease, &schema, &role)
+        ))
+        .await
+        .expect("create the role and grant");
+    let mut as_role = config();
+    as_role.user(&role);
+    let s2 = Session::connect(as_role).await.expect("connect as the role");
+    let l2 = s2.lock(&channel, watch_options(&schema)).unwrap();
+    l2.init().await.unwrap();
+    assert!(!l2.acquire().await.unwrap(), "refused by the holder");
+    let holder_app = s1.app_name();
+    s1.abort_task();
+    wait_backend_gone(&admin.client, &holder_app).await;
+    let (_, _, old_expiry) = lease_row(&admin.client, &schema, &channel).await;
+    wait_acquired(&l2).await;
+    let (holder, acquired_at, _) = lease_row(&admin.client, &schema, &channel).await;
+    assert_eq!(holder.as_deref(), Some(s2.app_name().as_str()));
+    assert!(
+        !before(&admin.client, &acquired_at, &old_expiry).await,
+        "taken over at {acquired_at}, before the lease's expiry at {old_expiry}: no watch could run"
+    );
+    let connections: i64 = admin
+        .client
+        .query_one("SELECT count(*) FROM pg_stat_activity WHERE usename = $1", &[&role])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(connections, 1, "the role's one slot, its listening connection");
+    s2.close().await;
 }

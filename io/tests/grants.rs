@@ -8,52 +8,6 @@ use std::time::Duration;
 use common::*;
 use pgiplock::{LockOptions, Protocol, Session};
 
-/// Drops the role (and revokes what it was granted) even when the test fails.
-struct RoleGuard(String);
-
-impl Drop for RoleGuard {
-    fn drop(&mut self) {
-        let qr = pgiplock_core::quote_ident(&self.0);
-        let sql = format!("DROP OWNED BY {qr}; DROP ROLE IF EXISTS {qr};");
-        let cfg = config();
-        // Drop may run inside the test's runtime: use a thread with a runtime of its own.
-        let worker = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .ok()?;
-            runtime.block_on(async move {
-                let (client, connection) = cfg.connect(tokio_postgres::NoTls).await.ok()?;
-                tokio::spawn(connection);
-                client.batch_execute(&sql).await.ok()
-            })
-        });
-        let _ = worker.join();
-    }
-}
-
-/// The README's grants for `role` on `schema`.
-fn grants(protocol: Protocol, schema: &str, role: &str) -> String {
-    let qs = pgiplock_core::quote_ident(schema);
-    let qr = pgiplock_core::quote_ident(role);
-    match protocol {
-        Protocol::Lease => format!(
-            "GRANT USAGE ON SCHEMA {qs} TO {qr};
-             GRANT SELECT, INSERT, UPDATE ON {qs}.lease TO {qr};
-             GRANT SELECT, INSERT, UPDATE, DELETE ON {qs}.lease_waiter TO {qr};
-             GRANT EXECUTE ON FUNCTION {qs}.acquire_v2, {qs}.renew_v2, {qs}.release_v2, {qs}.terminate_stale, \
-               {qs}.renew_many, {qs}.acquire_many, {qs}.timeline, {qs}.next_token, {qs}.older_timeline, \
-               {qs}.old_timeline_free_at TO {qr};
-             GRANT EXECUTE ON PROCEDURE {qs}.await_holder TO {qr};"
-        ),
-        _ => format!(
-            "GRANT USAGE ON SCHEMA {qs} TO {qr};
-             GRANT SELECT, INSERT, UPDATE, DELETE ON {qs}.lock TO {qr};
-             GRANT EXECUTE ON FUNCTION {qs}.deadlock_check, {qs}.notify_lock TO {qr};"
-        ),
-    }
-}
-
 async fn a_non_owner_role_with_the_documented_grants_works(protocol: Protocol) {
     let schema = unique("t_grants");
     let _cleanup = SchemaGuard::new(&schema);

@@ -179,6 +179,8 @@ fn scenario_defaults() -> BTreeMap<String, String> {
     out.insert("failover_at".to_owned(), "none".to_owned());
     out.insert("clock_skew".to_owned(), format_duration(r.clock_skew));
     out.insert("old_primary_up".to_owned(), "none".to_owned());
+    // Left out of the scenario's JSON when unset.
+    out.insert("max_connections".to_owned(), "none".to_owned());
     for (key, value) in &fields {
         match value {
             serde_json::Value::Object(rates) if key == "fault_rates" => {
@@ -410,6 +412,10 @@ struct ScenarioArgs {
     /// Whether lock sessions may pg_terminate_backend each other (true or false).
     #[arg(long, value_name = "BOOL")]
     terminate_permitted: Option<bool>,
+    /// The server's connection limit for the fleet's sessions: a connection beyond it is
+    /// refused as too many clients, SQLSTATE 53300 (a count; none: no limit).
+    #[arg(long, value_name = "N")]
+    max_connections: Option<usize>,
     /// Graceful stops (SIGTERM, then a restart) per hour.
     #[arg(long, value_name = "PER_HOUR")]
     stop_rate: Option<f64>,
@@ -589,6 +595,9 @@ impl ScenarioArgs {
             strict_d1,
             property_checks
         );
+        if let Some(max) = self.max_connections {
+            s.max_connections = Some(max);
+        }
         s.mutant = self.mutant.or(s.mutant);
         if let Some(mode) = self.replication {
             s.replication.mode = mode;

@@ -40,6 +40,8 @@ pub(crate) enum ServerMsg {
     },
     Refused {
         attempt: u64,
+        /// For the connection limit (SQLSTATE 53300), not because the server is down.
+        limit: bool,
     },
     Reply {
         id: OpId,
@@ -229,7 +231,7 @@ impl World {
         }
         match msg {
             ServerMsg::ConnectOk { attempt, app, pid } => self.connected(p, session, attempt, app, pid),
-            ServerMsg::Refused { attempt } => self.refused(p, attempt),
+            ServerMsg::Refused { attempt, limit } => self.refused(p, attempt, limit),
             ServerMsg::Reply { id, result, generation } => self.db_reply(p, session, id, result, generation),
             ServerMsg::Notify { channel, payload, pid } => self.notification(p, session, channel, payload, pid),
             ServerMsg::Ended => self.session_ended(p, session),
@@ -258,7 +260,19 @@ impl World {
             ClientMsg::Connect { attempt } => {
                 let inc = self.procs[p].incarnation();
                 if !self.server.up {
-                    self.server_send_to(p, inc, SessionId(0), ServerMsg::Refused { attempt });
+                    let refused = ServerMsg::Refused { attempt, limit: false };
+                    self.server_send_to(p, inc, SessionId(0), refused);
+                    return;
+                }
+                if self
+                    .scenario
+                    .max_connections
+                    .is_some_and(|max| self.server.db.backends() >= max)
+                {
+                    self.trace
+                        .line(|| format!("  p{p} connect {attempt} refused: too many clients"));
+                    let refused = ServerMsg::Refused { attempt, limit: true };
+                    self.server_send_to(p, inc, SessionId(0), refused);
                     return;
                 }
                 if self.faults.take_connect_hang(p) {

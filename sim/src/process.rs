@@ -14,7 +14,7 @@ use std::time::Duration;
 use pgiplock_core::{
     CallId, ChannelName, FenceToken, LockCall, LockEvent, LockKey, LostReason, OpId, OpReply, Protocol, SchemaName,
     Session, SessionConfig, SessionEvent, SessionId, SessionInput, SessionOp, SessionOutput, SignalKind, SplitMix64,
-    Timestamp,
+    Timestamp, WatchFailure,
 };
 
 use crate::engine::Event;
@@ -361,16 +361,21 @@ impl World {
         }
     }
 
-    /// The server refused connect `attempt` (it is down).
-    pub(crate) fn refused(&mut self, p: usize, attempt: u64) {
+    /// The server refused connect `attempt`: it is down, or (`limit`) at its connection limit.
+    pub(crate) fn refused(&mut self, p: usize, attempt: u64, limit: bool) {
         let core = SessionId(attempt);
+        let cause = if limit {
+            "sorry, too many clients already (SQLSTATE 53300)"
+        } else {
+            "connection refused"
+        };
         if self.procs[p].connecting == Some(core) {
             self.procs[p].connecting = None;
             self.drive(
                 p,
                 SessionInput::ConnectFailed {
                     session: core,
-                    cause: "connection refused".to_owned(),
+                    cause: cause.to_owned(),
                 },
             );
         } else if self.procs[p].watch_connecting == Some(core) {
@@ -379,8 +384,8 @@ impl World {
                 p,
                 SessionInput::WatchConnectFailed {
                     session: core,
-                    cause: "connection refused".to_owned(),
-                    connection_limit: false,
+                    cause: cause.to_owned(),
+                    connection_limit: limit,
                 },
             );
         }
@@ -750,12 +755,19 @@ impl World {
                     SessionEvent::ConnectFailed { cause, .. } if cause.starts_with("no answer") => {
                         Some("connect_timeout")
                     }
+                    SessionEvent::ConnectFailed { cause, .. } if cause.contains("too many clients") => {
+                        Some("connection_limit")
+                    }
                     SessionEvent::ConnectFailed { .. } => Some("connect_failed"),
                     SessionEvent::Down { reason, .. } => Some(reason.as_str()),
                     SessionEvent::ReadOnly { .. } => Some("read_only_refused"),
                     SessionEvent::SchemaMissing { .. } => Some("schema_missing"),
                     SessionEvent::BootstrapFailed { .. } => Some("bootstrap_failed"),
                     SessionEvent::WatchUp { .. } => Some("watch_up"),
+                    SessionEvent::WatchDown {
+                        reason: WatchFailure::ConnectionLimit(_),
+                        ..
+                    } => Some("watch_connection_limit"),
                     SessionEvent::WatchDown { .. } => Some("watch_down"),
                     _ => None,
                 };

@@ -536,6 +536,11 @@ pub struct Scenario {
     pub drift: f64,
     /// Whether lock sessions may `pg_terminate_backend` each other.
     pub terminate_permitted: bool,
+    /// The server's connection limit for the fleet's sessions (its `max_connections` less the
+    /// reserved ones): a connection beyond it is refused as PostgreSQL refuses it, "too many
+    /// clients already" (SQLSTATE 53300). `None`: no limit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
     /// Faults per hour, drawn from the seed.
     pub fault_rates: FaultRates,
     /// Whom rate-drawn faults hit.
@@ -623,6 +628,7 @@ impl Default for Scenario {
             host_cores: 0,
             drift: 0.0001,
             terminate_permitted: true,
+            max_connections: None,
             fault_rates: FaultRates {
                 stop: 1.0,
                 crash: 1.0,
@@ -881,6 +887,8 @@ impl Scenario {
             self.terminate_permitted.to_string(),
             d.terminate_permitted.to_string(),
         );
+        let limit = |m: Option<usize>| m.map_or_else(|| "none".to_owned(), |m| m.to_string());
+        flag("max-connections", limit(self.max_connections), limit(d.max_connections));
         for kind in FaultKind::ALL {
             let name = format!("{}-rate", kind.as_str().replace('_', "-"));
             flag(

@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::{failover, on_holder, quiet, run_ok};
-use pgiplock_core::{DbOp, LockEvent, Protocol, SessionOp};
+use pgiplock_core::{DbOp, LockEvent, Protocol, SessionOp, WATCH_LIMIT_BACKOFF};
 use pgiplock_sim::{Action, ActionSpec, FaultKind, FaultSpec, Observed, Scenario, World};
 
 fn crashes(crash_watch: bool) -> Scenario {
@@ -50,6 +50,50 @@ fn a_crashed_holder_is_replaced_when_the_server_ends_its_session() {
     assert_eq!(count, 4, "seed {seed}: {}", r.table());
     assert!(max_off > bound, "seed {seed}: {max_off} <= {bound}\n{}", r.table());
     assert!(!r.session_events.contains_key("watch_up"), "{}", r.table());
+}
+
+/// At the server's connection limit (here one slot per process, then two more): the watch's
+/// connections are refused with a typed event and back off for `WATCH_LIMIT_BACKOFF` rather
+/// than the acquire interval; every crash is still taken over, by one holder at a time; with
+/// room for two watches, standbys watch again and the fleet's own connections are refused less.
+#[test]
+fn at_the_connection_limit_the_watch_steps_back() {
+    let seed = common::seed(23);
+    let limited = |extra: usize| {
+        let mut s = crashes(true);
+        s.max_connections = Some(s.processes + extra);
+        s
+    };
+    let full = limited(0);
+    let r = run_ok(&full, seed);
+    let (count, _) = failover(&r, FaultKind::Crash);
+    assert_eq!(count, 4, "seed {seed}: {}", r.table());
+    assert_eq!(r.split_brain_s, 0.0, "seed {seed}: {}", r.table());
+    let events = |r: &pgiplock_sim::Report, name: &str| r.session_events.get(name).copied().unwrap_or(0);
+    let refused = events(&r, "watch_connection_limit");
+    assert!(refused > 0, "seed {seed}: {}", r.table());
+    // At most one refusal per session (each process's first, and one per restart) per long
+    // backoff: the acquire interval would allow thirty.
+    let sessions = (full.processes + full.faults.len()) as u64;
+    let bound = sessions * (full.duration.as_secs() / WATCH_LIMIT_BACKOFF.as_secs() + 1);
+    assert!(
+        refused <= bound,
+        "seed {seed}: {refused} refusals > {bound}\n{}",
+        r.table()
+    );
+    let starved = events(&r, "connection_limit");
+
+    let roomy = limited(2);
+    let r = run_ok(&roomy, seed);
+    let (count, _) = failover(&r, FaultKind::Crash);
+    assert_eq!(count, 4, "seed {seed}: {}", r.table());
+    assert_eq!(r.split_brain_s, 0.0, "seed {seed}: {}", r.table());
+    assert!(events(&r, "watch_up") > 0, "seed {seed}: {}", r.table());
+    assert!(
+        events(&r, "connection_limit") < starved,
+        "seed {seed}: more room, fewer refused listening connections ({starved} before)\n{}",
+        r.table()
+    );
 }
 
 fn fleet() -> Scenario {
