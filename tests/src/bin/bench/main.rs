@@ -346,6 +346,10 @@ fn implied(protocol: Protocol, holder: bool) -> f64 {
     if holder {
         return 1.0 / config.renew_interval.as_secs_f64();
     }
+    if protocol == Protocol::Lease && config.crash_watch {
+        // A watched standby process sends one wait per refresh and no attempt.
+        return 1.0 / config.crash_watch_refresh.as_secs_f64();
+    }
     let bound = match protocol {
         Protocol::Lease => config.acquire_interval.min(config.lease_ttl),
         _ => config.acquire_interval,
@@ -363,7 +367,8 @@ async fn idle(args: &Args) -> Result<String, BoxError> {
          alone for {w}, then the holder and {k} standbys for {w}. Statements = `pg_stat_statements` calls of the \
          workers' database + `pg_stat_database.xact_rollback` (a refused Classic attempt fails and is not in \
          `pg_stat_statements`); a standby's rate is (second window − first window) ÷ {k}. The floor here is what \
-         the timings imply (holder: 1 / renew_interval; standby: 1 / mean retry period). Load average before: {}.\n\n\
+         the timings imply (holder: 1 / renew_interval; standby: 1 / mean retry period, with the crash watch \
+         1 / crash_watch_refresh). Load average before: {}.\n\n\
          | protocol | role | statements/s | implied by the timings | ratio | statements in window (calls + rollbacks) | commits | rollbacks | window s |\n\
          |---|---|---|---|---|---|---|---|---|\n",
         load_average(),
