@@ -874,12 +874,7 @@ fn forget_waiter_sql(schema: &SchemaName, channel: &ChannelName) -> String {
         quote_ident(schema.as_str()),
         quote_literal(channel.as_str())
     );
-    // A dollar quote whose tag the body does not contain (names may hold any character).
-    let mut tag = String::from("$pgiplock_unlisten$");
-    while body.contains(&tag) {
-        tag.insert(tag.len() - 1, '_');
-    }
-    format!("DO {tag}{body}{tag}")
+    format!("DO {}", dollar_quote(&body, "pgiplock_unlisten"))
 }
 
 /// `LISTEN "a"; LISTEN "b"; ...` over the channels of a lock.
@@ -1381,6 +1376,19 @@ mod tests {
         assert_eq!(quote_literal("a'b\\c"), "E'a''b\\\\c'");
         assert_eq!(dollar_quote("x", "fn"), "$fn$x$fn$");
         assert_eq!(dollar_quote("x $fn$ y", "fn"), "$fn1$x $fn$ y$fn1$");
+    }
+
+    #[test]
+    fn forget_waiter_quotes_hostile_names() {
+        let schema = SchemaName::new("s$pgiplock_unlisten$\"").unwrap();
+        let channel = ChannelName::new("c'$pgiplock_unlisten$\\").unwrap();
+        let sql = forget_waiter_sql(&schema, &channel);
+        assert!(
+            sql.starts_with("DO $pgiplock_unlisten1$BEGIN DELETE FROM \"s$pgiplock_unlisten$\"\"\".lease_waiter"),
+            "{sql}"
+        );
+        assert!(sql.contains("w.channel = E'c''$pgiplock_unlisten$\\\\'"), "{sql}");
+        assert!(sql.ends_with("END$pgiplock_unlisten1$"), "{sql}");
     }
 
     #[test]

@@ -698,3 +698,45 @@ async fn lease_the_bootstrap_warm_up_leaves_no_row_and_no_notification() {
         ("__pgiplock_warm_up__".to_owned(), "sentinel".to_owned())
     );
 }
+
+/// A Lease lock's `UNLISTEN` batch deletes this backend's waiter row of the channel and no
+/// other, under schema and channel names that hold the batch's own dollar-quote tag; with the
+/// waiter table gone it still unlistens without an error.
+#[tokio::test]
+async fn lease_the_unlisten_batch_forgets_only_this_backends_waiter_row() {
+    let schema = format!("{}$pgiplock_unlisten$\"'", unique("t_unlisten"));
+    let _cleanup = SchemaGuard::new(&schema);
+    let name = SchemaName::new(&schema).unwrap();
+    let channel = format!("c'$pgiplock_unlisten$\\{}", unique("x"));
+    let ch = ChannelName::new(&channel).unwrap();
+    let ttl = Duration::from_secs(30);
+    let holder = raw_client(&unique("holder")).await;
+    sql::bootstrap(&holder.client, Protocol::Lease, &name).await.unwrap();
+    let won = acquire(&holder, &target(Protocol::Lease, &schema, &channel, &holder.app, ttl)).await;
+    assert!(won.acquired);
+    let a = raw_client(&unique("app-a")).await;
+    let b = raw_client(&unique("app-b")).await;
+    for c in [&a, &b] {
+        let refused = acquire(c, &target(Protocol::Lease, &schema, &channel, &c.app, ttl)).await;
+        assert!(!refused.acquired);
+    }
+    let qs = pgiplock_core::quote_ident(&schema);
+    let waiters = || async {
+        let sql = format!("SELECT app FROM {qs}.lease_waiter WHERE channel = $1 ORDER BY app");
+        let rows = holder.client.query(&sql, &[&channel]).await.unwrap();
+        rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>()
+    };
+    let mut both = vec![a.app.clone(), b.app.clone()];
+    both.sort();
+    assert_eq!(waiters().await, both);
+    sql::unlisten(&a.client, &ch, Protocol::Lease, &name).await.unwrap();
+    assert_eq!(waiters().await, vec![b.app.clone()]);
+    holder
+        .client
+        .batch_execute(&format!("DROP TABLE {qs}.lease_waiter"))
+        .await
+        .unwrap();
+    sql::unlisten(&b.client, &ch, Protocol::Lease, &name)
+        .await
+        .expect("unlistens without the table");
+}
