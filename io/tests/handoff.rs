@@ -11,7 +11,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use pgiplock::{LockOptions, Protocol};
+use pgiplock::{LockOptions, PgIpLock, Protocol, Session};
 use pgiplock_core::{quote_ident, ChannelName, Marker};
 use tokio_postgres::Client;
 
@@ -20,6 +20,24 @@ fn handoff_options(schema: &str) -> LockOptions {
         .acquire_interval(Duration::from_secs(60))
         .lease_ttl(Duration::from_secs(30))
         .crash_watch(false)
+}
+
+/// A session whose lock on `channel` holds.
+async fn holder(schema: &str, channel: &str) -> (Session, PgIpLock) {
+    let s = session().await;
+    let l = s.lock(channel, handoff_options(schema)).unwrap();
+    l.init().await.unwrap();
+    wait_acquired(&l).await;
+    (s, l)
+}
+
+/// A session whose lock on `channel` was refused once by its holder, and so waits.
+async fn refused_standby(schema: &str, channel: &str) -> (Session, PgIpLock) {
+    let s = session().await;
+    let l = s.lock(channel, handoff_options(schema)).unwrap();
+    l.init().await.unwrap();
+    assert!(!l.acquire().await.unwrap(), "refused by the holder");
+    (s, l)
 }
 
 /// A connection listening on `channel`'s lock channel.
@@ -78,18 +96,9 @@ async fn a_release_names_the_longest_waiting_live_standby_and_it_takes_over() {
     let _cleanup = SchemaGuard::new(&schema);
     let channel = unique("jobs");
     let admin = admin().await;
-    let s1 = session().await;
-    let l1 = s1.lock(&channel, handoff_options(&schema)).unwrap();
-    l1.init().await.unwrap();
-    wait_acquired(&l1).await;
-    let s2 = session().await;
-    let l2 = s2.lock(&channel, handoff_options(&schema)).unwrap();
-    l2.init().await.unwrap();
-    assert!(!l2.acquire().await.unwrap(), "refused by the holder");
-    let s3 = session().await;
-    let l3 = s3.lock(&channel, handoff_options(&schema)).unwrap();
-    l3.init().await.unwrap();
-    assert!(!l3.acquire().await.unwrap(), "refused by the holder");
+    let (s1, l1) = holder(&schema, &channel).await;
+    let (s2, l2) = refused_standby(&schema, &channel).await;
+    let (s3, l3) = refused_standby(&schema, &channel).await;
     let gone = unique("gone");
     add_waiter(&admin.client, &schema, &channel, &gone, i32::MAX).await;
     assert_eq!(
@@ -119,18 +128,9 @@ async fn a_standby_that_removes_its_lock_is_named_no_more() {
     let _cleanup = SchemaGuard::new(&schema);
     let channel = unique("jobs");
     let admin = admin().await;
-    let s1 = session().await;
-    let l1 = s1.lock(&channel, handoff_options(&schema)).unwrap();
-    l1.init().await.unwrap();
-    wait_acquired(&l1).await;
-    let s2 = session().await;
-    let l2 = s2.lock(&channel, handoff_options(&schema)).unwrap();
-    l2.init().await.unwrap();
-    assert!(!l2.acquire().await.unwrap(), "refused by the holder");
-    let s3 = session().await;
-    let l3 = s3.lock(&channel, handoff_options(&schema)).unwrap();
-    l3.init().await.unwrap();
-    assert!(!l3.acquire().await.unwrap(), "refused by the holder");
+    let (s1, l1) = holder(&schema, &channel).await;
+    let (s2, l2) = refused_standby(&schema, &channel).await;
+    let (s3, l3) = refused_standby(&schema, &channel).await;
     assert_eq!(
         waiters(&admin.client, &schema, &channel).await,
         vec![s2.app_name(), s3.app_name()]
@@ -172,14 +172,8 @@ async fn a_named_successor_that_does_not_attempt_stalls_nobody() {
     let _cleanup = SchemaGuard::new(&schema);
     let channel = unique("jobs");
     let admin = admin().await;
-    let s1 = session().await;
-    let l1 = s1.lock(&channel, handoff_options(&schema)).unwrap();
-    l1.init().await.unwrap();
-    wait_acquired(&l1).await;
-    let s2 = session().await;
-    let l2 = s2.lock(&channel, handoff_options(&schema)).unwrap();
-    l2.init().await.unwrap();
-    assert!(!l2.acquire().await.unwrap(), "refused by the holder");
+    let (s1, l1) = holder(&schema, &channel).await;
+    let (s2, l2) = refused_standby(&schema, &channel).await;
     let idle = raw_client(&unique("idle")).await;
     add_waiter(&admin.client, &schema, &channel, &idle.app, idle.pid).await;
 

@@ -161,29 +161,33 @@ impl SchemaGuard {
 
 impl Drop for SchemaGuard {
     fn drop(&mut self) {
-        let sql = format!(
+        cleanup(format!(
             "SET lock_timeout = '10s'; DROP SCHEMA IF EXISTS {} CASCADE",
             pgiplock_core::quote_ident(&self.0)
-        );
-        let cfg = config();
-        // Drop may run inside the test's runtime, where blocking on a future is not allowed: use
-        // a thread with a runtime of its own, and wait for it.
-        let worker = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .ok()?;
-            runtime.block_on(async move {
-                let (client, connection) = cfg.connect(tokio_postgres::NoTls).await.ok()?;
-                let driver = tokio::spawn(connection);
-                let result = client.batch_execute(&sql).await;
-                drop(client);
-                let _ = driver.await;
-                result.ok()
-            })
-        });
-        let _ = worker.join();
+        ));
     }
+}
+
+/// Runs a guard's cleanup `sql` on the test server, and waits for it. A guard may drop inside
+/// the test's runtime, where blocking on a future is not allowed: the statement runs on a thread
+/// with a runtime of its own. Best effort: a failure leaves what it would have removed.
+fn cleanup(sql: String) {
+    let cfg = config();
+    let worker = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .ok()?;
+        runtime.block_on(async move {
+            let (client, connection) = cfg.connect(tokio_postgres::NoTls).await.ok()?;
+            let driver = tokio::spawn(connection);
+            let result = client.batch_execute(&sql).await;
+            drop(client);
+            let _ = driver.await;
+            result.ok()
+        })
+    });
+    let _ = worker.join();
 }
 
 /// The tests' lock timings: short retries and lease, a bounded shutdown.
@@ -221,21 +225,7 @@ pub struct RoleGuard(pub String);
 impl Drop for RoleGuard {
     fn drop(&mut self) {
         let qr = pgiplock_core::quote_ident(&self.0);
-        let sql = format!("DROP OWNED BY {qr}; DROP ROLE IF EXISTS {qr};");
-        let cfg = config();
-        // Drop may run inside the test's runtime: use a thread with a runtime of its own.
-        let worker = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .ok()?;
-            runtime.block_on(async move {
-                let (client, connection) = cfg.connect(tokio_postgres::NoTls).await.ok()?;
-                tokio::spawn(connection);
-                client.batch_execute(&sql).await.ok()
-            })
-        });
-        let _ = worker.join();
+        cleanup(format!("DROP OWNED BY {qr}; DROP ROLE IF EXISTS {qr};"));
     }
 }
 
