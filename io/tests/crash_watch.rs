@@ -55,6 +55,24 @@ async fn lease_row(admin: &Client, schema: &str, channel: &str) -> (Option<Strin
     (row.get(0), row.get(1), row.get(2))
 }
 
+/// Kills the holder `dead` (its session task aborted, as at a SIGKILL), waits until its backend
+/// left and `successor` holds; the old lease's expiry, then the new row's holder and acquisition.
+async fn kill_and_take_over(
+    admin: &Client,
+    schema: &str,
+    channel: &str,
+    dead: Session,
+    successor: &pgiplock::PgIpLock,
+) -> (String, Option<String>, String) {
+    let dead_app = dead.app_name();
+    dead.abort_task();
+    wait_backend_gone(admin, &dead_app).await;
+    let (_, _, old_expiry) = lease_row(admin, schema, channel).await;
+    wait_acquired(successor).await;
+    let (holder, acquired_at, _) = lease_row(admin, schema, channel).await;
+    (old_expiry, holder, acquired_at)
+}
+
 async fn before(admin: &Client, a: &str, b: &str) -> bool {
     admin
         .query_one("SELECT $1::text::timestamptz < $2::text::timestamptz", &[&a, &b])
@@ -106,12 +124,7 @@ async fn without_the_watch_the_takeover_waits_for_the_lease() {
     let l2 = s2.lock(&channel, watch_options(&schema).crash_watch(false)).unwrap();
     l2.init().await.unwrap();
     assert!(!l2.acquire().await.unwrap(), "refused by the holder");
-    let holder_app = s1.app_name();
-    s1.abort_task();
-    wait_backend_gone(&admin.client, &holder_app).await;
-    let (_, _, old_expiry) = lease_row(&admin.client, &schema, &channel).await;
-    wait_acquired(&l2).await;
-    let (_, acquired_at, _) = lease_row(&admin.client, &schema, &channel).await;
+    let (old_expiry, _, acquired_at) = kill_and_take_over(&admin.client, &schema, &channel, s1, &l2).await;
     assert!(!before(&admin.client, &acquired_at, &old_expiry).await);
     let watches: i64 = admin
         .client
@@ -378,12 +391,7 @@ async fn at_the_connection_limit_the_standby_falls_back_to_the_lease() {
     let l2 = s2.lock(&channel, watch_options(&schema)).unwrap();
     l2.init().await.unwrap();
     assert!(!l2.acquire().await.unwrap(), "refused by the holder");
-    let holder_app = s1.app_name();
-    s1.abort_task();
-    wait_backend_gone(&admin.client, &holder_app).await;
-    let (_, _, old_expiry) = lease_row(&admin.client, &schema, &channel).await;
-    wait_acquired(&l2).await;
-    let (holder, acquired_at, _) = lease_row(&admin.client, &schema, &channel).await;
+    let (old_expiry, holder, acquired_at) = kill_and_take_over(&admin.client, &schema, &channel, s1, &l2).await;
     assert_eq!(holder.as_deref(), Some(s2.app_name().as_str()));
     assert!(
         !before(&admin.client, &acquired_at, &old_expiry).await,

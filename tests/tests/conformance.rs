@@ -1193,6 +1193,15 @@ async fn run_steps(worlds: &mut Worlds, case: &Case, tally: &Tally) -> Result<()
     Ok(())
 }
 
+/// The runtime each test drives its cases on.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| panic!("runtime: {e}"))
+}
+
 #[test]
 fn sim_db_conforms_to_postgres() {
     let cases = std::env::var("PROPTEST_CASES")
@@ -1205,11 +1214,7 @@ fn sim_db_conforms_to_postgres() {
         failure_persistence: None,
         ..Config::default()
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap_or_else(|e| panic!("runtime: {e}"));
+    let runtime = runtime();
     let tally = Tally::default();
     let mut runner = TestRunner::new(config);
     let result = runner.run(&case(), |case| {
@@ -1237,11 +1242,7 @@ fn sim_db_conforms_to_postgres() {
 /// takeover with a token of the new timeline, a renewal, a second promotion.
 #[test]
 fn sim_db_conforms_to_postgres_across_a_promotion() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap_or_else(|e| panic!("runtime: {e}"));
+    let runtime = runtime();
     let steps = vec![
         Step::AcquireLong { s: 0, c: 0 },
         Step::AcquireLong { s: 2, c: 1 },
@@ -1293,11 +1294,7 @@ fn sim_db_conforms_to_postgres_across_a_promotion() {
 /// both worlds: the release names the other waiter, and once that one unlistened too, nobody.
 #[test]
 fn sim_db_conforms_to_postgres_when_waiters_unlisten() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap_or_else(|e| panic!("runtime: {e}"));
+    let runtime = runtime();
     let release = |s| Step::Release {
         s,
         c: 0,
