@@ -126,6 +126,7 @@ pub const MIN_LEASE_TTL: Duration = Duration::from_millis(100);
 /// | `wake_jitter` (spread of standbys woken by a release) | 20 ms | 0 | 0 ..= 24 h |
 /// | `shutdown_timeout` | 1 s | 1 s | 10 ms ..= 24 h |
 /// | `marker_wait` | 500 ms | 500 ms | above 0, up to 24 h |
+/// | `drain_in_release` | on | unused | on or off |
 /// | `handover_buffer` (messages) | 10 000 | 10 000 | at least 1 |
 /// | `replay_limit` (messages) / `replay_bytes` | 65 536 / 64 MiB | unused | any (0 turns replay off) |
 ///
@@ -177,8 +178,21 @@ pub struct LockConfig {
     /// How long a stop (destroy or signal) waits for the release to be confirmed.
     pub shutdown_timeout: Duration,
     /// How long a releasing holder keeps delivering while it waits for its own release
-    /// notification, the marker that ends its tenure in the message stream.
+    /// notification, the marker that ends its tenure in the message stream. Under `Lease` with
+    /// [`drain_in_release`](LockConfig::drain_in_release), also how long a successor waits for
+    /// its predecessor's `drained` marker before it reports the term and replays instead.
     pub marker_wait: Duration,
+    /// `Lease` only (on by default, ignored under `Classic`): the release transaction is the
+    /// drain point. A stopping holder sends its release at once and delivers up to its own
+    /// release marker, then says so with a `drained:<token>` marker; a standby that wins the
+    /// released term reports `Acquired` once that marker arrives (or after `marker_wait`, when
+    /// it replays from the holder's newest acknowledged progress marker instead, at least
+    /// once). One round trip less per handover than a drain marker of its own; off, the holder
+    /// commits `draining:<token>` first and releases once it has seen it, as earlier versions
+    /// do. Successors understand both, whatever their own setting. With replay off
+    /// (`replay_limit` 0) the holder drains first anyway: a successor without a replay log
+    /// could not make up for a holder that stopped waiting for its release marker.
+    pub drain_in_release: bool,
     /// Most messages a standby buffers after a release notification for a lossless handover.
     pub handover_buffer: usize,
     /// Most messages a `Lease` standby keeps for replay: what followed the holder's newest
@@ -224,6 +238,7 @@ impl LockConfig {
             wake_jitter,
             shutdown_timeout: Duration::from_secs(1),
             marker_wait: Duration::from_millis(500),
+            drain_in_release: true,
             handover_buffer: 10_000,
             replay_limit: 65_536,
             replay_bytes: 64 << 20,

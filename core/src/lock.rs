@@ -141,13 +141,16 @@ enum Stage {
     Draining(Term, Drain),
     /// The term is the one being released (for a term won while stopping, never reported).
     Releasing(Term, Releasing),
+    /// Won a released term (`Lease`) whose holder's release was its own drain point: waiting
+    /// for that holder's `drained` marker before reporting it. Outwardly a standby.
+    Confirming(Term, Box<Confirming>),
     Stopped,
 }
 
 impl Stage {
     fn phase(&self) -> Phase {
         match self {
-            Stage::Standby(_) => Phase::Standby,
+            Stage::Standby(_) | Stage::Confirming(..) => Phase::Standby,
             Stage::Holding(..) => Phase::Holding,
             Stage::Draining(..) => Phase::Draining,
             Stage::Releasing(..) => Phase::Releasing,
@@ -157,7 +160,10 @@ impl Stage {
 
     fn term(&self) -> Option<&Term> {
         match self {
-            Stage::Holding(term, _) | Stage::Draining(term, _) | Stage::Releasing(term, _) => Some(term),
+            Stage::Holding(term, _)
+            | Stage::Draining(term, _)
+            | Stage::Releasing(term, _)
+            | Stage::Confirming(term, _) => Some(term),
             Stage::Standby(_) | Stage::Stopped => None,
         }
     }
@@ -165,6 +171,7 @@ impl Stage {
     fn handover(&self) -> Option<&Handover> {
         match self {
             Stage::Standby(standby) => standby.handover.as_deref(),
+            Stage::Confirming(_, confirming) => confirming.standby.handover.as_deref(),
             Stage::Draining(_, drain) => drain.handover.as_deref(),
             Stage::Releasing(_, releasing) => releasing.handover.as_deref(),
             Stage::Holding(..) | Stage::Stopped => None,
@@ -208,6 +215,20 @@ struct Drain {
     handover: Option<Box<Handover>>,
     /// The drain statement's reply arrived.
     confirmed: bool,
+    /// The release is the drain point ([`LockConfig::drain_in_release`]): it is in flight, and
+    /// its own marker ends the delivery.
+    merged: bool,
+    /// `merged`: the release's outcome, once its reply came (`None` inside: released).
+    reply: Option<Option<LostReason>>,
+}
+
+/// A won term waiting for its predecessor's `drained` marker.
+#[derive(Debug, Clone)]
+struct Confirming {
+    /// The standby's state at the win (its waiters, its handover buffer).
+    standby: Standby,
+    /// The released term, as the table had it: its `drained` marker comes from its holder.
+    previous: PreviousTerm,
 }
 
 /// The release statement is in flight.
@@ -219,6 +240,13 @@ struct Releasing {
     /// The term was reported (`Acquired`, then `Drained`): its release outcome is reported too.
     /// A term won while stopping is given back without a word.
     reported: bool,
+    /// Our own release marker ended our delivery (the release was the drain point): once the
+    /// release ends, say so with a `drained` marker.
+    proof: bool,
+    /// Stopping, with only that `drained` marker in flight (`Some`: whether the release was
+    /// confirmed): the stop ends with its reply (or the shutdown bound), so that the connection
+    /// outlives it.
+    word_in_flight: Option<bool>,
 }
 
 /// Messages received after a drain, release or `acquired` marker, kept for a handover.
@@ -327,6 +355,32 @@ pub struct Lock {
     /// The backend pid of our session ([`Input::BackendPid`]): a release naming it makes us the
     /// successor.
     backend_pid: Option<i32>,
+    /// `Lease`: the newest terms whose release marker we saw, with their senders.
+    release_seen: Seen,
+    /// `Lease`: the newest terms whose drain point we saw proven (a drain marker before the
+    /// release, or a `drained` marker after it), with their senders.
+    drain_seen: Seen,
+}
+
+/// The last few (term, sender) pairs of one kind of marker: a forger's marker of the same term
+/// from another backend does not push the holder's out.
+#[derive(Debug, Clone, Copy, Default)]
+struct Seen {
+    pairs: [Option<(FenceToken, i32)>; 4],
+    next: u8,
+}
+
+impl Seen {
+    fn push(&mut self, pair: (FenceToken, i32)) {
+        if !self.contains(pair) {
+            self.pairs[usize::from(self.next)] = Some(pair);
+            self.next = (self.next + 1) % 4;
+        }
+    }
+
+    fn contains(&self, pair: (FenceToken, i32)) -> bool {
+        self.pairs.contains(&Some(pair))
+    }
 }
 
 impl Lock {
@@ -367,6 +421,8 @@ impl Lock {
             refused_until: None,
             periodic_retry: None,
             backend_pid: None,
+            release_seen: Seen::default(),
+            drain_seen: Seen::default(),
         }
     }
 
@@ -572,10 +628,19 @@ impl Lock {
             TimerKind::MarkerWait => {
                 if self.phase() == Phase::Draining {
                     self.end_drain();
+                } else if matches!(self.stage, Stage::Confirming(..)) {
+                    // No `drained` marker in time: replay from what the log can prove.
+                    self.confirm();
                 }
             }
             TimerKind::Shutdown => {
-                if self.phase() != Phase::Stopped {
+                if let Some(released) = self.word_in_flight() {
+                    self.finish_stop(released);
+                } else if self.confirming() {
+                    // Won, never reported, and no word came in time: the row stays ours until
+                    // its lease expires.
+                    self.finish_stop(false);
+                } else if self.phase() != Phase::Stopped {
                     let was_holder = self.phase().is_holder();
                     if was_holder {
                         // The application believed it held: its tenure ends here, and says why.
@@ -597,7 +662,12 @@ impl Lock {
     // ----- helpers -----
 
     fn can_compete(&self) -> bool {
-        self.started && !self.stopping && self.session.is_some()
+        self.started && !self.stopping && self.session.is_some() && !self.confirming()
+    }
+
+    /// Whether a won term waits for its predecessor's `drained` marker.
+    fn confirming(&self) -> bool {
+        matches!(self.stage, Stage::Confirming(..))
     }
 
     /// The phase (what [`state`](Lock::state) reports, without building the rest).
@@ -917,9 +987,11 @@ impl Lock {
         let term = Term::new(token, sent_at);
         let standby = match std::mem::replace(&mut self.stage, Stage::Holding(term, Holding::default())) {
             Stage::Standby(standby) => standby,
+            Stage::Confirming(_, confirming) => confirming.standby,
             _ => Standby::default(),
         };
         self.disarm(TimerKind::Retry);
+        self.disarm(TimerKind::MarkerWait);
         self.emit(LockEvent::Acquired { token });
         // Without the table's word on the previous term (an old server's reply), the handover
         // buffer decides, as before replay existed.
@@ -963,12 +1035,79 @@ impl Lock {
     }
 
     fn start_drain(&mut self) {
+        // Without a replay log a successor could not make up for a holder that stopped waiting
+        // for its release marker before the release committed: drain first then.
+        let merged = self.config.drain_in_release && self.replay_enabled();
         if let Stage::Holding(term, _) = self.stage {
-            self.stage = Stage::Draining(term, Drain::default());
+            self.stage = Stage::Draining(
+                term,
+                Drain {
+                    merged,
+                    ..Drain::default()
+                },
+            );
         }
         self.disarm(TimerKind::Renew);
         let token = self.token();
-        self.send(DbOp::Drain { token });
+        if merged {
+            // The release is the drain point: deliver up to its marker, for `marker_wait` at
+            // most from now (a successor, which can win only after the release commits, waits
+            // as long from its win for our `drained` marker, so it never reports the term
+            // while we still deliver).
+            self.arm(TimerKind::MarkerWait, self.now + self.config.marker_wait);
+            self.send(DbOp::Release { token });
+        } else {
+            self.send(DbOp::Drain { token });
+        }
+    }
+
+    /// Won a term (`Lease`: after the table said so): report it, or first wait for the
+    /// previous holder's `drained` marker when its release was its own drain point and that
+    /// marker has not come yet.
+    fn win(&mut self, token: Option<FenceToken>, sent_at: Timestamp, previous: Option<PreviousTerm>) {
+        let awaited = previous.filter(|previous| {
+            let Some(pid) = previous.holder_pid else { return false };
+            self.config.protocol == Protocol::Lease
+                && previous.released
+                && self.release_seen.contains((previous.token, pid))
+                && !self.drain_seen.contains((previous.token, pid))
+        });
+        let Some(previous) = awaited else {
+            self.become_holder(token, sent_at, previous);
+            return;
+        };
+        let standby = match self.take_stage() {
+            Stage::Standby(standby) => standby,
+            _ => Standby::default(),
+        };
+        self.stage = Stage::Confirming(Term::new(token, sent_at), Box::new(Confirming { standby, previous }));
+        self.disarm(TimerKind::Retry);
+        let until = (self.now + self.config.marker_wait).min(self.fence_deadline(sent_at));
+        self.arm(TimerKind::MarkerWait, until.max(self.now));
+    }
+
+    /// The won term's predecessor said it delivered up to its release (or waiting for that
+    /// ended): report the term, unless its lease is already too old to use.
+    fn confirm(&mut self) {
+        self.disarm(TimerKind::MarkerWait);
+        let Stage::Confirming(term, confirming) = self.take_stage() else {
+            return;
+        };
+        let previous = confirming.previous;
+        self.stage = Stage::Standby(confirming.standby);
+        if self.fence_deadline(term.confirmed_sent) > self.now {
+            self.become_holder(term.token, term.confirmed_sent, Some(previous));
+        } else {
+            // Leave it to expire, as an acquisition answered too late.
+            self.answer_waiters(false);
+            self.schedule_retry(None);
+        }
+        if self.stopping && self.phase() == Phase::Holding {
+            // Stopped while it waited: a holder's stop (within the stop's shutdown bound),
+            // delivering what it won first, so that the next holder, which starts after our
+            // `acquired` marker, misses nothing.
+            self.on_release();
+        }
     }
 
     /// The drain marker arrived (or waiting for it timed out): stop delivering, report the
@@ -980,14 +1119,20 @@ impl Lock {
         // again: it is buffered like any standby's (since the marker). When waiting for the
         // marker timed out we do not know where it is, so we keep nothing rather than risk
         // duplicates.
+        let mut outcome = None;
         self.stage = match self.take_stage() {
-            Stage::Draining(term, drain) => Stage::Releasing(
-                term,
-                Releasing {
-                    handover: drain.handover,
-                    reported: true,
-                },
-            ),
+            Stage::Draining(term, drain) => {
+                outcome = drain.reply;
+                Stage::Releasing(
+                    term,
+                    Releasing {
+                        proof: drain.merged && drain.handover.is_some(),
+                        handover: drain.handover,
+                        reported: true,
+                        word_in_flight: None,
+                    },
+                )
+            }
             other => other,
         };
         self.emit(LockEvent::Drained);
@@ -995,7 +1140,10 @@ impl Lock {
             // Waiting for our own drain marker timed out: we delivered up to here.
             self.replay_after_own();
         }
-        if self.pending.is_none() {
+        if let Some(outcome) = outcome {
+            // The release was the drain point and its reply came first.
+            self.release_done(outcome);
+        } else if self.pending.is_none() {
             let token = self.token();
             self.send(DbOp::Release { token });
         }
@@ -1005,14 +1153,33 @@ impl Lock {
     /// term says which: `Released` only after the server confirmed it.
     fn release_done(&mut self, unconfirmed: Option<LostReason>) {
         let released = unconfirmed.is_none();
-        let (mut handover, reported) = match self.take_stage() {
-            Stage::Releasing(_, releasing) => (releasing.handover, releasing.reported),
-            _ => (None, false),
+        let (mut handover, reported, proof) = match self.take_stage() {
+            Stage::Releasing(term, releasing) => (
+                releasing.handover,
+                releasing.reported,
+                term.token.filter(|_| releasing.proof),
+            ),
+            _ => (None, false, None),
         };
         if reported {
             match unconfirmed {
                 None => self.emit(LockEvent::Released),
                 Some(reason) => self.emit(LockEvent::ReleaseFailed { reason }),
+            }
+        }
+        if let Some(token) = proof.filter(|_| self.pending.is_none() && self.session.is_some()) {
+            // Our own release marker came back (so the release committed) after everything we
+            // delivered: the successor waits for this word before it reports the term.
+            self.send(DbOp::Drained { token });
+            if self.stopping {
+                self.stage = Stage::Releasing(
+                    Term::new(Some(token), self.now),
+                    Releasing {
+                        word_in_flight: Some(released),
+                        ..Releasing::default()
+                    },
+                );
+                return;
             }
         }
         if !released {
@@ -1033,6 +1200,22 @@ impl Lock {
         }
     }
 
+    /// The `drained` marker of a stop's release ended (sent or not): the stop is done.
+    fn proof_done(&mut self) {
+        if let Some(released) = self.word_in_flight() {
+            self.finish_stop(released);
+        }
+    }
+
+    /// Stopping with only the release's `drained` marker in flight: whether the release was
+    /// confirmed.
+    fn word_in_flight(&self) -> Option<bool> {
+        match self.stage {
+            Stage::Releasing(_, Releasing { word_in_flight, .. }) => word_in_flight,
+            _ => None,
+        }
+    }
+
     // ----- inputs -----
 
     fn on_start(&mut self) {
@@ -1041,7 +1224,7 @@ impl Lock {
         }
         self.started = true;
         self.stood_down = false;
-        if self.phase() == Phase::Standby && self.session.is_some() {
+        if self.phase() == Phase::Standby && self.session.is_some() && !self.confirming() {
             if self.pending.is_none() {
                 self.send(DbOp::Acquire);
             } else if !self.acquire_in_flight() {
@@ -1059,6 +1242,11 @@ impl Lock {
         }
         if self.stopping || self.session.is_none() || self.phase() != Phase::Standby {
             self.outputs.push_back(Output::AttemptDone { acquired: false });
+            return;
+        }
+        if let Stage::Confirming(_, confirming) = &mut self.stage {
+            // Won already: answered when the term is reported.
+            confirming.standby.attempt_waiters += 1;
             return;
         }
         if let Some(standby) = self.standby_mut() {
@@ -1100,6 +1288,15 @@ impl Lock {
         self.stopping = true;
         self.started = false;
         self.disarm(TimerKind::Retry);
+        if let Stage::Confirming(_, confirming) = &mut self.stage {
+            // Won, not reported yet: what followed the previous holder's release is ours to
+            // deliver (the next holder starts after our `acquired` marker), so the term is
+            // reported once confirmed, then released as any holder's at a stop.
+            let waiters = std::mem::take(&mut confirming.standby.attempt_waiters);
+            self.answer(waiters, false);
+            self.arm(TimerKind::Shutdown, self.now + self.config.shutdown_timeout);
+            return;
+        }
         match self.phase() {
             Phase::Holding | Phase::Draining | Phase::Releasing if self.session.is_some() => {
                 self.arm(TimerKind::Shutdown, self.now + self.config.shutdown_timeout);
@@ -1155,6 +1352,17 @@ impl Lock {
             let expiry = term.confirmed_sent + self.config.lease_ttl + self.config.wake_jitter;
             self.defer_until = Some(expiry + Duration::from_millis(1));
         }
+        if let Stage::Confirming(term, confirming) = &self.stage {
+            // Won, never reported: the row is ours until its lease expires.
+            let expiry = term.confirmed_sent + self.config.lease_ttl + self.config.wake_jitter;
+            self.defer_until = Some(expiry + Duration::from_millis(1));
+            let attempt_waiters = confirming.standby.attempt_waiters;
+            self.disarm(TimerKind::MarkerWait);
+            self.stage = Stage::Standby(Standby {
+                attempt_waiters,
+                ..Standby::default()
+            });
+        }
         self.session = None;
         self.refused_by = None;
         self.replay = None;
@@ -1169,6 +1377,7 @@ impl Lock {
             *standby = Standby::default();
         }
         match self.phase() {
+            _ if self.word_in_flight().is_some() => self.proof_done(),
             Phase::Holding | Phase::Draining => self.lose(reason),
             Phase::Releasing => self.release_done(Some(reason)),
             Phase::Standby | Phase::Stopped => {}
@@ -1201,11 +1410,21 @@ impl Lock {
                 }
             }
             (DbOp::Release { .. }, Ok(Reply::Release { released })) => {
+                // Not released: the row was no longer this term's.
+                let outcome = (!released).then_some(LostReason::Superseded);
                 if self.phase() == Phase::Releasing {
-                    // Not released: the row was no longer this term's.
-                    self.release_done((!released).then_some(LostReason::Superseded));
+                    self.release_done(outcome);
+                } else if let Some(drain) = self.drain_mut().filter(|drain| drain.merged) {
+                    // The release is the drain point: its marker ends the delivery (it reached
+                    // our connection before this reply, but may be fed after it); without a
+                    // release no marker comes.
+                    drain.reply = Some(outcome);
+                    if !released {
+                        self.end_drain();
+                    }
                 }
             }
+            (DbOp::Drained { .. }, Ok(Reply::Drained)) => self.proof_done(),
             (DbOp::TerminateStale { pid, .. }, Ok(Reply::Terminate(outcome))) => {
                 if outcome == TerminateOutcome::NotPermitted {
                     self.warn_terminate(pid);
@@ -1261,15 +1480,19 @@ impl Lock {
                 }
             }
             DbOp::Release { .. } => {
+                let reason = if error_lost {
+                    LostReason::SessionLost
+                } else {
+                    LostReason::ReleaseUnconfirmed
+                };
                 if self.phase() == Phase::Releasing {
-                    let reason = if error_lost {
-                        LostReason::SessionLost
-                    } else {
-                        LostReason::ReleaseUnconfirmed
-                    };
                     self.release_done(Some(reason));
+                } else if let Some(drain) = self.drain_mut().filter(|drain| drain.merged) {
+                    drain.reply = Some(Some(reason));
+                    self.end_drain();
                 }
             }
+            DbOp::Drained { .. } => self.proof_done(),
             DbOp::TerminateStale { .. } => {}
         }
     }
@@ -1313,7 +1536,7 @@ impl Lock {
                     standby.handover = None;
                 }
             }
-            self.become_holder(reply.token, sent_at, reply.previous);
+            self.win(reply.token, sent_at, reply.previous);
             if let Some(stale) = reply.stale_holder {
                 self.send(DbOp::TerminateStale {
                     pid: stale.pid,
@@ -1419,6 +1642,10 @@ impl Lock {
                     ..
                 },
             ) => handover.push(payload, limit),
+            Stage::Confirming(_, confirming) => match &mut confirming.standby.handover {
+                Some(handover) => handover.push(payload, limit),
+                None => None,
+            },
             _ => None,
         };
         if let Some(dropped) = dropped {
@@ -1445,7 +1672,7 @@ impl Lock {
     fn on_marker(&mut self, marker: Marker, pid: i32, successor: Option<i32>) {
         let token = match marker {
             Marker::Draining(token) | Marker::Released(token) => token,
-            Marker::Acquired(token) | Marker::Progress(token, _) => Some(token),
+            Marker::Acquired(token) | Marker::Progress(token, _) | Marker::Drained(token) => Some(token),
         };
         let trust = self.trust(token, pid);
         match trust {
@@ -1462,7 +1689,7 @@ impl Lock {
             }
             Trust::Own => {
                 if let (
-                    Stage::Holding(term, _) | Stage::Draining(term, _),
+                    Stage::Holding(term, _) | Stage::Draining(term, _) | Stage::Confirming(term, _),
                     Marker::Acquired(_) | Marker::Progress(..),
                 ) = (&mut self.stage, marker)
                 {
@@ -1476,6 +1703,15 @@ impl Lock {
             }
             Trust::Holder | Trust::Stale | Trust::Unverified => {}
         }
+        if self.config.protocol == Protocol::Lease {
+            // Where each term's delivery ended, as its sender said: a win of that term's
+            // successor may wait for its `drained` marker.
+            match (marker, token) {
+                (Marker::Released(_), Some(token)) => self.release_seen.push((token, pid)),
+                (Marker::Draining(_) | Marker::Drained(_), Some(token)) => self.drain_seen.push((token, pid)),
+                _ => {}
+            }
+        }
         if let Some(replay) = &mut self.replay {
             replay.push_mark(pid, marker);
             if trust == Trust::Holder && !matches!(marker, Marker::Released(_)) {
@@ -1483,6 +1719,16 @@ impl Lock {
                     replay.compact(token, holder);
                 }
             }
+        }
+        if let Stage::Confirming(_, confirming) = &self.stage {
+            let previous = confirming.previous;
+            if marker == Marker::Drained(previous.token) && Some(pid) == previous.holder_pid {
+                self.confirm();
+            }
+            return;
+        }
+        if matches!(marker, Marker::Drained(_)) {
+            return;
         }
         if matches!(marker, Marker::Progress(..)) || trust == Trust::Stale {
             return;
@@ -1519,8 +1765,42 @@ impl Lock {
             }
         }
         match (self.phase(), marker) {
+            (Phase::Draining, Marker::Released(token))
+                if self.is_own_release(token)
+                    && matches!(
+                        self.stage,
+                        Stage::Draining(
+                            _,
+                            Drain {
+                                merged: true,
+                                handover: None,
+                                ..
+                            }
+                        )
+                    ) =>
+            {
+                // Our own release, the drain point: everything before it is delivered, what
+                // follows is the next holder's (buffered in case that is us again).
+                self.own_release = None;
+                if let Some(drain) = self.drain_mut() {
+                    drain.handover = Some(Box::default());
+                }
+                self.replay_after_own();
+                self.end_drain();
+            }
             (Phase::Draining, Marker::Draining(token))
-                if self.is_own(token) && matches!(self.stage, Stage::Draining(_, Drain { handover: None, .. })) =>
+                if self.is_own(token)
+                    && matches!(
+                        self.stage,
+                        Stage::Draining(
+                            _,
+                            Drain {
+                                handover: None,
+                                merged: false,
+                                ..
+                            }
+                        )
+                    ) =>
             {
                 let confirmed = self.drain_mut().is_some_and(|drain| {
                     drain.handover = Some(Box::default());
@@ -1632,7 +1912,7 @@ impl Lock {
                     let op = self.renew_op();
                     self.send(op);
                 }
-                Stage::Releasing(..) => {
+                Stage::Releasing(_, releasing) if releasing.word_in_flight.is_none() => {
                     let token = self.token();
                     self.send(DbOp::Release { token });
                 }
@@ -1648,7 +1928,7 @@ impl Lock {
                 _ => {}
             }
         }
-        if self.phase() == Phase::Standby && self.stopping && !self.acquire_in_flight() {
+        if self.phase() == Phase::Standby && self.stopping && !self.acquire_in_flight() && !self.confirming() {
             // A stop that waited for an attempt's answer: nothing is held, so it is done.
             self.finish_stop(true);
         }

@@ -98,6 +98,9 @@ pub struct SessionId(pub u64);
 ///   transaction sends `'progress:<token>:<seq>[:<ack>]'` on the lock channel (see
 ///   [`Marker::Progress`]).
 /// - `Drain { token }`: sends `'draining:<token>'` on the lock channel (no drain channel).
+/// - `Drained { token }`: sends `'drained:<token>'` on the lock channel: the holder of `token`
+///   saw its own release marker, so it delivered everything before it (a release that is its
+///   own drain point, [`LockConfig::drain_in_release`](crate::LockConfig::drain_in_release)).
 /// - `Release { token }`: clears `holder` and `expires_at` where `holder = app and token =
 ///   token` (`holder_pid` stays, so the next winner learns who sent this term's markers), and
 ///   sends `'released:<token>'` on the lock channel; `released` iff matched.
@@ -126,6 +129,12 @@ pub enum DbOp {
         /// The term being released (`None` under `Classic`).
         token: Option<FenceToken>,
     },
+    /// Say that the released term `token` delivered everything before its release marker
+    /// (`Lease`, after a release that was its own drain point).
+    Drained {
+        /// The released term.
+        token: FenceToken,
+    },
     /// Terminate the backend of a holder whose lease was taken over while it was alive.
     TerminateStale {
         /// Its backend pid.
@@ -143,6 +152,7 @@ impl DbOp {
             DbOp::Renew { .. } => "renew",
             DbOp::Drain { .. } => "drain",
             DbOp::Release { .. } => "release",
+            DbOp::Drained { .. } => "drained",
             DbOp::TerminateStale { .. } => "terminate_stale",
         }
     }
@@ -349,6 +359,9 @@ pub enum Marker {
     Acquired(FenceToken),
     /// The holder of `token` has delivered everything before its marker `ack` (`Lease`).
     Progress(FenceToken, Progress),
+    /// The holder of `token` delivered everything before its release marker (`Lease`): a
+    /// release that was its own drain point is proven by this marker, which follows it.
+    Drained(FenceToken),
 }
 
 impl Marker {
@@ -365,6 +378,8 @@ impl Marker {
     /// assert_eq!(p.payload(), "progress:7:3:2");
     /// assert_eq!(Marker::parse("progress:7:3:2"), Some(p));
     /// assert_eq!(Marker::parse("progress:7:x"), None);
+    /// assert_eq!(Marker::parse("drained:7"), Some(Marker::Drained(FenceToken(7))));
+    /// assert_eq!(Marker::Drained(FenceToken(7)).payload(), "drained:7");
     /// ```
     pub fn payload(&self) -> String {
         match self {
@@ -373,6 +388,7 @@ impl Marker {
             Marker::Released(None) => "1".to_owned(),
             Marker::Released(Some(t)) => format!("released:{t}"),
             Marker::Acquired(t) => format!("acquired:{t}"),
+            Marker::Drained(t) => format!("drained:{t}"),
             Marker::Progress(t, Progress { seq, ack: None }) => format!("progress:{t}:{seq}"),
             Marker::Progress(t, Progress { seq, ack: Some(ack) }) => format!("progress:{t}:{seq}:{ack}"),
         }
@@ -473,6 +489,9 @@ impl Marker {
         }
         if let Some(rest) = payload.strip_prefix("acquired:") {
             return token(rest).map(Marker::Acquired);
+        }
+        if let Some(rest) = payload.strip_prefix("drained:") {
+            return token(rest).map(Marker::Drained);
         }
         if let Some(rest) = payload.strip_prefix("progress:") {
             let number = |s: &str| s.parse::<u64>().ok();

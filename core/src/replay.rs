@@ -124,7 +124,8 @@ impl Replay {
         self.entries.push_back(Entry::Mark { pid, marker });
     }
 
-    /// The newest provable cut of term `token` held by backend `pid`: its drain marker, else its
+    /// The newest provable cut of term `token` held by backend `pid`: its drain marker (or its
+    /// release marker, once its `drained` marker says it saw it), else its
     /// newest marker at or below the newest acknowledgement it sent (its `acquired` marker is
     /// number 0, and everything before it belongs to older terms).
     fn cut(&self, token: FenceToken, pid: i32) -> Option<Cut> {
@@ -140,7 +141,12 @@ impl Replay {
             })
             .max()
             .unwrap_or(0);
-        // The newest such marker wins; the holder's drain marker is the newest of its term.
+        // A release that was its own drain point counts once its holder said it saw it.
+        let proven = self.entries.iter().any(|entry| {
+            matches!(entry, Entry::Mark { pid: from, marker: Marker::Drained(t) } if *from == pid && *t == token)
+        });
+        // The newest such marker wins; the holder's drain marker (or its proven release) is the
+        // newest of its term.
         self.entries.iter().enumerate().rev().find_map(|(index, entry)| {
             let Entry::Mark { pid: from, marker } = entry else {
                 return None;
@@ -150,6 +156,7 @@ impl Replay {
             }
             match *marker {
                 Marker::Draining(Some(t)) if t == token => Some(Cut { index, drained: true }),
+                Marker::Released(Some(t)) if t == token && proven => Some(Cut { index, drained: true }),
                 Marker::Acquired(t) if t == token => Some(Cut { index, drained: false }),
                 Marker::Progress(t, Progress { seq, .. }) if t == token && seq <= acked => {
                     Some(Cut { index, drained: false })
@@ -192,6 +199,15 @@ impl Replay {
             matches!(entry, Entry::Mark { pid, marker: Marker::Acquired(t) }
                 if Some(*t) == own && own_pid.map_or(true, |own_pid| own_pid == *pid))
         });
+        // The previous holder's release marker: it delivered nothing after it (it stopped at its
+        // drain marker before it, or at this very marker), so no flag after it.
+        let released_at = previous.and_then(|previous| {
+            let holder = previous.holder_pid?;
+            self.entries.iter().rposition(|entry| {
+                matches!(entry, Entry::Mark { pid, marker: Marker::Released(Some(t)) }
+                    if *pid == holder && *t == previous.token)
+            })
+        });
         let mut out = Replayed::default();
         let (start, mut replay) = match previous {
             None => {
@@ -212,9 +228,11 @@ impl Replay {
                     // and the row began again at 1, and that term may have begun, and
                     // delivered, before the log did. Only its cut or its release tells.
                     (None, _) if previous.released && self.dropped == 0 => {
-                        // Released, and its drain marker is not here although nothing was
-                        // dropped: the log began after it, so its holder delivered none of this.
-                        (0, false)
+                        // Released, and no cut of it is here although nothing was dropped: the
+                        // log began after its drain marker, so its holder delivered none of
+                        // this, unless its release marker is here unproven (the release was the
+                        // drain point): what precedes it, it may have delivered.
+                        (0, released_at.is_some())
                     }
                     (None, _) => {
                         out.missing = self.dropped;
@@ -225,7 +243,7 @@ impl Replay {
         };
         for (index, entry) in self.entries.into_iter().enumerate() {
             match entry {
-                Entry::Mark { .. } if Some(index) == own_mark => replay = false,
+                Entry::Mark { .. } if Some(index) == own_mark || Some(index) == released_at => replay = false,
                 Entry::Data(payload) if index >= start => out.messages.push((payload, replay)),
                 Entry::Mark { .. } | Entry::Data(_) => {}
             }
@@ -319,6 +337,42 @@ mod tests {
         });
         let r = log.take(previous, Some(t(6)), None);
         assert_eq!(payloads(&r), [("b", false), ("c", false), ("d", false)]);
+    }
+
+    #[test]
+    fn a_release_is_a_cut_once_its_holder_says_it_drained() {
+        let mut log = Replay::listening();
+        log.push_mark(P, Marker::Acquired(t(5)));
+        data(&mut log, &["a"]);
+        log.push_mark(P, Marker::Released(Some(t(5))));
+        data(&mut log, &["b"]);
+        let previous = Some(PreviousTerm {
+            token: t(5),
+            holder_pid: Some(P),
+            released: true,
+        });
+        // Without the holder's word, the release proves nothing: from its `acquired` marker on,
+        // flagged up to the release (after it the holder delivered nothing).
+        assert_eq!(
+            payloads(&log.clone().take(previous, Some(t(6)), None)),
+            [("a", true), ("b", false)]
+        );
+        // A forged word, or one of another term, neither.
+        log.push_mark(FORGER, Marker::Drained(t(5)));
+        log.push_mark(P, Marker::Drained(t(4)));
+        assert_eq!(
+            payloads(&log.clone().take(previous, Some(t(6)), None)),
+            [("a", true), ("b", false)]
+        );
+        log.push_mark(P, Marker::Drained(t(5)));
+        data(&mut log, &["c"]);
+        assert_eq!(
+            payloads(&log.clone().take(previous, Some(t(6)), None)),
+            [("b", false), ("c", false)]
+        );
+        // Compacting at the table's word keeps exactly that.
+        log.compact(t(5), P);
+        assert_eq!(log.len(), 2);
     }
 
     #[test]

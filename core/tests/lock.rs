@@ -24,6 +24,11 @@ impl Solo {
         Solo::with(fast_config(protocol), 7)
     }
 
+    /// A lock that commits its drain marker before its release (`drain_in_release` off).
+    fn two_step(protocol: Protocol) -> Solo {
+        Solo::with(two_step_config(protocol), 7)
+    }
+
     fn with(config: LockConfig, seed: u64) -> Solo {
         let lock = Lock::new(ChannelName::new(CHANNEL).unwrap(), config, seed);
         Solo {
@@ -326,7 +331,7 @@ fn release_marker_during_an_attempt_wakes_after_it() {
 #[test]
 fn graceful_release_drains_then_reports_released_once_confirmed() {
     for (protocol, token) in [(Protocol::Lease, T1), (Protocol::Classic, None)] {
-        let mut s = Solo::new(protocol);
+        let mut s = Solo::two_step(protocol);
         s.holding(token);
         let drain_req = request(&s.after(10, Input::Release));
         assert_eq!(drain_req.op, DbOp::Drain { token });
@@ -367,7 +372,7 @@ fn graceful_release_drains_then_reports_released_once_confirmed() {
 
 #[test]
 fn drain_marker_before_the_drain_reply_and_marker_wait() {
-    let mut s = Solo::new(Protocol::Lease);
+    let mut s = Solo::two_step(Protocol::Lease);
     s.holding(T1);
     let drain_req = request(&s.after(10, Input::Release));
     assert!(s.marker(Marker::Draining(T1)).is_empty());
@@ -376,7 +381,7 @@ fn drain_marker_before_the_drain_reply_and_marker_wait() {
     assert_eq!(out[0], Output::Event(LockEvent::Drained));
 
     // The marker never comes: after marker_wait the release proceeds anyway.
-    let mut s = Solo::new(Protocol::Lease);
+    let mut s = Solo::two_step(Protocol::Lease);
     s.holding(T1);
     let drain_req = request(&s.after(10, Input::Release));
     s.reply(1, &drain_req, Reply::Drained);
@@ -712,7 +717,7 @@ fn late_replies_with_wrong_ids_are_ignored() {
 
 #[test]
 fn stop_as_standby_and_as_holder() {
-    let mut s = Solo::new(Protocol::Lease);
+    let mut s = Solo::two_step(Protocol::Lease);
     let req = s.attempt();
     s.reply(1, &req, locked(None));
     let out = s.after(1, Input::Stop);
@@ -723,7 +728,7 @@ fn stop_as_standby_and_as_holder() {
     assert!(s.after(1, Input::Start).is_empty());
     assert!(s.after(1, Input::SessionUp(SessionId(5))).is_empty());
 
-    let mut s = Solo::new(Protocol::Lease);
+    let mut s = Solo::two_step(Protocol::Lease);
     s.holding(T1);
     let drain_req = request(&s.after(1, Input::Signal(SignalKind::Interrupt)));
     s.reply(1, &drain_req, Reply::Drained);
@@ -739,7 +744,7 @@ fn stop_as_standby_and_as_holder() {
 #[test]
 fn an_unconfirmed_release_says_what_happened() {
     // The row was no longer this term's.
-    let mut s = Solo::new(Protocol::Lease);
+    let mut s = Solo::two_step(Protocol::Lease);
     s.holding(T1);
     let drain_req = request(&s.after(10, Input::Release));
     s.reply(1, &drain_req, Reply::Drained);
@@ -752,7 +757,7 @@ fn an_unconfirmed_release_says_what_happened() {
         }]
     );
     // The statement failed.
-    let mut s = Solo::new(Protocol::Lease);
+    let mut s = Solo::two_step(Protocol::Lease);
     s.holding(T1);
     let drain_req = request(&s.after(10, Input::Release));
     s.reply(1, &drain_req, Reply::Drained);
@@ -768,7 +773,7 @@ fn an_unconfirmed_release_says_what_happened() {
         reason: LostReason::ReleaseUnconfirmed
     }));
     // A stop whose release does not finish within the shutdown timeout.
-    let mut s = Solo::new(Protocol::Lease);
+    let mut s = Solo::two_step(Protocol::Lease);
     s.holding(T1);
     let drain_req = request(&s.after(10, Input::Stop));
     s.reply(1, &drain_req, Reply::Drained);
@@ -786,7 +791,7 @@ fn an_unconfirmed_release_says_what_happened() {
         ]
     );
     // The session ends while the release is in flight.
-    let mut s = Solo::new(Protocol::Lease);
+    let mut s = Solo::two_step(Protocol::Lease);
     s.holding(T1);
     let drain_req = request(&s.after(10, Input::Release));
     s.reply(1, &drain_req, Reply::Drained);
@@ -1070,7 +1075,7 @@ fn handover_buffer_overflow_drops_the_oldest_and_warns() {
 
 #[test]
 fn releaser_drops_its_buffer_when_a_peer_term_begins_before_its_release_reply() {
-    let mut s = Solo::new(Protocol::Lease);
+    let mut s = Solo::two_step(Protocol::Lease);
     s.holding(T1);
     let drain_req = request(&s.after(1, Input::Release));
     s.reply(1, &drain_req, Reply::Drained);
@@ -1282,7 +1287,7 @@ fn a_holder_acknowledges_its_own_markers_in_its_renewals() {
 
 #[test]
 fn a_draining_holder_ends_only_at_its_own_drain_marker() {
-    let mut s = Solo::new(Protocol::Lease);
+    let mut s = Solo::two_step(Protocol::Lease);
     let req = s.attempt();
     s.reply(
         1,
@@ -1563,7 +1568,7 @@ fn requests(outputs: &[Output]) -> Vec<DbOp> {
 #[test]
 fn stand_down_as_holder_releases_then_makes_no_attempt_until_start() {
     for (protocol, token) in [(Protocol::Lease, T1), (Protocol::Classic, None)] {
-        let mut s = Solo::new(protocol);
+        let mut s = Solo::two_step(protocol);
         s.holding(token);
         // Like a release: drain, report Drained at the marker, then release.
         let drain_req = request(&s.after(10, Input::StandDown));
@@ -1610,7 +1615,7 @@ fn stand_down_as_standby_disarms_the_retry() {
 #[test]
 fn stand_down_during_an_attempt_that_wins_gives_the_term_back() {
     for (protocol, token) in [(Protocol::Lease, T1), (Protocol::Classic, None)] {
-        let mut s = Solo::new(protocol);
+        let mut s = Solo::two_step(protocol);
         let req = s.attempt();
         assert!(s.after(1, Input::StandDown).is_empty(), "waits for the attempt");
         let out = s.reply(1, &req, acquired(token));
@@ -1637,7 +1642,7 @@ fn stand_down_after_stop_does_nothing() {
 /// time.
 #[test]
 fn stand_down_during_a_takeover_of_a_stale_holder_drains_after_the_terminate() {
-    let mut s = Solo::new(Protocol::Lease);
+    let mut s = Solo::two_step(Protocol::Lease);
     let req = s.attempt();
     s.after(1, Input::StandDown);
     let reply = Reply::Acquire(AcquireReply {
@@ -1667,7 +1672,7 @@ const NEW_ROW_PID: i32 = 2222;
 /// Then what the new row's holder delivered arrives, and its first progress marker (it has
 /// acknowledged only its `acquired` marker, which came before our log began).
 fn superseded_by_a_new_row() -> Solo {
-    let mut s = Solo::new(Protocol::Lease);
+    let mut s = Solo::two_step(Protocol::Lease);
     let req = s.attempt();
     s.reply(
         1,
@@ -1831,4 +1836,310 @@ fn a_new_rows_markers_under_a_known_token_are_kept_for_the_table_to_judge_at_the
     let out = s.reply(1, &req, reply);
     assert_eq!(delivered(&out), vec!["after its drain"]);
     assert!(replayed(&out).is_empty());
+}
+
+// ----- the release as its own drain point (Lease with `drain_in_release`, the default) -----
+
+#[test]
+fn a_release_that_is_its_own_drain_point_delivers_up_to_its_marker_then_says_so() {
+    let mut s = Solo::new(Protocol::Lease);
+    s.holding(T1);
+    let release = request(&s.after(10, Input::Release));
+    assert_eq!(release.op, DbOp::Release { token: T1 });
+    assert_eq!(s.phase(), Phase::Draining);
+    // Still delivering until its own release marker.
+    assert_eq!(delivered(&s.data("a")), vec!["a"]);
+    // A release marker of another term is not ours, and a drain marker (which it does not
+    // send) ends nothing.
+    s.marker(Marker::Released(Some(FenceToken(0))));
+    assert!(events(&s.marker(Marker::Draining(T1))).is_empty());
+    assert_eq!(delivered(&s.data("b")), vec!["b"]);
+    let out = s.marker(Marker::Released(T1));
+    assert_eq!(events(&out), vec![LockEvent::Drained]);
+    assert!(requests(&out).is_empty(), "the release is in flight already");
+    assert_eq!(s.phase(), Phase::Releasing);
+    assert!(delivered(&s.data("c")).is_empty(), "after its marker: not ours");
+    assert_eq!(s.lock.state().buffered, 1, "kept for the next term, maybe ours");
+    let out = s.reply(1, &release, Reply::Release { released: true });
+    assert_eq!(events(&out), vec![LockEvent::Released]);
+    assert_eq!(requests(&out), vec![DbOp::Drained { token: FenceToken(1) }]);
+    assert_eq!(s.phase(), Phase::Standby);
+}
+
+#[test]
+fn a_release_reply_before_its_own_marker_waits_for_the_marker() {
+    let mut s = Solo::new(Protocol::Lease);
+    s.holding(T1);
+    let release = request(&s.after(10, Input::Release));
+    assert!(events(&s.reply(1, &release, Reply::Release { released: true })).is_empty());
+    assert_eq!(delivered(&s.data("a")), vec!["a"], "its marker is still to come");
+    let out = s.marker(Marker::Released(T1));
+    assert_eq!(events(&out), vec![LockEvent::Drained, LockEvent::Released]);
+    assert_eq!(requests(&out), vec![DbOp::Drained { token: FenceToken(1) }]);
+}
+
+#[test]
+fn a_release_whose_marker_does_not_come_ends_the_delivery_without_a_word() {
+    // The marker never comes: the delivery ends `marker_wait` after the release was sent.
+    let mut s = Solo::new(Protocol::Lease);
+    s.holding(T1);
+    let release = request(&s.after(10, Input::Release));
+    let sent = s.now;
+    let (at, kind) = s.timeout();
+    assert_eq!((at, kind), (sent + Duration::from_millis(200), TimerKind::MarkerWait));
+    let out = s.at(at, Input::Tick);
+    assert_eq!(events(&out), vec![LockEvent::Drained]);
+    assert_eq!(
+        s.lock.state().buffered,
+        0,
+        "position of the marker unknown: buffer nothing"
+    );
+    let out = s.reply(1, &release, Reply::Release { released: true });
+    assert_eq!(events(&out), vec![LockEvent::Released]);
+    assert!(requests(&out).is_empty(), "it did not see its marker: no `drained`");
+    // A release that matched no row sends no marker: the delivery ends at once.
+    let mut s = Solo::new(Protocol::Lease);
+    s.holding(T1);
+    let release = request(&s.after(10, Input::Release));
+    let out = s.reply(1, &release, Reply::Release { released: false });
+    assert_eq!(
+        events(&out),
+        vec![
+            LockEvent::Drained,
+            LockEvent::ReleaseFailed {
+                reason: LostReason::Superseded
+            }
+        ]
+    );
+    assert!(requests(&out).is_empty());
+    // A failed statement.
+    let mut s = Solo::new(Protocol::Lease);
+    s.holding(T1);
+    let release = request(&s.after(10, Input::Release));
+    let out = s.after(
+        1,
+        Input::DbResult {
+            id: release.id,
+            result: Err(DbError::Failed("boom".into())),
+        },
+    );
+    let ev = events(&out);
+    assert_eq!(
+        ev[0],
+        LockEvent::Warning(Warning::RequestFailed {
+            op: "release",
+            error: DbError::Failed("boom".into())
+        })
+    );
+    assert_eq!(
+        ev[1..],
+        [
+            LockEvent::Drained,
+            LockEvent::ReleaseFailed {
+                reason: LostReason::ReleaseUnconfirmed
+            }
+        ]
+    );
+    // The session ends first: the term is lost, as any holder's.
+    let mut s = Solo::new(Protocol::Lease);
+    s.holding(T1);
+    request(&s.after(10, Input::Release));
+    let out = s.after(1, Input::SessionDown(S1));
+    assert_eq!(
+        events(&out),
+        vec![LockEvent::Lost {
+            reason: LostReason::SessionLost
+        }]
+    );
+}
+
+#[test]
+fn a_stop_ends_once_its_drained_marker_is_sent() {
+    let mut s = Solo::new(Protocol::Lease);
+    s.holding(T1);
+    let release = request(&s.after(1, Input::Signal(SignalKind::Terminate)));
+    s.marker(Marker::Released(T1));
+    let out = s.reply(1, &release, Reply::Release { released: true });
+    assert_eq!(events(&out), vec![LockEvent::Released]);
+    let drained = request(&out);
+    assert_eq!(drained.op, DbOp::Drained { token: FenceToken(1) });
+    assert_eq!(s.phase(), Phase::Releasing, "the connection must outlive the marker");
+    let out = s.reply(1, &drained, Reply::Drained);
+    assert_eq!(events(&out), vec![LockEvent::Stopped { released: true }]);
+    assert_eq!(s.lock.poll_timeout(), None);
+    // Unanswered, the shutdown bound ends it, released all the same.
+    let mut s = Solo::new(Protocol::Lease);
+    s.holding(T1);
+    let release = request(&s.after(1, Input::Stop));
+    s.marker(Marker::Released(T1));
+    s.reply(1, &release, Reply::Release { released: true });
+    let (at, kind) = s.timeout();
+    assert!(
+        matches!(kind, TimerKind::Shutdown | TimerKind::RequestTimeout),
+        "{kind:?}"
+    );
+    let out = s.at(at, Input::Tick);
+    assert_eq!(events(&out), vec![LockEvent::Stopped { released: true }]);
+}
+
+/// A standby of term 5 that saw its holder acknowledge marker 1, then release (the drain point).
+fn standby_after_a_release_of_term_5() -> Solo {
+    let mut s = standby_of_term_5();
+    s.marker_from(PEER_PID, progress(5, 1, None));
+    s.data("a");
+    s.marker_from(PEER_PID, progress(5, 2, Some(1)));
+    s.data("b");
+    s.marker_from(PEER_PID, Marker::Released(Some(FenceToken(5))));
+    s.data("c");
+    s
+}
+
+#[test]
+fn a_successor_reports_the_term_once_its_predecessor_says_it_drained() {
+    let mut s = standby_after_a_release_of_term_5();
+    let out = win_term_6(&mut s, true);
+    assert!(
+        events(&out).is_empty(),
+        "not reported before the holder's word: {out:?}"
+    );
+    assert_eq!(s.phase(), Phase::Standby);
+    assert!(delivered(&s.data("d")).is_empty());
+    // A forged word, or one of another term, changes nothing.
+    assert!(s.marker_from(FORGER_PID, Marker::Drained(FenceToken(5))).is_empty());
+    assert!(s.marker_from(PEER_PID, Marker::Drained(FenceToken(4))).is_empty());
+    // Nor does a start while it waits, nor a retry falling due.
+    assert!(requests(&s.after(1, Input::Start)).is_empty());
+    assert!(requests(&s.after(1, Input::FireEarly(TimerKind::Retry))).is_empty());
+    let out = s.marker_from(PEER_PID, Marker::Drained(FenceToken(5)));
+    assert_eq!(
+        events(&out),
+        vec![LockEvent::Acquired {
+            token: Some(FenceToken(6))
+        }]
+    );
+    assert_eq!(delivered(&out), vec!["c", "d"]);
+    assert!(replayed(&out).is_empty(), "exactly once");
+    assert_eq!(s.phase(), Phase::Holding);
+}
+
+#[test]
+fn without_its_predecessors_word_a_successor_replays_after_marker_wait() {
+    let mut s = standby_after_a_release_of_term_5();
+    win_term_6(&mut s, true);
+    let won = s.now;
+    let (at, kind) = s.timeout();
+    assert_eq!((at, kind), (won + Duration::from_millis(200), TimerKind::MarkerWait));
+    let out = s.at(at, Input::Tick);
+    assert_eq!(
+        events(&out),
+        vec![LockEvent::Acquired {
+            token: Some(FenceToken(6))
+        }]
+    );
+    // From the holder's newest acknowledged marker on, flagged up to its release marker: at
+    // least once.
+    assert_eq!(delivered(&out), vec!["a", "b", "c"]);
+    assert_eq!(replayed(&out), vec!["a", "b"]);
+}
+
+#[test]
+fn a_word_before_the_win_or_a_drain_marker_first_is_not_waited_for() {
+    let mut s = standby_after_a_release_of_term_5();
+    s.marker_from(PEER_PID, Marker::Drained(FenceToken(5)));
+    s.data("d");
+    let out = win_term_6(&mut s, true);
+    assert_eq!(
+        events(&out),
+        vec![LockEvent::Acquired {
+            token: Some(FenceToken(6))
+        }]
+    );
+    assert_eq!(delivered(&out), vec!["c", "d"]);
+    assert!(replayed(&out).is_empty());
+    // A holder that committed its drain marker before its release (`drain_in_release` off).
+    let mut s = standby_of_term_5();
+    s.data("a");
+    s.marker_from(PEER_PID, Marker::Draining(Some(FenceToken(5))));
+    s.data("b");
+    s.marker_from(PEER_PID, Marker::Released(Some(FenceToken(5))));
+    s.data("c");
+    let out = win_term_6(&mut s, true);
+    assert_eq!(
+        events(&out),
+        vec![LockEvent::Acquired {
+            token: Some(FenceToken(6))
+        }]
+    );
+    assert_eq!(delivered(&out), vec!["b", "c"]);
+}
+
+#[test]
+fn a_successor_stopped_while_it_waits_delivers_what_it_won_then_releases() {
+    let mut s = standby_after_a_release_of_term_5();
+    win_term_6(&mut s, true);
+    let out = s.after(1, Input::Stop);
+    assert!(out.is_empty(), "waits for the word: {out:?}");
+    // What followed the release is this term's (the next holder starts after our `acquired`
+    // marker): delivered once the word comes, then released as at any holder's stop.
+    let out = s.marker_from(PEER_PID, Marker::Drained(FenceToken(5)));
+    assert_eq!(
+        events(&out),
+        vec![LockEvent::Acquired {
+            token: Some(FenceToken(6))
+        }]
+    );
+    assert_eq!(delivered(&out), vec!["c"]);
+    let release = request(&out);
+    assert_eq!(
+        release.op,
+        DbOp::Release {
+            token: Some(FenceToken(6))
+        }
+    );
+    let out = s.marker_from(OWN_PID, Marker::Released(Some(FenceToken(6))));
+    assert_eq!(events(&out), vec![LockEvent::Drained]);
+    let out = s.reply(1, &release, Reply::Release { released: true });
+    assert_eq!(events(&out), vec![LockEvent::Released]);
+    let drained = request(&out);
+    let out = s.reply(1, &drained, Reply::Drained);
+    assert_eq!(events(&out), vec![LockEvent::Stopped { released: true }]);
+    // No word before the stop's bound: stopped, the row left to its lease.
+    let mut config = fast_config(Protocol::Lease);
+    config.marker_wait = Duration::from_secs(5);
+    let mut s = Solo::with(config, 7);
+    let req = s.attempt();
+    s.reply(1, &req, held_by_peer(5, Duration::from_secs(2)));
+    s.marker_from(PEER_PID, Marker::Released(Some(FenceToken(5))));
+    win_term_6(&mut s, true);
+    assert!(s.after(1, Input::Stop).is_empty());
+    let (at, kind) = s.timeout();
+    assert_eq!(kind, TimerKind::Shutdown);
+    let out = s.at(at, Input::Tick);
+    assert_eq!(events(&out), vec![LockEvent::Stopped { released: false }]);
+}
+
+#[test]
+fn a_successor_cut_off_while_it_waits_never_reports_the_term() {
+    // Its session ends: a standby again, attempting only after the won lease expires.
+    let mut s = standby_after_a_release_of_term_5();
+    win_term_6(&mut s, true);
+    let won = s.now;
+    assert!(events(&s.after(1, Input::SessionDown(S1))).is_empty());
+    assert_eq!(s.phase(), Phase::Standby);
+    let out = s.after(1, Input::SessionUp(SessionId(2)));
+    assert!(requests(&out).is_empty());
+    let (at, _) = s.timeout();
+    assert!(
+        requests(&s.at(at, Input::Tick)).is_empty(),
+        "not before the won lease's expiry"
+    );
+    let (at, kind) = s.timeout();
+    assert_eq!(kind, TimerKind::Retry);
+    assert!(at >= won + Duration::from_secs(2), "{at:?}");
+    // A `try_acquire` while it waits is answered with the term.
+    let mut s = standby_after_a_release_of_term_5();
+    win_term_6(&mut s, true);
+    assert!(s.after(0, Input::TryAcquire).is_empty());
+    let out = s.marker_from(PEER_PID, Marker::Drained(FenceToken(5)));
+    assert!(out.contains(&Output::AttemptDone { acquired: true }), "{out:?}");
 }

@@ -345,16 +345,16 @@ fn an_abandoned_holder_is_released_and_removed() {
     let acquire = request(&rig.out, "acquire").unwrap();
     rig.reply(&acquire, acquired(1));
     let out = rig.after(ms(1), SessionInput::Abandon { lock: KEY });
-    let drain = request(&out, "drain").expect("drains first");
-    let out = rig.reply(&drain, Ok(OpReply::Lock(Reply::Drained)));
-    let out = if request(&out, "release").is_none() {
-        // Waiting for its own drain marker, bounded by marker_wait.
-        rig.tick()
-    } else {
-        out
-    };
-    let release = request(&out, "release").expect("then releases");
+    // The release is the drain point: its reply alone does not end the delivery, its own marker
+    // does (or marker_wait).
+    let release = request(&out, "release").expect("releases at once");
     let out = rig.reply(&release, Ok(OpReply::Lock(Reply::Release { released: true })));
+    assert!(!out.contains(&SessionOutput::LockRemoved { lock: KEY }));
+    let out = rig.tick();
+    assert!(
+        request(&out, "drained").is_none(),
+        "its marker never came: no word of it"
+    );
     assert!(out.contains(&SessionOutput::LockRemoved { lock: KEY }));
     assert!(rig.session.lock(KEY).is_none());
     // Its channels stay listened until the successor confirms (or the linger's bound).
@@ -373,25 +373,31 @@ fn marker(session: SessionId, payload: &str, pid: i32) -> SessionInput {
     }
 }
 
-/// Holds the rig's lock (token 1) and stops it by `stop`, answering its drain and release;
-/// `before_reply`: notifications fed just before the release's reply. Returns the release
-/// reply's outputs.
+/// Holds the rig's lock (token 1) and stops it by `stop`, answering its release (the drain
+/// point); `before_reply`: notifications fed just before the release's reply, by default our
+/// own release marker naming backend 200 as the successor. Returns the release reply's outputs.
 fn release_held(rig: &mut Rig, stop: SessionInput, before_reply: &[SessionInput]) -> Vec<SessionOutput> {
     let acquire = request(&rig.out, "acquire").unwrap();
     rig.reply(&acquire, acquired(1));
     let out = rig.after(ms(1), stop);
-    let drain = request(&out, "drain").expect("drains first");
-    let out = rig.reply(&drain, Ok(OpReply::Lock(Reply::Drained)));
-    let out = if request(&out, "release").is_none() {
-        rig.tick()
+    let release = request(&out, "release").expect("releases at once");
+    let session = rig.session.state().session.expect("a session");
+    let own = [marker(session, "released:1:200", 100)];
+    let before_reply = if before_reply.is_empty() {
+        &own[..]
     } else {
-        out
+        before_reply
     };
-    let release = request(&out, "release").expect("then releases");
     for input in before_reply {
         rig.after(Duration::ZERO, input.clone());
     }
-    rig.reply(&release, Ok(OpReply::Lock(Reply::Release { released: true })))
+    let mut out = rig.reply(&release, Ok(OpReply::Lock(Reply::Release { released: true })));
+    // Its own marker came back: it says so, for its successor to report the term, and the lock
+    // is removed once that word is committed.
+    let drained = request(&out, "drained").expect("says it drained");
+    assert!(!out.contains(&SessionOutput::LockRemoved { lock: KEY }), "{out:?}");
+    out.extend(rig.reply(&drained, Ok(OpReply::Lock(Reply::Drained))));
+    out
 }
 
 #[test]

@@ -20,6 +20,9 @@ const LEASE_ZERO: u8 = 4;
 const LEASE_TINY: u8 = 8;
 /// Header byte: Lease, fence_margin = lease_ttl (never usable).
 const LEASE_UNUSABLE: u8 = 12;
+/// Header byte: Lease, short timings, the drain marker before the release
+/// (`drain_in_release` off).
+const LEASE_TWO_STEP: u8 = 16;
 
 /// Delta bytes.
 const NOW: u8 = 0;
@@ -109,7 +112,7 @@ pub fn lock_events() -> Vec<(String, Vec<u8>)> {
     corpus.push(("lease_hold_and_renew", LEASE, with(holding(Some(1)), renew_ok(6))));
     corpus.push((
         "lease_graceful_release",
-        LEASE,
+        LEASE_TWO_STEP,
         with(
             holding(Some(1)),
             vec![
@@ -122,6 +125,26 @@ pub fn lock_events() -> Vec<(String, Vec<u8>)> {
                 (NOW, data(4)),
                 (MS1, reply(Reply::Release { released: true })),
                 (MS1, marker(Marker::Released(t(1)))),
+                (MS20, Step::Tick),
+                (S5, Step::Tick),
+                (MS1, acquired(Some(2))),
+            ],
+        ),
+    ));
+    corpus.push((
+        "lease_release_as_drain_point",
+        LEASE,
+        with(
+            holding(Some(1)),
+            vec![
+                (MS1, data(1)),
+                (MS1, Step::Release),
+                (NOW, data(2)),
+                (MS1, reply(Reply::Release { released: true })),
+                (NOW, data(3)),
+                (MS1, marker(Marker::Released(t(1)))),
+                (NOW, data(4)),
+                (MS1, reply(Reply::Drained)),
                 (MS20, Step::Tick),
                 (S5, Step::Tick),
                 (MS1, acquired(Some(2))),

@@ -152,6 +152,7 @@ impl Step {
                     1 => Marker::Released(token).payload(),
                     2 => Marker::Acquired(token.unwrap_or(FenceToken(0))).payload(),
                     3 => "1".to_owned(),
+                    _ if kind % 10 == 9 => Marker::Drained(token.unwrap_or(FenceToken(0))).payload(),
                     _ => format!("x:{}", token_byte(token)),
                 };
                 Step::Marker(session, payload)
@@ -185,6 +186,7 @@ impl Step {
                     Some(Marker::Released(None)) if payload == "1" => (3, None),
                     Some(Marker::Released(t)) => (1, t),
                     Some(Marker::Acquired(t)) => (2, Some(t)),
+                    Some(Marker::Drained(t)) => (9, Some(t)),
                     // The decoder never makes these.
                     Some(Marker::Progress(..)) | None => (4, None),
                 };
@@ -297,6 +299,9 @@ pub fn decode_config(b: u8) -> LockConfig {
             c.fence_margin = c.lease_ttl;
         }
         _ => {}
+    }
+    if b & 16 != 0 {
+        c.drain_in_release = false;
     }
     c
 }

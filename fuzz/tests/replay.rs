@@ -134,6 +134,11 @@ fn hand_made_seeds_reach_their_states() {
     let released = run("lease_graceful_release");
     assert_eq!(released.delivered(), 3 + 1);
     assert!(released.lock.state().phase.is_holder());
+    // The release as the drain point: delivers up to its own release marker, says so, then
+    // re-acquires a full interval later and delivers what followed the marker.
+    let released = run("lease_release_as_drain_point");
+    assert_eq!(released.delivered(), 3 + 1);
+    assert!(released.lock.state().phase.is_holder());
     assert_eq!(run("lease_self_fence").delivered(), 0);
     assert!(!run("lease_self_fence").lock.state().phase.is_holder());
     assert!(!run("lease_superseded").lock.state().phase.is_holder());

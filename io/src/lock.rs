@@ -43,6 +43,7 @@ pub struct LockOptions {
     balance: Option<String>,
     crash_watch: Option<bool>,
     crash_watch_refresh: Option<Duration>,
+    drain_in_release: Option<bool>,
 }
 
 impl LockOptions {
@@ -145,6 +146,25 @@ impl LockOptions {
         self
     }
 
+    /// The release is the drain point (`Lease`; on by default, ignored under `Classic`): a
+    /// stopping holder commits its release at once and delivers up to its own release marker,
+    /// then says so with a `drained:<token>` marker, for which the successor waits (at most
+    /// 500 ms, then it replays instead) before it reports the term. One round trip less per
+    /// graceful handover. Off, the holder first commits a drain marker of its own and
+    /// releases once it has seen it, as 0.1.0 does; successors understand both. With
+    /// [`replay_limit`](LockOptions::replay_limit) 0 the holder drains first anyway.
+    ///
+    /// ```
+    /// use pgiplock::LockOptions;
+    /// let config = LockOptions::new().drain_in_release(false).to_config().unwrap();
+    /// assert!(!config.drain_in_release);
+    /// assert!(LockOptions::new().to_config().unwrap().drain_in_release);
+    /// ```
+    pub fn drain_in_release(mut self, on: bool) -> Self {
+        self.drain_in_release = Some(on);
+        self
+    }
+
     /// The longest single wait of the crash watch before it is issued again (default 60 s, at
     /// least 10 ms): a waiting statement holds back vacuum (its backend's `xmin`) for at most
     /// this long.
@@ -200,6 +220,9 @@ impl LockOptions {
         }
         if let Some(refresh) = self.crash_watch_refresh {
             config.crash_watch_refresh = refresh;
+        }
+        if let Some(on) = self.drain_in_release {
+            config.drain_in_release = on;
         }
         config.validate()?;
         Ok(config)

@@ -1017,6 +1017,10 @@ pub async fn execute(client: &Client, target: &Target, op: &DbOp) -> Result<Repl
             let payload = Marker::Draining(*token).payload();
             notify(client, lock_channel, &payload).await
         }
+        (Protocol::Lease, DbOp::Drained { token }) => {
+            let payload = Marker::Drained(*token).payload();
+            notify(client, lock_channel, &payload).await
+        }
         (Protocol::Lease, DbOp::Release { token }) => {
             let sql = format!("SELECT {qs}.release_v2($1, $2, $3, $4)");
             let channel = text(target.channel.as_str());

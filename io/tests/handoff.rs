@@ -231,3 +231,53 @@ async fn close_waits_for_the_named_successor_and_for_nobody_else() {
         .await
         .expect("a release that named nobody closes at once");
 }
+
+/// The release is the holder's drain point by default: the lock channel hears its release
+/// marker, then its `drained:<token>` word, and no drain marker of its own; the successor takes
+/// over. With `drain_in_release(false)` the drain marker comes first and no `drained` word.
+#[tokio::test]
+async fn the_release_is_the_drain_point_unless_turned_off() {
+    for in_release in [true, false] {
+        let schema = unique("t_handoff");
+        let _cleanup = SchemaGuard::new(&schema);
+        let channel = unique("jobs");
+        let opts = handoff_options(&schema).drain_in_release(in_release);
+        let s1 = session().await;
+        let l1 = s1.lock(&channel, opts.clone()).unwrap();
+        l1.init().await.unwrap();
+        wait_acquired(&l1).await;
+        let s2 = session().await;
+        let l2 = s2.lock(&channel, opts).unwrap();
+        l2.init().await.unwrap();
+        assert!(!l2.acquire().await.unwrap(), "refused by the holder");
+        let mut listener = lock_channel_listener(&channel).await;
+        l1.release().await.unwrap();
+        wait_acquired(&l2).await;
+        let mut heard: Vec<String> = Vec::new();
+        let done = |heard: &[String]| {
+            heard.iter().any(|p| p.starts_with("acquired:"))
+                && (!in_release || heard.iter().any(|p| p.starts_with("drained:")))
+        };
+        while !done(&heard) {
+            let (_, payload) = listener.notification().await;
+            if !payload.starts_with("progress:") {
+                heard.push(payload);
+            }
+        }
+        let kinds: Vec<&str> = heard.iter().map(|p| p.split(':').next().unwrap_or("")).collect();
+        let at = |kind: &str| kinds.iter().position(|k| *k == kind);
+        if in_release {
+            assert_eq!(at("draining"), None, "{heard:?}");
+            let (released, drained) = (at("released").unwrap(), at("drained").unwrap());
+            assert!(released < drained, "{heard:?}");
+            let token = |p: &str| p.split(':').nth(1).map(str::to_owned);
+            assert_eq!(token(&heard[released]), token(&heard[drained]), "{heard:?}");
+        } else {
+            assert_eq!(kinds[..2], ["draining", "released"], "{heard:?}");
+            assert_eq!(at("drained"), None, "{heard:?}");
+        }
+        for s in [s1, s2] {
+            s.close().await;
+        }
+    }
+}

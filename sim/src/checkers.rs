@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::Duration;
 
-use pgiplock_core::{ConnPhase, Protocol, SessionId, Timestamp};
+use pgiplock_core::{ConnPhase, PreviousTerm, Protocol, SessionId, Timestamp};
 
 use crate::indexed_heap::IndexedHeap;
 use crate::metrics::Metrics;
@@ -95,8 +95,15 @@ pub(crate) struct Checkers {
     /// released, with the time its drain marker committed: a winner listening since before
     /// then must replay nothing (D2).
     pub(crate) after_release: BTreeMap<(usize, u64, u64), Timestamp>,
-    /// When each term's drain marker committed (channel, schema generation, token).
+    /// When each term's drain marker committed (channel, schema generation, token); for a
+    /// release that is its own drain point, when the release committed, entered once its
+    /// holder's `drained` marker committed.
     pub(crate) drained_at: BTreeMap<(usize, u64, u64), Timestamp>,
+    /// When each term's release committed, for its `drained` marker to prove.
+    pub(crate) released_at: BTreeMap<(usize, u64, u64), Timestamp>,
+    /// Released terms whose successor won before the holder's `drained` marker committed:
+    /// the successor's token.
+    pub(crate) awaiting_drained: BTreeMap<(usize, u64, u64), u64>,
     /// D1 applies: Lease with drift within the fence margin's bound (two believers cannot
     /// both receive), so no message is delivered twice without the replay flag.
     pub(crate) check_d1: bool,
@@ -106,6 +113,33 @@ pub(crate) struct Checkers {
 }
 
 impl Checkers {
+    /// D2: term `token` of channel `li` began after `previous` (released or not).
+    pub(crate) fn term_followed(&mut self, li: usize, generation: u64, previous: PreviousTerm, token: u64) {
+        if !previous.released {
+            return;
+        }
+        let key = (li, generation, previous.token.0);
+        match self.drained_at.get(&key) {
+            Some(&at) => {
+                self.after_release.insert((li, generation, token), at);
+            }
+            None if self.released_at.contains_key(&key) => {
+                self.awaiting_drained.insert(key, token);
+            }
+            None => {}
+        }
+    }
+
+    /// D2: the holder of term `token` said it delivered up to its release.
+    pub(crate) fn release_drained(&mut self, li: usize, generation: u64, token: u64) {
+        let key = (li, generation, token);
+        let Some(&at) = self.released_at.get(&key) else { return };
+        self.drained_at.insert(key, at);
+        if let Some(next) = self.awaiting_drained.remove(&key) {
+            self.after_release.insert((li, generation, next), at);
+        }
+    }
+
     pub(crate) fn new(scenario: &Scenario) -> Checkers {
         Checkers {
             believers: vec![BTreeSet::new(); scenario.channels],
@@ -121,6 +155,8 @@ impl Checkers {
                 && (scenario.drift < scenario.drift_bound() || scenario.property_checks),
             after_release: BTreeMap::new(),
             drained_at: BTreeMap::new(),
+            released_at: BTreeMap::new(),
+            awaiting_drained: BTreeMap::new(),
             check_d1: scenario.protocol == Protocol::Lease
                 && (scenario.drift < scenario.drift_bound() || scenario.property_checks),
             rows_touched: false,

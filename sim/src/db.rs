@@ -620,7 +620,7 @@ impl SimDb {
         // `pg_terminate_backend`: neither needs the schema.
         let needs_schema = !matches!(
             (protocol, op),
-            (_, DbOp::Drain { .. }) | (Protocol::Classic, DbOp::TerminateStale { .. })
+            (_, DbOp::Drain { .. } | DbOp::Drained { .. }) | (Protocol::Classic, DbOp::TerminateStale { .. })
         );
         if self.schema_dropped && needs_schema {
             let table = match protocol {
@@ -638,8 +638,10 @@ impl SimDb {
         // there); everything else writes.
         let writes = !matches!(
             (protocol, op),
-            (_, DbOp::TerminateStale { .. } | DbOp::Drain { .. })
-                | (Protocol::Classic, DbOp::Renew { .. })
+            (
+                _,
+                DbOp::TerminateStale { .. } | DbOp::Drain { .. } | DbOp::Drained { .. }
+            ) | (Protocol::Classic, DbOp::Renew { .. })
                 | (Protocol::Lease, DbOp::Acquire)
         );
         if self.read_only && writes {
@@ -968,6 +970,10 @@ impl SimDb {
             }
             DbOp::Drain { token } => {
                 self.deliver(pid, lock_channel, &Marker::Draining(*token).payload());
+                Ok(Reply::Drained)
+            }
+            DbOp::Drained { token } => {
+                self.deliver(pid, lock_channel, &Marker::Drained(*token).payload());
                 Ok(Reply::Drained)
             }
             DbOp::Release { token } => {

@@ -231,8 +231,9 @@ impl World {
 
     /// A foreign session (opened on first use, with its own backend pid, listening nowhere)
     /// sends forged markers on the data channel's lock channel, each in its own transaction:
-    /// `draining`, `released`, `acquired` and a `progress` marker acknowledging far ahead, with
-    /// the current term's token and with the next one.
+    /// `draining`, `released`, `acquired`, `drained` and a `progress` marker acknowledging far
+    /// ahead, with the current term's token and with the next one, and a `drained` word for the
+    /// term before (the one a successor may be waiting to hear it for).
     fn forge(&mut self) {
         if !self.server.up {
             return;
@@ -251,13 +252,18 @@ impl World {
         // Far beyond any real marker number: a believed acknowledgement would cut everything.
         let n = 1u64 << 20;
         self.server.db.advance_to(self.engine.now);
+        let before = token.checked_sub(1).map(|t| format!("drained:{t}"));
         for t in [token, token + 1] {
             for payload in [
                 format!("draining:{t}"),
                 format!("released:{t}"),
                 format!("acquired:{t}"),
+                format!("drained:{t}"),
                 format!("progress:{t}:{n}:{n}"),
-            ] {
+            ]
+            .into_iter()
+            .chain(before.clone().filter(|_| t == token))
+            {
                 if self.server.db.notify(session, &lock_channel, &payload).is_ok() {
                     self.metrics.forged_notifications += 1;
                 }

@@ -318,6 +318,11 @@ struct ScenarioArgs {
     /// the library's, true).
     #[arg(long, value_name = "BOOL")]
     crash_watch: Option<bool>,
+    /// Lease only: a stopping holder's release is its drain point, proven by a `drained`
+    /// marker its successor waits for; false commits a drain marker before the release, one
+    /// statement more per handover (true or false; default: the library's, true).
+    #[arg(long, value_name = "BOOL")]
+    drain_in_release: Option<bool>,
     /// Virtual time simulated (a duration).
     #[arg(long, value_name = "DURATION", value_parser = dur)]
     duration: Option<Duration>,
@@ -561,6 +566,7 @@ impl ScenarioArgs {
             channels,
             balance,
             crash_watch,
+            drain_in_release,
             duration,
             warmup,
             acquire_interval,

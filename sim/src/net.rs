@@ -425,7 +425,7 @@ impl World {
                 // S1 looks at the rows again only after a statement that may have changed an
                 // owner: not after a renewal, a drain, a refused attempt or an error.
                 let rows_unchanged = match (op, &result) {
-                    (DbOp::Renew { .. } | DbOp::Drain { .. }, _) | (_, Err(_)) => true,
+                    (DbOp::Renew { .. } | DbOp::Drain { .. } | DbOp::Drained { .. }, _) | (_, Err(_)) => true,
                     (DbOp::Acquire, Ok(Reply::Acquire(r))) => !r.acquired,
                     _ => false,
                 };
@@ -442,14 +442,17 @@ impl World {
                         (DbOp::Drain { token: Some(t) }, Ok(_)) => {
                             self.checkers.drained_at.insert((li, generation, t.0), now);
                         }
+                        (DbOp::Release { token: Some(t) }, Ok(Reply::Release { released: true })) => {
+                            self.checkers.released_at.insert((li, generation, t.0), now);
+                        }
+                        (DbOp::Drained { token }, Ok(_)) => {
+                            self.checkers.release_drained(li, generation, token.0);
+                        }
                         // D2: a term that follows a graceful release replays nothing to a
                         // winner that was listening when the drain marker went out.
                         (DbOp::Acquire, Ok(Reply::Acquire(r))) => {
                             if let (true, Some(token), Some(previous)) = (r.acquired, r.token, r.previous) {
-                                let drained = self.checkers.drained_at.get(&(li, generation, previous.token.0));
-                                if let (true, Some(&at)) = (previous.released, drained) {
-                                    self.checkers.after_release.insert((li, generation, token.0), at);
-                                }
+                                self.checkers.term_followed(li, generation, previous, token.0);
                             }
                         }
                         _ => {}
@@ -598,10 +601,7 @@ impl World {
             // D2: a term that follows a graceful release replays nothing to a winner that was
             // listening when the drain marker went out.
             if let (true, Some(token), Some(previous)) = (r.acquired, r.token, r.previous) {
-                let drained = self.checkers.drained_at.get(&(li, generation, previous.token.0));
-                if let (true, Some(&at)) = (previous.released, drained) {
-                    self.checkers.after_release.insert((li, generation, token.0), at);
-                }
+                self.checkers.term_followed(li, generation, previous, token.0);
             }
         }
         self.trace

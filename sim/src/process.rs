@@ -12,8 +12,8 @@
 use std::time::Duration;
 
 use pgiplock_core::{
-    CallId, ChannelName, FenceToken, LockCall, LockEvent, LockKey, LostReason, OpId, OpReply, Protocol, SchemaName,
-    Session, SessionConfig, SessionEvent, SessionId, SessionInput, SessionOp, SessionOutput, SignalKind, SplitMix64,
+    CallId, ChannelName, ConnPhase, FenceToken, LockCall, LockEvent, LockKey, LostReason, OpId, OpReply, Protocol,
+    SchemaName, Session, SessionConfig, SessionEvent, SessionId, SessionInput, SessionOp, SessionOutput, SplitMix64,
     Timestamp, WatchFailure,
 };
 
@@ -255,19 +255,15 @@ impl World {
         }
     }
 
-    /// A graceful stop: `destroy` on every lock, on the terminate signal; the process exits once
-    /// the session removed them all.
+    /// A graceful stop, as the worker stops on the terminate signal: `close` on the session,
+    /// which stops every lock, waits for a released lock's successor (at most the handover
+    /// linger), then closes the connection; the process exits once it is closed.
     pub(crate) fn stop_process(&mut self, p: usize) {
-        self.procs[p].stopping = true;
-        for li in 0..self.channels.len() {
-            self.call(
-                p,
-                li,
-                LockCall::Destroy {
-                    signal: Some(SignalKind::Terminate),
-                },
-            );
-        }
+        let proc = &mut self.procs[p];
+        proc.stopping = true;
+        let call = CallId(proc.next_call);
+        proc.next_call += 1;
+        self.drive(p, SessionInput::Close { call });
     }
 
     /// An API call on lock `li` of process `p`.
@@ -609,7 +605,12 @@ impl World {
         drop(locks);
         self.phase_bounds_of(p);
         let proc = &self.procs[p];
-        if proc.stopping && proc.session.as_ref().is_some_and(|s| s.state().locks == 0) {
+        if proc.stopping
+            && proc
+                .session
+                .as_ref()
+                .is_some_and(|s| s.state().phase == ConnPhase::Closed)
+        {
             self.exit_process(p);
         }
     }

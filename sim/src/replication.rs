@@ -477,7 +477,9 @@ fn writes(op: &SessionOp) -> bool {
     match op {
         SessionOp::Lock { target, op, .. } => !matches!(
             (target.protocol, op),
-            (Protocol::Classic, DbOp::Renew { .. }) | (_, DbOp::Drain { .. }) | (_, DbOp::TerminateStale { .. })
+            (Protocol::Classic, DbOp::Renew { .. })
+                | (_, DbOp::Drain { .. } | DbOp::Drained { .. })
+                | (_, DbOp::TerminateStale { .. })
         ),
         SessionOp::RenewMany { .. } | SessionOp::AcquireMany { .. } => true,
         _ => false,

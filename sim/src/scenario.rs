@@ -452,6 +452,10 @@ pub struct Scenario {
     /// process's holder refused waits on that holder's session on a second connection, and its
     /// standbys attempt as soon as the holder's session ends. Defaults to the library's default.
     pub crash_watch: bool,
+    /// The release is the holder's drain point (Lease only, `LockConfig::drain_in_release`):
+    /// one statement less per graceful handover; false commits a drain marker first. Defaults
+    /// to the library's default.
+    pub drain_in_release: bool,
     /// Virtual time simulated.
     #[serde(with = "dur")]
     pub duration: Duration,
@@ -601,6 +605,7 @@ impl Default for Scenario {
             channels: 1,
             balance: false,
             crash_watch: LockConfig::new(Protocol::Lease).crash_watch,
+            drain_in_release: LockConfig::new(Protocol::Lease).drain_in_release,
             duration: Duration::from_secs(12 * 3600),
             warmup: Duration::from_secs(60),
             acquire_interval: Duration::from_secs(30),
@@ -682,6 +687,7 @@ impl Scenario {
             c.balance = Some(BALANCE_GROUP.to_owned());
         }
         c.crash_watch = self.crash_watch;
+        c.drain_in_release = self.drain_in_release;
         match self.protocol {
             Protocol::Lease => {
                 // The derivations of the library's options (renew, margin, request timeout).
@@ -821,6 +827,11 @@ impl Scenario {
         flag("channels", self.channels.to_string(), d.channels.to_string());
         flag("balance", self.balance.to_string(), d.balance.to_string());
         flag("crash-watch", self.crash_watch.to_string(), d.crash_watch.to_string());
+        flag(
+            "drain-in-release",
+            self.drain_in_release.to_string(),
+            d.drain_in_release.to_string(),
+        );
         let fd = |x: Duration| format_duration(x);
         let fo = |x: Option<Duration>| x.map_or_else(|| "none".to_owned(), format_duration);
         flag("duration", fd(self.duration), fd(d.duration));

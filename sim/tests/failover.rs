@@ -35,6 +35,29 @@ fn graceful_handover_loses_and_duplicates_nothing() {
 }
 
 #[test]
+fn a_release_that_is_its_own_drain_point_hands_over_sooner_and_as_exactly() {
+    let run = |drain_in_release: bool| {
+        let mut s = quiet(Protocol::Lease, 4, Duration::from_secs(900));
+        s.publish_rate = 20.0;
+        s.drain_in_release = drain_in_release;
+        // A slow network, so that one round trip shows at the millisecond the report rounds to.
+        s.net_delay = Duration::from_millis(5);
+        s.faults = on_holder(FaultKind::Stop, &[60, 200, 340, 480, 620]);
+        s.restart_delay = Some(Duration::from_secs(5));
+        let seed = common::seed(3);
+        let r = run_ok(&s, seed);
+        let what = format!("drain_in_release {drain_in_release}, seed {seed}: {}", r.table());
+        assert_eq!(failover(&r, FaultKind::Stop).0, 5, "{what}");
+        assert_eq!((r.lost_messages, r.duplicates, r.replayed), (0, 0, 0), "{what}");
+        r.failover[FaultKind::Stop.as_str()].p50_s
+    };
+    let (merged, two_step) = (run(true), run(false));
+    println!("stop p50: {merged} s with the release as the drain point, {two_step} s with a drain marker first");
+    // One statement (and its notification) less between the stop and the next acquisition.
+    assert!(merged < two_step, "{merged} s against {two_step} s");
+}
+
+#[test]
 fn crash_failover_within_the_retry_bound() {
     let seed = common::seed(4);
     for protocol in [Protocol::Classic, Protocol::Lease] {

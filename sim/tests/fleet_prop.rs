@@ -626,16 +626,18 @@ fn stop_is_bounded_when_the_database_does_not_answer() {
     let holder = acquisitions(&w)[0].1;
     let ev = events(&w, holder);
     let (stopped_at, _) = ev.last().expect("events");
+    let stop = Timestamp::ZERO + t0 + Duration::from_micros(1);
     // The shutdown timeout (1 s), not the request timeout.
-    assert_eq!(
-        stopped_at.saturating_duration_since(Timestamp::ZERO + t0 + Duration::from_micros(1)),
-        Duration::from_secs(1)
-    );
+    assert_eq!(stopped_at.saturating_duration_since(stop), Duration::from_secs(1));
+    // The release is the drain point: its marker never comes, so the delivery ends after
+    // marker_wait, and the release stays unconfirmed.
+    let drained = ev.iter().find(|(_, e)| e == &LockEvent::Drained).expect("drained");
+    assert_eq!(drained.0.saturating_duration_since(stop), Duration::from_millis(500));
     let tail: Vec<&LockEvent> = ev[ev.len() - 2..].iter().map(|(_, e)| e).collect();
     assert_eq!(
         tail,
         [
-            &LockEvent::Lost {
+            &LockEvent::ReleaseFailed {
                 reason: LostReason::ReleaseUnconfirmed
             },
             &LockEvent::Stopped { released: false }

@@ -115,13 +115,13 @@ fn the_signal_cost_delays_the_first_statement_of_the_release() {
                     && matches!(
                         &o.event,
                         Observed::Request(SessionOp::Lock {
-                            op: DbOp::Drain { .. },
+                            op: DbOp::Drain { .. } | DbOp::Release { .. },
                             ..
                         })
                     )
             })
             .map(|o| o.at.saturating_duration_since(stop))
-            .expect("the holder drains")
+            .expect("the holder releases, its drain point")
     };
     assert_eq!(drain_after(Duration::ZERO), Duration::ZERO);
     assert_eq!(drain_after(Duration::from_micros(2_500)), Duration::from_micros(2_500));
@@ -151,9 +151,11 @@ fn zero_costs_reproduce_the_runs_without_the_model() {
     // Trace hashes of seed 11 from before the client costs existed (and the crash watch: off);
     // Lease's pinned again when releases began to name a successor (it was 75f0d79b52704cd2,
     // then ef08c940f129d415) and when a stopping session began to wait for its successor's
-    // `acquired` marker before it closes its connection.
+    // `acquired` marker before it closes its connection (6614da9cf0b73e82), and when the
+    // release became its own drain point, proven by a `drained` marker, and a stopping process
+    // began to exit once its session closed rather than once its locks were removed.
     for (protocol, hash) in [
-        (Protocol::Lease, "6614da9cf0b73e82"),
+        (Protocol::Lease, "387b6b15cdc9a4c5"),
         (Protocol::Classic, "77ed5182d68e47e3"),
     ] {
         for cores in [0, 1, 2] {

@@ -100,6 +100,12 @@ enum Step {
         c: usize,
         tok: Tok,
     },
+    /// `drained:<token>` (Lease only; Classic never sends it).
+    Drained {
+        s: usize,
+        c: usize,
+        tok: Tok,
+    },
     Release {
         s: usize,
         c: usize,
@@ -187,6 +193,7 @@ fn step() -> impl Strategy<Value = Step> {
         2 => (s.clone(), c.clone()).prop_map(|(s, c)| Step::AcquireLong { s, c }),
         3 => (s.clone(), c.clone(), tok()).prop_map(|(s, c, tok)| Step::Renew { s, c, tok }),
         1 => (s.clone(), c.clone(), tok()).prop_map(|(s, c, tok)| Step::Drain { s, c, tok }),
+        1 => (s.clone(), c.clone(), tok()).prop_map(|(s, c, tok)| Step::Drained { s, c, tok }),
         3 => (s.clone(), c.clone(), tok()).prop_map(|(s, c, tok)| Step::Release { s, c, tok }),
         2 => (s.clone(), s.clone(), proptest::bool::weighted(0.2))
             .prop_map(|(s, target, wrong_app)| Step::Terminate { s, target, wrong_app }),
@@ -782,6 +789,12 @@ impl Worlds {
                 }
                 let token = self.token(s, c, tok);
                 self.op(s, c, DbOp::Drain { token }).await
+            }
+            Step::Drained { s, c, tok } => {
+                let Some(token) = self.token(s, c, tok).filter(|_| self.is_open(s)) else {
+                    return skipped;
+                };
+                self.op(s, c, DbOp::Drained { token }).await
             }
             Step::Release { s, c, tok } => {
                 if !self.is_open(s) {

@@ -74,6 +74,12 @@ pub(crate) struct WorkerArgs {
     /// [default: 50ms].
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     handover_linger: Option<Duration>,
+    /// Lease protocol only: a stopping holder's release is its drain point, proven afterwards
+    /// by a `drained` marker that its successor waits for; false commits a drain marker of
+    /// its own before the release, one round trip more, as earlier versions do
+    /// [default: true].
+    #[arg(long, value_name = "BOOL")]
+    drain_in_release: Option<bool>,
 }
 
 impl WorkerArgs {
@@ -120,6 +126,9 @@ impl WorkerArgs {
         }
         if let Some(on) = self.crash_watch {
             options = options.crash_watch(on);
+        }
+        if let Some(on) = self.drain_in_release {
+            options = options.drain_in_release(on);
         }
         options
             .to_config()

@@ -25,6 +25,14 @@ pub fn fast_config(protocol: Protocol) -> LockConfig {
     c
 }
 
+/// [`fast_config`] with the drain marker committed before the release
+/// (`drain_in_release` off), the two-step handover earlier versions speak.
+pub fn two_step_config(protocol: Protocol) -> LockConfig {
+    let mut c = fast_config(protocol);
+    c.drain_in_release = false;
+    c
+}
+
 /// Drains all outputs of a lock.
 pub fn drain(lock: &mut Lock) -> Vec<Output> {
     let mut out = Vec::new();
