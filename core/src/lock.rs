@@ -1312,12 +1312,24 @@ impl Lock {
                 // session lives).
                 self.arm(TimerKind::Shutdown, self.now + self.config.shutdown_timeout);
             }
+            Phase::Standby if self.session.is_some() && self.word_pending() => {
+                // An earlier release's `drained` word is in flight: its successor waits for it,
+                // so the connection must outlive it.
+                self.arm(TimerKind::Shutdown, self.now + self.config.shutdown_timeout);
+            }
             Phase::Standby | Phase::Releasing => self.finish_stop(true),
         }
     }
 
     fn acquire_in_flight(&self) -> bool {
         self.pending.as_ref().is_some_and(|p| p.op == DbOp::Acquire)
+    }
+
+    /// Whether a released term's `drained` word awaits its reply.
+    fn word_pending(&self) -> bool {
+        self.pending
+            .as_ref()
+            .is_some_and(|p| matches!(p.op, DbOp::Drained { .. }))
     }
 
     fn on_session_up(&mut self, session: SessionId) {
@@ -1928,7 +1940,12 @@ impl Lock {
                 _ => {}
             }
         }
-        if self.phase() == Phase::Standby && self.stopping && !self.acquire_in_flight() && !self.confirming() {
+        if self.phase() == Phase::Standby
+            && self.stopping
+            && !self.acquire_in_flight()
+            && !self.word_pending()
+            && !self.confirming()
+        {
             // A stop that waited for an attempt's answer: nothing is held, so it is done.
             self.finish_stop(true);
         }

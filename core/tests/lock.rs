@@ -1982,6 +1982,23 @@ fn a_stop_ends_once_its_drained_marker_is_sent() {
     assert_eq!(events(&out), vec![LockEvent::Stopped { released: true }]);
 }
 
+#[test]
+fn a_stop_while_an_earlier_releases_word_is_in_flight_waits_for_it() {
+    let mut s = Solo::new(Protocol::Lease);
+    s.holding(T1);
+    let release = request(&s.after(10, Input::Release));
+    s.marker(Marker::Released(T1));
+    let drained = request(&s.reply(1, &release, Reply::Release { released: true }));
+    assert_eq!(drained.op, DbOp::Drained { token: FenceToken(1) });
+    assert_eq!(s.phase(), Phase::Standby);
+    assert!(
+        events(&s.after(1, Input::Stop)).is_empty(),
+        "the word is still in flight"
+    );
+    let out = s.reply(1, &drained, Reply::Drained);
+    assert_eq!(events(&out), vec![LockEvent::Stopped { released: true }]);
+}
+
 /// A standby of term 5 that saw its holder acknowledge marker 1, then release (the drain point).
 fn standby_after_a_release_of_term_5() -> Solo {
     let mut s = standby_of_term_5();
