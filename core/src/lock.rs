@@ -799,6 +799,12 @@ impl Lock {
         }
     }
 
+    /// Draining and still delivering until its own drain point: its release marker when the
+    /// release is the drain point (`merged`), else its drain marker.
+    fn awaits_own_marker(&self, merged: bool) -> bool {
+        matches!(&self.stage, Stage::Draining(_, drain) if drain.merged == merged && drain.handover.is_none())
+    }
+
     fn drain_mut(&mut self) -> Option<&mut Drain> {
         match &mut self.stage {
             Stage::Draining(_, drain) => Some(drain),
@@ -1358,16 +1364,15 @@ impl Lock {
     }
 
     fn on_session_down(&mut self, reason: LostReason) {
-        if let (Protocol::Lease, Stage::Holding(term, _) | Stage::Draining(term, _)) =
+        // A won term (reported or still confirming) is ours until its lease expires.
+        if let (Protocol::Lease, Stage::Holding(term, _) | Stage::Draining(term, _) | Stage::Confirming(term, _)) =
             (self.config.protocol, &self.stage)
         {
             let expiry = term.confirmed_sent + self.config.lease_ttl + self.config.wake_jitter;
             self.defer_until = Some(expiry + Duration::from_millis(1));
         }
-        if let Stage::Confirming(term, confirming) = &self.stage {
-            // Won, never reported: the row is ours until its lease expires.
-            let expiry = term.confirmed_sent + self.config.lease_ttl + self.config.wake_jitter;
-            self.defer_until = Some(expiry + Duration::from_millis(1));
+        if let Stage::Confirming(_, confirming) = &self.stage {
+            // Never reported: a standby again, its waiters answered below.
             let attempt_waiters = confirming.standby.attempt_waiters;
             self.disarm(TimerKind::MarkerWait);
             self.stage = Stage::Standby(Standby {
@@ -1778,18 +1783,7 @@ impl Lock {
         }
         match (self.phase(), marker) {
             (Phase::Draining, Marker::Released(token))
-                if self.is_own_release(token)
-                    && matches!(
-                        self.stage,
-                        Stage::Draining(
-                            _,
-                            Drain {
-                                merged: true,
-                                handover: None,
-                                ..
-                            }
-                        )
-                    ) =>
+                if self.is_own_release(token) && self.awaits_own_marker(true) =>
             {
                 // Our own release, the drain point: everything before it is delivered, what
                 // follows is the next holder's (buffered in case that is us again).
@@ -1800,20 +1794,7 @@ impl Lock {
                 self.replay_after_own();
                 self.end_drain();
             }
-            (Phase::Draining, Marker::Draining(token))
-                if self.is_own(token)
-                    && matches!(
-                        self.stage,
-                        Stage::Draining(
-                            _,
-                            Drain {
-                                handover: None,
-                                merged: false,
-                                ..
-                            }
-                        )
-                    ) =>
-            {
+            (Phase::Draining, Marker::Draining(token)) if self.is_own(token) && self.awaits_own_marker(false) => {
                 let confirmed = self.drain_mut().is_some_and(|drain| {
                     drain.handover = Some(Box::default());
                     drain.confirmed

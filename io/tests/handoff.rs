@@ -24,8 +24,12 @@ fn handoff_options(schema: &str) -> LockOptions {
 
 /// A session whose lock on `channel` holds.
 async fn holder(schema: &str, channel: &str) -> (Session, PgIpLock) {
+    holder_with(handoff_options(schema), channel).await
+}
+
+async fn holder_with(options: LockOptions, channel: &str) -> (Session, PgIpLock) {
     let s = session().await;
-    let l = s.lock(channel, handoff_options(schema)).unwrap();
+    let l = s.lock(channel, options).unwrap();
     l.init().await.unwrap();
     wait_acquired(&l).await;
     (s, l)
@@ -33,8 +37,12 @@ async fn holder(schema: &str, channel: &str) -> (Session, PgIpLock) {
 
 /// A session whose lock on `channel` was refused once by its holder, and so waits.
 async fn refused_standby(schema: &str, channel: &str) -> (Session, PgIpLock) {
+    refused_standby_with(handoff_options(schema), channel).await
+}
+
+async fn refused_standby_with(options: LockOptions, channel: &str) -> (Session, PgIpLock) {
     let s = session().await;
-    let l = s.lock(channel, handoff_options(schema)).unwrap();
+    let l = s.lock(channel, options).unwrap();
     l.init().await.unwrap();
     assert!(!l.acquire().await.unwrap(), "refused by the holder");
     (s, l)
@@ -242,14 +250,8 @@ async fn the_release_is_the_drain_point_unless_turned_off() {
         let _cleanup = SchemaGuard::new(&schema);
         let channel = unique("jobs");
         let opts = handoff_options(&schema).drain_in_release(in_release);
-        let s1 = session().await;
-        let l1 = s1.lock(&channel, opts.clone()).unwrap();
-        l1.init().await.unwrap();
-        wait_acquired(&l1).await;
-        let s2 = session().await;
-        let l2 = s2.lock(&channel, opts).unwrap();
-        l2.init().await.unwrap();
-        assert!(!l2.acquire().await.unwrap(), "refused by the holder");
+        let (s1, l1) = holder_with(opts.clone(), &channel).await;
+        let (s2, l2) = refused_standby_with(opts, &channel).await;
         let mut listener = lock_channel_listener(&channel).await;
         l1.release().await.unwrap();
         wait_acquired(&l2).await;
